@@ -1,0 +1,37 @@
+"""The shape every attack has on the map side.
+
+An attack contributes per-sample columns computed from a batch of image embeddings
+(``compute``). Expensive per-job state (e.g. the name pool's text embeddings) is made
+once by ``shared_state`` on one worker and handed to every worker's ``bind``. Its
+reduce-side scoring lives in the same module as plain functions over Parquet/SQL.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import pyarrow as pa
+import torch
+
+from ..data.samples import Sample
+from ..models import LoadedModel
+
+
+class MapAttack(Protocol):
+    name: str
+
+    def fields(self) -> list[pa.Field]:
+        """The columns this attack adds to ``samples/``."""
+        ...
+
+    def shared_state(self, model: LoadedModel) -> Any:
+        """Per-job state computed once (may return None)."""
+        ...
+
+    def bind(self, state: Any, model: LoadedModel, index_backend: str) -> None:
+        """Prepare a worker with the model and the shared state."""
+        ...
+
+    def compute(self, image_emb: torch.Tensor, samples: list[Sample]) -> dict[str, list]:
+        """Column values for a batch of ok samples (same order as ``samples``)."""
+        ...

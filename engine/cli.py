@@ -1,0 +1,193 @@
+"""``clipaudit`` command line: run | reduce | demo | query.
+
+Exit codes: 0 success; 1 some shards failed after all retries; 2 bad input (spec, files,
+model, query) with one clear message and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_OK, EXIT_FAILED_SHARDS, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class UserError(Exception):
+    """Printed as ``error: <message>`` with exit code 2."""
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("clipaudit").setLevel(logging.DEBUG if verbose else logging.INFO)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .attacks.idia import NamePoolError
+    from .models import ModelLoadError
+    from .query import QueryError
+    from .reduce import LabelsError
+    from .runner import ResumeRefused
+    from .spec import SpecError
+
+    return (SpecError, ModelLoadError, ResumeRefused, QueryError, LabelsError, NamePoolError, UserError,
+            FileNotFoundError)
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """Ray wraps exceptions raised in tasks; surface the original one."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, BaseException) else e
+
+
+# -- run ------------------------------------------------------------------------
+
+def _fmt_metric(m: dict[str, Any], key: str) -> str:
+    v = m.get(key)
+    if v is None:
+        return "-"
+    ci = m.get(f"{key}_ci")
+    return f"{v:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{v:.3f}"
+
+
+def print_report(report, out=sys.stdout) -> None:
+    s = report.summary
+    errs = ", ".join(f"{k}={v}" for k, v in s["errors"].items()) or "none"
+    print(f"shards: {s['shards_done']}/{s['shards']} done ({report.skipped} skipped as already done), "
+          f"{s['shards_failed']} failed", file=out)
+    print(f"samples: {s['rows']} rows, {s['ok']} ok, errors: {errs}", file=out)
+    for f in s["failed"]:
+        print(f"FAILED shard {f['shard']} after {f['attempts']} attempts: {f['error']}", file=out)
+    if report.map.done:
+        rows = sum(d["rows"] for d in report.map.done)
+        print(f"map: {rows} samples in {report.map.seconds:.1f} s ({rows / max(report.map.seconds, 1e-9):.1f} img/s)",
+              file=out)
+    for attack, m in report.metrics.items():
+        if isinstance(m, dict) and "auc" in m:
+            print(f"{attack:8s} ({m['level']}, {m['n_members']} members / {m['n_nonmembers']} non-members): "
+                  f"AUC {_fmt_metric(m, 'auc')}  TPR@1%FPR {_fmt_metric(m, 'tpr_at_1pct_fpr')}  "
+                  f"TPR@0.1%FPR {_fmt_metric(m, 'tpr_at_0_1pct_fpr')}", file=out)
+    print(f"output: {report.layout.root}", file=out)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runner import run_job
+    from .spec import load_spec
+
+    spec = load_spec(args.job)
+    if args.output:
+        spec = spec.model_copy(update={"output": Path(args.output).resolve()})
+    if args.dry_run:
+        from .outputs import OutputLayout
+
+        shards = spec.shard_list()
+        layout = OutputLayout(spec.output)
+        done = sum(layout.is_done(s) for s in shards)
+        print(f"job {args.job}: valid. model={spec.model.name} pretrained={spec.model.pretrained}")
+        print(f"shards: {len(shards)} ({done} already done), output: {spec.output}, executor: {spec.compute.executor}")
+        print(f"map hash: {spec.map_hash()}")
+        return EXIT_OK
+    report = run_job(spec, force=args.force, progress=not args.no_progress, spec_text=Path(args.job).read_text())
+    print_report(report)
+    print(f'query: clipaudit query {report.layout.root} "SELECT * FROM identities ORDER BY idia_score DESC LIMIT 10"')
+    return EXIT_OK if report.ok else EXIT_FAILED_SHARDS
+
+
+# -- reduce -----------------------------------------------------------------------
+
+def cmd_reduce(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .outputs import OutputLayout
+    from .reduce import reduce_outputs
+    from .runner import reduce_options, saved_spec
+
+    layout = OutputLayout(Path(args.output_dir))
+    opts = reduce_options(saved_spec(layout))
+    if args.tau is not None:
+        opts = replace(opts, tau=args.tau)
+    if args.labels is not None:
+        if not Path(args.labels).is_file():
+            raise UserError(f"labels: file not found: {args.labels}")
+        opts = replace(opts, labels=Path(args.labels))
+    metrics = reduce_outputs(layout, opts)
+    print(f"wrote {layout.identities}" + (f" and {layout.metrics}" if metrics else ""))
+    for attack, m in metrics.items():
+        if isinstance(m, dict) and "auc" in m:
+            print(f"{attack}: AUC {_fmt_metric(m, 'auc')}  TPR@1%FPR {_fmt_metric(m, 'tpr_at_1pct_fpr')}")
+    return EXIT_OK
+
+
+# -- query ------------------------------------------------------------------------
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from .query import FORMATTERS, run_query
+
+    columns, rows = run_query(args.output_dir, args.sql)
+    text = FORMATTERS[args.format](columns, rows)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return EXIT_OK
+
+
+# -- demo -------------------------------------------------------------------------
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .lab.demo import run_demo
+
+    return run_demo(Path(args.output), progress=not args.no_progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clipaudit", description="Membership-inference audits of CLIP models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run (or resume) an audit described by a job YAML")
+    r.add_argument("job", help="job spec YAML")
+    r.add_argument("--output", help="output folder (overrides the spec's `output`)")
+    r.add_argument("--force", action="store_true", help="recompute everything, discarding earlier outputs")
+    r.add_argument("--dry-run", action="store_true", help="validate the spec and list the work, run nothing")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("reduce", help="recompute identities.parquet and metrics.json (no model)")
+    d.add_argument("output_dir")
+    d.add_argument("--tau", type=int, help="IDIA threshold (default: the job's)")
+    d.add_argument("--labels", help="labels CSV (default: the job's)")
+    d.set_defaults(func=cmd_reduce)
+
+    m = sub.add_parser("demo", help="self-contained synthetic audit (canary lab), a few minutes on a CPU")
+    m.add_argument("--output", default="clipaudit-demo", help="folder for the lab and results")
+    m.add_argument("--no-progress", action="store_true")
+    m.set_defaults(func=cmd_demo)
+
+    q = sub.add_parser("query", help="SQL (DuckDB) over the outputs: views samples, identities, embeddings")
+    q.add_argument("output_dir")
+    q.add_argument("sql")
+    q.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    q.set_defaults(func=cmd_query)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted: completed shards are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001
+        inner = _unwrap(e)
+        if isinstance(inner, _user_errors()):
+            print(f"error: {inner}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

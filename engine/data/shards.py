@@ -1,0 +1,54 @@
+"""Shard listing: brace patterns (``{00000..00009}``), globs, or explicit lists."""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import re
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+class ShardPatternError(ValueError):
+    """A shard pattern that lists nothing or cannot be parsed."""
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    parts: list[list[str]] = []
+    pos = 0
+    for m in _BRACE.finditer(pattern):
+        parts.append([pattern[pos : m.start()]])
+        body = m.group(1)
+        rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+        if rng:
+            lo, hi = rng.group(1), rng.group(2)
+            if int(hi) < int(lo):
+                raise ShardPatternError(f"empty range {{{body}}} in {pattern!r}")
+            width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+            parts.append([str(i).zfill(width) for i in range(int(lo), int(hi) + 1)])
+        elif "," in body:
+            parts.append(body.split(","))
+        else:
+            raise ShardPatternError(f"cannot expand {{{body}}} in {pattern!r}: use {{a..b}} or {{x,y}}")
+        pos = m.end()
+    parts.append([pattern[pos:]])
+    return ["".join(p) for p in itertools.product(*parts)]
+
+
+def expand_shards(shards: str | list[str]) -> list[str]:
+    """List shard paths in order, without duplicates. Globs must match something."""
+    patterns = [shards] if isinstance(shards, str) else list(shards)
+    out: list[str] = []
+    for pattern in patterns:
+        for item in _expand_braces(pattern):
+            if any(c in item for c in "*?[") and "://" not in item:
+                matched = sorted(glob.glob(item))
+                if not matched:
+                    raise ShardPatternError(f"no file matches {item!r}")
+                out.extend(matched)
+            else:
+                out.append(item)
+    if not out:
+        raise ShardPatternError("no shards listed")
+    seen: set[str] = set()
+    return [s for s in out if not (s in seen or seen.add(s))]

@@ -1,0 +1,90 @@
+"""Membership metrics: ROC, AUC, TPR at low FPR, and bootstrap intervals.
+
+Conventions: a higher score means "more member-like"; members are positives. TPR at a
+target FPR is the best TPR over thresholds whose FPR does not exceed the target — with
+few non-members that means no false positive at all, which is the honest reading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Roc:
+    fpr: np.ndarray
+    tpr: np.ndarray
+    thresholds: np.ndarray
+
+
+def roc_curve(scores: np.ndarray, labels: np.ndarray) -> Roc:
+    """ROC points over all distinct thresholds (score >= threshold → member), from (0,0)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=bool)
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order]
+    distinct = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    tp = np.cumsum(y)[distinct]
+    fp = np.cumsum(~y)[distinct]
+    n_pos, n_neg = max(int(y.sum()), 1), max(int((~y).sum()), 1)
+    return Roc(
+        fpr=np.r_[0.0, fp / n_neg], tpr=np.r_[0.0, tp / n_pos], thresholds=np.r_[np.inf, s[distinct]]
+    )
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve = P(member score > non-member score), ties count half."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=bool)
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    allv = np.concatenate([pos, neg])
+    order = allv.argsort(kind="mergesort")
+    ranks = np.empty(len(allv))
+    sorted_v = allv[order]
+    # average ranks for ties
+    _, first, counts = np.unique(sorted_v, return_index=True, return_counts=True)
+    avg = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(avg, counts)
+    r_pos = ranks[: len(pos)].sum()
+    return float((r_pos - len(pos) * (len(pos) + 1) / 2.0) / (len(pos) * len(neg)))
+
+
+def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, max_fpr: float) -> float:
+    roc = roc_curve(scores, labels)
+    ok = roc.fpr <= max_fpr + 1e-12
+    return float(roc.tpr[ok].max()) if ok.any() else 0.0
+
+
+def _point(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    return {
+        "auc": auc(scores, labels),
+        "tpr_at_1pct_fpr": tpr_at_fpr(scores, labels, 0.01),
+        "tpr_at_0_1pct_fpr": tpr_at_fpr(scores, labels, 0.001),
+    }
+
+
+def membership_metrics(scores: np.ndarray, labels: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Point estimates plus stratified-bootstrap 95 % intervals (percentile method)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=bool)
+    out: dict = {"n_members": int(labels.sum()), "n_nonmembers": int((~labels).sum())}
+    point = _point(scores, labels)
+    out.update(point)
+    pos, neg = np.nonzero(labels)[0], np.nonzero(~labels)[0]
+    if len(pos) == 0 or len(neg) == 0:
+        return out
+    rng = np.random.default_rng(seed)
+    boots = {k: [] for k in point}
+    for _ in range(n_boot):
+        idx = np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]
+        for k, v in _point(scores[idx], labels[idx]).items():
+            boots[k].append(v)
+    for k, vals in boots.items():
+        lo, hi = np.percentile(vals, [2.5, 97.5])
+        # a percentile interval can miss a degenerate point estimate; widen to include it
+        out[f"{k}_ci"] = [float(min(lo, point[k])), float(max(hi, point[k]))]
+    return out

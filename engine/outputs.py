@@ -1,0 +1,170 @@
+"""The output folder: layout, versioned schemas, atomic writes and per-shard markers.
+
+A shard is done when its Parquet part(s) exist *and* its marker ``samples/_<part>.done.json``
+(written last) agrees with the part's row count. Anything else means "redo". Every file
+is written to a hidden temp name in the same folder, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_META_NAME = b"clipaudit.schema"
+SCHEMA_META_VERSION = b"clipaudit.schema_version"
+
+_SCALARS = {
+    "string": pa.string(), "int32": pa.int32(), "int64": pa.int64(), "float16": pa.float16(),
+    "float32": pa.float32(), "float64": pa.float64(), "bool": pa.bool_(),
+}
+
+
+def _parse_type(text: str) -> pa.DataType:
+    m = re.fullmatch(r"list<(\w+)>", text)
+    if m:
+        return pa.list_(_SCALARS[m.group(1)])
+    return _SCALARS[text]
+
+
+def load_schema(name: str) -> pa.Schema:
+    """The Arrow schema of an output table, from ``schemas/<name>.json``, with its version."""
+    doc = json.loads(resources.files("clipaudit.schemas").joinpath(f"{name}.json").read_text())
+    fields = [pa.field(f["name"], _parse_type(f["type"]), nullable=f["nullable"]) for f in doc["fields"]]
+    meta = {SCHEMA_META_NAME: name.encode(), SCHEMA_META_VERSION: str(doc["version"]).encode()}
+    return pa.schema(fields, metadata=meta)
+
+
+def part_name(shard: str) -> str:
+    """A stable, file-system-safe part name for a shard path."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(shard).name.split(".")[0])[:40] or "shard"
+    return f"{stem}-{hashlib.sha1(shard.encode()).hexdigest()[:10]}"
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = _tmp_path(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def atomic_write_table(path: Path, table: pa.Table) -> None:
+    tmp = _tmp_path(path)
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+class PartWriter:
+    """Streams record batches into a hidden temp Parquet file; ``commit`` renames it."""
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self.path = path
+        self.schema = schema
+        self.rows = 0
+        self._tmp = _tmp_path(path)
+        self._writer = pq.ParquetWriter(self._tmp, schema, compression="zstd")
+
+    def write(self, columns: dict[str, list]) -> None:
+        batch = pa.RecordBatch.from_pydict(columns, schema=self.schema)
+        self._writer.write_batch(batch)
+        self.rows += batch.num_rows
+
+    def commit(self) -> None:
+        self._writer.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Where everything lives under the job's output folder."""
+
+    root: Path
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.root / "embeddings"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "_cache"
+
+    identities = property(lambda self: self.root / "identities.parquet")
+    metrics = property(lambda self: self.root / "metrics.json")
+    manifest = property(lambda self: self.root / "manifest.json")
+    summary = property(lambda self: self.root / "_SUMMARY.json")
+    job_state = property(lambda self: self.root / "_job.json")
+
+    def make_dirs(self) -> None:
+        for d in (self.samples_dir, self.embeddings_dir, self.cache_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def sample_part(self, shard: str) -> Path:
+        return self.samples_dir / f"{part_name(shard)}.parquet"
+
+    def embedding_part(self, shard: str) -> Path:
+        return self.embeddings_dir / f"{part_name(shard)}.parquet"
+
+    def marker(self, shard: str) -> Path:
+        return self.samples_dir / f"_{part_name(shard)}.done.json"
+
+    def read_marker(self, shard: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.marker(shard).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def is_done(self, shard: str) -> bool:
+        """The marker exists and the part it vouches for has exactly its row count."""
+        marker = self.read_marker(shard)
+        if marker is None or marker.get("shard") != shard:
+            return False
+        try:
+            rows = pq.ParquetFile(self.sample_part(shard)).metadata.num_rows
+        except (OSError, pa.ArrowException):
+            return False
+        if rows != marker.get("rows"):
+            return False
+        if marker.get("embedding_rows") is not None:
+            try:
+                emb_rows = pq.ParquetFile(self.embedding_part(shard)).metadata.num_rows
+            except (OSError, pa.ArrowException):
+                return False
+            return emb_rows == marker["embedding_rows"]
+        return True
+
+    def clear_map_outputs(self) -> None:
+        """Remove everything the map step wrote (for ``--force``)."""
+        for d in (self.samples_dir, self.embeddings_dir, self.cache_dir):
+            shutil.rmtree(d, ignore_errors=True)
+        for f in (self.identities, self.metrics, self.summary, self.job_state):
+            f.unlink(missing_ok=True)

@@ -1,0 +1,106 @@
+"""SQL over an audit's outputs with DuckDB: views ``samples``, ``identities``, ``embeddings``.
+
+Only read statements are accepted (SELECT, WITH, DESCRIBE, SHOW, EXPLAIN, PRAGMA
+table_info…), so a query can never modify or delete the evidence.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from .outputs import OutputLayout
+
+_READ_ONLY_TYPES = {"SELECT", "EXPLAIN"}
+
+
+class QueryError(ValueError):
+    """A query that cannot run against these outputs."""
+
+
+def connect(output_dir: str | Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with views over the output folder."""
+    layout = OutputLayout(Path(output_dir))
+    if not layout.samples_dir.is_dir() or not any(layout.samples_dir.glob("*.parquet")):
+        raise QueryError(f"{output_dir} holds no audit outputs (no samples/*.parquet)")
+    con = duckdb.connect(":memory:")
+
+    def view(name: str, pattern: Path) -> None:
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{str(pattern).replace(chr(39), chr(39) * 2)}')")
+
+    view("samples", layout.samples_dir / "*.parquet")
+    if layout.identities.is_file():
+        view("identities", layout.identities)
+    if any(layout.embeddings_dir.glob("*.parquet")):
+        view("embeddings", layout.embeddings_dir / "*.parquet")
+    return con
+
+
+def _check_read_only(sql: str) -> None:
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as e:
+        raise QueryError(f"cannot parse SQL: {e}") from None
+    if not statements:
+        raise QueryError("empty query")
+    for st in statements:
+        kind = str(st.type).split(".")[-1]
+        if kind not in _READ_ONLY_TYPES:
+            raise QueryError(f"only read queries are allowed (got a {kind} statement)")
+
+
+def run_query(output_dir: str | Path, sql: str) -> tuple[list[str], list[tuple]]:
+    """Run a read-only query; return (column names, rows)."""
+    _check_read_only(sql)
+    con = connect(output_dir)
+    try:
+        cur = con.execute(sql)
+    except duckdb.Error as e:
+        raise QueryError(str(e).strip()) from None
+    return [d[0] for d in cur.description], cur.fetchall()
+
+
+def _cell(v: Any, width: int = 60) -> str:
+    if v is None:
+        return "NULL"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    text = str(v)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_table(columns: list[str], rows: list[tuple], max_rows: int = 100) -> str:
+    shown = [[_cell(v) for v in r] for r in rows[:max_rows]]
+    widths = [max([len(c)] + [len(r[i]) for r in shown]) for i, c in enumerate(columns)]
+    line = "-+-".join("-" * w for w in widths)
+    out = [" | ".join(c.ljust(w) for c, w in zip(columns, widths)), line]
+    out += [" | ".join(v.ljust(w) for v, w in zip(r, widths)) for r in shown]
+    more = f" (showing {max_rows})" if len(rows) > max_rows else ""
+    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''}{more})")
+    return "\n".join(out)
+
+
+def format_csv(columns: list[str], rows: list[tuple]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    w.writerows([[("" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else v) for v in r] for r in rows])
+    return buf.getvalue()
+
+
+def format_json(columns: list[str], rows: list[tuple]) -> str:
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and math.isnan(v):
+            return None
+        return v
+
+    return json.dumps([{c: clean(v) for c, v in zip(columns, r)} for r in rows], indent=2, default=str)
+
+
+FORMATTERS = {"table": format_table, "csv": format_csv, "json": format_json}

@@ -1,0 +1,1 @@
+"""Versioned Arrow schemas of the output tables (JSON files beside this one)."""

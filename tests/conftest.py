@@ -1,0 +1,61 @@
+"""Shared fixtures: offline hub, one local Ray per session, tiny models, a small canary lab."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> dict:
+    """A randomly initialised tiny OpenCLIP config + its state_dict checkpoint."""
+    import open_clip
+    import torch
+
+    root = tmp_path_factory.mktemp("tiny-model")
+    cfg = root / "tiny-test-clip.json"
+    cfg.write_text(json.dumps(TINY_CONFIG))
+    open_clip.add_model_config(str(cfg))
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-test-clip")
+    ckpt = root / "tiny.pt"
+    torch.save(model.state_dict(), ckpt)
+    return {"config": cfg, "checkpoint": ckpt, "name": "tiny-test-clip"}
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (ray.init costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def canary_lab(tmp_path_factory):
+    """A small canary lab: trained + untrained tiny CLIP, shards, names, labels, job specs."""
+    from clipaudit.lab.build import LabConfig, build_lab
+
+    root = tmp_path_factory.mktemp("lab")
+    return build_lab(root, LabConfig(n_identities=24, steps=200, shards=3, n_distractor_names=200), log=lambda *a: None)
+
+
+def write_job(path: Path, body: str) -> Path:
+    path.write_text(body)
+    return path

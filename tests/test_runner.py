@@ -1,0 +1,127 @@
+"""The whole run path on the in-process executor: rows, errors, schemas, resume, reduce."""
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from helpers import image_bytes, sample_files, write_tar
+
+from clipaudit.outputs import load_schema
+from clipaudit.runner import ResumeRefused, run_job
+from clipaudit.spec import load_spec
+
+NAMES = ["Ann Lee", "Bob Stone", "Cara Diaz"]
+
+
+def _shard(path: Path, start: int, bad: bool) -> int:
+    members = []
+    for i in range(start, start + 6):
+        members += sample_files(f"{i:09d}", NAMES[i % 3], image_bytes(seed=i), caption=f"{NAMES[i % 3]} on stage")
+    n = 6
+    if bad:
+        members += sample_files("corrupt", "Ann Lee", b"\x00\x01garbage")  # decode_error
+        members += sample_files("noimage", "Bob Stone")  # missing_image
+        members += [("noidentity.jpg", image_bytes(seed=99))]  # missing_identity
+        members += sample_files("notinpool", "Zed Unknown", image_bytes(seed=7))  # ok, not in pool
+        members += sample_files(f"{start:09d}", "Ann Lee", image_bytes(seed=8))  # duplicate_key
+        members += sample_files("png", "Cara Diaz", image_bytes("PNG", mode="RGBA"), ext="png")
+        n += 6
+    write_tar(path, members)
+    return n
+
+
+@pytest.fixture
+def job(tmp_path, tiny_model):
+    (tmp_path / "shards").mkdir()
+    expected = sum(_shard(tmp_path / "shards" / f"{i:05d}.tar", i * 100, bad=i == 1) for i in range(3))
+    (tmp_path / "names.txt").write_text("\n".join(NAMES + ["Dee Fox"]) + "\n")
+    (tmp_path / "labels.csv").write_text("identity,member\nAnn Lee,true\nBob Stone,false\nCara Diaz,true\n")
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"""
+model: {{name: {tiny_model['config']}, pretrained: {tiny_model['checkpoint']}, precision: fp32}}
+data: {{shards: "shards/{{00000..00002}}.tar", identity_field: identity}}
+names: names.txt
+labels: labels.csv
+attacks: {{idia: {{top_k: 2}}, caption: {{}}}}
+compute: {{executor: local, batch_size: 4, decode_threads: 2}}
+output: out
+""")
+    return spec, expected
+
+
+def _rows(out: Path):
+    return pq.read_table(out / "samples").to_pylist()
+
+
+def test_every_sample_one_row_with_reasons(job):
+    spec_path, expected = job
+    spec = load_spec(spec_path)
+    report = run_job(spec, progress=False)
+    rows = _rows(spec.output)
+    assert len(rows) == expected == report.summary["rows"]
+    assert len({(r["shard"], r["position"]) for r in rows}) == len(rows)
+    errors = {r["key"]: r["error"] for r in rows if r["status"] == "error"}
+    assert errors == {"corrupt": "decode_error", "noimage": "missing_image", "noidentity": "missing_identity",
+                      "000000100": "duplicate_key"}
+    assert all(r["error_detail"] for r in rows if r["status"] == "error")
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(len(r["idia_true_rank"]) == 21 and len(r["idia_top1"]) == 21 for r in ok)
+    assert all(x is None for r in ok if r["identity"] == "Zed Unknown" for x in r["idia_true_rank"])
+    assert all(r["caption_score"] is not None for r in ok if r["has_caption"])
+    assert report.summary["errors"] == {"decode_error": 1, "duplicate_key": 1, "missing_identity": 1, "missing_image": 1}
+
+
+def test_outputs_match_versioned_schemas(job):
+    spec = load_spec(job[0])
+    run_job(spec, progress=False)
+    for table, files in (("samples", (spec.output / "samples").glob("*.parquet")),
+                         ("embeddings", (spec.output / "embeddings").glob("*.parquet")),
+                         ("identities", [spec.output / "identities.parquet"])):
+        files = list(files)
+        assert files, table
+        for f in files:
+            schema = pq.read_schema(f)
+            assert schema.equals(load_schema(table), check_metadata=False), (table, schema)
+            assert schema.metadata[b"clipaudit.schema_version"] == load_schema(table).metadata[b"clipaudit.schema_version"]
+    emb = pq.read_table(spec.output / "embeddings")
+    ok = [r for r in _rows(spec.output) if r["status"] == "ok"]
+    assert emb.num_rows == len(ok) and emb.schema.field("embedding").type.value_type == "halffloat"
+    manifest = json.loads((spec.output / "manifest.json").read_text())
+    assert manifest["map_hash"] == spec.map_hash() and len(manifest["model"]["checkpoint_sha256"]) == 64
+    assert [s["path"] for s in manifest["shards"]] == spec.shard_list()
+    assert manifest["versions"]["torch"] and manifest["summary"]["rows"] == len(_rows(spec.output))
+    metrics = json.loads((spec.output / "metrics.json").read_text())
+    assert metrics["idia"]["level"] == "identity" and metrics["idia"]["n_members"] == 2
+
+
+def test_rerun_skips_done_shards_and_redoes_broken_ones(job):
+    spec = load_spec(job[0])
+    first = run_job(spec, progress=False)
+    before = sorted(map(str, _rows(spec.output)))
+    mtimes = {p: p.stat().st_mtime_ns for p in (spec.output / "samples").glob("*.parquet")}
+    again = run_job(spec, progress=False)
+    assert again.skipped == 3 and not again.map.done
+    assert {p: p.stat().st_mtime_ns for p in (spec.output / "samples").glob("*.parquet")} == mtimes
+    # a shard whose part vanished (e.g. a crash between part and marker) is redone
+    victim = next(iter(mtimes))
+    victim.unlink()
+    third = run_job(spec, progress=False)
+    assert third.skipped == 2 and len(third.map.done) == 1
+    assert sorted(map(str, _rows(spec.output))) == before
+    assert first.summary["rows"] == third.summary["rows"]
+
+
+def test_changed_map_settings_are_refused_unless_forced(job, tmp_path):
+    spec = load_spec(job[0])
+    run_job(spec, progress=False)
+    changed = spec.model_copy(update={"attacks": spec.attacks.model_copy(
+        update={"idia": spec.attacks.idia.model_copy(update={"top_k": 3})})})
+    with pytest.raises(ResumeRefused, match="changed: idia"):
+        run_job(changed, progress=False)
+    report = run_job(changed, force=True, progress=False)
+    assert report.skipped == 0 and len(report.map.done) == 3
+    # reduce-only settings (tau) do not change the map hash
+    tau = changed.model_copy(update={"attacks": changed.attacks.model_copy(
+        update={"idia": changed.attacks.idia.model_copy(update={"tau": 5})})})
+    assert run_job(tau, progress=False).skipped == 3

@@ -1,0 +1,99 @@
+from pathlib import Path
+
+import pytest
+
+from clipaudit.spec import SpecError, load_spec
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    (tmp_path / "data").mkdir()
+    for i in range(3):
+        (tmp_path / "data" / f"{i:05d}.tar").write_bytes(b"")
+    (tmp_path / "names.txt").write_text("Ann Lee\n")
+    (tmp_path / "labels.csv").write_text("identity,member\nAnn Lee,true\n")
+    (tmp_path / "cfg.json").write_text("{}")
+    (tmp_path / "w.pt").write_bytes(b"")
+    return tmp_path
+
+
+GOOD = """
+model:
+  name: cfg.json
+  pretrained: w.pt
+  precision: fp16
+data:
+  shards: data/{00000..00002}.tar
+  identity_field: identity
+names: names.txt
+labels: labels.csv
+attacks:
+  idia: {tau: 2, top_k: 5, templates: default}
+  caption: {}
+output: out/a
+"""
+
+
+def _load(tmp: Path, text: str):
+    p = tmp / "job.yaml"
+    p.write_text(text)
+    return load_spec(p)
+
+
+def test_contract_spec_resolves_paths_against_yaml_folder(files):
+    spec = _load(files, GOOD)
+    assert spec.model.name == str(files / "cfg.json")
+    assert spec.model.pretrained == str(files / "w.pt")
+    assert spec.shard_list() == [str(files / "data" / f"{i:05d}.tar") for i in range(3)]
+    assert spec.output == files / "out" / "a"
+    assert spec.attacks.idia.tau == 2 and spec.attacks.caption is not None
+
+
+def test_default_attacks_are_idia_and_caption(files):
+    spec = _load(files, GOOD.replace("attacks:\n  idia: {tau: 2, top_k: 5, templates: default}\n  caption: {}\n", ""))
+    assert spec.attacks.idia is not None and spec.attacks.caption is not None
+
+
+def test_zoo_names_are_not_treated_as_paths(files):
+    spec = _load(files, GOOD.replace("name: cfg.json", "name: ViT-B-32").replace("pretrained: w.pt", "pretrained: laion400m_e32"))
+    assert spec.model.name == "ViT-B-32" and spec.model.pretrained == "laion400m_e32"
+
+
+@pytest.mark.parametrize(
+    "old,new,needle",
+    [
+        ("precision: fp16", "precision: fp64", "model.precision"),
+        ("output: out/a", "output: out/a\nbogus: 1", "bogus: unknown key"),
+        ("  identity_field: identity", "  identity_field: identity\n  colour: red", "data.colour: unknown key"),
+        ("tau: 2", "tau: two", "attacks.idia.tau"),
+        ("tau: 2", "tau: 0", "attacks.idia.tau"),
+        ("names: names.txt", "names: missing.txt", "names: file not found"),
+        ("labels: labels.csv", "labels: nope.csv", "labels: file not found"),
+        ("pretrained: w.pt", "pretrained: gone.pt", "model.pretrained: file not found"),
+        ("{00000..00002}", "{00000..00004}", "data.shards: file not found"),
+        ("data/{00000..00002}.tar", "data/*.zip", "data.shards: no file matches"),
+        ("templates: default", "templates: ['a photo of someone']", "exactly one '{}'"),
+        ("  caption: {}\n", "  frobnicate: {}\n", "attacks.frobnicate: unknown key"),
+        ("output: out/a", "", "output: required key is missing"),
+    ],
+)
+def test_bad_specs_name_the_key(files, old, new, needle):
+    assert old in GOOD
+    with pytest.raises(SpecError) as e:
+        _load(files, GOOD.replace(old, new))
+    assert needle in str(e.value)
+
+
+def test_not_yaml_and_not_mapping(files):
+    with pytest.raises(SpecError, match="not valid YAML"):
+        _load(files, "model: [unclosed")
+    with pytest.raises(SpecError, match="mapping"):
+        _load(files, "- a\n- b\n")
+
+
+def test_map_hash_ignores_reduce_only_settings(files):
+    a = _load(files, GOOD)
+    b = _load(files, GOOD.replace("tau: 2", "tau: 3"))
+    c = _load(files, GOOD.replace("top_k: 5", "top_k: 6"))
+    assert a.map_hash() == b.map_hash()
+    assert a.map_hash() != c.map_hash()
