@@ -8,6 +8,7 @@ checkpoint can never run code. OpenCLIP training checkpoints (``{"state_dict": â
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -140,10 +141,19 @@ def _register_config(name: str) -> str:
 
 
 class _DropRandomInitNotice(logging.Filter):
-    """OpenCLIP warns "No pretrained weights loaded" before we load a local checkpoint ourselves."""
-
     def filter(self, record: logging.LogRecord) -> bool:
         return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_random_init():
+    """Silence OpenCLIP's "No pretrained weights loaded" (we load local checkpoints ourselves)."""
+    f = _DropRandomInitNotice()
+    logging.getLogger().addFilter(f)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(f)
 
 
 def _create(name: str, pretrained: str | None) -> torch.nn.Module:
@@ -159,15 +169,9 @@ def _create(name: str, pretrained: str | None) -> torch.nn.Module:
         if is_hub:
             return open_clip.create_model(name)
         tag = pretrained if pretrained and not _is_local_checkpoint(pretrained) else None
-        quiet = _DropRandomInitNotice() if tag is None and pretrained else None
-        root = logging.getLogger()
-        if quiet:
-            root.addFilter(quiet)
-        try:
+        quiet = quiet_random_init() if tag is None and pretrained else contextlib.nullcontext()
+        with quiet:
             return open_clip.create_model(name, pretrained=tag)
-        finally:
-            if quiet:
-                root.removeFilter(quiet)
     except RuntimeError as e:
         raise ModelLoadError(f"cannot create model {name!r} (pretrained={pretrained!r}): {e}") from None
     except Exception as e:  # noqa: BLE001 â€” network/hub failures surface as many types

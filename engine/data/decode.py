@@ -9,6 +9,7 @@ decompression bombs (refused from the header, before any pixel is allocated).
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -16,10 +17,14 @@ import numpy as np
 from PIL import Image, ImageOps
 
 
+_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
 class DecodeFailure(Exception):
     """An image that cannot be used; ``code`` is the error column value."""
 
     def __init__(self, code: str, detail: str) -> None:
+        detail = _ADDRESS.sub("<image bytes>", detail)  # keep outputs identical across runs
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail

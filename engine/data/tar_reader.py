@@ -79,9 +79,8 @@ def iter_tar_samples(path: str | Path) -> Iterator[RawSample]:
     g = _Grouper()
     try:
         tf = tarfile.open(path, mode="r:")
-    except (tarfile.TarError, OSError) as e:
-        size = path.stat().st_size if path.exists() else -1
-        code = "empty_shard" if size == 0 else "not_a_tar"
+    except tarfile.TarError as e:  # missing/unreadable files raise OSError: the shard fails and is retried
+        code = "empty_shard" if path.stat().st_size == 0 else "not_a_tar"
         yield RawSample(key=None, position=0, error=code, detail=f"cannot open tar: {e}")
         return
     with tf:

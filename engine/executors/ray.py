@@ -32,14 +32,14 @@ def _ray():
 class _MapWorker:
     """Ray actor body: one model per actor, one shard per call."""
 
-    def __init__(self, spec_json: dict, output_root: str, shared_ref: list) -> None:
+    def __init__(self, spec_json: dict, output_root: str, shared: dict[str, Any]) -> None:
         from pathlib import Path
 
         from ..mapper import ShardMapper
 
         spec = JobSpec.model_validate(spec_json)
         self.mapper = ShardMapper(spec, OutputLayout(Path(output_root)))
-        self.mapper.setup(_ray().get(shared_ref[0]))
+        self.mapper.setup(shared)
 
     def map_shard(self, shard: str) -> dict:
         return self.mapper.map_shard(shard).to_dict()
@@ -108,10 +108,9 @@ class RayExecutor:
         shared = ray.remote(_compute_shared).options(**resources, max_retries=spec.compute.max_retries)
         shared_ref = shared.remote(spec_json, root)
         ray.get(shared_ref)  # fail early (e.g. a model that cannot load) before starting the pool
-        actor_cls = ray.remote(_MapWorker).options(**resources, max_restarts=-1, max_task_retries=0)
-        # The ref travels inside a list so that Ray passes the reference, not the value: a
-        # restarted actor fetches it again from the object store (the driver keeps it alive).
-        actors = [actor_cls.remote(spec_json, root, [shared_ref]) for _ in range(n_workers)]
+        actor_cls = ray.remote(_MapWorker).options(**resources, max_restarts=0, max_task_retries=0)
+        new_actor = lambda: actor_cls.remote(spec_json, root, shared_ref)  # noqa: E731
+        actors = [new_actor() for _ in range(n_workers)]
         log.info("map: %d shards on %d actors (%s)", len(shards), n_workers, resources)
 
         todo = deque(shards)
@@ -128,10 +127,15 @@ class RayExecutor:
                 ready, _ = ray.wait(list(inflight), num_returns=1)
                 ref = ready[0]
                 shard, actor = inflight.pop(ref)
-                idle.append(actor)  # a crashed actor is restarted by Ray (max_restarts=-1)
                 try:
                     stats = ray.get(ref)
                 except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
+                    if isinstance(e, ray.exceptions.RayActorError) and not isinstance(e, ray.exceptions.RayTaskError):
+                        log.warning("map actor died while on %s; starting a replacement", shard)
+                        actors.remove(actor)
+                        actor = new_actor()
+                        actors.append(actor)
+                    idle.append(actor)
                     msg = _short_error(e)
                     if attempts[shard] <= spec.compute.max_retries:
                         log.warning("shard %s failed (attempt %d), retrying: %s", shard, attempts[shard], msg)
@@ -141,6 +145,7 @@ class RayExecutor:
                         result.failed.append(ShardFailure(shard, attempts[shard], msg))
                         bar.shard_done()
                     continue
+                idle.append(actor)
                 result.done.append(stats)
                 bar.add_images(stats["rows"])
                 bar.shard_done()
