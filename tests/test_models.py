@@ -81,3 +81,9 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
     with pytest.raises(ModelLoadError, match="weights_only"):
         read_state_dict(path)
     assert not marker.exists()
+
+
+def test_hub_model_offline_gives_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="hf-hub:nobody/no-such-clip"):
+        load_model("hf-hub:nobody/no-such-clip", None, "fp32", "cpu")

@@ -125,3 +125,22 @@ def test_changed_map_settings_are_refused_unless_forced(job, tmp_path):
     tau = changed.model_copy(update={"attacks": changed.attacks.model_copy(
         update={"idia": changed.attacks.idia.model_copy(update={"tau": 5})})})
     assert run_job(tau, progress=False).skipped == 3
+
+
+def test_reduce_cli_recomputes_with_new_tau_without_the_model(job, capsys, monkeypatch):
+    import clipaudit.models
+    from clipaudit.cli import main
+
+    spec = load_spec(job[0])
+    run_job(spec, progress=False)
+    before = {r["identity"]: r for r in pq.read_table(spec.output / "identities.parquet").to_pylist()}
+
+    def no_model(*a, **k):
+        raise AssertionError("reduce must not load the model")
+
+    monkeypatch.setattr(clipaudit.models, "load_model", no_model)
+    assert main(["reduce", str(spec.output), "--tau", "22"]) == 0
+    after = {r["identity"]: r for r in pq.read_table(spec.output / "identities.parquet").to_pylist()}
+    assert {k: v["idia_score"] for k, v in after.items()} == {k: v["idia_score"] for k, v in before.items()}
+    assert not any(v["idia_member"] for v in after.values())  # 21 templates can never reach tau=22
+    assert "wrote" in capsys.readouterr().out
