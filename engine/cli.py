@@ -30,7 +30,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .attacks.idia import NamePoolError
     from .models import ModelLoadError
     from .query import QueryError
-    from .reduce import LabelsError
+    from .evaluate import LabelsError
     from .runner import ResumeRefused
     from .spec import SpecError
 
@@ -45,34 +45,6 @@ def _unwrap(e: BaseException) -> BaseException:
 
 
 # -- run ------------------------------------------------------------------------
-
-def _fmt_metric(m: dict[str, Any], key: str) -> str:
-    v = m.get(key)
-    if v is None:
-        return "-"
-    ci = m.get(f"{key}_ci")
-    return f"{v:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{v:.3f}"
-
-
-def print_report(report, out=sys.stdout) -> None:
-    s = report.summary
-    errs = ", ".join(f"{k}={v}" for k, v in s["errors"].items()) or "none"
-    print(f"shards: {s['shards_done']}/{s['shards']} done ({report.skipped} skipped as already done), "
-          f"{s['shards_failed']} failed", file=out)
-    print(f"samples: {s['rows']} rows, {s['ok']} ok, errors: {errs}", file=out)
-    for f in s["failed"]:
-        print(f"FAILED shard {f['shard']} after {f['attempts']} attempts: {f['error']}", file=out)
-    if report.map.done:
-        rows = sum(d["rows"] for d in report.map.done)
-        print(f"map: {rows} samples in {report.map.seconds:.1f} s ({rows / max(report.map.seconds, 1e-9):.1f} img/s)",
-              file=out)
-    for attack, m in report.metrics.items():
-        if isinstance(m, dict) and "auc" in m:
-            print(f"{attack:8s} ({m['level']}, {m['n_members']} members / {m['n_nonmembers']} non-members): "
-                  f"AUC {_fmt_metric(m, 'auc')}  TPR@1%FPR {_fmt_metric(m, 'tpr_at_1pct_fpr')}  "
-                  f"TPR@0.1%FPR {_fmt_metric(m, 'tpr_at_0_1pct_fpr')}", file=out)
-    print(f"output: {report.layout.root}", file=out)
-
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .runner import run_job
@@ -91,6 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"shards: {len(shards)} ({done} already done), output: {spec.output}, executor: {spec.compute.executor}")
         print(f"map hash: {spec.map_hash()}")
         return EXIT_OK
+    from .report import print_report
+
     report = run_job(spec, force=args.force, progress=not args.no_progress, spec_text=Path(args.job).read_text())
     print_report(report)
     print(f'query: clipaudit query {report.layout.root} "SELECT * FROM identities ORDER BY idia_score DESC LIMIT 10"')
@@ -116,9 +90,10 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         opts = replace(opts, labels=Path(args.labels))
     metrics = reduce_outputs(layout, opts)
     print(f"wrote {layout.identities}" + (f" and {layout.metrics}" if metrics else ""))
-    for attack, m in metrics.items():
-        if isinstance(m, dict) and "auc" in m:
-            print(f"{attack}: AUC {_fmt_metric(m, 'auc')}  TPR@1%FPR {_fmt_metric(m, 'tpr_at_1pct_fpr')}")
+    if metrics:
+        from .report import metrics_table
+
+        print("\n".join(metrics_table(metrics)))
     return EXIT_OK
 
 

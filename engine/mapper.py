@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .attacks import MapAttack, build_attacks
+from .attacks.base import MapBatch
 from .data.samples import Sample, prepare_sample
 from .data.tar_reader import RawSample, iter_tar_samples
 from .models import LoadedModel, load_model
@@ -110,10 +111,12 @@ class ShardMapper:
         emb_np = None
         if ok:
             assert self.model is not None
-            pixels = torch.from_numpy(np.stack([s.pixels for s in ok]))
-            emb = self.model.encode_images(pixels)
+            images = self.model.to_unit(torch.from_numpy(np.stack([s.pixels for s in ok])))
+            chunk = self.spec.compute.batch_size
+            emb = self.model.encode_unit(images, chunk)
+            batch = MapBatch(ok, images, emb, self.model, self.spec.seed, chunk)
             for a in self.attacks:
-                attack_cols.update(a.compute(emb, ok))
+                attack_cols.update(a.compute(batch))
             emb_np = emb.to(torch.float16).cpu().numpy()
         cols: dict[str, list] = {f.name: [] for f in SAMPLES_SCHEMA}
         ok_pos = {id(s): i for i, s in enumerate(ok)}

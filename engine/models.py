@@ -42,15 +42,24 @@ class LoadedModel:
     std: tuple[float, float, float]
     checkpoint_sha256: str | None
 
+    def to_unit(self, pixels_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 N×H×W×3 → float N×3×H×W in [0, 1] on ``device``."""
+        return pixels_uint8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+
     @torch.inference_mode()
-    def encode_images(self, pixels_uint8: torch.Tensor) -> torch.Tensor:
-        """uint8 N×H×W×3 (already at ``image_size``) → L2-normalised float32 embeddings."""
-        x = pixels_uint8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    def encode_unit(self, x: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+        """Float N×3×S×S in [0, 1] (S = ``image_size``) → L2-normalised float32 embeddings."""
         mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
-        x = ((x - mean) / std).to(self.dtype)
-        emb = self.model.encode_image(x).float()
-        return torch.nn.functional.normalize(emb, dim=-1)
+        out = []
+        for i in range(0, len(x), chunk):
+            xi = ((x[i : i + chunk].to(self.device) - mean) / std).to(self.dtype)
+            out.append(torch.nn.functional.normalize(self.model.encode_image(xi).float(), dim=-1))
+        return torch.cat(out) if out else torch.empty(0, self.embed_dim, device=self.device)
+
+    def encode_images(self, pixels_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 N×H×W×3 (already at ``image_size``) → L2-normalised float32 embeddings."""
+        return self.encode_unit(self.to_unit(pixels_uint8))
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str], batch_size: int = 1024) -> torch.Tensor:

@@ -120,6 +120,7 @@ class OutputLayout:
 
     identities = property(lambda self: self.root / "identities.parquet")
     metrics = property(lambda self: self.root / "metrics.json")
+    roc = property(lambda self: self.root / "roc.parquet")
     manifest = property(lambda self: self.root / "manifest.json")
     summary = property(lambda self: self.root / "_SUMMARY.json")
     job_state = property(lambda self: self.root / "_job.json")
@@ -166,5 +167,5 @@ class OutputLayout:
         """Remove everything the map step wrote (for ``--force``)."""
         for d in (self.samples_dir, self.embeddings_dir, self.cache_dir):
             shutil.rmtree(d, ignore_errors=True)
-        for f in (self.identities, self.metrics, self.summary, self.job_state):
+        for f in (self.identities, self.metrics, self.roc, self.summary, self.job_state):
             f.unlink(missing_ok=True)

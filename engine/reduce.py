@@ -6,7 +6,6 @@ labels file. Aggregation runs in DuckDB, which streams over the parts.
 
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,21 +15,20 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from .attacks import caption, idia
+from .attacks import idia
 from .attacks.idia import load_name_pool
-from .data.samples import normalize_name
-from .metrics import membership_metrics
+from .evaluate import Labels, Scored, evaluate, read_labels
 from .outputs import OutputLayout, atomic_write_json, atomic_write_table, load_schema
+
+ROC_SCHEMA = load_schema("roc")
 
 log = logging.getLogger(__name__)
 
 IDENTITIES_SCHEMA = load_schema("identities")
-_TRUE = {"true", "1", "yes", "y", "t", "member"}
-_FALSE = {"false", "0", "no", "n", "f", "nonmember", "non-member"}
-
-
-class LabelsError(ValueError):
-    """The labels file cannot be read; the message names the line."""
+#: attacks with a per-image score column ``<name>_score``
+IMAGE_ATTACKS = ("encodermi", "partcrop", "mim", "caption")
+#: attacks with a raw feature vector ``<name>_features`` for a learned (cross-fitted) variant
+FEATURE_ATTACKS = {"encodermi", "partcrop", "mim"}
 
 
 @dataclass(frozen=True)
@@ -38,69 +36,53 @@ class ReduceOptions:
     tau: int = 1
     labels: Path | None = None
     names: Path | None = None
-    idia: bool = True
-    caption: bool = True
+    attacks: tuple[str, ...] = ("idia", "caption")
 
 
-def read_identity_labels(path: Path) -> dict[str, bool]:
-    """``identity,member`` rows (true/false, 1/0, yes/no). Other columns are ignored."""
-    out: dict[str, bool] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"identity", "member"} <= set(reader.fieldnames):
-            raise LabelsError(f"labels: {path} needs a header with columns identity,member")
-        for line_no, row in enumerate(reader, start=2):
-            ident = normalize_name(row.get("identity") or "")
-            if not ident:
-                continue
-            value = (row.get("member") or "").strip().lower()
-            if value not in _TRUE | _FALSE:
-                raise LabelsError(f"labels: {path} line {line_no}: member must be true/false, got {row.get('member')!r}")
-            out[ident] = value in _TRUE
-    return out
-
-
-def _samples_relation(con: duckdb.DuckDBPyConnection, layout: OutputLayout) -> None:
-    parts = str(layout.samples_dir / "*.parquet")
-    con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet('{_sql_str(parts)}')")
-    con.execute("CREATE VIEW ok AS SELECT * FROM samples WHERE status = 'ok' AND identity IS NOT NULL")
-
-
-def _sql_str(s: str) -> str:
-    return s.replace("'", "''")
-
-
-def identities_table(layout: OutputLayout, opts: ReduceOptions) -> pa.Table:
-    """One row per identity with IDIA votes and image-score aggregates."""
+def _connect(layout: OutputLayout) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
-    _samples_relation(con, layout)
+    parts = str(layout.samples_dir / "*.parquet").replace("'", "''")
+    con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet('{parts}')")
+    con.execute("CREATE VIEW ok AS SELECT * FROM samples WHERE status = 'ok' AND identity IS NOT NULL")
+    return con
+
+
+def _fetch(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, list]:
+    cur = con.execute(sql)
+    cols = [d[0] for d in cur.description]
+    rows = cur.fetchall()
+    return {c: [r[i] for r in rows] for i, c in enumerate(cols)}
+
+
+def identities_table(layout: OutputLayout, opts: ReduceOptions, labels: Labels | None = None) -> pa.Table:
+    """One row per identity with IDIA votes and image-score aggregates."""
+    con = _connect(layout)
+    image = [a for a in IMAGE_ATTACKS if a in opts.attacks]
     joins, cols = [], []
-    if opts.idia:
+    if "idia" in opts.attacks:
         joins.append(f"LEFT JOIN ({idia.identity_scores_sql('ok', opts.tau)}) i USING (identity)")
         cols += ["i.idia_score", "i.idia_member", "i.idia_top1_rate", "i.idia_mean_reciprocal_rank"]
-    if opts.caption:
-        joins.append(f"LEFT JOIN ({caption.identity_aggregates_sql('ok')}) c USING (identity)")
-        cols += ["c.caption_score"]
+    cols += [f"s.{a}_score" for a in image]
+    aggregates = "".join(f", avg({a}_score) AS {a}_score" for a in image)
     sql = f"""
         WITH base AS (
             SELECT identity,
                    count(*) FILTER (WHERE status = 'ok') AS n_images,
                    count(*) FILTER (WHERE status = 'error') AS n_errors
             FROM samples WHERE identity IS NOT NULL GROUP BY identity
-        )
+        ),
+        image_scores AS (SELECT identity {aggregates} FROM ok GROUP BY identity)
         SELECT base.* {''.join(', ' + c for c in cols)}
-        FROM base {' '.join(joins)}
+        FROM base LEFT JOIN image_scores s USING (identity) {' '.join(joins)}
         ORDER BY identity
     """
-    cur = con.execute(sql)
-    names_ = [d[0] for d in cur.description]
-    columns: dict[str, list] = {c: list(v) for c, v in zip(names_, zip(*cur.fetchall()))} or {c: [] for c in names_}
+    columns = _fetch(con, sql)
     names = columns["identity"]
     pool = _name_pool(opts.names)
     columns["in_name_pool"] = [None if pool is None else x in pool for x in names]
-    labels = read_identity_labels(opts.labels) if opts.labels else {}
-    columns["label_member"] = [labels.get(x) for x in names]
-    if opts.idia:  # an identity with ok images but no vote row has score 0
+    ident_labels = labels.identities if labels else {}
+    columns["label_member"] = [ident_labels.get(x) for x in names]
+    if "idia" in opts.attacks:  # an identity with ok images but no vote row has score 0
         columns["idia_score"] = [
             s if s is not None else (0 if n else None) for s, n in zip(columns["idia_score"], columns["n_images"])
         ]
@@ -116,41 +98,100 @@ def _name_pool(path: Path | None) -> set[str] | None:
     return set(load_name_pool(path))
 
 
-#: identity-level score columns used for metrics, per attack
-IDENTITY_SCORES = {"idia": "idia_score", "caption": "caption_score"}
-
-
-def compute_metrics(identities: pa.Table, opts: ReduceOptions) -> dict[str, Any]:
-    """metrics.json: per attack, AUC and TPR at 1 % / 0.1 % FPR with bootstrap intervals."""
-    label = np.array([x if x is not None else np.nan for x in identities.column("label_member").to_pylist()], float)
-    out: dict[str, Any] = {}
-    enabled = {"idia": opts.idia, "caption": opts.caption}
-    for attack, col in IDENTITY_SCORES.items():
-        if not enabled[attack]:
-            continue
-        score = np.array([np.nan if v is None else v for v in identities.column(col).to_pylist()], float)
-        keep = ~np.isnan(label) & ~np.isnan(score)
-        if keep.sum() == 0:
-            continue
-        m = membership_metrics(score[keep], label[keep].astype(bool))
-        out[attack] = {"level": "identity", "score": col, **m}
-    n_unlabeled = int(np.isnan(label).sum())
-    out["n_unlabeled_identities"] = n_unlabeled
+def _matrix(values: list) -> np.ndarray:
+    """A list of equal-length lists (or None) → float matrix with nan rows for None."""
+    width = next((len(v) for v in values if v is not None), 0)
+    out = np.full((len(values), width), np.nan)
+    for i, v in enumerate(values):
+        if v is not None and len(v) == width:
+            out[i] = v
     return out
 
 
+def _vec(values: list) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def _feature_columns(opts: ReduceOptions) -> list[str]:
+    return [f"{a}_features" for a in FEATURE_ATTACKS if a in opts.attacks] + ["baseline_features"]
+
+
+def _identity_level(con, identities: pa.Table, labels: Labels, opts: ReduceOptions) -> Scored | None:
+    rows = [r for r in identities.to_pylist() if r["label_member"] is not None and r["n_images"]]
+    if not rows:
+        return None
+    names = [r["identity"] for r in rows]
+    scores = {}
+    if "idia" in opts.attacks:
+        scores["idia"] = _vec([r["idia_score"] for r in rows])
+    for a in IMAGE_ATTACKS:
+        if a in opts.attacks:
+            scores[a] = _vec([r[f"{a}_score"] for r in rows])
+    con.register("labelled_names", pa.table({"identity": names}))
+    feats = _feature_columns(opts)
+    per_image = _fetch(con, f"SELECT identity, {', '.join(feats)} FROM ok WHERE identity IN "
+                            "(SELECT identity FROM labelled_names)")
+    features = {}
+    index = {n: i for i, n in enumerate(names)}
+    for col in feats:
+        mat = _matrix(per_image[col])
+        sums = np.zeros((len(names), mat.shape[1]))
+        counts = np.zeros((len(names), 1))
+        for ident, row in zip(per_image["identity"], mat):
+            if not np.isnan(row).any():
+                sums[index[ident]] += row
+                counts[index[ident]] += 1
+        with np.errstate(invalid="ignore"):
+            features[col.removesuffix("_features")] = sums / counts
+    y = np.array([r["label_member"] for r in rows], dtype=bool)
+    return Scored("identity", y, np.arange(len(rows)), scores, features)
+
+
+def _image_level(con, labels: Labels, opts: ReduceOptions) -> Scored | None:
+    if not labels.images:
+        return None
+    image = [a for a in IMAGE_ATTACKS if a in opts.attacks]
+    if not image:
+        return None
+    lab = pa.table({"shard_name": [k[0] for k in labels.images], "key": [k[1] for k in labels.images],
+                    "member": list(labels.images.values())})
+    con.register("image_labels", lab)
+    cols = ", ".join([f"ok.{a}_score" for a in image] + [f"ok.{c}" for c in _feature_columns(opts)])
+    data = _fetch(con, f"""
+        SELECT ok.identity, l.member, {cols} FROM ok JOIN image_labels l
+        ON l.key = ok.key AND l.shard_name = regexp_extract(ok.shard, '[^/\\\\]+$')
+    """)
+    if not data["member"]:
+        log.warning("labels: no image row matched a sample (rows match by shard file name and key)")
+        return None
+    groups = np.unique(np.array(data["identity"], dtype=object), return_inverse=True)[1]
+    scores = {a: _vec(data[f"{a}_score"]) for a in image}
+    features = {c.removesuffix("_features"): _matrix(data[c]) for c in _feature_columns(opts)}
+    return Scored("image", np.array(data["member"], dtype=bool), groups, scores, features)
+
+
 def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> dict[str, Any]:
-    """Write identities.parquet and (with labels) metrics.json; return the metrics."""
+    """Write identities.parquet and, with labels, metrics.json + roc.parquet; return the metrics."""
     if not any(layout.samples_dir.glob("*.parquet")):
         raise FileNotFoundError(f"no sample parts under {layout.samples_dir}: run the map step first")
-    table = identities_table(layout, opts)
+    labels = read_labels(opts.labels) if opts.labels else None
+    table = identities_table(layout, opts, labels)
     atomic_write_table(layout.identities, table)
-    if opts.labels is None:
+    if labels is None:
         layout.metrics.unlink(missing_ok=True)
+        layout.roc.unlink(missing_ok=True)
         return {}
-    labels = read_identity_labels(opts.labels)
+    con = _connect(layout)
+    tables = [t for t in (_identity_level(con, table, labels, opts), _image_level(con, labels, opts)) if t]
+    # an image-level table (when present) replaces the identity level for image-side attacks
+    if len(tables) == 2:
+        for a in IMAGE_ATTACKS:
+            tables[0].scores.pop(a, None)
+            tables[0].features.pop(a, None)
+    metrics, roc_rows = evaluate(tables, FEATURE_ATTACKS)
     seen = set(table.column("identity").to_pylist())
-    metrics = compute_metrics(table, opts)
-    metrics["n_labels_not_in_candidates"] = len(set(labels) - seen)
+    metrics["n_unlabeled_identities"] = sum(v is None for v in table.column("label_member").to_pylist())
+    metrics["n_labels_not_in_candidates"] = len(set(labels.identities) - seen)
     atomic_write_json(layout.metrics, metrics)
+    atomic_write_table(layout.roc, pa.Table.from_pylist(roc_rows, schema=ROC_SCHEMA))
     return metrics

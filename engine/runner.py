@@ -55,10 +55,8 @@ def package_versions() -> dict[str, str | None]:
 
 def reduce_options(spec: JobSpec) -> ReduceOptions:
     idia = spec.attacks.idia
-    return ReduceOptions(
-        tau=idia.tau if idia else 1, labels=spec.labels, names=spec.names,
-        idia=idia is not None, caption=spec.attacks.caption is not None,
-    )
+    return ReduceOptions(tau=idia.tau if idia else 1, labels=spec.labels, names=spec.names,
+                         attacks=tuple(spec.attacks.enabled()))
 
 
 def check_resume(layout: OutputLayout, spec: JobSpec, force: bool) -> None:

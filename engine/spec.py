@@ -69,11 +69,53 @@ class CaptionSpec(_Strict):
     """Image–caption cosine (after M^4I's metric-based attack)."""
 
 
+def _scale_range(v: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = v
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {list(v)}")
+    return v
+
+
+class EncoderMISpec(_Strict):
+    """EncoderMI: pairwise similarity of n augmented views."""
+
+    views: int = Field(10, ge=2, le=256)
+    scale: tuple[float, float] = (0.2, 1.0)
+    _check = field_validator("scale")(classmethod(lambda cls, v: _scale_range(v)))
+
+
+class PartCropSpec(_Strict):
+    """PartCrop: responses to k small part crops."""
+
+    crops: int = Field(128, ge=2, le=4096)
+    scale: tuple[float, float] = (0.08, 0.2)
+    _check = field_validator("scale")(classmethod(lambda cls, v: _scale_range(v)))
+
+
+class MimSpec(_Strict):
+    """Masked-view consistency at several patch-mask ratios."""
+
+    mask_ratios: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75], min_length=1)
+
+    @field_validator("mask_ratios")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        if not all(0 < r < 1 for r in v):
+            raise ValueError(f"mask ratios must lie strictly between 0 and 1, got {v}")
+        return v
+
+
 class AttacksSpec(_Strict):
     """Which attacks to run; absent keys are off. Default: idia and caption."""
 
     idia: IdiaSpec | None = None
+    encodermi: EncoderMISpec | None = None
+    partcrop: PartCropSpec | None = None
+    mim: MimSpec | None = None
     caption: CaptionSpec | None = None
+
+    def enabled(self) -> list[str]:
+        return [k for k in ("idia", "encodermi", "partcrop", "mim", "caption") if getattr(self, k) is not None]
 
 
 class ComputeSpec(_Strict):
@@ -106,8 +148,8 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _some_attack(self) -> "JobSpec":
-        if self.attacks.idia is None and self.attacks.caption is None:
-            raise ValueError("attacks: enable at least one attack (idia, caption)")
+        if not self.attacks.enabled():
+            raise ValueError("attacks: enable at least one attack (idia, encodermi, partcrop, mim, caption)")
         return self
 
     # -- derived --------------------------------------------------------------
@@ -123,6 +165,8 @@ class JobSpec(_Strict):
             "names_sha256": _sha256_file(self.names),
             "idia": None if idia is None else {"top_k": idia.top_k, "templates": idia.templates},
             "caption": self.attacks.caption is not None,
+            **{k: None if getattr(self.attacks, k) is None else getattr(self.attacks, k).model_dump()
+               for k in ("encodermi", "partcrop", "mim")},
             "seed": self.seed,
             "store_embeddings": self.store_embeddings,
         }

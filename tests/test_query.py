@@ -14,7 +14,7 @@ def out(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("q")
     layout = write_samples(root, [img("Ann", "Ann", "Ann"), img("Ann", "Ann", "Bob"), img("Bob", "Ann", "Ann")])
-    reduce_outputs(layout, ReduceOptions(caption=False))
+    reduce_outputs(layout, ReduceOptions(attacks=("idia",)))
     return root
 
 

@@ -8,6 +8,7 @@ reduce-side scoring lives in the same module as plain functions over Parquet/SQL
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -15,6 +16,18 @@ import torch
 
 from ..data.samples import Sample
 from ..models import LoadedModel
+
+
+@dataclass
+class MapBatch:
+    """What an attack sees of a batch of ok samples (same order everywhere)."""
+
+    samples: list[Sample]
+    images: torch.Tensor  # float B×3×S×S in [0, 1], on the model's device
+    emb: torch.Tensor  # L2-normalised image embeddings, float32 B×D
+    model: LoadedModel
+    seed: int  # the job seed; per-sample randomness derives from it and the key
+    chunk: int  # forward-pass chunk size (images per model call)
 
 
 class MapAttack(Protocol):
@@ -32,6 +45,6 @@ class MapAttack(Protocol):
         """Prepare a worker with the model and the shared state."""
         ...
 
-    def compute(self, image_emb: torch.Tensor, samples: list[Sample]) -> dict[str, list]:
-        """Column values for a batch of ok samples (same order as ``samples``)."""
+    def compute(self, batch: MapBatch) -> dict[str, list]:
+        """Column values for a batch of ok samples (same order as ``batch.samples``)."""
         ...

@@ -9,10 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
-import torch
 
-from ..data.samples import Sample
 from ..models import LoadedModel
+from .base import MapBatch
 
 
 class CaptionAttack:
@@ -30,8 +29,9 @@ class CaptionAttack:
     def bind(self, state: Any, model: LoadedModel, index_backend: str) -> None:
         self._model = model
 
-    def compute(self, image_emb: torch.Tensor, samples: list[Sample]) -> dict[str, list]:
+    def compute(self, batch: MapBatch) -> dict[str, list]:
         assert self._model is not None, "bind() first"
+        samples, image_emb = batch.samples, batch.emb
         with_caption = [i for i, s in enumerate(samples) if s.caption]
         scores: list[float | None] = [None] * len(samples)
         if with_caption:

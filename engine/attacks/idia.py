@@ -18,9 +18,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..data.samples import Sample, normalize_name
+from ..data.samples import normalize_name
 from ..index import NameIndex, build_name_index
 from ..models import LoadedModel
+from .base import MapBatch
 
 #: Prompt templates in the style of the IDIA paper (our own wording).
 DEFAULT_TEMPLATES: list[str] = [
@@ -103,9 +104,10 @@ class IdiaAttack:
             raise ValueError(f"name embeddings have shape {state.shape}, expected T={len(self.templates)} N={len(self.names)}")
         self._index = build_name_index(state.astype(np.float32), index_backend, model.device)
 
-    def compute(self, image_emb: torch.Tensor, samples: list[Sample]) -> dict[str, list]:
+    def compute(self, batch: MapBatch) -> dict[str, list]:
         assert self._index is not None, "bind() first"
-        _, ids = self._index.search(image_emb, self.top_k)  # T×B×k
+        samples = batch.samples
+        _, ids = self._index.search(batch.emb, self.top_k)  # T×B×k
         true_ids = np.array([self._name_id.get(s.identity or "", -1) for s in samples])
         hits = ids == true_ids[None, :, None]  # T×B×k
         found = hits.any(-1)

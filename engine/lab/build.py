@@ -70,6 +70,8 @@ class LabConfig:
     image_size: int = 48
     steps: int = 300
     seed: int = 0
+    include_train_images: bool = False  # also put members' training photos in the candidate set
+    nonmember_style: str = "default"  # "shifted": non-members shot with another camera style
 
 
 @dataclass
@@ -153,10 +155,21 @@ def _decode(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def _photos(person: Identity, cfg: LabConfig, stream: int, n: int) -> list[bytes]:
+def _photos(person: Identity, cfg: LabConfig, stream: int, n: int, style: str = "default") -> list[bytes]:
     """``n`` JPEG photos of ``person`` from random stream ``stream`` (1 = train, 2 = held out)."""
     rng = np.random.default_rng([cfg.seed, stream, *person.name.encode()])
-    return [_jpeg(img) for img in render_many(person, rng, n, cfg.image_size)]
+    return [_jpeg(img) for img in render_many(person, rng, n, cfg.image_size, style=style)]  # type: ignore[arg-type]
+
+
+def _candidates(cast: _Cast, cfg: LabConfig) -> list[tuple[str, bytes, bool]]:
+    """(name, jpeg, used in training) for every candidate photo."""
+    out = []
+    for p in cast.everyone:
+        style = "default" if p in cast.members else cfg.nonmember_style
+        out += [(p.name, j, False) for j in _photos(p, cfg, 2, cfg.candidate_images, style)]
+    if cfg.include_train_images:
+        out += [(p.name, j, True) for p in cast.members for j in _photos(p, cfg, 1, cfg.train_images)]
+    return out
 
 
 def _tar_bytes(files: list[tuple[str, bytes]]) -> bytes:
@@ -192,32 +205,45 @@ def _sample_files(key: str, name: str, jpeg: bytes, caption: str, size: int) -> 
     ]
 
 
-def _write_shards(cast: _Cast, cfg: LabConfig, folder: Path) -> list[Path]:
-    """Held-out photos of everyone, shuffled over ``cfg.shards`` img2dataset-style tars."""
+def _write_shards(cast: _Cast, cfg: LabConfig, folder: Path) -> tuple[list[Path], list[tuple[str, str, bool]]]:
+    """Candidate photos shuffled over ``cfg.shards`` img2dataset-style tars.
+
+    Returns the shard paths and (shard file name, key, used in training) per photo.
+    """
     rng = np.random.default_rng([cfg.seed, 3])
-    samples = [(p.name, jpeg) for p in cast.everyone for jpeg in _photos(p, cfg, 2, cfg.candidate_images)]
+    samples = _candidates(cast, cfg)
     order = rng.permutation(len(samples))
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths, image_rows = [], []
     for shard, chunk in enumerate(np.array_split(order, cfg.shards)):
         files = []
         for i, idx in enumerate(chunk):
-            name, jpeg = samples[idx]
+            name, jpeg, trained = samples[idx]
             caption = CAPTIONS[int(rng.integers(len(CAPTIONS)))].format(name)
-            files += _sample_files(f"{shard:05d}{i:04d}", name, jpeg, caption, cfg.image_size)
+            key = f"{shard:05d}{i:04d}"
+            files += _sample_files(key, name, jpeg, caption, cfg.image_size)
+            image_rows.append((f"{shard:05d}.tar", key, trained))
         path = folder / f"{shard:05d}.tar"
         path.write_bytes(_tar_bytes(files))
         paths.append(path)
-    return paths
+    return paths, image_rows
 
 
-def _write_names_and_labels(cast: _Cast, cfg: LabConfig, names: Path, labels: Path) -> None:
+def _write_names_and_labels(cast: _Cast, cfg: LabConfig, names: Path, labels: Path,
+                            image_rows: list[tuple[str, str, bool]] = ()) -> None:
+    """The name pool, and labels: identity rows, plus image rows when training photos are candidates."""
     pool = [p.name for p in cast.members + cast.nonmembers] + cast.distractors
     pool = [pool[i] for i in np.random.default_rng([cfg.seed, 4]).permutation(len(pool))]
     names.write_text("".join(f"{n}\n" for n in pool), encoding="utf-8")
     member_names = {p.name for p in cast.members}
-    rows = [f"{n},{str(n in member_names).lower()}\n" for n in sorted(p.name for p in cast.everyone)]
-    labels.write_text("identity,member\n" + "".join(rows), encoding="utf-8")
+    people = sorted(p.name for p in cast.everyone)
+    if not cfg.include_train_images:
+        rows = [f"{n},{str(n in member_names).lower()}\n" for n in people]
+        labels.write_text("identity,member\n" + "".join(rows), encoding="utf-8")
+        return
+    rows = [f"{n},,,{str(n in member_names).lower()}\n" for n in people]
+    rows += [f",{shard},{key},{str(t).lower()}\n" for shard, key, t in sorted(image_rows)]
+    labels.write_text("identity,shard,key,member\n" + "".join(rows), encoding="utf-8")
 
 
 def _job_yaml(pretrained: str, output: str, shards: int) -> str:
@@ -233,6 +259,12 @@ def _job_yaml(pretrained: str, output: str, shards: int) -> str:
         "  identity_field: identity\n"
         "names: data/names.txt\n"
         "labels: data/labels.csv\n"
+        "attacks:  # view/crop counts sized for a 2-core CPU\n"
+        "  idia: {tau: 1, top_k: 10, templates: default}\n"
+        "  encodermi: {views: 8}\n"
+        "  partcrop: {crops: 32, scale: [0.08, 0.2]}\n"
+        "  mim: {mask_ratios: [0.25, 0.5, 0.75]}\n"
+        "  caption: {}\n"
         f"output: {output}\n"
     )
 
@@ -285,9 +317,10 @@ def build_lab(out_dir: Path, cfg: LabConfig = LabConfig(), log: Callable[[str], 
     paths.not_in_pool = [p.name for p in cast.not_in_pool]
     stamp(f"cast: {len(cast.members)} members, {len(paths.nonmembers)} non-members "
           f"({len(cast.not_in_pool)} not in pool), {len(cast.distractors)} distractor names")
-    paths.shards = _write_shards(cast, cfg, root / "data" / "cands")
-    stamp(f"wrote {len(paths.shards)} candidate shards ({len(cast.everyone) * cfg.candidate_images} held-out photos)")
-    _write_names_and_labels(cast, cfg, paths.names, paths.labels)
+    paths.shards, image_rows = _write_shards(cast, cfg, root / "data" / "cands")
+    stamp(f"wrote {len(paths.shards)} candidate shards ({len(image_rows)} photos, "
+          f"{sum(t for _, _, t in image_rows)} of them training photos)")
+    _write_names_and_labels(cast, cfg, paths.names, paths.labels, image_rows)
     stamp(f"wrote {paths.names.name} and {paths.labels.name}")
     stamp(f"training {MODEL_NAME} for {cfg.steps} steps on {len(cast.members)} members")
     untrained, trained = _train_models(cast, cfg, paths.model_config, log)

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from ..cli import print_report
+from ..report import metrics_table, print_report
 from ..runner import RunReport, run_job
 from ..spec import load_spec
 from .build import LabConfig, build_lab
@@ -28,21 +28,13 @@ def _lab(root: Path, cfg: LabConfig) -> tuple[Path, Path]:
     return Path(paths.job), Path(paths.job_untrained)
 
 
-def _row(label: str, report: RunReport) -> str:
-    m = report.metrics.get("idia", {})
-    def f(k: str) -> str:
-        v, ci = m.get(k), m.get(f"{k}_ci")
-        return "-" if v is None else f"{v:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
-    return f"{label:22s} {f('auc'):22s} {f('tpr_at_1pct_fpr'):22s} {f('tpr_at_0_1pct_fpr'):22s}"
-
-
 def run_demo(output: Path, progress: bool = True, cfg: LabConfig | None = None) -> int:
     """Run the whole synthetic audit; returns a process exit code."""
     from ..executors.ray import ensure_ray
 
     t0 = time.perf_counter()
     output = output.resolve()
-    job_trained, job_untrained = _lab(output / "lab", cfg or LabConfig())
+    job_trained, job_untrained = _lab(output / "lab", cfg or LabConfig(include_train_images=True))
     started_ray = ensure_ray(None)
     reports: dict[str, RunReport] = {}
     try:
@@ -60,10 +52,11 @@ def run_demo(output: Path, progress: bool = True, cfg: LabConfig | None = None) 
     elapsed = time.perf_counter() - t0
     images = sum(r.summary["rows"] for r in reports.values())
     map_s = sum(r.map.seconds for r in reports.values())
-    print("\n== IDIA on the canary (identity level; 95 % bootstrap intervals) ==")
-    print(f"{'model':22s} {'AUC':22s} {'TPR@1%FPR':22s} {'TPR@0.1%FPR':22s}")
-    print(_row("trained on members", reports["trained"]))
-    print(_row("untrained control", reports["untrained"]))
+    for label, title in (("trained", "model trained on the members"), ("untrained", "untrained control")):
+        print(f"\n== {title}: all attacks (95 % bootstrap intervals) ==")
+        print("\n".join(metrics_table(reports[label].metrics)))
+    print("\nidentity level: member vs non-member identities (all their candidate photos); image level: "
+          "the members' training photos vs every held-out photo (of members and non-members).")
     print(f"\ndemo wall time {elapsed:.1f} s; map step {images} images in {map_s:.1f} s "
           f"({images / max(map_s, 1e-9):.1f} img/s incl. Ray start-up and model loading)")
     print("\nTry:")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from clipaudit.attacks.base import MapBatch
 from clipaudit.attacks.idia import IdiaAttack, load_name_pool
 from clipaudit.data.samples import Sample
 from clipaudit.mapper import SAMPLES_SCHEMA
@@ -29,7 +30,7 @@ def write_samples(root: Path, rows: list[dict]) -> OutputLayout:
 
 
 def scores(tmp_path, rows, tau=1, names=None):
-    opts = ReduceOptions(tau=tau, names=names, caption=False)
+    opts = ReduceOptions(tau=tau, names=names, attacks=("idia",))
     t = identities_table(write_samples(tmp_path, rows), opts).to_pylist()
     return {r["identity"]: r for r in t}
 
@@ -94,8 +95,9 @@ def test_map_side_ranks_and_top1():
     attack.bind(np.stack([t0, t1]).astype(np.float16), SimpleNamespace(device=torch.device("cpu")), "faiss")
     emb = torch.tensor([[1.0, 0.5, 0, 0], [0, 0, 0.2, 1.0]])
     samples = [Sample("s", "k0", 0, identity="Ann"), Sample("s", "k1", 1, identity="Cy")]
-    out = attack.compute(emb, samples)
+    batch = lambda: MapBatch(samples, None, emb, None, 0, 8)  # noqa: E731
+    out = attack.compute(batch())
     assert out["idia_top1"] == [["Ann", "Bob"], ["Dee", "Dee"]]
     assert out["idia_true_rank"] == [[1, 2], [2, 2]]
     samples[1].identity = "Not In Pool"
-    assert attack.compute(emb, samples)["idia_true_rank"][1] == [None, None]
+    assert attack.compute(batch())["idia_true_rank"][1] == [None, None]

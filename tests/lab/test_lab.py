@@ -179,7 +179,7 @@ def test_shards_follow_img2dataset_layout(lab: LabPaths) -> None:
 
 @pytest.mark.slow
 def test_shards_are_byte_identical_across_builds(lab: LabPaths, tmp_path: Path) -> None:
-    again = _write_shards(_cast(SMALL), SMALL, tmp_path)
+    again, _ = _write_shards(_cast(SMALL), SMALL, tmp_path)
     assert [p.read_bytes() for p in again] == [p.read_bytes() for p in lab.shards]
 
 
@@ -201,6 +201,9 @@ def test_labels_names_and_jobs_are_consistent(lab: LabPaths) -> None:
             "data": {"shards": "data/cands/{00000..00003}.tar", "identity_field": "identity"},
             "names": "data/names.txt",
             "labels": "data/labels.csv",
+            "attacks": {"idia": {"tau": 1, "top_k": 10, "templates": "default"}, "encodermi": {"views": 8},
+                        "partcrop": {"crops": 32, "scale": [0.08, 0.2]}, "mim": {"mask_ratios": [0.25, 0.5, 0.75]},
+                        "caption": {}},
             "output": out,
         }
         assert (job.parent / spec["model"]["pretrained"]).is_file()

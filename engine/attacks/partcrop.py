@@ -1,0 +1,42 @@
+"""PartCrop (after Zhu et al.): query many small part crops of an image; a trained
+encoder's responses to parts of its training images are more consistent with the whole.
+
+Map side: k crops per image (scale range configurable), the cosine of each crop's
+embedding to the full image's embedding; stored as a quantile summary
+(``partcrop_features``: 11 quantiles, mean, std) with ``partcrop_score`` = mean cosine.
+Higher = more member-like. A small attacker on the features is fitted in the reduce step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from ..models import LoadedModel
+from .augment import part_crops
+from .base import MapBatch
+from .views import embed_views, quantile_summary, rows
+
+
+class PartCropAttack:
+    name = "partcrop"
+
+    def __init__(self, crops: int = 128, scale: tuple[float, float] = (0.08, 0.2)) -> None:
+        self.crops = crops
+        self.scale = scale
+
+    def fields(self) -> list[pa.Field]:
+        return [pa.field("partcrop_score", pa.float32()), pa.field("partcrop_features", pa.list_(pa.float32()))]
+
+    def shared_state(self, model: LoadedModel) -> Any:
+        return None
+
+    def bind(self, state: Any, model: LoadedModel, index_backend: str) -> None:
+        pass
+
+    def compute(self, batch: MapBatch) -> dict[str, list]:
+        k = self.crops
+        emb = embed_views(batch, k, "partcrop", lambda im, rngs: part_crops(im, rngs, k, self.scale))
+        cos = (emb * batch.emb[:, None, :]).sum(-1)  # B×k
+        return {"partcrop_score": cos.mean(1).tolist(), "partcrop_features": rows(quantile_summary(cos))}
