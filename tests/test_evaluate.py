@@ -1,0 +1,108 @@
+"""Image-side attacks and the validity check on canaries with known ground truth."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from clipaudit.evaluate import Labels, read_labels
+from clipaudit.runner import run_job
+from clipaudit.spec import load_spec
+
+pytestmark = pytest.mark.slow
+
+SMALL = dict(n_identities=16, steps=200, shards=2, n_distractor_names=100, train_images=5,
+             candidate_images=5, include_train_images=True)
+
+
+def _lab(tmp_path_factory, name, **kw):
+    from clipaudit.lab.build import LabConfig, build_lab
+
+    return build_lab(tmp_path_factory.mktemp(name), LabConfig(**{**SMALL, **kw}), log=lambda *a: None)
+
+
+def _run(job, out, **compute):
+    spec = load_spec(job)
+    spec = spec.model_copy(update={"output": out, "compute": spec.compute.model_copy(update={"executor": "local", **compute})})
+    return run_job(spec, progress=False)
+
+
+@pytest.fixture(scope="module")
+def iid(tmp_path_factory):
+    lab = _lab(tmp_path_factory, "iid")
+    return lab, _run(lab.job, lab.root / "o-trained"), _run(lab.job_untrained, lab.root / "o-untrained")
+
+
+@pytest.fixture(scope="module")
+def shifted(tmp_path_factory):
+    lab = _lab(tmp_path_factory, "shifted", nonmember_style="shifted")
+    return lab, _run(lab.job, lab.root / "o-trained")
+
+
+IMAGE_ATTACKS = ("encodermi", "partcrop", "mim", "caption")
+
+
+def test_an_image_level_attack_finds_training_photos_and_the_control_does_not(iid):
+    _, trained, untrained = iid
+    best = max(trained.metrics[a]["auc"] for a in IMAGE_ATTACKS)
+    assert all(trained.metrics[a]["level"] == "image" for a in IMAGE_ATTACKS)
+    assert best >= 0.7, {a: trained.metrics[a]["auc"] for a in IMAGE_ATTACKS}
+    control = [untrained.metrics[a]["auc"] for a in IMAGE_ATTACKS]
+    assert max(abs(a - 0.5) for a in control) < 0.15, control
+
+
+def test_iid_canary_raises_no_shift_warning_but_shifted_one_does(iid, shifted):
+    assert iid[1].metrics["distribution_shift_warning"] is False
+    m = shifted[1].metrics
+    assert m["distribution_shift_warning"] is True
+    levels = m["baseline"].get("by_level", [m["baseline"]])
+    assert max(b["auc"] for b in levels) >= 0.9
+
+
+def test_metrics_shape_roc_table_and_intervals(iid):
+    _, trained, _ = iid
+    m = json.loads((trained.layout.root / "metrics.json").read_text())
+    for a in ("idia",) + IMAGE_ATTACKS:
+        for k in ("auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr"):
+            lo, hi = m[a][f"{k}_ci"]
+            assert lo <= m[a][k] <= hi
+        assert m[a]["n_members"] > 0 and m[a]["n_nonmembers"] > 0
+    roc = pq.read_table(trained.layout.root / "roc.parquet").to_pylist()
+    assert {r["attack"] for r in roc} >= {"idia", *IMAGE_ATTACKS, "baseline"}
+    for attack in IMAGE_ATTACKS:
+        pts = [r for r in roc if r["attack"] == attack and r["variant"] == "threshold"]
+        assert pts[0]["fpr"] == 0 and pts[-1]["tpr"] == 1
+        assert all(a["fpr"] <= b["fpr"] for a, b in zip(pts, pts[1:]))
+
+
+def test_rerun_gives_identical_scores_and_batching_does_not_matter(iid, tmp_path):
+    lab, trained, _ = iid
+    again = _run(lab.job, tmp_path / "again")
+    other = _run(lab.job, tmp_path / "b3", batch_size=3)
+    cols = ["shard", "position", "encodermi_score", "partcrop_score", "mim_score", "mim_features"]
+
+    def table(r):
+        return sorted(pq.read_table(r.layout.root / "samples", columns=cols).to_pylist(),
+                      key=lambda x: (x["shard"], x["position"]))
+
+    assert table(again) == table(trained)
+    for a, b in zip(table(other), table(trained)):
+        for c in ("encodermi_score", "partcrop_score", "mim_score"):
+            assert a[c] == pytest.approx(b[c], abs=1e-4)
+
+
+def test_labels_file_with_identity_and_image_rows(tmp_path):
+    p = tmp_path / "l.csv"
+    p.write_text("identity,shard,key,member\nAnn Lee,,,true\n,data/00001.tar,000010003,false\n")
+    labels = read_labels(p)
+    assert labels == Labels({"Ann Lee": True}, {("00001.tar", "000010003"): False})
+
+
+def test_image_labels_match_rows_in_the_outputs(iid):
+    lab, trained, _ = iid
+    labels = read_labels(lab.labels)
+    n_train_photos = sum(labels.images.values())
+    assert n_train_photos == len(lab.members) * SMALL["train_images"]
+    assert trained.metrics["caption"]["n_members"] == n_train_photos
+    assert np.isclose(trained.metrics["caption"]["n_nonmembers"], len(labels.images) - n_train_photos)
