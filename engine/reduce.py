@@ -87,9 +87,33 @@ def identities_table(layout: OutputLayout, opts: ReduceOptions, labels: Labels |
             s if s is not None else (0 if n else None) for s, n in zip(columns["idia_score"], columns["n_images"])
         ]
         columns["idia_member"] = [None if s is None else s >= opts.tau for s in columns["idia_score"]]
+    columns.update(_pvalues(columns, opts))
     n = len(names)
     arrays = [pa.array(columns.get(f.name, [None] * n), type=f.type) for f in IDENTITIES_SCHEMA]
     return pa.Table.from_arrays(arrays, schema=IDENTITIES_SCHEMA)
+
+
+def _pvalues(columns: dict[str, list], opts: ReduceOptions) -> dict[str, list]:
+    """Per attack: p-value of each identity's score among labelled non-member identities.
+
+    p = (1 + #{controls with score >= s}) / (1 + n_controls); a control is compared with the
+    other controls only (leave-one-out), so its own score never calibrates itself.
+    """
+    is_control = np.array([v is False for v in columns["label_member"]])
+    out: dict[str, list] = {}
+    for attack in ("idia",) + IMAGE_ATTACKS:
+        col = f"{attack}_score"
+        if attack not in opts.attacks or col not in columns:
+            continue
+        s = _vec(columns[col])
+        controls = np.sort(s[is_control & ~np.isnan(s)])
+        if controls.size < 2:
+            continue
+        at_least = controls.size - np.searchsorted(controls, s, side="left")
+        loo = is_control & ~np.isnan(s)
+        p = np.where(loo, at_least / controls.size, (1.0 + at_least) / (1.0 + controls.size))
+        out[f"{attack}_pvalue"] = [None if np.isnan(v) else float(pv) for v, pv in zip(s, p)]
+    return out
 
 
 def _name_pool(path: Path | None) -> set[str] | None:

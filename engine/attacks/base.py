@@ -48,3 +48,13 @@ class MapAttack(Protocol):
     def compute(self, batch: MapBatch) -> dict[str, list]:
         """Column values for a batch of ok samples (same order as ``batch.samples``)."""
         ...
+
+
+class StatelessAttack:
+    """Base for attacks without per-job state: ``shared_state``/``bind`` do nothing."""
+
+    def shared_state(self, model: LoadedModel) -> Any:
+        return None
+
+    def bind(self, state: Any, model: LoadedModel, index_backend: str) -> None:
+        pass

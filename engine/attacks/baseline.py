@@ -9,13 +9,11 @@ mean saturation, mean brightness, edge energy, log width, log height, log aspect
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pyarrow as pa
 import torch
 
-from ..models import LoadedModel
-from .base import MapBatch
+from .base import MapBatch, StatelessAttack
 from .views import rows
 
 FEATURE_NAMES = ["mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "saturation", "brightness",
@@ -33,17 +31,11 @@ def image_statistics(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([mean, std, sat[:, None], gray.mean(dim=(1, 2))[:, None], edges[:, None]], 1)
 
 
-class BaselineFeatures:
+class BaselineFeatures(StatelessAttack):
     name = "baseline"
 
     def fields(self) -> list[pa.Field]:
         return [pa.field("baseline_features", pa.list_(pa.float32()))]
-
-    def shared_state(self, model: LoadedModel) -> Any:
-        return None
-
-    def bind(self, state: Any, model: LoadedModel, index_backend: str) -> None:
-        pass
 
     def compute(self, batch: MapBatch) -> dict[str, list]:
         px = rows(image_statistics(batch.images))

@@ -9,18 +9,15 @@ per image on the device), the n(n−1)/2 pairwise cosines of their embeddings, s
 
 from __future__ import annotations
 
-from typing import Any
-
 import pyarrow as pa
 import torch
 
-from ..models import LoadedModel
 from .augment import encodermi_views
-from .base import MapBatch
+from .base import MapBatch, StatelessAttack
 from .views import embed_views, rows
 
 
-class EncoderMIAttack:
+class EncoderMIAttack(StatelessAttack):
     name = "encodermi"
 
     def __init__(self, views: int = 10, scale: tuple[float, float] = (0.2, 1.0)) -> None:
@@ -29,12 +26,6 @@ class EncoderMIAttack:
 
     def fields(self) -> list[pa.Field]:
         return [pa.field("encodermi_score", pa.float32()), pa.field("encodermi_features", pa.list_(pa.float32()))]
-
-    def shared_state(self, model: LoadedModel) -> Any:
-        return None
-
-    def bind(self, state: Any, model: LoadedModel, index_backend: str) -> None:
-        pass
 
     def compute(self, batch: MapBatch) -> dict[str, list]:
         n = self.views

@@ -8,14 +8,12 @@ the dataset mean), at several mask ratios. ``mim_features`` holds one cosine per
 
 from __future__ import annotations
 
-from typing import Any
-
 import pyarrow as pa
 import torch
 
 from ..models import LoadedModel
 from .augment import patch_masks
-from .base import MapBatch
+from .base import MapBatch, StatelessAttack
 from .views import embed_views, rows
 
 
@@ -25,7 +23,7 @@ def _patch_grid(model: LoadedModel) -> int:
     return max(1, model.image_size // int(patch)) if patch else 8
 
 
-class MimAttack:
+class MimAttack(StatelessAttack):
     name = "mim"
 
     def __init__(self, mask_ratios: list[float] | tuple[float, ...] = (0.25, 0.5, 0.75)) -> None:
@@ -33,12 +31,6 @@ class MimAttack:
 
     def fields(self) -> list[pa.Field]:
         return [pa.field("mim_score", pa.float32()), pa.field("mim_features", pa.list_(pa.float32()))]
-
-    def shared_state(self, model: LoadedModel) -> Any:
-        return None
-
-    def bind(self, state: Any, model: LoadedModel, index_backend: str) -> None:
-        pass
 
     def _views(self, images: torch.Tensor, rngs, model: LoadedModel) -> torch.Tensor:
         r, size = len(self.ratios), images.shape[-1]

@@ -9,17 +9,14 @@ Higher = more member-like. A small attacker on the features is fitted in the red
 
 from __future__ import annotations
 
-from typing import Any
-
 import pyarrow as pa
 
-from ..models import LoadedModel
 from .augment import part_crops
-from .base import MapBatch
+from .base import MapBatch, StatelessAttack
 from .views import embed_views, quantile_summary, rows
 
 
-class PartCropAttack:
+class PartCropAttack(StatelessAttack):
     name = "partcrop"
 
     def __init__(self, crops: int = 128, scale: tuple[float, float] = (0.08, 0.2)) -> None:
@@ -28,12 +25,6 @@ class PartCropAttack:
 
     def fields(self) -> list[pa.Field]:
         return [pa.field("partcrop_score", pa.float32()), pa.field("partcrop_features", pa.list_(pa.float32()))]
-
-    def shared_state(self, model: LoadedModel) -> Any:
-        return None
-
-    def bind(self, state: Any, model: LoadedModel, index_backend: str) -> None:
-        pass
 
     def compute(self, batch: MapBatch) -> dict[str, list]:
         k = self.crops

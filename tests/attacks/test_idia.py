@@ -101,3 +101,18 @@ def test_map_side_ranks_and_top1():
     assert out["idia_true_rank"] == [[1, 2], [2, 2]]
     samples[1].identity = "Not In Pool"
     assert attack.compute(batch())["idia_true_rank"][1] == [None, None]
+
+
+def test_identity_pvalues_against_nonmember_controls(tmp_path):
+    from clipaudit.evaluate import Labels
+
+    rows = [img("A", *["A"] * 3), img("B", "B", "B", "x"), img("C", "x", "x", "x"), img("D", "D", "x", "x"),
+            img("E", "x", "x", "x")]
+    labels = Labels({"A": True, "B": True, "C": False, "D": False, "E": False})
+    t = identities_table(write_samples(tmp_path, rows), ReduceOptions(attacks=("idia",)), labels).to_pylist()
+    p = {r["identity"]: r["idia_pvalue"] for r in t}
+    # controls C, D, E score 0, 1, 0. A scores 3: no control reaches it → p = 1/4
+    assert p["A"] == pytest.approx(1 / 4) and p["B"] == pytest.approx(1 / 4)  # B scores 2
+    # leave-one-out for controls: D (1) against C, E (0, 0) → (1 + 0)/(1 + 2)
+    assert p["D"] == pytest.approx(1 / 3)
+    assert p["C"] == pytest.approx(1.0)  # 0 against {1, 0}: both ≥ 0 → (1 + 2)/(1 + 2)
