@@ -27,6 +27,12 @@ log = logging.getLogger(__name__)
 IDENTITIES_SCHEMA = load_schema("identities")
 #: attacks with a per-image score column ``<name>_score``
 IMAGE_ATTACKS = ("encodermi", "partcrop", "mim", "caption")
+def _image_scores(opts: "ReduceOptions") -> list[str]:
+    """Per-image score names (``<name>_score`` columns) of the enabled attacks."""
+    names = [a for a in IMAGE_ATTACKS if a in opts.attacks]
+    return names + (["caption_calibrated"] if "caption" in opts.attacks else [])
+
+
 #: attacks with a raw feature vector ``<name>_features`` for a learned (cross-fitted) variant
 FEATURE_ATTACKS = {"encodermi", "partcrop", "mim"}
 
@@ -57,7 +63,7 @@ def _fetch(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, list]:
 def identities_table(layout: OutputLayout, opts: ReduceOptions, labels: Labels | None = None) -> pa.Table:
     """One row per identity with IDIA votes and image-score aggregates."""
     con = _connect(layout)
-    image = [a for a in IMAGE_ATTACKS if a in opts.attacks]
+    image = _image_scores(opts)
     joins, cols = [], []
     if "idia" in opts.attacks:
         joins.append(f"LEFT JOIN ({idia.identity_scores_sql('ok', opts.tau)}) i USING (identity)")
@@ -101,9 +107,9 @@ def _pvalues(columns: dict[str, list], opts: ReduceOptions) -> dict[str, list]:
     """
     is_control = np.array([v is False for v in columns["label_member"]])
     out: dict[str, list] = {}
-    for attack in ("idia",) + IMAGE_ATTACKS:
+    for attack in ["idia"] + _image_scores(opts):
         col = f"{attack}_score"
-        if attack not in opts.attacks or col not in columns:
+        if col not in columns:
             continue
         s = _vec(columns[col])
         controls = np.sort(s[is_control & ~np.isnan(s)])
@@ -148,9 +154,8 @@ def _identity_level(con, identities: pa.Table, labels: Labels, opts: ReduceOptio
     scores = {}
     if "idia" in opts.attacks:
         scores["idia"] = _vec([r["idia_score"] for r in rows])
-    for a in IMAGE_ATTACKS:
-        if a in opts.attacks:
-            scores[a] = _vec([r[f"{a}_score"] for r in rows])
+    for a in _image_scores(opts):
+        scores[a] = _vec([r[f"{a}_score"] for r in rows])
     con.register("labelled_names", pa.table({"identity": names}))
     feats = _feature_columns(opts)
     per_image = _fetch(con, f"SELECT identity, {', '.join(feats)} FROM ok WHERE identity IN "
@@ -174,7 +179,7 @@ def _identity_level(con, identities: pa.Table, labels: Labels, opts: ReduceOptio
 def _image_level(con, labels: Labels, opts: ReduceOptions) -> Scored | None:
     if not labels.images:
         return None
-    image = [a for a in IMAGE_ATTACKS if a in opts.attacks]
+    image = _image_scores(opts)
     if not image:
         return None
     lab = pa.table({"shard_name": [k[0] for k in labels.images], "key": [k[1] for k in labels.images],
@@ -209,7 +214,7 @@ def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> dict[str, Any]:
     tables = [t for t in (_identity_level(con, table, labels, opts), _image_level(con, labels, opts)) if t]
     # an image-level table (when present) replaces the identity level for image-side attacks
     if len(tables) == 2:
-        for a in IMAGE_ATTACKS:
+        for a in _image_scores(opts):
             tables[0].scores.pop(a, None)
             tables[0].features.pop(a, None)
     metrics, roc_rows = evaluate(tables, FEATURE_ATTACKS)

@@ -16,7 +16,7 @@ def metrics_table(metrics: dict) -> list[str]:
     def line(name: str, m: dict) -> str:
         return (f"{name:22s} {m.get('level', '-'):9s} {_cell(m, 'auc'):20s} {_cell(m, 'tpr_at_1pct_fpr'):20s} "
                 f"{_cell(m, 'tpr_at_0_1pct_fpr'):20s}")
-    for name in ("idia", "encodermi", "partcrop", "mim", "caption"):
+    for name in ("idia", "encodermi", "partcrop", "mim", "caption", "caption_calibrated"):
         m = metrics.get(name)
         if isinstance(m, dict) and "auc" in m:
             lines.append(line(name, m))

@@ -66,7 +66,13 @@ class IdiaSpec(_Strict):
 
 
 class CaptionSpec(_Strict):
-    """Image–caption cosine (after M^4I's metric-based attack)."""
+    """Image–caption cosine (after M^4I's metric-based attack).
+
+    With ``reference_model``, the same cosine under a reference CLIP is subtracted
+    (difficulty calibration): a caption that any CLIP matches well is not evidence.
+    """
+
+    reference_model: ModelSpec | None = None
 
 
 def _scale_range(v: tuple[float, float]) -> tuple[float, float]:
@@ -164,7 +170,7 @@ class JobSpec(_Strict):
             "data": self.data.model_dump(),
             "names_sha256": _sha256_file(self.names),
             "idia": None if idia is None else {"top_k": idia.top_k, "templates": idia.templates},
-            "caption": self.attacks.caption is not None,
+            "caption": None if self.attacks.caption is None else self.attacks.caption.model_dump(),
             **{k: None if getattr(self.attacks, k) is None else getattr(self.attacks, k).model_dump()
                for k in ("encodermi", "partcrop", "mim")},
             "seed": self.seed,
@@ -196,6 +202,13 @@ def _resolve(value: str, base: Path) -> str:
     return str(p if p.is_absolute() else (base / p))
 
 
+def _resolve_model_paths(model: dict, base_dir: Path) -> None:
+    for key in ("name", "pretrained"):
+        v = model.get(key)
+        if isinstance(v, str) and (_looks_like_path(v) or (base_dir / v).exists()):
+            model[key] = _resolve(v, base_dir)
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid job spec {source}:"]
     for e in err.errors():
@@ -217,12 +230,8 @@ def parse_spec(raw: Any, base_dir: Path, source: str = "<dict>") -> JobSpec:
     for key in ("names", "labels", "output"):
         if isinstance(raw.get(key), str):
             raw[key] = _resolve(raw[key], base_dir)
-    model = raw.get("model")
-    if isinstance(model, dict):
-        for key in ("name", "pretrained"):
-            v = model.get(key)
-            if isinstance(v, str) and (_looks_like_path(v) or (base_dir / v).exists()):
-                model[key] = _resolve(v, base_dir)
+    if isinstance(raw.get("model"), dict):
+        _resolve_model_paths(raw["model"], base_dir)
     data = raw.get("data")
     if isinstance(data, dict):
         shards = data.get("shards")
@@ -235,6 +244,9 @@ def parse_spec(raw: Any, base_dir: Path, source: str = "<dict>") -> JobSpec:
         for k, v in list(attacks.items()):
             if v is None:
                 attacks[k] = {}
+        ref = attacks.get("caption", {}).get("reference_model") if isinstance(attacks.get("caption"), dict) else None
+        if isinstance(ref, dict):
+            _resolve_model_paths(ref, base_dir)
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as e:
@@ -248,10 +260,14 @@ def _check_files(spec: JobSpec) -> None:
         raise SpecError(f"names: file not found: {spec.names}")
     if spec.labels is not None and not spec.labels.is_file():
         raise SpecError(f"labels: file not found: {spec.labels}")
-    for key in ("name", "pretrained"):
-        v = getattr(spec.model, key)
-        if v and _looks_like_path(v) and not Path(v).exists():
-            raise SpecError(f"model.{key}: file not found: {v}")
+    models = [("model", spec.model)]
+    if spec.attacks.caption is not None and spec.attacks.caption.reference_model is not None:
+        models.append(("attacks.caption.reference_model", spec.attacks.caption.reference_model))
+    for where, m in models:
+        for key in ("name", "pretrained"):
+            v = getattr(m, key)
+            if v and _looks_like_path(v) and not Path(v).exists():
+                raise SpecError(f"{where}.{key}: file not found: {v}")
     try:
         shards = spec.shard_list()
     except ShardPatternError as e:

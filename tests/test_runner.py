@@ -144,3 +144,19 @@ def test_reduce_cli_recomputes_with_new_tau_without_the_model(job, capsys, monke
     assert {k: v["idia_score"] for k, v in after.items()} == {k: v["idia_score"] for k, v in before.items()}
     assert not any(v["idia_member"] for v in after.values())  # 21 templates can never reach tau=22
     assert "wrote" in capsys.readouterr().out
+
+
+def test_caption_reference_model_gives_difficulty_calibrated_score(job, tiny_model):
+    spec_path, _ = job
+    text = spec_path.read_text().replace(
+        "caption: {}",
+        f"caption: {{reference_model: {{name: {tiny_model['config']}, pretrained: {tiny_model['checkpoint']}}}}}")
+    spec_path.write_text(text)
+    spec = load_spec(spec_path)
+    assert spec.attacks.caption.reference_model.pretrained == str(tiny_model["checkpoint"])
+    run_job(spec, progress=False)
+    ok = [r for r in _rows(spec.output) if r["status"] == "ok" and r["has_caption"]]
+    assert ok
+    for r in ok:  # the reference is the audited model itself: nothing is left after calibration
+        assert r["caption_ref_score"] == pytest.approx(r["caption_score"], abs=1e-5)
+        assert r["caption_calibrated_score"] == pytest.approx(0.0, abs=1e-5)

@@ -97,3 +97,11 @@ def test_map_hash_ignores_reduce_only_settings(files):
     c = _load(files, GOOD.replace("top_k: 5", "top_k: 6"))
     assert a.map_hash() == b.map_hash()
     assert a.map_hash() != c.map_hash()
+
+
+def test_reference_model_paths_resolve_and_are_checked(files):
+    text = GOOD.replace("  caption: {}", "  caption: {reference_model: {name: cfg.json, pretrained: w.pt}}")
+    spec = _load(files, text)
+    assert spec.attacks.caption.reference_model.name == str(files / "cfg.json")
+    with pytest.raises(SpecError, match="attacks.caption.reference_model.pretrained: file not found"):
+        _load(files, text.replace("pretrained: w.pt}", "pretrained: nope.pt}"))

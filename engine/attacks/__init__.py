@@ -31,6 +31,6 @@ def build_attacks(spec: JobSpec) -> list[MapAttack]:
     if a.mim is not None:
         attacks.append(MimAttack(a.mim.mask_ratios))
     if a.caption is not None:
-        attacks.append(CaptionAttack())
+        attacks.append(CaptionAttack(a.caption.reference_model, spec.compute.device, spec.seed))
     attacks.append(BaselineFeatures())  # model-free statistics for the validity check
     return attacks

@@ -2,6 +2,9 @@
 
 ``caption_score`` is the cosine between the image and its own caption (``{key}.txt``)
 under the audited model; null when the sample has no caption. Higher = more member-like.
+With a reference model (M^4I's feature-based idea as difficulty calibration),
+``caption_ref_score`` is the same cosine under the reference CLIP and
+``caption_calibrated_score`` = target − reference.
 """
 
 from __future__ import annotations
@@ -10,38 +13,63 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..models import LoadedModel
+import torch
+
+from ..models import LoadedModel, load_model
+from ..spec import ModelSpec
 from .base import MapBatch
 
 
 class CaptionAttack:
     name = "caption"
 
-    def __init__(self) -> None:
+    def __init__(self, reference: ModelSpec | None = None, device: str = "auto", seed: int = 0) -> None:
         self._model: LoadedModel | None = None
+        self._reference_spec = reference
+        self._reference: LoadedModel | None = None
+        self._device, self._seed = device, seed
 
     def fields(self) -> list[pa.Field]:
-        return [pa.field("caption_score", pa.float32())]
+        return [pa.field("caption_score", pa.float32()), pa.field("caption_ref_score", pa.float32()),
+                pa.field("caption_calibrated_score", pa.float32())]
 
     def shared_state(self, model: LoadedModel) -> Any:
         return None
 
     def bind(self, state: Any, model: LoadedModel, index_backend: str) -> None:
         self._model = model
+        r = self._reference_spec
+        if r is not None and self._reference is None:
+            self._reference = load_model(r.name, r.pretrained, r.precision, self._device, seed=self._seed)
+
+    @staticmethod
+    def _cosines(model: LoadedModel, image_emb: torch.Tensor, captions: list[str]) -> list[float]:
+        text = model.encode_texts(captions)
+        return (image_emb.to(text.device) * text).sum(-1).cpu().tolist()
 
     def compute(self, batch: MapBatch) -> dict[str, list]:
         assert self._model is not None, "bind() first"
-        samples, image_emb = batch.samples, batch.emb
-        with_caption = [i for i, s in enumerate(samples) if s.caption]
-        scores: list[float | None] = [None] * len(samples)
-        if with_caption:
-            text = self._model.encode_texts([samples[i].caption for i in with_caption])  # type: ignore[misc]
-            cos = (image_emb[with_caption].to(text.device) * text).sum(-1).cpu().tolist()
-            for i, c in zip(with_caption, cos):
-                scores[i] = float(c)
-        return {"caption_score": scores}
+        samples = batch.samples
+        idx = [i for i, s in enumerate(samples) if s.caption]
+        captions = [samples[i].caption for i in idx]
+        n = len(samples)
+        out: dict[str, list] = {k: [None] * n for k in ("caption_score", "caption_ref_score", "caption_calibrated_score")}
+        if not idx:
+            return out
+        target = self._cosines(self._model, batch.emb[idx], captions)  # type: ignore[arg-type]
+        ref = None
+        if self._reference is not None:
+            px = batch.images[idx]
+            ref_px = torch.nn.functional.interpolate(px, size=self._reference.image_size, mode="bicubic",
+                                                     align_corners=False).clamp(0, 1) \
+                if self._reference.image_size != px.shape[-1] else px
+            ref_emb = self._reference.encode_unit(ref_px, batch.chunk)
+            ref = self._cosines(self._reference, ref_emb, captions)  # type: ignore[arg-type]
+        for j, i in enumerate(idx):
+            out["caption_score"][i] = target[j]
+            if ref is not None:
+                out["caption_ref_score"][i] = ref[j]
+                out["caption_calibrated_score"][i] = target[j] - ref[j]
+        return out
 
 
-def identity_aggregates_sql(samples: str) -> str:
-    """Per identity: mean caption cosine over ok rows that have one."""
-    return f"SELECT identity, avg(caption_score) AS caption_score FROM {samples} GROUP BY identity"
