@@ -22,7 +22,6 @@ ERROR_CODES = {
     "truncated_tar": "the tar ends in the middle of this sample",
     "not_a_tar": "the shard file is not a readable tar archive",
     "empty_shard": "the shard file has zero bytes",
-    "shard_failed": "the shard kept failing after all retries",
 }
 
 
