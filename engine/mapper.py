@@ -66,6 +66,7 @@ class ShardMapper:
         self.layout = layout
         self.attacks: list[MapAttack] = build_attacks(spec)
         self.model: LoadedModel | None = None
+        self.map_hash = spec.map_hash()  # hashes the name pool: once per worker, not per shard
         self._pool = ThreadPoolExecutor(max_workers=spec.compute.decode_threads, thread_name_prefix="decode")
 
     # -- setup ----------------------------------------------------------------
@@ -143,7 +144,7 @@ class ShardMapper:
     def map_shard(self, shard: str, on_batch: Callable[[int], None] | None = None) -> ShardStats:
         """Map one shard to its part(s) and marker; returns its stats."""
         t0 = time.perf_counter()
-        stats = ShardStats(shard=shard, map_hash=self.spec.map_hash())
+        stats = ShardStats(shard=shard, map_hash=self.map_hash)
         counts: Counter[str] = Counter()
         self.layout.make_dirs()
         part = PartWriter(self.layout.sample_part(shard), SAMPLES_SCHEMA)

@@ -9,7 +9,6 @@ checkpoint can never run code. OpenCLIP training checkpoints (``{"state_dict": â
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from .spec import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +98,6 @@ def resolve_precision(precision: str | None, device: torch.device) -> torch.dtyp
         log.warning("fp16 is not supported on CPU; running in fp32 instead")
         return torch.float32
     return _DTYPES[precision]
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

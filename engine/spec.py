@@ -168,7 +168,7 @@ class JobSpec(_Strict):
         return {
             "model": self.model.model_dump(),
             "data": self.data.model_dump(),
-            "names_sha256": _sha256_file(self.names),
+            "names_sha256": sha256_file(self.names),
             "idia": None if idia is None else {"top_k": idia.top_k, "templates": idia.templates},
             "caption": None if self.attacks.caption is None else self.attacks.caption.model_dump(),
             **{k: None if getattr(self.attacks, k) is None else getattr(self.attacks, k).model_dump()
@@ -185,7 +185,8 @@ class JobSpec(_Strict):
         return json.loads(self.model_dump_json())
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
