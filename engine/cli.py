@@ -31,11 +31,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .models import ModelLoadError
     from .query import QueryError
     from .evaluate import LabelsError
+    from .outputs import OutputBusy
     from .runner import ResumeRefused
     from .spec import SpecError
 
     return (SpecError, ModelLoadError, ResumeRefused, QueryError, LabelsError, NamePoolError, UserError,
-            FileNotFoundError)
+            OutputBusy, FileNotFoundError)
 
 
 def _unwrap(e: BaseException) -> BaseException:
@@ -88,7 +89,8 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         if not Path(args.labels).is_file():
             raise UserError(f"labels: file not found: {args.labels}")
         opts = replace(opts, labels=Path(args.labels))
-    metrics = reduce_outputs(layout, opts)
+    with layout.lock():
+        metrics = reduce_outputs(layout, opts)
     print(f"wrote {layout.identities}" + (f" and {layout.metrics}" if metrics else ""))
     if metrics:
         from .report import metrics_table

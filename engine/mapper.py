@@ -39,6 +39,7 @@ class ShardStats:
     rows: int = 0
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    warnings: dict[str, int] = field(default_factory=dict)
     embedding_rows: int | None = None
     seconds: float = 0.0
     map_hash: str = ""
@@ -129,6 +130,7 @@ class ShardMapper:
             cols["status"].append("ok" if s.ok else "error")
             cols["error"].append(s.error)
             cols["error_detail"].append(s.detail)
+            cols["warning"].append(s.warning if s.ok else None)
             cols["width"].append(s.width)
             cols["height"].append(s.height)
             cols["has_caption"].append(s.caption is not None if s.ok else None)
@@ -146,6 +148,7 @@ class ShardMapper:
         t0 = time.perf_counter()
         stats = ShardStats(shard=shard, map_hash=self.map_hash)
         counts: Counter[str] = Counter()
+        warnings: Counter[str] = Counter()
         self.layout.make_dirs()
         part = PartWriter(self.layout.sample_part(shard), SAMPLES_SCHEMA)
         emb_part = PartWriter(self.layout.embedding_part(shard), EMBEDDINGS_SCHEMA) if self.spec.store_embeddings else None
@@ -160,6 +163,7 @@ class ShardMapper:
                         "position": [s.position for s in ok], "embedding": list(emb),
                     })
                 counts.update(s.error or "ok" for s in samples)
+                warnings.update(s.warning for s in samples if s.ok and s.warning)
                 if on_batch is not None:
                     on_batch(len(samples))
         except BaseException:
@@ -174,6 +178,7 @@ class ShardMapper:
         stats.rows = part.rows
         stats.ok = counts.pop("ok", 0)
         stats.errors = dict(sorted(counts.items()))
+        stats.warnings = dict(sorted(warnings.items()))
         stats.seconds = time.perf_counter() - t0
         atomic_write_json(self.layout.marker(shard), stats.to_dict())  # last: vouches for the parts
         return stats

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import platform
 import re
 import shutil
 import uuid
@@ -20,6 +22,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
 
 SCHEMA_META_NAME = b"clipaudit.schema"
 SCHEMA_META_VERSION = b"clipaudit.schema_version"
@@ -163,9 +167,62 @@ class OutputLayout:
             return emb_rows == marker["embedding_rows"]
         return True
 
+    def remove_stale_temps(self) -> int:
+        """Delete hidden temp files left by killed writers; only safe while holding :meth:`lock`."""
+        n = 0
+        for d in (self.root, self.samples_dir, self.embeddings_dir, self.cache_dir):
+            for p in d.glob(".*.tmp-*") if d.is_dir() else ():
+                p.unlink(missing_ok=True)
+                n += 1
+        return n
+
+    def lock(self) -> "OutputLock":
+        return OutputLock(self.root / ".clipaudit.lock")
+
     def clear_map_outputs(self) -> None:
         """Remove everything the map step wrote (for ``--force``)."""
         for d in (self.samples_dir, self.embeddings_dir, self.cache_dir):
             shutil.rmtree(d, ignore_errors=True)
         for f in (self.identities, self.metrics, self.roc, self.summary, self.job_state):
             f.unlink(missing_ok=True)
+
+
+class OutputBusy(RuntimeError):
+    """Another clipaudit process is writing to the same output folder."""
+
+
+class OutputLock:
+    """An exclusive advisory lock (``flock``) on the output folder for one run or reduce.
+
+    The kernel drops it when the holder dies, so a killed driver never leaves it behind.
+    File systems without ``flock`` support get a warning and no lock.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path, self._fd = path, None
+
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputBusy(f"{self.path.parent} is being written by another clipaudit process ({holder}); "
+                             "wait for it to finish or choose another output folder") from None
+        except OSError as e:  # e.g. a network file system without flock
+            log.warning("cannot lock %s (%s); make sure no other run writes there", self.path, e)
+            os.close(fd)
+            return self
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None

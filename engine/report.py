@@ -37,6 +37,13 @@ def print_report(report, out=sys.stdout) -> None:
     print(f"shards: {s['shards_done']}/{s['shards']} done ({report.skipped} skipped as already done), "
           f"{s['shards_failed']} failed", file=out)
     print(f"samples: {s['rows']} rows, {s['ok']} ok, errors: {errs}", file=out)
+    if s.get("warnings"):
+        warns = ", ".join(f"{k}={v}" for k, v in s["warnings"].items())
+        print(f"warnings (rows still scored): {warns}", file=out)
+    dup = s.get("duplicate_keys_across_shards") or {}
+    if dup.get("keys"):
+        print(f"note: {dup['keys']} key(s) occur in more than one shard ({dup['rows']} rows); each row is kept "
+              "and identified by shard + key", file=out)
     for f in s["failed"]:
         print(f"FAILED shard {f['shard']} after {f['attempts']} attempts: {f['error']}", file=out)
     if report.map.done:

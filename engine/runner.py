@@ -83,22 +83,44 @@ def check_resume(layout: OutputLayout, spec: JobSpec, force: bool) -> None:
 
 def summarize(layout: OutputLayout, shards: list[str], failed: list) -> dict[str, Any]:
     """Per-shard and total counts, read back from the markers (covers earlier runs too)."""
-    per_shard, errors = [], Counter()
+    per_shard, errors, warnings = [], Counter(), Counter()
     rows = ok = 0
     for s in shards:
         m = layout.read_marker(s) if layout.is_done(s) else None
         if m is None:
             continue
-        per_shard.append({k: m[k] for k in ("shard", "rows", "ok", "errors")})
+        per_shard.append({k: m.get(k, {}) for k in ("shard", "rows", "ok", "errors", "warnings")})
         rows += m["rows"]
         ok += m["ok"]
         errors.update(m["errors"])
+        warnings.update(m.get("warnings", {}))
     return {
         "shards": len(shards), "shards_done": len(per_shard), "shards_failed": len(failed),
         "rows": rows, "ok": ok, "errors": dict(sorted(errors.items())),
+        "warnings": dict(sorted(warnings.items())),
         "failed": [{"shard": f.shard, "attempts": f.attempts, "error": f.error} for f in failed],
         "per_shard": per_shard,
     }
+
+
+def cross_shard_duplicate_keys(layout: OutputLayout) -> dict[str, int]:
+    """Keys that occur in more than one shard. Both rows are kept (rows are identified by
+    shard + key); the counts tell the auditor that the inputs hold repeated keys."""
+    import duckdb
+
+    parts = sorted(layout.samples_dir.glob("*.parquet"))
+    if not parts:
+        return {"keys": 0, "rows": 0}
+    con = duckdb.connect()
+    try:
+        keys, rows = con.execute(
+            "SELECT count(*), coalesce(sum(n), 0) FROM (SELECT key, count(*) AS n FROM read_parquet(?) "
+            "WHERE key IS NOT NULL GROUP BY key HAVING count(DISTINCT shard) > 1)",
+            [[str(p) for p in parts]],
+        ).fetchone()
+    finally:
+        con.close()
+    return {"keys": int(keys), "rows": int(rows)}
 
 
 def _shard_info(shards: list[str]) -> list[dict[str, Any]]:
@@ -136,10 +158,18 @@ def _now() -> str:
 
 def run_job(spec: JobSpec, *, force: bool = False, progress: bool = True, spec_text: str | None = None) -> RunReport:
     """Run (or resume) an audit; the map step only touches shards without a valid marker."""
-    started = _now()
     layout = OutputLayout(spec.output)
+    with layout.lock():
+        return _run_locked(layout, spec, force, progress, spec_text)
+
+
+def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool, spec_text: str | None) -> RunReport:
+    started = _now()
     check_resume(layout, spec, force)
     layout.make_dirs()
+    stale = layout.remove_stale_temps()
+    if stale:
+        log.info("removed %d temp file(s) left by an interrupted run", stale)
     atomic_write_json(layout.job_state, {
         "map_hash": spec.map_hash(), "map_fingerprint": spec.map_fingerprint(), "spec": spec.to_json(),
     })
@@ -150,6 +180,8 @@ def run_job(spec: JobSpec, *, force: bool = False, progress: bool = True, spec_t
     result = make_executor(spec).run(spec, layout, todo, progress=progress)
     summary = summarize(layout, shards, result.failed)
     summary["map_seconds_this_run"] = round(result.seconds, 3)
+    summary["stale_temp_files_removed"] = stale
+    summary["duplicate_keys_across_shards"] = cross_shard_duplicate_keys(layout)
     atomic_write_json(layout.summary, summary)
     metrics = reduce_outputs(layout, reduce_options(spec)) if summary["shards_done"] else {}
     write_manifest(layout, spec, spec_text, shards, started, summary)

@@ -135,6 +135,10 @@ class ComputeSpec(_Strict):
     batch_size: int = Field(128, ge=1)
     decode_threads: int = Field(2, ge=1)
     max_retries: int = Field(3, ge=0, description="attempts per shard after the first")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="extra Ray custom resources per map actor, e.g. {accelerator_slot: 1}")
+    actor_start_timeout_s: float = Field(
+        600.0, gt=0, description="give up on shards still waiting when no map actor could start this long")
     ray_address: str | None = Field(None, description="None: RAY_ADDRESS or a local Ray")
     index: Literal["auto", "faiss", "torch"] = Field("auto", description="name top-k backend")
 

@@ -26,7 +26,10 @@ def _shard(path: Path, start: int, bad: bool) -> int:
         members += sample_files("notinpool", "Zed Unknown", image_bytes(seed=7))  # ok, not in pool
         members += sample_files(f"{start:09d}", "Ann Lee", image_bytes(seed=8))  # duplicate_key
         members += sample_files("png", "Cara Diaz", image_bytes("PNG", mode="RGBA"), ext="png")
-        n += 6
+        members += sample_files("latin1", "Cara Diaz", image_bytes(seed=11))  # ok, warning caption_not_utf8
+        members += [("latin1.txt", "Cara Díaz à Paris".encode("latin-1"))]
+        members += sample_files("000000000", "Ann Lee", image_bytes(seed=12))  # ok; key also in shard 0
+        n += 8
     write_tar(path, members)
     return n
 
@@ -70,6 +73,17 @@ def test_every_sample_one_row_with_reasons(job):
     assert all(x is None for r in ok if r["identity"] == "Zed Unknown" for x in r["idia_true_rank"])
     assert all(r["caption_score"] is not None for r in ok if r["has_caption"])
     assert report.summary["errors"] == {"decode_error": 1, "duplicate_key": 1, "missing_identity": 1, "missing_image": 1}
+    # a caption that is not UTF-8 keeps the row scored, with a warning and replacement characters
+    latin = next(r for r in rows if r["key"] == "latin1")
+    assert latin["status"] == "ok" and latin["warning"] == "caption_not_utf8" and latin["caption_score"] is not None
+    assert all(r["warning"] is None for r in rows if r["key"] != "latin1")
+    assert report.summary["warnings"] == {"caption_not_utf8": 1}
+    # the same key in two shards: both rows kept (shard + key tell them apart), counted in the summary
+    assert sorted(r["shard"][-9:] for r in rows if r["key"] == "000000000") == ["00000.tar", "00001.tar"]
+    assert report.summary["duplicate_keys_across_shards"] == {"keys": 1, "rows": 2}
+    summary_file = json.loads((spec.output / "_SUMMARY.json").read_text())
+    assert summary_file["per_shard"][1]["errors"]["duplicate_key"] == 1
+    assert summary_file["per_shard"][1]["warnings"] == {"caption_not_utf8": 1}
 
 
 def test_outputs_match_versioned_schemas(job):
@@ -160,3 +174,30 @@ def test_caption_reference_model_gives_difficulty_calibrated_score(job, tiny_mod
     for r in ok:  # the reference is the audited model itself: nothing is left after calibration
         assert r["caption_ref_score"] == pytest.approx(r["caption_score"], abs=1e-5)
         assert r["caption_calibrated_score"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_one_writer_per_output_folder(job, capsys):
+    from clipaudit.cli import main
+    from clipaudit.outputs import OutputBusy, OutputLayout
+
+    spec_path, _ = job
+    spec = load_spec(spec_path)
+    with OutputLayout(spec.output).lock():
+        with pytest.raises(OutputBusy, match="another clipaudit process"):
+            run_job(spec, progress=False)
+        assert main(["run", str(spec_path), "--no-progress"]) == 2
+        assert "being written by another clipaudit process (pid" in capsys.readouterr().err
+    assert not (spec.output / "samples").exists()  # nothing was written while refused
+    assert run_job(spec, progress=False).ok  # the lock went with its holder
+
+
+def test_temp_files_of_an_interrupted_writer_are_removed_on_rerun(job):
+    spec = load_spec(job[0])
+    run_job(spec, progress=False)
+    stale = [spec.output / "samples" / ".x-0123456789.parquet.tmp-deadbeef",
+             spec.output / "embeddings" / ".x-0123456789.parquet.tmp-cafebabe"]
+    for p in stale:
+        p.write_bytes(b"PAR1 half a part")
+    report = run_job(spec, progress=False)
+    assert report.skipped == 3 and report.summary["stale_temp_files_removed"] == 2
+    assert not any(p.exists() for p in stale)

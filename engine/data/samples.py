@@ -24,6 +24,11 @@ ERROR_CODES = {
     "empty_shard": "the shard file has zero bytes",
 }
 
+#: Every value the ``warning`` column can take (the sample is still scored).
+WARNING_CODES = {
+    "caption_not_utf8": "the .txt caption is not valid UTF-8; it was decoded with U+FFFD replacements",
+}
+
 
 def normalize_name(name: str) -> str:
     """Names match after Unicode NFC and whitespace folding (case is kept)."""
@@ -44,6 +49,7 @@ class Sample:
     height: int | None = None
     error: str | None = None
     detail: str | None = None
+    warning: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -67,12 +73,16 @@ def _read_identity(raw: RawSample, field: str) -> tuple[str | None, str | None, 
     return normalize_name(value), None, None
 
 
-def _read_caption(raw: RawSample) -> str | None:
+def _read_caption(raw: RawSample) -> tuple[str | None, str | None]:
+    """Return (caption, warning); a caption that is not UTF-8 is kept with replacement characters."""
     blob = raw.files.get("txt")
     if blob is None:
-        return None
-    text = blob.decode("utf-8", errors="replace").strip()
-    return text or None
+        return None, None
+    try:
+        text, warning = blob.decode("utf-8"), None
+    except UnicodeDecodeError:
+        text, warning = blob.decode("utf-8", errors="replace"), "caption_not_utf8"
+    return text.strip() or None, warning
 
 
 def prepare_sample(raw: RawSample, shard: str, identity_field: str, size: int, max_pixels: int) -> Sample:
@@ -80,7 +90,7 @@ def prepare_sample(raw: RawSample, shard: str, identity_field: str, size: int, m
     s = Sample(shard=shard, key=raw.key, position=raw.position)
     if raw.files:
         s.identity, err, detail = _read_identity(raw, identity_field)
-        s.caption = _read_caption(raw)
+        s.caption, s.warning = _read_caption(raw)
     else:
         err = detail = None
     if raw.error:

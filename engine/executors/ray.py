@@ -1,5 +1,6 @@
 """Ray executor: a pool of map actors (one per GPU, or fractional CPUs), shards handed
-out dynamically, bounded retries, dead actors restarted by Ray.
+out dynamically to actors that have started, bounded retries, dead actors (a killed
+worker, a lost node) replaced by new ones placed wherever resources remain.
 
 The per-job shared state (name-pool text embeddings) is computed once by a Ray task with
 a worker's resources, put in the object store, and passed to every actor's constructor —
@@ -73,17 +74,71 @@ def ensure_ray(address: str | None) -> bool:
     return True
 
 
+class _ActorPool:
+    """Map actors in three states: starting (placement or model load pending), idle, busy.
+
+    Work goes only to actors that have started, so an actor waiting for resources that a
+    lost node took with it never holds a shard; a dead actor is replaced by a new starting one.
+    """
+
+    def __init__(self, ray, make_actor, size: int, max_start_failures: int) -> None:
+        self.ray, self.make_actor = ray, make_actor
+        self.starting: dict[Any, Any] = {}  # ready ref → actor
+        self.idle: deque = deque()
+        self.start_failures, self.max_start_failures = 0, max_start_failures
+        self.last_error = ""
+        for _ in range(size):
+            self.start_one()
+
+    def start_one(self) -> None:
+        actor = self.make_actor()
+        self.starting[actor.pid.remote()] = actor
+
+    def on_started(self, ref) -> bool:
+        """An actor's ready ref resolved: idle if it started, else a replacement (bounded)."""
+        actor = self.starting.pop(ref)
+        try:
+            self.ray.get(ref)
+        except self.ray.exceptions.RayError as e:
+            self.start_failures += 1
+            self.last_error = _short_error(e)
+            log.warning("a map actor failed to start (%d so far): %s", self.start_failures, self.last_error)
+            self.ray.kill(actor)
+            if self.start_failures <= self.max_start_failures:
+                self.start_one()
+            return False
+        self.idle.append(actor)
+        return True
+
+    def replace(self, dead) -> None:
+        self.ray.kill(dead)
+        self.start_one()
+
+    def alive_or_starting(self) -> bool:
+        return bool(self.idle or self.starting)
+
+    def kill_all(self, busy: list) -> None:
+        for a in [*self.idle, *self.starting.values(), *busy]:
+            self.ray.kill(a)
+
+
 class RayExecutor:
     """Maps shards on a pool of Ray actors."""
 
-    def _pool_shape(self, spec: JobSpec) -> tuple[int, dict[str, float]]:
+    def _pool_shape(self, spec: JobSpec) -> tuple[int, dict[str, Any]]:
         ray = _ray()
-        gpus = ray.cluster_resources().get("GPU", 0.0)
+        cluster = ray.cluster_resources()
         c = spec.compute
-        if gpus > 0 and c.gpus_per_worker > 0 and c.device != "cpu":
-            n = c.workers or max(1, int(gpus // c.gpus_per_worker))
-            return n, {"num_gpus": c.gpus_per_worker, "num_cpus": c.cpus_per_worker}
-        return c.workers or 2, {"num_cpus": c.cpus_per_worker, "num_gpus": 0}
+        extra = {"resources": dict(c.resources_per_worker)} if c.resources_per_worker else {}
+        slots = [int(cluster.get(k, 0.0) // v) for k, v in c.resources_per_worker.items() if v > 0]
+        if cluster.get("GPU", 0.0) > 0 and c.gpus_per_worker > 0 and c.device != "cpu":
+            slots.append(int(cluster["GPU"] // c.gpus_per_worker))
+            shape = {"num_gpus": c.gpus_per_worker, "num_cpus": c.cpus_per_worker, **extra}
+        else:
+            shape = {"num_cpus": c.cpus_per_worker, "num_gpus": 0, **extra}
+        if c.workers:
+            return c.workers, shape
+        return (max(1, min(slots)) if slots else 2), shape
 
     def run(self, spec: JobSpec, layout: OutputLayout, shards: list[str], progress: bool = True) -> MapResult:
         t0 = time.perf_counter()
@@ -109,33 +164,43 @@ class RayExecutor:
         shared_ref = shared.remote(spec_json, root)
         ray.get(shared_ref)  # fail early (e.g. a model that cannot load) before starting the pool
         actor_cls = ray.remote(_MapWorker).options(**resources, max_restarts=0, max_task_retries=0)
-        new_actor = lambda: actor_cls.remote(spec_json, root, shared_ref)  # noqa: E731
-        actors = [new_actor() for _ in range(n_workers)]
+        pool = _ActorPool(ray, lambda: actor_cls.remote(spec_json, root, shared_ref), n_workers,
+                          max_start_failures=n_workers * (spec.compute.max_retries + 1))
         log.info("map: %d shards on %d actors (%s)", len(shards), n_workers, resources)
 
         todo = deque(shards)
         attempts: dict[str, int] = {s: 0 for s in shards}
-        idle = deque(actors)
         inflight: dict[Any, tuple[str, Any]] = {}
         bar = Progress(len(shards), progress)
         try:
             while todo or inflight:
-                while todo and idle:
-                    shard, actor = todo.popleft(), idle.popleft()
+                while todo and pool.idle:
+                    shard, actor = todo.popleft(), pool.idle.popleft()
                     attempts[shard] += 1
                     inflight[actor.map_shard.remote(shard)] = (shard, actor)
-                ready, _ = ray.wait(list(inflight), num_returns=1)
+                if not inflight and not pool.alive_or_starting():
+                    self._give_up(todo, attempts, result, bar, f"no map actor could start: {pool.last_error}")
+                    break
+                timeout = None if inflight else spec.compute.actor_start_timeout_s
+                ready, _ = ray.wait([*inflight, *pool.starting], num_returns=1, timeout=timeout)
+                if not ready:
+                    self._give_up(todo, attempts, result, bar,
+                                  f"no map actor started within {timeout:.0f} s (cluster resources "
+                                  f"{ray.available_resources()}, per actor {resources})")
+                    break
                 ref = ready[0]
+                if ref in pool.starting:
+                    pool.on_started(ref)
+                    continue
                 shard, actor = inflight.pop(ref)
                 try:
                     stats = ray.get(ref)
                 except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
                     if isinstance(e, ray.exceptions.RayActorError) and not isinstance(e, ray.exceptions.RayTaskError):
-                        log.warning("map actor died while on %s; starting a replacement", shard)
-                        actors.remove(actor)
-                        actor = new_actor()
-                        actors.append(actor)
-                    idle.append(actor)
+                        log.warning("map actor died while on %s (worker or node lost); starting a replacement", shard)
+                        pool.replace(actor)
+                    else:
+                        pool.idle.append(actor)
                     msg = _short_error(e)
                     if attempts[shard] <= spec.compute.max_retries:
                         log.warning("shard %s failed (attempt %d), retrying: %s", shard, attempts[shard], msg)
@@ -145,14 +210,21 @@ class RayExecutor:
                         result.failed.append(ShardFailure(shard, attempts[shard], msg))
                         bar.shard_done()
                     continue
-                idle.append(actor)
+                pool.idle.append(actor)
                 result.done.append(stats)
                 bar.add_images(stats["rows"])
                 bar.shard_done()
         finally:
             bar.close()
-            for a in actors:
-                ray.kill(a)
+            pool.kill_all([a for _, a in inflight.values()])
+
+    @staticmethod
+    def _give_up(todo: deque, attempts: dict[str, int], result: MapResult, bar: Progress, why: str) -> None:
+        log.error("%d shard(s) not mapped: %s", len(todo), why)
+        while todo:
+            shard = todo.popleft()
+            result.failed.append(ShardFailure(shard, attempts[shard], why))
+            bar.shard_done()
 
 
 def _short_error(e: Exception) -> str:

@@ -72,6 +72,7 @@ class LabConfig:
     seed: int = 0
     include_train_images: bool = False  # also put members' training photos in the candidate set
     nonmember_style: str = "default"  # "shifted": non-members shot with another camera style
+    train_augment: tuple[float, float] | None = None  # crop-area range of training augmentation
 
 
 @dataclass
@@ -280,6 +281,7 @@ def _train_models(
     train_tiny_clip(
         trained, images, TRAIN_TEMPLATES, steps=cfg.steps, seed=cfg.seed,
         negative_names=cast.negatives, tokenizer=open_clip.get_tokenizer(name), log=log,
+        augment=cfg.train_augment,
     )
     return untrained, trained
 

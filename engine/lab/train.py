@@ -19,6 +19,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from ..attacks.augment import crop_resize, random_resized_boxes
 from ..models import quiet_random_init
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
@@ -155,8 +156,10 @@ class _BatchSampler:
         negative_names: Sequence[str],
         batch_size: int | None,
         seed: int,
+        augment: tuple[float, float] | None = None,
     ) -> None:
         self.names = list(images_by_identity)
+        self.augment = augment
         self.pixels = {n: image_batch(model, imgs) for n, imgs in images_by_identity.items()}
         self.templates = list(templates)
         self.negatives = list(negative_names)
@@ -166,10 +169,20 @@ class _BatchSampler:
     def _caption(self, name: str) -> str:
         return self.templates[int(self.rng.integers(len(self.templates)))].format(name)
 
+    def _augmented(self, pixels: torch.Tensor) -> torch.Tensor:
+        """One random resized crop (area fraction in ``augment``) and a coin-flip mirror per image."""
+        size = pixels.shape[-1]
+        boxes = [random_resized_boxes(self.rng, 1, size, self.augment) for _ in range(len(pixels))]
+        out = crop_resize(pixels, boxes, size)
+        flip = torch.from_numpy(self.rng.random(len(pixels)) < 0.5).view(-1, 1, 1, 1)
+        return torch.where(flip, out.flip(-1), out)
+
     def __call__(self) -> tuple[torch.Tensor, list[str]]:
         chosen = self.rng.permutation(len(self.names))[: self.batch_size]
         names = [self.names[i] for i in chosen]
         pixels = torch.stack([self.pixels[n][int(self.rng.integers(len(self.pixels[n])))] for n in names])
+        if self.augment is not None:
+            pixels = self._augmented(pixels)
         captions = [self._caption(n) for n in names]
         if self.negatives:
             k = min(len(self.negatives), NEGATIVES_PER_IMAGE * self.batch_size)
@@ -188,6 +201,7 @@ def train_tiny_clip(
     tokenizer: Tokenizer | None = None,
     log: Callable[[str], None] | None = None,
     num_threads: int | None = 1,
+    augment: tuple[float, float] | None = None,
 ) -> None:
     """Train ``model`` in place with AdamW (warm-up + cosine), deterministically.
 
@@ -199,11 +213,13 @@ def train_tiny_clip(
     intra-op thread count while training: the default 1 gives the same weights on any machine
     and stays fast on a shared CPU (a tiny model gains little from more threads, and busy
     cores can slow a multi-threaded step by orders of magnitude); None keeps torch's setting.
+    ``augment`` (area range, e.g. (0.5, 1.0)) trains on a random resized crop + mirror of each
+    image, as contrastive training pipelines do; None shows the photos as they are.
     """
     if len(images_by_identity) < 2:
         raise ValueError("need at least two identities for a contrastive batch")
     tokenizer = tokenizer or open_clip.SimpleTokenizer(context_length=model.context_length)
-    sampler = _BatchSampler(model, images_by_identity, templates, negative_names, batch_size, seed)
+    sampler = _BatchSampler(model, images_by_identity, templates, negative_names, batch_size, seed, augment)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     try:

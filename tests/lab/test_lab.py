@@ -150,6 +150,35 @@ def test_training_is_deterministic_and_restores_torch_state(tmp_path: Path) -> N
     assert torch.get_num_threads() == threads
 
 
+def test_training_augmentation_is_per_image_and_seeded(tmp_path: Path) -> None:
+    from clipaudit.lab.train import _BatchSampler
+
+    name = write_model_config(tmp_path / "tiny-clip.json", tiny_model_config())
+    model = create_tiny_model(name, seed=5)
+    people = make_identities(4, seed=0)
+    images = {p.name: render_many(p, np.random.default_rng(i), 1) for i, p in enumerate(people)}
+    plain = _BatchSampler(model, images, TRAIN_TEMPLATES, [], None, seed=3)
+    augmented = [_BatchSampler(model, images, TRAIN_TEMPLATES, [], None, seed=3, augment=(0.3, 1.0)) for _ in range(2)]
+    a, b = augmented[0]()[0], augmented[1]()[0]
+    assert torch.equal(a, b)  # seeded
+    clean = torch.stack([plain.pixels[n][0] for n in plain.names])
+    assert a.shape == clean.shape
+    # every image got its own crop: none is left as it was
+    assert all(not torch.allclose(x, y) for x, y in zip(a, clean[[plain.names.index(n) for n in _names_of(augmented[0], 3)]]))
+    weights = []
+    for _ in range(2):
+        m = create_tiny_model(name, seed=5)
+        train_tiny_clip(m, images, TRAIN_TEMPLATES, steps=2, seed=1, augment=(0.3, 1.0))
+        weights.append(m.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def _names_of(sampler, seed: int) -> list[str]:
+    """The identity order of a fresh sampler's first batch (same seed)."""
+    order = np.random.default_rng([seed, 0x7A]).permutation(len(sampler.names))
+    return [sampler.names[i] for i in order]
+
+
 # --- the built lab ---------------------------------------------------------------------------
 
 

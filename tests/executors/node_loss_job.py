@@ -1,0 +1,65 @@
+"""Run a job on a 3-node Ray cluster started here, and remove a worker node mid-job.
+
+Used by test_faults.py in a subprocess (its own Ray, apart from the test session's).
+Usage: python node_loss_job.py JOB.yaml OUTPUT REPORT.json
+Each worker node advertises one ``accelerator_slot`` (a stand-in for a GPU), so the pool
+holds one map actor per node; the head node has none.
+"""
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from clipaudit.runner import run_job  # noqa: E402
+from clipaudit.spec import load_spec  # noqa: E402
+
+
+def main(job: str, output: str, report_path: str) -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=1, resources={"accelerator_slot": 1}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, configure_logging=False, log_to_driver=False)
+    spec = load_spec(job)
+    spec = spec.model_copy(update={"output": Path(output)})
+    samples = Path(output) / "samples"
+    event: dict = {}
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("clipaudit.executors.ray").addHandler(handler)
+
+    def remove_a_node_mid_job() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            markers = list(samples.glob("_*.done.json")) if samples.is_dir() else []
+            writing = list(samples.glob(".*.tmp-*")) if samples.is_dir() else []
+            if markers and len(writing) == 2:  # a shard finished and both actors are mid-shard
+                cluster.remove_node(workers[1], allow_graceful=False)
+                event.update(markers_before=len(markers), writing=len(writing), at=time.time())
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=remove_a_node_mid_job)
+    killer.start()
+    report = run_job(spec, progress=False)
+    killer.join()
+    stale = [p.name for p in samples.iterdir() if p.name.startswith(".")]
+    Path(report_path).write_text(json.dumps({
+        "event": event, "ok": report.ok, "summary": report.summary, "stale_temps": stale,
+        "executor_warnings": warnings,
+    }))
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
