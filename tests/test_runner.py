@@ -29,7 +29,9 @@ def _shard(path: Path, start: int, bad: bool) -> int:
         members += sample_files("latin1", "Cara Diaz", image_bytes(seed=11))  # ok, warning caption_not_utf8
         members += [("latin1.txt", "Cara Díaz à Paris".encode("latin-1"))]
         members += sample_files("000000000", "Ann Lee", image_bytes(seed=12))  # ok; key also in shard 0
-        n += 8
+        members += [("noname.jpg", image_bytes(seed=13)), ("noname.json", b'{"caption": "x"}')]  # missing_identity
+        members += [("badjson.jpg", image_bytes(seed=14)), ("badjson.json", b'{"identity": "Ann')]  # bad_metadata
+        n += 10
     write_tar(path, members)
     return n
 
@@ -66,13 +68,14 @@ def test_every_sample_one_row_with_reasons(job):
     assert len({(r["shard"], r["position"]) for r in rows}) == len(rows)
     errors = {r["key"]: r["error"] for r in rows if r["status"] == "error"}
     assert errors == {"corrupt": "decode_error", "noimage": "missing_image", "noidentity": "missing_identity",
-                      "000000100": "duplicate_key"}
+                      "000000100": "duplicate_key", "noname": "missing_identity", "badjson": "bad_metadata"}
     assert all(r["error_detail"] for r in rows if r["status"] == "error")
     ok = [r for r in rows if r["status"] == "ok"]
     assert all(len(r["idia_true_rank"]) == 21 and len(r["idia_top1"]) == 21 for r in ok)
     assert all(x is None for r in ok if r["identity"] == "Zed Unknown" for x in r["idia_true_rank"])
     assert all(r["caption_score"] is not None for r in ok if r["has_caption"])
-    assert report.summary["errors"] == {"decode_error": 1, "duplicate_key": 1, "missing_identity": 1, "missing_image": 1}
+    assert report.summary["errors"] == {"bad_metadata": 1, "decode_error": 1, "duplicate_key": 1,
+                                        "missing_identity": 2, "missing_image": 1}
     # a caption that is not UTF-8 keeps the row scored, with a warning and replacement characters
     latin = next(r for r in rows if r["key"] == "latin1")
     assert latin["status"] == "ok" and latin["warning"] == "caption_not_utf8" and latin["caption_score"] is not None
@@ -82,7 +85,7 @@ def test_every_sample_one_row_with_reasons(job):
     assert sorted(r["shard"][-9:] for r in rows if r["key"] == "000000000") == ["00000.tar", "00001.tar"]
     assert report.summary["duplicate_keys_across_shards"] == {"keys": 1, "rows": 2}
     summary_file = json.loads((spec.output / "_SUMMARY.json").read_text())
-    assert summary_file["per_shard"][1]["errors"]["duplicate_key"] == 1
+    assert summary_file["per_shard"][1]["errors"]["duplicate_key"] == 1 and summary_file["rows"] == expected
     assert summary_file["per_shard"][1]["warnings"] == {"caption_not_utf8": 1}
 
 
