@@ -333,3 +333,21 @@ def empirical_pvalues(scores: np.ndarray, control_scores: np.ndarray) -> np.ndar
     at_least = c.size - np.searchsorted(c, s, side="left")
     p = (1.0 + at_least) / (1.0 + c.size)
     return np.where(np.isnan(s), np.nan, p)
+
+
+def conformal_threshold(control_scores: np.ndarray, alpha: float) -> float:
+    """The score threshold equivalent to ``empirical_pvalues(s) <= alpha``: flag ``s >= t``.
+
+    A new non-member exchangeable with the controls is flagged with probability <= alpha.
+    +inf when alpha < 1 / (n + 1) (too few controls to flag anything at that rate).
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    c = _controls(control_scores)
+    n = c.size
+    k = int(np.floor(alpha * (n + 1) + 1e-9)) - 1  # controls allowed at or above the threshold
+    if k < 0:
+        return float(np.inf)
+    if k >= n:
+        return float(-np.inf)
+    return float(np.nextafter(c[n - 1 - k], np.inf))

@@ -89,9 +89,18 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         if not Path(args.labels).is_file():
             raise UserError(f"labels: file not found: {args.labels}")
         opts = replace(opts, labels=Path(args.labels))
+    if args.controls is not None:
+        if not Path(args.controls).is_file():
+            raise UserError(f"controls: file not found: {args.controls}")
+        opts = replace(opts, controls=Path(args.controls))
+    if args.target_fpr is not None:
+        if not 0 < args.target_fpr < 1:
+            raise UserError(f"--target-fpr must be between 0 and 1, got {args.target_fpr}")
+        opts = replace(opts, target_fpr=args.target_fpr)
     with layout.lock():
         metrics = reduce_outputs(layout, opts)
-    print(f"wrote {layout.identities}" + (f" and {layout.metrics}" if metrics else ""))
+    wrote = [layout.identities] + [p for p in (layout.calibration, layout.metrics) if p.is_file()]
+    print("wrote " + ", ".join(str(p) for p in wrote))
     if metrics:
         from .report import metrics_table
 
@@ -135,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("output_dir")
     d.add_argument("--tau", type=int, help="IDIA threshold (default: the job's)")
     d.add_argument("--labels", help="labels CSV (default: the job's)")
+    d.add_argument("--controls", help="CSV of known non-members (identity and/or shard,key rows) for "
+                                      "p-values and thresholds (default: the job's calibration.controls)")
+    d.add_argument("--target-fpr", type=float, help="flag scores whose control p-value is at most this "
+                                                     "(default: the job's calibration.target_fpr, 0.01)")
     d.set_defaults(func=cmd_reduce)
 
     m = sub.add_parser("demo", help="self-contained synthetic audit (canary lab), a few minutes on a CPU")

@@ -119,12 +119,17 @@ class OutputLayout:
         return self.root / "embeddings"
 
     @property
+    def sample_scores_dir(self) -> Path:
+        return self.root / "sample_scores"
+
+    @property
     def cache_dir(self) -> Path:
         return self.root / "_cache"
 
     identities = property(lambda self: self.root / "identities.parquet")
     metrics = property(lambda self: self.root / "metrics.json")
     roc = property(lambda self: self.root / "roc.parquet")
+    calibration = property(lambda self: self.root / "calibration.json")
     manifest = property(lambda self: self.root / "manifest.json")
     summary = property(lambda self: self.root / "_SUMMARY.json")
     job_state = property(lambda self: self.root / "_job.json")
@@ -170,7 +175,7 @@ class OutputLayout:
     def remove_stale_temps(self) -> int:
         """Delete hidden temp files left by killed writers; only safe while holding :meth:`lock`."""
         n = 0
-        for d in (self.root, self.samples_dir, self.embeddings_dir, self.cache_dir):
+        for d in (self.root, self.samples_dir, self.embeddings_dir, self.cache_dir, self.sample_scores_dir):
             for p in d.glob(".*.tmp-*") if d.is_dir() else ():
                 p.unlink(missing_ok=True)
                 n += 1
@@ -181,9 +186,9 @@ class OutputLayout:
 
     def clear_map_outputs(self) -> None:
         """Remove everything the map step wrote (for ``--force``)."""
-        for d in (self.samples_dir, self.embeddings_dir, self.cache_dir):
+        for d in (self.samples_dir, self.embeddings_dir, self.cache_dir, self.sample_scores_dir):
             shutil.rmtree(d, ignore_errors=True)
-        for f in (self.identities, self.metrics, self.roc, self.summary, self.job_state):
+        for f in (self.identities, self.metrics, self.roc, self.calibration, self.summary, self.job_state):
             f.unlink(missing_ok=True)
 
 

@@ -1,4 +1,5 @@
-"""SQL over an audit's outputs with DuckDB: views ``samples``, ``identities``, ``embeddings``.
+"""SQL over an audit's outputs with DuckDB: views ``samples``, ``identities``, ``embeddings``,
+``sample_scores`` (each where present).
 
 Only read statements are accepted (SELECT, WITH, DESCRIBE, SHOW, EXPLAIN, PRAGMA
 table_info…), so a query can never modify or delete the evidence.
@@ -39,6 +40,8 @@ def connect(output_dir: str | Path) -> duckdb.DuckDBPyConnection:
         view("identities", layout.identities)
     if any(layout.embeddings_dir.glob("*.parquet")):
         view("embeddings", layout.embeddings_dir / "*.parquet")
+    if layout.sample_scores_dir.is_dir() and any(layout.sample_scores_dir.glob("*.parquet")):
+        view("sample_scores", layout.sample_scores_dir / "*.parquet")
     return con
 
 

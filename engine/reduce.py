@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from .attacks import idia
 from .attacks.idia import load_name_pool
+from .controls import Controls, as_column, control_set, flag_column, pvalues, pvalues_against, threshold_entry
 from .evaluate import Labels, Scored, evaluate, read_labels
 from .outputs import OutputLayout, atomic_write_json, atomic_write_table, load_schema
 
@@ -25,6 +26,7 @@ ROC_SCHEMA = load_schema("roc")
 log = logging.getLogger(__name__)
 
 IDENTITIES_SCHEMA = load_schema("identities")
+SAMPLE_SCORES_SCHEMA = load_schema("sample_scores")
 #: attacks with a per-image score column ``<name>_score``
 IMAGE_ATTACKS = ("encodermi", "partcrop", "mim", "caption")
 def _image_scores(opts: "ReduceOptions") -> list[str]:
@@ -41,6 +43,8 @@ FEATURE_ATTACKS = {"encodermi", "partcrop", "mim"}
 class ReduceOptions:
     tau: int = 1
     labels: Path | None = None
+    controls: Path | None = None
+    target_fpr: float = 0.01
     names: Path | None = None
     attacks: tuple[str, ...] = ("idia", "caption")
 
@@ -60,8 +64,10 @@ def _fetch(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, list]:
     return {c: [r[i] for r in rows] for i, c in enumerate(cols)}
 
 
-def identities_table(layout: OutputLayout, opts: ReduceOptions, labels: Labels | None = None) -> pa.Table:
-    """One row per identity with IDIA votes and image-score aggregates."""
+def identities_table(layout: OutputLayout, opts: ReduceOptions, labels: Labels | None = None,
+                     calibration: dict | None = None) -> pa.Table:
+    """One row per identity with IDIA votes, image-score aggregates and, where controls exist,
+    p-values and flags (their thresholds go to ``calibration`` when given)."""
     con = _connect(layout)
     image = _image_scores(opts)
     joins, cols = [], []
@@ -93,33 +99,86 @@ def identities_table(layout: OutputLayout, opts: ReduceOptions, labels: Labels |
             s if s is not None else (0 if n else None) for s, n in zip(columns["idia_score"], columns["n_images"])
         ]
         columns["idia_member"] = [None if s is None else s >= opts.tau for s in columns["idia_score"]]
-    columns.update(_pvalues(columns, opts))
+    controls = control_set(opts.controls, labels)
+    columns.update(_identity_calibration(columns, opts, controls, calibration))
     n = len(names)
     arrays = [pa.array(columns.get(f.name, [None] * n), type=f.type) for f in IDENTITIES_SCHEMA]
     return pa.Table.from_arrays(arrays, schema=IDENTITIES_SCHEMA)
 
 
-def _pvalues(columns: dict[str, list], opts: ReduceOptions) -> dict[str, list]:
-    """Per attack: p-value of each identity's score among labelled non-member identities.
-
-    p = (1 + #{controls with score >= s}) / (1 + n_controls); a control is compared with the
-    other controls only (leave-one-out), so its own score never calibrates itself.
-    """
-    is_control = np.array([v is False for v in columns["label_member"]])
+def _identity_calibration(columns: dict[str, list], opts: ReduceOptions, controls: Controls,
+                          calibration: dict | None) -> dict[str, list]:
+    """Per attack: each identity's p-value among the control identities, and its flag."""
+    is_control = np.array([x in controls.identities for x in columns["identity"]], dtype=bool)
     out: dict[str, list] = {}
     for attack in ["idia"] + _image_scores(opts):
         col = f"{attack}_score"
-        if col not in columns:
+        if col not in columns or not is_control.any():
             continue
-        s = _vec(columns[col])
-        controls = np.sort(s[is_control & ~np.isnan(s)])
-        if controls.size < 2:
-            continue
-        at_least = controls.size - np.searchsorted(controls, s, side="left")
-        loo = is_control & ~np.isnan(s)
-        p = np.where(loo, at_least / controls.size, (1.0 + at_least) / (1.0 + controls.size))
-        out[f"{attack}_pvalue"] = [None if np.isnan(v) else float(pv) for v, pv in zip(s, p)]
+        p, c = pvalues(_vec(columns[col]), is_control)
+        if calibration is not None:
+            calibration.setdefault("identity", {})[attack] = threshold_entry(
+                c, int((~np.isnan(p)).sum()), int((p <= opts.target_fpr).sum()), opts.target_fpr)
+        if c.size >= 2:
+            out[f"{attack}_pvalue"] = as_column(p)
+            out[f"{attack}_flag"] = flag_column(p, opts.target_fpr)
     return out
+
+
+def _sample_calibration(layout: OutputLayout, opts: ReduceOptions, controls: Controls, calibration: dict) -> int:
+    """Per-image p-values and flags among control images (images listed as controls, or of a
+    control identity), one ``sample_scores/`` part per ``samples/`` part. Two passes over the
+    parts (control scores first), reading only the needed columns: memory stays per part."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    attacks = _image_scores(opts)
+    out_dir = layout.sample_scores_dir
+    parts = sorted(layout.samples_dir.glob("*.parquet"))
+    if not attacks or not controls:
+        return 0
+    cols = ["shard", "key", "position", "identity", "status"] + [f"{a}_score" for a in attacks]
+
+    def read(part: Path) -> tuple[dict[str, list], np.ndarray]:
+        t = pq.read_table(part, columns=cols)
+        t = t.filter(pc.equal(t["status"], "ok"))
+        d = t.to_pydict()
+        shard_names = [Path(x).name for x in d["shard"]]
+        is_control = np.array([i in controls.identities or (sn, k) in controls.images
+                               for i, sn, k in zip(d["identity"], shard_names, d["key"])], dtype=bool)
+        return d, is_control
+
+    control_scores: dict[str, list[np.ndarray]] = {a: [] for a in attacks}
+    for part in parts:
+        d, is_control = read(part)
+        for a in attacks:
+            s = _vec(d[f"{a}_score"])[is_control]
+            control_scores[a].append(s[~np.isnan(s)])
+    sorted_controls = {a: np.sort(np.concatenate(v)) if v else np.array([]) for a, v in control_scores.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, flagged, scored = set(), {a: 0 for a in attacks}, {a: 0 for a in attacks}
+    for part in parts:
+        d, is_control = read(part)
+        columns: dict[str, list] = {k: d[k] for k in ("shard", "key", "position", "identity")}
+        columns["is_control"] = is_control.tolist()
+        for a in attacks:
+            s, c = _vec(d[f"{a}_score"]), sorted_controls[a]
+            p = pvalues_against(s, is_control, c)
+            columns[f"{a}_pvalue"] = as_column(p)
+            columns[f"{a}_flag"] = flag_column(p, opts.target_fpr)
+            flagged[a] += int((p <= opts.target_fpr).sum())
+            scored[a] += int((~np.isnan(p)).sum())
+        n = len(columns["shard"])
+        arrays = [pa.array(columns.get(f.name, [None] * n), type=f.type) for f in SAMPLE_SCORES_SCHEMA]
+        atomic_write_table(out_dir / part.name, pa.Table.from_arrays(arrays, schema=SAMPLE_SCORES_SCHEMA))
+        written.add(part.name)
+    for stale in out_dir.glob("*.parquet"):
+        if stale.name not in written:
+            stale.unlink()
+    level = calibration.setdefault("image", {})
+    for a in attacks:
+        level[a] = threshold_entry(sorted_controls[a], scored[a], flagged[a], opts.target_fpr)
+    return sum(len(v) for v in sorted_controls.values())
 
 
 def _name_pool(path: Path | None) -> set[str] | None:
@@ -200,12 +259,17 @@ def _image_level(con, labels: Labels, opts: ReduceOptions) -> Scored | None:
 
 
 def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> dict[str, Any]:
-    """Write identities.parquet and, with labels, metrics.json + roc.parquet; return the metrics."""
+    """Write identities.parquet; with controls (a controls file or labelled non-members) also
+    calibration.json and sample_scores/; with labels also metrics.json + roc.parquet.
+    Returns the metrics."""
     if not any(layout.samples_dir.glob("*.parquet")):
         raise FileNotFoundError(f"no sample parts under {layout.samples_dir}: run the map step first")
     labels = read_labels(opts.labels) if opts.labels else None
-    table = identities_table(layout, opts, labels)
+    controls = control_set(opts.controls, labels)
+    calibration: dict[str, Any] = {}
+    table = identities_table(layout, opts, labels, calibration)
     atomic_write_table(layout.identities, table)
+    _write_calibration(layout, opts, controls, calibration)
     if labels is None:
         layout.metrics.unlink(missing_ok=True)
         layout.roc.unlink(missing_ok=True)
@@ -224,3 +288,29 @@ def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> dict[str, Any]:
     atomic_write_json(layout.metrics, metrics)
     atomic_write_table(layout.roc, pa.Table.from_pylist(roc_rows, schema=ROC_SCHEMA))
     return metrics
+
+
+def _write_calibration(layout: OutputLayout, opts: ReduceOptions, controls: Controls, calibration: dict) -> None:
+    import shutil
+
+    if not controls:
+        layout.calibration.unlink(missing_ok=True)
+        shutil.rmtree(layout.sample_scores_dir, ignore_errors=True)
+        return
+    _sample_calibration(layout, opts, controls, calibration)
+    seen = set(layout_identities(layout))
+    atomic_write_json(layout.calibration, {
+        "target_fpr": opts.target_fpr,
+        "controls": {"sources": controls.sources, "identities": len(controls.identities),
+                     "identities_in_candidates": len(controls.identities & seen), "images": len(controls.images)},
+        "method": "conformal: p = (1 + #{control scores >= s}) / (1 + n_controls), a control compared with the "
+                  "other controls only; flag = p <= target_fpr, i.e. score >= threshold. A new non-member drawn "
+                  "like the controls is flagged with probability <= target_fpr.",
+        **calibration,
+    })
+
+
+def layout_identities(layout: OutputLayout) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(layout.identities, columns=["identity"]).column("identity").to_pylist()

@@ -56,7 +56,8 @@ def package_versions() -> dict[str, str | None]:
 def reduce_options(spec: JobSpec) -> ReduceOptions:
     idia = spec.attacks.idia
     return ReduceOptions(tau=idia.tau if idia else 1, labels=spec.labels, names=spec.names,
-                         attacks=tuple(spec.attacks.enabled()))
+                         attacks=tuple(spec.attacks.enabled()), controls=spec.calibration.controls,
+                         target_fpr=spec.calibration.target_fpr)
 
 
 def check_resume(layout: OutputLayout, spec: JobSpec, force: bool) -> None:

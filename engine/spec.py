@@ -143,6 +143,15 @@ class ComputeSpec(_Strict):
     index: Literal["auto", "faiss", "torch"] = Field("auto", description="name top-k backend")
 
 
+class CalibrationSpec(_Strict):
+    """Thresholds and p-values from known non-members; reduce step only (not in the map hash)."""
+
+    controls: Path | None = Field(
+        None, description="CSV of known non-members: identity rows and/or shard,key rows (a member column, "
+                          "if present, must say false)")
+    target_fpr: float = Field(0.01, gt=0, lt=1, description="flag a score when its control p-value <= this")
+
+
 class JobSpec(_Strict):
     """One audit: model × candidate shards × name pool → outputs."""
 
@@ -150,6 +159,7 @@ class JobSpec(_Strict):
     data: DataSpec
     names: Path
     labels: Path | None = None
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     attacks: AttacksSpec = Field(default_factory=lambda: AttacksSpec(idia=IdiaSpec(), caption=CaptionSpec()))
     compute: ComputeSpec = Field(default_factory=ComputeSpec)
     seed: int = 0
@@ -237,6 +247,9 @@ def parse_spec(raw: Any, base_dir: Path, source: str = "<dict>") -> JobSpec:
             raw[key] = _resolve(raw[key], base_dir)
     if isinstance(raw.get("model"), dict):
         _resolve_model_paths(raw["model"], base_dir)
+    calib = raw.get("calibration")
+    if isinstance(calib, dict) and isinstance(calib.get("controls"), str):
+        calib["controls"] = _resolve(calib["controls"], base_dir)
     data = raw.get("data")
     if isinstance(data, dict):
         shards = data.get("shards")
@@ -265,6 +278,8 @@ def _check_files(spec: JobSpec) -> None:
         raise SpecError(f"names: file not found: {spec.names}")
     if spec.labels is not None and not spec.labels.is_file():
         raise SpecError(f"labels: file not found: {spec.labels}")
+    if spec.calibration.controls is not None and not spec.calibration.controls.is_file():
+        raise SpecError(f"calibration.controls: file not found: {spec.calibration.controls}")
     models = [("model", spec.model)]
     if spec.attacks.caption is not None and spec.attacks.caption.reference_model is not None:
         models.append(("attacks.caption.reference_model", spec.attacks.caption.reference_model))

@@ -8,6 +8,7 @@ import pytest
 from clipaudit.calibrate import (
     crossfit_folds,
     crossfit_proba,
+    conformal_threshold,
     empirical_pvalues,
     fit_logistic,
     standardize_fit,
@@ -232,3 +233,27 @@ def test_empirical_pvalues_range_monotone_and_uniform_under_null():
         assert np.mean(null <= alpha) <= alpha + 0.02
     with pytest.raises(ValueError):
         empirical_pvalues([0.0], [])
+
+
+@pytest.mark.parametrize("n,alpha", [(9, 0.1), (99, 0.01), (50, 0.05), (10, 0.3), (5, 0.01)])
+def test_conformal_threshold_matches_pvalue_flags(n, alpha):
+    rng = np.random.default_rng(n)
+    controls = rng.normal(size=n)
+    scores = np.concatenate([rng.normal(size=500), controls, np.nextafter(controls, np.inf)])
+    t = conformal_threshold(controls, alpha)
+    flags_p = empirical_pvalues(scores, controls) <= alpha
+    assert np.array_equal(scores >= t, flags_p)
+    if alpha < 1 / (n + 1):
+        assert t == np.inf and not flags_p.any()  # too few controls: nothing can be flagged at that rate
+
+
+def test_conformal_threshold_false_positive_rate_on_fresh_nonmembers():
+    rng = np.random.default_rng(7)
+    rates = []
+    for _ in range(200):
+        t = conformal_threshold(rng.normal(size=199), 0.05)
+        rates.append(np.mean(rng.normal(size=200) >= t))
+    assert np.mean(rates) <= 0.05 + 0.005  # valid on average over control draws
+    assert np.mean(rates) >= 0.03  # and not needlessly conservative
+    with pytest.raises(ValueError):
+        conformal_threshold([1.0, 2.0], 0.0)

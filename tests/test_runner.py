@@ -204,3 +204,21 @@ def test_temp_files_of_an_interrupted_writer_are_removed_on_rerun(job):
     report = run_job(spec, progress=False)
     assert report.skipped == 3 and report.summary["stale_temp_files_removed"] == 2
     assert not any(p.exists() for p in stale)
+
+
+def test_reduce_cli_with_controls_and_target_fpr(job, capsys):
+    from clipaudit.cli import main
+
+    spec = load_spec(job[0])
+    run_job(spec, progress=False)
+    controls = job[0].parent / "controls.csv"
+    controls.write_text("shard,key\n" + "".join(f"00002.tar,{200 + i:09d}\n" for i in range(6)))
+    assert main(["reduce", str(spec.output), "--controls", str(controls), "--target-fpr", "0.5"]) == 0
+    assert "calibration.json" in capsys.readouterr().out
+    cal = json.loads((spec.output / "calibration.json").read_text())
+    # 6 image controls from the shard file + Bob Stone's images (labelled non-member)
+    bob = sum(r["identity"] == "Bob Stone" and r["status"] == "ok" and not r["shard"].endswith("00002.tar")
+              for r in _rows(spec.output))
+    assert cal["target_fpr"] == 0.5 and cal["image"]["caption"]["n_controls"] == 6 + bob
+    assert cal["identity"]["idia"]["n_controls"] == 1 and "fewer than 2" in cal["identity"]["idia"]["note"]
+    assert main(["reduce", str(spec.output), "--target-fpr", "2"]) == 2

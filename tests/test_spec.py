@@ -75,6 +75,8 @@ def test_zoo_names_are_not_treated_as_paths(files):
         ("templates: default", "templates: ['a photo of someone']", "exactly one '{}'"),
         ("  caption: {}\n", "  frobnicate: {}\n", "attacks.frobnicate: unknown key"),
         ("output: out/a", "", "output: required key is missing"),
+        ("output: out/a", "output: out/a\ncalibration: {controls: nope.csv}", "calibration.controls: file not found"),
+        ("output: out/a", "output: out/a\ncalibration: {target_fpr: 1.5}", "calibration.target_fpr"),
     ],
 )
 def test_bad_specs_name_the_key(files, old, new, needle):
@@ -95,7 +97,9 @@ def test_map_hash_ignores_reduce_only_settings(files):
     a = _load(files, GOOD)
     b = _load(files, GOOD.replace("tau: 2", "tau: 3"))
     c = _load(files, GOOD.replace("top_k: 5", "top_k: 6"))
-    assert a.map_hash() == b.map_hash()
+    d = _load(files, GOOD + "calibration: {controls: labels.csv, target_fpr: 0.05}\n")
+    assert d.calibration.controls == files / "labels.csv"
+    assert a.map_hash() == b.map_hash() == d.map_hash()
     assert a.map_hash() != c.map_hash()
 
 

@@ -1,5 +1,6 @@
 """The Ray executor on the canary lab: the acceptance numbers, resume, retries, parity."""
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -65,3 +66,43 @@ def test_shard_that_always_fails_is_retried_then_reported(canary_lab, ray_sessio
     assert [f.shard for f in report.map.failed] == [shards[1]] and report.map.failed[0].attempts == 2
     assert "FileNotFoundError" in report.map.failed[0].error
     assert report.summary["shards_done"] == 1 and report.summary["shards_failed"] == 1
+
+
+def test_known_nonmember_controls_without_labels_give_pvalues_flags_and_thresholds(trained_run, canary_lab, tmp_path):
+    import json
+    import shutil
+
+    from clipaudit.outputs import OutputLayout
+    from clipaudit.query import run_query
+    from clipaudit.reduce import ReduceOptions, reduce_outputs
+
+    out = tmp_path / "calibrated"
+    shutil.copytree(trained_run.layout.samples_dir, out / "samples")
+    controls, held_out = canary_lab.nonmembers[::2], canary_lab.nonmembers[1::2]
+    (tmp_path / "controls.csv").write_text("identity\n" + "".join(f"{n}\n" for n in controls))
+    opts = ReduceOptions(attacks=("idia", "caption"), names=canary_lab.names, controls=tmp_path / "controls.csv",
+                         target_fpr=0.2)
+    assert reduce_outputs(OutputLayout(out), opts) == {}  # no labels: no metrics, but calibration
+    assert not (out / "metrics.json").exists()
+    cal = json.loads((out / "calibration.json").read_text())
+    assert cal["identity"]["idia"]["n_controls"] == len(controls) and cal["target_fpr"] == 0.2
+    ident = {r["identity"]: r for r in pq.read_table(out / "identities.parquet").to_pylist()}
+    assert all(ident[n]["idia_pvalue"] is not None for n in canary_lab.members + canary_lab.nonmembers)
+    assert sum(ident[m]["idia_flag"] for m in canary_lab.members) >= 0.8 * len(canary_lab.members)
+    assert sum(ident[n]["idia_flag"] for n in held_out) <= 0.5 * len(held_out)
+    # per image: one calibrated row per ok sample; flags agree with the reported threshold
+    samples = {(r["shard"], r["position"]): r for r in pq.read_table(out / "samples").to_pylist()
+               if r["status"] == "ok"}
+    scores = pq.read_table(out / "sample_scores").to_pylist()
+    assert sorted((r["shard"], r["position"]) for r in scores) == sorted(samples)
+    assert all(r["is_control"] == (r["identity"] in controls) for r in scores)
+    t = cal["image"]["caption"]["threshold"]
+    assert cal["image"]["caption"]["n_controls"] == sum(r["is_control"] for r in scores)
+    for r in scores:
+        if not r["is_control"]:
+            assert r["caption_flag"] == (samples[(r["shard"], r["position"])]["caption_score"] >= t)
+    member_p = np.median([r["caption_pvalue"] for r in scores if r["identity"] in canary_lab.members])
+    held_p = np.median([r["caption_pvalue"] for r in scores if r["identity"] in held_out])
+    assert member_p < held_p
+    _, rows = run_query(out, "SELECT count(*) FROM sample_scores WHERE caption_flag")
+    assert rows[0][0] == cal["image"]["caption"]["flagged"]
