@@ -67,8 +67,35 @@ def _point(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
+class _Resampler:
+    """Metrics of bootstrap resamples in O(n) each: the scores are sorted once, and a resample
+    is a count per original unit (how often it was drawn), summed per distinct score."""
+
+    def __init__(self, scores: np.ndarray, labels: np.ndarray) -> None:
+        order = np.argsort(-scores, kind="mergesort")
+        s = scores[order]
+        self.order, self.y = order, labels[order]
+        self.starts = np.r_[0, np.nonzero(np.diff(s))[0] + 1]  # first index of each distinct score
+
+    def point(self, counts: np.ndarray) -> dict[str, float]:
+        c = counts[self.order].astype(np.float64)
+        tp_g = np.add.reduceat(c * self.y, self.starts)
+        fp_g = np.add.reduceat(c * ~self.y, self.starts)
+        tp, fp = np.cumsum(tp_g), np.cumsum(fp_g)
+        p, n = tp[-1], fp[-1]
+        out = {"auc": float(np.sum(fp_g * (tp - tp_g / 2.0)) / (p * n))}
+        for key, f in (("tpr_at_1pct_fpr", 0.01), ("tpr_at_0_1pct_fpr", 0.001)):
+            ok = fp / n <= f + 1e-12
+            out[key] = float(tp[ok].max() / p) if ok.any() else 0.0
+        return out
+
+
 def membership_metrics(scores: np.ndarray, labels: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Point estimates plus stratified-bootstrap 95 % intervals (percentile method)."""
+    """Point estimates plus stratified-bootstrap 95 % intervals (percentile method).
+
+    Each resample costs one pass over the sorted scores (no re-sorting), so 1,000
+    resamples of a million images take seconds, not hours.
+    """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=bool)
     out: dict = {"n_members": int(labels.sum()), "n_nonmembers": int((~labels).sum())}
@@ -78,10 +105,11 @@ def membership_metrics(scores: np.ndarray, labels: np.ndarray, n_boot: int = 100
     if len(pos) == 0 or len(neg) == 0:
         return out
     rng = np.random.default_rng(seed)
+    resampler = _Resampler(scores, labels)
     boots = {k: [] for k in point}
     for _ in range(n_boot):
         idx = np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]
-        for k, v in _point(scores[idx], labels[idx]).items():
+        for k, v in resampler.point(np.bincount(idx, minlength=len(scores))).items():
             boots[k].append(v)
     for k, vals in boots.items():
         lo, hi = np.percentile(vals, [2.5, 97.5])

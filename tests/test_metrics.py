@@ -39,3 +39,20 @@ def test_bootstrap_intervals_contain_point_estimates():
         lo, hi = m[f"{k}_ci"]
         assert lo <= m[k] <= hi
     assert m["auc_ci"][1] - m["auc_ci"][0] > 0.02  # 80 samples: a real interval
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_fast_bootstrap_resample_equals_metrics_of_the_resampled_data(ties):
+    from clipaudit.metrics import _point, _Resampler
+
+    rng = np.random.default_rng(3)
+    y = rng.random(3000) < 0.3
+    s = rng.normal(size=3000) + y
+    if ties:
+        s = np.round(s, 1)
+    resampler = _Resampler(s, y)
+    for _ in range(5):
+        idx = rng.integers(0, len(s), len(s))
+        fast = resampler.point(np.bincount(idx, minlength=len(s)))
+        slow = _point(s[idx], y[idx])
+        assert fast == pytest.approx(slow, abs=1e-12)
