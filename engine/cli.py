@@ -122,9 +122,9 @@ def cmd_query(args: argparse.Namespace) -> int:
 # -- demo -------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .lab.demo import run_demo
+    from .lab.demo import LAB_PRESETS, run_demo
 
-    return run_demo(Path(args.output), progress=not args.no_progress)
+    return run_demo(Path(args.output), progress=not args.no_progress, cfg=LAB_PRESETS[args.lab])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,10 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="self-contained synthetic audit (canary lab), a few minutes on a CPU")
     m.add_argument("--output", default="clipaudit-demo", help="folder for the lab and results")
+    m.add_argument("--lab", choices=["default", "overfit", "shifted"], default="default",
+                   help="canary preset: default; overfit (1 photo per member, augmented training: image-level "
+                        "attacks get signal); shifted (non-members from another camera style: validity warning)")
     m.add_argument("--no-progress", action="store_true")
     m.set_defaults(func=cmd_demo)
 
-    q = sub.add_parser("query", help="SQL (DuckDB) over the outputs: views samples, identities, embeddings")
+    q = sub.add_parser("query", help="SQL (DuckDB) over the outputs: views samples, identities, embeddings, "
+                                          "sample_scores")
     q.add_argument("output_dir")
     q.add_argument("sql")
     q.add_argument("--format", choices=["table", "csv", "json"], default="table")

@@ -92,15 +92,36 @@ def _evaluate_fixed(name: str, score: np.ndarray, y: np.ndarray, level: str, roc
     return {"level": level, "variant": "threshold", **m}
 
 
+def set_pooling(X: np.ndarray, bins: int = 10) -> np.ndarray:
+    """Order-invariant summary of each row's values (EncoderMI's set variant): a normalised
+    histogram over [0, 1] plus mean and standard deviation. Rows with nan stay nan."""
+    bad = np.isnan(X).any(axis=1)
+    Z = np.nan_to_num(np.clip(X, 0.0, 1.0))
+    edges = np.linspace(0.0, 1.0, bins + 1)[1:-1]
+    which = np.searchsorted(edges, Z, side="right")
+    hist = np.stack([(which == b).mean(axis=1) for b in range(bins)], axis=1)
+    out = np.column_stack([hist, np.nanmean(np.where(bad[:, None], 0, X), axis=1), np.std(Z, axis=1)])
+    out[bad] = np.nan
+    return out
+
+
+_LEARNED = {
+    "learned": (lambda X: X, "learned (cross-fitted logistic on the feature vector, 5 folds by identity)"),
+    "learned_set": (set_pooling, "learned set (cross-fitted logistic on a histogram + mean + std of the "
+                                 "feature values, order-invariant, 5 folds by identity)"),
+}
+
+
 def _evaluate_learned(name: str, X: np.ndarray, y: np.ndarray, groups: np.ndarray, level: str,
-                      roc_rows: list) -> dict | None:
+                      roc_rows: list, variant: str = "learned") -> dict | None:
+    transform, what = _LEARNED[variant]
+    X = transform(X)
     keep = ~np.all(np.isnan(X), axis=1)
     if keep.sum() < 4 or y[keep].all() or not y[keep].any() or len(np.unique(groups[keep])) < 2:
         return None
     p = crossfit_proba(X[keep], y[keep], groups=groups[keep], folds=5, seed=0)
-    _roc_rows(roc_rows, name, level, "learned", p, y[keep])
-    return {"level": level, "variant": "learned (cross-fitted logistic on the feature vector, 5 folds by identity)",
-            **membership_metrics(p, y[keep])}
+    _roc_rows(roc_rows, name, level, variant, p, y[keep])
+    return {"level": level, "variant": what, **membership_metrics(p, y[keep])}
 
 
 def _roc_rows(out: list, attack: str, level: str, variant: str, s: np.ndarray, y: np.ndarray) -> None:
@@ -110,7 +131,8 @@ def _roc_rows(out: list, attack: str, level: str, variant: str, s: np.ndarray, y
                     "threshold": float(th)})
 
 
-def evaluate(tables: list[Scored], feature_attacks: set[str]) -> tuple[dict[str, Any], list[dict]]:
+def evaluate(tables: list[Scored], feature_attacks: set[str],
+             set_attacks: frozenset[str] = frozenset({"encodermi"})) -> tuple[dict[str, Any], list[dict]]:
     """metrics.json content and ROC rows for every attack at its level, plus the baseline."""
     metrics: dict[str, Any] = {}
     roc_rows: list[dict] = []
@@ -121,9 +143,11 @@ def evaluate(tables: list[Scored], feature_attacks: set[str]) -> tuple[dict[str,
             if fixed is None:
                 continue
             if name in feature_attacks and name in t.features:
-                learned = _evaluate_learned(name, t.features[name], t.labels, t.groups, t.level, roc_rows)
-                if learned is not None:
-                    fixed["learned"] = learned
+                for variant in ("learned", "learned_set") if name in set_attacks else ("learned",):
+                    learned = _evaluate_learned(name, t.features[name], t.labels, t.groups, t.level, roc_rows,
+                                                variant)
+                    if learned is not None:
+                        fixed[variant] = learned
             metrics[name] = fixed
         if "baseline" in t.features and any(m.get("level") == t.level for m in metrics.values()):
             b = _evaluate_learned("baseline", t.features["baseline"], t.labels, t.groups, t.level, roc_rows)
@@ -144,6 +168,6 @@ def evaluate(tables: list[Scored], feature_attacks: set[str]) -> tuple[dict[str,
 
 
 def _best_auc(m: dict) -> float:
-    vals = [m.get("auc", float("nan"))] + [m.get("learned", {}).get("auc", float("nan"))]
+    vals = [m.get("auc", float("nan"))] + [m.get(v, {}).get("auc", float("nan")) for v in _LEARNED]
     vals = [v for v in vals if v == v]
     return max(vals) if vals else 0.0

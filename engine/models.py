@@ -58,6 +58,30 @@ class LoadedModel:
             out.append(torch.nn.functional.normalize(self.model.encode_image(xi).float(), dim=-1))
         return torch.cat(out) if out else torch.empty(0, self.embed_dim, device=self.device)
 
+    @property
+    def has_patch_tokens(self) -> bool:
+        """True for OpenCLIP ViT towers whose patch tokens can be projected into the joint space."""
+        v = getattr(self.model, "visual", None)
+        return (all(hasattr(v, a) for a in ("_embeds", "transformer", "_pool"))
+                and getattr(v, "attn_pool", None) is None and isinstance(getattr(v, "proj", None), torch.Tensor))
+
+    @torch.inference_mode()
+    def encode_unit_tokens(self, x: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`encode_unit`, plus the patch tokens projected into the joint space:
+        (N×D, N×P×D), both L2-normalised float32. Only where :attr:`has_patch_tokens`."""
+        if not self.has_patch_tokens:
+            raise ValueError(f"{self.name}: the vision tower does not expose patch tokens")
+        v = self.model.visual
+        mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+        pooled_out, token_out = [], []
+        for i in range(0, len(x), chunk):
+            xi = ((x[i : i + chunk].to(self.device) - mean) / std).to(self.dtype)
+            pooled, tokens = v._pool(v.transformer(v._embeds(xi)))
+            pooled_out.append(torch.nn.functional.normalize((pooled @ v.proj).float(), dim=-1))
+            token_out.append(torch.nn.functional.normalize((tokens @ v.proj).float(), dim=-1))
+        return torch.cat(pooled_out), torch.cat(token_out)
+
     def encode_images(self, pixels_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 N×H×W×3 (already at ``image_size``) → L2-normalised float32 embeddings."""
         return self.encode_unit(self.to_unit(pixels_uint8))

@@ -20,8 +20,9 @@ def metrics_table(metrics: dict) -> list[str]:
         m = metrics.get(name)
         if isinstance(m, dict) and "auc" in m:
             lines.append(line(name, m))
-            if "learned" in m:
-                lines.append(line(f"  {name} (learned)", m["learned"]))
+            for variant, label in (("learned", "learned"), ("learned_set", "set")):
+                if variant in m:
+                    lines.append(line(f"  {name} ({label})", m[variant]))
     b = metrics.get("baseline")
     for bm in (b.get("by_level", [b]) if isinstance(b, dict) else []):
         lines.append(line("baseline (model-free)", bm))

@@ -68,8 +68,11 @@ def test_metrics_shape_roc_table_and_intervals(iid):
             lo, hi = m[a][f"{k}_ci"]
             assert lo <= m[a][k] <= hi
         assert m[a]["n_members"] > 0 and m[a]["n_nonmembers"] > 0
+    s = m["encodermi"]["learned_set"]  # EncoderMI's three variants: threshold, vector, set
+    assert s["level"] == "image" and s["auc_ci"][0] <= s["auc"] <= s["auc_ci"][1] and "set" in s["variant"]
     roc = pq.read_table(trained.layout.root / "roc.parquet").to_pylist()
     assert {r["attack"] for r in roc} >= {"idia", *IMAGE_ATTACKS, "baseline"}
+    assert {r["variant"] for r in roc if r["attack"] == "encodermi"} == {"threshold", "learned", "learned_set"}
     for attack in IMAGE_ATTACKS:
         pts = [r for r in roc if r["attack"] == attack and r["variant"] == "threshold"]
         assert pts[0]["fpr"] == 0 and pts[-1]["tpr"] == 1
@@ -90,6 +93,20 @@ def test_rerun_gives_identical_scores_and_batching_does_not_matter(iid, tmp_path
     for a, b in zip(table(other), table(trained)):
         for c in ("encodermi_score", "partcrop_score", "mim_score"):
             assert a[c] == pytest.approx(b[c], abs=1e-4)
+
+
+def test_set_pooling_is_order_invariant_and_keeps_missing_rows_missing():
+    from clipaudit.evaluate import set_pooling
+
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-0.2, 1.0, (5, 45))
+    X[3] = np.nan
+    shuffled = np.array([rng.permutation(r) for r in X])
+    a, b = set_pooling(X), set_pooling(shuffled)
+    assert np.allclose(a[~np.isnan(a).any(1)], b[~np.isnan(b).any(1)])
+    assert np.isnan(a[3]).all() and not np.isnan(a[[0, 1, 2, 4]]).any()
+    assert np.allclose(a[[0, 1, 2, 4], :10].sum(1), 1.0)  # histogram shares
+    assert set_pooling(np.ones((1, 3)))[0, 9] == 1.0  # cosine 1 falls in the top bin
 
 
 def test_labels_file_with_identity_and_image_rows(tmp_path):

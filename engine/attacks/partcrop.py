@@ -4,12 +4,16 @@ encoder's responses to parts of its training images are more consistent with the
 Map side: k crops per image (scale range configurable), the cosine of each crop's
 embedding to the full image's embedding; stored as a quantile summary
 (``partcrop_features``: 11 quantiles, mean, std) with ``partcrop_score`` = mean cosine.
-Higher = more member-like. A small attacker on the features is fitted in the reduce step.
+Where the vision tower exposes patch tokens (OpenCLIP ViTs), each crop's response to the
+image's patch tokens (its best-matching patch, projected into the joint space) is summarised
+the same way and appended (13 more values). Higher = more member-like. A small attacker on
+the features is fitted in the reduce step.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
+import torch
 
 from .augment import part_crops
 from .base import MapBatch, StatelessAttack
@@ -30,4 +34,9 @@ class PartCropAttack(StatelessAttack):
         k = self.crops
         emb = embed_views(batch, k, "partcrop", lambda im, rngs: part_crops(im, rngs, k, self.scale))
         cos = (emb * batch.emb[:, None, :]).sum(-1)  # B×k
-        return {"partcrop_score": cos.mean(1).tolist(), "partcrop_features": rows(quantile_summary(cos))}
+        features = quantile_summary(cos)
+        if batch.model.has_patch_tokens:
+            _, tokens = batch.model.encode_unit_tokens(batch.images, batch.chunk)  # B×P×D
+            best_patch = torch.einsum("bkd,bpd->bkp", emb, tokens).amax(-1)  # B×k
+            features = torch.cat([features, quantile_summary(best_patch)], 1)
+        return {"partcrop_score": cos.mean(1).tolist(), "partcrop_features": rows(features)}

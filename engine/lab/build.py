@@ -73,6 +73,7 @@ class LabConfig:
     include_train_images: bool = False  # also put members' training photos in the candidate set
     nonmember_style: str = "default"  # "shifted": non-members shot with another camera style
     train_augment: tuple[float, float] | None = None  # crop-area range of training augmentation
+    partcrop_scale: tuple[float, float] = (0.08, 0.2)  # crop-area range of the jobs' PartCrop attack
 
 
 @dataclass
@@ -247,7 +248,7 @@ def _write_names_and_labels(cast: _Cast, cfg: LabConfig, names: Path, labels: Pa
     labels.write_text("identity,shard,key,member\n" + "".join(rows), encoding="utf-8")
 
 
-def _job_yaml(pretrained: str, output: str, shards: int) -> str:
+def _job_yaml(pretrained: str, output: str, shards: int, partcrop_scale: tuple[float, float] = (0.08, 0.2)) -> str:
     last = f"{shards - 1:05d}"
     shard_spec = "data/cands/00000.tar" if shards == 1 else f"data/cands/{{00000..{last}}}.tar"
     return (
@@ -263,7 +264,7 @@ def _job_yaml(pretrained: str, output: str, shards: int) -> str:
         "attacks:  # view/crop counts sized for a 2-core CPU\n"
         "  idia: {tau: 1, top_k: 10, templates: default}\n"
         "  encodermi: {views: 8}\n"
-        "  partcrop: {crops: 32, scale: [0.08, 0.2]}\n"
+        f"  partcrop: {{crops: 32, scale: [{partcrop_scale[0]}, {partcrop_scale[1]}]}}\n"
         "  mim: {mask_ratios: [0.25, 0.5, 0.75]}\n"
         "  caption: {}\n"
         f"output: {output}\n"
@@ -329,8 +330,8 @@ def build_lab(out_dir: Path, cfg: LabConfig = LabConfig(), log: Callable[[str], 
     torch.save(untrained.state_dict(), paths.untrained)
     torch.save(trained.state_dict(), paths.trained)
     stamp(f"saved {paths.trained.name} and {paths.untrained.name}")
-    paths.job.write_text(_job_yaml("model/trained.pt", "out/trained", cfg.shards))
-    paths.job_untrained.write_text(_job_yaml("model/untrained.pt", "out/untrained", cfg.shards))
+    paths.job.write_text(_job_yaml("model/trained.pt", "out/trained", cfg.shards, cfg.partcrop_scale))
+    paths.job_untrained.write_text(_job_yaml("model/untrained.pt", "out/untrained", cfg.shards, cfg.partcrop_scale))
     for label, model in (("trained", trained), ("untrained", untrained)):
         with torch_threads(1):
             member_acc, nonmember_acc = _sanity_check(model, cast, cfg, paths.names)

@@ -3,7 +3,9 @@ control through the same ``run`` path as a real job (local Ray), and compare."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -14,17 +16,37 @@ from .build import LabConfig, build_lab
 
 _LAB_DONE = "_LAB_DONE.json"
 
+#: Lab presets of ``clipaudit demo --lab``. All put the members' training photos among the
+#: candidates, so image-level attacks are scored too.
+LAB_PRESETS: dict[str, LabConfig] = {
+    # 20 members, 6 training photos each, 300 steps: identity-level memorisation
+    "default": LabConfig(include_train_images=True),
+    # 1 training photo per member, trained with crop/flip augmentation: the image encoder
+    # memorises single photos, so the part-crop attack gets signal (its crops sized like the
+    # training crops)
+    "overfit": LabConfig(include_train_images=True, train_images=1, steps=800, train_augment=(0.3, 1.0),
+                         partcrop_scale=(0.3, 0.6)),
+    # non-members shot with another camera style: the validity check must raise its warning
+    "shifted": LabConfig(include_train_images=True, nonmember_style="shifted"),
+}
+
 
 def _lab(root: Path, cfg: LabConfig) -> tuple[Path, Path]:
-    """Build the lab once (job specs of the trained and the untrained model); reuse it after."""
+    """Build the lab once (job specs of the trained and the untrained model); reuse it after
+    unless it was built with another configuration."""
     root.mkdir(parents=True, exist_ok=True)
     marker = root / _LAB_DONE
+    wanted = json.loads(json.dumps(dataclasses.asdict(cfg)))
     if marker.is_file():
-        print(f"[lab] reusing the canary lab in {root}")
-        return root / "job.yaml", root / "job-untrained.yaml"
+        if json.loads(marker.read_text()).get("config") == wanted:
+            print(f"[lab] reusing the canary lab in {root}")
+            return root / "job.yaml", root / "job-untrained.yaml"
+        print(f"[lab] {root} holds a lab of another configuration: rebuilding it")
+        shutil.rmtree(root)
+        root.mkdir(parents=True)
     t0 = time.perf_counter()
     paths = build_lab(root, cfg, log=lambda msg: print(f"[lab] {msg}", flush=True))
-    marker.write_text(json.dumps({"seconds": round(time.perf_counter() - t0, 1)}))
+    marker.write_text(json.dumps({"seconds": round(time.perf_counter() - t0, 1), "config": wanted}))
     return Path(paths.job), Path(paths.job_untrained)
 
 
@@ -34,7 +56,7 @@ def run_demo(output: Path, progress: bool = True, cfg: LabConfig | None = None) 
 
     t0 = time.perf_counter()
     output = output.resolve()
-    job_trained, job_untrained = _lab(output / "lab", cfg or LabConfig(include_train_images=True))
+    job_trained, job_untrained = _lab(output / "lab", cfg or LAB_PRESETS["default"])
     started_ray = ensure_ray(None)
     reports: dict[str, RunReport] = {}
     try:
