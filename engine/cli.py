@@ -7,6 +7,7 @@ model, query) with one clear message and no traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -108,6 +109,22 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- bench ------------------------------------------------------------------------
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_bench, run_bench
+
+    result = run_bench(model=args.model, pretrained=args.pretrained, precision=args.precision, device=args.device,
+                       n_images=args.images, batch_size=args.batch_size, decode_threads=args.decode_threads,
+                       attacks=args.attacks, image_px=args.image_px, n_names=args.names,
+                       log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    print(format_bench(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return EXIT_OK
+
+
 # -- query ------------------------------------------------------------------------
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -157,6 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "attacks get signal); shifted (non-members from another camera style: validity warning)")
     m.add_argument("--no-progress", action="store_true")
     m.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="map-step throughput beside a model-only baseline, same run (synthetic shards)")
+    b.add_argument("--model", default="ViT-B-32", help="OpenCLIP name or model-config JSON (default ViT-B-32)")
+    b.add_argument("--pretrained", default=None, help="weights (default: random init — same speed, no download)")
+    b.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on GPU, fp32 on CPU")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--images", type=int, default=512)
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--decode-threads", type=int, default=2)
+    b.add_argument("--image-px", type=int, default=256, help="side of the synthetic JPEGs")
+    b.add_argument("--names", type=int, default=100, help="name-pool size (its encoding is start-up, timed apart)")
+    b.add_argument("--attacks", choices=["idia", "idia+caption", "all"], default="idia+caption")
+    b.add_argument("--json", help="also write the result record here")
+    b.set_defaults(func=cmd_bench)
 
     q = sub.add_parser("query", help="SQL (DuckDB) over the outputs: views samples, identities, embeddings, "
                                           "sample_scores")

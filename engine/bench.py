@@ -1,0 +1,208 @@
+"""``clipaudit bench``: throughput of the map step beside baselines measured in the same run.
+
+Three measurements on the same synthetic shards, machine and model:
+
+* ``model_only`` — the image tower's forward pass on images already decoded, resized and on
+  the device, in batches of ``batch_size``: the ceiling the pipeline can reach;
+* ``decode_only`` — tar streaming + JPEG decode + resize on the decode threads, no model;
+* ``map`` — the real map step (:class:`clipaudit.mapper.ShardMapper`, in-process) with the
+  chosen attacks: reading, decoding, the model, the attacks, Parquet parts and markers.
+
+Reported as images/s and as ratios to ``model_only``; the machine is named in the result.
+Start-up (model load, name-pool encoding) is timed apart and left out of the rates.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ATTACK_SETS: dict[str, dict[str, Any]] = {
+    "idia": {"idia": {"top_k": 10}},
+    "idia+caption": {"idia": {"top_k": 10}, "caption": {}},
+    "all": {"idia": {"top_k": 10}, "caption": {}, "encodermi": {"views": 10}, "partcrop": {"crops": 128},
+            "mim": {"mask_ratios": [0.25, 0.5, 0.75]}},
+}
+
+
+def machine(device: str) -> dict[str, Any]:
+    """What ran the benchmark: CPU model and cores, GPU name, library versions."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch": torch.__version__, "device": device}
+    if device.startswith("cuda"):
+        out["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return out
+
+
+def write_synthetic_shards(folder: Path, n_images: int, per_shard: int, size: int, n_names: int) -> list[Path]:
+    """img2dataset-style tars of smooth random JPEGs (``size`` px) with identities and captions."""
+    import tarfile
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, i = [], 0
+    while i < n_images:
+        path = folder / f"{len(paths):05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for _ in range(min(per_shard, n_images - i)):
+                coarse = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+                img = Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
+                buf = io.BytesIO()
+                img.save(buf, "JPEG", quality=90)
+                name = f"Person {i % n_names:05d}"
+                for ext, data in (("jpg", buf.getvalue()),
+                                  ("json", json.dumps({"key": f"{i:09d}", "identity": name}).encode()),
+                                  ("txt", f"{name} at an event".encode())):
+                    info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                i += 1
+        paths.append(path)
+    return paths
+
+
+def _time(fn, repeat: int = 1) -> float:
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat
+
+
+def run_bench(model: str = "ViT-B-32", pretrained: str | None = None, precision: str | None = None,
+              device: str = "auto", n_images: int = 512, batch_size: int = 64, decode_threads: int = 2,
+              attacks: str = "idia+caption", image_px: int = 256, n_names: int = 100,
+              workdir: Path | None = None, log=lambda msg: None) -> dict[str, Any]:
+    """Run the three measurements; returns the result record (also printed by the CLI).
+
+    The name pool is encoded once per job (names × 21 templates through the text tower):
+    timed apart as start-up. On a CPU keep ``n_names`` small; on a GPU use a realistic pool.
+    """
+    import torch
+
+    from .data.samples import prepare_sample
+    from .data.tar_reader import iter_tar_samples
+    from .mapper import ShardMapper
+    from .models import load_model, resolve_device
+    from .outputs import OutputLayout
+    from .spec import parse_spec
+
+    dev = str(resolve_device(device))
+    tmp = tempfile.TemporaryDirectory(prefix="clipaudit-bench-") if workdir is None else None
+    root = Path(tmp.name if tmp else workdir)
+    try:
+        shards = write_synthetic_shards(root / "shards", n_images, max(batch_size * 2, 64), image_px, n_names)
+        (root / "names.txt").write_text("".join(f"Person {i:05d}\n" for i in range(n_names)))
+        spec = parse_spec({
+            "model": {"name": model, "pretrained": pretrained, "precision": precision},
+            "data": {"shards": [str(p) for p in shards]},
+            "names": str(root / "names.txt"),
+            "attacks": ATTACK_SETS[attacks],
+            "compute": {"executor": "local", "device": dev, "batch_size": batch_size,
+                        "decode_threads": decode_threads},
+            "store_embeddings": True,
+            "output": str(root / "out"),
+        }, root)
+        t0 = time.perf_counter()
+        loaded = load_model(model, pretrained, precision, dev, spec.seed)
+        load_s = time.perf_counter() - t0
+
+        # model only: decoded, resized, on the device
+        px = torch.from_numpy(np.random.default_rng(1).integers(
+            0, 255, (batch_size, loaded.image_size, loaded.image_size, 3), dtype=np.uint8))
+        unit = loaded.to_unit(px)
+        n_batches = max(1, n_images // batch_size)
+
+        def forward() -> None:
+            for _ in range(n_batches):
+                loaded.encode_unit(unit, batch_size)
+            if dev.startswith("cuda"):
+                torch.cuda.synchronize()
+
+        log(f"model loaded in {load_s:.1f} s; model-only pass ({n_batches} batches of {batch_size})")
+        forward()  # warm-up (kernels, allocator)
+        model_s = _time(forward)
+        model_rate = n_batches * batch_size / model_s
+
+        # decode only
+        from concurrent.futures import ThreadPoolExecutor
+
+        def decode() -> int:
+            n = 0
+            with ThreadPoolExecutor(decode_threads) as pool:
+                for shard in shards:
+                    raws = list(iter_tar_samples(str(shard)))
+                    chunks = [raws[i::decode_threads] for i in range(decode_threads)]
+                    done = pool.map(lambda c, s=str(shard): [prepare_sample(r, s, "identity", loaded.image_size,
+                                                                            spec.data.max_image_pixels) for r in c],
+                                    chunks)
+                    n += sum(len(x) for x in done)
+            return n
+
+        log(f"model only: {n_batches * batch_size / model_s:.1f} img/s; decode-only pass")
+        decode_s = _time(decode)
+        decode_rate = n_images / decode_s
+
+        # the real map step
+        log(f"decode only: {n_images / decode_s:.1f} img/s; map step set-up ({n_names} names × templates)")
+        layout = OutputLayout(root / "out")
+        mapper = ShardMapper(spec, layout)
+        t0 = time.perf_counter()
+        mapper.setup(mapper.compute_shared())
+        setup_s = time.perf_counter() - t0
+        log(f"set-up {setup_s:.1f} s; map step over {len(shards)} shards")
+        t0 = time.perf_counter()
+        rows = sum(mapper.map_shard(str(s)).rows for s in shards)
+        map_s = time.perf_counter() - t0
+        mapper.close()
+        assert rows == n_images, (rows, n_images)
+        map_rate = n_images / map_s
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return {
+        "machine": machine(dev),
+        "model": model, "pretrained": pretrained, "precision": str(loaded.dtype).removeprefix("torch."),
+        "image_size": loaded.image_size, "images": n_images, "batch_size": batch_size,
+        "decode_threads": decode_threads, "source_px": image_px, "attacks": attacks, "names": n_names,
+        "model_load_s": round(load_s, 2), "map_setup_s": round(setup_s, 2),
+        "images_per_s": {"model_only": round(model_rate, 2), "decode_only": round(decode_rate, 2),
+                         "map": round(map_rate, 2)},
+        "ratio_to_model_only": {"decode_only": round(decode_rate / model_rate, 3),
+                                "map": round(map_rate / model_rate, 3)},
+    }
+
+
+def format_bench(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    where = m.get("gpu") or f"{m['cpu']} ({m['cpu_cores']} cores)"
+    rates, ratios = r["images_per_s"], r["ratio_to_model_only"]
+    lines = [
+        f"machine: {where}, device {m['device']}, torch {m['torch']}",
+        f"model: {r['model']} ({r['precision']}, {r['image_size']} px), batch {r['batch_size']}, "
+        f"{r['images']} images of {r['source_px']} px, attacks: {r['attacks']}, {r['names']} names",
+        f"{'stage':14s} {'images/s':>10s} {'× model-only':>13s}",
+        f"{'model only':14s} {rates['model_only']:10.1f} {1.0:13.3f}",
+        f"{'decode only':14s} {rates['decode_only']:10.1f} {ratios['decode_only']:13.3f}",
+        f"{'map step':14s} {rates['map']:10.1f} {ratios['map']:13.3f}",
+        f"start-up (not in the rates): model load {r['model_load_s']} s, name pool + attacks {r['map_setup_s']} s",
+    ]
+    return "\n".join(lines)
