@@ -123,3 +123,21 @@ def test_image_labels_match_rows_in_the_outputs(iid):
     assert n_train_photos == len(lab.members) * SMALL["train_images"]
     assert trained.metrics["caption"]["n_members"] == n_train_photos
     assert np.isclose(trained.metrics["caption"]["n_nonmembers"], len(labels.images) - n_train_photos)
+
+
+def test_partcrop_finds_single_training_photos_on_the_overfit_canary(tmp_path_factory):
+    """One photo per member, augmented training: PartCrop alone (no caption) finds the photos."""
+    from clipaudit.lab.build import build_lab
+    from clipaudit.lab.demo import LAB_PRESETS
+
+    lab = build_lab(tmp_path_factory.mktemp("overfit"), LAB_PRESETS["overfit"], log=lambda *a: None)
+    aucs = {}
+    for label, job in (("trained", lab.job), ("untrained", lab.job_untrained)):
+        spec = load_spec(job)
+        only_partcrop = spec.attacks.model_copy(update={"idia": None, "encodermi": None, "mim": None, "caption": None})
+        spec = spec.model_copy(update={"attacks": only_partcrop, "output": lab.root / f"o-{label}",
+                                       "compute": spec.compute.model_copy(update={"executor": "local"})})
+        aucs[label] = run_job(spec, progress=False).metrics["partcrop"]
+    assert aucs["trained"]["level"] == "image" and aucs["trained"]["n_members"] == 20
+    assert aucs["trained"]["auc"] >= 0.7 and aucs["trained"]["auc_ci"][0] > 0.5, aucs["trained"]
+    assert abs(aucs["untrained"]["auc"] - 0.5) < 0.15, aucs["untrained"]
