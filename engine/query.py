@@ -25,24 +25,33 @@ class QueryError(ValueError):
     """A query that cannot run against these outputs."""
 
 
+def output_views(layout: OutputLayout) -> dict[str, Path]:
+    """The output tables present in ``layout``: view name → Parquet file or glob."""
+    views: dict[str, Path] = {"samples": layout.samples_dir / "*.parquet"}
+    if layout.identities.is_file():
+        views["identities"] = layout.identities
+    for name, folder in (("embeddings", layout.embeddings_dir), ("sample_scores", layout.sample_scores_dir)):
+        if folder.is_dir() and any(folder.glob("*.parquet")):
+            views[name] = folder / "*.parquet"
+    return views
+
+
+def duckdb_views(layout: OutputLayout, names: tuple[str, ...] | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with a view per output table (all present ones, or ``names``)."""
+    con = duckdb.connect(":memory:")
+    for name, pattern in output_views(layout).items():
+        if names is None or name in names:
+            quoted = str(pattern).replace("'", "''")
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{quoted}')")
+    return con
+
+
 def connect(output_dir: str | Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with views over the output folder."""
     layout = OutputLayout(Path(output_dir))
     if not layout.samples_dir.is_dir() or not any(layout.samples_dir.glob("*.parquet")):
         raise QueryError(f"{output_dir} holds no audit outputs (no samples/*.parquet)")
-    con = duckdb.connect(":memory:")
-
-    def view(name: str, pattern: Path) -> None:
-        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{str(pattern).replace(chr(39), chr(39) * 2)}')")
-
-    view("samples", layout.samples_dir / "*.parquet")
-    if layout.identities.is_file():
-        view("identities", layout.identities)
-    if any(layout.embeddings_dir.glob("*.parquet")):
-        view("embeddings", layout.embeddings_dir / "*.parquet")
-    if layout.sample_scores_dir.is_dir() and any(layout.sample_scores_dir.glob("*.parquet")):
-        view("sample_scores", layout.sample_scores_dir / "*.parquet")
-    return con
+    return duckdb_views(layout)
 
 
 def _check_read_only(sql: str) -> None:

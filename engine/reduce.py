@@ -20,6 +20,7 @@ from .attacks.idia import load_name_pool
 from .controls import Controls, as_column, control_set, flag_column, pvalues, pvalues_against, threshold_entry
 from .evaluate import Labels, Scored, evaluate, read_labels
 from .outputs import OutputLayout, atomic_write_json, atomic_write_table, load_schema
+from .query import duckdb_views
 
 ROC_SCHEMA = load_schema("roc")
 
@@ -50,9 +51,7 @@ class ReduceOptions:
 
 
 def _connect(layout: OutputLayout) -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect()
-    parts = str(layout.samples_dir / "*.parquet").replace("'", "''")
-    con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet('{parts}')")
+    con = duckdb_views(layout, ("samples",))
     con.execute("CREATE VIEW ok AS SELECT * FROM samples WHERE status = 'ok' AND identity IS NOT NULL")
     return con
 

@@ -107,17 +107,15 @@ def summarize(layout: OutputLayout, shards: list[str], failed: list) -> dict[str
 def cross_shard_duplicate_keys(layout: OutputLayout) -> dict[str, int]:
     """Keys that occur in more than one shard. Both rows are kept (rows are identified by
     shard + key); the counts tell the auditor that the inputs hold repeated keys."""
-    import duckdb
+    from .query import duckdb_views
 
-    parts = sorted(layout.samples_dir.glob("*.parquet"))
-    if not parts:
+    if not any(layout.samples_dir.glob("*.parquet")):
         return {"keys": 0, "rows": 0}
-    con = duckdb.connect()
+    con = duckdb_views(layout, ("samples",))
     try:
         keys, rows = con.execute(
-            "SELECT count(*), coalesce(sum(n), 0) FROM (SELECT key, count(*) AS n FROM read_parquet(?) "
-            "WHERE key IS NOT NULL GROUP BY key HAVING count(DISTINCT shard) > 1)",
-            [[str(p) for p in parts]],
+            "SELECT count(*), coalesce(sum(n), 0) FROM (SELECT key, count(*) AS n FROM samples "
+            "WHERE key IS NOT NULL GROUP BY key HAVING count(DISTINCT shard) > 1)"
         ).fetchone()
     finally:
         con.close()
