@@ -114,6 +114,8 @@ def _identity_calibration(columns: dict[str, list], opts: ReduceOptions, control
         col = f"{attack}_score"
         if col not in columns or not is_control.any():
             continue
+        if all(v is None for v in columns[col]):
+            continue  # not computed (e.g. caption_calibrated without a reference model)
         p, c = pvalues(_vec(columns[col]), is_control)
         if calibration is not None:
             calibration.setdefault("identity", {})[attack] = threshold_entry(
@@ -148,11 +150,16 @@ def _sample_calibration(layout: OutputLayout, opts: ReduceOptions, controls: Con
         return d, is_control
 
     control_scores: dict[str, list[np.ndarray]] = {a: [] for a in attacks}
+    computed: set[str] = set()
     for part in parts:
         d, is_control = read(part)
         for a in attacks:
-            s = _vec(d[f"{a}_score"])[is_control]
+            s = _vec(d[f"{a}_score"])
+            if not np.isnan(s).all():
+                computed.add(a)
+            s = s[is_control]
             control_scores[a].append(s[~np.isnan(s)])
+    attacks = [a for a in attacks if a in computed]  # e.g. no caption_calibrated without a reference model
     sorted_controls = {a: np.sort(np.concatenate(v)) if v else np.array([]) for a, v in control_scores.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     written, flagged, scored = set(), {a: 0 for a in attacks}, {a: 0 for a in attacks}

@@ -221,4 +221,5 @@ def test_reduce_cli_with_controls_and_target_fpr(job, capsys):
               for r in _rows(spec.output))
     assert cal["target_fpr"] == 0.5 and cal["image"]["caption"]["n_controls"] == 6 + bob
     assert cal["identity"]["idia"]["n_controls"] == 1 and "fewer than 2" in cal["identity"]["idia"]["note"]
+    assert "caption_calibrated" not in cal["image"]  # not computed without a reference model: no entry
     assert main(["reduce", str(spec.output), "--target-fpr", "2"]) == 2

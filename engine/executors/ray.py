@@ -162,7 +162,14 @@ class RayExecutor:
         root = str(layout.root.resolve())
         shared = ray.remote(_compute_shared).options(**resources, max_retries=spec.compute.max_retries)
         shared_ref = shared.remote(spec_json, root)
-        ray.get(shared_ref)  # fail early (e.g. a model that cannot load) before starting the pool
+        try:  # fail early (e.g. a model that cannot load) before starting the pool
+            ray.get(shared_ref, timeout=spec.compute.actor_start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(shared_ref, force=True)
+            self._give_up(deque(shards), {s: 0 for s in shards}, result, Progress(len(shards), False),
+                          f"no worker with {resources} started within {spec.compute.actor_start_timeout_s:.0f} s "
+                          f"(cluster resources: {ray.cluster_resources()})")
+            return
         actor_cls = ray.remote(_MapWorker).options(**resources, max_restarts=0, max_task_retries=0)
         pool = _ActorPool(ray, lambda: actor_cls.remote(spec_json, root, shared_ref), n_workers,
                           max_start_failures=n_workers * (spec.compute.max_retries + 1))

@@ -106,3 +106,12 @@ def test_known_nonmember_controls_without_labels_give_pvalues_flags_and_threshol
     assert member_p < held_p
     _, rows = run_query(out, "SELECT count(*) FROM sample_scores WHERE caption_flag")
     assert rows[0][0] == cal["image"]["caption"]["flagged"]
+
+
+def test_unsatisfiable_worker_resources_fail_the_shards_with_a_reason_instead_of_hanging(canary_lab, ray_session, tmp_path):
+    spec = _spec(canary_lab.job, tmp_path / "o", executor="ray", resources_per_worker={"no_such_accelerator": 1},
+                 actor_start_timeout_s=2)
+    report = run_job(spec, progress=False)
+    assert not report.ok and report.summary["shards_failed"] == len(canary_lab.shards)
+    assert all("no_such_accelerator" in f["error"] and "within 2 s" in f["error"] for f in report.summary["failed"])
+    assert report.summary["rows"] == 0
