@@ -64,7 +64,7 @@ def _fetch(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, list]:
 
 
 def identities_table(layout: OutputLayout, opts: ReduceOptions, labels: Labels | None = None,
-                     calibration: dict | None = None) -> pa.Table:
+                     calibration: dict | None = None, controls: Controls | None = None) -> pa.Table:
     """One row per identity with IDIA votes, image-score aggregates and, where controls exist,
     p-values and flags (their thresholds go to ``calibration`` when given)."""
     con = _connect(layout)
@@ -98,7 +98,8 @@ def identities_table(layout: OutputLayout, opts: ReduceOptions, labels: Labels |
             s if s is not None else (0 if n else None) for s, n in zip(columns["idia_score"], columns["n_images"])
         ]
         columns["idia_member"] = [None if s is None else s >= opts.tau for s in columns["idia_score"]]
-    controls = control_set(opts.controls, labels)
+    if controls is None:
+        controls = control_set(opts.controls, labels)
     columns.update(_identity_calibration(columns, opts, controls, calibration))
     n = len(names)
     arrays = [pa.array(columns.get(f.name, [None] * n), type=f.type) for f in IDENTITIES_SCHEMA]
@@ -126,18 +127,21 @@ def _identity_calibration(columns: dict[str, list], opts: ReduceOptions, control
     return out
 
 
-def _sample_calibration(layout: OutputLayout, opts: ReduceOptions, controls: Controls, calibration: dict) -> int:
+def _sample_calibration(layout: OutputLayout, opts: ReduceOptions, controls: Controls, calibration: dict) -> None:
     """Per-image p-values and flags among control images (images listed as controls, or of a
     control identity), one ``sample_scores/`` part per ``samples/`` part. Two passes over the
     parts (control scores first), reading only the needed columns: memory stays per part."""
+    import shutil
+
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     attacks = _image_scores(opts)
     out_dir = layout.sample_scores_dir
     parts = sorted(layout.samples_dir.glob("*.parquet"))
-    if not attacks or not controls:
-        return 0
+    if not attacks:  # no image-side scores to calibrate (e.g. an IDIA-only job)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return
     cols = ["shard", "key", "position", "identity", "status"] + [f"{a}_score" for a in attacks]
 
     def read(part: Path) -> tuple[dict[str, list], np.ndarray]:
@@ -184,7 +188,6 @@ def _sample_calibration(layout: OutputLayout, opts: ReduceOptions, controls: Con
     level = calibration.setdefault("image", {})
     for a in attacks:
         level[a] = threshold_entry(sorted_controls[a], scored[a], flagged[a], opts.target_fpr)
-    return sum(len(v) for v in sorted_controls.values())
 
 
 def _name_pool(path: Path | None) -> set[str] | None:
@@ -273,9 +276,10 @@ def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> dict[str, Any]:
     labels = read_labels(opts.labels) if opts.labels else None
     controls = control_set(opts.controls, labels)
     calibration: dict[str, Any] = {}
-    table = identities_table(layout, opts, labels, calibration)
+    table = identities_table(layout, opts, labels, calibration, controls)
     atomic_write_table(layout.identities, table)
-    _write_calibration(layout, opts, controls, calibration)
+    seen = set(table.column("identity").to_pylist())
+    _write_calibration(layout, opts, controls, calibration, seen)
     if labels is None:
         layout.metrics.unlink(missing_ok=True)
         layout.roc.unlink(missing_ok=True)
@@ -288,7 +292,6 @@ def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> dict[str, Any]:
             tables[0].scores.pop(a, None)
             tables[0].features.pop(a, None)
     metrics, roc_rows = evaluate(tables, FEATURE_ATTACKS)
-    seen = set(table.column("identity").to_pylist())
     metrics["n_unlabeled_identities"] = sum(v is None for v in table.column("label_member").to_pylist())
     metrics["n_labels_not_in_candidates"] = len(set(labels.identities) - seen)
     atomic_write_json(layout.metrics, metrics)
@@ -296,7 +299,8 @@ def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> dict[str, Any]:
     return metrics
 
 
-def _write_calibration(layout: OutputLayout, opts: ReduceOptions, controls: Controls, calibration: dict) -> None:
+def _write_calibration(layout: OutputLayout, opts: ReduceOptions, controls: Controls, calibration: dict,
+                       seen: set[str]) -> None:
     import shutil
 
     if not controls:
@@ -304,7 +308,6 @@ def _write_calibration(layout: OutputLayout, opts: ReduceOptions, controls: Cont
         shutil.rmtree(layout.sample_scores_dir, ignore_errors=True)
         return
     _sample_calibration(layout, opts, controls, calibration)
-    seen = set(layout_identities(layout))
     atomic_write_json(layout.calibration, {
         "target_fpr": opts.target_fpr,
         "controls": {"sources": controls.sources, "identities": len(controls.identities),
@@ -314,9 +317,3 @@ def _write_calibration(layout: OutputLayout, opts: ReduceOptions, controls: Cont
                   "like the controls is flagged with probability <= target_fpr.",
         **calibration,
     })
-
-
-def layout_identities(layout: OutputLayout) -> list[str]:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(layout.identities, columns=["identity"]).column("identity").to_pylist()
