@@ -94,7 +94,7 @@ class _ActorPool:
         actor = self.make_actor()
         self.starting[actor.pid.remote()] = actor
 
-    def on_started(self, ref) -> bool:
+    def on_started(self, ref) -> None:
         """An actor's ready ref resolved: idle if it started, else a replacement (bounded)."""
         actor = self.starting.pop(ref)
         try:
@@ -106,9 +106,8 @@ class _ActorPool:
             self.ray.kill(actor)
             if self.start_failures <= self.max_start_failures:
                 self.start_one()
-            return False
+            return
         self.idle.append(actor)
-        return True
 
     def replace(self, dead) -> None:
         self.ray.kill(dead)
