@@ -91,10 +91,19 @@ def pvalues_against(scores: np.ndarray, is_control: np.ndarray, controls_sorted:
     return np.where(np.isnan(s), np.nan, p)
 
 
-def threshold_entry(controls_sorted: np.ndarray, n_scored: int, flagged: int, target_fpr: float) -> dict[str, Any]:
-    """What calibration.json says about one score at one level."""
+def threshold_entry(controls_sorted: np.ndarray, n_scored: int, flagged: int, controls_flagged: int,
+                    target_fpr: float, control_groups: int | None = None) -> dict[str, Any]:
+    """What calibration.json says about one score at one level.
+
+    ``n_scored``/``flagged`` count the non-control units; ``controls_flagged`` counts controls
+    whose leave-one-out p-value is <= target_fpr (an estimate of the false-positive rate).
+    ``control_groups``: distinct identities among image controls (images of one person are
+    not independent draws).
+    """
     n = int(controls_sorted.size)
     entry: dict[str, Any] = {"n_controls": n, "n_scored": n_scored}
+    if control_groups is not None:
+        entry["control_identities"] = control_groups
     if n < 2:
         entry["note"] = "fewer than 2 controls: no calibration"
         return entry
@@ -103,10 +112,19 @@ def threshold_entry(controls_sorted: np.ndarray, n_scored: int, flagged: int, ta
         threshold=None if math.isinf(t) else t,
         min_attainable_fpr=1.0 / (n + 1),
         flagged=flagged,
+        controls_flagged_leave_one_out=controls_flagged,
+        controls_fpr_leave_one_out=controls_flagged / n,
     )
+    notes = []
     if math.isinf(t) and t > 0:
-        entry["note"] = (f"{n} controls cannot support a false-positive rate of {target_fpr}: "
-                         f"at least {math.ceil(1 / target_fpr) - 1} are needed; nothing is flagged")
+        notes.append(f"{n} controls cannot support a false-positive rate of {target_fpr}: "
+                     f"at least {math.ceil(1 / target_fpr) - 1} are needed; nothing is flagged")
+    if control_groups is not None and control_groups < n and control_groups < math.ceil(1 / target_fpr) - 1:
+        notes.append(f"the {n} control images come from only {control_groups} identities: the p-values treat "
+                     "images as independent, so images of a new non-member identity may be flagged more often "
+                     "than the target rate; add control identities")
+    if notes:
+        entry["note"] = "; ".join(notes)
     return entry
 
 

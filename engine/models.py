@@ -78,6 +78,8 @@ class LoadedModel:
         for i in range(0, len(x), chunk):
             xi = ((x[i : i + chunk].to(self.device) - mean) / std).to(self.dtype)
             pooled, tokens = v._pool(v.transformer(v._embeds(xi)))
+            if getattr(v, "final_ln_after_pool", False):  # e.g. CLIPA: ln_post was applied to the pool only
+                tokens = v.ln_post(tokens)
             pooled_out.append(torch.nn.functional.normalize((pooled @ v.proj).float(), dim=-1))
             token_out.append(torch.nn.functional.normalize((tokens @ v.proj).float(), dim=-1))
         return torch.cat(pooled_out), torch.cat(token_out)

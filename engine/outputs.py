@@ -206,6 +206,11 @@ class OutputLock:
     def __init__(self, path: Path) -> None:
         self.path, self._fd = path, None
 
+    @property
+    def held(self) -> bool:
+        """False where the file system refused ``flock`` (then another run may be writing)."""
+        return self._fd is not None
+
     def __enter__(self) -> "OutputLock":
         import fcntl
 

@@ -119,8 +119,10 @@ def _identity_calibration(columns: dict[str, list], opts: ReduceOptions, control
             continue  # not computed (e.g. caption_calibrated without a reference model)
         p, c = pvalues(_vec(columns[col]), is_control)
         if calibration is not None:
+            hit = p <= opts.target_fpr
             calibration.setdefault("identity", {})[attack] = threshold_entry(
-                c, int((~np.isnan(p)).sum()), int((p <= opts.target_fpr).sum()), opts.target_fpr)
+                c, int((~np.isnan(p) & ~is_control).sum()), int((hit & ~is_control).sum()),
+                int((hit & is_control).sum()), opts.target_fpr)
         if c.size >= 2:
             out[f"{attack}_pvalue"] = as_column(p)
             out[f"{attack}_flag"] = flag_column(p, opts.target_fpr)
@@ -166,7 +168,8 @@ def _sample_calibration(layout: OutputLayout, opts: ReduceOptions, controls: Con
     attacks = [a for a in attacks if a in computed]  # e.g. no caption_calibrated without a reference model
     sorted_controls = {a: np.sort(np.concatenate(v)) if v else np.array([]) for a, v in control_scores.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    written, flagged, scored = set(), {a: 0 for a in attacks}, {a: 0 for a in attacks}
+    written, control_identities = set(), set()
+    flagged, control_flagged, scored = ({a: 0 for a in attacks} for _ in range(3))
     for part in parts:
         d, is_control = read(part)
         columns: dict[str, list] = {k: d[k] for k in ("shard", "key", "position", "identity")}
@@ -176,8 +179,11 @@ def _sample_calibration(layout: OutputLayout, opts: ReduceOptions, controls: Con
             p = pvalues_against(s, is_control, c)
             columns[f"{a}_pvalue"] = as_column(p)
             columns[f"{a}_flag"] = flag_column(p, opts.target_fpr)
-            flagged[a] += int((p <= opts.target_fpr).sum())
-            scored[a] += int((~np.isnan(p)).sum())
+            hit = p <= opts.target_fpr
+            flagged[a] += int((hit & ~is_control).sum())
+            control_flagged[a] += int((hit & is_control).sum())
+            scored[a] += int((~np.isnan(p) & ~is_control).sum())
+        control_identities.update(i for i, c in zip(d["identity"], is_control) if c)
         n = len(columns["shard"])
         arrays = [pa.array(columns.get(f.name, [None] * n), type=f.type) for f in SAMPLE_SCORES_SCHEMA]
         atomic_write_table(out_dir / part.name, pa.Table.from_arrays(arrays, schema=SAMPLE_SCORES_SCHEMA))
@@ -187,7 +193,8 @@ def _sample_calibration(layout: OutputLayout, opts: ReduceOptions, controls: Con
             stale.unlink()
     level = calibration.setdefault("image", {})
     for a in attacks:
-        level[a] = threshold_entry(sorted_controls[a], scored[a], flagged[a], opts.target_fpr)
+        level[a] = threshold_entry(sorted_controls[a], scored[a], flagged[a], control_flagged[a], opts.target_fpr,
+                                   control_groups=len(control_identities))
 
 
 def _name_pool(path: Path | None) -> set[str] | None:
@@ -312,8 +319,9 @@ def _write_calibration(layout: OutputLayout, opts: ReduceOptions, controls: Cont
         "target_fpr": opts.target_fpr,
         "controls": {"sources": controls.sources, "identities": len(controls.identities),
                      "identities_in_candidates": len(controls.identities & seen), "images": len(controls.images)},
-        "method": "conformal: p = (1 + #{control scores >= s}) / (1 + n_controls), a control compared with the "
-                  "other controls only; flag = p <= target_fpr, i.e. score >= threshold. A new non-member drawn "
-                  "like the controls is flagged with probability <= target_fpr.",
+        "method": "conformal: p = (1 + #{control scores >= s}) / (1 + n_controls); flag = p <= target_fpr, which "
+                  "for a non-control is score >= threshold. A new non-member drawn like the controls is flagged "
+                  "with probability <= target_fpr. A control is compared with the other controls only "
+                  "(leave-one-out); `flagged` counts non-controls, `controls_flagged_leave_one_out` the controls.",
         **calibration,
     })

@@ -158,15 +158,16 @@ def _now() -> str:
 def run_job(spec: JobSpec, *, force: bool = False, progress: bool = True, spec_text: str | None = None) -> RunReport:
     """Run (or resume) an audit; the map step only touches shards without a valid marker."""
     layout = OutputLayout(spec.output)
-    with layout.lock():
-        return _run_locked(layout, spec, force, progress, spec_text)
+    with layout.lock() as lock:
+        return _run_locked(layout, spec, force, progress, spec_text, exclusive=lock.held)
 
 
-def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool, spec_text: str | None) -> RunReport:
+def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool, spec_text: str | None,
+                exclusive: bool) -> RunReport:
     started = _now()
     check_resume(layout, spec, force)
     layout.make_dirs()
-    stale = layout.remove_stale_temps()
+    stale = layout.remove_stale_temps() if exclusive else 0  # without the lock they may be a live run's
     if stale:
         log.info("removed %d temp file(s) left by an interrupted run", stale)
     atomic_write_json(layout.job_state, {

@@ -143,6 +143,22 @@ class ComputeSpec(_Strict):
     index: Literal["auto", "faiss", "torch"] = Field("auto", description="name top-k backend")
 
 
+#: Bump when the map step's per-sample values change meaning without a schema change
+#: (e.g. a feature vector gains entries), so older outputs are not resumed into newer ones.
+MAP_FEATURES_VERSION = 2  # 2: PartCrop patch-token responses appended to partcrop_features
+
+
+def map_output_format() -> dict[str, int]:
+    """Versions of what the map step writes: resuming across a change is refused."""
+    from importlib import resources
+
+    versions = {"features": MAP_FEATURES_VERSION}
+    for table in ("samples", "embeddings"):
+        doc = json.loads(resources.files("clipaudit.schemas").joinpath(f"{table}.json").read_text())
+        versions[f"{table}_schema"] = int(doc["version"])
+    return versions
+
+
 class CalibrationSpec(_Strict):
     """Thresholds and p-values from known non-members; reduce step only (not in the map hash)."""
 
@@ -189,6 +205,7 @@ class JobSpec(_Strict):
                for k in ("encodermi", "partcrop", "mim")},
             "seed": self.seed,
             "store_embeddings": self.store_embeddings,
+            "output_format": map_output_format(),
         }
 
     def map_hash(self) -> str:

@@ -46,11 +46,13 @@ def test_pvalues_leave_the_control_itself_out():
 
 
 def test_threshold_entry_says_when_there_are_too_few_controls():
-    e = threshold_entry(np.arange(20.0), n_scored=30, flagged=0, target_fpr=0.01)
+    e = threshold_entry(np.arange(20.0), n_scored=30, flagged=0, controls_flagged=0, target_fpr=0.01)
     assert e["threshold"] is None and e["min_attainable_fpr"] == pytest.approx(1 / 21)
     assert "at least 99 are needed" in e["note"]
-    ok = threshold_entry(np.arange(199.0), n_scored=300, flagged=4, target_fpr=0.01)
-    assert ok["threshold"] > 197.0 and "note" not in ok
+    ok = threshold_entry(np.arange(199.0), n_scored=300, flagged=4, controls_flagged=2, target_fpr=0.01)
+    assert ok["threshold"] > 197.0 and "note" not in ok and ok["controls_fpr_leave_one_out"] == 2 / 199
+    grouped = threshold_entry(np.arange(199.0), 300, 4, 2, 0.01, control_groups=5)
+    assert "only 5 identities" in grouped["note"] and grouped["control_identities"] == 5
 
 
 def test_a_control_labelled_member_is_an_error(tmp_path):

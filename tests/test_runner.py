@@ -223,3 +223,21 @@ def test_reduce_cli_with_controls_and_target_fpr(job, capsys):
     assert cal["identity"]["idia"]["n_controls"] == 1 and "fewer than 2" in cal["identity"]["idia"]["note"]
     assert "caption_calibrated" not in cal["image"]  # not computed without a reference model: no entry
     assert main(["reduce", str(spec.output), "--target-fpr", "2"]) == 2
+
+
+def test_without_flock_support_a_run_warns_and_keeps_other_writers_temp_files(job, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    spec = load_spec(job[0])
+    run_job(spec, progress=False)
+    live = spec.output / "samples" / ".x-0123456789.parquet.tmp-0badf00d"
+    live.write_bytes(b"PAR1 being written by another run")
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    report = run_job(spec, progress=False)
+    assert report.ok and report.summary["stale_temp_files_removed"] == 0 and live.exists()
+    assert "cannot lock" in caplog.text

@@ -109,3 +109,13 @@ def test_reference_model_paths_resolve_and_are_checked(files):
     assert spec.attacks.caption.reference_model.name == str(files / "cfg.json")
     with pytest.raises(SpecError, match="attacks.caption.reference_model.pretrained: file not found"):
         _load(files, text.replace("pretrained: w.pt}", "pretrained: nope.pt}"))
+
+
+def test_map_hash_covers_the_output_format(files, monkeypatch):
+    import clipaudit.spec as spec_module
+
+    a = _load(files, GOOD)
+    assert a.map_fingerprint()["output_format"]["samples_schema"] >= 3
+    before = a.map_hash()
+    monkeypatch.setattr(spec_module, "MAP_FEATURES_VERSION", spec_module.MAP_FEATURES_VERSION + 1)
+    assert a.map_hash() != before  # outputs of an older format are not resumed

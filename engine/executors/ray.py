@@ -63,6 +63,10 @@ def _compute_shared(spec_json: dict, output_root: str) -> dict[str, Any]:
         mapper.close()
 
 
+def _placement_probe() -> None:
+    """An empty task: it runs once a worker of the pool's shape can be placed."""
+
+
 def ensure_ray(address: str | None) -> bool:
     """Connect to (or start) Ray; True when this call started it."""
     ray = _ray()
@@ -113,6 +117,21 @@ class _ActorPool:
         self.ray.kill(dead)
         self.start_one()
 
+    def drop_dead_idle(self, timeout_s: float = 30.0) -> None:
+        """Ping the idle actors; replace those that are dead (no answer in time: kept)."""
+        if not self.idle:
+            return
+        pings = {a.pid.remote(): a for a in self.idle}
+        answered, _ = self.ray.wait(list(pings), num_returns=len(pings), timeout=timeout_s)
+        for ref in answered:
+            try:
+                self.ray.get(ref)
+            except self.ray.exceptions.RayError:
+                dead = pings[ref]
+                self.idle.remove(dead)
+                log.warning("an idle map actor is gone too; starting a replacement")
+                self.replace(dead)
+
     def alive_or_starting(self) -> bool:
         return bool(self.idle or self.starting)
 
@@ -159,16 +178,20 @@ class RayExecutor:
         n_workers = min(n_workers, len(shards))
         spec_json = spec.to_json()
         root = str(layout.root.resolve())
-        shared = ray.remote(_compute_shared).options(**resources, max_retries=spec.compute.max_retries)
-        shared_ref = shared.remote(spec_json, root)
-        try:  # fail early (e.g. a model that cannot load) before starting the pool
-            ray.get(shared_ref, timeout=spec.compute.actor_start_timeout_s)
+        # wait (bounded) until a worker of this shape can be placed at all, then (unbounded)
+        # for the shared state, whose cost grows with the name pool
+        probe = ray.remote(_placement_probe).options(**resources).remote()
+        try:
+            ray.get(probe, timeout=spec.compute.actor_start_timeout_s)
         except ray.exceptions.GetTimeoutError:
-            ray.cancel(shared_ref, force=True)
+            ray.cancel(probe, force=True)
             self._give_up(deque(shards), {s: 0 for s in shards}, result, Progress(len(shards), False),
                           f"no worker with {resources} started within {spec.compute.actor_start_timeout_s:.0f} s "
                           f"(cluster resources: {ray.cluster_resources()})")
             return
+        shared = ray.remote(_compute_shared).options(**resources, max_retries=spec.compute.max_retries)
+        shared_ref = shared.remote(spec_json, root)
+        ray.get(shared_ref)  # fail early (e.g. a model that cannot load) before starting the pool
         actor_cls = ray.remote(_MapWorker).options(**resources, max_restarts=0, max_task_retries=0)
         pool = _ActorPool(ray, lambda: actor_cls.remote(spec_json, root, shared_ref), n_workers,
                           max_start_failures=n_workers * (spec.compute.max_retries + 1))
@@ -201,12 +224,13 @@ class RayExecutor:
                 shard, actor = inflight.pop(ref)
                 try:
                     stats = ray.get(ref)
-                except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
-                    if isinstance(e, ray.exceptions.RayActorError) and not isinstance(e, ray.exceptions.RayTaskError):
+                except ray.exceptions.RayError as e:
+                    if isinstance(e, ray.exceptions.RayTaskError):  # the shard's code raised; the actor is fine
+                        pool.idle.append(actor)
+                    else:  # the actor, its process or its node is gone
                         log.warning("map actor died while on %s (worker or node lost); starting a replacement", shard)
                         pool.replace(actor)
-                    else:
-                        pool.idle.append(actor)
+                        pool.drop_dead_idle()  # a lost node takes its idle actors too: don't feed them shards
                     msg = _short_error(e)
                     if attempts[shard] <= spec.compute.max_retries:
                         log.warning("shard %s failed (attempt %d), retrying: %s", shard, attempts[shard], msg)

@@ -104,8 +104,10 @@ def test_known_nonmember_controls_without_labels_give_pvalues_flags_and_threshol
     member_p = np.median([r["caption_pvalue"] for r in scores if r["identity"] in canary_lab.members])
     held_p = np.median([r["caption_pvalue"] for r in scores if r["identity"] in held_out])
     assert member_p < held_p
-    _, rows = run_query(out, "SELECT count(*) FROM sample_scores WHERE caption_flag")
-    assert rows[0][0] == cal["image"]["caption"]["flagged"]
+    _, rows = run_query(out, "SELECT count(*) FILTER (WHERE NOT is_control), count(*) FILTER (WHERE is_control) "
+                             "FROM sample_scores WHERE caption_flag")
+    assert list(rows[0]) == [cal["image"]["caption"]["flagged"], cal["image"]["caption"]["controls_flagged_leave_one_out"]]
+    assert cal["image"]["caption"]["control_identities"] == len(controls)
 
 
 def test_unsatisfiable_worker_resources_fail_the_shards_with_a_reason_instead_of_hanging(canary_lab, ray_session, tmp_path):
