@@ -82,20 +82,24 @@ def write_synthetic_shards(folder: Path, n_images: int, per_shard: int, size: in
 
 
 def _time(fn, repeat: int = 1) -> float:
-    t0 = time.perf_counter()
+    """Median wall time of ``repeat`` calls."""
+    times = []
     for _ in range(repeat):
+        t0 = time.perf_counter()
         fn()
-    return (time.perf_counter() - t0) / repeat
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def run_bench(model: str = "ViT-B-32", pretrained: str | None = None, precision: str | None = None,
               device: str = "auto", n_images: int = 512, batch_size: int = 64, decode_threads: int = 2,
               attacks: str = "idia+caption", image_px: int = 256, n_names: int = 100,
-              workdir: Path | None = None, log=lambda msg: None) -> dict[str, Any]:
+              workdir: Path | None = None, repeat: int = 1, log=lambda msg: None) -> dict[str, Any]:
     """Run the three measurements; returns the result record (also printed by the CLI).
 
     The name pool is encoded once per job (names × 21 templates through the text tower):
     timed apart as start-up. On a CPU keep ``n_names`` small; on a GPU use a realistic pool.
+    Each rate is the median over ``repeat`` passes (the three stages interleaved per pass).
     """
     import torch
 
@@ -140,10 +144,8 @@ def run_bench(model: str = "ViT-B-32", pretrained: str | None = None, precision:
             if dev.startswith("cuda"):
                 torch.cuda.synchronize()
 
-        log(f"model loaded in {load_s:.1f} s; model-only pass ({n_batches} batches of {batch_size})")
+        log(f"model loaded in {load_s:.1f} s; {n_batches} batches of {batch_size} per pass")
         forward()  # warm-up (kernels, allocator)
-        model_s = _time(forward)
-        model_rate = n_batches * batch_size / model_s
 
         # decode only
         from concurrent.futures import ThreadPoolExecutor
@@ -160,26 +162,33 @@ def run_bench(model: str = "ViT-B-32", pretrained: str | None = None, precision:
                     n += sum(len(x) for x in done)
             return n
 
-        log(f"model only: {n_batches * batch_size / model_s:.1f} img/s; decode-only pass")
         decode([warm_shard])  # warm-up (imports, page cache)
-        decode_s = _time(decode)
-        decode_rate = n_images / decode_s
 
         # the real map step
-        log(f"decode only: {n_images / decode_s:.1f} img/s; map step set-up ({n_names} names × templates)")
+        log(f"map step set-up ({n_names} names × templates)")
         layout = OutputLayout(root / "out")
         mapper = ShardMapper(spec, layout)
         t0 = time.perf_counter()
         mapper.setup(mapper.compute_shared())
         setup_s = time.perf_counter() - t0
         mapper.map_shard(str(warm_shard))  # warm-up, like the model-only pass
-        log(f"set-up {setup_s:.1f} s; map step over {len(shards)} shards")
-        t0 = time.perf_counter()
-        rows = sum(mapper.map_shard(str(s)).rows for s in shards)
-        map_s = time.perf_counter() - t0
+        rows = 0
+
+        def map_all() -> None:
+            nonlocal rows
+            rows = sum(mapper.map_shard(str(s)).rows for s in shards)
+
+        model_t, decode_t, map_t = [], [], []
+        for i in range(repeat):  # interleaved, so slow phases of a shared machine hit all three
+            log(f"pass {i + 1}/{repeat}: model only, decode only, map step")
+            model_t.append(_time(forward))
+            decode_t.append(_time(decode))
+            map_t.append(_time(map_all))
         mapper.close()
+        model_rate = n_batches * batch_size / float(np.median(model_t))
+        decode_rate = n_images / float(np.median(decode_t))
+        map_rate = n_images / float(np.median(map_t))
         assert rows == n_images, (rows, n_images)
-        map_rate = n_images / map_s
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -189,6 +198,7 @@ def run_bench(model: str = "ViT-B-32", pretrained: str | None = None, precision:
         "image_size": loaded.image_size, "images": n_images, "batch_size": batch_size,
         "decode_threads": decode_threads, "source_px": image_px, "attacks": attacks, "names": n_names,
         "model_load_s": round(load_s, 2), "map_setup_s": round(setup_s, 2),
+        "repeat": repeat,
         "images_per_s": {"model_only": round(model_rate, 2), "decode_only": round(decode_rate, 2),
                          "map": round(map_rate, 2)},
         "ratio_to_model_only": {"decode_only": round(decode_rate / model_rate, 3),
@@ -204,7 +214,7 @@ def format_bench(r: dict[str, Any]) -> str:
         f"machine: {where}, device {m['device']}, torch {m['torch']}",
         f"model: {r['model']} ({r['precision']}, {r['image_size']} px), batch {r['batch_size']}, "
         f"{r['images']} images of {r['source_px']} px, attacks: {r['attacks']}, {r['names']} names",
-        f"{'stage':14s} {'images/s':>10s} {'× model-only':>13s}",
+        f"{'stage':14s} {'images/s':>10s} {'× model-only':>13s}   (medians of {r['repeat']} passes)",
         f"{'model only':14s} {rates['model_only']:10.1f} {1.0:13.3f}",
         f"{'decode only':14s} {rates['decode_only']:10.1f} {ratios['decode_only']:13.3f}",
         f"{'map step':14s} {rates['map']:10.1f} {ratios['map']:13.3f}",

@@ -116,7 +116,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     result = run_bench(model=args.model, pretrained=args.pretrained, precision=args.precision, device=args.device,
                        n_images=args.images, batch_size=args.batch_size, decode_threads=args.decode_threads,
-                       attacks=args.attacks, image_px=args.image_px, n_names=args.names,
+                       attacks=args.attacks, image_px=args.image_px, n_names=args.names, repeat=args.repeat,
                        log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     print(format_bench(result))
     if args.json:
@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--image-px", type=int, default=256, help="side of the synthetic JPEGs")
     b.add_argument("--names", type=int, default=100, help="name-pool size (its encoding is start-up, timed apart)")
     b.add_argument("--attacks", choices=["idia", "idia+caption", "all"], default="idia+caption")
+    b.add_argument("--repeat", type=int, default=3, help="passes per stage; rates are medians")
     b.add_argument("--json", help="also write the result record here")
     b.set_defaults(func=cmd_bench)
 
