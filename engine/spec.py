@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .data.shards import ShardPatternError, expand_shards
+from .data.shards import ShardPatternError, check_backend, expand_shards, is_url, protocol
 
 Precision = Literal["fp32", "fp16", "bf16"]
 
@@ -230,7 +230,9 @@ def _looks_like_path(value: str) -> bool:
 
 
 def _resolve(value: str, base: Path) -> str:
-    p = Path(value).expanduser()
+    if is_url(value):
+        return value  # s3://, gs://, https://, hf:// … are resolved by fsspec
+    p = Path(value.removeprefix("file://")).expanduser()
     return str(p if p.is_absolute() else (base / p))
 
 
@@ -309,7 +311,12 @@ def _check_files(spec: JobSpec) -> None:
         shards = spec.shard_list()
     except ShardPatternError as e:
         raise SpecError(f"data.shards: {e}") from None
-    missing = [s for s in shards if "://" not in s and not Path(s).is_file()]
+    for proto in sorted({protocol(s) for s in shards if is_url(s)}):
+        try:
+            check_backend(f"{proto}://")
+        except ImportError as e:
+            raise SpecError(f"data.shards: {e}") from None
+    missing = [s for s in shards if not is_url(s) and not Path(s).is_file()]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise SpecError(f"data.shards: file not found: {missing[0]}{more}")

@@ -241,3 +241,27 @@ def test_without_flock_support_a_run_warns_and_keeps_other_writers_temp_files(jo
     report = run_job(spec, progress=False)
     assert report.ok and report.summary["stale_temp_files_removed"] == 0 and live.exists()
     assert "cannot lock" in caplog.text
+
+
+def test_url_shards_through_fsspec_give_the_same_rows(job, tmp_path):
+    import fsspec
+
+    spec = load_spec(job[0])
+    local = run_job(spec, progress=False)
+    fs = fsspec.filesystem("memory")
+    urls = []
+    for shard in spec.shard_list():
+        url = f"memory://clipaudit-runner/{Path(shard).name}"
+        fs.pipe(url.removeprefix("memory:/"), Path(shard).read_bytes())
+        urls.append(url)
+    remote = spec.model_copy(update={"data": spec.data.model_copy(update={"shards": urls}), "output": tmp_path / "remote"})
+    report = run_job(remote, progress=False)
+    assert report.ok and report.summary["rows"] == local.summary["rows"]
+
+    def strip(rows):
+        return sorted((Path(r["shard"]).name, r["position"], r["key"], r["status"], r["error"], r["idia_top1"])
+                      for r in rows)
+
+    remote_rows = _rows(tmp_path / "remote")
+    assert strip(remote_rows) == strip(_rows(spec.output))
+    assert all(r["shard"].startswith("memory://") for r in remote_rows)

@@ -75,6 +75,7 @@ def test_zoo_names_are_not_treated_as_paths(files):
         ("templates: default", "templates: ['a photo of someone']", "exactly one '{}'"),
         ("  caption: {}\n", "  frobnicate: {}\n", "attacks.frobnicate: unknown key"),
         ("output: out/a", "", "output: required key is missing"),
+        ("data/{00000..00002}.tar", "nosuchproto://bucket/{00000..00002}.tar", "data.shards: reading nosuchproto://"),
         ("output: out/a", "output: out/a\ncalibration: {controls: nope.csv}", "calibration.controls: file not found"),
         ("output: out/a", "output: out/a\ncalibration: {target_fpr: 1.5}", "calibration.target_fpr"),
     ],

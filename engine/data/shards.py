@@ -1,10 +1,13 @@
-"""Shard listing: brace patterns (``{00000..00009}``), globs, or explicit lists."""
+"""Shard listing (brace patterns ``{00000..00009}``, globs, explicit lists) and opening:
+local paths directly, URLs (``s3://``, ``gs://``, ``https://``, ``hf://`` …) through fsspec."""
 
 from __future__ import annotations
 
 import glob
 import itertools
 import re
+from contextlib import contextmanager
+from typing import BinaryIO, Iterator
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
@@ -52,3 +55,51 @@ def expand_shards(shards: str | list[str]) -> list[str]:
         raise ShardPatternError("no shards listed")
     seen: set[str] = set()
     return [s for s in out if not (s in seen or seen.add(s))]
+
+
+#: fsspec backends users most often need, by protocol (what to pip install)
+_BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp",
+             "az": "adlfs", "abfs": "adlfs"}
+
+
+def is_url(shard: str) -> bool:
+    return "://" in shard and not shard.startswith("file://")
+
+
+def protocol(shard: str) -> str:
+    return shard.split("://", 1)[0].lower()
+
+
+def check_backend(shard: str) -> None:
+    """Raise ImportError naming the package to install when a URL's fsspec backend is missing."""
+    import fsspec
+
+    proto = protocol(shard)
+    try:
+        fsspec.get_filesystem_class(proto)
+        if proto in _BACKENDS:  # fsspec knows the class but imports its backend lazily
+            __import__(_BACKENDS[proto])
+    except (ImportError, ValueError) as e:
+        hint = _BACKENDS.get(proto, f"the fsspec backend for {proto}://")
+        raise ImportError(f"reading {proto}:// shards needs {hint} (pip install {hint}): {e}") from None
+
+
+@contextmanager
+def open_shard(shard: str) -> Iterator[tuple[BinaryIO, int]]:
+    """A seekable binary file and its size in bytes, for a local path or a URL."""
+    if not is_url(shard):
+        path = shard.removeprefix("file://")
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(0)
+            yield f, size
+        return
+    import fsspec
+
+    check_backend(shard)
+    with fsspec.open(shard, "rb") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        f.seek(0)
+        yield f, size

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from .shards import open_shard
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -65,22 +67,29 @@ class _Grouper:
         return done
 
 
-def _end_is_clean(path: Path, offset: int) -> bool:
+def _end_is_clean(f, offset: int) -> bool:
     """A tar ends with a zero block where the next header would be."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        block = f.read(tarfile.BLOCKSIZE)
+    f.seek(offset)
+    block = f.read(tarfile.BLOCKSIZE)
     return len(block) == tarfile.BLOCKSIZE and block.count(0) == tarfile.BLOCKSIZE
 
 
 def iter_tar_samples(path: str | Path) -> Iterator[RawSample]:
-    """Yield every sample of a local tar shard, including error samples."""
-    path = Path(path)
+    """Yield every sample of a tar shard (local path or URL), including error samples.
+
+    A shard that cannot be opened at all (missing, no permission, network) raises: the
+    executor retries it and reports it when it keeps failing.
+    """
+    with open_shard(str(path)) as (f, size):
+        yield from _samples(f, size)
+
+
+def _samples(f, size: int) -> Iterator[RawSample]:
     g = _Grouper()
     try:
-        tf = tarfile.open(path, mode="r:")
-    except tarfile.TarError as e:  # missing/unreadable files raise OSError: the shard fails and is retried
-        code = "empty_shard" if path.stat().st_size == 0 else "not_a_tar"
+        tf = tarfile.open(fileobj=f, mode="r:")
+    except tarfile.TarError as e:
+        code = "empty_shard" if size == 0 else "not_a_tar"
         yield RawSample(key=None, position=0, error=code, detail=f"cannot open tar: {e}")
         return
     with tf:
@@ -115,7 +124,7 @@ def iter_tar_samples(path: str | Path) -> Iterator[RawSample]:
                 yield done
         offset = tf.offset
     last = g.close()
-    if _end_is_clean(path, offset):
+    if _end_is_clean(f, offset):
         if last is not None:
             yield last
         return

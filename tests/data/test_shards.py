@@ -25,3 +25,35 @@ def test_bad_braces():
         expand_shards("{5..1}.tar")
     with pytest.raises(ShardPatternError):
         expand_shards("{abc}.tar")
+
+
+def test_urls_are_listed_as_given_and_need_their_backend(tmp_path):
+    import pytest
+
+    from clipaudit.data.shards import check_backend, is_url
+
+    assert expand_shards("s3://bucket/laion/{00000..00001}.tar") == ["s3://bucket/laion/00000.tar",
+                                                                   "s3://bucket/laion/00001.tar"]
+    assert is_url("s3://b/x.tar") and is_url("hf://datasets/x/y.tar") and not is_url("file:///tmp/x.tar")
+    check_backend("memory://x.tar")  # built into fsspec
+    with pytest.raises(ImportError, match="needs the fsspec backend for nosuchproto://|nosuchproto"):
+        check_backend("nosuchproto://x.tar")
+
+
+def test_memory_url_shard_reads_like_a_local_file(tmp_path):
+    import fsspec
+    from helpers import image_bytes, sample_files, write_tar
+
+    from clipaudit.data.tar_reader import iter_tar_samples
+
+    local = tmp_path / "a.tar"
+    members = sample_files("k1", "Ann", image_bytes(seed=1)) + sample_files("k2", "Bob", image_bytes(seed=2))
+    write_tar(local, members)
+    data = local.read_bytes()
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/clipaudit-test/a.tar", data)
+    fs.pipe("/clipaudit-test/cut.tar", data[: len(data) // 2])
+    as_url = [(s.key, s.files, s.error) for s in iter_tar_samples("memory://clipaudit-test/a.tar")]
+    assert as_url == [(s.key, s.files, s.error) for s in iter_tar_samples(str(local))]
+    assert [s.error for s in iter_tar_samples("memory://clipaudit-test/cut.tar")][-1] == "truncated_tar"
+    assert [s.key for s in iter_tar_samples(f"file://{local}")] == ["k1", "k2"]
