@@ -44,7 +44,10 @@ def expand_shards(shards: str | list[str]) -> list[str]:
     out: list[str] = []
     for pattern in patterns:
         for item in _expand_braces(pattern):
-            if any(c in item for c in "*?[") and "://" not in item:
+            if any(c in item for c in "*?[") and is_url(item):
+                raise ShardPatternError(f"{item!r}: globs are not expanded for URLs; use a brace pattern "
+                                        "({00000..00099}) or a list")
+            if any(c in item for c in "*?["):
                 matched = sorted(glob.glob(item))
                 if not matched:
                     raise ShardPatternError(f"no file matches {item!r}")

@@ -36,6 +36,8 @@ def test_urls_are_listed_as_given_and_need_their_backend(tmp_path):
                                                                    "s3://bucket/laion/00001.tar"]
     assert is_url("s3://b/x.tar") and is_url("hf://datasets/x/y.tar") and not is_url("file:///tmp/x.tar")
     check_backend("memory://x.tar")  # built into fsspec
+    with pytest.raises(ShardPatternError, match="globs are not expanded for URLs"):
+        expand_shards("s3://bucket/*.tar")
     with pytest.raises(ImportError, match="needs the fsspec backend for nosuchproto://|nosuchproto"):
         check_backend("nosuchproto://x.tar")
 
