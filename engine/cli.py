@@ -109,6 +109,15 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- report -----------------------------------------------------------------------
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import report_folder
+
+    report_folder(Path(args.output_dir))
+    return EXIT_OK
+
+
 # -- bench ------------------------------------------------------------------------
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -174,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "attacks get signal); shifted (non-members from another camera style: validity warning)")
     m.add_argument("--no-progress", action="store_true")
     m.set_defaults(func=cmd_demo)
+
+    rp = sub.add_parser("report", help="print what an output folder holds: summary, metrics, calibration")
+    rp.add_argument("output_dir")
+    rp.set_defaults(func=cmd_report)
 
     b = sub.add_parser("bench", help="map-step throughput beside a model-only baseline, same run (synthetic shards)")
     b.add_argument("--model", default="ViT-B-32", help="OpenCLIP name or model-config JSON (default ViT-B-32)")

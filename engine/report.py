@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 
 def _cell(m: dict, k: str) -> str:
@@ -32,21 +34,41 @@ def metrics_table(metrics: dict) -> list[str]:
     return lines
 
 
-def print_report(report, out=sys.stdout) -> None:
-    s = report.summary
+def summary_lines(s: dict) -> list[str]:
+    """The job summary (``_SUMMARY.json``) in words."""
     errs = ", ".join(f"{k}={v}" for k, v in s["errors"].items()) or "none"
-    print(f"shards: {s['shards_done']}/{s['shards']} done ({report.skipped} skipped as already done), "
-          f"{s['shards_failed']} failed", file=out)
-    print(f"samples: {s['rows']} rows, {s['ok']} ok, errors: {errs}", file=out)
+    lines = [f"samples: {s['rows']} rows, {s['ok']} ok, errors: {errs}"]
     if s.get("warnings"):
         warns = ", ".join(f"{k}={v}" for k, v in s["warnings"].items())
-        print(f"warnings (rows still scored): {warns}", file=out)
+        lines.append(f"warnings (rows still scored): {warns}")
     dup = s.get("duplicate_keys_across_shards") or {}
     if dup.get("keys"):
-        print(f"note: {dup['keys']} key(s) occur in more than one shard ({dup['rows']} rows); each row is kept "
-              "and identified by shard + key", file=out)
-    for f in s["failed"]:
-        print(f"FAILED shard {f['shard']} after {f['attempts']} attempts: {f['error']}", file=out)
+        lines.append(f"note: {dup['keys']} key(s) occur in more than one shard ({dup['rows']} rows); each row is kept "
+                     "and identified by shard + key")
+    lines += [f"FAILED shard {f['shard']} after {f['attempts']} attempts: {f['error']}" for f in s["failed"]]
+    return lines
+
+
+def calibration_lines(cal: dict) -> list[str]:
+    """``calibration.json`` in words: per level and score, controls, threshold, flagged."""
+    lines = [f"calibration at target FPR {cal['target_fpr']} from {cal['controls']['identities']} control "
+             f"identities and {cal['controls']['images']} control images ({', '.join(cal['controls']['sources'])})"]
+    for level in ("identity", "image"):
+        for attack, e in cal.get(level, {}).items():
+            if "threshold" in e:
+                t = "none (too few controls)" if e["threshold"] is None else f"{e['threshold']:.4g}"
+                lines.append(f"  {level:8s} {attack:20s} {e['n_controls']:6d} controls  threshold {t:>10s}  "
+                             f"flagged {e['flagged']}/{e['n_scored']}")
+            if "note" in e:
+                lines.append(f"  {level:8s} {attack:20s} note: {e['note']}")
+    return lines
+
+
+def print_report(report, out=sys.stdout) -> None:
+    s = report.summary
+    print(f"shards: {s['shards_done']}/{s['shards']} done ({report.skipped} skipped as already done), "
+          f"{s['shards_failed']} failed", file=out)
+    print("\n".join(summary_lines(s)), file=out)
     if report.map.done:
         rows = sum(d["rows"] for d in report.map.done)
         print(f"map: {rows} samples in {report.map.seconds:.1f} s ({rows / max(report.map.seconds, 1e-9):.1f} img/s)",
@@ -54,3 +76,26 @@ def print_report(report, out=sys.stdout) -> None:
     if report.metrics:
         print("\n".join(metrics_table(report.metrics)), file=out)
     print(f"output: {report.layout.root}", file=out)
+
+
+def report_folder(root: Path, out=sys.stdout) -> None:
+    """``clipaudit report OUT``: what an output folder holds, without recomputing anything."""
+    from .outputs import OutputLayout
+
+    layout = OutputLayout(root)
+    if not layout.summary.is_file():
+        raise FileNotFoundError(f"{root} is not a clipaudit output folder (no {layout.summary.name})")
+    if layout.manifest.is_file():
+        m = json.loads(layout.manifest.read_text())
+        sha = (m["model"].get("checkpoint_sha256") or "-")[:16]
+        print(f"model: {m['model']['name']} ({m['model'].get('pretrained') or 'no weights'}, sha256 {sha}…), "
+              f"run {m.get('started')} → {m.get('ended')}, map hash {m.get('map_hash')}", file=out)
+    s = json.loads(layout.summary.read_text())
+    print(f"shards: {s['shards_done']}/{s['shards']} done, {s['shards_failed']} failed", file=out)
+    print("\n".join(summary_lines(s)), file=out)
+    if layout.metrics.is_file():
+        print("\n".join(metrics_table(json.loads(layout.metrics.read_text()))), file=out)
+    else:
+        print("no metrics.json (no labels): see identities.parquet", file=out)
+    if layout.calibration.is_file():
+        print("\n".join(calibration_lines(json.loads(layout.calibration.read_text()))), file=out)

@@ -265,3 +265,18 @@ def test_url_shards_through_fsspec_give_the_same_rows(job, tmp_path):
     remote_rows = _rows(tmp_path / "remote")
     assert strip(remote_rows) == strip(_rows(spec.output))
     assert all(r["shard"].startswith("memory://") for r in remote_rows)
+
+
+def test_report_cli_prints_what_a_folder_holds(job, capsys):
+    from clipaudit.cli import main
+
+    spec = load_spec(job[0])
+    run_job(spec, progress=False)
+    capsys.readouterr()
+    assert main(["report", str(spec.output)]) == 0
+    out = capsys.readouterr().out
+    assert f"samples: {job[1]} rows" in out and "missing_identity=2" in out and "caption_not_utf8=1" in out
+    assert "idia " in out and "AUC" in out  # the metrics table
+    assert "calibration at target FPR 0.01" in out and "sha256" in out
+    assert main(["report", str(job[0].parent)]) == 2
+    assert "not a clipaudit output folder" in capsys.readouterr().err
