@@ -102,10 +102,12 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         metrics = reduce_outputs(layout, opts)
     wrote = [layout.identities] + [p for p in (layout.calibration, layout.metrics) if p.is_file()]
     print("wrote " + ", ".join(str(p) for p in wrote))
-    if metrics:
-        from .report import metrics_table
+    from .report import calibration_lines, metrics_table
 
+    if metrics:
         print("\n".join(metrics_table(metrics)))
+    if layout.calibration.is_file():
+        print("\n".join(calibration_lines(json.loads(layout.calibration.read_text()))))
     return EXIT_OK
 
 

@@ -214,7 +214,8 @@ def test_reduce_cli_with_controls_and_target_fpr(job, capsys):
     controls = job[0].parent / "controls.csv"
     controls.write_text("shard,key\n" + "".join(f"00002.tar,{200 + i:09d}\n" for i in range(6)))
     assert main(["reduce", str(spec.output), "--controls", str(controls), "--target-fpr", "0.5"]) == 0
-    assert "calibration.json" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "calibration.json" in printed and "calibration at target FPR 0.5" in printed
     cal = json.loads((spec.output / "calibration.json").read_text())
     # 6 image controls from the shard file + Bob Stone's images (labelled non-member)
     bob = sum(r["identity"] == "Bob Stone" and r["status"] == "ok" and not r["shard"].endswith("00002.tar")
