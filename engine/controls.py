@@ -20,7 +20,7 @@ import numpy as np
 
 from .calibrate import conformal_threshold
 from .data.samples import normalize_name
-from .evaluate import Labels, LabelsError
+from .evaluate import Labels, LabelsError, shard_file_name
 
 
 @dataclass
@@ -51,7 +51,7 @@ def read_controls(path: Path) -> Controls:
             shard, key = (row.get("shard") or "").strip(), (row.get("key") or "").strip()
             ident = normalize_name(row.get("identity") or "")
             if shard and key:
-                out.images.add((Path(shard).name, key))
+                out.images.add((shard_file_name(shard), key))
             elif ident:
                 out.identities.add(ident)
     return out

@@ -12,6 +12,7 @@ in the same fold.
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,11 @@ SHIFT_FLOOR = 0.6
 
 class LabelsError(ValueError):
     """The labels file cannot be read; the message names the line."""
+
+
+def shard_file_name(shard: str) -> str:
+    """The last path component of a shard path or URL (how labels and controls name shards)."""
+    return re.split(r"[/\\]", shard)[-1]
 
 
 @dataclass
@@ -66,7 +72,7 @@ def read_labels(path: Path) -> Labels:
                 continue
             member = _parse_member(row.get("member"), path, line_no)
             if shard and key:
-                out.images[(Path(shard).name, key)] = member
+                out.images[(shard_file_name(shard), key)] = member
             else:
                 out.identities[ident] = member
     return out

@@ -69,25 +69,52 @@ def _point(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 class _Resampler:
     """Metrics of bootstrap resamples in O(n) each: the scores are sorted once, and a resample
-    is a count per original unit (how often it was drawn), summed per distinct score."""
+    is a count per unit (how often it was drawn), summed per distinct score."""
 
     def __init__(self, scores: np.ndarray, labels: np.ndarray) -> None:
         order = np.argsort(-scores, kind="mergesort")
         s = scores[order]
         self.order, self.y = order, labels[order]
+        self.pos_at, self.neg_at = np.nonzero(self.y)[0], np.nonzero(~self.y)[0]  # places in sorted order
         self.starts = np.r_[0, np.nonzero(np.diff(s))[0] + 1]  # first index of each distinct score
+        self.ties = len(self.starts) < len(s)
 
     def point(self, counts: np.ndarray) -> dict[str, float]:
+        """Metrics of the resample that draws unit i ``counts[i]`` times (original order)."""
         c = counts[self.order].astype(np.float64)
-        tp_g = np.add.reduceat(c * self.y, self.starts)
-        fp_g = np.add.reduceat(c * ~self.y, self.starts)
+        return self._metrics(c * self.y, c * ~self.y)
+
+    def draw(self, rng: np.random.Generator) -> dict[str, float]:
+        """Metrics of one stratified resample: members and non-members each drawn with replacement."""
+        tp_g = np.zeros(len(self.y))
+        fp_g = np.zeros(len(self.y))
+        tp_g[self.pos_at] = np.bincount(rng.integers(0, len(self.pos_at), len(self.pos_at)),
+                                        minlength=len(self.pos_at))
+        fp_g[self.neg_at] = np.bincount(rng.integers(0, len(self.neg_at), len(self.neg_at)),
+                                        minlength=len(self.neg_at))
+        return self._metrics(tp_g, fp_g)
+
+    def _metrics(self, tp_g: np.ndarray, fp_g: np.ndarray) -> dict[str, float]:
+        if self.ties:  # sum per distinct score (continuous scores: every group is one unit)
+            tp_g, fp_g = np.add.reduceat(tp_g, self.starts), np.add.reduceat(fp_g, self.starts)
         tp, fp = np.cumsum(tp_g), np.cumsum(fp_g)
         p, n = tp[-1], fp[-1]
-        out = {"auc": float(np.sum(fp_g * (tp - tp_g / 2.0)) / (p * n))}
+        out = {"auc": float(np.dot(fp_g, tp - tp_g / 2.0) / (p * n))}
         for key, f in (("tpr_at_1pct_fpr", 0.01), ("tpr_at_0_1pct_fpr", 0.001)):
-            ok = fp / n <= f + 1e-12
-            out[key] = float(tp[ok].max() / p) if ok.any() else 0.0
+            k = _prefix_within(fp, n, f + 1e-12)
+            out[key] = float(tp[k - 1] / p) if k else 0.0
         return out
+
+
+def _prefix_within(fp: np.ndarray, n: float, limit: float) -> int:
+    """Length of the prefix of non-decreasing ``fp`` with ``fp / n <= limit`` (same rounding as
+    dividing every element), found by binary search instead of a pass over all of them."""
+    k = int(np.searchsorted(fp, limit * n, side="right"))
+    while k > 0 and fp[k - 1] / n > limit:
+        k -= 1
+    while k < len(fp) and fp[k] / n <= limit:
+        k += 1
+    return k
 
 
 def membership_metrics(scores: np.ndarray, labels: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -101,15 +128,13 @@ def membership_metrics(scores: np.ndarray, labels: np.ndarray, n_boot: int = 100
     out: dict = {"n_members": int(labels.sum()), "n_nonmembers": int((~labels).sum())}
     point = _point(scores, labels)
     out.update(point)
-    pos, neg = np.nonzero(labels)[0], np.nonzero(~labels)[0]
-    if len(pos) == 0 or len(neg) == 0:
+    if labels.all() or not labels.any():
         return out
     rng = np.random.default_rng(seed)
     resampler = _Resampler(scores, labels)
     boots = {k: [] for k in point}
     for _ in range(n_boot):
-        idx = np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]
-        for k, v in resampler.point(np.bincount(idx, minlength=len(scores))).items():
+        for k, v in resampler.draw(rng).items():
             boots[k].append(v)
     for k, vals in boots.items():
         lo, hi = np.percentile(vals, [2.5, 97.5])

@@ -14,11 +14,12 @@ from typing import Any
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from .attacks import idia
 from .attacks.idia import load_name_pool
 from .controls import Controls, as_column, control_set, flag_column, pvalues, pvalues_against, threshold_entry
-from .evaluate import Labels, Scored, evaluate, read_labels
+from .evaluate import Labels, Scored, evaluate, read_labels, shard_file_name
 from .outputs import OutputLayout, atomic_write_json, atomic_write_table, load_schema
 from .query import duckdb_views
 
@@ -150,7 +151,7 @@ def _sample_calibration(layout: OutputLayout, opts: ReduceOptions, controls: Con
         t = pq.read_table(part, columns=cols)
         t = t.filter(pc.equal(t["status"], "ok"))
         d = t.to_pydict()
-        shard_names = [Path(x).name for x in d["shard"]]
+        shard_names = [shard_file_name(x) for x in d["shard"]]
         is_control = np.array([i in controls.identities or (sn, k) in controls.images
                                for i, sn, k in zip(d["identity"], shard_names, d["key"])], dtype=bool)
         return d, is_control
@@ -203,14 +204,35 @@ def _name_pool(path: Path | None) -> set[str] | None:
     return set(load_name_pool(path))
 
 
-def _matrix(values: list) -> np.ndarray:
-    """A list of equal-length lists (or None) → float matrix with nan rows for None."""
+def _matrix(values) -> np.ndarray:
+    """Equal-length lists (a list, or an Arrow list column) → float matrix; nan rows for null
+    or odd-length entries. Arrow columns are converted without a Python loop over rows."""
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+        lengths = arr.value_lengths().to_numpy(zero_copy_only=False)  # null → nan
+        valid = ~np.isnan(lengths.astype(float))
+        width = int(lengths[valid][0]) if valid.any() else 0
+        out = np.full((len(arr), width), np.nan)
+        good = valid & (np.nan_to_num(lengths.astype(float), nan=-1) == width)
+        if good.any():
+            flat = pa.compute.list_flatten(arr.filter(pa.array(good))).to_numpy(zero_copy_only=False)
+            out[good] = flat.astype(float).reshape(-1, width)
+        return out
     width = next((len(v) for v in values if v is not None), 0)
     out = np.full((len(values), width), np.nan)
     for i, v in enumerate(values):
         if v is not None and len(v) == width:
             out[i] = v
     return out
+
+
+def _arrow(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
+    return con.sql(sql).to_arrow_table()
+
+
+def _arrow_vec(column) -> np.ndarray:
+    """A numeric Arrow column → float vector with nan for null."""
+    return column.to_numpy(zero_copy_only=False).astype(float)
 
 
 def _vec(values: list) -> np.ndarray:
@@ -233,19 +255,18 @@ def _identity_level(con, identities: pa.Table, labels: Labels, opts: ReduceOptio
         scores[a] = _vec([r[f"{a}_score"] for r in rows])
     con.register("labelled_names", pa.table({"identity": names}))
     feats = _feature_columns(opts)
-    per_image = _fetch(con, f"SELECT identity, {', '.join(feats)} FROM ok WHERE identity IN "
+    per_image = _arrow(con, f"SELECT identity, {', '.join(feats)} FROM ok WHERE identity IN "
                             "(SELECT identity FROM labelled_names)")
     features = {}
     index = {n: i for i, n in enumerate(names)}
-    for col in feats:
-        mat = _matrix(per_image[col])
+    rows_of = np.array([index[x] for x in per_image.column("identity").to_pylist()], dtype=np.int64)
+    for col in feats:  # mean feature vector per identity over its complete rows
+        mat = _matrix(per_image.column(col))
+        complete = ~np.isnan(mat).any(axis=1)
         sums = np.zeros((len(names), mat.shape[1]))
-        counts = np.zeros((len(names), 1))
-        for ident, row in zip(per_image["identity"], mat):
-            if not np.isnan(row).any():
-                sums[index[ident]] += row
-                counts[index[ident]] += 1
-        with np.errstate(invalid="ignore"):
+        np.add.at(sums, rows_of[complete], mat[complete])
+        counts = np.bincount(rows_of[complete], minlength=len(names)).astype(float)[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
             features[col.removesuffix("_features")] = sums / counts
     y = np.array([r["label_member"] for r in rows], dtype=bool)
     return Scored("identity", y, np.arange(len(rows)), scores, features)
@@ -261,17 +282,18 @@ def _image_level(con, labels: Labels, opts: ReduceOptions) -> Scored | None:
                     "member": list(labels.images.values())})
     con.register("image_labels", lab)
     cols = ", ".join([f"ok.{a}_score" for a in image] + [f"ok.{c}" for c in _feature_columns(opts)])
-    data = _fetch(con, f"""
+    data = _arrow(con, f"""
         SELECT ok.identity, l.member, {cols} FROM ok JOIN image_labels l
         ON l.key = ok.key AND l.shard_name = regexp_extract(ok.shard, '[^/\\\\]+$')
     """)
-    if not data["member"]:
+    if not data.num_rows:
         log.warning("labels: no image row matched a sample (rows match by shard file name and key)")
         return None
-    groups = np.unique(np.array(data["identity"], dtype=object), return_inverse=True)[1]
-    scores = {a: _vec(data[f"{a}_score"]) for a in image}
-    features = {c.removesuffix("_features"): _matrix(data[c]) for c in _feature_columns(opts)}
-    return Scored("image", np.array(data["member"], dtype=bool), groups, scores, features)
+    groups = np.unique(np.array(data.column("identity").to_pylist(), dtype=object), return_inverse=True)[1]
+    scores = {a: _arrow_vec(data.column(f"{a}_score")) for a in image}
+    features = {c.removesuffix("_features"): _matrix(data.column(c)) for c in _feature_columns(opts)}
+    member = data.column("member").to_numpy(zero_copy_only=False).astype(bool)
+    return Scored("image", member, groups, scores, features)
 
 
 def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> dict[str, Any]:

@@ -64,7 +64,8 @@ def calibration_lines(cal: dict) -> list[str]:
     return lines
 
 
-def print_report(report, out=sys.stdout) -> None:
+def print_report(report, out=None) -> None:
+    out = out or sys.stdout
     s = report.summary
     print(f"shards: {s['shards_done']}/{s['shards']} done ({report.skipped} skipped as already done), "
           f"{s['shards_failed']} failed", file=out)
@@ -78,10 +79,11 @@ def print_report(report, out=sys.stdout) -> None:
     print(f"output: {report.layout.root}", file=out)
 
 
-def report_folder(root: Path, out=sys.stdout) -> None:
+def report_folder(root: Path, out=None) -> None:
     """``clipaudit report OUT``: what an output folder holds, without recomputing anything."""
     from .outputs import OutputLayout
 
+    out = out or sys.stdout
     layout = OutputLayout(root)
     if not layout.summary.is_file():
         raise FileNotFoundError(f"{root} is not a clipaudit output folder (no {layout.summary.name})")

@@ -56,3 +56,24 @@ def test_fast_bootstrap_resample_equals_metrics_of_the_resampled_data(ties):
         fast = resampler.point(np.bincount(idx, minlength=len(s)))
         slow = _point(s[idx], y[idx])
         assert fast == pytest.approx(slow, abs=1e-12)
+
+
+def test_stratified_draw_keeps_class_sizes_and_matches_the_slow_metrics():
+    from clipaudit.metrics import _point, _Resampler
+
+    rng = np.random.default_rng(5)
+    y = rng.random(500) < 0.2
+    s = np.round(rng.normal(size=500) + y, 1)
+    r = _Resampler(s, y)
+    draw_rng = np.random.default_rng(9)
+    fast = r.draw(draw_rng)
+    # replay the same draw as explicit counts in the original order
+    replay = np.random.default_rng(9)
+    counts = np.zeros(len(s), dtype=int)
+    pos_counts = np.bincount(replay.integers(0, y.sum(), y.sum()), minlength=y.sum())
+    neg_counts = np.bincount(replay.integers(0, (~y).sum(), (~y).sum()), minlength=(~y).sum())
+    counts[r.order[r.pos_at]] = pos_counts
+    counts[r.order[r.neg_at]] = neg_counts
+    assert counts[y].sum() == y.sum() and counts[~y].sum() == (~y).sum()
+    idx = np.repeat(np.arange(len(s)), counts)
+    assert fast == pytest.approx(_point(s[idx], y[idx]), abs=1e-12)
