@@ -7,6 +7,7 @@ labels file. Aggregation runs in DuckDB, which streams over the parts.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -305,10 +306,18 @@ def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> dict[str, Any]:
     labels = read_labels(opts.labels) if opts.labels else None
     controls = control_set(opts.controls, labels)
     calibration: dict[str, Any] = {}
+    t0 = time.perf_counter()
     table = identities_table(layout, opts, labels, calibration, controls)
     atomic_write_table(layout.identities, table)
+    log.info("%d identities in %.1f s", table.num_rows, time.perf_counter() - t0)
     seen = set(table.column("identity").to_pylist())
-    _write_calibration(layout, opts, controls, calibration, seen)
+    if controls:
+        t0 = time.perf_counter()
+        _write_calibration(layout, opts, controls, calibration, seen)
+        log.info("calibration against %d control identities / %d control images in %.1f s",
+                 len(controls.identities), len(controls.images), time.perf_counter() - t0)
+    else:
+        _write_calibration(layout, opts, controls, calibration, seen)
     if labels is None:
         layout.metrics.unlink(missing_ok=True)
         layout.roc.unlink(missing_ok=True)
@@ -320,7 +329,11 @@ def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> dict[str, Any]:
         for a in _image_scores(opts):
             tables[0].scores.pop(a, None)
             tables[0].features.pop(a, None)
+    t0 = time.perf_counter()
+    log.info("metrics with bootstrap intervals for %s level(s), %d labelled units",
+             "+".join(t.level for t in tables), sum(len(t.labels) for t in tables))
     metrics, roc_rows = evaluate(tables, FEATURE_ATTACKS)
+    log.info("metrics in %.1f s", time.perf_counter() - t0)
     metrics["n_unlabeled_identities"] = sum(v is None for v in table.column("label_member").to_pylist())
     metrics["n_labels_not_in_candidates"] = len(set(labels.identities) - seen)
     atomic_write_json(layout.metrics, metrics)
