@@ -22,6 +22,7 @@ __all__ = [
     "crossfit_proba",
     "threshold_at_fpr",
     "empirical_pvalues",
+    "pvalues_sorted",
 ]
 
 STD_FLOOR = 1e-8
@@ -328,10 +329,19 @@ def threshold_at_fpr(control_scores: np.ndarray, target_fpr: float) -> float:
 
 def empirical_pvalues(scores: np.ndarray, control_scores: np.ndarray) -> np.ndarray:
     """Conformal p-values p = (1 + #{control >= s}) / (1 + n_control); NaN scores -> NaN."""
-    c = _controls(control_scores)
+    return pvalues_sorted(scores, _controls(control_scores))
+
+
+def pvalues_sorted(scores: np.ndarray, controls_sorted: np.ndarray, own: np.ndarray | None = None) -> np.ndarray:
+    """:func:`empirical_pvalues` against controls already sorted ascending. Where ``own`` is
+    true the score is itself one of the controls and is compared with the others only:
+    (1 + #{others >= s}) / (1 + n - 1) = #{controls >= s} / n."""
+    c = controls_sorted
     s = np.asarray(scores, dtype=np.float64)
     at_least = c.size - np.searchsorted(c, s, side="left")
     p = (1.0 + at_least) / (1.0 + c.size)
+    if own is not None:
+        p = np.where(own, at_least / c.size, p)
     return np.where(np.isnan(s), np.nan, p)
 
 

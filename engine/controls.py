@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .calibrate import conformal_threshold
+from .calibrate import conformal_threshold, pvalues_sorted
 from .data.samples import normalize_name
 from .evaluate import Labels, LabelsError, shard_file_name
 
@@ -80,15 +80,12 @@ def pvalues(scores: np.ndarray, is_control: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def pvalues_against(scores: np.ndarray, is_control: np.ndarray, controls_sorted: np.ndarray) -> np.ndarray:
-    """p = (1 + #{controls >= s}) / (1 + n); a control leaves itself out (#{others >= s} / (n - 1)
-    plus one, over n). NaN where the score is NaN or there are fewer than 2 controls."""
-    s, c = np.asarray(scores, dtype=float), controls_sorted
-    if c.size < 2:
+    """p = (1 + #{controls >= s}) / (1 + n); a control leaves itself out. NaN where the score
+    is NaN or there are fewer than 2 controls."""
+    s = np.asarray(scores, dtype=float)
+    if controls_sorted.size < 2:
         return np.full(s.shape, np.nan)
-    at_least = c.size - np.searchsorted(c, s, side="left")
-    own = is_control & ~np.isnan(s)
-    p = np.where(own, at_least / c.size, (1.0 + at_least) / (1.0 + c.size))
-    return np.where(np.isnan(s), np.nan, p)
+    return pvalues_sorted(s, controls_sorted, own=is_control & ~np.isnan(s))
 
 
 def threshold_entry(controls_sorted: np.ndarray, n_scored: int, flagged: int, controls_flagged: int,
