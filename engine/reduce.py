@@ -148,21 +148,21 @@ def _sample_calibration(layout: OutputLayout, opts: ReduceOptions, controls: Con
         return
     cols = ["shard", "key", "position", "identity", "status"] + [f"{a}_score" for a in attacks]
 
-    def read(part: Path) -> tuple[dict[str, list], np.ndarray]:
+    def read(part: Path) -> tuple[pa.Table, np.ndarray]:
         t = pq.read_table(part, columns=cols)
         t = t.filter(pc.equal(t["status"], "ok"))
-        d = t.to_pydict()
-        shard_names = [shard_file_name(x) for x in d["shard"]]
-        is_control = np.array([i in controls.identities or (sn, k) in controls.images
-                               for i, sn, k in zip(d["identity"], shard_names, d["key"])], dtype=bool)
-        return d, is_control
+        shard_names = [shard_file_name(x) for x in t.column("shard").to_pylist()]
+        is_control = np.array([i in controls.identities or (sn, k) in controls.images for i, sn, k in
+                               zip(t.column("identity").to_pylist(), shard_names, t.column("key").to_pylist())],
+                              dtype=bool)
+        return t, is_control
 
     control_scores: dict[str, list[np.ndarray]] = {a: [] for a in attacks}
     computed: set[str] = set()
     for part in parts:
-        d, is_control = read(part)
+        t, is_control = read(part)
         for a in attacks:
-            s = _vec(d[f"{a}_score"])
+            s = _arrow_vec(t.column(f"{a}_score"))
             if not np.isnan(s).all():
                 computed.add(a)
             s = s[is_control]
@@ -173,21 +173,19 @@ def _sample_calibration(layout: OutputLayout, opts: ReduceOptions, controls: Con
     written, control_identities = set(), set()
     flagged, control_flagged, scored = ({a: 0 for a in attacks} for _ in range(3))
     for part in parts:
-        d, is_control = read(part)
-        columns: dict[str, list] = {k: d[k] for k in ("shard", "key", "position", "identity")}
-        columns["is_control"] = is_control.tolist()
+        t, is_control = read(part)
+        columns: dict[str, Any] = {k: t.column(k) for k in ("shard", "key", "position", "identity")}
+        columns["is_control"] = pa.array(is_control)
         for a in attacks:
-            s, c = _vec(d[f"{a}_score"]), sorted_controls[a]
-            p = pvalues_against(s, is_control, c)
-            columns[f"{a}_pvalue"] = as_column(p)
-            columns[f"{a}_flag"] = flag_column(p, opts.target_fpr)
+            p = pvalues_against(_arrow_vec(t.column(f"{a}_score")), is_control, sorted_controls[a])
             hit = p <= opts.target_fpr
+            columns[f"{a}_pvalue"] = pa.array(p, mask=np.isnan(p))
+            columns[f"{a}_flag"] = pa.array(hit, mask=np.isnan(p))
             flagged[a] += int((hit & ~is_control).sum())
             control_flagged[a] += int((hit & is_control).sum())
             scored[a] += int((~np.isnan(p) & ~is_control).sum())
-        control_identities.update(i for i, c in zip(d["identity"], is_control) if c)
-        n = len(columns["shard"])
-        arrays = [pa.array(columns.get(f.name, [None] * n), type=f.type) for f in SAMPLE_SCORES_SCHEMA]
+        control_identities.update(np.array(t.column("identity").to_pylist(), dtype=object)[is_control])
+        arrays = [columns.get(f.name, pa.nulls(t.num_rows, f.type)) for f in SAMPLE_SCORES_SCHEMA]
         atomic_write_table(out_dir / part.name, pa.Table.from_arrays(arrays, schema=SAMPLE_SCORES_SCHEMA))
         written.add(part.name)
     for stale in out_dir.glob("*.parquet"):
@@ -205,25 +203,18 @@ def _name_pool(path: Path | None) -> set[str] | None:
     return set(load_name_pool(path))
 
 
-def _matrix(values) -> np.ndarray:
-    """Equal-length lists (a list, or an Arrow list column) → float matrix; nan rows for null
-    or odd-length entries. Arrow columns are converted without a Python loop over rows."""
-    if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-        lengths = arr.value_lengths().to_numpy(zero_copy_only=False)  # null → nan
-        valid = ~np.isnan(lengths.astype(float))
-        width = int(lengths[valid][0]) if valid.any() else 0
-        out = np.full((len(arr), width), np.nan)
-        good = valid & (np.nan_to_num(lengths.astype(float), nan=-1) == width)
-        if good.any():
-            flat = pa.compute.list_flatten(arr.filter(pa.array(good))).to_numpy(zero_copy_only=False)
-            out[good] = flat.astype(float).reshape(-1, width)
-        return out
-    width = next((len(v) for v in values if v is not None), 0)
-    out = np.full((len(values), width), np.nan)
-    for i, v in enumerate(values):
-        if v is not None and len(v) == width:
-            out[i] = v
+def _matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """An Arrow column of equal-length lists → float matrix; nan rows for null or odd-length
+    entries. Converted without a Python loop over rows."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = arr.value_lengths().to_numpy(zero_copy_only=False).astype(float)  # null → nan
+    valid = ~np.isnan(lengths)
+    width = int(lengths[valid][0]) if valid.any() else 0
+    out = np.full((len(arr), width), np.nan)
+    good = lengths == width  # nan (null) never equals
+    if good.any():
+        flat = pa.compute.list_flatten(arr.filter(pa.array(good))).to_numpy(zero_copy_only=False)
+        out[good] = flat.astype(float).reshape(-1, width)
     return out
 
 
