@@ -4,7 +4,8 @@ Three measurements on the same synthetic shards, machine and model:
 
 * ``model_only`` — the image tower's forward pass on images already decoded, resized and on
   the device, in batches of ``batch_size``: the ceiling the pipeline can reach;
-* ``decode_only`` — tar streaming + JPEG decode + resize on the decode threads, no model;
+* ``decode_only`` — the map step's own tar streaming + JPEG decode + resize on its decode
+  threads (:meth:`ShardMapper.decoded_batches`), no model;
 * ``map`` — the real map step (:class:`clipaudit.mapper.ShardMapper`, in-process) with the
   chosen attacks: reading, decoding, the model, the attacks, Parquet parts and markers.
 
@@ -103,8 +104,6 @@ def run_bench(model: str = "ViT-B-32", pretrained: str | None = None, precision:
     """
     import torch
 
-    from .data.samples import prepare_sample
-    from .data.tar_reader import iter_tar_samples
     from .mapper import ShardMapper
     from .models import load_model, resolve_device
     from .outputs import OutputLayout
@@ -147,23 +146,6 @@ def run_bench(model: str = "ViT-B-32", pretrained: str | None = None, precision:
         log(f"model loaded in {load_s:.1f} s; {n_batches} batches of {batch_size} per pass")
         forward()  # warm-up (kernels, allocator)
 
-        # decode only
-        from concurrent.futures import ThreadPoolExecutor
-
-        def decode(paths: list[Path] = shards) -> int:
-            n = 0
-            with ThreadPoolExecutor(decode_threads) as pool:
-                for shard in paths:
-                    raws = list(iter_tar_samples(str(shard)))
-                    chunks = [raws[i::decode_threads] for i in range(decode_threads)]
-                    done = pool.map(lambda c, s=str(shard): [prepare_sample(r, s, "identity", loaded.image_size,
-                                                                            spec.data.max_image_pixels) for r in c],
-                                    chunks)
-                    n += sum(len(x) for x in done)
-            return n
-
-        decode([warm_shard])  # warm-up (imports, page cache)
-
         # the real map step
         log(f"map step set-up ({n_names} names × templates)")
         layout = OutputLayout(root / "out")
@@ -171,7 +153,13 @@ def run_bench(model: str = "ViT-B-32", pretrained: str | None = None, precision:
         t0 = time.perf_counter()
         mapper.setup(mapper.compute_shared())
         setup_s = time.perf_counter() - t0
-        mapper.map_shard(str(warm_shard))  # warm-up, like the model-only pass
+        mapper.map_shard(str(warm_shard))  # warm-up (imports, page cache), like the model-only pass
+
+        def decode() -> None:  # the map step's own reading + decode threads, without the model
+            for shard in shards:
+                for _ in mapper.decoded_batches(str(shard)):
+                    pass
+
         rows = 0
 
         def map_all() -> None:

@@ -93,7 +93,7 @@ class ShardMapper:
         d = self.spec.data
         return [prepare_sample(r, shard, d.identity_field, self.model.image_size, d.max_image_pixels) for r in raws]
 
-    def _decoded_batches(self, shard: str) -> Iterator[list[Sample]]:
+    def decoded_batches(self, shard: str) -> Iterator[list[Sample]]:
         """Decode batch i+1 on the thread pool while the caller runs the model on batch i."""
         raw_batches = _batched(iter_tar_samples(shard), self.spec.compute.batch_size)
         threads = self.spec.compute.decode_threads
@@ -153,7 +153,7 @@ class ShardMapper:
         part = PartWriter(self.layout.sample_part(shard), SAMPLES_SCHEMA)
         emb_part = PartWriter(self.layout.embedding_part(shard), EMBEDDINGS_SCHEMA) if self.spec.store_embeddings else None
         try:
-            for samples in self._decoded_batches(shard):
+            for samples in self.decoded_batches(shard):
                 cols, emb = self._rows(samples)
                 part.write(cols)
                 ok = [s for s in samples if s.ok]
