@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import image_bytes, sample_files, write_tar
 
-from clipaudit.outputs import load_schema
+from clipaudit.io.schemas import load_schema
 from clipaudit.runner import ResumeRefused, run_job
 from clipaudit.spec import load_spec
 
@@ -145,7 +145,7 @@ def test_changed_map_settings_are_refused_unless_forced(job, tmp_path):
 
 
 def test_reduce_cli_recomputes_with_new_tau_without_the_model(job, capsys, monkeypatch):
-    import clipaudit.models
+    import clipaudit.map.models
     from clipaudit.cli import main
 
     spec = load_spec(job[0])
@@ -155,12 +155,23 @@ def test_reduce_cli_recomputes_with_new_tau_without_the_model(job, capsys, monke
     def no_model(*a, **k):
         raise AssertionError("reduce must not load the model")
 
-    monkeypatch.setattr(clipaudit.models, "load_model", no_model)
+    monkeypatch.setattr(clipaudit.map.models, "load_model", no_model)
     assert main(["reduce", str(spec.output), "--tau", "22"]) == 0
     after = {r["identity"]: r for r in pq.read_table(spec.output / "identities.parquet").to_pylist()}
     assert {k: v["idia_score"] for k, v in after.items()} == {k: v["idia_score"] for k, v in before.items()}
     assert not any(v["idia_member"] for v in after.values())  # 21 templates can never reach tau=22
     assert "wrote" in capsys.readouterr().out
+    # overrides obey the spec's own rules: tau 0 or -1 would make everyone a member
+    for bad in (["--tau", "0"], ["--tau", "-1"], ["--set", "idia.tau=zero"]):
+        assert main(["reduce", str(spec.output), *bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: --set") and "attacks.idia.tau" in err[0], err
+    assert main(["reduce", str(spec.output), "--set", "idia.top_k=3"]) == 2  # a map-side setting
+    assert "changes the map step" in capsys.readouterr().err
+    assert main(["reduce", str(spec.output), "--set", "partcrop.crops=3"]) == 2  # not enabled in this job
+    assert "is not enabled" in capsys.readouterr().err
+    unchanged = {r["identity"]: r for r in pq.read_table(spec.output / "identities.parquet").to_pylist()}
+    assert unchanged == after
 
 
 def test_caption_reference_model_gives_difficulty_calibrated_score(job, tiny_model):
@@ -181,7 +192,7 @@ def test_caption_reference_model_gives_difficulty_calibrated_score(job, tiny_mod
 
 def test_one_writer_per_output_folder(job, capsys):
     from clipaudit.cli import main
-    from clipaudit.outputs import OutputBusy, OutputLayout
+    from clipaudit.io.outputs import OutputBusy, OutputLayout
 
     spec_path, _ = job
     spec = load_spec(spec_path)

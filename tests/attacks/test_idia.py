@@ -10,27 +10,27 @@ import torch
 from clipaudit.attacks.base import MapBatch
 from clipaudit.attacks.idia import IdiaAttack, load_name_pool
 from clipaudit.data.samples import Sample
-from clipaudit.mapper import SAMPLES_SCHEMA
-from clipaudit.outputs import OutputLayout, PartWriter
+from clipaudit.io.schemas import load_schema
+from clipaudit.io.outputs import OutputLayout, PartWriter
 from clipaudit.reduce import ReduceOptions, identities_table
 
 
 def write_samples(root: Path, rows: list[dict]) -> OutputLayout:
     layout = OutputLayout(root)
     layout.make_dirs()
-    cols = {f.name: [r.get(f.name) for r in rows] for f in SAMPLES_SCHEMA}
+    cols = {f.name: [r.get(f.name) for r in rows] for f in load_schema("samples")}
     cols["shard"] = ["s.tar"] * len(rows)
     cols["position"] = list(range(len(rows)))
     cols["key"] = [str(i) for i in range(len(rows))]
     cols["status"] = [r.get("status", "ok") for r in rows]
-    w = PartWriter(layout.sample_part("s.tar"), SAMPLES_SCHEMA)
+    w = PartWriter(layout.sample_part("s.tar"), load_schema("samples"))
     w.write(cols)
     w.commit()
     return layout
 
 
 def scores(tmp_path, rows, tau=1, names=None):
-    opts = ReduceOptions(tau=tau, names=names, attacks=("idia",))
+    opts = ReduceOptions(attacks={"idia": {"tau": tau}}, names=names)
     t = identities_table(write_samples(tmp_path, rows), opts).to_pylist()
     return {r["identity"]: r for r in t}
 
@@ -104,7 +104,7 @@ def test_map_side_ranks_and_top1():
 
 
 def test_identity_pvalues_against_nonmember_controls(tmp_path):
-    from clipaudit.evaluate import Labels
+    from clipaudit.reduce.labels import Labels
 
     rows = [img("A", *["A"] * 3), img("B", "B", "B", "x"), img("C", "x", "x", "x"), img("D", "D", "x", "x"),
             img("E", "x", "x", "x")]

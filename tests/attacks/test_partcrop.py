@@ -8,7 +8,7 @@ import torch
 from clipaudit.attacks.base import MapBatch
 from clipaudit.attacks.partcrop import PartCropAttack
 from clipaudit.data.samples import Sample
-from clipaudit.models import load_model
+from clipaudit.map.models import load_model
 
 
 def _batch(model, n=3):

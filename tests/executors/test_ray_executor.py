@@ -72,8 +72,8 @@ def test_known_nonmember_controls_without_labels_give_pvalues_flags_and_threshol
     import json
     import shutil
 
-    from clipaudit.outputs import OutputLayout
-    from clipaudit.query import run_query
+    from clipaudit.io.outputs import OutputLayout
+    from clipaudit.io.query import run_query
     from clipaudit.reduce import ReduceOptions, reduce_outputs
 
     out = tmp_path / "calibrated"
@@ -82,7 +82,7 @@ def test_known_nonmember_controls_without_labels_give_pvalues_flags_and_threshol
     (tmp_path / "controls.csv").write_text("identity\n" + "".join(f"{n}\n" for n in controls))
     opts = ReduceOptions(attacks=("idia", "caption"), names=canary_lab.names, controls=tmp_path / "controls.csv",
                          target_fpr=0.2)
-    assert reduce_outputs(OutputLayout(out), opts) == {}  # no labels: no metrics, but calibration
+    assert reduce_outputs(OutputLayout(out), opts).metrics == {}  # no labels: no metrics, but calibration
     assert not (out / "metrics.json").exists()
     cal = json.loads((out / "calibration.json").read_text())
     assert cal["identity"]["idia"]["n_controls"] == len(controls) and cal["target_fpr"] == 0.2

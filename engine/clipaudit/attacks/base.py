@@ -1,0 +1,55 @@
+"""The shape every attack has on the map side.
+
+An attack's map-side implementation contributes per-sample columns (those its registry
+entry declares, see :mod:`.registry`) computed from a batch of image embeddings
+(``compute``). Expensive per-job state (e.g. the name pool's text embeddings) is made
+once by ``shared_state`` on one worker and handed to every worker's ``bind``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from ..data.samples import Sample
+from ..map.models import LoadedModel
+
+
+@dataclass
+class MapBatch:
+    """What an attack sees of a batch of ok samples (same order everywhere)."""
+
+    samples: list[Sample]
+    images: torch.Tensor  # float B×3×S×S in [0, 1], on the model's device
+    emb: torch.Tensor  # L2-normalised image embeddings, float32 B×D
+    model: LoadedModel
+    seed: int  # the job seed; per-sample randomness derives from it and the key
+    chunk: int  # forward-pass chunk size (images per model call)
+
+
+class MapAttack(Protocol):
+    name: str
+
+    def shared_state(self, model: LoadedModel) -> Any:
+        """Per-job state computed once (may return None)."""
+        ...
+
+    def bind(self, state: Any, model: LoadedModel, index_backend: str) -> None:
+        """Prepare a worker with the model and the shared state."""
+        ...
+
+    def compute(self, batch: MapBatch) -> dict[str, list]:
+        """Column values for a batch of ok samples (same order as ``batch.samples``)."""
+        ...
+
+
+class StatelessAttack:
+    """Base for attacks without per-job state: ``shared_state``/``bind`` do nothing."""
+
+    def shared_state(self, model: LoadedModel) -> Any:
+        return None
+
+    def bind(self, state: Any, model: LoadedModel, index_backend: str) -> None:
+        pass

@@ -1,0 +1,76 @@
+"""EncoderMI (after Liu et al.): an overfitted encoder maps augmented views of a training
+image to more similar embeddings.
+
+Map side: n views per image (random resized crop, flip, colour jitter, grayscale — drawn
+per image on the device), the n(n−1)/2 pairwise cosines of their embeddings, sorted
+(``encodermi_features``, the "vector"/"set" attack input) and their mean
+(``encodermi_score``, the threshold attack). Higher = more member-like.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .augment import encodermi_views
+from .base import MapBatch, StatelessAttack
+from .registry import LOGISTIC, Attack, Column, Learned, Score, register
+from .views import embed_views, rows, scale_range
+
+
+class EncoderMIParams(BaseModel):
+    """EncoderMI: pairwise similarity of n augmented views."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    views: int = Field(10, ge=2, le=256)
+    scale: tuple[float, float] = (0.2, 1.0)
+    _check = field_validator("scale")(classmethod(lambda cls, v: scale_range(v)))
+
+
+class EncoderMIAttack(StatelessAttack):
+    name = "encodermi"
+
+    def __init__(self, views: int = 10, scale: tuple[float, float] = (0.2, 1.0)) -> None:
+        self.views = views
+        self.scale = scale
+
+    def compute(self, batch: MapBatch) -> dict[str, list]:
+        n = self.views
+        emb = embed_views(batch, n, "encodermi", lambda im, rngs: encodermi_views(im, rngs, n, self.scale))
+        sim = emb @ emb.transpose(1, 2)  # B×n×n
+        iu = torch.triu_indices(n, n, offset=1, device=sim.device)
+        pairs = sim[:, iu[0], iu[1]].sort(dim=1).values
+        return {"encodermi_score": pairs.mean(1).tolist(), "encodermi_features": rows(pairs)}
+
+
+def set_pooling(X: np.ndarray, bins: int = 10) -> np.ndarray:
+    """Order-invariant summary of each row's values (EncoderMI's set variant): a normalised
+    histogram over [0, 1] plus mean and standard deviation. Rows with nan stay nan."""
+    bad = np.isnan(X).any(axis=1)
+    Z = np.nan_to_num(np.clip(X, 0.0, 1.0))
+    edges = np.linspace(0.0, 1.0, bins + 1)[1:-1]
+    which = np.searchsorted(edges, Z, side="right")
+    hist = np.stack([(which == b).mean(axis=1) for b in range(bins)], axis=1)
+    out = np.column_stack([hist, np.nanmean(np.where(bad[:, None], 0, X), axis=1), np.std(Z, axis=1)])
+    out[bad] = np.nan
+    return out
+
+
+ENCODERMI = register(Attack(
+    name="encodermi",
+    title="EncoderMI (augmented-view similarity)",
+    params=EncoderMIParams,
+    build=lambda p, job: EncoderMIAttack(p.views, p.scale),
+    columns=(
+        Column("encodermi_score", pa.float32(), "EncoderMI: mean pairwise cosine of n augmented views (null when off)"),
+        Column("encodermi_features", pa.list_(pa.float32()), "EncoderMI: the n(n-1)/2 pairwise cosines, sorted"),
+    ),
+    scores=(Score("encodermi", "image", "mean EncoderMI score over the identity's images"),),
+    features="encodermi_features",
+    learned=(LOGISTIC, Learned("learned_set", "set", "learned set (cross-fitted logistic on a histogram + mean + std "
+                                                     "of the feature values, order-invariant, 5 folds by identity)",
+                               set_pooling)),
+))

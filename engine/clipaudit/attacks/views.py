@@ -1,0 +1,51 @@
+"""Shared machinery of the image-side attacks: embed many derived views per image in
+chunks that fit the device, and compare them with the image's own embedding."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .augment import sample_rng
+from .base import MapBatch
+
+
+def per_image_rngs(batch: MapBatch, stream: str) -> list[np.random.Generator]:
+    return [sample_rng(batch.seed, s.key, s.position, stream) for s in batch.samples]
+
+
+def embed_views(batch: MapBatch, per_image: int, stream: str,
+                make: Callable[[torch.Tensor, list[np.random.Generator]], torch.Tensor]) -> torch.Tensor:
+    """Embeddings of ``per_image`` derived views of every image: B×per_image×D.
+
+    ``make(images, rngs)`` returns the views of a group of images, image-major. Groups are
+    sized so one group's views fit in one forward chunk.
+    """
+    rngs = per_image_rngs(batch, stream)
+    group = max(1, batch.chunk // per_image)
+    out = []
+    for i in range(0, len(rngs), group):
+        views = make(batch.images[i : i + group], rngs[i : i + group])
+        out.append(batch.model.encode_unit(views, batch.chunk))
+    emb = torch.cat(out)
+    return emb.view(len(rngs), per_image, -1)
+
+
+def quantile_summary(x: torch.Tensor, q: int = 11) -> torch.Tensor:
+    """B×k values → B×(q + 2): q evenly spaced quantiles, mean and std."""
+    qs = torch.linspace(0, 1, q, device=x.device)
+    return torch.cat([torch.quantile(x, qs, dim=1).T, x.mean(1, keepdim=True), x.std(1, keepdim=True, unbiased=False)], 1)
+
+
+def rows(t: torch.Tensor) -> list[list[float]]:
+    return t.float().cpu().numpy().round(5).tolist()
+
+
+def scale_range(v: tuple[float, float]) -> tuple[float, float]:
+    """Validate a crop-area range (0 < low <= high <= 1)."""
+    lo, hi = v
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {list(v)}")
+    return v

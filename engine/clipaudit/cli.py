@@ -1,0 +1,275 @@
+"""``clipaudit`` command line: run | reduce | demo | query.
+
+Exit codes: 0 success; 1 some shards failed after all retries; 2 bad input (spec, files,
+model, query) with one clear message and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+EXIT_OK, EXIT_FAILED_SHARDS, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class UserError(Exception):
+    """Printed as ``error: <message>`` with exit code 2."""
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("clipaudit").setLevel(logging.DEBUG if verbose else logging.INFO)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .data.names import NamePoolError
+    from .map.models import ModelLoadError
+    from .io.query import QueryError
+    from .reduce.labels import LabelsError
+    from .io.outputs import OutputBusy
+    from .runner import ResumeRefused
+    from .spec import SpecError
+
+    return (SpecError, ModelLoadError, ResumeRefused, QueryError, LabelsError, NamePoolError, UserError,
+            OutputBusy, FileNotFoundError)
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """Ray wraps exceptions raised in tasks; surface the original one."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, BaseException) else e
+
+
+# -- run ------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runner import run_job
+    from .spec import load_spec
+
+    spec = load_spec(args.job)
+    if args.output:
+        spec = spec.model_copy(update={"output": Path(args.output).resolve()})
+    if args.dry_run:
+        from .io.outputs import OutputLayout
+
+        shards = spec.shard_list()
+        layout = OutputLayout(spec.output)
+        done = sum(layout.is_done(s) for s in shards)
+        print(f"job {args.job}: valid. model={spec.model.name} pretrained={spec.model.pretrained}")
+        print(f"shards: {len(shards)} ({done} already done), output: {spec.output}, executor: {spec.compute.executor}")
+        print(f"map hash: {spec.map_hash()}")
+        return EXIT_OK
+    from .io.report import print_report
+
+    report = run_job(spec, force=args.force, progress=not args.no_progress, spec_text=Path(args.job).read_text())
+    print_report(report)
+    print(f'query: clipaudit query {report.layout.root} "SELECT * FROM identities ORDER BY idia_score DESC LIMIT 10"')
+    return EXIT_OK if report.ok else EXIT_FAILED_SHARDS
+
+
+# -- reduce -----------------------------------------------------------------------
+
+def _reduce_overrides(opts, settings: list[str]):
+    """Apply ``ATTACK.KEY=VALUE`` settings to reduce-only attack parameters, validated by the
+    attack's own spec model (so the reduce step accepts exactly what a job spec accepts)."""
+    from dataclasses import replace
+
+    import yaml
+    from pydantic import ValidationError
+
+    from .attacks.registry import get
+
+    params = dict(opts.attacks)
+    for setting in settings:
+        target, sep, value = setting.partition("=")
+        name, dot, key = target.partition(".")
+        if not (sep and dot and name and key):
+            raise UserError(f"--set {setting!r}: expected ATTACK.KEY=VALUE, e.g. idia.tau=3")
+        if name not in params:
+            raise UserError(f"--set {setting!r}: attack {name!r} is not enabled in this audit "
+                            f"(enabled: {', '.join(params) or 'none'})")
+        attack = get(name)
+        if key not in attack.reduce_only:
+            allowed = ", ".join(sorted(attack.reduce_only)) or "none"
+            raise UserError(f"--set {setting!r}: {name}.{key} changes the map step (rerun with `clipaudit run`); "
+                            f"reduce-only parameters of {name}: {allowed}")
+        try:
+            params[name] = attack.params.model_validate({**params[name].model_dump(), key: yaml.safe_load(value)})
+        except ValidationError as e:
+            msg = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+            raise UserError(f"--set {setting!r}: attacks.{name}.{msg}") from None
+    return replace(opts, attacks=params)
+
+
+def cmd_reduce(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .io.outputs import OutputLayout
+    from .reduce import reduce_outputs
+    from .runner import reduce_options, saved_spec
+
+    layout = OutputLayout(Path(args.output_dir))
+    opts = reduce_options(saved_spec(layout))
+    settings = list(args.set or [])
+    if args.tau is not None:
+        settings.insert(0, f"idia.tau={args.tau}")
+    opts = _reduce_overrides(opts, settings)
+    if args.labels is not None:
+        if not Path(args.labels).is_file():
+            raise UserError(f"labels: file not found: {args.labels}")
+        opts = replace(opts, labels=Path(args.labels))
+    if args.controls is not None:
+        if not Path(args.controls).is_file():
+            raise UserError(f"controls: file not found: {args.controls}")
+        opts = replace(opts, controls=Path(args.controls))
+    if args.target_fpr is not None:
+        if not 0 < args.target_fpr < 1:
+            raise UserError(f"--target-fpr must be between 0 and 1, got {args.target_fpr}")
+        opts = replace(opts, target_fpr=args.target_fpr)
+    with layout.lock():
+        result = reduce_outputs(layout, opts)
+    print("wrote " + ", ".join(str(p) for p in result.written))
+    from .io.report import calibration_lines, metrics_table
+
+    if result.metrics:
+        print("\n".join(metrics_table(result.metrics)))
+    if result.calibration is not None:
+        print("\n".join(calibration_lines(result.calibration)))
+    return EXIT_OK
+
+
+# -- report -----------------------------------------------------------------------
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .io.report import report_folder
+
+    report_folder(Path(args.output_dir))
+    return EXIT_OK
+
+
+# -- bench ------------------------------------------------------------------------
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import attack_set, format_bench, run_bench
+
+    try:
+        attack_set(args.attacks)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+    result = run_bench(model=args.model, pretrained=args.pretrained, precision=args.precision, device=args.device,
+                       n_images=args.images, batch_size=args.batch_size, decode_threads=args.decode_threads,
+                       attacks=args.attacks, image_px=args.image_px, n_names=args.names, repeat=args.repeat,
+                       log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    print(format_bench(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return EXIT_OK
+
+
+# -- query ------------------------------------------------------------------------
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from .io.query import FORMATTERS, run_query
+
+    columns, rows = run_query(args.output_dir, args.sql)
+    text = FORMATTERS[args.format](columns, rows)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return EXIT_OK
+
+
+# -- demo -------------------------------------------------------------------------
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .lab.demo import LAB_PRESETS, run_demo
+
+    return run_demo(Path(args.output), progress=not args.no_progress, cfg=LAB_PRESETS[args.lab])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clipaudit", description="Membership-inference audits of CLIP models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run (or resume) an audit described by a job YAML")
+    r.add_argument("job", help="job spec YAML")
+    r.add_argument("--output", help="output folder (overrides the spec's `output`)")
+    r.add_argument("--force", action="store_true", help="recompute everything, discarding earlier outputs")
+    r.add_argument("--dry-run", action="store_true", help="validate the spec and list the work, run nothing")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("reduce", help="recompute identities.parquet and metrics.json (no model)")
+    d.add_argument("output_dir")
+    d.add_argument("--tau", type=int, help="IDIA threshold (default: the job's); short for --set idia.tau=N")
+    d.add_argument("--set", action="append", metavar="ATTACK.KEY=VALUE",
+                   help="change a reduce-only attack parameter, e.g. idia.tau=3 (repeatable; default: the job's)")
+    d.add_argument("--labels", help="labels CSV (default: the job's)")
+    d.add_argument("--controls", help="CSV of known non-members (identity and/or shard,key rows) for "
+                                      "p-values and thresholds (default: the job's calibration.controls)")
+    d.add_argument("--target-fpr", type=float, help="flag scores whose control p-value is at most this "
+                                                     "(default: the job's calibration.target_fpr, 0.01)")
+    d.set_defaults(func=cmd_reduce)
+
+    m = sub.add_parser("demo", help="self-contained synthetic audit (canary lab), a few minutes on a CPU")
+    m.add_argument("--output", default="clipaudit-demo", help="folder for the lab and results")
+    m.add_argument("--lab", choices=["default", "overfit", "shifted"], default="default",
+                   help="canary preset: default; overfit (1 photo per member, augmented training: image-level "
+                        "attacks get signal); shifted (non-members from another camera style: validity warning)")
+    m.add_argument("--no-progress", action="store_true")
+    m.set_defaults(func=cmd_demo)
+
+    rp = sub.add_parser("report", help="print what an output folder holds: summary, metrics, calibration")
+    rp.add_argument("output_dir")
+    rp.set_defaults(func=cmd_report)
+
+    b = sub.add_parser("bench", help="map-step throughput beside a model-only baseline, same run (synthetic shards)")
+    b.add_argument("--model", default="ViT-B-32", help="OpenCLIP name or model-config JSON (default ViT-B-32)")
+    b.add_argument("--pretrained", default=None, help="weights (default: random init — same speed, no download)")
+    b.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on GPU, fp32 on CPU")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--images", type=int, default=512)
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--decode-threads", type=int, default=2)
+    b.add_argument("--image-px", type=int, default=256, help="side of the synthetic JPEGs")
+    b.add_argument("--names", type=int, default=100, help="name-pool size (its encoding is start-up, timed apart)")
+    b.add_argument("--attacks", default="default",
+                   help="all, default, or registered attack names joined by + (default: default = the attacks a job runs by default)")
+    b.add_argument("--repeat", type=int, default=3, help="passes per stage; rates are medians")
+    b.add_argument("--json", help="also write the result record here")
+    b.set_defaults(func=cmd_bench)
+
+    q = sub.add_parser("query", help="SQL (DuckDB) over the outputs: views samples, identities, embeddings, "
+                                          "sample_scores")
+    q.add_argument("output_dir")
+    q.add_argument("sql")
+    q.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    q.set_defaults(func=cmd_query)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted: completed shards are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001
+        inner = _unwrap(e)
+        if isinstance(inner, _user_errors()):
+            print(f"error: {inner}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Ray executor: a pool of map actors (one per GPU, or fractional CPUs), shards handed
+out dynamically to actors that have started, bounded retries, dead actors (a killed
+worker, a lost node) replaced by new ones placed wherever resources remain.
+
+The per-job shared state (name-pool text embeddings) is computed once by a Ray task with
+a worker's resources, put in the object store, and passed to every actor's constructor —
+so an actor that Ray restarts after a crash gets it again without recomputation.
+Actors write their shard's parts and marker themselves; the driver only keeps score.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from typing import Any
+
+from ..io.outputs import OutputLayout
+from ..spec import JobSpec
+from .base import MapResult, Progress, ShardFailure
+from .shared import load_or_compute_shared
+
+log = logging.getLogger(__name__)
+
+
+def _ray():
+    import ray  # imported lazily: the local executor and reduce never need it
+
+    return ray
+
+
+class _MapWorker:
+    """Ray actor body: one model per actor, one shard per call."""
+
+    def __init__(self, spec_json: dict, output_root: str, shared: dict[str, Any]) -> None:
+        from pathlib import Path
+
+        from ..map.mapper import ShardMapper
+
+        spec = JobSpec.model_validate(spec_json)
+        self.mapper = ShardMapper(spec, OutputLayout(Path(output_root)))
+        self.mapper.setup(shared)
+
+    def map_shard(self, shard: str) -> dict:
+        return self.mapper.map_shard(shard).to_dict()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _compute_shared(spec_json: dict, output_root: str) -> dict[str, Any]:
+    from pathlib import Path
+
+    from ..map.mapper import ShardMapper
+
+    spec = JobSpec.model_validate(spec_json)
+    layout = OutputLayout(Path(output_root))
+    mapper = ShardMapper(spec, layout)
+    try:
+        return load_or_compute_shared(layout, spec, mapper.compute_shared)
+    finally:
+        mapper.close()
+
+
+def _placement_probe() -> None:
+    """An empty task: it runs once a worker of the pool's shape can be placed."""
+
+
+def ensure_ray(address: str | None) -> bool:
+    """Connect to (or start) Ray; True when this call started it."""
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    return True
+
+
+class _ActorPool:
+    """Map actors in three states: starting (placement or model load pending), idle, busy.
+
+    Work goes only to actors that have started, so an actor waiting for resources that a
+    lost node took with it never holds a shard; a dead actor is replaced by a new starting one.
+    """
+
+    def __init__(self, ray, make_actor, size: int, max_start_failures: int) -> None:
+        self.ray, self.make_actor = ray, make_actor
+        self.starting: dict[Any, Any] = {}  # ready ref → actor
+        self.idle: deque = deque()
+        self.start_failures, self.max_start_failures = 0, max_start_failures
+        self.last_error = ""
+        for _ in range(size):
+            self.start_one()
+
+    def start_one(self) -> None:
+        actor = self.make_actor()
+        self.starting[actor.pid.remote()] = actor
+
+    def on_started(self, ref) -> None:
+        """An actor's ready ref resolved: idle if it started, else a replacement (bounded)."""
+        actor = self.starting.pop(ref)
+        try:
+            self.ray.get(ref)
+        except self.ray.exceptions.RayError as e:
+            self.start_failures += 1
+            self.last_error = _short_error(e)
+            log.warning("a map actor failed to start (%d so far): %s", self.start_failures, self.last_error)
+            self.ray.kill(actor)
+            if self.start_failures <= self.max_start_failures:
+                self.start_one()
+            return
+        self.idle.append(actor)
+
+    def replace(self, dead) -> None:
+        self.ray.kill(dead)
+        self.start_one()
+
+    def drop_dead_idle(self, timeout_s: float = 30.0) -> None:
+        """Ping the idle actors; replace those that are dead (no answer in time: kept)."""
+        if not self.idle:
+            return
+        pings = {a.pid.remote(): a for a in self.idle}
+        answered, _ = self.ray.wait(list(pings), num_returns=len(pings), timeout=timeout_s)
+        for ref in answered:
+            try:
+                self.ray.get(ref)
+            except self.ray.exceptions.RayError:
+                dead = pings[ref]
+                self.idle.remove(dead)
+                log.warning("an idle map actor is gone too; starting a replacement")
+                self.replace(dead)
+
+    def alive_or_starting(self) -> bool:
+        return bool(self.idle or self.starting)
+
+    def kill_all(self, busy: list) -> None:
+        for a in [*self.idle, *self.starting.values(), *busy]:
+            self.ray.kill(a)
+
+
+class RayExecutor:
+    """Maps shards on a pool of Ray actors."""
+
+    def _pool_shape(self, spec: JobSpec) -> tuple[int, dict[str, Any]]:
+        ray = _ray()
+        cluster = ray.cluster_resources()
+        c = spec.compute
+        extra = {"resources": dict(c.resources_per_worker)} if c.resources_per_worker else {}
+        slots = [int(cluster.get(k, 0.0) // v) for k, v in c.resources_per_worker.items() if v > 0]
+        if cluster.get("GPU", 0.0) > 0 and c.gpus_per_worker > 0 and c.device != "cpu":
+            slots.append(int(cluster["GPU"] // c.gpus_per_worker))
+            shape = {"num_gpus": c.gpus_per_worker, "num_cpus": c.cpus_per_worker, **extra}
+        else:
+            shape = {"num_cpus": c.cpus_per_worker, "num_gpus": 0, **extra}
+        if c.workers:
+            return c.workers, shape
+        return (max(1, min(slots)) if slots else 2), shape
+
+    def run(self, spec: JobSpec, layout: OutputLayout, shards: list[str], progress: bool = True) -> MapResult:
+        t0 = time.perf_counter()
+        result = MapResult()
+        if not shards:
+            return result
+        ray = _ray()
+        started = ensure_ray(spec.compute.ray_address)
+        try:
+            self._run(ray, spec, layout, shards, progress, result)
+        finally:
+            if started:
+                ray.shutdown()
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def _run(self, ray, spec: JobSpec, layout: OutputLayout, shards: list[str], progress: bool, result: MapResult) -> None:
+        n_workers, resources = self._pool_shape(spec)
+        n_workers = min(n_workers, len(shards))
+        spec_json = spec.to_json()
+        root = str(layout.root.resolve())
+        # wait (bounded) until a worker of this shape can be placed at all, then (unbounded)
+        # for the shared state, whose cost grows with the name pool
+        probe = ray.remote(_placement_probe).options(**resources).remote()
+        try:
+            ray.get(probe, timeout=spec.compute.actor_start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(probe, force=True)
+            self._give_up(deque(shards), {s: 0 for s in shards}, result, Progress(len(shards), False),
+                          f"no worker with {resources} started within {spec.compute.actor_start_timeout_s:.0f} s "
+                          f"(cluster resources: {ray.cluster_resources()})")
+            return
+        shared = ray.remote(_compute_shared).options(**resources, max_retries=spec.compute.max_retries)
+        shared_ref = shared.remote(spec_json, root)
+        ray.get(shared_ref)  # fail early (e.g. a model that cannot load) before starting the pool
+        actor_cls = ray.remote(_MapWorker).options(**resources, max_restarts=0, max_task_retries=0)
+        pool = _ActorPool(ray, lambda: actor_cls.remote(spec_json, root, shared_ref), n_workers,
+                          max_start_failures=n_workers * (spec.compute.max_retries + 1))
+        log.info("map: %d shards on %d actors (%s)", len(shards), n_workers, resources)
+
+        todo = deque(shards)
+        attempts: dict[str, int] = {s: 0 for s in shards}
+        inflight: dict[Any, tuple[str, Any]] = {}
+        bar = Progress(len(shards), progress)
+        try:
+            while todo or inflight:
+                while todo and pool.idle:
+                    shard, actor = todo.popleft(), pool.idle.popleft()
+                    attempts[shard] += 1
+                    inflight[actor.map_shard.remote(shard)] = (shard, actor)
+                if not inflight and not pool.alive_or_starting():
+                    self._give_up(todo, attempts, result, bar, f"no map actor could start: {pool.last_error}")
+                    break
+                timeout = None if inflight else spec.compute.actor_start_timeout_s
+                ready, _ = ray.wait([*inflight, *pool.starting], num_returns=1, timeout=timeout)
+                if not ready:
+                    self._give_up(todo, attempts, result, bar,
+                                  f"no map actor started within {timeout:.0f} s (cluster resources "
+                                  f"{ray.available_resources()}, per actor {resources})")
+                    break
+                ref = ready[0]
+                if ref in pool.starting:
+                    pool.on_started(ref)
+                    continue
+                shard, actor = inflight.pop(ref)
+                try:
+                    stats = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    if isinstance(e, ray.exceptions.RayTaskError):  # the shard's code raised; the actor is fine
+                        pool.idle.append(actor)
+                    else:  # the actor, its process or its node is gone
+                        log.warning("map actor died while on %s (worker or node lost); starting a replacement", shard)
+                        pool.replace(actor)
+                        pool.drop_dead_idle()  # a lost node takes its idle actors too: don't feed them shards
+                    msg = _short_error(e)
+                    if attempts[shard] <= spec.compute.max_retries:
+                        log.warning("shard %s failed (attempt %d), retrying: %s", shard, attempts[shard], msg)
+                        todo.append(shard)
+                    else:
+                        log.error("shard %s failed after %d attempts: %s", shard, attempts[shard], msg)
+                        result.failed.append(ShardFailure(shard, attempts[shard], msg))
+                        bar.shard_done()
+                    continue
+                pool.idle.append(actor)
+                result.done.append(stats)
+                bar.add_images(stats["rows"])
+                bar.shard_done()
+        finally:
+            bar.close()
+            pool.kill_all([a for _, a in inflight.values()])
+
+    @staticmethod
+    def _give_up(todo: deque, attempts: dict[str, int], result: MapResult, bar: Progress, why: str) -> None:
+        log.error("%d shard(s) not mapped: %s", len(todo), why)
+        while todo:
+            shard = todo.popleft()
+            result.failed.append(ShardFailure(shard, attempts[shard], why))
+            bar.shard_done()
+
+
+def _short_error(e: Exception) -> str:
+    cause = getattr(e, "cause", None)
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}"
+    text = str(e).strip().splitlines()
+    return text[-1] if text else type(e).__name__

@@ -1,0 +1,26 @@
+"""Per-job attack state (name-pool text embeddings), cached under ``_cache/`` by map hash."""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Callable
+
+import numpy as np
+
+from ..io.outputs import OutputLayout, atomic_write_bytes
+from ..spec import JobSpec
+
+
+def load_or_compute_shared(layout: OutputLayout, spec: JobSpec, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Reuse the cached state of an earlier (interrupted) run of the same job, else compute it."""
+    path = layout.cache_dir / f"shared-{spec.map_hash()}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    shared = compute()
+    arrays = {k: v for k, v in shared.items() if isinstance(v, np.ndarray)}
+    layout.make_dirs()
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+    return {k: shared.get(k) for k in shared}

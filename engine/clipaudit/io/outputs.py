@@ -1,0 +1,213 @@
+"""The output folder: layout, versioned schemas, atomic writes and per-shard markers.
+
+A shard is done when its Parquet part(s) exist *and* its marker ``samples/_<part>.done.json``
+(written last) agrees with the part's row count. Anything else means "redo". Every file
+is written to a hidden temp name in the same folder, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+def part_name(shard: str) -> str:
+    """A stable, file-system-safe part name for a shard path."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(shard).name.split(".")[0])[:40] or "shard"
+    return f"{stem}-{hashlib.sha1(shard.encode()).hexdigest()[:10]}"
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = _tmp_path(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def atomic_write_table(path: Path, table: pa.Table) -> None:
+    tmp = _tmp_path(path)
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+class PartWriter:
+    """Streams record batches into a hidden temp Parquet file; ``commit`` renames it."""
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self.path = path
+        self.schema = schema
+        self.rows = 0
+        self._tmp = _tmp_path(path)
+        self._writer = pq.ParquetWriter(self._tmp, schema, compression="zstd")
+
+    def write(self, columns: dict[str, list]) -> None:
+        batch = pa.RecordBatch.from_pydict(columns, schema=self.schema)
+        self._writer.write_batch(batch)
+        self.rows += batch.num_rows
+
+    def commit(self) -> None:
+        self._writer.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Where everything lives under the job's output folder."""
+
+    root: Path
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.root / "embeddings"
+
+    @property
+    def sample_scores_dir(self) -> Path:
+        return self.root / "sample_scores"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "_cache"
+
+    identities = property(lambda self: self.root / "identities.parquet")
+    metrics = property(lambda self: self.root / "metrics.json")
+    roc = property(lambda self: self.root / "roc.parquet")
+    calibration = property(lambda self: self.root / "calibration.json")
+    manifest = property(lambda self: self.root / "manifest.json")
+    summary = property(lambda self: self.root / "_SUMMARY.json")
+    job_state = property(lambda self: self.root / "_job.json")
+
+    def make_dirs(self) -> None:
+        for d in (self.samples_dir, self.embeddings_dir, self.cache_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def sample_part(self, shard: str) -> Path:
+        return self.samples_dir / f"{part_name(shard)}.parquet"
+
+    def embedding_part(self, shard: str) -> Path:
+        return self.embeddings_dir / f"{part_name(shard)}.parquet"
+
+    def marker(self, shard: str) -> Path:
+        return self.samples_dir / f"_{part_name(shard)}.done.json"
+
+    def read_marker(self, shard: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.marker(shard).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def is_done(self, shard: str) -> bool:
+        """The marker exists and the part it vouches for has exactly its row count."""
+        marker = self.read_marker(shard)
+        if marker is None or marker.get("shard") != shard:
+            return False
+        try:
+            rows = pq.ParquetFile(self.sample_part(shard)).metadata.num_rows
+        except (OSError, pa.ArrowException):
+            return False
+        if rows != marker.get("rows"):
+            return False
+        if marker.get("embedding_rows") is not None:
+            try:
+                emb_rows = pq.ParquetFile(self.embedding_part(shard)).metadata.num_rows
+            except (OSError, pa.ArrowException):
+                return False
+            return emb_rows == marker["embedding_rows"]
+        return True
+
+    def remove_stale_temps(self) -> int:
+        """Delete hidden temp files left by killed writers; only safe while holding :meth:`lock`."""
+        n = 0
+        for d in (self.root, self.samples_dir, self.embeddings_dir, self.cache_dir, self.sample_scores_dir):
+            for p in d.glob(".*.tmp-*") if d.is_dir() else ():
+                p.unlink(missing_ok=True)
+                n += 1
+        return n
+
+    def lock(self) -> "OutputLock":
+        return OutputLock(self.root / ".clipaudit.lock")
+
+    def clear_map_outputs(self) -> None:
+        """Remove everything the map step wrote (for ``--force``)."""
+        for d in (self.samples_dir, self.embeddings_dir, self.cache_dir, self.sample_scores_dir):
+            shutil.rmtree(d, ignore_errors=True)
+        for f in (self.identities, self.metrics, self.roc, self.calibration, self.summary, self.job_state):
+            f.unlink(missing_ok=True)
+
+
+class OutputBusy(RuntimeError):
+    """Another clipaudit process is writing to the same output folder."""
+
+
+class OutputLock:
+    """An exclusive advisory lock (``flock``) on the output folder for one run or reduce.
+
+    The kernel drops it when the holder dies, so a killed driver never leaves it behind.
+    File systems without ``flock`` support get a warning and no lock.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path, self._fd = path, None
+
+    @property
+    def held(self) -> bool:
+        """False where the file system refused ``flock`` (then another run may be writing)."""
+        return self._fd is not None
+
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputBusy(f"{self.path.parent} is being written by another clipaudit process ({holder}); "
+                             "wait for it to finish or choose another output folder") from None
+        except OSError as e:  # e.g. a network file system without flock
+            log.warning("cannot lock %s (%s); make sure no other run writes there", self.path, e)
+            os.close(fd)
+            return self
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None

@@ -1,0 +1,106 @@
+"""Human-readable summaries of a run and of its metrics (terminal output)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..attacks.registry import registered
+
+
+def _cell(m: dict, k: str) -> str:
+    v, ci = m.get(k), m.get(f"{k}_ci")
+    return "-" if v is None else f"{v:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def metrics_table(metrics: dict) -> list[str]:
+    """One line per attack (and its learned variant) plus the model-free baseline."""
+    lines = [f"{'attack':22s} {'level':9s} {'AUC':20s} {'TPR@1%FPR':20s} {'TPR@0.1%FPR':20s}"]
+    def line(name: str, m: dict) -> str:
+        return (f"{name:22s} {m.get('level', '-'):9s} {_cell(m, 'auc'):20s} {_cell(m, 'tpr_at_1pct_fpr'):20s} "
+                f"{_cell(m, 'tpr_at_0_1pct_fpr'):20s}")
+    for attack in registered():
+        for score in attack.scores:
+            m = metrics.get(score.name)
+            if isinstance(m, dict) and "auc" in m:
+                lines.append(line(score.name, m))
+                for learner in attack.learned:
+                    if learner.name in m:
+                        lines.append(line(f"  {score.name} ({learner.label})", m[learner.name]))
+    b = metrics.get("baseline")
+    for bm in (b.get("by_level", [b]) if isinstance(b, dict) else []):
+        lines.append(line("baseline (model-free)", bm))
+    if metrics.get("distribution_shift_warning"):
+        lines.append("WARNING: the model-free baseline separates members from non-members about as well as "
+                     "an attack: the sets likely differ in source (distribution shift), not only in membership.")
+    return lines
+
+
+def summary_lines(s: dict) -> list[str]:
+    """The job summary (``_SUMMARY.json``) in words."""
+    errs = ", ".join(f"{k}={v}" for k, v in s["errors"].items()) or "none"
+    lines = [f"samples: {s['rows']} rows, {s['ok']} ok, errors: {errs}"]
+    if s.get("warnings"):
+        warns = ", ".join(f"{k}={v}" for k, v in s["warnings"].items())
+        lines.append(f"warnings (rows still scored): {warns}")
+    dup = s.get("duplicate_keys_across_shards") or {}
+    if dup.get("keys"):
+        lines.append(f"note: {dup['keys']} key(s) occur in more than one shard ({dup['rows']} rows); each row is kept "
+                     "and identified by shard + key")
+    lines += [f"FAILED shard {f['shard']} after {f['attempts']} attempts: {f['error']}" for f in s["failed"]]
+    return lines
+
+
+def calibration_lines(cal: dict) -> list[str]:
+    """``calibration.json`` in words: per level and score, controls, threshold, flagged."""
+    lines = [f"calibration at target FPR {cal['target_fpr']} from {cal['controls']['identities']} control "
+             f"identities and {cal['controls']['images']} control images ({', '.join(cal['controls']['sources'])})"]
+    for level in ("identity", "image"):
+        for attack, e in cal.get(level, {}).items():
+            if "threshold" in e:
+                t = "none (too few controls)" if e["threshold"] is None else f"{e['threshold']:.4g}"
+                lines.append(f"  {level:8s} {attack:20s} {e['n_controls']:6d} controls  threshold {t:>10s}  "
+                             f"flagged {e['flagged']}/{e['n_scored']}")
+            if "note" in e:
+                lines.append(f"  {level:8s} {attack:20s} note: {e['note']}")
+    return lines
+
+
+def print_report(report, out=None) -> None:
+    out = out or sys.stdout
+    s = report.summary
+    print(f"shards: {s['shards_done']}/{s['shards']} done ({report.skipped} skipped as already done), "
+          f"{s['shards_failed']} failed", file=out)
+    print("\n".join(summary_lines(s)), file=out)
+    if report.map.done:
+        rows = sum(d["rows"] for d in report.map.done)
+        print(f"map: {rows} samples in {report.map.seconds:.1f} s ({rows / max(report.map.seconds, 1e-9):.1f} img/s)",
+              file=out)
+    if report.metrics:
+        print("\n".join(metrics_table(report.metrics)), file=out)
+    print(f"output: {report.layout.root}", file=out)
+
+
+def report_folder(root: Path, out=None) -> None:
+    """``clipaudit report OUT``: what an output folder holds, without recomputing anything."""
+    from .outputs import OutputLayout
+
+    out = out or sys.stdout
+    layout = OutputLayout(root)
+    if not layout.summary.is_file():
+        raise FileNotFoundError(f"{root} is not a clipaudit output folder (no {layout.summary.name})")
+    if layout.manifest.is_file():
+        m = json.loads(layout.manifest.read_text())
+        sha = (m["model"].get("checkpoint_sha256") or "-")[:16]
+        print(f"model: {m['model']['name']} ({m['model'].get('pretrained') or 'no weights'}, sha256 {sha}…), "
+              f"run {m.get('started')} → {m.get('ended')}, map hash {m.get('map_hash')}", file=out)
+    s = json.loads(layout.summary.read_text())
+    print(f"shards: {s['shards_done']}/{s['shards']} done, {s['shards_failed']} failed", file=out)
+    print("\n".join(summary_lines(s)), file=out)
+    if layout.metrics.is_file():
+        print("\n".join(metrics_table(json.loads(layout.metrics.read_text()))), file=out)
+    else:
+        print("no metrics.json (no labels): see identities.parquet", file=out)
+    if layout.calibration.is_file():
+        print("\n".join(calibration_lines(json.loads(layout.calibration.read_text()))), file=out)

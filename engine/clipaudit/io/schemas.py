@@ -1,0 +1,108 @@
+"""Arrow schemas of the output tables.
+
+The published contract is ``schemas/<table>.json`` (versioned; the version goes into every
+file's Parquet metadata). The tables whose columns depend on the attacks — ``samples``,
+``identities``, ``sample_scores`` — are built from their core columns (types and docs from
+the JSON) plus what each registered attack declares; with the built-in attacks the result
+is exactly the JSON (a test checks it), so a schema change stays a deliberate, versioned
+edit of the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import pyarrow as pa
+
+from ..attacks.baseline import BASELINE_COLUMNS
+from ..attacks.registry import Column, builtin_names, registered, registry_version
+
+SCHEMA_META_NAME = b"clipaudit.schema"
+SCHEMA_META_VERSION = b"clipaudit.schema_version"
+
+_SCALARS = {
+    "string": pa.string(), "int32": pa.int32(), "int64": pa.int64(), "float16": pa.float16(),
+    "float32": pa.float32(), "float64": pa.float64(), "bool": pa.bool_(),
+}
+_NAMES = {v: k for k, v in _SCALARS.items()}
+
+#: core columns of the attack-dependent tables: (before the attacks' columns, after them)
+_CORE = {
+    "samples": (("shard", "key", "position", "identity", "status", "error", "error_detail", "warning", "width",
+                 "height", "has_caption"), ()),
+    "identities": (("identity", "n_images", "n_errors", "in_name_pool"), ("label_member",)),
+    "sample_scores": (("shard", "key", "position", "identity", "is_control"), ()),
+}
+
+IDENTITY_PVALUE_DOC = ("empirical p-value of the score among the control identities (calibration.controls and "
+                       "labelled non-members), leave-one-out for a control; small = member-like")
+IDENTITY_FLAG_DOC = "{score}_pvalue <= calibration.target_fpr (null without at least 2 control identities)"
+IMAGE_PVALUE_DOC = "empirical p-value of {score}_score among the control images (leave-one-out for a control)"
+IMAGE_FLAG_DOC = "{score}_pvalue <= calibration.target_fpr"
+
+
+def parse_type(text: str) -> pa.DataType:
+    m = re.fullmatch(r"list<(\w+)>", text)
+    return pa.list_(_SCALARS[m.group(1)]) if m else _SCALARS[text]
+
+
+def type_name(t: pa.DataType) -> str:
+    return f"list<{_NAMES[t.value_type]}>" if pa.types.is_list(t) else _NAMES[t]
+
+
+@lru_cache(maxsize=None)
+def published(name: str) -> dict[str, Any]:
+    """The JSON document ``schemas/<name>.json``."""
+    return json.loads(resources.files("clipaudit").joinpath("schemas", f"{name}.json").read_text())
+
+
+def _core(name: str, names: tuple[str, ...]) -> list[Column]:
+    by_name = {f["name"]: f for f in published(name)["fields"]}
+    return [Column(n, parse_type(by_name[n]["type"]), by_name[n]["doc"], by_name[n]["nullable"]) for n in names]
+
+
+def columns(name: str, enabled: tuple[str, ...] = ()) -> list[Column]:
+    """The columns of an output table: every built-in attack's (null when off), and those of
+    the other ``enabled`` attacks (plugins)."""
+    if name not in _CORE:
+        return _core(name, tuple(f["name"] for f in published(name)["fields"]))
+    head, tail = _CORE[name]
+    builtin = builtin_names()
+    attacks = [a for a in registered() if a.name in builtin or a.name in enabled]
+    middle: list[Column] = []
+    if name == "samples":
+        middle = [c for a in attacks for c in a.columns] + list(BASELINE_COLUMNS)
+    elif name == "identities":
+        all_scores = [s for a in attacks for s in a.scores]
+        middle = [c for a in attacks for c in a.identity_columns]
+        middle += [Column(f"{s.name}_score", pa.float64(), s.identity_doc) for s in all_scores if s.level == "image"]
+        middle += [Column(f"{s.name}_pvalue", pa.float64(), IDENTITY_PVALUE_DOC) for s in all_scores]
+        middle += [Column(f"{s.name}_flag", pa.bool_(), IDENTITY_FLAG_DOC.format(score=s.name)) for s in all_scores]
+    elif name == "sample_scores":
+        for s in (s for a in attacks for s in a.image_scores()):
+            middle += [Column(f"{s.name}_pvalue", pa.float64(), IMAGE_PVALUE_DOC.format(score=s.name)),
+                       Column(f"{s.name}_flag", pa.bool_(), IMAGE_FLAG_DOC.format(score=s.name))]
+    return _core(name, head) + middle + _core(name, tail)
+
+
+def schema_document(name: str) -> dict[str, Any]:
+    """The table's schema as a JSON document in the format of ``schemas/*.json``."""
+    doc = published(name)
+    fields = [{"name": c.name, "type": type_name(c.type), "nullable": c.nullable, "doc": c.doc} for c in columns(name)]
+    return {"name": doc["name"], "version": doc["version"], "doc": doc["doc"], "fields": fields}
+
+
+def load_schema(name: str, enabled: tuple[str, ...] | list[str] = ()) -> pa.Schema:
+    """The Arrow schema of an output table (see :func:`columns`), with its name and version in
+    the metadata."""
+    return _load_schema(name, tuple(enabled), registry_version())
+
+
+@lru_cache(maxsize=None)
+def _load_schema(name: str, enabled: tuple[str, ...], _version: int) -> pa.Schema:
+    meta = {SCHEMA_META_NAME: name.encode(), SCHEMA_META_VERSION: str(published(name)["version"]).encode()}
+    return pa.schema([c.field() for c in columns(name, enabled)], metadata=meta)

@@ -1,0 +1,197 @@
+"""The map step: one shard in → one Parquet part (+ embeddings part) + marker out.
+
+A plain function of (model, shard) → rows, used unchanged by every executor. Decoding
+runs in a thread pool (Pillow releases the GIL) one batch ahead of the model, so the
+model never waits on JPEG decode when there are enough CPU threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from ..attacks import MapAttack, build_attacks
+from ..attacks.base import MapBatch
+from ..data.samples import Sample, prepare_sample
+from ..data.tar_reader import RawSample, iter_tar_samples
+from .models import LoadedModel, load_model
+from ..io.outputs import OutputLayout, PartWriter, atomic_write_json
+from ..io.schemas import load_schema
+from ..spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class ShardStats:
+    """What one map task did; merged by the driver into the job summary."""
+
+    shard: str
+    rows: int = 0
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    warnings: dict[str, int] = field(default_factory=dict)
+    embedding_rows: int | None = None
+    seconds: float = 0.0
+    map_hash: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _batched(it: Iterator[RawSample], n: int) -> Iterator[list[RawSample]]:
+    batch: list[RawSample] = []
+    for x in it:
+        batch.append(x)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class ShardMapper:
+    """Holds the model and attacks of one worker; maps whole shards."""
+
+    def __init__(self, spec: JobSpec, layout: OutputLayout) -> None:
+        self.spec = spec
+        self.layout = layout
+        self.attacks: list[MapAttack] = build_attacks(spec)
+        self.model: LoadedModel | None = None
+        self.map_hash = spec.map_hash()  # hashes the name pool: once per worker, not per shard
+        self.samples_schema = load_schema("samples", spec.attacks.enabled())  # core + attack columns
+        self.embeddings_schema = load_schema("embeddings")
+        self._pool = ThreadPoolExecutor(max_workers=spec.compute.decode_threads, thread_name_prefix="decode")
+
+    # -- setup ----------------------------------------------------------------
+    def load(self) -> LoadedModel:
+        if self.model is None:
+            m = self.spec.model
+            self.model = load_model(m.name, m.pretrained, m.precision, self.spec.compute.device, seed=self.spec.seed)
+        return self.model
+
+    def compute_shared(self) -> dict[str, Any]:
+        """Per-job attack state (e.g. name-pool text embeddings), computed once."""
+        model = self.load()
+        return {a.name: a.shared_state(model) for a in self.attacks}
+
+    def setup(self, shared: dict[str, Any]) -> None:
+        model = self.load()
+        for a in self.attacks:
+            a.bind(shared.get(a.name), model, self.spec.compute.index)
+
+    # -- map ------------------------------------------------------------------
+    def _decode(self, raws: list[RawSample], shard: str) -> list[Sample]:
+        assert self.model is not None
+        d = self.spec.data
+        return [prepare_sample(r, shard, d.identity_field, self.model.image_size, d.max_image_pixels) for r in raws]
+
+    def decoded_batches(self, shard: str) -> Iterator[list[Sample]]:
+        """Decode batch i+1 on the thread pool while the caller runs the model on batch i."""
+        raw_batches = _batched(iter_tar_samples(shard), self.spec.compute.batch_size)
+        threads = self.spec.compute.decode_threads
+        pending: tuple[list[Future], int] | None = None
+        for raws in raw_batches:
+            chunks = [raws[i::threads] for i in range(threads)]
+            futs = [self._pool.submit(self._decode, c, shard) for c in chunks if c]
+            if pending is not None:
+                yield _interleave([f.result() for f in pending[0]], pending[1])
+            pending = (futs, len(raws))
+        if pending is not None:
+            yield _interleave([f.result() for f in pending[0]], pending[1])
+
+    def _rows(self, samples: list[Sample]) -> tuple[dict[str, list], np.ndarray | None]:
+        ok = [s for s in samples if s.ok]
+        attack_cols: dict[str, list] = {}
+        emb_np = None
+        if ok:
+            assert self.model is not None
+            images = self.model.to_unit(torch.from_numpy(np.stack([s.pixels for s in ok])))
+            chunk = self.spec.compute.batch_size
+            emb = self.model.encode_unit(images, chunk)
+            batch = MapBatch(ok, images, emb, self.model, self.spec.seed, chunk)
+            for a in self.attacks:
+                attack_cols.update(a.compute(batch))
+            emb_np = emb.to(torch.float16).cpu().numpy()
+        cols: dict[str, list] = {f.name: [] for f in self.samples_schema}
+        ok_pos = {id(s): i for i, s in enumerate(ok)}
+        for s in samples:
+            cols["shard"].append(s.shard)
+            cols["key"].append(s.key)
+            cols["position"].append(s.position)
+            cols["identity"].append(s.identity)
+            cols["status"].append("ok" if s.ok else "error")
+            cols["error"].append(s.error)
+            cols["error_detail"].append(s.detail)
+            cols["warning"].append(s.warning if s.ok else None)
+            cols["width"].append(s.width)
+            cols["height"].append(s.height)
+            cols["has_caption"].append(s.caption is not None if s.ok else None)
+            i = ok_pos.get(id(s))
+            for name in cols:
+                if name in attack_cols:
+                    cols[name].append(None if i is None else attack_cols[name][i])
+        for name in cols:  # attacks that are off: all null
+            if len(cols[name]) != len(samples):
+                cols[name] = [None] * len(samples)
+        return cols, emb_np
+
+    def map_shard(self, shard: str, on_batch: Callable[[int], None] | None = None) -> ShardStats:
+        """Map one shard to its part(s) and marker; returns its stats."""
+        t0 = time.perf_counter()
+        stats = ShardStats(shard=shard, map_hash=self.map_hash)
+        counts: Counter[str] = Counter()
+        warnings: Counter[str] = Counter()
+        self.layout.make_dirs()
+        part = PartWriter(self.layout.sample_part(shard), self.samples_schema)
+        emb_part = PartWriter(self.layout.embedding_part(shard), self.embeddings_schema) if self.spec.store_embeddings else None
+        try:
+            for samples in self.decoded_batches(shard):
+                cols, emb = self._rows(samples)
+                part.write(cols)
+                ok = [s for s in samples if s.ok]
+                if emb_part is not None and ok:
+                    emb_part.write({
+                        "shard": [s.shard for s in ok], "key": [s.key for s in ok],
+                        "position": [s.position for s in ok], "embedding": list(emb),
+                    })
+                counts.update(s.error or "ok" for s in samples)
+                warnings.update(s.warning for s in samples if s.ok and s.warning)
+                if on_batch is not None:
+                    on_batch(len(samples))
+        except BaseException:
+            part.abort()
+            if emb_part is not None:
+                emb_part.abort()
+            raise
+        part.commit()
+        if emb_part is not None:
+            emb_part.commit()
+            stats.embedding_rows = emb_part.rows
+        stats.rows = part.rows
+        stats.ok = counts.pop("ok", 0)
+        stats.errors = dict(sorted(counts.items()))
+        stats.warnings = dict(sorted(warnings.items()))
+        stats.seconds = time.perf_counter() - t0
+        atomic_write_json(self.layout.marker(shard), stats.to_dict())  # last: vouches for the parts
+        return stats
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _interleave(chunks: list[list[Sample]], n: int) -> list[Sample]:
+    """Undo ``raws[i::k]`` chunking so samples keep their shard order."""
+    out: list[Sample] = [None] * n  # type: ignore[list-item]
+    k = len(chunks)
+    for i, chunk in enumerate(chunks):
+        out[i::k] = chunk
+    return out

@@ -1,0 +1,242 @@
+"""Conformal calibration against known non-members ("controls").
+
+Every score gets an empirical p-value among the controls' scores,
+p = (1 + #{controls >= s}) / (1 + n) — a control itself is compared with the *other*
+controls only — and a flag ``p <= target_fpr``, which a new non-member drawn like the
+controls trips with probability at most ``target_fpr``. The equivalent score thresholds,
+with what the number of controls can and cannot support, go to ``calibration.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from ..io.outputs import OutputLayout
+    from .labels import Controls
+
+
+def _controls(control_scores: np.ndarray) -> np.ndarray:
+    """Sorted (ascending) finite control scores; raises on none or non-finite."""
+    c = np.asarray(control_scores, dtype=np.float64).ravel()
+    if c.size == 0:
+        raise ValueError("no control scores")
+    if not np.isfinite(c).all():
+        raise ValueError("control scores must be finite")
+    return np.sort(c)
+
+
+def threshold_at_fpr(control_scores: np.ndarray, target_fpr: float) -> float:
+    """Smallest t with mean(control >= t) <= target_fpr; flag members by ``score >= t``.
+
+    The infimum is the (k+1)-th largest control (k = floor(target_fpr * n)), which itself
+    would be flagged, so the next float above it is returned; -inf when target_fpr >= 1.
+    """
+    if not 0.0 <= target_fpr <= 1.0:
+        raise ValueError(f"target_fpr must be in [0, 1], got {target_fpr}")
+    c = _controls(control_scores)
+    n = c.size
+    k = min(int(np.floor(target_fpr * n + 1e-9)), n)
+    while k > 0 and k / n > target_fpr:  # undo the rounding slack if it overshot
+        k -= 1
+    if k >= n:
+        return float(-np.inf)
+    return float(np.nextafter(c[n - 1 - k], np.inf))
+
+
+def empirical_pvalues(scores: np.ndarray, control_scores: np.ndarray) -> np.ndarray:
+    """Conformal p-values p = (1 + #{control >= s}) / (1 + n_control); NaN scores -> NaN."""
+    return pvalues_sorted(scores, _controls(control_scores))
+
+
+def pvalues_sorted(scores: np.ndarray, controls_sorted: np.ndarray, own: np.ndarray | None = None) -> np.ndarray:
+    """:func:`empirical_pvalues` against controls already sorted ascending. Where ``own`` is
+    true the score is itself one of the controls and is compared with the others only:
+    (1 + #{others >= s}) / (1 + n - 1) = #{controls >= s} / n."""
+    c = controls_sorted
+    s = np.asarray(scores, dtype=np.float64)
+    at_least = c.size - np.searchsorted(c, s, side="left")
+    p = (1.0 + at_least) / (1.0 + c.size)
+    if own is not None:
+        p = np.where(own, at_least / c.size, p)
+    return np.where(np.isnan(s), np.nan, p)
+
+
+def conformal_threshold(control_scores: np.ndarray, alpha: float) -> float:
+    """The score threshold equivalent to ``empirical_pvalues(s) <= alpha``: flag ``s >= t``.
+
+    A new non-member exchangeable with the controls is flagged with probability <= alpha.
+    +inf when alpha < 1 / (n + 1) (too few controls to flag anything at that rate).
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    c = _controls(control_scores)
+    n = c.size
+    k = int(np.floor(alpha * (n + 1) + 1e-9)) - 1  # controls allowed at or above the threshold
+    if k < 0:
+        return float(np.inf)
+    if k >= n:
+        return float(-np.inf)
+    return float(np.nextafter(c[n - 1 - k], np.inf))
+
+
+def pvalues(scores: np.ndarray, is_control: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(p-values, sorted control scores) when the controls are among ``scores``."""
+    s = np.asarray(scores, dtype=float)
+    c = np.sort(s[is_control & ~np.isnan(s)])
+    return pvalues_against(s, is_control, c), c
+
+
+def pvalues_against(scores: np.ndarray, is_control: np.ndarray, controls_sorted: np.ndarray) -> np.ndarray:
+    """p = (1 + #{controls >= s}) / (1 + n); a control leaves itself out. NaN where the score
+    is NaN or there are fewer than 2 controls."""
+    s = np.asarray(scores, dtype=float)
+    if controls_sorted.size < 2:
+        return np.full(s.shape, np.nan)
+    return pvalues_sorted(s, controls_sorted, own=is_control & ~np.isnan(s))
+
+
+def threshold_entry(controls_sorted: np.ndarray, n_scored: int, flagged: int, controls_flagged: int,
+                    target_fpr: float, control_groups: int | None = None) -> dict[str, Any]:
+    """What calibration.json says about one score at one level.
+
+    ``n_scored``/``flagged`` count the non-control units; ``controls_flagged`` counts controls
+    whose leave-one-out p-value is <= target_fpr (an estimate of the false-positive rate).
+    ``control_groups``: distinct identities among image controls (images of one person are
+    not independent draws).
+    """
+    n = int(controls_sorted.size)
+    entry: dict[str, Any] = {"n_controls": n, "n_scored": n_scored}
+    if control_groups is not None:
+        entry["control_identities"] = control_groups
+    if n < 2:
+        entry["note"] = "fewer than 2 controls: no calibration"
+        return entry
+    t = conformal_threshold(controls_sorted, target_fpr)
+    entry.update(
+        threshold=None if math.isinf(t) else t,
+        min_attainable_fpr=1.0 / (n + 1),
+        flagged=flagged,
+        controls_flagged_leave_one_out=controls_flagged,
+        controls_fpr_leave_one_out=controls_flagged / n,
+    )
+    notes = []
+    if math.isinf(t) and t > 0:
+        notes.append(f"{n} controls cannot support a false-positive rate of {target_fpr}: "
+                     f"at least {math.ceil(1 / target_fpr) - 1} are needed; nothing is flagged")
+    if control_groups is not None and control_groups < n and control_groups < math.ceil(1 / target_fpr) - 1:
+        notes.append(f"the {n} control images come from only {control_groups} identities: the p-values treat "
+                     "images as independent, so images of a new non-member identity may be flagged more often "
+                     "than the target rate; add control identities")
+    if notes:
+        entry["note"] = "; ".join(notes)
+    return entry
+
+
+def as_column(p: np.ndarray) -> list[float | None]:
+    return [None if np.isnan(v) else float(v) for v in p]
+
+
+def flag_column(p: np.ndarray, target_fpr: float) -> list[bool | None]:
+    return [None if np.isnan(v) else bool(v <= target_fpr) for v in p]
+
+
+@dataclass
+class IdentityPValues:
+    """One score's identity-level calibration: the ``calibration.json`` entry and, with at
+    least 2 controls, the p-value and flag columns."""
+
+    entry: dict[str, Any]
+    pvalues: list[float | None] | None = None
+    flags: list[bool | None] | None = None
+
+
+def identity_pvalues(values: list | None, is_control: np.ndarray, target_fpr: float) -> IdentityPValues | None:
+    """P-values of a per-identity score column among the control identities; None when the
+    score was not computed or there are no controls."""
+    if values is None or not is_control.any() or all(v is None for v in values):
+        return None
+    p, c = pvalues(np.array([np.nan if v is None else v for v in values], dtype=float), is_control)
+    hit = p <= target_fpr
+    entry = threshold_entry(c, int((~np.isnan(p) & ~is_control).sum()), int((hit & ~is_control).sum()),
+                            int((hit & is_control).sum()), target_fpr)
+    if c.size < 2:
+        return IdentityPValues(entry)
+    return IdentityPValues(entry, as_column(p), flag_column(p, target_fpr))
+
+
+def write_sample_pvalues(layout: "OutputLayout", image_scores: list[str], controls: "Controls",
+                         target_fpr: float, schema: "pa.Schema") -> dict[str, dict[str, Any]]:
+    """Per-image p-values and flags among the control images (images listed as controls, or
+    of a control identity): one ``sample_scores/`` part per ``samples/`` part. Two passes
+    over the parts (control scores first), reading only the needed columns, so memory stays
+    per part. Returns the ``calibration.json`` entry per score."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from ..io.outputs import atomic_write_table
+
+    out_dir = layout.sample_scores_dir
+    parts = sorted(layout.samples_dir.glob("*.parquet"))
+    cols = ["shard", "key", "position", "identity", "status"] + [f"{a}_score" for a in image_scores]
+
+    def read(part):
+        t = pq.read_table(part, columns=cols)
+        t = t.filter(pc.equal(t["status"], "ok"))
+        is_control = np.array([controls.is_control(i, s, k) for i, s, k in zip(
+            t.column("identity").to_pylist(), t.column("shard").to_pylist(), t.column("key").to_pylist())], dtype=bool)
+        return t, is_control
+
+    def vec(column) -> np.ndarray:
+        return column.to_numpy(zero_copy_only=False).astype(float)
+
+    control_scores: dict[str, list[np.ndarray]] = {a: [] for a in image_scores}
+    computed: set[str] = set()
+    for part in parts:
+        t, is_control = read(part)
+        for a in image_scores:
+            s = vec(t.column(f"{a}_score"))
+            if not np.isnan(s).all():
+                computed.add(a)
+            s = s[is_control]
+            control_scores[a].append(s[~np.isnan(s)])
+    image_scores = [a for a in image_scores if a in computed]  # e.g. no calibrated caption without a reference
+    sorted_controls = {a: np.sort(np.concatenate(v)) if v else np.array([]) for a, v in control_scores.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, control_identities = set(), set()
+    flagged, control_flagged, scored = ({a: 0 for a in image_scores} for _ in range(3))
+    for part in parts:
+        t, is_control = read(part)
+        columns: dict[str, Any] = {k: t.column(k) for k in ("shard", "key", "position", "identity")}
+        columns["is_control"] = pa.array(is_control)
+        for a in image_scores:
+            p = pvalues_against(vec(t.column(f"{a}_score")), is_control, sorted_controls[a])
+            hit = p <= target_fpr
+            columns[f"{a}_pvalue"] = pa.array(p, mask=np.isnan(p))
+            columns[f"{a}_flag"] = pa.array(hit, mask=np.isnan(p))
+            flagged[a] += int((hit & ~is_control).sum())
+            control_flagged[a] += int((hit & is_control).sum())
+            scored[a] += int((~np.isnan(p) & ~is_control).sum())
+        control_identities.update(np.array(t.column("identity").to_pylist(), dtype=object)[is_control])
+        arrays = [columns.get(f.name, pa.nulls(t.num_rows, f.type)) for f in schema]
+        atomic_write_table(out_dir / part.name, pa.Table.from_arrays(arrays, schema=schema))
+        written.add(part.name)
+    for stale in out_dir.glob("*.parquet"):
+        if stale.name not in written:
+            stale.unlink()
+    return {a: threshold_entry(sorted_controls[a], scored[a], flagged[a], control_flagged[a], target_fpr,
+                               control_groups=len(control_identities)) for a in image_scores}
+
+
+#: what calibration.json says about the method
+METHOD = ("conformal: p = (1 + #{control scores >= s}) / (1 + n_controls); flag = p <= target_fpr, which for a "
+          "non-control is score >= threshold. A new non-member drawn like the controls is flagged with probability "
+          "<= target_fpr. A control is compared with the other controls only (leave-one-out); `flagged` counts "
+          "non-controls, `controls_flagged_leave_one_out` the controls.")

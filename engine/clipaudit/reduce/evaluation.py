@@ -1,0 +1,216 @@
+"""Step 3 of the reduce: scoring attacks against ground truth — per-attack metrics at each
+level, ROC tables, learned variants, and the distribution-shift validity check.
+
+Levels: identity-level scores (e.g. IDIA) are evaluated per identity. Image-level scores are
+evaluated per image where the labels file has image rows (``shard,key,member``), else per
+identity (mean image score). Fixed scores (a mean cosine) need no fitting. Learned variants
+(an attacker on an attack's raw feature vector, declared by the attack) and the model-free
+baseline are cross-fitted: every prediction comes from a model fitted on other folds, and
+all images of one identity stay in the same fold.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..attacks.registry import LOGISTIC, Learned, registered, scores
+from .learned import crossfit_proba
+from .labels import SHARD_FILE_NAME_SQL, Labels
+from .statistics import membership_metrics, roc_curve
+
+if TYPE_CHECKING:
+    from .pipeline import ReduceOptions
+
+log = logging.getLogger(__name__)
+
+#: an attack whose AUC the model-free baseline comes within this margin of is suspect
+SHIFT_MARGIN = 0.05
+#: ... provided the baseline itself separates the sets at least this well
+SHIFT_FLOOR = 0.6
+#: the key of the model-free image statistics among a table's features
+BASELINE = "baseline"
+_BASELINE_LEARNER = LOGISTIC
+
+
+@dataclass
+class Scored:
+    """One evaluation table: a score per unit, its label, its group, optional features."""
+
+    level: str
+    labels: np.ndarray
+    groups: np.ndarray
+    scores: dict[str, np.ndarray]  # attack → fixed score (nan = missing)
+    features: dict[str, np.ndarray]  # attack/"baseline" → feature matrix (rows may hold nan)
+
+
+def _evaluate_fixed(name: str, score: np.ndarray, y: np.ndarray, level: str, roc_rows: list) -> dict | None:
+    keep = ~np.isnan(score)
+    if keep.sum() < 2 or y[keep].all() or not y[keep].any():
+        return None
+    m = membership_metrics(score[keep], y[keep])
+    _roc_rows(roc_rows, name, level, "threshold", score[keep], y[keep])
+    return {"level": level, "variant": "threshold", **m}
+
+
+def _evaluate_learned(name: str, X: np.ndarray, y: np.ndarray, groups: np.ndarray, level: str,
+                      roc_rows: list, learner: Learned) -> dict | None:
+    variant, what = learner.name, learner.what
+    X = learner.prepare(X)
+    keep = ~np.all(np.isnan(X), axis=1)
+    if keep.sum() < 4 or y[keep].all() or not y[keep].any() or len(np.unique(groups[keep])) < 2:
+        return None
+    p = crossfit_proba(X[keep], y[keep], groups=groups[keep], folds=5, seed=0)
+    _roc_rows(roc_rows, name, level, variant, p, y[keep])
+    return {"level": level, "variant": what, **membership_metrics(p, y[keep])}
+
+
+def _roc_rows(out: list, attack: str, level: str, variant: str, s: np.ndarray, y: np.ndarray) -> None:
+    roc = roc_curve(s, y)
+    for f, t, th in zip(roc.fpr, roc.tpr, roc.thresholds):
+        out.append({"attack": attack, "level": level, "variant": variant, "fpr": float(f), "tpr": float(t),
+                    "threshold": float(th)})
+
+
+def evaluate(tables: list[Scored]) -> tuple[dict[str, Any], list[dict]]:
+    """metrics.json content and ROC rows for every score at its level, plus the baseline."""
+    metrics: dict[str, Any] = {}
+    roc_rows: list[dict] = []
+    baselines = []
+    learned_of = {a.name: a.learned for a in registered() if a.features}
+    for t in tables:
+        for name, score in t.scores.items():
+            fixed = _evaluate_fixed(name, score, t.labels, t.level, roc_rows)
+            if fixed is None:
+                continue
+            if name in learned_of and name in t.features:  # an attack's own score carries its learned variants
+                for learner in learned_of[name]:
+                    learned = _evaluate_learned(name, t.features[name], t.labels, t.groups, t.level, roc_rows,
+                                                learner)
+                    if learned is not None:
+                        fixed[learner.name] = learned
+            metrics[name] = fixed
+        if BASELINE in t.features and any(m.get("level") == t.level for m in metrics.values()):
+            b = _evaluate_learned(BASELINE, t.features[BASELINE], t.labels, t.groups, t.level, roc_rows,
+                                  _BASELINE_LEARNER)
+            if b is not None:
+                best = max(_best_auc(m) for m in metrics.values() if m.get("level") == t.level)
+                b["what"] = "model-free image statistics (colour, saturation, brightness, edges, size), " \
+                            "cross-fitted logistic regression"
+                b["best_attack_auc"] = best
+                b["warning"] = bool(b["auc"] >= SHIFT_FLOOR and b["auc"] >= best - SHIFT_MARGIN)
+                baselines.append(b)
+    if baselines:
+        metrics[BASELINE] = baselines[0] if len(baselines) == 1 else {"by_level": baselines,
+                                                                      "auc": max(b["auc"] for b in baselines)}
+    metrics["distribution_shift_warning"] = any(b["warning"] for b in baselines)
+    metrics["shift_rule"] = (f"warning when the baseline AUC >= {SHIFT_FLOOR} and within {SHIFT_MARGIN} "
+                             "of the best attack AUC at the same level")
+    return metrics, roc_rows
+
+
+def _best_auc(m: dict) -> float:
+    """The best AUC of a score's entry: its fixed score or any learned variant."""
+    vals = [m.get("auc", float("nan"))] + [v.get("auc", float("nan")) for v in m.values() if isinstance(v, dict)]
+    vals = [v for v in vals if v == v]
+    return max(vals) if vals else 0.0
+
+
+# -- evaluation tables -------------------------------------------------------------
+
+def _feature_columns(opts: "ReduceOptions") -> dict[str, str]:
+    """Feature key → samples column: each enabled attack's feature vector, plus the baseline's."""
+    out = {a.name: a.features for a in registered() if a.name in opts.enabled and a.features}
+    return {**out, BASELINE: "baseline_features"}
+
+
+def identity_table(con: duckdb.DuckDBPyConnection, identities: pa.Table, opts: "ReduceOptions") -> Scored | None:
+    """Labelled identities with their identity-level and mean image scores and mean features."""
+    rows = [r for r in identities.to_pylist() if r["label_member"] is not None and r["n_images"]]
+    if not rows:
+        return None
+    names = [r["identity"] for r in rows]
+    table_scores = {s.name: _vec([r[f"{s.name}_score"] for r in rows]) for s in scores(opts.enabled)}
+    con.register("labelled_names", pa.table({"identity": names}))
+    feats = _feature_columns(opts)
+    per_image = con.sql(f"SELECT identity, {', '.join(feats.values())} FROM ok WHERE identity IN "
+                        "(SELECT identity FROM labelled_names)").to_arrow_table()
+    features = {}
+    index = {n: i for i, n in enumerate(names)}
+    rows_of = np.array([index[x] for x in per_image.column("identity").to_pylist()], dtype=np.int64)
+    for key, col in feats.items():  # mean feature vector per identity over its complete rows
+        mat = feature_matrix(per_image.column(col))
+        complete = ~np.isnan(mat).any(axis=1)
+        sums = np.zeros((len(names), mat.shape[1]))
+        np.add.at(sums, rows_of[complete], mat[complete])
+        counts = np.bincount(rows_of[complete], minlength=len(names)).astype(float)[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            features[key] = sums / counts
+    y = np.array([r["label_member"] for r in rows], dtype=bool)
+    return Scored("identity", y, np.arange(len(rows)), table_scores, features)
+
+
+def image_table(con: duckdb.DuckDBPyConnection, labels: Labels, opts: "ReduceOptions") -> Scored | None:
+    """Labelled images (image rows of the labels file) with their image-level scores and features."""
+    image = [s.name for s in scores(opts.enabled, "image")]
+    if not labels.images or not image:
+        return None
+    lab = pa.table({"shard_name": [k[0] for k in labels.images], "key": [k[1] for k in labels.images],
+                    "member": list(labels.images.values())})
+    con.register("image_labels", lab)
+    feats = _feature_columns(opts)
+    cols = ", ".join([f"ok.{a}_score" for a in image] + [f"ok.{c}" for c in feats.values()])
+    data = con.sql(f"""
+        SELECT ok.identity, l.member, {cols} FROM ok JOIN image_labels l
+        ON l.key = ok.key AND l.shard_name = {SHARD_FILE_NAME_SQL.format(col="ok.shard")}
+    """).to_arrow_table()
+    if not data.num_rows:
+        log.warning("labels: no image row matched a sample (rows match by shard file name and key)")
+        return None
+    groups = np.unique(np.array(data.column("identity").to_pylist(), dtype=object), return_inverse=True)[1]
+    table_scores = {a: _arrow_vec(data.column(f"{a}_score")) for a in image}
+    features = {key: feature_matrix(data.column(col)) for key, col in feats.items()}
+    member = data.column("member").to_numpy(zero_copy_only=False).astype(bool)
+    return Scored("image", member, groups, table_scores, features)
+
+
+def evaluation_tables(con: duckdb.DuckDBPyConnection, identities: pa.Table, labels: Labels,
+                      opts: "ReduceOptions") -> list[Scored]:
+    """The identity-level table and, with image labels, the image-level one — which then
+    replaces the identity level for image-level scores."""
+    ident, image = identity_table(con, identities, opts), image_table(con, labels, opts)
+    if ident is not None and image is not None:
+        for s in scores(opts.enabled, "image"):
+            ident.scores.pop(s.name, None)
+            ident.features.pop(s.name, None)
+    return [t for t in (ident, image) if t is not None]
+
+
+def feature_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """An Arrow column of equal-length lists → float matrix; nan rows for null or odd-length
+    entries. Converted without a Python loop over rows."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = arr.value_lengths().to_numpy(zero_copy_only=False).astype(float)  # null → nan
+    valid = ~np.isnan(lengths)
+    width = int(lengths[valid][0]) if valid.any() else 0
+    out = np.full((len(arr), width), np.nan)
+    good = lengths == width  # nan (null) never equals
+    if good.any():
+        flat = pc.list_flatten(arr.filter(pa.array(good))).to_numpy(zero_copy_only=False)
+        out[good] = flat.astype(float).reshape(-1, width)
+    return out
+
+
+def _arrow_vec(column) -> np.ndarray:
+    """A numeric Arrow column → float vector with nan for null."""
+    return column.to_numpy(zero_copy_only=False).astype(float)
+
+
+def _vec(values: list) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=float)

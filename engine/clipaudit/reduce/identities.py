@@ -1,0 +1,110 @@
+"""Step 1 of the reduce: one row per identity.
+
+Counts of ok and error rows, each identity-level attack's own per-identity SQL (e.g. IDIA's
+plurality votes, declared in its module), the mean of every image-level score, whether the
+name is in the pool, the label where one is given, and — where there are controls — each
+score's conformal p-value and flag (:mod:`.conformal`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from ..attacks.registry import registered, scores
+from ..io.outputs import OutputLayout
+from ..io.query import duckdb_views
+from ..io.schemas import load_schema
+from .conformal import identity_pvalues
+from .labels import Controls, Labels, control_set
+
+if TYPE_CHECKING:
+    from .pipeline import ReduceOptions
+
+
+@dataclass
+class IdentityLevel:
+    """The identities table and, per score, what the identity-level calibration found."""
+
+    table: pa.Table
+    calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def connect(layout: OutputLayout) -> duckdb.DuckDBPyConnection:
+    """DuckDB with the ``samples`` view and ``ok``: the ok rows that name an identity."""
+    con = duckdb_views(layout, ("samples",))
+    con.execute("CREATE VIEW ok AS SELECT * FROM samples WHERE status = 'ok' AND identity IS NOT NULL")
+    return con
+
+
+def fetch_columns(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, list]:
+    cur = con.execute(sql)
+    cols = [d[0] for d in cur.description]
+    rows = cur.fetchall()
+    return {c: [r[i] for r in rows] for i, c in enumerate(cols)}
+
+
+def identity_level(layout: OutputLayout, opts: "ReduceOptions", labels: Labels | None = None,
+                   controls: Controls | None = None) -> IdentityLevel:
+    """Build ``identities.parquet``'s table (not written here)."""
+    con = connect(layout)
+    image = [s.name for s in scores(opts.enabled, "image")]
+    joins, cols = [], []
+    for i, attack in enumerate(a for a in registered() if a.name in opts.enabled and a.identity_sql is not None):
+        joins.append(f"LEFT JOIN ({attack.identity_sql('ok', opts.params(attack.name))}) a{i} USING (identity)")
+        cols += [f"a{i}.{c.name}" for c in attack.identity_columns]
+    cols += [f"s.{a}_score" for a in image]
+    aggregates = "".join(f", avg({a}_score) AS {a}_score" for a in image)
+    columns = fetch_columns(con, f"""
+        WITH base AS (
+            SELECT identity,
+                   count(*) FILTER (WHERE status = 'ok') AS n_images,
+                   count(*) FILTER (WHERE status = 'error') AS n_errors
+            FROM samples WHERE identity IS NOT NULL GROUP BY identity
+        ),
+        image_scores AS (SELECT identity {aggregates} FROM ok GROUP BY identity)
+        SELECT base.* {''.join(', ' + c for c in cols)}
+        FROM base LEFT JOIN image_scores s USING (identity) {' '.join(joins)}
+        ORDER BY identity
+    """)
+    con.close()
+    names = columns["identity"]
+    pool = _name_pool(opts.names)
+    columns["in_name_pool"] = [None if pool is None else x in pool for x in names]
+    ident_labels = labels.identities if labels else {}
+    columns["label_member"] = [ident_labels.get(x) for x in names]
+    if controls is None:
+        controls = control_set(opts.controls, labels)
+    is_control = np.array([x in controls.identities for x in names], dtype=bool)
+    calibration: dict[str, dict[str, Any]] = {}
+    for score in scores(opts.enabled):
+        found = identity_pvalues(columns.get(f"{score.name}_score"), is_control, opts.target_fpr)
+        if found is None:
+            continue
+        calibration[score.name] = found.entry
+        if found.pvalues is not None:
+            columns[f"{score.name}_pvalue"] = found.pvalues
+            columns[f"{score.name}_flag"] = found.flags
+    schema = load_schema("identities", opts.enabled)
+    n = len(names)
+    arrays = [pa.array(columns.get(f.name, [None] * n), type=f.type) for f in schema]
+    return IdentityLevel(pa.Table.from_arrays(arrays, schema=schema), calibration)
+
+
+def identities_table(layout: OutputLayout, opts: "ReduceOptions", labels: Labels | None = None,
+                     controls: Controls | None = None) -> pa.Table:
+    """One row per identity (see :func:`identity_level`)."""
+    return identity_level(layout, opts, labels, controls).table
+
+
+def _name_pool(path: Path | None) -> set[str] | None:
+    from ..attacks.idia import load_name_pool
+
+    if path is None or not Path(path).is_file():
+        return None
+    return set(load_name_pool(path))

@@ -1,0 +1,141 @@
+"""The reduce step: Parquet parts → identities.parquet (+ calibration with controls, + metrics
+with labels). Reads only the outputs (no model, no GPU), so it can be re-run with other
+reduce-only settings (e.g. IDIA's tau), labels or controls.
+
+Steps, one module each: :mod:`.identities` (one row per identity), :mod:`.labels` (labels
+and controls), :mod:`.conformal` (p-values, thresholds, flags), :mod:`.evaluation` (metrics
+per attack and level, with :mod:`.statistics` and :mod:`.learned`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import pyarrow as pa
+from pydantic import BaseModel
+
+from ..attacks.registry import get, scores
+from ..io.outputs import OutputLayout, atomic_write_json, atomic_write_table
+from ..io.schemas import load_schema
+from .conformal import METHOD, write_sample_pvalues
+from .evaluation import evaluation_tables, evaluate
+from .identities import connect, identity_level
+from .labels import Controls, Labels, control_set, read_labels
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReduceOptions:
+    """What the reduce step needs: the enabled attacks with their parameters (names alone
+    mean default parameters), labels, controls, the target FPR and the name pool."""
+
+    attacks: Mapping[str, Any] | tuple[str, ...] = ("idia", "caption")
+    labels: Path | None = None
+    controls: Path | None = None
+    target_fpr: float = 0.01
+    names: Path | None = None
+
+    def __post_init__(self) -> None:
+        given = dict.fromkeys(self.attacks) if not isinstance(self.attacks, Mapping) else dict(self.attacks)
+        params: dict[str, BaseModel] = {}
+        for name, p in given.items():
+            model = get(name).params
+            params[name] = p if isinstance(p, model) else model.model_validate(p or {})
+        object.__setattr__(self, "attacks", params)
+
+    @property
+    def enabled(self) -> tuple[str, ...]:
+        return tuple(self.attacks)
+
+    def params(self, name: str) -> Any:
+        return self.attacks[name]  # type: ignore[index]
+
+
+@dataclass
+class ReduceResult:
+    """What the reduce step wrote and found."""
+
+    identities: pa.Table
+    metrics: dict[str, Any] = field(default_factory=dict)  # empty without labels
+    calibration: dict[str, Any] | None = None  # None without controls
+    written: list[Path] = field(default_factory=list)
+
+
+def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
+    """Write identities.parquet; with controls (a controls file or labelled non-members) also
+    calibration.json and sample_scores/; with labels also metrics.json + roc.parquet."""
+    if not any(layout.samples_dir.glob("*.parquet")):
+        raise FileNotFoundError(f"no sample parts under {layout.samples_dir}: run the map step first")
+    labels = read_labels(opts.labels) if opts.labels else None
+    controls = control_set(opts.controls, labels)
+    t0 = time.perf_counter()
+    ident = identity_level(layout, opts, labels, controls)
+    atomic_write_table(layout.identities, ident.table)
+    result = ReduceResult(ident.table, written=[layout.identities])
+    log.info("%d identities in %.1f s", ident.table.num_rows, time.perf_counter() - t0)
+    result.calibration = _calibrate(layout, opts, controls, ident.calibration, ident.table)
+    if result.calibration is not None:
+        result.written.append(layout.calibration)
+    if labels is None:
+        layout.metrics.unlink(missing_ok=True)
+        layout.roc.unlink(missing_ok=True)
+        return result
+    result.metrics = _evaluate(layout, opts, labels, ident.table)
+    result.written.append(layout.metrics)
+    return result
+
+
+def _calibrate(layout: OutputLayout, opts: ReduceOptions, controls: Controls, identity: dict[str, Any],
+               identities: pa.Table) -> dict[str, Any] | None:
+    """calibration.json and sample_scores/ from the controls; removes stale ones without."""
+    if not controls:
+        layout.calibration.unlink(missing_ok=True)
+        shutil.rmtree(layout.sample_scores_dir, ignore_errors=True)
+        return None
+    t0 = time.perf_counter()
+    image_scores = [s.name for s in scores(opts.enabled, "image")]
+    if image_scores:
+        image = write_sample_pvalues(layout, image_scores, controls, opts.target_fpr,
+                                     load_schema("sample_scores", opts.enabled))
+    else:  # nothing to calibrate per image (e.g. an identity-level job)
+        shutil.rmtree(layout.sample_scores_dir, ignore_errors=True)
+        image = {}
+    seen = set(identities.column("identity").to_pylist())
+    calibration: dict[str, Any] = {
+        "target_fpr": opts.target_fpr,
+        "controls": {"sources": controls.sources, "identities": len(controls.identities),
+                     "identities_in_candidates": len(controls.identities & seen), "images": len(controls.images)},
+        "method": METHOD,
+    }
+    if identity:
+        calibration["identity"] = identity
+    if image:
+        calibration["image"] = image
+    atomic_write_json(layout.calibration, calibration)
+    log.info("calibration against %d control identities / %d control images in %.1f s",
+             len(controls.identities), len(controls.images), time.perf_counter() - t0)
+    return calibration
+
+
+def _evaluate(layout: OutputLayout, opts: ReduceOptions, labels: Labels, identities: pa.Table) -> dict[str, Any]:
+    """metrics.json and roc.parquet."""
+    con = connect(layout)
+    tables = evaluation_tables(con, identities, labels, opts)
+    t0 = time.perf_counter()
+    log.info("metrics with bootstrap intervals for %s level(s), %d labelled units",
+             "+".join(t.level for t in tables), sum(len(t.labels) for t in tables))
+    metrics, roc_rows = evaluate(tables)
+    con.close()
+    log.info("metrics in %.1f s", time.perf_counter() - t0)
+    seen = set(identities.column("identity").to_pylist())
+    metrics["n_unlabeled_identities"] = sum(v is None for v in identities.column("label_member").to_pylist())
+    metrics["n_labels_not_in_candidates"] = len(set(labels.identities) - seen)
+    atomic_write_json(layout.metrics, metrics)
+    atomic_write_table(layout.roc, pa.Table.from_pylist(roc_rows, schema=load_schema("roc")))
+    return metrics

@@ -1,0 +1,194 @@
+"""One audit, start to finish: check resume safety → map missing shards → reduce → manifest."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import platform
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .executors.base import MapResult
+from .executors.factory import make_executor
+from .io.outputs import OutputLayout, atomic_write_json
+from .reduce import ReduceOptions, reduce_outputs
+from .spec import JobSpec, sha256_file
+
+log = logging.getLogger(__name__)
+
+_VERSIONED = ("clipaudit", "torch", "torchvision", "open_clip_torch", "ray", "faiss-cpu", "numpy",
+              "pillow", "pyarrow", "duckdb", "pydantic")
+
+
+class ResumeRefused(RuntimeError):
+    """The output folder holds results of a different job; ``--force`` recomputes."""
+
+
+@dataclass
+class RunReport:
+    layout: OutputLayout
+    shards: int
+    skipped: int
+    map: MapResult
+    summary: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.map.failed
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def reduce_options(spec: JobSpec) -> ReduceOptions:
+    return ReduceOptions(attacks={name: getattr(spec.attacks, name) for name in spec.attacks.enabled()},
+                         labels=spec.labels, names=spec.names, controls=spec.calibration.controls,
+                         target_fpr=spec.calibration.target_fpr)
+
+
+def check_resume(layout: OutputLayout, spec: JobSpec, force: bool) -> None:
+    """Refuse to mix outputs of different map settings unless forced (then clear them)."""
+    state = None
+    if layout.job_state.is_file():
+        state = json.loads(layout.job_state.read_text())
+    if state is not None and state.get("map_hash") != spec.map_hash():
+        if not force:
+            old = state.get("map_fingerprint", {})
+            new = spec.map_fingerprint()
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ResumeRefused(
+                f"{layout.root} holds results of a different job (changed: {', '.join(changed) or 'unknown'}). "
+                "Use --force to recompute them, or choose another output folder. "
+                "Settings that only affect the reduce step (reduce-only attack parameters such as tau, labels, "
+                "calibration) need no recompute: use `clipaudit reduce`."
+            )
+        log.warning("--force: removing map outputs of a different job in %s", layout.root)
+        layout.clear_map_outputs()
+    elif force:
+        layout.clear_map_outputs()
+
+
+def summarize(layout: OutputLayout, shards: list[str], failed: list) -> dict[str, Any]:
+    """Per-shard and total counts, read back from the markers (covers earlier runs too)."""
+    per_shard, errors, warnings = [], Counter(), Counter()
+    rows = ok = 0
+    for s in shards:
+        m = layout.read_marker(s) if layout.is_done(s) else None
+        if m is None:
+            continue
+        per_shard.append({k: m.get(k, {}) for k in ("shard", "rows", "ok", "errors", "warnings")})
+        rows += m["rows"]
+        ok += m["ok"]
+        errors.update(m["errors"])
+        warnings.update(m.get("warnings", {}))
+    return {
+        "shards": len(shards), "shards_done": len(per_shard), "shards_failed": len(failed),
+        "rows": rows, "ok": ok, "errors": dict(sorted(errors.items())),
+        "warnings": dict(sorted(warnings.items())),
+        "failed": [{"shard": f.shard, "attempts": f.attempts, "error": f.error} for f in failed],
+        "per_shard": per_shard,
+    }
+
+
+def cross_shard_duplicate_keys(layout: OutputLayout) -> dict[str, int]:
+    """Keys that occur in more than one shard. Both rows are kept (rows are identified by
+    shard + key); the counts tell the auditor that the inputs hold repeated keys."""
+    from .io.query import duckdb_views
+
+    if not any(layout.samples_dir.glob("*.parquet")):
+        return {"keys": 0, "rows": 0}
+    con = duckdb_views(layout, ("samples",))
+    try:
+        keys, rows = con.execute(
+            "SELECT count(*), coalesce(sum(n), 0) FROM (SELECT key, count(*) AS n FROM samples "
+            "WHERE key IS NOT NULL GROUP BY key HAVING count(DISTINCT shard) > 1)"
+        ).fetchone()
+    finally:
+        con.close()
+    return {"keys": int(keys), "rows": int(rows)}
+
+
+def _shard_info(shards: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for s in shards:
+        p = Path(s)
+        out.append({"path": s, "bytes": p.stat().st_size if p.is_file() else None})
+    return out
+
+
+def write_manifest(layout: OutputLayout, spec: JobSpec, spec_text: str | None, shards: list[str],
+                   started: str, summary: dict[str, Any]) -> None:
+    pretrained = spec.model.pretrained
+    ckpt = sha256_file(pretrained) if pretrained and Path(pretrained).is_file() else None
+    atomic_write_json(layout.manifest, {
+        "clipaudit_manifest_version": 1,
+        "spec": spec.to_json(),
+        "spec_yaml": spec_text,
+        "map_hash": spec.map_hash(),
+        "model": {"name": spec.model.name, "pretrained": pretrained, "precision": spec.model.precision,
+                  "checkpoint_sha256": ckpt},
+        "shards": _shard_info(shards),
+        "seeds": {"job": spec.seed},
+        "versions": package_versions(),
+        "host": {"platform": platform.platform(), "node": platform.node()},
+        "started": started,
+        "ended": _now(),
+        "summary": {k: v for k, v in summary.items() if k != "per_shard"},
+    })
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_job(spec: JobSpec, *, force: bool = False, progress: bool = True, spec_text: str | None = None) -> RunReport:
+    """Run (or resume) an audit; the map step only touches shards without a valid marker."""
+    layout = OutputLayout(spec.output)
+    with layout.lock() as lock:
+        return _run_locked(layout, spec, force, progress, spec_text, exclusive=lock.held)
+
+
+def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool, spec_text: str | None,
+                exclusive: bool) -> RunReport:
+    started = _now()
+    check_resume(layout, spec, force)
+    layout.make_dirs()
+    stale = layout.remove_stale_temps() if exclusive else 0  # without the lock they may be a live run's
+    if stale:
+        log.info("removed %d temp file(s) left by an interrupted run", stale)
+    atomic_write_json(layout.job_state, {
+        "map_hash": spec.map_hash(), "map_fingerprint": spec.map_fingerprint(), "spec": spec.to_json(),
+    })
+    shards = spec.shard_list()
+    todo = [s for s in shards if not layout.is_done(s)]
+    if len(todo) < len(shards):
+        log.info("resume: %d of %d shards already done", len(shards) - len(todo), len(shards))
+    result = make_executor(spec).run(spec, layout, todo, progress=progress)
+    summary = summarize(layout, shards, result.failed)
+    summary["map_seconds_this_run"] = round(result.seconds, 3)
+    summary["stale_temp_files_removed"] = stale
+    summary["duplicate_keys_across_shards"] = cross_shard_duplicate_keys(layout)
+    atomic_write_json(layout.summary, summary)
+    metrics = reduce_outputs(layout, reduce_options(spec)).metrics if summary["shards_done"] else {}
+    write_manifest(layout, spec, spec_text, shards, started, summary)
+    return RunReport(layout, len(shards), len(shards) - len(todo), result, summary, metrics)
+
+
+def saved_spec(layout: OutputLayout) -> JobSpec:
+    """The spec an output folder was produced with (for ``clipaudit reduce``)."""
+    if not layout.job_state.is_file():
+        raise FileNotFoundError(f"{layout.root} is not a clipaudit output folder (no {layout.job_state.name})")
+    return JobSpec.model_validate(json.loads(layout.job_state.read_text())["spec"])

@@ -1,0 +1,320 @@
+"""The job spec: a typed, validated, hashable description of one audit.
+
+A spec is YAML (see ``jobs/`` and shared/DESIGN.md). Relative paths are resolved against
+the folder of the YAML file; unknown keys are errors. ``load_spec`` turns every problem
+into one :class:`SpecError` whose message names the offending key or file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, create_model,
+                      field_validator, model_validator)
+
+from .data.shards import ShardPatternError, check_backend, expand_shards, is_url, protocol
+
+Precision = Literal["fp32", "fp16", "bf16"]
+
+
+class SpecError(ValueError):
+    """A job spec that cannot be run; the message says which key or file is wrong."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """Which CLIP model to audit and how to run it.
+
+    Read from a job file, relative paths resolve against the file's folder and local files
+    must exist (``parse_spec`` passes that folder as validation context).
+    """
+
+    name: str = Field(description="OpenCLIP name, hf-hub:org/repo, or path to a model-config JSON")
+    pretrained: str | None = Field(None, description="OpenCLIP tag, hf-hub:org/repo, checkpoint path, or null")
+    precision: Precision | None = Field(None, description="default: fp16 on GPU, fp32 on CPU")
+
+    @field_validator("name", "pretrained", mode="before")
+    @classmethod
+    def _resolve(cls, v: Any, info: ValidationInfo) -> Any:
+        base = (info.context or {}).get("base_dir")
+        if base is not None and isinstance(v, str) and (_looks_like_path(v) or (Path(base) / v).exists()):
+            return _resolve(v, Path(base))
+        return v
+
+    @field_validator("name", "pretrained")
+    @classmethod
+    def _exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if (info.context or {}).get("base_dir") is not None and v and _looks_like_path(v) and not Path(v).exists():
+            raise ValueError(f"file not found: {v}")
+        return v
+
+
+class DataSpec(_Strict):
+    """Where the candidate WebDataset shards are."""
+
+    shards: str | list[str]
+    identity_field: str = "identity"
+    max_image_pixels: int = Field(89_478_485, gt=0, description="larger images become error rows")
+
+
+class AttacksSpec(_Strict):
+    """Which attacks to run: one optional field per registered attack (absent = off).
+
+    The concrete model is built from the registry by :func:`attacks_model`.
+    """
+
+    def enabled(self) -> list[str]:
+        """Names of the attacks that are on, in registry order."""
+        return [name for name, params in self if params is not None]
+
+
+_ATTACKS_MODELS: dict[tuple, type[AttacksSpec]] = {}
+
+
+def attacks_model(plugins: tuple[str, ...] = ()) -> type[AttacksSpec]:
+    """The ``attacks:`` model: one field per built-in attack and per attack of ``plugins``."""
+    from .attacks.registry import available, registry_version
+
+    key = (registry_version(), tuple(plugins))
+    if key not in _ATTACKS_MODELS:
+        fields: dict[str, Any] = {a.name: (Optional[a.params], None) for a in available(plugins)}  # noqa: UP007
+        _ATTACKS_MODELS[key] = create_model("AttacksSpec", __base__=AttacksSpec, **fields)
+    return _ATTACKS_MODELS[key]
+
+
+def default_attacks() -> AttacksSpec:
+    """The attacks a spec without an ``attacks`` key runs."""
+    from .attacks.registry import available
+
+    return attacks_model()(**{a.name: a.params() for a in available() if a.default})
+
+
+class ComputeSpec(_Strict):
+    """How to run: executor, workers, batching, retries. Not part of the result hash."""
+
+    executor: Literal["ray", "local"] = "ray"
+    workers: int | None = Field(None, ge=1, description="map actors; default: one per GPU, else 2")
+    cpus_per_worker: float = Field(0.5, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    batch_size: int = Field(128, ge=1)
+    decode_threads: int = Field(2, ge=1)
+    max_retries: int = Field(3, ge=0, description="attempts per shard after the first")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="extra Ray custom resources per map actor, e.g. {accelerator_slot: 1}")
+    actor_start_timeout_s: float = Field(
+        600.0, gt=0, description="give up on shards still waiting when no map actor could start this long")
+    ray_address: str | None = Field(None, description="None: RAY_ADDRESS or a local Ray")
+    index: Literal["auto", "faiss", "torch"] = Field("auto", description="name top-k backend")
+
+
+#: Bump when the map step's core per-sample values change meaning without a schema change,
+#: so older outputs are not resumed into newer ones (each attack has its own features_version).
+MAP_FEATURES_VERSION = 2
+
+
+def map_output_format(enabled: list[str]) -> dict[str, Any]:
+    """Versions of what the map step writes: resuming across a change is refused."""
+    from .attacks.registry import get
+    from .io.schemas import published
+
+    versions: dict[str, Any] = {"features": MAP_FEATURES_VERSION}
+    for table in ("samples", "embeddings"):
+        versions[f"{table}_schema"] = int(published(table)["version"])
+    versions["attack_features"] = {name: get(name).features_version for name in enabled}
+    return versions
+
+
+class CalibrationSpec(_Strict):
+    """Thresholds and p-values from known non-members; reduce step only (not in the map hash)."""
+
+    controls: Path | None = Field(
+        None, description="CSV of known non-members: identity rows and/or shard,key rows (a member column, "
+                          "if present, must say false)")
+    target_fpr: float = Field(0.01, gt=0, lt=1, description="flag a score when its control p-value <= this")
+
+
+class JobSpec(_Strict):
+    """One audit: model × candidate shards × name pool → outputs."""
+
+    model: ModelSpec
+    data: DataSpec
+    names: Path
+    labels: Path | None = None
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    plugins: list[str] = Field(
+        default_factory=list, description="attack plugins imported before `attacks` is read: .py files (relative to "
+                                          "the job file) or module names; each registers its attack(s)")
+    attacks: SerializeAsAny[AttacksSpec] = Field(default_factory=default_attacks)
+    compute: ComputeSpec = Field(default_factory=ComputeSpec)
+    seed: int = 0
+    store_embeddings: bool = Field(True, description="write image embeddings (biometric data) under embeddings/")
+    output: Path
+
+    @field_validator("plugins")
+    @classmethod
+    def _load_plugins(cls, v: list[str]) -> list[str]:
+        from .attacks.registry import RegistryError, load_plugin
+
+        for ref in v:  # fields validate in order: the attacks below see the plugins' registrations
+            try:
+                load_plugin(ref)
+            except RegistryError as e:
+                raise ValueError(str(e)) from None
+            except Exception as e:  # noqa: BLE001 — any failure of a plugin is a spec error naming it
+                raise ValueError(f"{ref}: {type(e).__name__}: {e}") from None
+        return v
+
+    @field_validator("attacks", mode="wrap")
+    @classmethod
+    def _attacks(cls, v: Any, handler: Any, info: ValidationInfo) -> AttacksSpec:
+        model = attacks_model(tuple(info.data.get("plugins") or ()))
+        if isinstance(v, model):
+            return v
+        if isinstance(v, AttacksSpec):
+            v = v.model_dump()
+        return model.model_validate(v, context=info.context)
+
+    @model_validator(mode="after")
+    def _some_attack(self) -> "JobSpec":
+        if not self.attacks.enabled():
+            names = ", ".join(type(self.attacks).model_fields)
+            raise ValueError(f"attacks: enable at least one attack ({names})")
+        return self
+
+    # -- derived --------------------------------------------------------------
+    def shard_list(self) -> list[str]:
+        return expand_shards(self.data.shards)
+
+    def map_fingerprint(self) -> dict[str, Any]:
+        """Everything that changes per-sample outputs (not reduce-only attack parameters such
+        as IDIA's tau, not labels, calibration or compute)."""
+        from .attacks.registry import available
+
+        enabled = self.attacks.enabled()
+        attacks = {a.name: None if a.name not in enabled else a.map_fingerprint(getattr(self.attacks, a.name))
+                   for a in available(self.plugins)}
+        return {
+            "model": self.model.model_dump(),
+            "data": self.data.model_dump(),
+            "names_sha256": sha256_file(self.names),
+            **attacks,
+            "plugins": {ref: sha256_file(ref) if ref.endswith(".py") else ref for ref in self.plugins},
+            "seed": self.seed,
+            "store_embeddings": self.store_embeddings,
+            "output_format": map_output_format(enabled),
+        }
+
+    def map_hash(self) -> str:
+        blob = json.dumps(self.map_fingerprint(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.endswith((".json", ".pt", ".pth", ".bin", ".safetensors", ".ckpt")) or "/" in value and not value.startswith("hf-hub:")
+
+
+def _resolve(value: str, base: Path) -> str:
+    if is_url(value):
+        return value  # s3://, gs://, https://, hf:// … are resolved by fsspec
+    p = Path(value.removeprefix("file://")).expanduser()
+    return str(p if p.is_absolute() else (base / p))
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid job spec {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_spec(raw: Any, base_dir: Path, source: str = "<dict>") -> JobSpec:
+    """Validate a parsed YAML mapping; resolve relative paths against ``base_dir``."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"invalid job spec {source}: the top level must be a mapping of keys")
+    raw = json.loads(json.dumps(raw, default=str))  # deep copy, YAML dates → str
+    for key in ("names", "labels", "output"):
+        if isinstance(raw.get(key), str):
+            raw[key] = _resolve(raw[key], base_dir)
+    if isinstance(raw.get("plugins"), list):
+        raw["plugins"] = [_resolve(p, base_dir) if isinstance(p, str) and p.endswith(".py") else p
+                          for p in raw["plugins"]]
+    calib = raw.get("calibration")
+    if isinstance(calib, dict) and isinstance(calib.get("controls"), str):
+        calib["controls"] = _resolve(calib["controls"], base_dir)
+    data = raw.get("data")
+    if isinstance(data, dict):
+        shards = data.get("shards")
+        if isinstance(shards, str):
+            data["shards"] = _resolve(shards, base_dir)
+        elif isinstance(shards, list):
+            data["shards"] = [_resolve(s, base_dir) if isinstance(s, str) else s for s in shards]
+    if isinstance(raw.get("attacks"), dict):  # in a job file, `name: {}` and a bare `name:` both enable an attack
+        raw["attacks"] = {k: {} if v is None else v for k, v in raw["attacks"].items()}
+    try:
+        spec = JobSpec.model_validate(raw, context={"base_dir": str(base_dir)})
+    except ValidationError as e:
+        raise SpecError(_format_validation_error(e, source)) from None
+    _check_files(spec)
+    return spec
+
+
+def _check_files(spec: JobSpec) -> None:
+    if not spec.names.is_file():
+        raise SpecError(f"names: file not found: {spec.names}")
+    if spec.labels is not None and not spec.labels.is_file():
+        raise SpecError(f"labels: file not found: {spec.labels}")
+    if spec.calibration.controls is not None and not spec.calibration.controls.is_file():
+        raise SpecError(f"calibration.controls: file not found: {spec.calibration.controls}")
+    try:
+        shards = spec.shard_list()
+    except ShardPatternError as e:
+        raise SpecError(f"data.shards: {e}") from None
+    for proto in sorted({protocol(s) for s in shards if is_url(s)}):
+        try:
+            check_backend(f"{proto}://")
+        except ImportError as e:
+            raise SpecError(f"data.shards: {e}") from None
+    missing = [s for s in shards if not is_url(s) and not Path(s).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise SpecError(f"data.shards: file not found: {missing[0]}{more}")
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read, validate and resolve a job spec YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"job spec not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"job spec {path} is not valid YAML: {e}") from None
+    return parse_spec(raw, path.resolve().parent, source=str(path))

@@ -1,1 +1,0 @@
-"""Versioned Arrow schemas of the output tables (JSON files beside this one)."""

@@ -1,0 +1,89 @@
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clipaudit.map.models import ModelLoadError, load_model, read_state_dict
+
+
+def _embed(m) -> np.ndarray:
+    px = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (3, m.image_size, m.image_size, 3), dtype=np.uint8))
+    return torch.cat([m.encode_images(px), m.encode_texts(["a photo of Ann Lee.", "Bob"])]).numpy()
+
+
+def test_checkpoint_round_trip_pt_safetensors_and_training_format(tiny_model, tmp_path):
+    from safetensors.torch import save_file
+
+    ref = load_model(str(tiny_model["config"]), str(tiny_model["checkpoint"]), "fp32", "cpu")
+    sd = read_state_dict(tiny_model["checkpoint"])
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "w.safetensors")
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "train.pt")
+    a = _embed(ref)
+    for path in (tmp_path / "w.safetensors", tmp_path / "train.pt"):
+        other = load_model(str(tiny_model["config"]), str(path), "fp32", "cpu")
+        np.testing.assert_array_equal(a, _embed(other))
+    assert ref.checkpoint_sha256 and len(ref.checkpoint_sha256) == 64
+    assert ref.image_size == 32 and ref.dtype == torch.float32
+
+
+def test_random_init_is_seeded(tiny_model):
+    a = load_model(str(tiny_model["config"]), None, "fp32", "cpu", seed=1)
+    b = load_model(str(tiny_model["config"]), None, "fp32", "cpu", seed=1)
+    np.testing.assert_array_equal(_embed(a), _embed(b))
+
+
+def test_bf16_runs_and_fp16_on_cpu_falls_back(tiny_model):
+    m = load_model(str(tiny_model["config"]), str(tiny_model["checkpoint"]), "bf16", "cpu")
+    assert m.dtype == torch.bfloat16 and np.isfinite(_embed(m)).all()
+    assert load_model(str(tiny_model["config"]), None, "fp16", "cpu").dtype == torch.float32
+
+
+def test_unknown_model_name():
+    with pytest.raises(ModelLoadError, match="unknown model 'ViT-Nope-99'"):
+        load_model("ViT-Nope-99", None, "fp32", "cpu")
+
+
+def test_missing_checkpoint_and_config(tiny_model, tmp_path):
+    with pytest.raises(ModelLoadError, match="checkpoint not found"):
+        load_model(str(tiny_model["config"]), str(tmp_path / "gone.pt"), "fp32", "cpu")
+    with pytest.raises(ModelLoadError, match="model config not found"):
+        load_model(str(tmp_path / "gone.json"), None, "fp32", "cpu")
+
+
+def test_state_dict_mismatch(tiny_model, tmp_path):
+    sd = read_state_dict(tiny_model["checkpoint"])
+    sd.pop("logit_scale")
+    sd["extra.weight"] = torch.zeros(2)
+    torch.save(sd, tmp_path / "bad.pt")
+    with pytest.raises(ModelLoadError, match="does not match.*missing.*unexpected"):
+        load_model(str(tiny_model["config"]), str(tmp_path / "bad.pt"), "fp32", "cpu")
+    sd = read_state_dict(tiny_model["checkpoint"])
+    sd["positional_embedding"] = torch.zeros(3, 3)
+    torch.save(sd, tmp_path / "shape.pt")
+    with pytest.raises(ModelLoadError, match="positional_embedding.*shape"):
+        load_model(str(tiny_model["config"]), str(tmp_path / "shape.pt"), "fp32", "cpu")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/clipaudit-pwned-test",))
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = Path("/tmp/clipaudit-pwned-test")
+    marker.unlink(missing_ok=True)
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": _Evil()}, f)
+    with pytest.raises(ModelLoadError, match="weights_only"):
+        read_state_dict(path)
+    assert not marker.exists()
+
+
+def test_hub_model_offline_gives_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="hf-hub:nobody/no-such-clip"):
+        load_model("hf-hub:nobody/no-such-clip", None, "fp32", "cpu")

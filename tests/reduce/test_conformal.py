@@ -1,0 +1,129 @@
+"""Conformal calibration: thresholds and p-values from controls; reading controls files."""
+
+import numpy as np
+import pytest
+
+from clipaudit.reduce.conformal import (conformal_threshold, empirical_pvalues, pvalues, threshold_at_fpr,
+                                       threshold_entry)
+from clipaudit.reduce.labels import Labels, LabelsError, control_set, read_controls
+
+
+def test_read_controls_identities_and_images(tmp_path):
+    f = tmp_path / "controls.csv"
+    f.write_text("identity,shard,key,member\nAnn  Lee,,,false\n,data/00001.tar,k7,\nBob Stone,,,no\n")
+    c = read_controls(f)
+    assert c.identities == {"Ann Lee", "Bob Stone"} and c.images == {("00001.tar", "k7")}
+
+
+@pytest.mark.parametrize("text,match", [
+    ("name\nAnn\n", "needs a header"),
+    ("identity,member\nAnn,true\n", "line 2: a control must be a non-member"),
+])
+def test_bad_controls_files(tmp_path, text, match):
+    f = tmp_path / "c.csv"
+    f.write_text(text)
+    with pytest.raises(LabelsError, match=match):
+        read_controls(f)
+
+
+def test_control_set_adds_labelled_nonmembers(tmp_path):
+    f = tmp_path / "c.csv"
+    f.write_text("identity\nZoe\n")
+    labels = Labels({"Ann": True, "Bob": False}, {("0.tar", "a"): False, ("0.tar", "b"): True})
+    c = control_set(f, labels)
+    assert c.identities == {"Zoe", "Bob"} and c.images == {("0.tar", "a")}
+    assert not control_set(None, None)
+
+
+def test_pvalues_leave_the_control_itself_out():
+    s = np.array([5.0, 1.0, 2.0, 3.0, np.nan])
+    is_control = np.array([False, True, True, True, False])
+    p, c = pvalues(s, is_control)
+    assert list(c) == [1.0, 2.0, 3.0]
+    assert p[0] == pytest.approx(1 / 4)  # no control reaches 5
+    assert p[3] == pytest.approx(1 / 3)  # 3 against the other controls {1, 2}: (1 + 0) / (1 + 2)
+    assert p[1] == pytest.approx(1.0) and np.isnan(p[4])
+    assert np.isnan(pvalues(s, np.array([True, False, False, False, False]))[0]).all()  # < 2 controls
+
+
+def test_threshold_entry_says_when_there_are_too_few_controls():
+    e = threshold_entry(np.arange(20.0), n_scored=30, flagged=0, controls_flagged=0, target_fpr=0.01)
+    assert e["threshold"] is None and e["min_attainable_fpr"] == pytest.approx(1 / 21)
+    assert "at least 99 are needed" in e["note"]
+    ok = threshold_entry(np.arange(199.0), n_scored=300, flagged=4, controls_flagged=2, target_fpr=0.01)
+    assert ok["threshold"] > 197.0 and "note" not in ok and ok["controls_fpr_leave_one_out"] == 2 / 199
+    grouped = threshold_entry(np.arange(199.0), 300, 4, 2, 0.01, control_groups=5)
+    assert "only 5 identities" in grouped["note"] and grouped["control_identities"] == 5
+
+
+def test_a_control_labelled_member_is_an_error(tmp_path):
+    f = tmp_path / "c.csv"
+    f.write_text("identity\nAnn\n")
+    with pytest.raises(LabelsError, match="labelled members.*'Ann'"):
+        control_set(f, Labels({"Ann": True}))
+
+
+# --------------------------------------------------------------------------- thresholds / p-values
+
+
+@pytest.mark.parametrize("target", [0.0, 0.001, 0.01, 0.05, 0.1, 0.29, 0.5])
+def test_threshold_at_fpr_respects_target_and_is_smallest(target):
+    rng = np.random.default_rng(0)
+    controls = np.round(rng.normal(size=1000), 2)  # many ties
+    t = threshold_at_fpr(controls, target)
+    assert np.mean(controls >= t) <= target
+    below = np.nextafter(t, -np.inf)
+    assert np.mean(controls >= below) > target
+
+
+def test_threshold_at_fpr_edges():
+    assert threshold_at_fpr([1.0, 2.0], 1.0) == -np.inf
+    assert threshold_at_fpr([1.0, 2.0, 3.0], 0.0) > 3.0
+    with pytest.raises(ValueError):
+        threshold_at_fpr([], 0.1)
+    with pytest.raises(ValueError):
+        threshold_at_fpr([1.0], 1.5)
+
+
+def test_empirical_pvalues_range_monotone_and_uniform_under_null():
+    rng = np.random.default_rng(0)
+    controls = rng.normal(size=2000)
+    grid = np.linspace(-5, 5, 201)
+    p = empirical_pvalues(grid, controls)
+    assert np.all((p > 0) & (p <= 1))
+    assert np.all(np.diff(p) <= 0)
+    assert p[0] == 1.0 and p[-1] == pytest.approx(1 / 2001)
+    assert empirical_pvalues([controls.max()], controls)[0] == pytest.approx(2 / 2001)
+
+    null = empirical_pvalues(rng.normal(size=4000), controls)
+    u = np.sort(null)
+    ecdf = np.arange(1, len(u) + 1) / len(u)
+    assert np.max(np.abs(ecdf - u)) < 0.06
+    for alpha in (0.01, 0.05, 0.2):
+        assert np.mean(null <= alpha) <= alpha + 0.02
+    with pytest.raises(ValueError):
+        empirical_pvalues([0.0], [])
+
+
+@pytest.mark.parametrize("n,alpha", [(9, 0.1), (99, 0.01), (50, 0.05), (10, 0.3), (5, 0.01)])
+def test_conformal_threshold_matches_pvalue_flags(n, alpha):
+    rng = np.random.default_rng(n)
+    controls = rng.normal(size=n)
+    scores = np.concatenate([rng.normal(size=500), controls, np.nextafter(controls, np.inf)])
+    t = conformal_threshold(controls, alpha)
+    flags_p = empirical_pvalues(scores, controls) <= alpha
+    assert np.array_equal(scores >= t, flags_p)
+    if alpha < 1 / (n + 1):
+        assert t == np.inf and not flags_p.any()  # too few controls: nothing can be flagged at that rate
+
+
+def test_conformal_threshold_false_positive_rate_on_fresh_nonmembers():
+    rng = np.random.default_rng(7)
+    rates = []
+    for _ in range(200):
+        t = conformal_threshold(rng.normal(size=199), 0.05)
+        rates.append(np.mean(rng.normal(size=200) >= t))
+    assert np.mean(rates) <= 0.05 + 0.005  # valid on average over control draws
+    assert np.mean(rates) >= 0.03  # and not needlessly conservative
+    with pytest.raises(ValueError):
+        conformal_threshold([1.0, 2.0], 0.0)

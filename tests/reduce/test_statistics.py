@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+
+from clipaudit.reduce.statistics import auc, membership_metrics, roc_curve, tpr_at_fpr
+
+
+def test_auc_matches_pairwise_definition_with_ties():
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 5, 60).astype(float)
+    y = rng.random(60) < 0.5
+    pos, neg = s[y], s[~y]
+    pairwise = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
+    assert auc(s, y) == pytest.approx(pairwise)
+
+
+def test_perfect_and_constant_scores():
+    y = np.array([1, 1, 0, 0], bool)
+    assert auc(np.array([3, 2, 1, 0.0]), y) == 1.0
+    assert auc(np.zeros(4), y) == 0.5
+    assert tpr_at_fpr(np.zeros(4), y, 0.01) == 0.0  # a tie with non-members admits no member
+
+
+def test_tpr_at_low_fpr_allows_no_false_positive_with_few_negatives():
+    s = np.array([10, 9, 8, 7, 6.5, 5, 1, 0])
+    y = np.array([1, 1, 1, 0, 1, 0, 0, 0], bool)
+    assert tpr_at_fpr(s, y, 0.001) == pytest.approx(0.75)
+    assert tpr_at_fpr(s, y, 0.25) == pytest.approx(1.0)
+    roc = roc_curve(s, y)
+    assert roc.fpr[0] == 0 and roc.tpr[-1] == 1 and np.all(np.diff(roc.fpr) >= 0)
+
+
+def test_bootstrap_intervals_contain_point_estimates():
+    rng = np.random.default_rng(1)
+    y = rng.random(80) < 0.5
+    s = y + rng.normal(0, 0.8, 80)
+    m = membership_metrics(s, y, n_boot=300)
+    assert m["n_members"] == y.sum() and m["n_nonmembers"] == (~y).sum()
+    for k in ("auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr"):
+        lo, hi = m[f"{k}_ci"]
+        assert lo <= m[k] <= hi
+    assert m["auc_ci"][1] - m["auc_ci"][0] > 0.02  # 80 samples: a real interval
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_fast_bootstrap_resample_equals_metrics_of_the_resampled_data(ties):
+    from clipaudit.reduce.statistics import _point, _Resampler
+
+    rng = np.random.default_rng(3)
+    y = rng.random(3000) < 0.3
+    s = rng.normal(size=3000) + y
+    if ties:
+        s = np.round(s, 1)
+    resampler = _Resampler(s, y)
+    for _ in range(5):
+        idx = rng.integers(0, len(s), len(s))
+        fast = resampler.point(np.bincount(idx, minlength=len(s)))
+        slow = _point(s[idx], y[idx])
+        assert fast == pytest.approx(slow, abs=1e-12)
+
+
+def test_stratified_draw_keeps_class_sizes_and_matches_the_slow_metrics():
+    from clipaudit.reduce.statistics import _point, _Resampler
+
+    rng = np.random.default_rng(5)
+    y = rng.random(500) < 0.2
+    s = np.round(rng.normal(size=500) + y, 1)
+    r = _Resampler(s, y)
+    draw_rng = np.random.default_rng(9)
+    fast = r.draw(draw_rng)
+    # replay the same draw as explicit counts in the original order
+    replay = np.random.default_rng(9)
+    counts = np.zeros(len(s), dtype=int)
+    pos_counts = np.bincount(replay.integers(0, y.sum(), y.sum()), minlength=y.sum())
+    neg_counts = np.bincount(replay.integers(0, (~y).sum(), (~y).sum()), minlength=(~y).sum())
+    counts[r.order[r.pos_at]] = pos_counts
+    counts[r.order[r.neg_at]] = neg_counts
+    assert counts[y].sum() == y.sum() and counts[~y].sum() == (~y).sum()
+    idx = np.repeat(np.arange(len(s)), counts)
+    assert fast == pytest.approx(_point(s[idx], y[idx]), abs=1e-12)
