@@ -1,8 +1,10 @@
 """SQL over an audit's outputs with DuckDB: views ``samples``, ``identities``, ``embeddings``,
 ``sample_scores`` (each where present).
 
-Only read statements are accepted (SELECT, WITH, DESCRIBE, SHOW, EXPLAIN, PRAGMA
-table_info…), so a query can never modify or delete the evidence.
+Only read statements are accepted (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN), and
+the connection that runs them has no file or network access of its own: DuckDB reads the
+output tables through Arrow datasets that Python opened, so a query can neither write a file
+(not even through ``EXPLAIN ANALYZE COPY``) nor read one outside the audit.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
 
 from .outputs import OutputLayout
 
@@ -46,19 +50,61 @@ def duckdb_views(layout: OutputLayout, names: tuple[str, ...] | None = None) -> 
     return con
 
 
+def _widen(t: pa.DataType) -> pa.DataType:
+    """float16 (and lists of it) as float32: DuckDB scans no Arrow float16, its Parquet reader
+    gives FLOAT, so the query views keep the types ``read_parquet`` would give."""
+    if pa.types.is_float16(t):
+        return pa.float32()
+    if pa.types.is_list(t):
+        return pa.list_(_widen(t.value_type))
+    return t
+
+
+def sealed_views(layout: OutputLayout) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with the same views as :func:`duckdb_views` that can touch no file,
+    URL or setting.
+
+    ``read_parquet`` views are bound again at every query, so they would need the folder in
+    ``allowed_directories``, and that lets ``EXPLAIN ANALYZE COPY … TO`` write into it. Here the
+    files are listed and opened by pyarrow instead, and DuckDB's own access is switched off.
+    """
+    con = duckdb.connect(":memory:")
+    for name, pattern in output_views(layout).items():
+        files = sorted(str(f) for f in pattern.parent.glob(pattern.name))
+        schema = ds.dataset(files, format="parquet").schema
+        schema = pa.schema([f.with_type(_widen(f.type)) for f in schema], metadata=schema.metadata)
+        con.register(name, ds.dataset(files, format="parquet", schema=schema))
+    for setting in ("enable_external_access = false", "autoinstall_known_extensions = false",
+                    "autoload_known_extensions = false", "python_enable_replacements = false",
+                    "lock_configuration = true"):  # last: nothing can be set back
+        con.execute(f"SET {setting}")
+    return con
+
+
 def connect(output_dir: str | Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with views over the output folder."""
+    """An in-memory DuckDB with sealed views over the output folder (see :func:`sealed_views`)."""
     layout = OutputLayout(Path(output_dir))
     if not layout.samples_dir.is_dir() or not any(layout.samples_dir.glob("*.parquet")):
         raise QueryError(f"{output_dir} holds no audit outputs (no samples/*.parquet)")
-    return duckdb_views(layout)
+    try:
+        return sealed_views(layout)
+    except (OSError, pa.ArrowException) as e:
+        raise QueryError(f"cannot open the outputs in {output_dir}: {_one_line(str(e))}") from None
+
+
+def _one_line(message: str) -> str:
+    """DuckDB's message on one line: its ``LINE 1: …`` context kept, the caret line dropped."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip().strip("^")]
+    if len(lines) <= 1:
+        return message.strip()
+    return f"{lines[0]} ({'; '.join(lines[1:])})"
 
 
 def _check_read_only(sql: str) -> None:
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as e:
-        raise QueryError(f"cannot parse SQL: {e}") from None
+        raise QueryError(f"cannot parse SQL: {_one_line(str(e))}") from None
     if not statements:
         raise QueryError("empty query")
     for st in statements:
@@ -73,9 +119,13 @@ def run_query(output_dir: str | Path, sql: str) -> tuple[list[str], list[tuple]]
     con = connect(output_dir)
     try:
         cur = con.execute(sql)
+        return [d[0] for d in cur.description], cur.fetchall()
+    except duckdb.PermissionException as e:
+        raise QueryError(f"a query may only read the audit's own views: {_one_line(str(e))}") from None
     except duckdb.Error as e:
-        raise QueryError(str(e).strip()) from None
-    return [d[0] for d in cur.description], cur.fetchall()
+        raise QueryError(_one_line(str(e))) from None
+    finally:
+        con.close()
 
 
 def _cell(v: Any, width: int = 60) -> str:
