@@ -68,3 +68,25 @@ def test_decompression_bomb_refused_from_header():
     with pytest.raises(DecodeFailure) as e:
         decode_image(buf.getvalue(), SIZE, max_pixels=50_000_000)
     assert e.value.code == "too_many_pixels"
+
+
+def test_max_pixels_below_pillows_limit_is_the_engines_check():
+    buf = io.BytesIO()
+    Image.new("1", (2000, 1000)).save(buf, "PNG")  # 2 Mpx: far below Pillow's own limit
+    with pytest.raises(DecodeFailure) as e:
+        decode_image(buf.getvalue(), SIZE, max_pixels=1_000_000)
+    assert e.value.code == "too_many_pixels" and e.value.detail == "2000x1000 exceeds 1000000 pixels"
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_max_pixels_above_pillows_limit_takes_effect(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    w, h = 15000, 13000  # 195 Mpx: over Pillow's 2 × MAX_IMAGE_PIXELS (≈179 Mpx), which refuses it by itself
+    assert w * h > 2 * Image.MAX_IMAGE_PIXELS
+    buf = io.BytesIO()
+    Image.new("L", (w, h)).save(buf, "JPEG")  # ~2 MB; decoded at 1/8 scale (draft), well under a second
+    img = decode_image(buf.getvalue(), SIZE, max_pixels=200_000_000)
+    assert (img.width, img.height) == (w, h) and img.pixels.shape == (SIZE, SIZE, 3)
+    with pytest.raises(DecodeFailure) as e:  # a smaller limit still refuses it, Pillow's raised one or not
+        decode_image(buf.getvalue(), SIZE, max_pixels=100_000_000)
+    assert e.value.code == "too_many_pixels" and e.value.detail == f"{w}x{h} exceeds 100000000 pixels"

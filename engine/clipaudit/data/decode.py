@@ -3,13 +3,15 @@
 Handles what real scraped data contains: CMYK JPEGs, RGBA/LA/palette images with
 transparency (composited on white), 16-bit grayscale PNGs (rescaled, not clipped),
 animated images (first frame), EXIF rotation, truncated files (fail at ``load``), and
-decompression bombs (refused from the header, before any pixel is allocated).
+decompression bombs (refused from the header, before any pixel is allocated, by the
+caller's ``max_pixels`` rather than Pillow's own limit).
 """
 
 from __future__ import annotations
 
 import io
 import re
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -18,6 +20,7 @@ from PIL import Image, ImageOps
 
 
 _ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+_PILLOW_LIMIT_LOCK = threading.Lock()
 
 
 class DecodeFailure(Exception):
@@ -67,10 +70,38 @@ def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
     return im.crop((left, top, left + size, top + size))
 
 
+def _let_max_pixels_govern(max_pixels: int) -> None:
+    """Raise Pillow's own limit so that it refuses no image of at most ``max_pixels`` pixels.
+
+    ``Image.open`` raises ``DecompressionBombError`` above 2 × ``Image.MAX_IMAGE_PIXELS``
+    (≈179 Mpx by default) before the header check in :func:`decode_image` could run, so a
+    larger ``data.max_image_pixels`` would never take effect. ``MAX_IMAGE_PIXELS`` is one
+    global read by every decode thread, so it is not set for one call and restored (another
+    thread could read the restored value mid-decode); it is only ever raised, under a lock,
+    to the largest limit asked for. After this call it allows at least this caller's limit
+    whatever other decode threads do. Each call still refuses what exceeds its own ``max_pixels``
+    by its own header check, and Pillow's checks of sizes that are not in the header (GIF
+    frames, TIFF tiles) stay in place, at the raised limit.
+    """
+    needed = -(-max_pixels // 2)  # Pillow refuses above 2 × its limit, so this allows max_pixels
+    current = Image.MAX_IMAGE_PIXELS
+    if current is None or current >= needed:
+        return
+    with _PILLOW_LIMIT_LOCK:
+        current = Image.MAX_IMAGE_PIXELS
+        if current is not None and current < needed:
+            Image.MAX_IMAGE_PIXELS = needed
+
+
 def decode_image(data: bytes, size: int, max_pixels: int) -> DecodedImage:
-    """Decode, convert to RGB and resize one image; raise :class:`DecodeFailure`."""
+    """Decode, convert to RGB and resize one image; raise :class:`DecodeFailure`.
+
+    Images whose header declares more than ``max_pixels`` pixels are refused as
+    ``too_many_pixels`` before they are decoded.
+    """
     if not data:
         raise DecodeFailure("decode_error", "zero-byte image file")
+    _let_max_pixels_govern(max_pixels)
     try:
         im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
