@@ -1,7 +1,9 @@
 import json
+import os
 
+import pyarrow as pa
 
-from clipaudit.io.outputs import OutputLayout, PartWriter, atomic_write_json, part_name
+from clipaudit.io.outputs import OutputLayout, PartWriter, atomic_write_json, atomic_write_table, part_name
 from clipaudit.io.schemas import load_schema
 
 
@@ -50,3 +52,44 @@ def test_done_needs_marker_and_matching_part(tmp_path):
     layout.sample_part("s.tar").unlink()
     assert not layout.is_done("s.tar")
     assert json.loads(layout.marker("s.tar").read_text())["rows"] == 3
+
+
+def _record_disk_events(monkeypatch) -> list[tuple]:
+    """(``fsync``, path) and (``replace``, source, target) in the order they happen."""
+    events: list[tuple] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst, **kw):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def test_part_reaches_disk_before_its_marker(tmp_path, monkeypatch):
+    layout = OutputLayout(tmp_path.resolve())  # /proc/self/fd names resolved paths
+    layout.make_dirs()
+    w = _write_part(layout, "s.tar", 3)
+    events = _record_disk_events(monkeypatch)
+    w.commit()
+    atomic_write_json(layout.marker("s.tar"), {"shard": "s.tar", "rows": 3, "embedding_rows": None})
+    part, marker, folder = str(layout.sample_part("s.tar")), str(layout.marker("s.tar")), str(layout.samples_dir)
+    part_tmp = next(e[1] for e in events if e[0] == "replace" and e[2] == part)
+    marker_tmp = next(e[1] for e in events if e[0] == "replace" and e[2] == marker)
+    assert events == [("fsync", part_tmp), ("replace", part_tmp, part), ("fsync", folder),
+                      ("fsync", marker_tmp), ("replace", marker_tmp, marker), ("fsync", folder)]
+    assert layout.is_done("s.tar")
+
+
+def test_tables_are_fsynced_before_rename(tmp_path, monkeypatch):
+    events = _record_disk_events(monkeypatch)
+    path = tmp_path.resolve() / "identities.parquet"
+    atomic_write_table(path, pa.table({"a": [1]}))
+    tmp = events[1][1]
+    assert events == [("fsync", tmp), ("replace", tmp, str(path)), ("fsync", str(path.parent))]

@@ -2,7 +2,8 @@
 
 A shard is done when its Parquet part(s) exist *and* its marker ``samples/_<part>.done.json``
 (written last) agrees with the part's row count. Anything else means "redo". Every file
-is written to a hidden temp name in the same folder, then renamed into place.
+is written to a hidden temp name in the same folder, fsynced, renamed into place, and the
+folder fsynced, so a marker never reaches the disk before the bytes of the part it vouches for.
 """
 
 from __future__ import annotations
@@ -34,13 +35,37 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
 
 
+def _fsync_file(path: Path) -> None:
+    """Flush a written (and closed) file's bytes to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_durably(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` (already fsynced) to ``path`` and fsync the folder so the rename lasts."""
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder; the file itself is on disk
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = _tmp_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _replace_durably(tmp, path)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -50,7 +75,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def atomic_write_table(path: Path, table: pa.Table) -> None:
     tmp = _tmp_path(path)
     pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    _fsync_file(tmp)
+    _replace_durably(tmp, path)
 
 
 class PartWriter:
@@ -69,8 +95,10 @@ class PartWriter:
         self.rows += batch.num_rows
 
     def commit(self) -> None:
+        """Close, fsync and rename the part: once this returns, its bytes are on the disk."""
         self._writer.close()
-        os.replace(self._tmp, self.path)
+        _fsync_file(self._tmp)
+        _replace_durably(self._tmp, self.path)
 
     def abort(self) -> None:
         try:
