@@ -89,7 +89,7 @@ def test_cli_query_makes_no_network_request(out, capsys):
 
 
 def test_connection_is_locked_beneath_the_statement_check(out, tmp_path):
-    from clipaudit.query import connect
+    from clipaudit.io.query import connect
 
     con = connect(out)
     for sql in [f"COPY (SELECT 42) TO '{tmp_path / 'x.csv'}'", f"ATTACH '{tmp_path / 'x.db'}'",
@@ -110,7 +110,8 @@ def test_errors_are_one_line(out, capsys):
 def test_float16_embeddings_read_as_float(tmp_path):
     """The sealed views give the types DuckDB's Parquet reader gives (FLOAT for float16)."""
     from attacks.test_idia import img, write_samples
-    from clipaudit.outputs import PartWriter, load_schema
+    from clipaudit.io.outputs import PartWriter
+    from clipaudit.io.schemas import load_schema
 
     layout = write_samples(tmp_path, [img("Ann", "Ann")])
     w = PartWriter(layout.embedding_part("s.tar"), load_schema("embeddings"))
