@@ -73,3 +73,77 @@ def test_dangerous_member_names_are_just_keys(tmp_path: Path):
     samples = list(iter_tar_samples(write_tar(tmp_path / "evil.tar", m)))
     assert [s.key for s in samples] == ["../../etc/evil", "/abs/path"]
     assert not (tmp_path.parent.parent / "etc" / "evil.jpg").exists()
+
+
+class _FailsOnceMidRead:
+    """A file that raises EIO once, on the first large read past ``after`` bytes (a member's
+    data, not a 512-byte header), then reads normally — like a network read that hiccups."""
+
+    def __init__(self, f, after: int) -> None:
+        self.f, self.after, self.failed = f, after, False
+
+    def read(self, n=-1):
+        if not self.failed and self.f.tell() > self.after and (n is None or n < 0 or n > tarfile.BLOCKSIZE):
+            self.failed = True
+            raise OSError(5, "Input/output error")
+        return self.f.read(n)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def _failing_open(after: int, calls: list):
+    import contextlib
+
+    @contextlib.contextmanager
+    def open_shard(shard):
+        with open(shard, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(0)
+            calls.append(shard)
+            yield (_FailsOnceMidRead(f, after) if len(calls) == 1 else f), size
+
+    return open_shard
+
+
+def test_io_error_mid_shard_is_raised_not_recorded_as_a_cut_tar(tmp_path: Path, monkeypatch):
+    import pytest
+
+    import clipaudit.data.tar_reader as tar_reader
+
+    shard = write_tar(tmp_path / "a.tar", _members(10))
+    monkeypatch.setattr(tar_reader, "open_shard", _failing_open(after=shard.stat().st_size // 2, calls=[]))
+    seen = []
+    with pytest.raises(OSError, match="Input/output error"):
+        for s in iter_tar_samples(shard):
+            seen.append(s)
+    assert 0 < len(seen) < 10 and all(s.error is None for s in seen)  # what came before the failure is intact
+
+
+def test_io_error_mid_shard_is_retried_and_rows_equal_a_clean_run(tmp_path: Path, tiny_model, monkeypatch):
+    import pyarrow.parquet as pq
+
+    import clipaudit.data.tar_reader as tar_reader
+    from clipaudit.runner import run_job
+    from clipaudit.spec import parse_spec
+
+    shard = write_tar(tmp_path / "a.tar", _members(10))
+    (tmp_path / "names.txt").write_text("".join(f"Person {i}\n" for i in range(10)))
+
+    def run(out: str):
+        spec = parse_spec({"model": {"name": str(tiny_model["config"]), "pretrained": str(tiny_model["checkpoint"]),
+                                     "precision": "fp32"},
+                           "data": {"shards": "a.tar"}, "names": "names.txt", "attacks": {"idia": {"top_k": 2}},
+                           "compute": {"executor": "local", "batch_size": 2, "max_retries": 1}, "output": out},
+                          tmp_path)
+        report = run_job(spec, progress=False)
+        return report, pq.read_table(tmp_path / out / "samples").to_pylist()
+
+    clean_report, clean = run("clean")
+    calls: list = []
+    monkeypatch.setattr(tar_reader, "open_shard", _failing_open(after=shard.stat().st_size // 2, calls=calls))
+    report, rows = run("flaky")
+    assert len(calls) == 2  # the shard was read again after the I/O error
+    assert report.ok and report.summary["errors"] == {} and len(rows) == 10
+    assert rows == clean  # every column of every row

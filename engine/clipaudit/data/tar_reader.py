@@ -6,7 +6,9 @@ written to disk, so member names with ``..`` or absolute paths are harmless keys
 
 Failures never vanish: a key that repeats inside the shard, a sample cut by a truncated
 tar, and a file that is not a tar at all each come out as a :class:`RawSample` with an
-``error`` code, so the mapper turns them into error rows.
+``error`` code, so the mapper turns them into error rows. An I/O error while reading (EIO,
+a timeout, an object store that hung up) is not a property of the data: it propagates, so
+the executor retries the whole shard instead of recording its remaining samples as cut.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def _samples(f, size: int) -> Iterator[RawSample]:
             try:
                 fobj = tf.extractfile(member)
                 data = fobj.read() if fobj is not None else b""
-            except (tarfile.TarError, OSError, EOFError) as e:
+            except (tarfile.TarError, EOFError) as e:  # the bytes end early: a cut tar (OSError propagates)
                 done = g.add(key, ext, b"")
                 if done is not None:
                     yield done
