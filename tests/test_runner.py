@@ -292,3 +292,53 @@ def test_report_cli_prints_what_a_folder_holds(job, capsys):
     assert "calibration at target FPR 0.01" in out and "sha256" in out
     assert main(["report", str(job[0].parent)]) == 2
     assert "not a clipaudit output folder" in capsys.readouterr().err
+
+
+def test_swapped_checkpoint_is_refused_on_resume_unless_forced(job, tiny_model, capsys):
+    """Same path, other weights: the resume hash covers the checkpoint's content, not its name."""
+    import shutil
+
+    import torch
+
+    from clipaudit.cli import main
+
+    spec_path, _ = job
+    latest = spec_path.parent / "latest.pt"
+    shutil.copy(tiny_model["checkpoint"], latest)
+    spec_path.write_text(spec_path.read_text().replace(str(tiny_model["checkpoint"]), str(latest)))
+    assert main(["run", str(spec_path), "--no-progress"]) == 0
+    out = load_spec(spec_path).output
+    before = _rows(out)
+    sd = torch.load(latest, weights_only=True)
+    torch.save({k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in sd.items()}, latest)
+    capsys.readouterr()
+    assert main(["run", str(spec_path), "--no-progress", "--dry-run"]) == 2  # the dry run predicts the refusal
+    assert main(["run", str(spec_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "changed: model_files" in err and err.count("error:") == 2
+    assert _rows(out) == before  # nothing was mixed in
+    assert main(["run", str(spec_path), "--no-progress", "--force"]) == 0
+    after = _rows(out)
+    assert [r["key"] for r in after] == [r["key"] for r in before]
+    changed = [a["caption_score"] != b["caption_score"] for a, b in zip(after, before) if a["has_caption"]]
+    assert all(changed)  # every row was recomputed with the new weights
+    cache = list((out / "_cache").glob("shared-*.npz"))
+    assert len(cache) == 1 and load_spec(spec_path).map_hash() in cache[0].name
+
+
+def test_a_folder_whose_run_wrote_no_result_is_not_claimed(job, tiny_model, capsys):
+    """A run that fails while loading the model leaves _job.json but no result: the corrected
+    spec then runs instead of being refused as a different job."""
+    from clipaudit.cli import main
+
+    spec_path, _ = job
+    good = spec_path.read_text()
+    spec_path.write_text(good.replace("precision: fp32", "precision: fp32, name: ViT-B-32")
+                         .replace(f"name: {tiny_model['config']}, ", ""))  # a checkpoint that does not fit
+    assert main(["run", str(spec_path), "--no-progress"]) == 2
+    out = load_spec(spec_path).output
+    assert (out / "_job.json").is_file() and not any((out / "samples").glob("*.parquet"))
+    spec_path.write_text(good)
+    capsys.readouterr()
+    assert main(["run", str(spec_path), "--no-progress", "--dry-run"]) == 0
+    assert main(["run", str(spec_path), "--no-progress"]) == 0

@@ -64,6 +64,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"job {args.job}: valid. model={spec.model.name} pretrained={spec.model.pretrained}")
         print(f"shards: {len(shards)} ({done} already done), output: {spec.output}, executor: {spec.compute.executor}")
         print(f"map hash: {spec.map_hash()}")
+        from .runner import resume_conflict
+
+        conflict = None if args.force else resume_conflict(layout, spec)
+        if conflict is not None:
+            raise UserError(f"a run would be refused: {conflict}")
         return EXIT_OK
     from .io.report import print_report
 

@@ -59,25 +59,34 @@ def reduce_options(spec: JobSpec) -> ReduceOptions:
                          target_fpr=spec.calibration.target_fpr)
 
 
+_CHANGED_WORDS = {"model_files": "model_files (the content of a checkpoint or model-config file)"}
+
+
+def resume_conflict(layout: OutputLayout, spec: JobSpec) -> str | None:
+    """Why ``layout`` cannot be resumed with ``spec`` (it holds map results of a different
+    job), or None. A folder whose earlier run wrote no result (e.g. it failed loading the
+    model) holds nothing to protect."""
+    if not layout.job_state.is_file() or not layout.has_map_results():
+        return None
+    state = json.loads(layout.job_state.read_text())
+    if state.get("map_hash") == spec.map_hash():
+        return None
+    old, new = state.get("map_fingerprint", {}), spec.map_fingerprint()
+    changed = [_CHANGED_WORDS.get(k, k) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return (f"{layout.root} holds results of a different job (changed: {', '.join(changed) or 'unknown'}). "
+            "Use --force to recompute them, or choose another output folder. "
+            "Settings that only affect the reduce step (reduce-only attack parameters such as tau, labels, "
+            "calibration) need no recompute: use `clipaudit reduce`.")
+
+
 def check_resume(layout: OutputLayout, spec: JobSpec, force: bool) -> None:
     """Refuse to mix outputs of different map settings unless forced (then clear them)."""
-    state = None
-    if layout.job_state.is_file():
-        state = json.loads(layout.job_state.read_text())
-    if state is not None and state.get("map_hash") != spec.map_hash():
-        if not force:
-            old = state.get("map_fingerprint", {})
-            new = spec.map_fingerprint()
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ResumeRefused(
-                f"{layout.root} holds results of a different job (changed: {', '.join(changed) or 'unknown'}). "
-                "Use --force to recompute them, or choose another output folder. "
-                "Settings that only affect the reduce step (reduce-only attack parameters such as tau, labels, "
-                "calibration) need no recompute: use `clipaudit reduce`."
-            )
+    conflict = resume_conflict(layout, spec)
+    if conflict is not None and not force:
+        raise ResumeRefused(conflict)
+    if conflict is not None:
         log.warning("--force: removing map outputs of a different job in %s", layout.root)
-        layout.clear_map_outputs()
-    elif force:
+    if force:
         layout.clear_map_outputs()
 
 

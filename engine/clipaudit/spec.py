@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -47,6 +48,13 @@ class ModelSpec(_Strict):
         if base is not None and isinstance(v, str) and (_looks_like_path(v) or (Path(base) / v).exists()):
             return _resolve(v, Path(base))
         return v
+
+    def content_fingerprint(self) -> dict[str, str | None]:
+        """sha256 of the model-config JSON and of the checkpoint where they are local files, so a
+        file overwritten between two runs changes the resume hash (a zoo tag or an hf-hub: id
+        stands for published weights and is hashed by name)."""
+        return {f"{key}_sha256": sha256_file(v) if v and _looks_like_path(v) and not is_url(v) and Path(v).is_file()
+                else None for key, v in (("name", self.name), ("pretrained", self.pretrained))}
 
     @field_validator("name", "pretrained")
     @classmethod
@@ -203,6 +211,7 @@ class JobSpec(_Strict):
                    for a in available(self.plugins)}
         return {
             "model": self.model.model_dump(),
+            "model_files": self.model_files(),
             "data": self.data.model_dump(),
             "names_sha256": sha256_file(self.names),
             **attacks,
@@ -212,6 +221,17 @@ class JobSpec(_Strict):
             "output_format": map_output_format(enabled),
         }
 
+    def model_files(self) -> dict[str, dict[str, str | None]]:
+        """Content hashes of every local model file the map step reads: the audited model's and
+        those of models inside attack parameters (e.g. a reference model)."""
+        out = {"model": self.model.content_fingerprint()}
+        for name in self.attacks.enabled():
+            params = getattr(self.attacks, name)
+            for key, value in params:
+                if isinstance(value, ModelSpec):
+                    out[f"attacks.{name}.{key}"] = value.content_fingerprint()
+        return out
+
     def map_hash(self) -> str:
         blob = json.dumps(self.map_fingerprint(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -220,13 +240,21 @@ class JobSpec(_Strict):
         return json.loads(self.model_dump_json())
 
 
+_SHA256_MEMO: dict[tuple, str] = {}
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    """Hex sha256 of a file, read in chunks; remembered per process while the file's identity,
+    size and modification time stay the same (a checkpoint is hashed once per job, not per shard)."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _SHA256_MEMO:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        _SHA256_MEMO[key] = h.hexdigest()
+    return _SHA256_MEMO[key]
 
 
 def _looks_like_path(value: str) -> bool:

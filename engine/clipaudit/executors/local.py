@@ -24,7 +24,7 @@ class LocalExecutor:
         if not shards:
             return result
         mapper = ShardMapper(spec, layout)
-        shared = load_or_compute_shared(layout, spec, mapper.compute_shared)
+        shared = load_or_compute_shared(layout, spec, mapper.compute_shared, mapper.map_hash)
         mapper.setup(shared)
         bar = Progress(len(shards), progress)
         try:

@@ -33,13 +33,13 @@ def _ray():
 class _MapWorker:
     """Ray actor body: one model per actor, one shard per call."""
 
-    def __init__(self, spec_json: dict, output_root: str, shared: dict[str, Any]) -> None:
+    def __init__(self, spec_json: dict, output_root: str, shared: dict[str, Any], map_hash: str) -> None:
         from pathlib import Path
 
         from ..map.mapper import ShardMapper
 
         spec = JobSpec.model_validate(spec_json)
-        self.mapper = ShardMapper(spec, OutputLayout(Path(output_root)))
+        self.mapper = ShardMapper(spec, OutputLayout(Path(output_root)), map_hash)
         self.mapper.setup(shared)
 
     def map_shard(self, shard: str) -> dict:
@@ -49,16 +49,16 @@ class _MapWorker:
         return os.getpid()
 
 
-def _compute_shared(spec_json: dict, output_root: str) -> dict[str, Any]:
+def _compute_shared(spec_json: dict, output_root: str, map_hash: str) -> dict[str, Any]:
     from pathlib import Path
 
     from ..map.mapper import ShardMapper
 
     spec = JobSpec.model_validate(spec_json)
     layout = OutputLayout(Path(output_root))
-    mapper = ShardMapper(spec, layout)
+    mapper = ShardMapper(spec, layout, map_hash)
     try:
-        return load_or_compute_shared(layout, spec, mapper.compute_shared)
+        return load_or_compute_shared(layout, spec, mapper.compute_shared, map_hash)
     finally:
         mapper.close()
 
@@ -177,6 +177,7 @@ class RayExecutor:
         n_workers, resources = self._pool_shape(spec)
         n_workers = min(n_workers, len(shards))
         spec_json = spec.to_json()
+        map_hash = spec.map_hash()  # hashed here once (name pool, weights), not by every actor
         root = str(layout.root.resolve())
         # wait (bounded) until a worker of this shape can be placed at all, then (unbounded)
         # for the shared state, whose cost grows with the name pool
@@ -190,10 +191,10 @@ class RayExecutor:
                           f"(cluster resources: {ray.cluster_resources()})")
             return
         shared = ray.remote(_compute_shared).options(**resources, max_retries=spec.compute.max_retries)
-        shared_ref = shared.remote(spec_json, root)
+        shared_ref = shared.remote(spec_json, root, map_hash)
         ray.get(shared_ref)  # fail early (e.g. a model that cannot load) before starting the pool
         actor_cls = ray.remote(_MapWorker).options(**resources, max_restarts=0, max_task_retries=0)
-        pool = _ActorPool(ray, lambda: actor_cls.remote(spec_json, root, shared_ref), n_workers,
+        pool = _ActorPool(ray, lambda: actor_cls.remote(spec_json, root, shared_ref, map_hash), n_workers,
                           max_start_failures=n_workers * (spec.compute.max_retries + 1))
         log.info("map: %d shards on %d actors (%s)", len(shards), n_workers, resources)
 

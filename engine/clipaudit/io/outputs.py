@@ -175,6 +175,11 @@ class OutputLayout:
             return emb_rows == marker["embedding_rows"]
         return True
 
+    def has_map_results(self) -> bool:
+        """Any sample part or marker: results an earlier run committed (temp files do not count)."""
+        d = self.samples_dir
+        return d.is_dir() and (any(d.glob("*.parquet")) or any(d.glob("_*.done.json")))
+
     def remove_stale_temps(self) -> int:
         """Delete hidden temp files left by killed writers; only safe while holding :meth:`lock`."""
         n = 0

@@ -61,12 +61,13 @@ def _batched(it: Iterator[RawSample], n: int) -> Iterator[list[RawSample]]:
 class ShardMapper:
     """Holds the model and attacks of one worker; maps whole shards."""
 
-    def __init__(self, spec: JobSpec, layout: OutputLayout) -> None:
+    def __init__(self, spec: JobSpec, layout: OutputLayout, map_hash: str | None = None) -> None:
         self.spec = spec
         self.layout = layout
         self.attacks: list[MapAttack] = build_attacks(spec)
         self.model: LoadedModel | None = None
-        self.map_hash = spec.map_hash()  # hashes the name pool: once per worker, not per shard
+        # hashes the name pool and the weights: given by the driver, else once per worker (not per shard)
+        self.map_hash = map_hash or spec.map_hash()
         self.samples_schema = load_schema("samples", spec.attacks.enabled())  # core + attack columns
         self.embeddings_schema = load_schema("embeddings")
         self._pool = ThreadPoolExecutor(max_workers=spec.compute.decode_threads, thread_name_prefix="decode")
