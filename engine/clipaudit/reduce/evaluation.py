@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from ..attacks.registry import LOGISTIC, Learned, registered, scores
 from .learned import crossfit_proba
-from .labels import SHARD_FILE_NAME_SQL, Labels
+from .labels import Labels
 from .statistics import membership_metrics, roc_curve
 
 if TYPE_CHECKING:
@@ -161,17 +161,17 @@ def image_table(con: duckdb.DuckDBPyConnection, labels: Labels, opts: "ReduceOpt
     image = [s.name for s in scores(opts.enabled, "image")]
     if not labels.images or not image:
         return None
-    lab = pa.table({"shard_name": [k[0] for k in labels.images], "key": [k[1] for k in labels.images],
+    lab = pa.table({"shard": [k[0] for k in labels.images], "key": [k[1] for k in labels.images],
                     "member": list(labels.images.values())})
     con.register("image_labels", lab)
     feats = _feature_columns(opts)
     cols = ", ".join([f"ok.{a}_score" for a in image] + [f"ok.{c}" for c in feats.values()])
     data = con.sql(f"""
         SELECT ok.identity, l.member, {cols} FROM ok JOIN image_labels l
-        ON l.key = ok.key AND l.shard_name = {SHARD_FILE_NAME_SQL.format(col="ok.shard")}
+        ON l.key = ok.key AND l.shard = ok.shard
     """).to_arrow_table()
     if not data.num_rows:
-        log.warning("labels: no image row matched a sample (rows match by shard file name and key)")
+        log.warning("labels: no image row matched a sample (rows match by shard and key)")
         return None
     groups = np.unique(np.array(data.column("identity").to_pylist(), dtype=object), return_inverse=True)[1]
     table_scores = {a: _arrow_vec(data.column(f"{a}_score")) for a in image}

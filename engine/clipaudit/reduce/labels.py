@@ -1,19 +1,25 @@
 """Ground truth and known non-members: the labels file and the controls file.
 
 Both are CSVs with identity rows (``identity[,member]``) and/or image rows
-(``shard,key[,member]``), read by one parser and matched to samples by one rule
-(:func:`shard_file_name` + key for images, the normalised name for identities).
+(``shard,key[,member]``), read by one parser. Identities match by their normalised name.
+Image rows match by shard and key, the shard named unambiguously (:class:`ShardMatcher`): as
+a path (relative paths resolve against the CSV's folder) or URL of one of the audited
+shards, or by a bare file name only where exactly one audited shard has it — two
+img2dataset runs both write ``00000.tar``, and their images must never be confused.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 import re
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from ..data.samples import normalize_name
+from ..data.shards import is_url
 
 _TRUE = {"true", "1", "yes", "y", "t", "member"}
 _FALSE = {"false", "0", "no", "n", "f", "nonmember", "non-member"}
@@ -24,20 +30,57 @@ class LabelsError(ValueError):
 
 
 def shard_file_name(shard: str) -> str:
-    """The last path component of a shard path or URL (how labels and controls name shards)."""
+    """The last path component of a shard path or URL."""
     return re.split(r"[/\\]", shard)[-1]
 
 
-#: the same rule in DuckDB SQL, for joins over a ``shard`` column
-SHARD_FILE_NAME_SQL = "regexp_extract({col}, '[^/\\\\]+$')"
+ImageKey = tuple[str, str]  # (shard, key): as written in the file, then the audited shard once matched
 
-ImageKey = tuple[str, str]  # (shard file name, key)
+
+def _normalise(shard: str) -> str:
+    return shard if is_url(shard) else os.path.normpath(shard.removeprefix("file://"))
+
+
+class ShardMatcher:
+    """Maps the shard named in a labels/controls row to one of the audited shards (as the
+    ``shard`` column of ``samples/`` holds it)."""
+
+    def __init__(self, shards: Iterable[str]) -> None:
+        self.exact: dict[str, str] = {}
+        self.by_name: dict[str, list[str]] = defaultdict(list)
+        for s in shards:
+            self.exact[_normalise(s)] = s
+            self.by_name[shard_file_name(s)].append(s)
+
+    def match(self, ref: str, what: str) -> str | None:
+        """The audited shard ``ref`` names, or None when it names none of them."""
+        hit = self.exact.get(_normalise(ref))
+        if hit is not None or is_url(ref) or re.search(r"[/\\]", ref):
+            return hit
+        candidates = self.by_name.get(ref, [])
+        if len(candidates) > 1:
+            raise LabelsError(f"{what}: shard {ref!r} is ambiguous: {len(candidates)} audited shards have that file "
+                              f"name (e.g. {candidates[0]} and {candidates[1]}); name it by its path")
+        return candidates[0] if candidates else None
 
 
 @dataclass
 class Labels:
     identities: dict[str, bool] = field(default_factory=dict)
     images: dict[ImageKey, bool] = field(default_factory=dict)
+    unmatched_images: int = 0  # image rows naming no audited shard (after :meth:`matched`)
+
+    def matched(self, matcher: ShardMatcher, what: str = "labels") -> "Labels":
+        """The same labels with image rows keyed by the audited shard they name."""
+        images: dict[ImageKey, bool] = {}
+        unmatched = 0
+        for (ref, key), member in self.images.items():
+            shard = matcher.match(ref, what)
+            if shard is None:
+                unmatched += 1
+            elif images.setdefault((shard, key), member) != member:
+                raise LabelsError(f"{what}: image {key!r} of {shard} is labelled both member and non-member")
+        return Labels(dict(self.identities), images, unmatched)
 
 
 @dataclass
@@ -52,11 +95,17 @@ class Controls:
         return bool(self.identities or self.images)
 
     def is_control(self, identity: str | None, shard: str, key: str | None) -> bool:
-        return identity in self.identities or (shard_file_name(shard), key) in self.images
+        return identity in self.identities or (shard, key) in self.images
+
+    def matched(self, matcher: ShardMatcher) -> "Controls":
+        """The same controls with image rows keyed by the audited shard they name."""
+        images = {(s, k) for ref, k in self.images if (s := matcher.match(ref, "calibration.controls")) is not None}
+        return Controls(set(self.identities), images, list(self.sources))
 
 
 def _rows(path: Path, what: str, member_required: bool) -> Iterator[tuple[int, str | None, ImageKey | None, str | None]]:
-    """(line, identity, image key, raw member value) per non-empty row of a labels/controls CSV."""
+    """(line, identity, image key, raw member value) per non-empty row of a labels/controls CSV;
+    a shard given as a relative path is resolved against the CSV's folder."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         cols = set(reader.fieldnames or [])
@@ -68,7 +117,9 @@ def _rows(path: Path, what: str, member_required: bool) -> Iterator[tuple[int, s
             shard, key = (row.get("shard") or "").strip(), (row.get("key") or "").strip()
             ident = normalize_name(row.get("identity") or "")
             if shard and key:
-                yield line_no, None, (shard_file_name(shard), key), row.get("member")
+                if re.search(r"[/\\]", shard) and not is_url(shard) and not os.path.isabs(shard):
+                    shard = str(Path(path).resolve().parent / shard)
+                yield line_no, None, (shard, key), row.get("member")
             elif ident:
                 yield line_no, ident, None, row.get("member")
 
@@ -83,7 +134,8 @@ def _member(value: str | None, what: str, path: Path, line_no: int) -> bool:
 def read_labels(path: Path) -> Labels:
     """Identity rows (``identity,member``) and/or image rows (``shard,key,member``).
 
-    Image rows match samples by the shard's file name and the key.
+    Image rows keep the shard as written (relative paths made absolute); :meth:`Labels.matched`
+    maps them to the audited shards.
     """
     out = Labels()
     for line_no, ident, image, member in _rows(path, "labels", member_required=True):
@@ -109,9 +161,12 @@ def read_controls(path: Path) -> Controls:
     return out
 
 
-def control_set(path: Path | None, labels: Labels | None) -> Controls:
-    """The controls file's rows plus the labelled non-members."""
+def control_set(path: Path | None, labels: Labels | None, matcher: ShardMatcher | None = None) -> Controls:
+    """The controls file's rows (image rows matched to the audited shards when ``matcher`` is
+    given) plus the labelled non-members."""
     out = read_controls(path) if path is not None else Controls()
+    if matcher is not None:
+        out = out.matched(matcher)
     if labels is not None:
         clash = sorted(n for n in out.identities if labels.identities.get(n))
         clash += sorted(f"{s}:{k}" for s, k in out.images if labels.images.get((s, k)))

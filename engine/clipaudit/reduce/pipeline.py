@@ -25,7 +25,7 @@ from ..io.schemas import load_schema
 from .conformal import METHOD, write_sample_pvalues
 from .evaluation import evaluation_tables, evaluate
 from .identities import connect, identity_level
-from .labels import Controls, Labels, control_set, read_labels
+from .labels import Controls, Labels, ShardMatcher, control_set, read_labels
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,11 @@ def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
     calibration.json and sample_scores/; with labels also metrics.json + roc.parquet."""
     if not any(layout.samples_dir.glob("*.parquet")):
         raise FileNotFoundError(f"no sample parts under {layout.samples_dir}: run the map step first")
-    labels = read_labels(opts.labels) if opts.labels else None
-    controls = control_set(opts.controls, labels)
+    matcher = ShardMatcher(_audited_shards(layout))
+    labels = read_labels(opts.labels).matched(matcher) if opts.labels else None
+    if labels is not None and labels.unmatched_images:
+        log.warning("labels: %d image row(s) name no audited shard", labels.unmatched_images)
+    controls = control_set(opts.controls, labels, matcher)
     t0 = time.perf_counter()
     ident = identity_level(layout, opts, labels, controls)
     atomic_write_table(layout.identities, ident.table)
@@ -89,6 +92,15 @@ def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
     result.metrics = _evaluate(layout, opts, labels, ident.table)
     result.written.append(layout.metrics)
     return result
+
+
+def _audited_shards(layout: OutputLayout) -> list[str]:
+    """The shards whose rows are in ``samples/``, as their ``shard`` column names them."""
+    con = connect(layout)
+    try:
+        return [r[0] for r in con.execute("SELECT DISTINCT shard FROM samples").fetchall()]
+    finally:
+        con.close()
 
 
 def _calibrate(layout: OutputLayout, opts: ReduceOptions, controls: Controls, identity: dict[str, Any],
@@ -136,6 +148,7 @@ def _evaluate(layout: OutputLayout, opts: ReduceOptions, labels: Labels, identit
     seen = set(identities.column("identity").to_pylist())
     metrics["n_unlabeled_identities"] = sum(v is None for v in identities.column("label_member").to_pylist())
     metrics["n_labels_not_in_candidates"] = len(set(labels.identities) - seen)
+    metrics["n_image_labels_not_in_candidates"] = labels.unmatched_images
     atomic_write_json(layout.metrics, metrics)
     atomic_write_table(layout.roc, pa.Table.from_pylist(roc_rows, schema=load_schema("roc")))
     return metrics
