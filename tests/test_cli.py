@@ -31,3 +31,16 @@ def test_reduce_on_a_folder_that_is_not_an_output(tmp_path, capsys):
 
     assert main(["reduce", str(tmp_path)]) == 2
     assert "not a clipaudit output folder" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import pytest
+
+    from clipaudit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    from importlib import metadata
+
+    assert capsys.readouterr().out.strip() == f"clipaudit {metadata.version('clipaudit')}"

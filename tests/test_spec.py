@@ -13,7 +13,7 @@ def files(tmp_path: Path) -> Path:
     (tmp_path / "names.txt").write_text("Ann Lee\n")
     (tmp_path / "labels.csv").write_text("identity,member\nAnn Lee,true\n")
     (tmp_path / "cfg.json").write_text("{}")
-    (tmp_path / "w.pt").write_bytes(b"")
+    (tmp_path / "w.pt").write_bytes(b"PK\x03\x04")  # the first bytes of a torch.save archive
     return tmp_path
 
 

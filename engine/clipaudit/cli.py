@@ -198,8 +198,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.output), progress=not args.no_progress, cfg=LAB_PRESETS[args.lab])
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("clipaudit")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipaudit", description="Membership-inference audits of CLIP models.")
+    p.add_argument("--version", action="version", version=f"clipaudit {_version()}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 

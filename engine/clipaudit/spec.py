@@ -59,8 +59,16 @@ class ModelSpec(_Strict):
     @field_validator("name", "pretrained")
     @classmethod
     def _exists(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if (info.context or {}).get("base_dir") is not None and v and _looks_like_path(v) and not Path(v).exists():
+        if (info.context or {}).get("base_dir") is None or not v or not _looks_like_path(v) or is_url(v):
+            return v
+        if not Path(v).exists():
             raise ValueError(f"file not found: {v}")
+        if info.field_name == "pretrained" and Path(v).is_file() and not v.endswith(".json"):
+            from .map.models import checkpoint_problem
+
+            problem = checkpoint_problem(v)
+            if problem is not None:
+                raise ValueError(problem)
         return v
 
 

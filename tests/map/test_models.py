@@ -78,9 +78,28 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         pickle.dump({"state_dict": _Evil()}, f)
-    with pytest.raises(ModelLoadError, match="weights_only"):
+    with pytest.raises(ModelLoadError, match="refused checkpoint .*could run code") as e:
         read_state_dict(path)
+    assert "weights_only=False" not in str(e.value)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"identity,member\nAnn,true\n", b"\x89PNG\r\n\x1a\n"])
+def test_a_file_that_is_not_a_checkpoint_is_named_as_such_at_spec_time(tmp_path, content, capsys):
+    from clipaudit.cli import main
+
+    ckpt = tmp_path / "weights.pt"
+    ckpt.write_bytes(content)
+    with pytest.raises(ModelLoadError, match="is not a loadable checkpoint") as e:
+        read_state_dict(ckpt)
+    assert "weights_only" not in str(e.value)
+    (tmp_path / "names.txt").write_text("Ann\n")
+    (tmp_path / "a.tar").write_bytes(b"")
+    job = tmp_path / "job.yaml"
+    job.write_text("model: {name: ViT-B-32, pretrained: weights.pt}\ndata: {shards: a.tar}\nnames: names.txt\noutput: o\n")
+    assert main(["run", str(job), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "model.pretrained:" in err and "is not a loadable checkpoint" in err and "weights_only" not in err
 
 
 def test_hub_model_offline_gives_clear_error(monkeypatch):

@@ -126,11 +126,34 @@ def resolve_precision(precision: str | None, device: torch.device) -> torch.dtyp
     return _DTYPES[precision]
 
 
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why a file cannot be a checkpoint clipaudit loads, from its first bytes (None: it may be).
+
+    Accepted: safetensors (an 8-byte header length, then a JSON header), and PyTorch's formats
+    for ``torch.load`` — a zip archive (``torch.save`` since 1.6) or a pickle stream.
+    """
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if str(path).endswith(".safetensors"):
+        ok = len(head) == 9 and head[8:9] == b"{"
+    else:
+        ok = head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+    if ok:
+        return None
+    kind = "an empty file" if not head else f"a file starting with {head[:8]!r}"
+    return (f"{path} is not a loadable checkpoint ({kind}): expected a PyTorch state_dict saved with torch.save "
+            "(.pt/.pth/.bin) or a .safetensors file")
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint safely: safetensors, or ``torch.load(weights_only=True)``."""
+    """Read a checkpoint safely: safetensors, or ``torch.load(weights_only=True)``; a pickle
+    that holds anything but tensors is refused (it could run code), never loaded otherwise."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"checkpoint not found: {path}")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ModelLoadError(problem)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -142,9 +165,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 — includes the refusal of pickled code
+            # torch's own message suggests weights_only=False: the one thing never to do here
+            refused = "Weights only load failed" in str(e) or "Unsupported global" in str(e)
             raise ModelLoadError(
-                f"cannot read checkpoint {path} as plain tensors (torch.load weights_only=True): "
-                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                f"refused checkpoint {path}: it holds pickled objects other than tensors, which could run code "
+                "when loaded; clipaudit loads only plain tensors (torch.load weights_only=True). Re-save the "
+                "state_dict (or convert it to .safetensors) from a trusted environment" if refused else
+                f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             ) from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
