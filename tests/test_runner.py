@@ -342,3 +342,26 @@ def test_a_folder_whose_run_wrote_no_result_is_not_claimed(job, tiny_model, caps
     capsys.readouterr()
     assert main(["run", str(spec_path), "--no-progress", "--dry-run"]) == 0
     assert main(["run", str(spec_path), "--no-progress"]) == 0
+
+
+def test_the_hardware_that_changes_numbers_enters_the_resume_hash(job, monkeypatch):
+    """fp16 + torch top-k on a GPU, fp32 + FAISS on a CPU: never resumed into each other."""
+    import torch
+
+    spec = load_spec(job[0])
+    cpu = spec.numerics("cpu")
+    assert cpu == {"device": "cpu", "precision": "fp32", "index": "faiss"}
+    auto = spec.model_copy(update={"model": spec.model.model_copy(update={"precision": None})})
+    assert auto.numerics("cuda") == {"device": "cuda", "precision": "fp16", "index": "torch"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the same job, seen from a GPU machine
+    gpu_hash = auto.map_hash()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert auto.map_hash() != gpu_hash
+    pinned = auto.pinned("cpu")
+    assert (pinned.model.precision, pinned.compute.device, pinned.compute.index) == ("fp32", "cpu", "faiss")
+    assert pinned.map_hash() == auto.map_hash()  # pinning changes nothing the hash sees
+
+    run_job(spec, progress=False)
+    other_index = spec.model_copy(update={"compute": spec.compute.model_copy(update={"index": "torch"})})
+    with pytest.raises(ResumeRefused, match="changed: numerics"):
+        run_job(other_index, progress=False)

@@ -17,7 +17,7 @@ from .executors.base import MapResult
 from .executors.factory import make_executor
 from .io.outputs import OutputLayout, atomic_write_json
 from .reduce import ReduceOptions, reduce_outputs
-from .spec import JobSpec, sha256_file
+from .spec import JobSpec, detect_device_type, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,7 @@ def _now() -> str:
 
 def run_job(spec: JobSpec, *, force: bool = False, progress: bool = True, spec_text: str | None = None) -> RunReport:
     """Run (or resume) an audit; the map step only touches shards without a valid marker."""
+    spec = spec.pinned(detect_device_type(spec))  # every worker computes what the resume hash says
     layout = OutputLayout(spec.output)
     with layout.lock() as lock:
         return _run_locked(layout, spec, force, progress, spec_text, exclusive=lock.held)

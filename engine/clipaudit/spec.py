@@ -218,8 +218,9 @@ class JobSpec(_Strict):
         attacks = {a.name: None if a.name not in enabled else a.map_fingerprint(getattr(self.attacks, a.name))
                    for a in available(self.plugins)}
         return {
-            "model": self.model.model_dump(),
+            "model": self.model.model_dump(exclude={"precision"}),
             "model_files": self.model_files(),
+            "numerics": self.numerics(),
             "data": self.data.model_dump(),
             "names_sha256": sha256_file(self.names),
             **attacks,
@@ -228,6 +229,29 @@ class JobSpec(_Strict):
             "store_embeddings": self.store_embeddings,
             "output_format": map_output_format(enabled),
         }
+
+    def numerics(self, device_type: str | None = None) -> dict[str, str]:
+        """What the hardware decides about the numbers: the device type, the model's precision
+        and the name-index kind, with ``auto``/unset resolved as the map step resolves them (on
+        ``device_type``, default: this machine). They change scores slightly, so they enter the
+        resume hash: a GPU run is never resumed on a CPU, or the reverse, without ``--force``."""
+        if device_type is None:
+            device_type = detect_device_type(self)
+        precision = self.model.precision or ("fp16" if device_type == "cuda" else "fp32")
+        if device_type == "cpu" and precision == "fp16":
+            precision = "fp32"  # the model runs fp32 on a CPU (load_model warns)
+        index = self.compute.index if self.compute.index != "auto" else ("torch" if device_type == "cuda" else "faiss")
+        return {"device": device_type, "precision": precision, "index": index}
+
+    def pinned(self, device_type: str) -> "JobSpec":
+        """This job with ``auto`` device, unset precision and ``auto`` index made explicit for
+        ``device_type``, so every worker computes what the resume hash says."""
+        n = self.numerics(device_type)
+        device = self.compute.device if self.compute.device != "auto" else n["device"]
+        return self.model_copy(update={
+            "model": self.model.model_copy(update={"precision": n["precision"]}),
+            "compute": self.compute.model_copy(update={"device": device, "index": n["index"]}),
+        })
 
     def model_files(self) -> dict[str, dict[str, str | None]]:
         """Content hashes of every local model file the map step reads: the audited model's and
@@ -249,6 +273,21 @@ class JobSpec(_Strict):
 
 
 _SHA256_MEMO: dict[tuple, str] = {}
+
+
+def detect_device_type(spec: "JobSpec") -> str:
+    """``cuda`` or ``cpu``: where the map step of ``spec`` runs. An explicit ``compute.device``
+    decides; with ``auto``, the GPUs of the Ray cluster (Ray executor) or of this machine."""
+    import torch
+
+    c = spec.compute
+    if c.device != "auto":
+        return torch.device(c.device).type
+    if c.executor == "ray":
+        from .executors.ray import cluster_gpus
+
+        return "cuda" if c.gpus_per_worker > 0 and cluster_gpus(c.ray_address) > 0 else "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -78,6 +78,20 @@ def ensure_ray(address: str | None) -> bool:
     return True
 
 
+def cluster_gpus(address: str | None) -> float:
+    """GPUs of the Ray cluster the job runs on: connected to when it is a remote one; a local
+    Ray is not started for this (its GPUs are this machine's)."""
+    import sys
+
+    running = sys.modules.get("ray")
+    if not (address or os.environ.get("RAY_ADDRESS")) and not (running is not None and running.is_initialized()):
+        import torch
+
+        return float(torch.cuda.device_count())
+    ensure_ray(address)
+    return float(_ray().cluster_resources().get("GPU", 0.0))
+
+
 class _ActorPool:
     """Map actors in three states: starting (placement or model load pending), idle, busy.
 
