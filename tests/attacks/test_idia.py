@@ -116,3 +116,61 @@ def test_identity_pvalues_against_nonmember_controls(tmp_path):
     # leave-one-out for controls: D (1) against C, E (0, 0) → (1 + 0)/(1 + 2)
     assert p["D"] == pytest.approx(1 / 3)
     assert p["C"] == pytest.approx(1.0)  # 0 against {1, 0}: both ≥ 0 → (1 + 2)/(1 + 2)
+
+
+def test_plurality_over_all_images_equals_the_sql_vote(tmp_path):
+    """Two implementations of the vote agree: k = all images (every draw is a permutation)
+    gives the SQL score of identities.parquet, ties included."""
+    from clipaudit.attacks.idia import plurality_scores
+
+    rows = [img("A", "A", "B", "A"), img("A", "A", "A", "B"), img("A", "C", "B", "B"),
+            img("B", "B", "x", "y"), img("B", "x", "B", "y"), img("B", "y", "x", "B"), img("B", "B", "B", "B")]
+    sql = scores(tmp_path, rows)
+    vocab = {n: i for i, n in enumerate(["A", "B", "C", "x", "y"])}
+    for who in ("A", "B"):
+        mine = np.array([[vocab[n] for n in r["idia_top1"]] for r in rows if r["identity"] == who])
+        got = plurality_scores(mine, vocab[who], k=len(mine), draws=5, seed=1)
+        assert set(got.tolist()) == {sql[who]["idia_score"]}
+
+
+def test_plurality_ties_are_no_vote_and_draws_are_seeded():
+    from clipaudit.attacks.idia import plurality_scores
+
+    tie = np.array([[0], [1]])
+    assert plurality_scores(tie, 0, k=2, draws=3, seed=0).tolist() == [0, 0, 0]
+    assert plurality_scores(np.array([[0], [0], [1]]), 0, k=3, draws=2, seed=0).tolist() == [1, 1]
+    x = np.random.default_rng(0).integers(0, 4, (12, 21))
+    a, b = plurality_scores(x, 1, 3, 20, seed=7), plurality_scores(x, 1, 3, 20, seed=7)
+    assert a.tolist() == b.tolist() and plurality_scores(x, 1, 3, 20, seed=8).tolist() != a.tolist()
+
+
+@pytest.mark.slow
+def test_sweep_rises_with_k_on_the_trained_model_and_stays_flat_untrained(canary_lab, tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from clipaudit.runner import run_job
+    from clipaudit.spec import load_spec
+
+    def sweep(job, out):
+        spec = load_spec(job)
+        spec = spec.model_copy(update={"output": tmp_path / out, "attacks": type(spec.attacks)(idia=spec.attacks.idia),
+                                       "compute": spec.compute.model_copy(update={"executor": "local"})})
+        run_job(spec, progress=False)
+        m = json.loads((tmp_path / out / "metrics.json").read_text())["idia"]
+        ident = pq.read_table(tmp_path / out / "identities.parquet").to_pylist()
+        return m, ident
+
+    trained, ident = sweep(canary_lab.job, "trained")
+    untrained, _ = sweep(canary_lab.job_untrained, "untrained")
+    ks = [e["k"] for e in trained["sweep"]]
+    assert ks == [1, 3, 5, 10]
+    by_k = {e["k"]: e for e in trained["sweep"]}
+    assert by_k[10]["n_members"] == 0 and by_k[10]["n_short"] == len(canary_lab.members) + len(canary_lab.nonmembers)
+    tpr = [by_k[k]["tpr"] for k in (1, 3, 5)]
+    assert tpr == sorted(tpr) and tpr[-1] >= 0.9, trained["sweep"]
+    assert all(by_k[k]["fpr"] <= 0.2 for k in (1, 3, 5))
+    assert trained["k"] == 5 and trained["auc"] >= 0.95  # the headline compares everybody at 5 images
+    assert all(e["tpr"] <= 0.35 and e["fpr"] <= 0.35 for e in untrained["sweep"] if e["n_members"])
+    assert all(r["idia_score_at_k"] is not None for r in ident if r["n_images"] >= 5)

@@ -8,10 +8,17 @@ Reduce side: per identity and template, a plurality vote over the identity's ima
 the true name must be predicted strictly more often than any other name (a tie is no
 vote). ``idia_score`` counts the templates whose vote is the true name; an identity is a
 member when ``idia_score >= tau``.
+
+As in the paper, the evidence is also computed at a fixed number of images per person
+(the sweep): for each k, ``draws`` random draws of k of the identity's images (seeded per
+identity), the vote on each draw, and TPR/FPR as mean ± std over draws. The headline
+metrics use one k for everybody (``idia_score_at_k``, the mean score over draws), so people
+with more photos are not compared on easier footing.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Literal
 
 import numpy as np
@@ -23,7 +30,7 @@ from ..data.names import load_name_pool
 from ..map.index import NameIndex, build_name_index
 from ..map.models import LoadedModel
 from .base import MapBatch
-from .registry import Attack, Column, Score, register
+from .registry import AnalysisInput, Attack, Column, IdentityAnalysis, Score, register
 
 #: Prompt templates in the style of the IDIA paper (our own wording).
 DEFAULT_TEMPLATES: list[str] = [
@@ -59,6 +66,18 @@ class IdiaParams(BaseModel):
     tau: int = Field(1, ge=1, description="member if the true name wins at least tau templates")
     top_k: int = Field(10, ge=1, le=1000, description="ranks beyond top_k are stored as null")
     templates: Literal["default"] | list[str] = "default"
+    k: list[int] = Field(default_factory=lambda: [1, 3, 5, 10], min_length=1,
+                         description="images per identity for the sweep (reduce only)")
+    draws: int = Field(20, ge=1, le=1000, description="random draws of k images per identity and k (reduce only)")
+    headline_k: int | None = Field(None, ge=1, description="k of the headline metrics; default: the largest k in "
+                                                           "the list that 90 % of the labelled identities reach")
+
+    @field_validator("k")
+    @classmethod
+    def _ks(cls, v: list[int]) -> list[int]:
+        if any(x < 1 for x in v) or len(set(v)) != len(v):
+            raise ValueError(f"k must be distinct image counts >= 1, got {v}")
+        return sorted(v)
 
     @field_validator("templates")
     @classmethod
@@ -164,19 +183,131 @@ def identity_scores_sql(samples: str, params: IdiaParams) -> str:
     """
 
 
+#: share of the (labelled) identities that must have at least k images for k to be the headline
+HEADLINE_COVERAGE = 0.9
+
+
+def _stable_seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "little")
+
+
+def plurality_scores(top1: np.ndarray, true_id: int, k: int, draws: int, seed: int) -> np.ndarray:
+    """IDIA scores of ``draws`` random draws of ``k`` images: top1 is n_images×T name ids; per
+    draw and template the vote goes to the true name only when it is predicted strictly more
+    often than any other name. Returns ``draws`` template counts."""
+    n, t = top1.shape
+    rng = np.random.default_rng(seed)
+    idx = np.stack([rng.choice(n, k, replace=False) for _ in range(draws)])  # D×k
+    sub = top1[idx]  # D×k×T
+    is_true = sub == true_id
+    n_true = is_true.sum(1)  # D×T
+    # the most frequent other name: true entries become distinct negatives, so they form no runs
+    other = np.where(is_true, -1 - np.arange(k)[None, :, None], sub)
+    s = np.sort(other, axis=1)
+    pos = np.arange(k)[None, :, None]
+    starts = np.ones_like(s, dtype=bool)
+    starts[:, 1:, :] = s[:, 1:, :] != s[:, :-1, :]
+    run = pos - np.maximum.accumulate(np.where(starts, pos, 0), axis=1) + 1
+    n_other = np.where(s >= 0, run, 0).max(1)  # D×T
+    return (n_true > n_other).sum(1)
+
+
+def _top1_by_identity(con) -> tuple[list[str], list[np.ndarray], list[int]]:
+    """Per identity with ok rows: its name, its images' top-1 name ids (n×T) and its own name's id."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = con.sql("SELECT identity, idia_top1 FROM ok WHERE idia_top1 IS NOT NULL ORDER BY identity, shard, "
+                    "position").to_arrow_table()
+    if not table.num_rows:
+        return [], [], []
+    lists = table.column("idia_top1").combine_chunks()
+    t = int(pc.list_value_length(lists)[0].as_py())
+    flat = pc.list_flatten(lists)
+    names = pa.concat_arrays([flat, table.column("identity").combine_chunks()]).dictionary_encode()
+    codes = names.indices.to_numpy(zero_copy_only=False)
+    top1 = codes[: len(flat)].reshape(-1, t)
+    own = codes[len(flat):]
+    ident = table.column("identity").to_numpy(zero_copy_only=False)
+    cut = np.flatnonzero(ident[1:] != ident[:-1]) + 1
+    bounds = np.r_[0, cut, len(ident)]
+    return ([str(ident[a]) for a in bounds[:-1]], [top1[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
+            [int(own[a]) for a in bounds[:-1]])
+
+
+def analyse(inp: AnalysisInput) -> IdentityAnalysis:
+    """The sweep over images per identity and the headline score at a fixed k."""
+    p: IdiaParams = inp.params
+    names, top1, own = _top1_by_identity(inp.con)
+    counts = np.array([len(x) for x in top1])
+    labels = inp.labels or {}
+    labelled = np.array([labels.get(n) is not None for n in names], dtype=bool)
+    basis = counts[labelled] if labelled.any() else counts
+    reached = [k for k in p.k if basis.size and (basis >= k).mean() >= HEADLINE_COVERAGE]
+    k_head = p.headline_k or (max(reached) if reached else None)
+    ks = sorted(set(p.k) | ({k_head} if k_head else set()))
+    mean_scores: dict[int, np.ndarray] = {}
+    per_draw: dict[int, np.ndarray] = {}
+    for k in ks:
+        scores = np.full((len(names), p.draws), np.nan)
+        for i, (name, x, true_id) in enumerate(zip(names, top1, own)):
+            if len(x) >= k:
+                scores[i] = plurality_scores(x, true_id, k, p.draws, _stable_seed(inp.seed, name, k))
+        per_draw[k] = scores
+        mean_scores[k] = scores.mean(1)
+    metrics: dict[str, Any] = {"k": k_head, "draws": p.draws}
+    if k_head is None:
+        metrics["k_note"] = (f"no k in {p.k} is reached by {HEADLINE_COVERAGE:.0%} of the identities: the headline "
+                             "compares identities by all their images, whatever their number")
+    if inp.labels is not None:
+        metrics["sweep"] = [_sweep_entry(k, per_draw[k], names, labels, p.tau, p.draws) for k in p.k]
+        if k_head is None:
+            metrics["k_note"] += _imbalance(names, counts, labels)
+    column = dict(zip(names, mean_scores[k_head].tolist())) if k_head else {}
+    return IdentityAnalysis({"idia_score_at_k": {n: (None if v != v else v) for n, v in column.items()}}, metrics)
+
+
+def _imbalance(names: list[str], counts: np.ndarray, labels: dict[str, bool]) -> str:
+    m = [c for n, c in zip(names, counts) if labels.get(n) is True]
+    nm = [c for n, c in zip(names, counts) if labels.get(n) is False]
+    if not m or not nm:
+        return ""
+    return f" (median images per member {np.median(m):g}, per non-member {np.median(nm):g})"
+
+
+def _sweep_entry(k: int, scores: np.ndarray, names: list[str], labels: dict[str, bool], tau: int,
+                 draws: int) -> dict[str, Any]:
+    from ..reduce.statistics import auc
+
+    y = np.array([labels.get(n) for n in names], dtype=object)
+    have = ~np.isnan(scores[:, 0])
+    mem, non = have & (y == True), have & (y == False)  # noqa: E712 (object array of bool/None)
+    short = int(((y == True) | (y == False)).sum() - mem.sum() - non.sum())  # noqa: E712
+    decided = scores >= tau
+    entry: dict[str, Any] = {"k": k, "draws": draws, "n_members": int(mem.sum()), "n_nonmembers": int(non.sum()),
+                             "n_short": short}
+    tpr = decided[mem].mean(0) if mem.any() else None
+    fpr = decided[non].mean(0) if non.any() else None
+    entry.update(tpr=None if tpr is None else float(tpr.mean()), tpr_std=None if tpr is None else float(tpr.std()),
+                 fpr=None if fpr is None else float(fpr.mean()), fpr_std=None if fpr is None else float(fpr.std()))
+    both = mem | non
+    entry["auc"] = float(auc(scores[both].mean(1), mem[both])) if mem.any() and non.any() else None
+    return entry
+
+
 IDIA = register(Attack(
     name="idia",
     title="IDIA (identity inference)",
     params=IdiaParams,
     build=lambda p, job: IdiaAttack(load_name_pool(job.names), resolve_templates(p.templates), p.top_k),
     default=True,
-    reduce_only=frozenset({"tau"}),
+    reduce_only=frozenset({"tau", "k", "draws", "headline_k"}),
     columns=(
         Column("idia_true_rank", pa.list_(pa.int32()), "per template: 1-based rank of the true name; null beyond "
                                                         "top_k or when the name is not in the pool"),
         Column("idia_top1", pa.list_(pa.string()), "per template: the name ranked first"),
     ),
-    scores=(Score("idia", "identity"),),
+    scores=(Score("idia", "identity", metric_column="idia_score_at_k"),),
     identity_columns=(
         Column("idia_score", pa.int32(), "templates whose plurality vote is the true name (higher = more "
                                          "member-like)"),
@@ -185,6 +316,9 @@ IDIA = register(Attack(
                                                "name"),
         Column("idia_mean_reciprocal_rank", pa.float64(), "mean of 1/rank over (image, template) pairs; 0 beyond "
                                                           "top_k"),
+        Column("idia_score_at_k", pa.float64(), "mean idia_score over random draws of k images of the identity (k: "
+                                                "metrics.json idia.k); null with fewer than k images"),
     ),
     identity_sql=identity_scores_sql,
+    analyse=analyse,
 ))

@@ -54,6 +54,12 @@ class Score:
     name: str
     level: Level
     identity_doc: str = ""  # doc of the per-identity mean (image-level scores)
+    #: the identities column its identity-level metrics use (default ``<name>_score``; nan = left out)
+    metric_column: str | None = None
+
+    @property
+    def metric(self) -> str:
+        return self.metric_column or f"{self.name}_score"
 
 
 def _as_is(x: np.ndarray) -> np.ndarray:
@@ -72,6 +78,26 @@ class Learned:
     label: str  # short label in the report table
     what: str  # what the attacker is, in words
     prepare: Callable[[np.ndarray], np.ndarray] = _as_is
+
+
+@dataclass
+class IdentityAnalysis:
+    """What an attack's own reduce-side analysis adds: identities columns (identity → value)
+    and entries merged into its ``metrics.json`` object."""
+
+    columns: dict[str, dict[str, Any]]
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class AnalysisInput:
+    """What :attr:`Attack.analyse` gets: DuckDB with the ``ok`` view, the attack's parameters,
+    the job seed, and the identity labels (None without a labels file)."""
+
+    con: Any
+    params: Any
+    seed: int
+    labels: dict[str, bool] | None
 
 
 #: the plain learned attacker: logistic regression on the raw feature vector
@@ -98,6 +124,8 @@ class Attack:
     identity_sql: Callable[[str, Any], str] | None = None
     #: bump when the map values change meaning without a schema change: older outputs are not resumed
     features_version: int = 1
+    #: the attack's own reduce-side analysis (e.g. IDIA's sweep over images per identity)
+    analyse: Callable[[AnalysisInput], IdentityAnalysis] | None = None
 
     def map_fingerprint(self, params: BaseModel) -> dict[str, Any]:
         """The parameters that change what the map step writes."""

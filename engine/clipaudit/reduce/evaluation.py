@@ -136,7 +136,11 @@ def identity_table(con: duckdb.DuckDBPyConnection, identities: pa.Table, opts: "
     if not rows:
         return None
     names = [r["identity"] for r in rows]
-    table_scores = {s.name: _vec([r[f"{s.name}_score"] for r in rows]) for s in scores(opts.enabled)}
+    table_scores = {}
+    for s in scores(opts.enabled):  # the score's metric column (e.g. at a fixed k), else its all-image score
+        values = [r.get(s.metric) for r in rows]
+        table_scores[s.name] = _vec(values if any(v is not None for v in values) else
+                                    [r[f"{s.name}_score"] for r in rows])
     con.register("labelled_names", pa.table({"identity": names}))
     feats = _feature_columns(opts)
     per_image = con.sql(f"SELECT identity, {', '.join(feats.values())} FROM ok WHERE identity IN "

@@ -16,7 +16,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from ..attacks.registry import registered, scores
+from ..attacks.registry import AnalysisInput, registered, scores
 from ..io.outputs import OutputLayout
 from ..io.query import duckdb_views
 from ..io.schemas import load_schema
@@ -33,6 +33,7 @@ class IdentityLevel:
 
     table: pa.Table
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
+    analyses: dict[str, dict[str, Any]] = field(default_factory=dict)  # attack → its own metrics entries
 
 
 def connect(layout: OutputLayout) -> duckdb.DuckDBPyConnection:
@@ -57,7 +58,7 @@ def identity_level(layout: OutputLayout, opts: "ReduceOptions", labels: Labels |
     joins, cols = [], []
     for i, attack in enumerate(a for a in registered() if a.name in opts.enabled and a.identity_sql is not None):
         joins.append(f"LEFT JOIN ({attack.identity_sql('ok', opts.params(attack.name))}) a{i} USING (identity)")
-        cols += [f"a{i}.{c.name}" for c in attack.identity_columns]
+        cols.append(f"a{i}.* EXCLUDE (identity)")
     cols += [f"s.{a}_score" for a in image]
     aggregates = "".join(f", avg({a}_score) AS {a}_score" for a in image)
     columns = fetch_columns(con, f"""
@@ -72,12 +73,19 @@ def identity_level(layout: OutputLayout, opts: "ReduceOptions", labels: Labels |
         FROM base LEFT JOIN image_scores s USING (identity) {' '.join(joins)}
         ORDER BY identity
     """)
-    con.close()
     names = columns["identity"]
+    analyses: dict[str, dict[str, Any]] = {}
+    ident_labels = labels.identities if labels else None
+    for attack in registered():
+        if attack.name in opts.enabled and attack.analyse is not None:
+            found = attack.analyse(AnalysisInput(con, opts.params(attack.name), opts.seed, ident_labels))
+            for col, by_identity in found.columns.items():
+                columns[col] = [by_identity.get(n) for n in names]
+            analyses[attack.name] = found.metrics
+    con.close()
     pool = _name_pool(opts.names)
     columns["in_name_pool"] = [None if pool is None else x in pool for x in names]
-    ident_labels = labels.identities if labels else {}
-    columns["label_member"] = [ident_labels.get(x) for x in names]
+    columns["label_member"] = [(ident_labels or {}).get(x) for x in names]
     if controls is None:
         controls = control_set(opts.controls, labels)
     is_control = np.array([x in controls.identities for x in names], dtype=bool)
@@ -93,7 +101,7 @@ def identity_level(layout: OutputLayout, opts: "ReduceOptions", labels: Labels |
     schema = load_schema("identities", opts.enabled)
     n = len(names)
     arrays = [pa.array(columns.get(f.name, [None] * n), type=f.type) for f in schema]
-    return IdentityLevel(pa.Table.from_arrays(arrays, schema=schema), calibration)
+    return IdentityLevel(pa.Table.from_arrays(arrays, schema=schema), calibration, analyses)
 
 
 def identities_table(layout: OutputLayout, opts: "ReduceOptions", labels: Labels | None = None,

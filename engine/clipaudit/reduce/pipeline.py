@@ -40,6 +40,7 @@ class ReduceOptions:
     controls: Path | None = None
     target_fpr: float = 0.01
     names: Path | None = None
+    seed: int = 0  # the job seed: random draws of the reduce step derive from it
 
     def __post_init__(self) -> None:
         given = dict.fromkeys(self.attacks) if not isinstance(self.attacks, Mapping) else dict(self.attacks)
@@ -89,7 +90,7 @@ def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
         layout.metrics.unlink(missing_ok=True)
         layout.roc.unlink(missing_ok=True)
         return result
-    result.metrics = _evaluate(layout, opts, labels, ident.table)
+    result.metrics = _evaluate(layout, opts, labels, ident.table, ident.analyses)
     result.written.append(layout.metrics)
     return result
 
@@ -135,8 +136,9 @@ def _calibrate(layout: OutputLayout, opts: ReduceOptions, controls: Controls, id
     return calibration
 
 
-def _evaluate(layout: OutputLayout, opts: ReduceOptions, labels: Labels, identities: pa.Table) -> dict[str, Any]:
-    """metrics.json and roc.parquet."""
+def _evaluate(layout: OutputLayout, opts: ReduceOptions, labels: Labels, identities: pa.Table,
+              analyses: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """metrics.json and roc.parquet; each attack's own analysis (e.g. a sweep) joins its entry."""
     con = connect(layout)
     tables = evaluation_tables(con, identities, labels, opts)
     t0 = time.perf_counter()
@@ -144,6 +146,9 @@ def _evaluate(layout: OutputLayout, opts: ReduceOptions, labels: Labels, identit
              "+".join(t.level for t in tables), sum(len(t.labels) for t in tables))
     metrics, roc_rows = evaluate(tables)
     con.close()
+    for name, extra in analyses.items():
+        if isinstance(metrics.get(name), dict):
+            metrics[name].update(extra)
     log.info("metrics in %.1f s", time.perf_counter() - t0)
     seen = set(identities.column("identity").to_pylist())
     metrics["n_unlabeled_identities"] = sum(v is None for v in identities.column("label_member").to_pylist())
