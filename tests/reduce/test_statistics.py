@@ -29,16 +29,43 @@ def test_tpr_at_low_fpr_allows_no_false_positive_with_few_negatives():
     assert roc.fpr[0] == 0 and roc.tpr[-1] == 1 and np.all(np.diff(roc.fpr) >= 0)
 
 
-def test_bootstrap_intervals_contain_point_estimates():
+def test_tpr_at_a_rate_the_nonmembers_cannot_resolve_is_null_with_a_note():
     rng = np.random.default_rng(1)
-    y = rng.random(80) < 0.5
-    s = y + rng.normal(0, 0.8, 80)
+    y = np.r_[np.ones(300, bool), np.zeros(150, bool)]
+    s = y + rng.normal(0, 0.8, len(y))
     m = membership_metrics(s, y, n_boot=300)
-    assert m["n_members"] == y.sum() and m["n_nonmembers"] == (~y).sum()
-    for k in ("auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr"):
-        lo, hi = m[f"{k}_ci"]
-        assert lo <= m[k] <= hi
-    assert m["auc_ci"][1] - m["auc_ci"][0] > 0.02  # 80 samples: a real interval
+    assert m["n_members"] == 300 and m["n_nonmembers"] == 150
+    assert m["tpr_at_1pct_fpr"] is not None and m["tpr_at_1pct_fpr_ci"] is not None  # 150 >= 100
+    assert m["tpr_at_0_1pct_fpr"] is None and m["tpr_at_0_1pct_fpr_ci"] is None
+    assert m["tpr_at_0_1pct_fpr_note"] == "needs >= 1000 non-members at this level, has 150"
+    assert m["auc_ci"][1] - m["auc_ci"][0] > 0.02
+
+
+def test_cluster_bootstrap_is_wider_when_images_of_one_person_move_together():
+    """40 identities × 10 near-identical images: resampling images as if independent gives a
+    far too narrow interval; resampling identities gives the honest one."""
+    rng = np.random.default_rng(2)
+    ident_member = rng.random(40) < 0.5
+    ident_score = ident_member * 0.5 + rng.normal(0, 1, 40)
+    groups = np.repeat(np.arange(40), 10)
+    y = ident_member[groups]
+    s = ident_score[groups] + rng.normal(0, 0.01, len(groups))
+    naive = membership_metrics(s, y, n_boot=400)
+    cluster = membership_metrics(s, y, n_boot=400, groups=groups)
+    width = lambda m: m["auc_ci"][1] - m["auc_ci"][0]  # noqa: E731
+    assert cluster["auc"] == naive["auc"] and width(cluster) > 2.5 * width(naive)
+    assert "whole identities" in cluster["interval"]
+
+
+def test_refits_widen_the_interval_by_the_fitting_variance():
+    rng = np.random.default_rng(4)
+    y = rng.random(200) < 0.5
+    base = y + rng.normal(0, 1, 200)
+    refits = [base] + [base + rng.normal(0, 1.5, 200) for _ in range(4)]  # an unstable attacker
+    alone = membership_metrics(base, y, n_boot=400)
+    spread = membership_metrics(base, y, n_boot=400, score_sets=refits)
+    assert spread["auc"] == alone["auc"]  # the point estimate is the first fit's
+    assert spread["auc_ci"][0] < alone["auc_ci"][0] and "over 5 refits" in spread["interval"]
 
 
 @pytest.mark.parametrize("ties", [False, True])

@@ -10,21 +10,25 @@ from ..attacks.registry import registered
 
 
 def _cell(m: dict, k: str) -> str:
-    v, ci = m.get(k), m.get(f"{k}_ci")
-    return "-" if v is None else f"{v:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+    v, ci, note = m.get(k), m.get(f"{k}_ci"), m.get(f"{k}_note")
+    if v is None:
+        return f"n/a ({note.replace(' at this level', '').replace('>=', '≥')})" if note else "-"
+    return f"{v:.3f}" if ci is None else f"{v:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 def metrics_table(metrics: dict) -> list[str]:
     """One line per attack (and its learned variant) plus the model-free baseline."""
-    lines = [f"{'attack':22s} {'level':9s} {'AUC':20s} {'TPR@1%FPR':20s} {'TPR@0.1%FPR':20s}"]
+    lines = [f"{'attack':22s} {'level':9s} {'AUC':20s} {'TPR@1%FPR':38s} {'TPR@0.1%FPR'}"]
+
     def line(name: str, m: dict) -> str:
-        return (f"{name:22s} {m.get('level', '-'):9s} {_cell(m, 'auc'):20s} {_cell(m, 'tpr_at_1pct_fpr'):20s} "
-                f"{_cell(m, 'tpr_at_0_1pct_fpr'):20s}")
+        return (f"{name:22s} {m.get('level', '-'):9s} {_cell(m, 'auc'):20s} {_cell(m, 'tpr_at_1pct_fpr'):38s} "
+                f"{_cell(m, 'tpr_at_0_1pct_fpr')}").rstrip()
+
     for attack in registered():
         for score in attack.scores:
             m = metrics.get(score.name)
             if isinstance(m, dict) and "auc" in m:
-                lines.append(line(score.name, m))
+                lines.append(line(score.name + (f" (k={m['k']})" if m.get("k") else ""), m))
                 for learner in attack.learned:
                     if learner.name in m:
                         lines.append(line(f"  {score.name} ({learner.label})", m[learner.name]))

@@ -50,11 +50,22 @@ class Scored:
     features: dict[str, np.ndarray]  # attack/"baseline" → feature matrix (rows may hold nan)
 
 
-def _evaluate_fixed(name: str, score: np.ndarray, y: np.ndarray, level: str, roc_rows: list) -> dict | None:
+#: cross-fits per learned attacker with different fold assignments: the point estimate is the
+#: first's, the bootstrap interval cycles through all of them (so it includes the fitting variance)
+REFITS = 5
+
+
+def _clusters(groups: np.ndarray, level: str) -> np.ndarray | None:
+    """Image-level intervals resample whole identities; identity-level ones, identities."""
+    return groups if level == "image" else None
+
+
+def _evaluate_fixed(name: str, score: np.ndarray, y: np.ndarray, level: str, roc_rows: list,
+                    groups: np.ndarray) -> dict | None:
     keep = ~np.isnan(score)
     if keep.sum() < 2 or y[keep].all() or not y[keep].any():
         return None
-    m = membership_metrics(score[keep], y[keep])
+    m = membership_metrics(score[keep], y[keep], groups=_clusters(groups[keep], level))
     _roc_rows(roc_rows, name, level, "threshold", score[keep], y[keep])
     return {"level": level, "variant": "threshold", **m}
 
@@ -66,9 +77,10 @@ def _evaluate_learned(name: str, X: np.ndarray, y: np.ndarray, groups: np.ndarra
     keep = ~np.all(np.isnan(X), axis=1)
     if keep.sum() < 4 or y[keep].all() or not y[keep].any() or len(np.unique(groups[keep])) < 2:
         return None
-    p = crossfit_proba(X[keep], y[keep], groups=groups[keep], folds=5, seed=0)
-    _roc_rows(roc_rows, name, level, variant, p, y[keep])
-    return {"level": level, "variant": what, **membership_metrics(p, y[keep])}
+    fits = [crossfit_proba(X[keep], y[keep], groups=groups[keep], folds=5, seed=s) for s in range(REFITS)]
+    _roc_rows(roc_rows, name, level, variant, fits[0], y[keep])
+    m = membership_metrics(fits[0], y[keep], groups=_clusters(groups[keep], level), score_sets=fits)
+    return {"level": level, "variant": what, **m}
 
 
 def _roc_rows(out: list, attack: str, level: str, variant: str, s: np.ndarray, y: np.ndarray) -> None:
@@ -86,7 +98,7 @@ def evaluate(tables: list[Scored]) -> tuple[dict[str, Any], list[dict]]:
     learned_of = {a.name: a.learned for a in registered() if a.features}
     for t in tables:
         for name, score in t.scores.items():
-            fixed = _evaluate_fixed(name, score, t.labels, t.level, roc_rows)
+            fixed = _evaluate_fixed(name, score, t.labels, t.level, roc_rows, t.groups)
             if fixed is None:
                 continue
             if name in learned_of and name in t.features:  # an attack's own score carries its learned variants

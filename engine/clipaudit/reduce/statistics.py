@@ -117,27 +117,80 @@ def _prefix_within(fp: np.ndarray, n: float, limit: float) -> int:
     return k
 
 
-def membership_metrics(scores: np.ndarray, labels: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Point estimates plus stratified-bootstrap 95 % intervals (percentile method).
+#: the low false-positive rates reported, by key
+TARGET_FPRS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0_1pct_fpr": 0.001}
 
-    Each resample costs one pass over the sorted scores (no re-sorting), so 1,000
-    resamples of a million images take seconds, not hours.
+
+def unresolvable(n_nonmembers: int) -> dict[str, str]:
+    """Notes for the TPRs at a target FPR that ``n_nonmembers`` cannot resolve: below 1/FPR
+    non-members, one false positive already exceeds the target, so the TPR there only says
+    "no false positive at all" — not a rate at that FPR."""
+    out = {}
+    for key, f in TARGET_FPRS.items():
+        need = int(round(1 / f))
+        if n_nonmembers < need:
+            out[key] = f"needs >= {need} non-members at this level, has {n_nonmembers}"
+    return out
+
+
+def _cluster_counts(rng: np.random.Generator, groups: np.ndarray, strata: list[np.ndarray]) -> np.ndarray:
+    """How often each unit is drawn when whole groups are resampled with replacement within
+    each stratum of groups."""
+    g_counts = np.zeros(int(groups.max()) + 1)
+    for members in strata:
+        if len(members):
+            g_counts[members] += np.bincount(rng.integers(0, len(members), len(members)), minlength=len(members))
+    return g_counts[groups]
+
+
+def membership_metrics(scores: np.ndarray, labels: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                       groups: np.ndarray | None = None, score_sets: list[np.ndarray] | None = None) -> dict:
+    """Point estimates plus bootstrap 95 % percentile intervals, reported as computed.
+
+    Resampling: without ``groups``, units (e.g. identities) are drawn with replacement within
+    members and within non-members; with ``groups`` (e.g. the identity of each image), whole
+    groups are drawn, stratified by whether the group has a member unit, and each unit keeps
+    its own label — images of one person are not independent, so this is the honest interval.
+    ``score_sets``: other score vectors for the same units (e.g. a learned attacker refitted
+    with other fold assignments); resample b uses set b mod len, so the interval also covers
+    the fitting variance. A TPR at a target FPR that the non-members cannot resolve is None,
+    with a ``…_note`` (see :func:`unresolvable`). Each resample costs one pass over the sorted
+    scores, so 1,000 resamples of a million images take seconds.
     """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=bool)
     out: dict = {"n_members": int(labels.sum()), "n_nonmembers": int((~labels).sum())}
     point = _point(scores, labels)
+    notes = unresolvable(out["n_nonmembers"])
     out.update(point)
+    for key, note in notes.items():
+        out[key], out[f"{key}_note"] = None, note
     if labels.all() or not labels.any():
         return out
     rng = np.random.default_rng(seed)
-    resampler = _Resampler(scores, labels)
-    boots = {k: [] for k in point}
-    for _ in range(n_boot):
-        for k, v in resampler.draw(rng).items():
+    resamplers = [_Resampler(np.asarray(s, dtype=np.float64), labels) for s in (score_sets or [scores])]
+    if groups is not None:
+        codes = np.unique(np.asarray(groups), return_inverse=True)[1]
+        has_member = np.bincount(codes, weights=labels.astype(float)) > 0
+        strata = [np.flatnonzero(has_member), np.flatnonzero(~has_member)]
+    boots: dict[str, list[float]] = {k: [] for k in point}
+    for b in range(n_boot):
+        r = resamplers[b % len(resamplers)]
+        if groups is None:
+            draw = r.draw(rng)
+        else:
+            counts = _cluster_counts(rng, codes, strata)
+            if not (counts * labels).any() or not (counts * ~labels).any():
+                continue  # a resample without one of the classes has no metrics
+            draw = r.point(counts)
+        for k, v in draw.items():
             boots[k].append(v)
     for k, vals in boots.items():
-        lo, hi = np.percentile(vals, [2.5, 97.5])
-        # a percentile interval can miss a degenerate point estimate; widen to include it
-        out[f"{k}_ci"] = [float(min(lo, point[k])), float(max(hi, point[k]))]
+        if k in notes or not vals:
+            out[f"{k}_ci"] = None
+        else:
+            out[f"{k}_ci"] = [float(x) for x in np.percentile(vals, [2.5, 97.5])]
+    out["interval"] = ("bootstrap percentile, 95 %, " + ("whole identities resampled" if groups is not None else
+                                                          "units resampled within members and non-members")
+                       + (f", over {len(resamplers)} refits" if len(resamplers) > 1 else ""))
     return out
