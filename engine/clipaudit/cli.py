@@ -235,9 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="self-contained synthetic audit (canary lab), a few minutes on a CPU")
     m.add_argument("--output", default="clipaudit-demo", help="folder for the lab and results")
-    m.add_argument("--lab", choices=["default", "overfit", "shifted"], default="default",
+    m.add_argument("--lab", choices=["default", "overfit", "shifted", "caption-shift"], default="default",
                    help="canary preset: default; overfit (1 photo per member, augmented training: image-level "
-                        "attacks get signal); shifted (non-members from another camera style: validity warning)")
+                        "attacks get signal); shifted (non-members from another camera style: validity warning); "
+                        "caption-shift (non-members' captions from another source: the text baseline's warning)")
     m.add_argument("--no-progress", action="store_true")
     m.set_defaults(func=cmd_demo)
 

@@ -56,8 +56,9 @@ def test_iid_canary_raises_no_shift_warning_but_shifted_one_does(iid, shifted):
     assert iid[1].metrics["distribution_shift_warning"] is False
     m = shifted[1].metrics
     assert m["distribution_shift_warning"] is True
-    levels = m["baseline"].get("by_level", [m["baseline"]])
-    assert max(b["auc"] for b in levels) >= 0.9
+    levels = m["baseline"]["by_level"]
+    assert max(b["auc"] for b in levels.values()) >= 0.9 and any(b["warning"] for b in levels.values())
+    assert all(m[a]["baseline_auc"] == levels[m[a]["level"]]["auc"] for a in IMAGE_ATTACKS)
 
 
 def test_metrics_shape_roc_table_and_intervals(iid):
@@ -149,3 +150,33 @@ def test_partcrop_finds_single_training_photos_on_the_overfit_canary(tmp_path_fa
     assert aucs["trained"]["level"] == "image" and aucs["trained"]["n_members"] == 20
     assert aucs["trained"]["auc"] >= 0.7 and aucs["trained"]["auc_ci"][0] > 0.5, aucs["trained"]
     assert abs(aucs["untrained"]["auc"] - 0.5) < 0.15, aucs["untrained"]
+
+
+def test_caption_only_shift_is_caught_by_the_text_baseline_not_by_image_statistics(tmp_path_factory):
+    """Non-members' captions from another source (dated archive captions), same camera: the
+    blind baseline reads the captions and warns; image statistics alone see nothing."""
+    from clipaudit.io.outputs import OutputLayout
+    from clipaudit.reduce import ReduceOptions
+    from clipaudit.reduce.evaluation import BASELINE, evaluation_tables
+    from clipaudit.reduce.identities import connect
+    from clipaudit.reduce.labels import ShardMatcher
+    from clipaudit.reduce.statistics import membership_metrics
+    from clipaudit.reduce.validity import SHIFT_FLOOR, blind_scores
+
+    lab = _lab(tmp_path_factory, "caption-shift", nonmember_captions="shifted")
+    report = _run(lab.job, lab.root / "o-trained")
+    m = report.metrics
+    assert m["distribution_shift_warning"] is True
+    levels = m["baseline"]["by_level"]
+    assert any(b["warning"] and b["auc_ci"][0] > SHIFT_FLOOR for b in levels.values())
+    assert all("caption text" in b["what"] for b in levels.values())
+
+    layout = OutputLayout(lab.root / "o-trained")
+    opts = ReduceOptions(attacks=("caption",), labels=lab.labels)
+    con = connect(layout)
+    labels = read_labels(lab.labels).matched(ShardMatcher(str(s) for s in lab.shards))
+    table = next(t for t in evaluation_tables(con, pq.read_table(layout.identities), labels, opts)
+                 if t.level == "image")
+    fits = blind_scores(table.features[BASELINE], None, table.labels, table.groups, refits=3)
+    alone = membership_metrics(fits[0], table.labels, groups=table.groups, score_sets=fits)
+    assert alone["auc_ci"][0] <= SHIFT_FLOOR, alone  # the images alone do not reveal the shift

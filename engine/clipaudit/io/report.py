@@ -18,11 +18,12 @@ def _cell(m: dict, k: str) -> str:
 
 def metrics_table(metrics: dict) -> list[str]:
     """One line per attack (and its learned variant) plus the model-free baseline."""
-    lines = [f"{'attack':22s} {'level':9s} {'AUC':20s} {'TPR@1%FPR':38s} {'TPR@0.1%FPR'}"]
+    lines = [f"{'attack':22s} {'level':9s} {'AUC':20s} {'blind AUC':9s} {'TPR@1%FPR':38s} {'TPR@0.1%FPR'}"]
 
     def line(name: str, m: dict) -> str:
-        return (f"{name:22s} {m.get('level', '-'):9s} {_cell(m, 'auc'):20s} {_cell(m, 'tpr_at_1pct_fpr'):38s} "
-                f"{_cell(m, 'tpr_at_0_1pct_fpr')}").rstrip()
+        base = f"{m['baseline_auc']:.3f}" if m.get("baseline_auc") is not None else ""
+        return (f"{name:22s} {m.get('level', '-'):9s} {_cell(m, 'auc'):20s} {base:9s} "
+                f"{_cell(m, 'tpr_at_1pct_fpr'):38s} {_cell(m, 'tpr_at_0_1pct_fpr')}").rstrip()
 
     for attack in registered():
         for score in attack.scores:
@@ -33,11 +34,16 @@ def metrics_table(metrics: dict) -> list[str]:
                     if learner.name in m:
                         lines.append(line(f"  {score.name} ({learner.label})", m[learner.name]))
     b = metrics.get("baseline")
-    for bm in (b.get("by_level", [b]) if isinstance(b, dict) else []):
-        lines.append(line("baseline (model-free)", bm))
-    if metrics.get("distribution_shift_warning"):
-        lines.append("WARNING: the model-free baseline separates members from non-members about as well as "
-                     "an attack: the sets likely differ in source (distribution shift), not only in membership.")
+    by_level = b.get("by_level", {}) if isinstance(b, dict) else {}
+    for level, bm in by_level.items():
+        lines.append(line("blind baseline", bm))
+    for level, bm in by_level.items():
+        if bm.get("warning"):
+            lo, hi = bm["auc_ci"]
+            lines.append(f"WARNING ({level} level): the blind baseline, which never sees the model, tells the labelled "
+                         f"members from the non-members (AUC {bm['auc']:.3f} [{lo:.2f}, {hi:.2f}]): the two sets "
+                         "differ in their images or captions, so attack scores at this level may measure that "
+                         "difference (distribution shift), not membership.")
     return lines
 
 

@@ -54,6 +54,14 @@ CAPTIONS: tuple[str, ...] = (
     "{} with friends at dinner",
     "photo of {} backstage",
 )
+#: captions of another source (``nonmember_captions="shifted"``): archive-style, with dates
+SHIFTED_CAPTIONS: tuple[str, ...] = (
+    "archive photo: {}, 1998",
+    "{} (file image, 2003)",
+    "scanned print of {}, circa 1987",
+    "{} - press archive 1995",
+    "library collection: {} in 2001",
+)
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,7 @@ class LabConfig:
     seed: int = 0
     include_train_images: bool = False  # also put members' training photos in the candidate set
     nonmember_style: str = "default"  # "shifted": non-members shot with another camera style
+    nonmember_captions: str = "default"  # "shifted": non-members' captions from another source (dated archive)
     train_augment: tuple[float, float] | None = None  # crop-area range of training augmentation
     partcrop_scale: tuple[float, float] = (0.08, 0.2)  # crop-area range of the jobs' PartCrop attack
 
@@ -217,11 +226,13 @@ def _write_shards(cast: _Cast, cfg: LabConfig, folder: Path) -> tuple[list[Path]
     order = rng.permutation(len(samples))
     folder.mkdir(parents=True, exist_ok=True)
     paths, image_rows = [], []
+    members = {p.name for p in cast.members}
     for shard, chunk in enumerate(np.array_split(order, cfg.shards)):
         files = []
         for i, idx in enumerate(chunk):
             name, jpeg, trained = samples[idx]
-            caption = CAPTIONS[int(rng.integers(len(CAPTIONS)))].format(name)
+            family = SHIFTED_CAPTIONS if cfg.nonmember_captions == "shifted" and name not in members else CAPTIONS
+            caption = family[int(rng.integers(len(family)))].format(name)
             key = f"{shard:05d}{i:04d}"
             files += _sample_files(key, name, jpeg, caption, cfg.image_size)
             image_rows.append((f"{shard:05d}.tar", key, trained))

@@ -28,6 +28,9 @@ LAB_PRESETS: dict[str, LabConfig] = {
                          partcrop_scale=(0.3, 0.6)),
     # non-members shot with another camera style: the validity check must raise its warning
     "shifted": LabConfig(include_train_images=True, nonmember_style="shifted"),
+    # non-members' captions from another source (dated archive captions), same camera: only a
+    # baseline that reads the captions can see the shift
+    "caption-shift": LabConfig(include_train_images=True, nonmember_captions="shifted"),
 }
 
 

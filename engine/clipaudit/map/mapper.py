@@ -136,6 +136,7 @@ class ShardMapper:
             cols["width"].append(s.width)
             cols["height"].append(s.height)
             cols["has_caption"].append(s.caption is not None if s.ok else None)
+            cols["caption"].append(s.caption if s.ok else None)
             i = ok_pos.get(id(s))
             for name in cols:
                 if name in attack_cols:

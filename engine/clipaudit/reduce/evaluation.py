@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from ..attacks.registry import LOGISTIC, Learned, registered, scores
 from .learned import crossfit_proba
 from .labels import Labels
+from . import validity
 from .statistics import membership_metrics, roc_curve
 
 if TYPE_CHECKING:
@@ -30,12 +31,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: an attack whose AUC the model-free baseline comes within this margin of is suspect
-SHIFT_MARGIN = 0.05
-#: ... provided the baseline itself separates the sets at least this well
-SHIFT_FLOOR = 0.6
-#: the key of the model-free image statistics among a table's features
+#: the keys of the model-free image statistics and caption features among a table's features
 BASELINE = "baseline"
+BASELINE_TEXT = "baseline_text"
 _BASELINE_LEARNER = LOGISTIC
 
 
@@ -94,7 +92,7 @@ def evaluate(tables: list[Scored]) -> tuple[dict[str, Any], list[dict]]:
     """metrics.json content and ROC rows for every score at its level, plus the baseline."""
     metrics: dict[str, Any] = {}
     roc_rows: list[dict] = []
-    baselines = []
+    baselines: dict[str, dict[str, Any]] = {}
     learned_of = {a.name: a.learned for a in registered() if a.features}
     for t in tables:
         for name, score in t.scores.items():
@@ -108,23 +106,39 @@ def evaluate(tables: list[Scored]) -> tuple[dict[str, Any], list[dict]]:
                     if learned is not None:
                         fixed[learner.name] = learned
             metrics[name] = fixed
-        if BASELINE in t.features and any(m.get("level") == t.level for m in metrics.values()):
-            b = _evaluate_learned(BASELINE, t.features[BASELINE], t.labels, t.groups, t.level, roc_rows,
-                                  _BASELINE_LEARNER)
+        level_metrics = [m for m in metrics.values() if isinstance(m, dict) and m.get("level") == t.level]
+        if BASELINE in t.features and level_metrics:
+            b = _blind_baseline(t, roc_rows)
             if b is not None:
-                best = max(_best_auc(m) for m in metrics.values() if m.get("level") == t.level)
-                b["what"] = "model-free image statistics (colour, saturation, brightness, edges, size), " \
-                            "cross-fitted logistic regression"
-                b["best_attack_auc"] = best
-                b["warning"] = bool(b["auc"] >= SHIFT_FLOOR and b["auc"] >= best - SHIFT_MARGIN)
-                baselines.append(b)
+                b["best_attack_auc"] = max(_best_auc(m) for m in level_metrics)
+                baselines[t.level] = b
+                for m in level_metrics:
+                    m["baseline_auc"] = b["auc"]
     if baselines:
-        metrics[BASELINE] = baselines[0] if len(baselines) == 1 else {"by_level": baselines,
-                                                                      "auc": max(b["auc"] for b in baselines)}
-    metrics["distribution_shift_warning"] = any(b["warning"] for b in baselines)
-    metrics["shift_rule"] = (f"warning when the baseline AUC >= {SHIFT_FLOOR} and within {SHIFT_MARGIN} "
-                             "of the best attack AUC at the same level")
+        metrics[BASELINE] = {"auc": max(b["auc"] for b in baselines.values()),
+                             "what": next(iter(baselines.values()))["what"],
+                             "warning": any(b["warning"] for b in baselines.values()), "by_level": baselines}
+    metrics["distribution_shift_warning"] = any(b["warning"] for b in baselines.values())
+    metrics["shift_rule"] = validity.rule()
     return metrics, roc_rows
+
+
+def _blind_baseline(t: Scored, roc_rows: list) -> dict[str, Any] | None:
+    """The validity check at one level: the blind baseline's metrics and warning."""
+    text = t.features.get(BASELINE_TEXT)
+    fits = validity.blind_scores(t.features[BASELINE], text, t.labels, t.groups, REFITS)
+    if fits is None:
+        return None
+    keep = ~np.isnan(fits[0])
+    y = t.labels[keep]
+    if y.all() or not y.any():
+        return None
+    _roc_rows(roc_rows, BASELINE, t.level, "learned", fits[0][keep], y)
+    m = membership_metrics(fits[0][keep], y, groups=_clusters(t.groups[keep], t.level),
+                           score_sets=[f[keep] for f in fits])
+    warn = m["auc_ci"] is not None and m["auc_ci"][0] > validity.SHIFT_FLOOR
+    return {"level": t.level, "variant": "learned", "what": validity.describe(text is not None), **m,
+            "warning": bool(warn)}
 
 
 def _best_auc(m: dict) -> float:
@@ -155,13 +169,16 @@ def identity_table(con: duckdb.DuckDBPyConnection, identities: pa.Table, opts: "
                                     [r[f"{s.name}_score"] for r in rows])
     con.register("labelled_names", pa.table({"identity": names}))
     feats = _feature_columns(opts)
-    per_image = con.sql(f"SELECT identity, {', '.join(feats.values())} FROM ok WHERE identity IN "
+    per_image = con.sql(f"SELECT identity, {', '.join(feats.values())}, caption FROM ok WHERE identity IN "
                         "(SELECT identity FROM labelled_names)").to_arrow_table()
     features = {}
     index = {n: i for i, n in enumerate(names)}
     rows_of = np.array([index[x] for x in per_image.column("identity").to_pylist()], dtype=np.int64)
-    for key, col in feats.items():  # mean feature vector per identity over its complete rows
-        mat = feature_matrix(per_image.column(col))
+    matrices = {key: feature_matrix(per_image.column(col)) for key, col in feats.items()}
+    text = validity.text_features(per_image.column("caption").to_pylist())
+    if text is not None:
+        matrices[BASELINE_TEXT] = text
+    for key, mat in matrices.items():  # mean feature vector per identity over its complete rows
         complete = ~np.isnan(mat).any(axis=1)
         sums = np.zeros((len(names), mat.shape[1]))
         np.add.at(sums, rows_of[complete], mat[complete])
@@ -181,7 +198,7 @@ def image_table(con: duckdb.DuckDBPyConnection, labels: Labels, opts: "ReduceOpt
                     "member": list(labels.images.values())})
     con.register("image_labels", lab)
     feats = _feature_columns(opts)
-    cols = ", ".join([f"ok.{a}_score" for a in image] + [f"ok.{c}" for c in feats.values()])
+    cols = ", ".join([f"ok.{a}_score" for a in image] + [f"ok.{c}" for c in feats.values()] + ["ok.caption"])
     data = con.sql(f"""
         SELECT ok.identity, l.member, {cols} FROM ok JOIN image_labels l
         ON l.key = ok.key AND l.shard = ok.shard
@@ -193,6 +210,9 @@ def image_table(con: duckdb.DuckDBPyConnection, labels: Labels, opts: "ReduceOpt
     table_scores = {a: _arrow_vec(data.column(f"{a}_score")) for a in image}
     features = {key: feature_matrix(data.column(col)) for key, col in feats.items()}
     member = data.column("member").to_numpy(zero_copy_only=False).astype(bool)
+    text = validity.text_features(data.column("caption").to_pylist())
+    if text is not None:
+        features[BASELINE_TEXT] = text
     return Scored("image", member, groups, table_scores, features)
 
 

@@ -1,0 +1,98 @@
+"""The validity check: a blind baseline that never looks at the model.
+
+Many published membership results on CLIP-scale data are distribution-shift detection in
+disguise: members and non-members come from different sources, and a classifier that sees
+only the inputs tells them apart (Das et al., 2024, beat most attacks this way with
+non-linear models on caption text). So the baseline averages a gradient-boosted tree model
+(scikit-learn's ``HistGradientBoostingClassifier``, small leaves for small labelled sets) and
+an L2 logistic regression, both on model-free image statistics and, where captions exist,
+caption text features per image — TF-IDF of words and word pairs (reduced to a few dozen
+components), length, digits, and years; an identity's features are the mean over its images,
+so the number of photos a person has is not itself a feature. Cross-fitted like the attacks
+(folds by identity). When its AUC interval lies above :data:`SHIFT_FLOOR` at a level, the labelled
+sets differ in a way the model plays no part in, and the attacks' numbers at that level
+cannot be read as membership.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+#: the warning fires when the lower end of the baseline's AUC interval is above this
+SHIFT_FLOOR = 0.55
+_YEAR = re.compile(r"\b(1[89]\d\d|20\d\d)\b")
+
+
+def text_features(captions: list[str | None], components: int = 32, seed: int = 0) -> np.ndarray | None:
+    """Per unit: length in characters and words, digits, years mentioned, and a truncated SVD of
+    TF-IDF word 1–2-grams (fitted on these captions, without labels). None when no unit has text."""
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    texts = [c or "" for c in captions]
+    if not any(texts):
+        return None
+    simple = np.array([[len(c), len(c.split()), sum(ch.isdigit() for ch in c), len(_YEAR.findall(c))]
+                       for c in texts], dtype=float)
+    try:
+        tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True).fit_transform(texts)
+    except ValueError:  # no term occurs twice
+        return simple
+    k = min(components, tfidf.shape[1] - 1, tfidf.shape[0] - 1)
+    if k < 1:
+        return simple
+    return np.hstack([simple, TruncatedSVD(n_components=k, random_state=seed).fit_transform(tfidf)])
+
+
+def _models(n: int, seed: int) -> list:
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    trees = HistGradientBoostingClassifier(max_iter=100, learning_rate=0.05, max_leaf_nodes=7,
+                                           min_samples_leaf=max(2, min(20, n // 10)), l2_regularization=1.0,
+                                           random_state=seed)
+    linear = make_pipeline(SimpleImputer(), StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
+    return [trees, linear]
+
+
+def blind_scores(stats: np.ndarray, text: np.ndarray | None, y: np.ndarray, groups: np.ndarray,
+                 refits: int, folds: int = 5) -> list[np.ndarray] | None:
+    """Out-of-fold member probabilities of the blind baseline (the mean of its two models),
+    one vector per refit (fold assignments differ by refit); None when the data cannot be
+    cross-fitted. ``text``: per-unit caption features (:func:`text_features`) or None."""
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
+
+    X = stats if text is None else np.hstack([stats, text])
+    keep = ~np.all(np.isnan(X), axis=1)
+    codes = np.unique(groups, return_inverse=True)[1]
+    # a fold needs groups of both classes: as many folds as the rarer class has groups
+    per_class = [len(np.unique(codes[keep & (y == c)])) for c in (True, False)]
+    n_splits = min(folds, *per_class)
+    if keep.sum() < 4 or n_splits < 2:
+        return None
+    out = []
+    for r in range(refits):
+        cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=r)
+        p = np.full(len(y), np.nan)
+        p[keep] = np.mean([cross_val_predict(m, X[keep], y[keep], groups=codes[keep], cv=cv,
+                                             method="predict_proba")[:, 1] for m in _models(int(keep.sum()), r)], 0)
+        out.append(p)
+    return out
+
+
+def describe(with_text: bool) -> str:
+    return ("blind baseline: gradient-boosted trees + logistic regression (mean) on model-free image statistics "
+            "(colour, saturation, brightness, edges, size)" + (" and caption text (TF-IDF words and word pairs, "
+                                                               "length, digits, years)" if with_text else "")
+            + ", cross-fitted by identity")
+
+
+def rule() -> str:
+    return (f"warning at a level when the lower end of the blind baseline's AUC interval is above {SHIFT_FLOOR}: "
+            "the labelled members and non-members differ in their inputs alone, so attack scores at that level "
+            "may measure that difference (distribution shift), not membership")
