@@ -1,3 +1,5 @@
+import functools
+import io
 import os
 import pickle
 from pathlib import Path
@@ -5,7 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import encode, photo_like
+from PIL import Image
 
+from clipaudit.data.decode import decode_image
 from clipaudit.map.models import ModelLoadError, load_model, read_state_dict
 
 
@@ -106,3 +111,45 @@ def test_hub_model_offline_gives_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="hf-hub:nobody/no-such-clip"):
         load_model("hf-hub:nobody/no-such-clip", None, "fp32", "cpu")
+
+
+def _force_preprocess(monkeypatch, **cfg):
+    """Models created from now on carry ``cfg`` as their OpenCLIP preprocessing, as a pretrained
+    tag or hub config sets it (e.g. DFN and SigLIP: squash; some: bilinear)."""
+    import open_clip
+
+    monkeypatch.setattr(open_clip, "create_model", functools.partial(open_clip.create_model, force_preprocess_cfg=cfg))
+
+
+@pytest.mark.parametrize("cfg", [
+    {},  # OpenCLIP's default: shortest side + centre crop, bicubic, OpenAI mean/std
+    {"resize_mode": "squash", "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3},
+    {"resize_mode": "longest", "fill_color": 0},
+])
+def test_model_input_matches_open_clip_preprocessing(tiny_model, monkeypatch, cfg):
+    import open_clip
+
+    _force_preprocess(monkeypatch, **cfg)
+    m = load_model(str(tiny_model["config"]), str(tiny_model["checkpoint"]), "fp32", "cpu")
+    want = open_clip.get_model_preprocess_cfg(m.model)
+    assert (m.resize_mode, m.interpolation, m.fill) == (want["resize_mode"], want["interpolation"], want["fill_color"])
+    assert (m.mean, m.std) == (tuple(want["mean"]), tuple(want["std"]))
+    reference = open_clip.image_transform(want["size"], is_train=False, mean=want["mean"], std=want["std"],
+                                          resize_mode=want["resize_mode"], interpolation=want["interpolation"],
+                                          fill_color=want["fill_color"])
+    # One uint8 level in [0, 1] (see TOLERANCE in tests/data/test_decode.py; measured: 0), over
+    # std in the normalised input, plus float32 rounding.
+    tolerance = (1 / 255) / min(m.std) + 1e-5
+    for size, fmt in [((1800, 2400), "JPEG"), ((1001, 667), "JPEG"), ((301, 173), "PNG"), ((30, 50), "PNG")]:
+        data = encode(photo_like(size, seed=size[0]), fmt)
+        px = decode_image(data, m.preprocess, 10_000_000).pixels
+        ours = m.normalize(m.to_unit(torch.from_numpy(np.stack([px]))))[0]  # a batch of one, as the map step stacks them
+        theirs = reference(Image.open(io.BytesIO(data)))
+        assert ours.shape == theirs.shape == (3, m.image_size, m.image_size)
+        assert (ours - theirs).abs().max().item() <= tolerance, f"{size} {fmt}"
+
+
+def test_unsupported_preprocessing_is_refused(tiny_model, monkeypatch):
+    _force_preprocess(monkeypatch, resize_mode="crop")
+    with pytest.raises(ModelLoadError, match="unsupported preprocessing: resize_mode 'crop'"):
+        load_model(str(tiny_model["config"]), str(tiny_model["checkpoint"]), "fp32", "cpu")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .decode import DecodeFailure, decode_image
+from .decode import DecodeFailure, Preprocess, decode_image
 from .tar_reader import IMAGE_EXTS, RawSample
 
 #: Every value the ``error`` column can take, with what it means.
@@ -85,8 +85,9 @@ def _read_caption(raw: RawSample) -> tuple[str | None, str | None]:
     return text.strip() or None, warning
 
 
-def prepare_sample(raw: RawSample, shard: str, identity_field: str, size: int, max_pixels: int) -> Sample:
-    """Read metadata and decode the image; every failure becomes an error sample."""
+def prepare_sample(raw: RawSample, shard: str, identity_field: str, size: int | Preprocess, max_pixels: int) -> Sample:
+    """Read metadata and decode the image (``size``: the model's :class:`Preprocess`); every
+    failure becomes an error sample."""
     s = Sample(shard=shard, key=raw.key, position=raw.position)
     if raw.files:
         s.identity, err, detail = _read_identity(raw, identity_field)

@@ -93,7 +93,8 @@ class ShardMapper:
     def _decode(self, raws: list[RawSample], shard: str) -> list[Sample]:
         assert self.model is not None
         d = self.spec.data
-        return [prepare_sample(r, shard, d.identity_field, self.model.image_size, d.max_image_pixels) for r in raws]
+        pre = self.model.preprocess
+        return [prepare_sample(r, shard, d.identity_field, pre, d.max_image_pixels) for r in raws]
 
     def decoded_batches(self, shard: str) -> Iterator[list[Sample]]:
         """Decode batch i+1 on the thread pool while the caller runs the model on batch i."""

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..data.decode import Preprocess
 from ..spec import sha256_file
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,10 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class LoadedModel:
-    """A ready-to-run CLIP: model in eval mode on ``device``, plus what feeding it needs."""
+    """A ready-to-run CLIP: model in eval mode on ``device``, plus what feeding it needs.
+
+    ``resize_mode``, ``interpolation`` and ``fill`` are the model's OpenCLIP eval preprocessing
+    (see :attr:`preprocess`)."""
 
     model: torch.nn.Module
     tokenizer: Callable[[list[str]], torch.Tensor]
@@ -42,19 +46,31 @@ class LoadedModel:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     checkpoint_sha256: str | None
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
+    fill: int | tuple[int, int, int] = 0
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """How the decode step turns an image into this model's ``image_size``² uint8 input."""
+        return Preprocess(self.image_size, self.resize_mode, self.interpolation, self.fill)
 
     def to_unit(self, pixels_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 N×H×W×3 → float N×3×H×W in [0, 1] on ``device``."""
         return pixels_uint8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Float N×3×S×S in [0, 1] → the model's input: ``(x - mean) / std``, float32 on ``device``."""
+        mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+        return (x.to(self.device) - mean) / std
+
     @torch.inference_mode()
     def encode_unit(self, x: torch.Tensor, chunk: int = 512) -> torch.Tensor:
         """Float N×3×S×S in [0, 1] (S = ``image_size``) → L2-normalised float32 embeddings."""
-        mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
         out = []
         for i in range(0, len(x), chunk):
-            xi = ((x[i : i + chunk].to(self.device) - mean) / std).to(self.dtype)
+            xi = self.normalize(x[i : i + chunk]).to(self.dtype)
             out.append(torch.nn.functional.normalize(self.model.encode_image(xi).float(), dim=-1))
         return torch.cat(out) if out else torch.empty(0, self.embed_dim, device=self.device)
 
@@ -72,11 +88,9 @@ class LoadedModel:
         if not self.has_patch_tokens:
             raise ValueError(f"{self.name}: the vision tower does not expose patch tokens")
         v = self.model.visual
-        mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
         pooled_out, token_out = [], []
         for i in range(0, len(x), chunk):
-            xi = ((x[i : i + chunk].to(self.device) - mean) / std).to(self.dtype)
+            xi = self.normalize(x[i : i + chunk]).to(self.dtype)
             pooled, tokens = v._pool(v.transformer(v._embeds(xi)))
             if getattr(v, "final_ln_after_pool", False):  # e.g. CLIPA: ln_post was applied to the pool only
                 tokens = v.ln_post(tokens)
@@ -264,13 +278,31 @@ def load_model(
             )
         sha = sha256_file(pretrained)
     model = model.to(device=dev, dtype=dtype).eval()
-    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+    pre, mean, std = _preprocessing(model, model_name)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return LoadedModel(model, tokenizer, model_name, dev, dtype, pre.size, mean, std, sha,  # type: ignore[arg-type]
+                       pre.resize_mode, pre.interpolation, pre.fill)
+
+
+def _preprocessing(model: torch.nn.Module, name: str) -> tuple[Preprocess, tuple[float, ...], tuple[float, ...]]:
+    """The eval preprocessing OpenCLIP attached to ``model`` (from its pretrained tag or hub
+    config; defaults otherwise, as ``open_clip.image_transform``'s): resize, mean, std."""
+    import open_clip
+
+    cfg = dict(open_clip.get_model_preprocess_cfg(model) or {})
     size = getattr(model.visual, "image_size", cfg.get("size", 224))
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
-    mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
-    std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
-    tokenizer = open_clip.get_tokenizer(model_name)
-    return LoadedModel(model, tokenizer, model_name, dev, dtype, size, mean, std, sha)  # type: ignore[arg-type]
+    mean = tuple(cfg.get("mean") or open_clip.OPENAI_DATASET_MEAN)
+    std = tuple(cfg.get("std") or open_clip.OPENAI_DATASET_STD)
+    interpolation = cfg.get("interpolation") or "bicubic"
+    if interpolation == "random":  # a training-time setting; OpenCLIP's eval transform uses bicubic
+        interpolation = "bicubic"
+    fill = cfg.get("fill_color") or 0
+    fill = int(fill) if isinstance(fill, (int, float)) else tuple(int(v) for v in fill)
+    try:
+        return Preprocess(size, cfg.get("resize_mode") or "shortest", interpolation, fill), mean, std
+    except ValueError as e:
+        raise ModelLoadError(f"{name}: unsupported preprocessing: {e}") from None
 
 
 def _load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
