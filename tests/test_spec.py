@@ -120,3 +120,12 @@ def test_map_hash_covers_the_output_format(files, monkeypatch):
     before = a.map_hash()
     monkeypatch.setattr(spec_module, "MAP_FEATURES_VERSION", spec_module.MAP_FEATURES_VERSION + 1)
     assert a.map_hash() != before  # outputs of an older format are not resumed
+
+
+def test_shard_timeout_is_a_compute_setting_outside_the_map_hash(files):
+    a = _load(files, GOOD)
+    b = _load(files, GOOD + "compute: {shard_timeout_s: 2.5}\n")
+    assert a.compute.shard_timeout_s == 3600 and b.compute.shard_timeout_s == 2.5
+    assert a.map_hash() == b.map_hash()  # compute settings never change results: resuming is allowed
+    with pytest.raises(SpecError, match="compute.shard_timeout_s"):
+        _load(files, GOOD + "compute: {shard_timeout_s: 0}\n")

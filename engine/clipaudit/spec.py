@@ -127,6 +127,9 @@ class ComputeSpec(_Strict):
         default_factory=dict, description="extra Ray custom resources per map actor, e.g. {accelerator_slot: 1}")
     actor_start_timeout_s: float = Field(
         600.0, gt=0, description="give up on shards still waiting when no map actor could start this long")
+    shard_timeout_s: float = Field(
+        3600.0, gt=0, description="Ray executor: a shard still running this long is abandoned, its actor killed and "
+                                  "replaced, and the shard retried (an attempt); the local executor cannot cancel")
     ray_address: str | None = Field(None, description="None: RAY_ADDRESS or a local Ray")
     index: Literal["auto", "faiss", "torch"] = Field("auto", description="name top-k backend")
 

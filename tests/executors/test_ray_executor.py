@@ -1,8 +1,13 @@
-"""The Ray executor on the canary lab: the acceptance numbers, resume, retries, parity."""
+"""The Ray executor on the canary lab: the acceptance numbers, resume, retries, parity;
+on a tiny job: a shard that hangs, an actor broken by its task."""
+
+import os
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import OTHER_EXECUTOR_TOL, MapEvents, assert_same_outputs, write_tiny_job
 
 from clipaudit.runner import run_job
 from clipaudit.spec import load_spec
@@ -13,11 +18,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 def _spec(job, out, **compute):
     spec = load_spec(job)
     return spec.model_copy(update={"output": out, "compute": spec.compute.model_copy(update=compute)})
-
-
-def _sorted_rows(out):
-    t = pq.read_table(out / "samples").drop_columns(["caption_score"]).to_pylist()
-    return sorted(t, key=lambda r: (r["shard"], r["position"]))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_rerun_skips_everything(trained_run, canary_lab, ray_session):
 
 def test_local_executor_gives_the_same_rows(trained_run, canary_lab, tmp_path):
     local = run_job(_spec(canary_lab.job, tmp_path / "local", executor="local"), progress=False)
-    assert _sorted_rows(local.layout.root) == _sorted_rows(trained_run.layout.root)
+    assert_same_outputs(local.layout.root, trained_run.layout.root, OTHER_EXECUTOR_TOL)  # every column
 
 
 def test_shard_that_always_fails_is_retried_then_reported(canary_lab, ray_session, tmp_path):
@@ -117,3 +117,66 @@ def test_unsatisfiable_worker_resources_fail_the_shards_with_a_reason_instead_of
     assert not report.ok and report.summary["shards_failed"] == len(canary_lab.shards)
     assert all("no_such_accelerator" in f["error"] and "within 2 s" in f["error"] for f in report.summary["failed"])
     assert report.summary["rows"] == 0
+
+
+def _with_shards(spec, shards):
+    """The job on other shards, unvalidated (the spec refuses shards that are not files)."""
+    return spec.model_copy(update={"data": spec.data.model_copy(update={"shards": [str(s) for s in shards]})})
+
+
+def _pid_gone(pid, within_s=20.0):
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_shard_that_hangs_times_out_its_actor_is_killed_and_the_run_returns(tmp_path, tiny_model, ray_session):
+    job = write_tiny_job(tmp_path, tiny_model, tmp_path / "out", shards=1, per_shard=8, attacks="{idia: {top_k: 3}}",
+                         compute="executor: ray, workers: 2, max_retries: 1, shard_timeout_s: 3")
+    hangs = tmp_path / "shards" / "hangs.tar"
+    os.mkfifo(hangs)  # a named pipe no one writes to: opening it to read blocks forever
+    good = tmp_path / "shards" / "00000.tar"
+    spec = _with_shards(load_spec(job), [hangs, good])
+    t0 = time.monotonic()
+    with MapEvents() as events:
+        report = run_job(spec, progress=False)
+    took = time.monotonic() - t0
+    assert not report.ok and [d["shard"] for d in report.map.done] == [str(good)] and report.summary["rows"] == 8
+    [failure] = report.map.failed
+    assert failure.shard == str(hangs) and failure.attempts == 2, failure
+    assert failure.error.startswith("timed out") and "shard_timeout_s = 3 s" in failure.error, failure.error
+    # each attempt ran on its own actor, and each of those actors was killed, not given more work
+    tried = [pid for shard, pid in events.of("dispatch") if shard == str(hangs)]
+    assert len(tried) == 2 and len(set(tried)) == 2 and None not in tried, events.events
+    assert events.of("timeout") == [(str(hangs), pid) for pid in tried], events.events
+    assert all(_pid_gone(pid) for pid in tried), "a timed-out actor's process is still alive"
+    assert took < 90, took  # two 3 s deadlines plus actor starts, not the default hour
+
+
+def test_an_actor_whose_task_raised_a_non_io_error_is_replaced_io_errors_keep_it(tmp_path, tiny_model, ray_session):
+    job = write_tiny_job(tmp_path, tiny_model, tmp_path / "out", shards=1, per_shard=8, attacks="{idia: {top_k: 3}}",
+                         compute="executor: ray, workers: 1, max_retries: 1")
+    missing = tmp_path / "shards" / "missing.tar"  # FileNotFoundError: an OSError (transient I/O): actor kept
+    broken = "nosuchproto://bucket/00001.tar"  # no fsspec backend: ImportError, not I/O: actor replaced
+    good = tmp_path / "shards" / "00000.tar"
+    spec = _with_shards(load_spec(job), [missing, broken, good])
+    with MapEvents() as events:
+        report = run_job(spec, progress=False)
+    failed = {f.shard: f for f in report.map.failed}
+    assert set(failed) == {str(missing), broken} and all(f.attempts == 2 for f in failed.values())
+    assert failed[str(missing)].error.startswith("FileNotFoundError")
+    assert failed[broken].error.startswith("ImportError"), failed[broken].error
+    assert [d["shard"] for d in report.map.done] == [str(good)] and report.summary["rows"] == 8
+    dispatched = events.of("dispatch")
+    assert len(dispatched) == 5 and None not in [pid for _, pid in dispatched], events.events
+    for i, (shard, pid) in enumerate(dispatched):
+        later = [p for _, p in dispatched[i + 1:]]
+        if shard == broken:  # never handed another shard
+            assert pid not in later and (broken, pid) in events.of("broken"), events.events
+        elif shard == str(missing) and i == 0:  # handed the next shard
+            assert later[0] == pid, events.events

@@ -16,7 +16,13 @@ log = logging.getLogger(__name__)
 
 
 class LocalExecutor:
-    """Maps shards one after another in this process, with bounded retries per shard."""
+    """Maps shards one after another in this process, with bounded retries per shard.
+
+    ``compute.shard_timeout_s`` does not apply here (it is the Ray executor's): a shard
+    mapped by a call in this process cannot be stopped safely half-way — a thread cannot be
+    killed, and a call blocked in a read or in the model would leave the mapper's state and
+    its half-written parts behind. Use the Ray executor where a shard might hang.
+    """
 
     def run(self, spec: JobSpec, layout: OutputLayout, shards: list[str], progress: bool = True) -> MapResult:
         t0 = time.perf_counter()

@@ -2,6 +2,12 @@
 out dynamically to actors that have started, bounded retries, dead actors (a killed
 worker, a lost node) replaced by new ones placed wherever resources remain.
 
+An actor is trusted with another shard only after a clean finish or an ``OSError`` (a
+transient read failure says nothing about the actor). A shard still running after
+``compute.shard_timeout_s`` is abandoned: its actor is killed (a hung actor cannot be
+trusted again) and replaced, and the shard is retried like any failure. Any other
+exception (a CUDA error can leave the device context broken) also replaces the actor.
+
 The per-job shared state (name-pool text embeddings) is computed once by a Ray task with
 a worker's resources, put in the object store, and passed to every actor's constructor —
 so an actor that Ray restarts after a crash gets it again without recomputation.
@@ -105,6 +111,7 @@ class _ActorPool:
         self.idle: deque = deque()
         self.start_failures, self.max_start_failures = 0, max_start_failures
         self.last_error = ""
+        self.pids: dict[Any, int] = {}  # actor → its worker process id, learnt when it started
         for _ in range(size):
             self.start_one()
 
@@ -116,7 +123,7 @@ class _ActorPool:
         """An actor's ready ref resolved: idle if it started, else a replacement (bounded)."""
         actor = self.starting.pop(ref)
         try:
-            self.ray.get(ref)
+            pid = self.ray.get(ref)
         except self.ray.exceptions.RayError as e:
             self.start_failures += 1
             self.last_error = _short_error(e)
@@ -125,9 +132,11 @@ class _ActorPool:
             if self.start_failures <= self.max_start_failures:
                 self.start_one()
             return
+        self.pids[actor] = pid
         self.idle.append(actor)
 
     def replace(self, dead) -> None:
+        self.pids.pop(dead, None)
         self.ray.kill(dead)
         self.start_one()
 
@@ -214,19 +223,45 @@ class RayExecutor:
 
         todo = deque(shards)
         attempts: dict[str, int] = {s: 0 for s in shards}
-        inflight: dict[Any, tuple[str, Any]] = {}
+        inflight: dict[Any, tuple[str, Any, float]] = {}  # task ref → (shard, actor, deadline)
+        shard_timeout = spec.compute.shard_timeout_s
         bar = Progress(len(shards), progress)
+
+        def failed(shard: str, msg: str) -> None:
+            if attempts[shard] <= spec.compute.max_retries:
+                log.warning("shard %s failed (attempt %d), retrying: %s", shard, attempts[shard], msg)
+                todo.append(shard)
+            else:
+                log.error("shard %s failed after %d attempts: %s", shard, attempts[shard], msg)
+                result.failed.append(ShardFailure(shard, attempts[shard], msg))
+                bar.shard_done()
+
         try:
             while todo or inflight:
                 while todo and pool.idle:
                     shard, actor = todo.popleft(), pool.idle.popleft()
                     attempts[shard] += 1
-                    inflight[actor.map_shard.remote(shard)] = (shard, actor)
+                    log.debug("shard %s: attempt %d on map actor pid %s", shard, attempts[shard], pool.pids.get(actor),
+                              extra=_event("dispatch", shard, pool.pids.get(actor)))
+                    inflight[actor.map_shard.remote(shard)] = (shard, actor, time.monotonic() + shard_timeout)
                 if not inflight and not pool.alive_or_starting():
                     self._give_up(todo, attempts, result, bar, f"no map actor could start: {pool.last_error}")
                     break
-                timeout = None if inflight else spec.compute.actor_start_timeout_s
+                if inflight:  # wake up for the earliest shard deadline
+                    timeout = max(0.0, min(d for _, _, d in inflight.values()) - time.monotonic())
+                else:
+                    timeout = spec.compute.actor_start_timeout_s
                 ready, _ = ray.wait([*inflight, *pool.starting], num_returns=1, timeout=timeout)
+                if not ready and inflight:
+                    now = time.monotonic()
+                    for ref in [r for r, (_, _, d) in inflight.items() if d <= now]:
+                        shard, actor, _ = inflight.pop(ref)
+                        log.warning("shard %s still running after %g s on map actor pid %s: killing the actor, "
+                                    "starting a replacement", shard, shard_timeout, pool.pids.get(actor),
+                                    extra=_event("timeout", shard, pool.pids.get(actor)))
+                        pool.replace(actor)  # kills it: an actor task cannot be force-cancelled
+                        failed(shard, f"timed out: not finished within compute.shard_timeout_s = {shard_timeout:g} s")
+                    continue
                 if not ready:
                     self._give_up(todo, attempts, result, bar,
                                   f"no map actor started within {timeout:.0f} s (cluster resources "
@@ -236,24 +271,22 @@ class RayExecutor:
                 if ref in pool.starting:
                     pool.on_started(ref)
                     continue
-                shard, actor = inflight.pop(ref)
+                shard, actor, _ = inflight.pop(ref)
                 try:
                     stats = ray.get(ref)
                 except ray.exceptions.RayError as e:
-                    if isinstance(e, ray.exceptions.RayTaskError):  # the shard's code raised; the actor is fine
-                        pool.idle.append(actor)
+                    if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, OSError):
+                        pool.idle.append(actor)  # a read failure (transient I/O): the actor is fine
+                    elif isinstance(e, ray.exceptions.RayTaskError):  # e.g. a CUDA error: the actor may be broken
+                        log.warning("map actor pid %s raised %s on %s; replacing it", pool.pids.get(actor),
+                                    type(e.cause).__name__, shard, extra=_event("broken", shard, pool.pids.get(actor)))
+                        pool.replace(actor)
                     else:  # the actor, its process or its node is gone
-                        log.warning("map actor died while on %s (worker or node lost); starting a replacement", shard)
+                        log.warning("map actor died while on %s (worker or node lost); starting a replacement", shard,
+                                    extra=_event("died", shard, pool.pids.get(actor)))
                         pool.replace(actor)
                         pool.drop_dead_idle()  # a lost node takes its idle actors too: don't feed them shards
-                    msg = _short_error(e)
-                    if attempts[shard] <= spec.compute.max_retries:
-                        log.warning("shard %s failed (attempt %d), retrying: %s", shard, attempts[shard], msg)
-                        todo.append(shard)
-                    else:
-                        log.error("shard %s failed after %d attempts: %s", shard, attempts[shard], msg)
-                        result.failed.append(ShardFailure(shard, attempts[shard], msg))
-                        bar.shard_done()
+                    failed(shard, _short_error(e))
                     continue
                 pool.idle.append(actor)
                 result.done.append(stats)
@@ -261,7 +294,7 @@ class RayExecutor:
                 bar.shard_done()
         finally:
             bar.close()
-            pool.kill_all([a for _, a in inflight.values()])
+            pool.kill_all([a for _, a, _ in inflight.values()])
 
     @staticmethod
     def _give_up(todo: deque, attempts: dict[str, int], result: MapResult, bar: Progress, why: str) -> None:
@@ -270,6 +303,11 @@ class RayExecutor:
             shard = todo.popleft()
             result.failed.append(ShardFailure(shard, attempts[shard], why))
             bar.shard_done()
+
+
+def _event(kind: str, shard: str, pid: int | None) -> dict[str, Any]:
+    """Fields on the executor's log records (``record.map_event`` …) for whoever watches them."""
+    return {"map_event": kind, "shard": shard, "actor_pid": pid}
 
 
 def _short_error(e: Exception) -> str:
