@@ -175,7 +175,7 @@ def identity_table(con: duckdb.DuckDBPyConnection, identities: pa.Table, opts: "
     index = {n: i for i, n in enumerate(names)}
     rows_of = np.array([index[x] for x in per_image.column("identity").to_pylist()], dtype=np.int64)
     matrices = {key: feature_matrix(per_image.column(col)) for key, col in feats.items()}
-    text = validity.text_features(per_image.column("caption").to_pylist())
+    text = validity.text_features(per_image.column("caption").to_pylist(), per_image.column("identity").to_pylist())
     if text is not None:
         matrices[BASELINE_TEXT] = text
     for key, mat in matrices.items():  # mean feature vector per identity over its complete rows
@@ -210,7 +210,7 @@ def image_table(con: duckdb.DuckDBPyConnection, labels: Labels, opts: "ReduceOpt
     table_scores = {a: _arrow_vec(data.column(f"{a}_score")) for a in image}
     features = {key: feature_matrix(data.column(col)) for key, col in feats.items()}
     member = data.column("member").to_numpy(zero_copy_only=False).astype(bool)
-    text = validity.text_features(data.column("caption").to_pylist())
+    text = validity.text_features(data.column("caption").to_pylist(), data.column("identity").to_pylist())
     if text is not None:
         features[BASELINE_TEXT] = text
     return Scored("image", member, groups, table_scores, features)

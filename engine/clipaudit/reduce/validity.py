@@ -25,13 +25,32 @@ SHIFT_FLOOR = 0.55
 _YEAR = re.compile(r"\b(1[89]\d\d|20\d\d)\b")
 
 
-def text_features(captions: list[str | None], components: int = 32, seed: int = 0) -> np.ndarray | None:
+def without_name(caption: str | None, identity: str | None) -> str:
+    """The caption with the person's own name (and each part of it) replaced by ``person``.
+
+    Folds are grouped by identity, so a name never generalises to held-out people; what it
+    does carry is how often the name occurs (its document frequency), i.e. how many photos
+    the person has — an artefact of how the candidate set was assembled, not of its sources.
+    """
+    text = caption or ""
+    if identity:
+        for part in sorted({identity, *identity.split()}, key=len, reverse=True):
+            if len(part) >= 2:
+                text = re.sub(rf"(?<!\w){re.escape(part)}(?!\w)", "person", text, flags=re.IGNORECASE)
+    return text
+
+
+def text_features(captions: list[str | None], identities: list[str | None] | None = None, components: int = 32,
+                  seed: int = 0) -> np.ndarray | None:
     """Per unit: length in characters and words, digits, years mentioned, and a truncated SVD of
-    TF-IDF word 1–2-grams (fitted on these captions, without labels). None when no unit has text."""
+    TF-IDF word 1–2-grams (fitted on these captions, without labels), each caption with its
+    person's name masked (:func:`without_name`). None when no unit has text."""
     from sklearn.decomposition import TruncatedSVD
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    texts = [c or "" for c in captions]
+    if identities is None:
+        identities = [None] * len(captions)
+    texts = [without_name(c, i) for c, i in zip(captions, identities)]
     if not any(texts):
         return None
     simple = np.array([[len(c), len(c.split()), sum(ch.isdigit() for ch in c), len(_YEAR.findall(c))]
