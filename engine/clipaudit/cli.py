@@ -31,12 +31,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .data.names import NamePoolError
     from .map.models import ModelLoadError
     from .io.query import QueryError
+    from .reduce.attackers import AttackerError
     from .reduce.labels import LabelsError
     from .io.outputs import OutputBusy
     from .runner import ResumeRefused
     from .spec import SpecError
 
-    return (SpecError, ModelLoadError, ResumeRefused, QueryError, LabelsError, NamePoolError, UserError,
+    return (SpecError, ModelLoadError, ResumeRefused, QueryError, LabelsError, NamePoolError, UserError, AttackerError,
             OutputBusy, FileNotFoundError)
 
 
@@ -133,6 +134,11 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         if not Path(args.controls).is_file():
             raise UserError(f"controls: file not found: {args.controls}")
         opts = replace(opts, controls=Path(args.controls))
+    if args.attackers is not None:
+        if not (Path(args.attackers) / "attackers").is_dir():
+            raise UserError(f"--attackers {args.attackers}: no attackers/ folder there (an audit with labels "
+                            "fits and saves its attackers)")
+        opts = replace(opts, attackers=Path(args.attackers))
     if args.target_fpr is not None:
         if not 0 < args.target_fpr < 1:
             raise UserError(f"--target-fpr must be between 0 and 1, got {args.target_fpr}")
@@ -195,7 +201,10 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .lab.demo import LAB_PRESETS, run_demo
 
-    return run_demo(Path(args.output), progress=not args.no_progress, cfg=LAB_PRESETS[args.lab])
+    import dataclasses
+
+    cfg = dataclasses.replace(LAB_PRESETS[args.lab], seed=args.seed)
+    return run_demo(Path(args.output), progress=not args.no_progress, cfg=cfg)
 
 
 def _version() -> str:
@@ -229,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--labels", help="labels CSV (default: the job's)")
     d.add_argument("--controls", help="CSV of known non-members (identity and/or shard,key rows) for "
                                       "p-values and thresholds (default: the job's calibration.controls)")
+    d.add_argument("--attackers", metavar="OTHER_OUTPUT_DIR",
+                   help="score every sample with the learned attackers fitted on another audit (its attackers/), "
+                        "e.g. of a shadow model or a labelled calibration set, instead of fitting them here")
     d.add_argument("--target-fpr", type=float, help="flag scores whose control p-value is at most this "
                                                      "(default: the job's calibration.target_fpr, 0.01)")
     d.set_defaults(func=cmd_reduce)
@@ -239,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="canary preset: default; overfit (1 photo per member, augmented training: image-level "
                         "attacks get signal); shifted (non-members from another camera style: validity warning); "
                         "caption-shift (non-members' captions from another source: the text baseline's warning)")
+    m.add_argument("--seed", type=int, default=0, help="lab seed (identities, photos, training); default 0")
     m.add_argument("--no-progress", action="store_true")
     m.set_defaults(func=cmd_demo)
 

@@ -136,6 +136,7 @@ class OutputLayout:
     manifest = property(lambda self: self.root / "manifest.json")
     summary = property(lambda self: self.root / "_SUMMARY.json")
     job_state = property(lambda self: self.root / "_job.json")
+    attackers_dir = property(lambda self: self.root / "attackers")
 
     def make_dirs(self) -> None:
         for d in (self.samples_dir, self.embeddings_dir, self.cache_dir):

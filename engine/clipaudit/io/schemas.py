@@ -43,6 +43,9 @@ IDENTITY_PVALUE_DOC = ("empirical p-value of the score among the control identit
 IDENTITY_FLAG_DOC = "{score}_pvalue <= calibration.target_fpr (null without at least 2 control identities)"
 IMAGE_PVALUE_DOC = "empirical p-value of {score}_score among the control images (leave-one-out for a control)"
 IMAGE_FLAG_DOC = "{score}_pvalue <= calibration.target_fpr"
+LEARNED_SCORE_DOC = ("member probability from the {attack} attack's {variant} attacker (attackers/{attack}_{variant}.json): "
+                     "out-of-fold for the images it was fitted on, from the attacker fitted on all labelled images "
+                     "(or applied from another audit with --attackers) for the others")
 
 
 def parse_type(text: str) -> pa.DataType:
@@ -86,6 +89,12 @@ def columns(name: str, enabled: tuple[str, ...] = ()) -> list[Column]:
         for s in (s for a in attacks for s in a.image_scores()):
             middle += [Column(f"{s.name}_pvalue", pa.float64(), IMAGE_PVALUE_DOC.format(score=s.name)),
                        Column(f"{s.name}_flag", pa.bool_(), IMAGE_FLAG_DOC.format(score=s.name))]
+        for a in attacks:
+            for v in a.learned if a.features else ():
+                n = f"{a.name}_{v.name}"
+                middle += [Column(f"{n}_score", pa.float64(), LEARNED_SCORE_DOC.format(attack=a.name, variant=v.name)),
+                           Column(f"{n}_pvalue", pa.float64(), IMAGE_PVALUE_DOC.format(score=n)),
+                           Column(f"{n}_flag", pa.bool_(), IMAGE_FLAG_DOC.format(score=n))]
     return _core(name, head) + middle + _core(name, tail)
 
 

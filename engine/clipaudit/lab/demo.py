@@ -80,8 +80,13 @@ def run_demo(output: Path, progress: bool = True, cfg: LabConfig | None = None) 
     for label, title in (("trained", "model trained on the members"), ("untrained", "untrained control")):
         print(f"\n== {title}: all attacks (95 % bootstrap intervals) ==")
         print("\n".join(metrics_table(reports[label].metrics)))
-    print("\nidentity level: member vs non-member identities (all their candidate photos); image level: "
-          "the members' training photos vs every held-out photo (of members and non-members).")
+    print("\nidentity level: member vs non-member identities (IDIA at the same number k of photos each; "
+          "image-side scores averaged over their photos); image level: the members' training photos vs every "
+          "held-out photo (of members and non-members).")
+    from ..bench import machine
+
+    m = machine("cpu")
+    print(f"machine: {m['cpu']} ({m['cpu_cores']} cores), torch {m['torch']}; lab seed {(cfg or LAB_PRESETS['default']).seed}")
     print(f"\ndemo wall time {elapsed:.1f} s; map step {images} images in {map_s:.1f} s "
           f"({images / max(map_s, 1e-9):.1f} img/s incl. Ray start-up and model loading)")
     print("\nTry:")

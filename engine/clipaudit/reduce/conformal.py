@@ -172,11 +172,14 @@ def identity_pvalues(values: list | None, is_control: np.ndarray, target_fpr: fl
 
 
 def write_sample_pvalues(layout: "OutputLayout", image_scores: list[str], controls: "Controls",
-                         target_fpr: float, schema: "pa.Schema") -> dict[str, dict[str, Any]]:
+                         target_fpr: float, schema: "pa.Schema",
+                         extra: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, dict[str, Any]]:
     """Per-image p-values and flags among the control images (images listed as controls, or
     of a control identity): one ``sample_scores/`` part per ``samples/`` part. Two passes
     over the parts (control scores first), reading only the needed columns, so memory stays
-    per part. Returns the ``calibration.json`` entry per score."""
+    per part. ``extra``: scores that are not columns of ``samples/`` (learned attackers), per
+    part file name and score name, aligned with the part's ok rows; they are written as
+    ``<name>_score`` with their p-values. Returns the ``calibration.json`` entry per score."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -197,12 +200,21 @@ def write_sample_pvalues(layout: "OutputLayout", image_scores: list[str], contro
     def vec(column) -> np.ndarray:
         return column.to_numpy(zero_copy_only=False).astype(float)
 
+    extra = extra or {}
+    extra_names = sorted({n for by_name in extra.values() for n in by_name})
+
+    def score(t, part, a) -> np.ndarray:
+        if a in extra_names:
+            return extra.get(part.name, {}).get(a, np.full(t.num_rows, np.nan))
+        return vec(t.column(f"{a}_score"))
+
+    image_scores = list(image_scores) + extra_names
     control_scores: dict[str, list[np.ndarray]] = {a: [] for a in image_scores}
     computed: set[str] = set()
     for part in parts:
         t, is_control = read(part)
         for a in image_scores:
-            s = vec(t.column(f"{a}_score"))
+            s = score(t, part, a)
             if not np.isnan(s).all():
                 computed.add(a)
             s = s[is_control]
@@ -217,7 +229,10 @@ def write_sample_pvalues(layout: "OutputLayout", image_scores: list[str], contro
         columns: dict[str, Any] = {k: t.column(k) for k in ("shard", "key", "position", "identity")}
         columns["is_control"] = pa.array(is_control)
         for a in image_scores:
-            p = pvalues_against(vec(t.column(f"{a}_score")), is_control, sorted_controls[a])
+            s = score(t, part, a)
+            if a in extra_names:
+                columns[f"{a}_score"] = pa.array(s, mask=np.isnan(s))
+            p = pvalues_against(s, is_control, sorted_controls[a])
             hit = p <= target_fpr
             columns[f"{a}_pvalue"] = pa.array(p, mask=np.isnan(p))
             columns[f"{a}_flag"] = pa.array(hit, mask=np.isnan(p))

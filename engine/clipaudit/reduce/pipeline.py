@@ -22,6 +22,9 @@ from pydantic import BaseModel
 from ..attacks.registry import get, scores
 from ..io.outputs import OutputLayout, atomic_write_json, atomic_write_table
 from ..io.schemas import load_schema
+from .attackers import LearnedScores, score_candidates
+from .attackers import load as load_attackers
+from .attackers import save as save_attackers
 from .conformal import METHOD, write_sample_pvalues
 from .evaluation import evaluation_tables, evaluate
 from .identities import connect, identity_level
@@ -41,6 +44,7 @@ class ReduceOptions:
     target_fpr: float = 0.01
     names: Path | None = None
     seed: int = 0  # the job seed: random draws of the reduce step derive from it
+    attackers: Path | None = None  # another audit's folder: apply its fitted attackers instead of fitting here
 
     def __post_init__(self) -> None:
         given = dict.fromkeys(self.attacks) if not isinstance(self.attacks, Mapping) else dict(self.attacks)
@@ -83,7 +87,8 @@ def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
     atomic_write_table(layout.identities, ident.table)
     result = ReduceResult(ident.table, written=[layout.identities])
     log.info("%d identities in %.1f s", ident.table.num_rows, time.perf_counter() - t0)
-    result.calibration = _calibrate(layout, opts, controls, ident.calibration, ident.table)
+    learned = _learned_scores(layout, opts, labels)
+    result.calibration = _calibrate(layout, opts, controls, ident.calibration, ident.table, learned)
     if result.calibration is not None:
         result.written.append(layout.calibration)
     if labels is None:
@@ -104,21 +109,39 @@ def _audited_shards(layout: OutputLayout) -> list[str]:
         con.close()
 
 
+def _learned_scores(layout: OutputLayout, opts: ReduceOptions, labels: Labels | None) -> LearnedScores:
+    """Learned attackers' scores for every ok sample: fitted on the labels (and saved under
+    attackers/), or applied from ``opts.attackers``; stale attackers go when there are no labels."""
+    t0 = time.perf_counter()
+    if opts.attackers is not None:
+        learned = score_candidates(layout, opts.enabled, None, load_attackers(Path(opts.attackers) / "attackers"))
+        log.info("applied %d attacker(s) from %s in %.1f s", len(learned.names), opts.attackers,
+                 time.perf_counter() - t0)
+        return learned
+    learned = score_candidates(layout, opts.enabled, labels, seed=opts.seed)
+    if learned.fitted:
+        save_attackers(learned.fitted, layout.attackers_dir)
+        log.info("fitted %d attacker(s) on the labels in %.1f s", len(learned.fitted), time.perf_counter() - t0)
+    else:
+        shutil.rmtree(layout.attackers_dir, ignore_errors=True)
+    return learned
+
+
 def _calibrate(layout: OutputLayout, opts: ReduceOptions, controls: Controls, identity: dict[str, Any],
-               identities: pa.Table) -> dict[str, Any] | None:
-    """calibration.json and sample_scores/ from the controls; removes stale ones without."""
-    if not controls:
-        layout.calibration.unlink(missing_ok=True)
-        shutil.rmtree(layout.sample_scores_dir, ignore_errors=True)
-        return None
+               identities: pa.Table, learned: LearnedScores) -> dict[str, Any] | None:
+    """sample_scores/ (with controls or learned scores) and calibration.json (with controls);
+    removes stale ones without."""
     t0 = time.perf_counter()
     image_scores = [s.name for s in scores(opts.enabled, "image")]
-    if image_scores:
-        image = write_sample_pvalues(layout, image_scores, controls, opts.target_fpr,
-                                     load_schema("sample_scores", opts.enabled))
-    else:  # nothing to calibrate per image (e.g. an identity-level job)
+    if (controls and image_scores) or learned.names:
+        image = write_sample_pvalues(layout, image_scores if controls else [], controls, opts.target_fpr,
+                                     load_schema("sample_scores", opts.enabled), learned.by_part)
+    else:  # nothing to write per image (no controls and no learned scores, or an identity-level job)
         shutil.rmtree(layout.sample_scores_dir, ignore_errors=True)
         image = {}
+    if not controls:
+        layout.calibration.unlink(missing_ok=True)
+        return None
     seen = set(identities.column("identity").to_pylist())
     calibration: dict[str, Any] = {
         "target_fpr": opts.target_fpr,

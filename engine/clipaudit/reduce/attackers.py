@@ -1,0 +1,218 @@
+"""Learned attackers that score every candidate, saved so another audit can apply them.
+
+For each attack with a feature vector and each of its learned variants, a logistic attacker
+is fitted on the labelled images — an image row of the labels file gives its own label, else
+the image inherits its identity's label — with folds by identity. Every ok sample then gets
+a score: out-of-fold for the images it was fitted on, from the model fitted on all labelled
+images for the others. The fitted models are written to ``attackers/<attack>_<variant>.json``
+as plain arrays (nothing that can run code on load), so ``clipaudit reduce OUT --attackers
+OTHER`` can score this audit with attackers fitted on another one — the shadow-model
+workflow: fit where membership is known (a shadow model, a labelled calibration set), apply
+where it is not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..attacks.registry import Attack, Learned, registered
+from .learned import LogisticModel, crossfit_folds, fit_logistic
+
+if TYPE_CHECKING:
+    from .labels import Labels
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+FOLDS = 5
+
+
+class AttackerError(ValueError):
+    """Saved attackers that cannot be read or do not fit this audit's features."""
+
+
+@dataclass
+class Attacker:
+    """One fitted attacker: which attack and variant, and the logistic model's arrays."""
+
+    attack: str
+    variant: str
+    features_version: int
+    model: LogisticModel
+    fitted_on: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.attack}_{self.variant}"
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.model
+        return {"format": FORMAT, "attack": self.attack, "variant": self.variant,
+                "features_version": self.features_version, "fitted_on": self.fitted_on,
+                "model": {"impute": m.impute.tolist(), "mean": m.mean.tolist(), "std": m.std.tolist(),
+                          "coef": m.coef.tolist(), "intercept": m.intercept, "l2": m.l2, "n_iter": m.n_iter,
+                          "converged": m.converged}}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any], source: str) -> "Attacker":
+        if doc.get("format") != FORMAT:
+            raise AttackerError(f"{source}: attacker format {doc.get('format')!r}, this clipaudit reads {FORMAT}")
+        m = doc["model"]
+        arr = {k: np.asarray(m[k], dtype=np.float64) for k in ("impute", "mean", "std", "coef")}
+        model = LogisticModel(impute=arr["impute"], mean=arr["mean"], std=arr["std"], coef=arr["coef"],
+                              intercept=float(m["intercept"]), l2=float(m["l2"]), n_iter=int(m["n_iter"]),
+                              converged=bool(m["converged"]))
+        return cls(doc["attack"], doc["variant"], int(doc["features_version"]), model, doc.get("fitted_on", {}))
+
+
+def variants(enabled: tuple[str, ...]) -> list[tuple[Attack, Learned]]:
+    """(attack, learned variant) pairs of the enabled attacks that have a feature vector."""
+    return [(a, v) for a in registered() if a.name in enabled and a.features for v in a.learned]
+
+
+def image_labels(identities: list[str | None], shards: list[str], keys: list[str | None],
+                 labels: "Labels | None") -> np.ndarray:
+    """Per image: 1 member, 0 non-member, -1 unlabelled (image rows first, then the identity's)."""
+    out = np.full(len(keys), -1, dtype=np.int8)
+    if labels is None:
+        return out
+    for i, (ident, shard, key) in enumerate(zip(identities, shards, keys)):
+        m = labels.images.get((shard, key))
+        if m is None:
+            m = labels.identities.get(ident) if ident is not None else None
+        if m is not None:
+            out[i] = int(m)
+    return out
+
+
+def fit_and_score(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0
+                  ) -> tuple[np.ndarray, LogisticModel] | None:
+    """Scores for every row (out-of-fold where labelled) and the model fitted on all labelled
+    rows; None when the labelled rows cannot be cross-fitted (one class, fewer than 2 groups)."""
+    have = (y >= 0) & ~np.all(np.isnan(X), axis=1)
+    yl = y[have].astype(bool)
+    if have.sum() < 4 or yl.all() or not yl.any() or len(np.unique(groups[have])) < 2:
+        return None
+    scores = np.full(len(y), np.nan)
+    folds = crossfit_folds(yl, groups[have], folds=FOLDS, seed=seed)
+    Xl = X[have]
+    oof = np.full(len(yl), np.nan)
+    for f in np.unique(folds):
+        test = folds == f
+        train_y = yl[~test]
+        if train_y.all() or not train_y.any():
+            oof[test] = float(train_y.mean())
+        else:
+            oof[test] = fit_logistic(Xl[~test], train_y).predict_proba(Xl[test])
+    scores[have] = oof
+    model = fit_logistic(Xl, yl)
+    rest = ~have & ~np.all(np.isnan(X), axis=1)
+    if rest.any():
+        scores[rest] = model.predict_proba(X[rest])
+    return scores, model
+
+
+def save(attackers: list[Attacker], folder: Path) -> None:
+    from ..io.outputs import atomic_write_json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    keep = {f"{a.name}.json" for a in attackers}
+    for a in attackers:
+        atomic_write_json(folder / f"{a.name}.json", a.to_json())
+    for stale in folder.glob("*.json"):
+        if stale.name not in keep:
+            stale.unlink()
+
+
+def load(folder: Path) -> list[Attacker]:
+    """The attackers saved under an audit's ``attackers/`` (JSON only; nothing is executed)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} holds no fitted attackers (run a labelled audit there first)")
+    out = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            out.append(Attacker.from_json(json.loads(path.read_text()), str(path)))
+        except AttackerError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise AttackerError(f"attackers: {path} is not a clipaudit attacker: {e}") from None
+    if not out:
+        raise FileNotFoundError(f"{folder} holds no fitted attackers")
+    return out
+
+
+@dataclass
+class LearnedScores:
+    """Per ``samples/`` part file name and score name (``<attack>_<variant>``): the scores of
+    its ok rows in file order; and the attackers that were fitted here (to be saved)."""
+
+    by_part: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    fitted: list[Attacker] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+
+
+def score_candidates(layout, enabled: tuple[str, ...], labels: "Labels | None",
+                     apply: list[Attacker] | None = None, seed: int = 0) -> LearnedScores:
+    """Score every ok sample with every learned variant: fitted here on ``labels`` (out-of-fold
+    where labelled), or the ``apply`` attackers fitted on another audit. Reads the ok rows'
+    feature vectors of all parts (memory grows with the audit: a 10^7-image audit needs the
+    features of all its images at once)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from .evaluation import feature_matrix
+
+    pairs = variants(enabled)
+    out = LearnedScores()
+    if not pairs or (labels is None and not apply):
+        return out
+    parts = sorted(layout.samples_dir.glob("*.parquet"))
+    feature_cols = sorted({a.features for a, _ in pairs})
+    tables, sizes = [], []
+    for part in parts:
+        t = pq.read_table(part, columns=["shard", "key", "identity", "status", *feature_cols])
+        t = t.filter(pc.equal(t["status"], "ok"))
+        tables.append(t)
+        sizes.append(t.num_rows)
+    if not sum(sizes):
+        return out
+    table = pa.concat_tables(tables)
+    identities = table.column("identity").to_pylist()
+    groups = np.unique(np.array([i or "" for i in identities], dtype=object), return_inverse=True)[1]
+    y = image_labels(identities, table.column("shard").to_pylist(), table.column("key").to_pylist(), labels)
+    given = {a.name: a for a in apply or []}
+    bounds = np.cumsum([0, *sizes])
+    for attack, variant in pairs:
+        name = f"{attack.name}_{variant.name}"
+        X = variant.prepare(feature_matrix(table.column(attack.features)))
+        missing = np.all(np.isnan(X), axis=1)
+        if apply is not None:
+            if name not in given:
+                continue
+            att = given[name]
+            if att.features_version != attack.features_version or att.model.n_features != X.shape[1]:
+                raise AttackerError(f"attackers: {name} was fitted on other features (version {att.features_version}, "
+                                 f"{att.model.n_features} values) than this audit has (version "
+                                 f"{attack.features_version}, {X.shape[1]} values)")
+            scores = np.full(len(X), np.nan)
+            scores[~missing] = att.model.predict_proba(X[~missing])
+        else:
+            fitted = fit_and_score(X, y, groups, seed)
+            if fitted is None:
+                continue
+            scores, model = fitted
+            lab = y >= 0
+            out.fitted.append(Attacker(attack.name, variant.name, attack.features_version, model, {
+                "images": int(lab.sum()), "members": int((y == 1).sum()), "nonmembers": int((y == 0).sum()),
+                "identities": int(len(np.unique(groups[lab])))}))
+        out.names.append(name)
+        for part, lo, hi in zip(parts, bounds[:-1], bounds[1:]):
+            out.by_part.setdefault(part.name, {})[name] = scores[lo:hi]
+    return out

@@ -1,0 +1,83 @@
+"""Learned attackers score every candidate, are saved without pickle, and apply across audits."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from clipaudit.reduce.attackers import Attacker, AttackerError, fit_and_score, load, save
+from clipaudit.reduce.learned import fit_logistic
+
+
+def test_labelled_rows_get_out_of_fold_scores_and_the_rest_the_full_model():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(30), 4)
+    y = np.where(groups < 10, 1, np.where(groups < 20, 0, -1)).astype(np.int8)  # 10 unlabelled identities
+    X = rng.normal(size=(120, 3)) + (groups < 10)[:, None] * 1.5
+    scores, model = fit_and_score(X, y, groups)
+    assert not np.isnan(scores).any()
+    rest = y < 0
+    assert np.allclose(scores[rest], model.predict_proba(X[rest]))
+    labelled = ~rest
+    assert not np.allclose(scores[labelled], model.predict_proba(X[labelled]))  # out-of-fold, not in-sample
+    assert fit_and_score(X, np.where(y == 0, 1, y).astype(np.int8), groups) is None  # one class only
+
+
+def test_saved_attackers_are_plain_json_and_predict_the_same(tmp_path):
+    rng = np.random.default_rng(1)
+    X, y = rng.normal(size=(50, 4)), rng.random(50) < 0.5
+    X[3, 1] = np.nan
+    a = Attacker("encodermi", "learned", 1, fit_logistic(X, y), {"images": 50})
+    save([a], tmp_path / "attackers")
+    doc = json.loads((tmp_path / "attackers" / "encodermi_learned.json").read_text())  # readable without clipaudit
+    z = (np.where(np.isnan(X), doc["model"]["impute"], X) - doc["model"]["mean"]) / doc["model"]["std"]
+    by_hand = 1 / (1 + np.exp(-(z @ doc["model"]["coef"] + doc["model"]["intercept"])))
+    (back,) = load(tmp_path / "attackers")
+    assert np.allclose(back.model.predict_proba(X), by_hand) and back.name == "encodermi_learned"
+    (tmp_path / "attackers" / "encodermi_learned.json").write_text('{"format": 99}')
+    with pytest.raises(AttackerError, match="format 99"):
+        load(tmp_path / "attackers")
+
+
+@pytest.mark.slow
+def test_every_candidate_gets_learned_scores_and_another_audit_applies_them(canary_lab, tmp_path, capsys):
+    """Fit on the labelled audit of the trained model; apply to the audit of the untrained one
+    (the shadow workflow: fit where membership is known, apply where it is not)."""
+    import yaml
+
+    from clipaudit.cli import main
+
+    def job(src, out, labels=True):
+        raw = yaml.safe_load(src.read_text())
+        raw.update(output=str(out), attacks={"mim": {}, "encodermi": {"views": 4}},
+                   compute={"executor": "local", "batch_size": 32})
+        if not labels:
+            raw.pop("labels")
+        path = src.with_name(f"job-attackers-{out.name}.yaml")
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    fit_on, apply_to = tmp_path / "fit", tmp_path / "apply"
+    assert main(["run", str(job(canary_lab.job, fit_on)), "--no-progress"]) == 0
+    assert main(["run", str(job(canary_lab.job_untrained, apply_to, labels=False)), "--no-progress"]) == 0
+    names = {"encodermi_learned", "encodermi_learned_set", "mim_learned"}
+    assert {p.stem for p in (fit_on / "attackers").glob("*.json")} == names
+    assert not (apply_to / "attackers").exists() and not (apply_to / "sample_scores").exists()
+
+    ok = sum(r["status"] == "ok" for r in pq.read_table(fit_on / "samples", columns=["status"]).to_pylist())
+    rows = pq.read_table(fit_on / "sample_scores").to_pylist()
+    assert len(rows) == ok and all(r[f"{n}_score"] is not None for r in rows for n in names)
+
+    capsys.readouterr()
+    assert main(["reduce", str(apply_to), "--attackers", str(fit_on)]) == 0
+    applied = pq.read_table(apply_to / "sample_scores").to_pylist()
+    assert len(applied) == ok and all(r["mim_learned_score"] is not None for r in applied)
+    # the applied scores are the saved model on this audit's own features, computed by hand
+    doc = json.loads((fit_on / "attackers" / "mim_learned.json").read_text())["model"]
+    feats = {(r["shard"], r["position"]): r["mim_features"]
+             for r in pq.read_table(apply_to / "samples", columns=["shard", "position", "mim_features"]).to_pylist()}
+    X = np.array([feats[(r["shard"], r["position"])] for r in applied], dtype=float)
+    z = (X - doc["mean"]) / doc["std"] @ doc["coef"] + doc["intercept"]
+    assert np.allclose([r["mim_learned_score"] for r in applied], 1 / (1 + np.exp(-z)))
+    assert main(["reduce", str(apply_to), "--attackers", str(tmp_path)]) == 2  # no attackers/ there
