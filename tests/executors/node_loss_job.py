@@ -41,7 +41,8 @@ def main(job: str, output: str, report_path: str) -> None:
         deadline = time.time() + 300
         while time.time() < deadline:
             markers = list(samples.glob("_*.done.json")) if samples.is_dir() else []
-            writing = list(samples.glob(".*.tmp-*")) if samples.is_dir() else []
+            # part temp files only: a marker's temp file (fsynced, so it lives a while) is not a shard in flight
+            writing = list(samples.glob(".*.parquet.tmp-*")) if samples.is_dir() else []
             if markers and len(writing) == 2:  # a shard finished and both actors are mid-shard
                 cluster.remove_node(workers[1], allow_graceful=False)
                 event.update(markers_before=len(markers), writing=len(writing), at=time.time())

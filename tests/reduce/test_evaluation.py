@@ -180,3 +180,18 @@ def test_caption_only_shift_is_caught_by_the_text_baseline_not_by_image_statisti
     fits = blind_scores(table.features[BASELINE], None, table.labels, table.groups, refits=3)
     alone = membership_metrics(fits[0], table.labels, groups=table.groups, score_sets=fits)
     assert alone["auc_ci"][0] <= SHIFT_FLOOR, alone  # the images alone do not reveal the shift
+
+
+def test_reduce_is_reproducible(iid):
+    """The same outputs give the same metrics.json, byte for byte (row order is fixed before
+    anything that draws folds or resamples)."""
+    from clipaudit.io.outputs import OutputLayout
+    from clipaudit.reduce import reduce_outputs
+    from clipaudit.runner import reduce_options
+
+    lab, trained, _ = iid
+    layout = OutputLayout(trained.layout.root)
+    opts = reduce_options(load_spec(lab.job))
+    first = (reduce_outputs(layout, opts), layout.metrics.read_bytes())
+    second = (reduce_outputs(layout, opts), layout.metrics.read_bytes())
+    assert first[1] == second[1]

@@ -170,7 +170,7 @@ def identity_table(con: duckdb.DuckDBPyConnection, identities: pa.Table, opts: "
     con.register("labelled_names", pa.table({"identity": names}))
     feats = _feature_columns(opts)
     per_image = con.sql(f"SELECT identity, {', '.join(feats.values())}, caption FROM ok WHERE identity IN "
-                        "(SELECT identity FROM labelled_names)").to_arrow_table()
+                        "(SELECT identity FROM labelled_names) ORDER BY identity, shard, position").to_arrow_table()
     features = {}
     index = {n: i for i, n in enumerate(names)}
     rows_of = np.array([index[x] for x in per_image.column("identity").to_pylist()], dtype=np.int64)
@@ -202,6 +202,7 @@ def image_table(con: duckdb.DuckDBPyConnection, labels: Labels, opts: "ReduceOpt
     data = con.sql(f"""
         SELECT ok.identity, l.member, {cols} FROM ok JOIN image_labels l
         ON l.key = ok.key AND l.shard = ok.shard
+        ORDER BY ok.shard, ok.position  -- a fixed order: folds and resamples depend on it
     """).to_arrow_table()
     if not data.num_rows:
         log.warning("labels: no image row matched a sample (rows match by shard and key)")
