@@ -170,6 +170,10 @@ def test_reduce_cli_recomputes_with_new_tau_without_the_model(job, capsys, monke
     assert "changes the map step" in capsys.readouterr().err
     assert main(["reduce", str(spec.output), "--set", "partcrop.crops=3"]) == 2  # not enabled in this job
     assert "is not enabled" in capsys.readouterr().err
+    assert main(["reduce", str(spec.output), "--set", "idia.draws=: x"]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert main(["reduce", str(spec.output), "--set", "idia.foo=1"]) == 2
+    assert "has no parameter 'foo'" in capsys.readouterr().err
     unchanged = {r["identity"]: r for r in pq.read_table(spec.output / "identities.parquet").to_pylist()}
     assert unchanged == after
 

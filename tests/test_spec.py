@@ -98,8 +98,9 @@ def test_map_hash_ignores_reduce_only_settings(files):
     a = _load(files, GOOD)
     b = _load(files, GOOD.replace("tau: 2", "tau: 3"))
     c = _load(files, GOOD.replace("top_k: 5", "top_k: 6"))
-    d = _load(files, GOOD + "calibration: {controls: labels.csv, target_fpr: 0.05}\n")
-    assert d.calibration.controls == files / "labels.csv"
+    (files / "controls.csv").write_text("identity\nBo Lin\n")
+    d = _load(files, GOOD + "calibration: {controls: controls.csv, target_fpr: 0.05}\n")
+    assert d.calibration.controls == files / "controls.csv"
     assert a.map_hash() == b.map_hash() == d.map_hash()
     assert a.map_hash() != c.map_hash()
 
@@ -129,3 +130,15 @@ def test_shard_timeout_is_a_compute_setting_outside_the_map_hash(files):
     assert a.map_hash() == b.map_hash()  # compute settings never change results: resuming is allowed
     with pytest.raises(SpecError, match="compute.shard_timeout_s"):
         _load(files, GOOD + "compute: {shard_timeout_s: 0}\n")
+
+
+@pytest.mark.parametrize("old,new,needle", [
+    ("output: out/a", "output: out/a\nseed: -1", "seed"),
+    ("output: out/a", "output: out/a\ncompute: {device: gpu}", "compute.device"),
+    ("labels: labels.csv", "labels: bad.csv", "labels: none of the 1 image rows names an audited shard"),
+])
+def test_values_that_would_fail_late_are_refused_up_front(files, old, new, needle):
+    (files / "bad.csv").write_text("shard,key,member\n/elsewhere/00000.tar,k,true\n")
+    with pytest.raises(SpecError) as e:
+        _load(files, GOOD.replace(old, new))
+    assert needle in str(e.value)

@@ -101,12 +101,19 @@ def _reduce_overrides(opts, settings: list[str]):
             raise UserError(f"--set {setting!r}: attack {name!r} is not enabled in this audit "
                             f"(enabled: {', '.join(params) or 'none'})")
         attack = get(name)
+        if key not in attack.params.model_fields:
+            raise UserError(f"--set {setting!r}: {name} has no parameter {key!r} "
+                            f"(parameters: {', '.join(attack.params.model_fields)})")
         if key not in attack.reduce_only:
             allowed = ", ".join(sorted(attack.reduce_only)) or "none"
             raise UserError(f"--set {setting!r}: {name}.{key} changes the map step (rerun with `clipaudit run`); "
                             f"reduce-only parameters of {name}: {allowed}")
         try:
-            params[name] = attack.params.model_validate({**params[name].model_dump(), key: yaml.safe_load(value)})
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(f"--set {setting!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+        try:
+            params[name] = attack.params.model_validate({**params[name].model_dump(), key: parsed})
         except ValidationError as e:
             msg = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
             raise UserError(f"--set {setting!r}: attacks.{name}.{msg}") from None

@@ -17,7 +17,7 @@ from .executors.base import MapResult
 from .executors.factory import make_executor
 from .io.outputs import OutputLayout, atomic_write_json
 from .reduce import ReduceOptions, reduce_outputs
-from .spec import JobSpec, detect_device_type, sha256_file
+from .spec import JobSpec, detect_device_type, sha256_file, spec_from_json
 
 log = logging.getLogger(__name__)
 
@@ -201,4 +201,4 @@ def saved_spec(layout: OutputLayout) -> JobSpec:
     """The spec an output folder was produced with (for ``clipaudit reduce``)."""
     if not layout.job_state.is_file():
         raise FileNotFoundError(f"{layout.root} is not a clipaudit output folder (no {layout.job_state.name})")
-    return JobSpec.model_validate(json.loads(layout.job_state.read_text())["spec"])
+    return spec_from_json(json.loads(layout.job_state.read_text())["spec"], str(layout.job_state))

@@ -119,7 +119,7 @@ class ComputeSpec(_Strict):
     workers: int | None = Field(None, ge=1, description="map actors; default: one per GPU, else 2")
     cpus_per_worker: float = Field(0.5, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda | cuda:N")
     batch_size: int = Field(128, ge=1)
     decode_threads: int = Field(2, ge=1)
     max_retries: int = Field(3, ge=0, description="attempts per shard after the first")
@@ -173,7 +173,7 @@ class JobSpec(_Strict):
                                           "the job file) or module names; each registers its attack(s)")
     attacks: SerializeAsAny[AttacksSpec] = Field(default_factory=default_attacks)
     compute: ComputeSpec = Field(default_factory=ComputeSpec)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63, description="per-sample randomness and the reduce step's draws derive from it")
     store_embeddings: bool = Field(True, description="write image embeddings (biometric data) under embeddings/")
     output: Path
 
@@ -384,6 +384,24 @@ def _check_files(spec: JobSpec) -> None:
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise SpecError(f"data.shards: file not found: {missing[0]}{more}")
+    from .reduce.labels import LabelsError, ShardMatcher, read_controls, read_labels
+
+    matcher = ShardMatcher(shards)
+    try:  # read now, so --dry-run finds a bad row or an ambiguous shard before any mapping
+        if spec.labels is not None:
+            read_labels(spec.labels).matched(matcher)
+        if spec.calibration.controls is not None:
+            read_controls(spec.calibration.controls).matched(matcher)
+    except LabelsError as e:
+        raise SpecError(str(e)) from None
+
+
+def spec_from_json(data: dict[str, Any], source: str) -> JobSpec:
+    """A spec saved by an earlier run (``_job.json``), validated again (its plugins imported)."""
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_validation_error(e, source)) from None
 
 
 def load_spec(path: str | Path) -> JobSpec:

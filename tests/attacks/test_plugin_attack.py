@@ -66,9 +66,14 @@ def test_plugin_scores_reach_identities_metrics_and_report(plugin_run, canary_la
     scores = pq.read_table(plugin_run / "sample_scores")
     assert "brightness_pvalue" in scores.column_names
 
-    capsys.readouterr()
-    assert main(["report", str(plugin_run)]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    import subprocess
+    import sys
+
+    # a fresh process, which has never imported the plugin: the report loads the job's plugins itself
+    p = subprocess.run([sys.executable, "-m", "clipaudit.cli", "report", str(plugin_run)], capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
     assert any(line.startswith("brightness ") for line in lines)
     assert any(line.startswith("  brightness (learned)") for line in lines)
 

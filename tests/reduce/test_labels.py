@@ -21,14 +21,32 @@ def test_matcher_takes_paths_urls_and_only_unambiguous_file_names(tmp_path):
         m.match("00000.tar", "labels")
 
 
-def test_relative_shard_paths_resolve_against_the_files_folder(tmp_path):
+def test_relative_shard_paths_resolve_against_the_files_folder_or_as_the_job_lists_them(tmp_path):
+    m = ShardMatcher([str(tmp_path / "data" / "cands" / "00000.tar"), str(tmp_path / "other" / "00000.tar")])
     (tmp_path / "meta").mkdir()
     f = tmp_path / "meta" / "labels.csv"
-    f.write_text("shard,key,member\n../members/00000.tar,k1,true\n")
-    assert read_labels(f).images == {(str(tmp_path / "meta" / ".." / "members" / "00000.tar"), "k1"): True}
+    f.write_text("shard,key,member\n../data/cands/00000.tar,k1,true\ndata/cands/00000.tar,k2,false\n")
+    labels = read_labels(f).matched(m)  # against the CSV's folder; then as the job file lists it
+    assert labels.images == {(str(tmp_path / "data" / "cands" / "00000.tar"), "k1"): True,
+                             (str(tmp_path / "data" / "cands" / "00000.tar"), "k2"): False}
     c = tmp_path / "meta" / "controls.csv"
-    c.write_text("shard,key\n../nonmembers/00000.tar,k1\n")
-    assert read_controls(c).images == {(str(tmp_path / "meta" / ".." / "nonmembers" / "00000.tar"), "k1")}
+    c.write_text("shard,key\nfile://" + str(tmp_path / "other" / "00000.tar") + ",k1\n")
+    assert read_controls(c).matched(m).images == {(str(tmp_path / "other" / "00000.tar"), "k1")}
+
+
+def test_label_files_that_contradict_or_match_nothing_are_errors(tmp_path):
+    f = tmp_path / "l.csv"
+    f.write_text("identity,member\nAnn,true\nAnn,false\n")
+    with pytest.raises(LabelsError, match="line 3: 'Ann' is labelled both member and non-member"):
+        read_labels(f)
+    f.write_text("shard,key,member\n/elsewhere/00000.tar,k,true\n")
+    with pytest.raises(LabelsError, match="none of the 1 image rows names an audited shard"):
+        read_labels(f).matched(ShardMatcher(["/d/00000.tar"]))
+    f.write_bytes("\ufeffidentity,member\nAnn,true\n".encode())  # Excel's "CSV UTF-8" (a byte-order mark)
+    assert read_labels(f).identities == {"Ann": True}
+    f.write_bytes("identity,member\nJos\xe9,true\n".encode("latin-1"))
+    with pytest.raises(LabelsError, match="is not UTF-8"):
+        read_labels(f)
 
 
 @pytest.fixture

@@ -264,6 +264,10 @@ def analyse(inp: AnalysisInput) -> IdentityAnalysis:
         if k_head is None:
             metrics["k_note"] += _imbalance(names, counts, labels)
     column = dict(zip(names, mean_scores[k_head].tolist())) if k_head else {}
+    if k_head and all(v != v for v in column.values()):  # headline_k that nobody reaches: say so, use all images
+        metrics.update(k=None, k_note=f"headline_k = {k_head}: no identity has that many images; the headline "
+                                      "compares identities by all their images, whatever their number")
+        column = {}
     return IdentityAnalysis({"idia_score_at_k": {n: (None if v != v else v) for n, v in column.items()}}, metrics)
 
 

@@ -145,6 +145,20 @@ _PLUGIN_ATTACKS: dict[str, tuple[str, ...]] = {}  # plugin reference → the att
 _VERSION = [0]  # bumped on every registration (cached spec models and schemas are rebuilt)
 
 
+#: names the engine itself uses beside the attacks' (metrics keys, feature keys)
+RESERVED = frozenset({"baseline", "baseline_text", "distribution_shift_warning", "shift_rule", "identity", "status"})
+
+
+def _all_columns(a: Attack) -> set[str]:
+    """Every column an attack's registration puts in any output table (its own and derived)."""
+    out = {c.name for c in a.columns + a.identity_columns}
+    for s in a.scores:
+        out |= {f"{s.name}_score", f"{s.name}_pvalue", f"{s.name}_flag"}
+    for v in a.learned if a.features else ():
+        out |= {f"{a.name}_{v.name}_{x}" for x in ("score", "pvalue", "flag")}
+    return out
+
+
 def register(attack: Attack) -> Attack:
     """Add an attack; its name and every column it owns must be new."""
     if not re.fullmatch(r"[a-z][a-z0-9_]*", attack.name):
@@ -154,12 +168,15 @@ def register(attack: Attack) -> Attack:
         if old == attack:
             return old  # the same declaration imported twice
         raise RegistryError(f"an attack named {attack.name!r} is already registered")
-    owned = {c.name for a in _REGISTRY.values() for c in a.columns + a.identity_columns}
+    if attack.name in RESERVED:
+        raise RegistryError(f"attack name {attack.name!r} is reserved (used by the engine's own outputs)")
+    owned = {c for a in _REGISTRY.values() for c in _all_columns(a)}
     for c in attack.columns + attack.identity_columns:
         if not c.name.startswith(attack.name + "_"):
             raise RegistryError(f"attack {attack.name!r}: column {c.name!r} must start with {attack.name + '_'!r}")
-        if c.name in owned:
-            raise RegistryError(f"attack {attack.name!r}: column {c.name!r} is already owned by another attack")
+    clash = sorted(_all_columns(attack) & owned)
+    if clash:
+        raise RegistryError(f"attack {attack.name!r}: column {clash[0]!r} is already owned by another attack")
     for s in attack.scores:
         if not s.name.startswith(attack.name):
             raise RegistryError(f"attack {attack.name!r}: score {s.name!r} must start with {attack.name!r}")

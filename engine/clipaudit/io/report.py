@@ -100,6 +100,10 @@ def report_folder(root: Path, out=None) -> None:
     layout = OutputLayout(root)
     if not layout.summary.is_file():
         raise FileNotFoundError(f"{root} is not a clipaudit output folder (no {layout.summary.name})")
+    if layout.job_state.is_file():  # imports the job's attack plugins, so their lines are printed too
+        from ..runner import saved_spec
+
+        saved_spec(layout)
     if layout.manifest.is_file():
         m = json.loads(layout.manifest.read_text())
         sha = (m["model"].get("checkpoint_sha256") or "-")[:16]

@@ -46,6 +46,7 @@ class Attacker:
     features_version: int
     model: LogisticModel
     fitted_on: dict[str, int] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)  # the attack's map-side parameters its features came from
 
     @property
     def name(self) -> str:
@@ -54,7 +55,7 @@ class Attacker:
     def to_json(self) -> dict[str, Any]:
         m = self.model
         return {"format": FORMAT, "attack": self.attack, "variant": self.variant,
-                "features_version": self.features_version, "fitted_on": self.fitted_on,
+                "features_version": self.features_version, "params": self.params, "fitted_on": self.fitted_on,
                 "model": {"impute": m.impute.tolist(), "mean": m.mean.tolist(), "std": m.std.tolist(),
                           "coef": m.coef.tolist(), "intercept": m.intercept, "l2": m.l2, "n_iter": m.n_iter,
                           "converged": m.converged}}
@@ -68,7 +69,8 @@ class Attacker:
         model = LogisticModel(impute=arr["impute"], mean=arr["mean"], std=arr["std"], coef=arr["coef"],
                               intercept=float(m["intercept"]), l2=float(m["l2"]), n_iter=int(m["n_iter"]),
                               converged=bool(m["converged"]))
-        return cls(doc["attack"], doc["variant"], int(doc["features_version"]), model, doc.get("fitted_on", {}))
+        return cls(doc["attack"], doc["variant"], int(doc["features_version"]), model, doc.get("fitted_on", {}),
+                   doc.get("params", {}))
 
 
 def variants(enabled: tuple[str, ...]) -> list[tuple[Attack, Learned]]:
@@ -157,7 +159,7 @@ class LearnedScores:
     names: list[str] = field(default_factory=list)
 
 
-def score_candidates(layout, enabled: tuple[str, ...], labels: "Labels | None",
+def score_candidates(layout, params: dict[str, Any], labels: "Labels | None",
                      apply: list[Attacker] | None = None, seed: int = 0) -> LearnedScores:
     """Score every ok sample with every learned variant: fitted here on ``labels`` (out-of-fold
     where labelled), or the ``apply`` attackers fitted on another audit. Reads the ok rows'
@@ -169,7 +171,7 @@ def score_candidates(layout, enabled: tuple[str, ...], labels: "Labels | None",
 
     from .evaluation import feature_matrix
 
-    pairs = variants(enabled)
+    pairs = variants(tuple(params))
     out = LearnedScores()
     if not pairs or (labels is None and not apply):
         return out
@@ -197,10 +199,12 @@ def score_candidates(layout, enabled: tuple[str, ...], labels: "Labels | None",
             if name not in given:
                 continue
             att = given[name]
-            if att.features_version != attack.features_version or att.model.n_features != X.shape[1]:
+            here = attack.map_fingerprint(params[attack.name])
+            if att.features_version != attack.features_version or att.model.n_features != X.shape[1] \
+                    or att.params != here:
                 raise AttackerError(f"attackers: {name} was fitted on other features (version {att.features_version}, "
-                                 f"{att.model.n_features} values) than this audit has (version "
-                                 f"{attack.features_version}, {X.shape[1]} values)")
+                                    f"{att.model.n_features} values, parameters {att.params}) than this audit has "
+                                    f"(version {attack.features_version}, {X.shape[1]} values, parameters {here})")
             scores = np.full(len(X), np.nan)
             scores[~missing] = att.model.predict_proba(X[~missing])
         else:
@@ -211,7 +215,7 @@ def score_candidates(layout, enabled: tuple[str, ...], labels: "Labels | None",
             lab = y >= 0
             out.fitted.append(Attacker(attack.name, variant.name, attack.features_version, model, {
                 "images": int(lab.sum()), "members": int((y == 1).sum()), "nonmembers": int((y == 0).sum()),
-                "identities": int(len(np.unique(groups[lab])))}))
+                "identities": int(len(np.unique(groups[lab])))}, attack.map_fingerprint(params[attack.name])))
         out.names.append(name)
         for part, lo, hi in zip(parts, bounds[:-1], bounds[1:]):
             out.by_part.setdefault(part.name, {})[name] = scores[lo:hi]

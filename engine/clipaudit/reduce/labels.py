@@ -52,15 +52,28 @@ class ShardMatcher:
             self.exact[_normalise(s)] = s
             self.by_name[shard_file_name(s)].append(s)
 
-    def match(self, ref: str, what: str) -> str | None:
-        """The audited shard ``ref`` names, or None when it names none of them."""
-        hit = self.exact.get(_normalise(ref))
-        if hit is not None or is_url(ref) or re.search(r"[/\\]", ref):
+    def match(self, ref: str, what: str, base: Path | None = None) -> str | None:
+        """The audited shard ``ref`` names, or None when it names none of them.
+
+        A URL or an absolute path must be one of the audited shards. A relative path is tried
+        against ``base`` (the CSV's folder), then as the tail of an audited shard's path (so a
+        path as the job spec lists it, relative to the job file, works too). A bare file name
+        must be unambiguous among the audited shards."""
+        ref = ref.removeprefix("file://")
+        if is_url(ref) or os.path.isabs(ref):
+            return self.exact.get(_normalise(ref))
+        if not re.search(r"[/\\]", ref):
+            return self._unique(self.by_name.get(ref, []), ref, what)
+        if base is not None and (hit := self.exact.get(_normalise(str(base / ref)))) is not None:
             return hit
-        candidates = self.by_name.get(ref, [])
+        tail = os.sep + os.path.normpath(ref).lstrip(os.sep)
+        return self._unique([s for n, s in self.exact.items() if n.endswith(tail)], ref, what)
+
+    @staticmethod
+    def _unique(candidates: list[str], ref: str, what: str) -> str | None:
         if len(candidates) > 1:
-            raise LabelsError(f"{what}: shard {ref!r} is ambiguous: {len(candidates)} audited shards have that file "
-                              f"name (e.g. {candidates[0]} and {candidates[1]}); name it by its path")
+            raise LabelsError(f"{what}: shard {ref!r} is ambiguous: {len(candidates)} audited shards match it "
+                              f"(e.g. {candidates[0]} and {candidates[1]}); name it by its path")
         return candidates[0] if candidates else None
 
 
@@ -69,17 +82,25 @@ class Labels:
     identities: dict[str, bool] = field(default_factory=dict)
     images: dict[ImageKey, bool] = field(default_factory=dict)
     unmatched_images: int = 0  # image rows naming no audited shard (after :meth:`matched`)
+    base: Path | None = field(default=None, compare=False)  # the CSV's folder (relative shard paths)
 
     def matched(self, matcher: ShardMatcher, what: str = "labels") -> "Labels":
-        """The same labels with image rows keyed by the audited shard they name."""
+        """The same labels with image rows keyed by the audited shard they name; an error when
+        image rows exist and none names an audited shard (metrics would silently fall back to
+        the identity level)."""
         images: dict[ImageKey, bool] = {}
         unmatched = 0
         for (ref, key), member in self.images.items():
-            shard = matcher.match(ref, what)
+            shard = matcher.match(ref, what, self.base)
             if shard is None:
                 unmatched += 1
             elif images.setdefault((shard, key), member) != member:
                 raise LabelsError(f"{what}: image {key!r} of {shard} is labelled both member and non-member")
+        if self.images and not images:
+            ref = next(iter(self.images))[0]
+            raise LabelsError(f"{what}: none of the {len(self.images)} image rows names an audited shard (e.g. "
+                              f"{ref!r}); name shards by their path, as the job lists them, or by an unambiguous "
+                              "file name")
         return Labels(dict(self.identities), images, unmatched)
 
 
@@ -99,29 +120,36 @@ class Controls:
 
     def matched(self, matcher: ShardMatcher) -> "Controls":
         """The same controls with image rows keyed by the audited shard they name."""
-        images = {(s, k) for ref, k in self.images if (s := matcher.match(ref, "calibration.controls")) is not None}
+        base = Path(self.sources[0]).parent if self.sources else None
+        images = {(s, k) for ref, k in self.images
+                  if (s := matcher.match(ref, "calibration.controls", base)) is not None}
         return Controls(set(self.identities), images, list(self.sources))
 
 
 def _rows(path: Path, what: str, member_required: bool) -> Iterator[tuple[int, str | None, ImageKey | None, str | None]]:
-    """(line, identity, image key, raw member value) per non-empty row of a labels/controls CSV;
-    a shard given as a relative path is resolved against the CSV's folder."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        cols = set(reader.fieldnames or [])
-        has_units = {"identity"} <= cols or {"shard", "key"} <= cols
-        if not has_units or (member_required and "member" not in cols):
-            need = "identity,member and/or shard,key,member" if member_required else "identity and/or shard,key"
-            raise LabelsError(f"{what}: {path} needs a header with {need}")
-        for line_no, row in enumerate(reader, start=2):
-            shard, key = (row.get("shard") or "").strip(), (row.get("key") or "").strip()
-            ident = normalize_name(row.get("identity") or "")
-            if shard and key:
-                if re.search(r"[/\\]", shard) and not is_url(shard) and not os.path.isabs(shard):
-                    shard = str(Path(path).resolve().parent / shard)
-                yield line_no, None, (shard, key), row.get("member")
-            elif ident:
-                yield line_no, ident, None, row.get("member")
+    """(line, identity, image key as written, raw member value) per non-empty row of a
+    labels/controls CSV (UTF-8, with or without a byte-order mark)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            yield from _parse(csv.DictReader(f), path, what, member_required)
+    except UnicodeDecodeError as e:
+        raise LabelsError(f"{what}: {path} is not UTF-8 text ({e}); save it as UTF-8") from None
+
+
+def _parse(reader: csv.DictReader, path: Path, what: str, member_required: bool
+           ) -> Iterator[tuple[int, str | None, ImageKey | None, str | None]]:
+    cols = set(reader.fieldnames or [])
+    has_units = {"identity"} <= cols or {"shard", "key"} <= cols
+    if not has_units or (member_required and "member" not in cols):
+        need = "identity,member and/or shard,key,member" if member_required else "identity and/or shard,key"
+        raise LabelsError(f"{what}: {path} needs a header with {need}")
+    for line_no, row in enumerate(reader, start=2):
+        shard, key = (row.get("shard") or "").strip(), (row.get("key") or "").strip()
+        ident = normalize_name(row.get("identity") or "")
+        if shard and key:
+            yield line_no, None, (shard, key), row.get("member")
+        elif ident:
+            yield line_no, ident, None, row.get("member")
 
 
 def _member(value: str | None, what: str, path: Path, line_no: int) -> bool:
@@ -134,16 +162,15 @@ def _member(value: str | None, what: str, path: Path, line_no: int) -> bool:
 def read_labels(path: Path) -> Labels:
     """Identity rows (``identity,member``) and/or image rows (``shard,key,member``).
 
-    Image rows keep the shard as written (relative paths made absolute); :meth:`Labels.matched`
-    maps them to the audited shards.
+    Image rows keep the shard as written; :meth:`Labels.matched` maps them to the audited
+    shards. A unit labelled both member and non-member is an error.
     """
-    out = Labels()
+    out = Labels(base=Path(path).resolve().parent)
     for line_no, ident, image, member in _rows(path, "labels", member_required=True):
         m = _member(member, "labels", path, line_no)
-        if image is not None:
-            out.images[image] = m
-        else:
-            out.identities[ident] = m  # type: ignore[index]
+        unit, table = (image, out.images) if image is not None else (ident, out.identities)
+        if table.setdefault(unit, m) != m:  # type: ignore[arg-type]
+            raise LabelsError(f"labels: {path} line {line_no}: {unit!r} is labelled both member and non-member")
     return out
 
 

@@ -114,11 +114,11 @@ def _learned_scores(layout: OutputLayout, opts: ReduceOptions, labels: Labels | 
     attackers/), or applied from ``opts.attackers``; stale attackers go when there are no labels."""
     t0 = time.perf_counter()
     if opts.attackers is not None:
-        learned = score_candidates(layout, opts.enabled, None, load_attackers(Path(opts.attackers) / "attackers"))
+        learned = score_candidates(layout, dict(opts.attacks), None, load_attackers(Path(opts.attackers) / "attackers"))
         log.info("applied %d attacker(s) from %s in %.1f s", len(learned.names), opts.attackers,
                  time.perf_counter() - t0)
         return learned
-    learned = score_candidates(layout, opts.enabled, labels, seed=opts.seed)
+    learned = score_candidates(layout, dict(opts.attacks), labels, seed=opts.seed)
     if learned.fitted:
         save_attackers(learned.fitted, layout.attackers_dir)
         log.info("fitted %d attacker(s) on the labels in %.1f s", len(learned.fitted), time.perf_counter() - t0)
