@@ -1,4 +1,4 @@
-"""Learned attackers: L2 logistic regression and cross-fitting by group.
+"""Learned attackers: L2 logistic regression and cross-fitting by group (scikit-learn).
 
 Conventions follow :mod:`clipaudit.reduce.statistics`: a higher score means "more
 member-like" and members (label 1) are positives. Anything fitted on labelled rows is
@@ -6,7 +6,7 @@ evaluated only on held-out rows (cross-fitting), and all rows of one group (e.g.
 one person) always land in the same fold, so no group is ever split between fitting and
 evaluation.
 
-numpy only; every function is deterministic given its inputs (and ``seed``).
+Every function is deterministic given its inputs (and ``seed``).
 """
 
 from __future__ import annotations
@@ -138,23 +138,23 @@ class LogisticModel:
         return _sigmoid(self.decision_function(X))
 
 
-def _objective(Z: np.ndarray, y: np.ndarray, beta: np.ndarray, penalty: np.ndarray) -> float:
-    """Sum of log-losses plus 0.5 * l2 * ||w||^2 (intercept unpenalised)."""
-    z = Z @ beta
-    return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * np.dot(penalty * beta, beta))
-
-
 def fit_logistic(
-    X: np.ndarray, y: np.ndarray, l2: float = 1.0, max_iter: int = 200
+    X: np.ndarray, y: np.ndarray, l2: float = 1.0, max_iter: int = 1000
 ) -> LogisticModel:
-    """Fit L2-regularised logistic regression by damped Newton (IRLS) steps.
+    """Fit L2-regularised logistic regression (scikit-learn's ``LogisticRegression``, lbfgs).
 
-    Minimises ``sum_i logloss_i + 0.5 * l2 * ||w||^2`` over standardised features; the
-    intercept is not penalised. NaNs are imputed with the training column mean, constant
-    columns get weight 0, and ``l2 > 0`` keeps the weights finite on separable data.
-    With a single class present the weights are 0 and the intercept is the (clipped)
-    log-odds of that base rate.
+    Minimises ``sum_i logloss_i + 0.5 * l2 * ||w||^2`` over standardised features (scikit-learn
+    writes it as ``C * sum_i logloss_i + 0.5 * ||w||^2``, so ``C = 1 / l2``); the intercept is
+    not penalised. NaNs are imputed with the training column mean, constant columns get weight
+    0, and ``l2 > 0`` keeps the weights finite on separable data. With a single class present
+    the weights are 0 and the intercept is the (clipped) log-odds of that base rate. The result
+    keeps only arrays, so a fitted attacker can be saved as JSON (no pickle).
     """
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
     X = _as_2d(X)
     y = _as_labels(y, X.shape[0])
     if X.shape[0] == 0:
@@ -165,8 +165,7 @@ def fit_logistic(
         raise ValueError("X contains infinite values")
     mean, std = standardize_fit(X)
     Xs = (np.where(np.isnan(X), mean, X) - mean) / std
-    n, d = Xs.shape
-
+    d = Xs.shape[1]
     rate = float(y.mean())
     if rate in (0.0, 1.0):
         p = min(max(rate, 1e-12), 1.0 - 1e-12)
@@ -174,43 +173,14 @@ def fit_logistic(
             impute=mean, mean=mean, std=std, coef=np.zeros(d),
             intercept=float(np.log(p / (1.0 - p))), l2=float(l2), n_iter=0, converged=True,
         )  # fmt: skip
-
-    Z = np.hstack([np.ones((n, 1)), Xs])
-    penalty = np.r_[0.0, np.full(d, float(l2))]
-    beta = np.zeros(d + 1)
-    beta[0] = np.log(rate / (1.0 - rate))
-    obj = _objective(Z, y, beta, penalty)
-    converged, it = False, 0
-    for it in range(1, max_iter + 1):
-        p = _sigmoid(Z @ beta)
-        grad = Z.T @ (p - y) + penalty * beta
-        w = p * (1.0 - p)
-        hess = (Z * w[:, None]).T @ Z + np.diag(penalty)
-        hess[np.diag_indices_from(hess)] += 1e-10  # guards a singular Hessian (l2 = 0)
-        try:
-            step = np.linalg.solve(hess, grad)
-        except np.linalg.LinAlgError:
-            step = np.linalg.lstsq(hess, grad, rcond=None)[0]
-        slope = float(grad @ step)
-        t = 1.0
-        while True:  # backtracking (Armijo) line search
-            cand = beta - t * step
-            new_obj = _objective(Z, y, cand, penalty)
-            if new_obj <= obj - 1e-4 * t * slope or t < 1e-10:
-                break
-            t *= 0.5
-        if new_obj > obj:  # no descent left at float precision: at the optimum
-            converged = True
-            break
-        delta = float(np.max(np.abs(cand - beta)))
-        improved = obj - new_obj
-        beta, obj = cand, new_obj
-        if delta < 1e-10 or improved < 1e-12 * max(1.0, abs(obj)):
-            converged = True
-            break
+    model = LogisticRegression(C=1.0 / l2 if l2 > 0 else 1e12, tol=1e-8, max_iter=max_iter)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model.fit(Xs, y.astype(int))
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
     return LogisticModel(
-        impute=mean, mean=mean, std=std, coef=beta[1:].copy(), intercept=float(beta[0]),
-        l2=float(l2), n_iter=it, converged=converged,
+        impute=mean, mean=mean, std=std, coef=model.coef_[0].astype(np.float64).copy(),
+        intercept=float(model.intercept_[0]), l2=float(l2), n_iter=int(model.n_iter_[0]), converged=converged,
     )  # fmt: skip
 
 
@@ -220,13 +190,13 @@ def fit_logistic(
 def crossfit_folds(
     y: np.ndarray, groups: np.ndarray | None = None, folds: int = 5, seed: int = 0
 ) -> np.ndarray:
-    """Fold id per row; whole groups go to one fold, stratified by each group's majority label.
+    """Fold id per row from scikit-learn's ``StratifiedGroupKFold`` (shuffled by ``seed``):
+    whole groups go to one fold (default: one group per row), class shares kept as even as the
+    groups allow. With fewer groups than ``folds`` only that many folds are used."""
+    import warnings
 
-    Groups (default: one per row) take the label of their majority (ties -> 1). Within each
-    label, groups are shuffled by ``seed``, then placed largest-first into the fold with the
-    fewest rows of that label (then fewest rows overall), which balances both class counts
-    and fold sizes. With fewer groups than ``folds`` only that many folds are used.
-    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
     y = _as_labels(y)
     n = len(y)
     if folds < 2:
@@ -236,24 +206,19 @@ def crossfit_folds(
     if n_groups < 2:
         raise ValueError(f"need at least 2 groups to cross-fit, got {n_groups}")
     k = min(folds, n_groups)
-    size = np.bincount(codes, minlength=n_groups)
-    pos = np.bincount(codes, weights=y, minlength=n_groups)
-    glabel = (2 * pos >= size).astype(int)
+    out = np.empty(n, dtype=np.int64)
+    labels = y.astype(int)
+    if k > np.bincount(labels).max():  # too few rows of every class to stratify: plain group folds
+        from sklearn.model_selection import GroupKFold
 
-    rng = np.random.default_rng(seed)
-    group_fold = np.empty(n_groups, dtype=np.int64)
-    total = np.zeros(k, dtype=np.int64)
-    for label in (0, 1):
-        members = np.flatnonzero(glabel == label)
-        members = members[rng.permutation(len(members))]
-        members = members[np.argsort(-size[members], kind="stable")]
-        per_class = np.zeros(k, dtype=np.int64)
-        for g in members:
-            f = int(np.lexsort((np.arange(k), total, per_class))[0])
-            group_fold[g] = f
-            per_class[f] += size[g]
-            total[f] += size[g]
-    return group_fold[codes]
+        splits = GroupKFold(n_splits=k).split(np.zeros(n), labels, codes)
+    else:
+        splits = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(n), labels, codes)
+    with warnings.catch_warnings():  # a class with fewer groups than folds is fine here: said in the docstring
+        warnings.simplefilter("ignore", UserWarning)
+        for f, (_, test) in enumerate(splits):
+            out[test] = f
+    return out
 
 
 def crossfit_proba(
