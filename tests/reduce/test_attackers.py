@@ -24,6 +24,23 @@ def test_labelled_rows_get_out_of_fold_scores_and_the_rest_the_full_model():
     assert fit_and_score(X, np.where(y == 0, 1, y).astype(np.int8), groups) is None  # one class only
 
 
+def test_an_mlp_attacker_round_trips_through_json(tmp_path):
+    from clipaudit.reduce.learned import fit_mlp
+
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(80, 5))
+    y = (X[:, 0] * X[:, 1] > 0)  # not linearly separable
+    a = Attacker("partcrop", "learned_mlp", 2, fit_mlp(X, y, seed=0))
+    save([a], tmp_path / "attackers")
+    (back,) = load(tmp_path / "attackers")
+    assert np.allclose(back.model.predict_proba(X), a.model.predict_proba(X))
+    from sklearn.neural_network import MLPClassifier  # the numpy forward pass equals scikit-learn's own
+
+    ref = MLPClassifier(hidden_layer_sizes=(32,), alpha=1e-2, solver="lbfgs", max_iter=500, random_state=0)
+    ref.fit((X - X.mean(0)) / X.std(0), y.astype(int))
+    assert np.allclose(back.model.predict_proba(X), ref.predict_proba((X - X.mean(0)) / X.std(0))[:, 1])
+
+
 def test_saved_attackers_are_plain_json_and_predict_the_same(tmp_path):
     rng = np.random.default_rng(1)
     X, y = rng.normal(size=(50, 4)), rng.random(50) < 0.5
@@ -61,7 +78,7 @@ def test_every_candidate_gets_learned_scores_and_another_audit_applies_them(cana
     fit_on, apply_to = tmp_path / "fit", tmp_path / "apply"
     assert main(["run", str(job(canary_lab.job, fit_on)), "--no-progress"]) == 0
     assert main(["run", str(job(canary_lab.job_untrained, apply_to, labels=False)), "--no-progress"]) == 0
-    names = {"encodermi_learned", "encodermi_learned_set", "mim_learned"}
+    names = {"encodermi_learned", "encodermi_learned_mlp", "encodermi_learned_set", "mim_learned"}
     assert {p.stem for p in (fit_on / "attackers").glob("*.json")} == names
     assert not (apply_to / "attackers").exists() and not (apply_to / "sample_scores").exists()
 

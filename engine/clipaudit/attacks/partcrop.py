@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .augment import part_crops
 from .base import MapBatch, StatelessAttack
-from .registry import LOGISTIC, Attack, Column, Score, register
+from .registry import LOGISTIC, Attack, Column, Learned, Score, register
 from .views import embed_views, quantile_summary, rows, scale_range
 
 
@@ -64,6 +64,8 @@ PARTCROP = register(Attack(
     ),
     scores=(Score("partcrop", "image", "mean PartCrop score over the identity's images"),),
     features="partcrop_features",
-    learned=(LOGISTIC,),
+    learned=(LOGISTIC, Learned("learned_mlp", "mlp", "MLP (one hidden layer of 32) on the response summaries, as "
+                                                    "the paper's attacker, cross-fitted, 5 folds by identity",
+                               model="mlp")),
     features_version=2,  # 2: patch-token responses appended to partcrop_features
 ))

@@ -78,6 +78,7 @@ class Learned:
     label: str  # short label in the report table
     what: str  # what the attacker is, in words
     prepare: Callable[[np.ndarray], np.ndarray] = _as_is
+    model: Literal["logistic", "mlp"] = "logistic"  # the attacker fitted on the prepared features
 
 
 @dataclass

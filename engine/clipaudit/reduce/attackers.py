@@ -1,7 +1,7 @@
 """Learned attackers that score every candidate, saved so another audit can apply them.
 
-For each attack with a feature vector and each of its learned variants, a logistic attacker
-is fitted on the labelled images — an image row of the labels file gives its own label, else
+For each attack with a feature vector and each of its learned variants, its attacker (a
+logistic regression or a small MLP, as the variant declares) is fitted on the labelled images — an image row of the labels file gives its own label, else
 the image inherits its identity's label — with folds by identity. Every ok sample then gets
 a score: out-of-fold for the images it was fitted on, from the model fitted on all labelled
 images for the others. The fitted models are written to ``attackers/<attack>_<variant>.json``
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..attacks.registry import Attack, Learned, registered
-from .learned import LogisticModel, crossfit_folds, fit_logistic
+from .learned import LogisticModel, MLPModel, crossfit_folds, fit_model
 
 if TYPE_CHECKING:
     from .labels import Labels
@@ -44,7 +44,7 @@ class Attacker:
     attack: str
     variant: str
     features_version: int
-    model: LogisticModel
+    model: LogisticModel | MLPModel
     fitted_on: dict[str, int] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)  # the attack's map-side parameters its features came from
 
@@ -54,21 +54,31 @@ class Attacker:
 
     def to_json(self) -> dict[str, Any]:
         m = self.model
+        arrays = {"impute": m.impute.tolist(), "mean": m.mean.tolist(), "std": m.std.tolist()}
+        if isinstance(m, MLPModel):
+            model = {"kind": "mlp", **arrays, "weights": [w.tolist() for w in m.weights],
+                     "biases": [b.tolist() for b in m.biases], "alpha": m.alpha}
+        else:
+            model = {"kind": "logistic", **arrays, "coef": m.coef.tolist(), "intercept": m.intercept, "l2": m.l2}
+        model.update(n_iter=m.n_iter, converged=m.converged)
         return {"format": FORMAT, "attack": self.attack, "variant": self.variant,
                 "features_version": self.features_version, "params": self.params, "fitted_on": self.fitted_on,
-                "model": {"impute": m.impute.tolist(), "mean": m.mean.tolist(), "std": m.std.tolist(),
-                          "coef": m.coef.tolist(), "intercept": m.intercept, "l2": m.l2, "n_iter": m.n_iter,
-                          "converged": m.converged}}
+                "model": model}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any], source: str) -> "Attacker":
         if doc.get("format") != FORMAT:
             raise AttackerError(f"{source}: attacker format {doc.get('format')!r}, this clipaudit reads {FORMAT}")
         m = doc["model"]
-        arr = {k: np.asarray(m[k], dtype=np.float64) for k in ("impute", "mean", "std", "coef")}
-        model = LogisticModel(impute=arr["impute"], mean=arr["mean"], std=arr["std"], coef=arr["coef"],
-                              intercept=float(m["intercept"]), l2=float(m["l2"]), n_iter=int(m["n_iter"]),
-                              converged=bool(m["converged"]))
+        arr = {k: np.asarray(m[k], dtype=np.float64) for k in ("impute", "mean", "std")}
+        if m.get("kind", "logistic") == "mlp":
+            model: LogisticModel | MLPModel = MLPModel(
+                **arr, weights=tuple(np.asarray(w, dtype=np.float64) for w in m["weights"]),
+                biases=tuple(np.asarray(b, dtype=np.float64) for b in m["biases"]), alpha=float(m["alpha"]),
+                n_iter=int(m["n_iter"]), converged=bool(m["converged"]))
+        else:
+            model = LogisticModel(**arr, coef=np.asarray(m["coef"], dtype=np.float64), intercept=float(m["intercept"]),
+                                  l2=float(m["l2"]), n_iter=int(m["n_iter"]), converged=bool(m["converged"]))
         return cls(doc["attack"], doc["variant"], int(doc["features_version"]), model, doc.get("fitted_on", {}),
                    doc.get("params", {}))
 
@@ -93,8 +103,8 @@ def image_labels(identities: list[str | None], shards: list[str], keys: list[str
     return out
 
 
-def fit_and_score(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0
-                  ) -> tuple[np.ndarray, LogisticModel] | None:
+def fit_and_score(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0, kind: str = "logistic"
+                  ) -> tuple[np.ndarray, LogisticModel | MLPModel] | None:
     """Scores for every row (out-of-fold where labelled) and the model fitted on all labelled
     rows; None when the labelled rows cannot be cross-fitted (one class, fewer than 2 groups)."""
     have = (y >= 0) & ~np.all(np.isnan(X), axis=1)
@@ -111,9 +121,9 @@ def fit_and_score(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 
         if train_y.all() or not train_y.any():
             oof[test] = float(train_y.mean())
         else:
-            oof[test] = fit_logistic(Xl[~test], train_y).predict_proba(Xl[test])
+            oof[test] = fit_model(kind, Xl[~test], train_y, seed=seed).predict_proba(Xl[test])
     scores[have] = oof
-    model = fit_logistic(Xl, yl)
+    model = fit_model(kind, Xl, yl, seed=seed)
     rest = ~have & ~np.all(np.isnan(X), axis=1)
     if rest.any():
         scores[rest] = model.predict_proba(X[rest])
@@ -208,7 +218,7 @@ def score_candidates(layout, params: dict[str, Any], labels: "Labels | None",
             scores = np.full(len(X), np.nan)
             scores[~missing] = att.model.predict_proba(X[~missing])
         else:
-            fitted = fit_and_score(X, y, groups, seed)
+            fitted = fit_and_score(X, y, groups, seed, variant.model)
             if fitted is None:
                 continue
             scores, model = fitted

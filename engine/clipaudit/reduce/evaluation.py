@@ -75,7 +75,8 @@ def _evaluate_learned(name: str, X: np.ndarray, y: np.ndarray, groups: np.ndarra
     keep = ~np.all(np.isnan(X), axis=1)
     if keep.sum() < 4 or y[keep].all() or not y[keep].any() or len(np.unique(groups[keep])) < 2:
         return None
-    fits = [crossfit_proba(X[keep], y[keep], groups=groups[keep], folds=5, seed=s) for s in range(REFITS)]
+    fits = [crossfit_proba(X[keep], y[keep], groups=groups[keep], folds=5, seed=s, kind=learner.model)
+            for s in range(REFITS)]
     _roc_rows(roc_rows, name, level, variant, fits[0], y[keep])
     m = membership_metrics(fits[0], y[keep], groups=_clusters(groups[keep], level), score_sets=fits)
     return {"level": level, "variant": what, **m}

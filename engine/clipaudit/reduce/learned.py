@@ -21,6 +21,9 @@ __all__ = [
     "fit_logistic",
     "crossfit_folds",
     "crossfit_proba",
+    "MLPModel",
+    "fit_mlp",
+    "fit_model",
 ]
 
 STD_FLOOR = 1e-8
@@ -184,6 +187,72 @@ def fit_logistic(
     )  # fmt: skip
 
 
+# --------------------------------------------------------------------------- small MLP
+
+
+@dataclass(frozen=True)
+class MLPModel:
+    """Fitted one-hidden-layer MLP attacker (ReLU, logistic output) on standardised features;
+    arrays only, so it saves as JSON and predicts with numpy."""
+
+    impute: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    weights: tuple[np.ndarray, ...]
+    biases: tuple[np.ndarray, ...]
+    alpha: float
+    n_iter: int
+    converged: bool
+
+    @property
+    def n_features(self) -> int:
+        return int(self.weights[0].shape[0])
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        X = _as_2d(X)
+        if X.shape[1] != self.n_features:
+            raise ValueError(f"X has {X.shape[1]} features, model was fitted on {self.n_features}")
+        h = (np.where(np.isnan(X), self.impute, X) - self.mean) / self.std
+        for w, b in zip(self.weights[:-1], self.biases[:-1]):
+            h = np.maximum(h @ w + b, 0.0)
+        return _sigmoid((h @ self.weights[-1] + self.biases[-1]).ravel())
+
+
+def fit_mlp(X: np.ndarray, y: np.ndarray, hidden: int = 32, alpha: float = 1e-2, seed: int = 0,
+            max_iter: int = 500) -> MLPModel | LogisticModel:
+    """scikit-learn's ``MLPClassifier`` (one hidden layer, L2 ``alpha``, lbfgs, fixed seed) on
+    standardised, mean-imputed features; a single class gives :func:`fit_logistic`'s base rate."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    X = _as_2d(X)
+    y = _as_labels(y, X.shape[0])
+    if y.min() == y.max():
+        return fit_logistic(X, y)
+    mean, std = standardize_fit(X)
+    Xs = (np.where(np.isnan(X), mean, X) - mean) / std
+    model = MLPClassifier(hidden_layer_sizes=(hidden,), alpha=alpha, solver="lbfgs", max_iter=max_iter,
+                          random_state=seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model.fit(Xs, y.astype(int))
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return MLPModel(impute=mean, mean=mean, std=std, weights=tuple(w.astype(np.float64) for w in model.coefs_),
+                    biases=tuple(b.astype(np.float64) for b in model.intercepts_), alpha=alpha,
+                    n_iter=int(model.n_iter_), converged=converged)
+
+
+def fit_model(kind: str, X: np.ndarray, y: np.ndarray, seed: int = 0, l2: float = 1.0) -> LogisticModel | MLPModel:
+    """``logistic`` or ``mlp``."""
+    if kind == "mlp":
+        return fit_mlp(X, y, seed=seed)
+    if kind == "logistic":
+        return fit_logistic(X, y, l2=l2)
+    raise ValueError(f"unknown attacker model {kind!r}")
+
+
 # --------------------------------------------------------------------------- cross-fitting
 
 
@@ -229,8 +298,9 @@ def crossfit_proba(
     seed: int = 0,
     l2: float = 1.0,
     fold_ids: np.ndarray | None = None,
+    kind: str = "logistic",
 ) -> np.ndarray:
-    """Out-of-fold member probabilities from L2 logistic regression.
+    """Out-of-fold member probabilities from an L2 logistic regression (or ``kind="mlp"``).
 
     Each row is predicted exactly once, by a model fitted on the other folds only (which
     never contain a row of its group). Folds come from ``crossfit_folds(y, groups, folds,
@@ -255,5 +325,5 @@ def crossfit_proba(
         if y_tr.min() == y_tr.max():
             out[test] = float(y_tr[0])
         else:
-            out[test] = fit_logistic(X[train], y_tr, l2=l2).predict_proba(X[test])
+            out[test] = fit_model(kind, X[train], y_tr, seed=seed, l2=l2).predict_proba(X[test])
     return out
