@@ -63,8 +63,12 @@ def test_not_a_tar_and_empty_file(tmp_path: Path):
     assert [s.error for s in iter_tar_samples(tmp_path / "e.tar")] == ["empty_shard"]
 
 
-def test_valid_empty_tar_yields_nothing(tmp_path: Path):
-    assert list(iter_tar_samples(write_tar(tmp_path / "empty.tar", []))) == []
+def test_valid_empty_tar_is_one_empty_shard_row(tmp_path: Path):
+    """img2dataset writes a well-formed empty tar when every download of a shard failed: it must
+    not vanish from the audit."""
+    rows = list(iter_tar_samples(write_tar(tmp_path / "empty.tar", [])))
+    assert [(s.key, s.position, s.error) for s in rows] == [(None, 0, "empty_shard")]
+    assert "no samples" in rows[0].detail
 
 
 def test_dangerous_member_names_are_just_keys(tmp_path: Path):

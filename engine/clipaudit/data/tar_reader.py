@@ -129,6 +129,10 @@ def _samples(f, size: int) -> Iterator[RawSample]:
     if _end_is_clean(f, offset):
         if last is not None:
             yield last
+        elif g.position == 0:  # a well-formed tar without a single sample: one row says so
+            yield RawSample(key=None, position=0, error="empty_shard",
+                            detail="the tar holds no samples (img2dataset writes one when every download of the "
+                                   "shard failed)")
         return
     # tarfile stops quietly at a cut header: the last sample may be incomplete.
     if last is not None:
