@@ -44,3 +44,16 @@ def test_version(capsys):
     from importlib import metadata
 
     assert capsys.readouterr().out.strip() == f"clipaudit {metadata.version('clipaudit')}"
+
+
+def test_every_argument_explains_itself():
+    import argparse
+
+    from clipaudit.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {a.dest}" for name, p in sub.choices.items() for a in p._actions
+               if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert missing == []
+    assert all(sub.choices) and {"run", "reduce", "demo", "report", "bench", "query"} <= set(sub.choices)

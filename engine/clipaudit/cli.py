@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("reduce", help="recompute identities.parquet and metrics.json (no model)")
-    d.add_argument("output_dir")
+    d.add_argument("output_dir", metavar="OUTPUT_DIR", help="an audit's output folder (holds _job.json)")
     d.add_argument("--tau", type=int, help="IDIA threshold (default: the job's); short for --set idia.tau=N")
     d.add_argument("--set", action="append", metavar="ATTACK.KEY=VALUE",
                    help="change a reduce-only attack parameter, e.g. idia.tau=3 (repeatable; default: the job's)")
@@ -253,27 +253,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_reduce)
 
     m = sub.add_parser("demo", help="self-contained synthetic audit (canary lab), a few minutes on a CPU")
-    m.add_argument("--output", default="clipaudit-demo", help="folder for the lab and results")
+    m.add_argument("--output", default="clipaudit-demo", help="folder for the lab and results (./clipaudit-demo)")
     m.add_argument("--lab", choices=["default", "overfit", "shifted", "caption-shift"], default="default",
                    help="canary preset: default; overfit (1 photo per member, augmented training: image-level "
                         "attacks get signal); shifted (non-members from another camera style: validity warning); "
                         "caption-shift (non-members' captions from another source: the text baseline's warning)")
     m.add_argument("--seed", type=int, default=0, help="lab seed (identities, photos, training); default 0")
-    m.add_argument("--no-progress", action="store_true")
+    m.add_argument("--no-progress", action="store_true", help="no progress bars")
     m.set_defaults(func=cmd_demo)
 
     rp = sub.add_parser("report", help="print what an output folder holds: summary, metrics, calibration")
-    rp.add_argument("output_dir")
+    rp.add_argument("output_dir", metavar="OUTPUT_DIR", help="an audit's output folder")
     rp.set_defaults(func=cmd_report)
 
     b = sub.add_parser("bench", help="map-step throughput beside a model-only baseline, same run (synthetic shards)")
     b.add_argument("--model", default="ViT-B-32", help="OpenCLIP name or model-config JSON (default ViT-B-32)")
     b.add_argument("--pretrained", default=None, help="weights (default: random init — same speed, no download)")
     b.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on GPU, fp32 on CPU")
-    b.add_argument("--device", default="auto")
-    b.add_argument("--images", type=int, default=512)
-    b.add_argument("--batch-size", type=int, default=64)
-    b.add_argument("--decode-threads", type=int, default=2)
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: cuda when present)")
+    b.add_argument("--images", type=int, default=512, help="synthetic images per pass (default 512)")
+    b.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
+    b.add_argument("--decode-threads", type=int, default=2, help="JPEG decode threads of the map step (default 2)")
     b.add_argument("--image-px", type=int, default=256, help="side of the synthetic JPEGs")
     b.add_argument("--names", type=int, default=100, help="name-pool size (its encoding is start-up, timed apart)")
     b.add_argument("--attacks", default="default",
@@ -284,9 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("query", help="SQL (DuckDB) over the outputs: views samples, identities, embeddings, "
                                           "sample_scores")
-    q.add_argument("output_dir")
-    q.add_argument("sql")
-    q.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    q.add_argument("output_dir", metavar="OUTPUT_DIR", help="an audit's output folder")
+    q.add_argument("sql", metavar="SQL", help="one read-only statement (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE), "
+                                              "e.g. \"SELECT * FROM identities ORDER BY idia_score DESC LIMIT 10\"")
+    q.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                   help="table (default; at most 100 rows shown), csv or json (all rows)")
     q.set_defaults(func=cmd_query)
     return p
 
