@@ -9,6 +9,7 @@ holds one map actor per node; the head node has none.
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -21,6 +22,32 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from clipaudit.runner import run_job  # noqa: E402
 from clipaudit.spec import load_spec  # noqa: E402
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def lose(cluster, node) -> None:
+    """A machine lost at once: its worker processes and its raylet die together (removing the
+    raylet alone lets a worker finish its task before it notices)."""
+    raylet = node.all_processes["raylet"][0].process.pid
+    for pid in _children(raylet):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    cluster.remove_node(node, allow_graceful=False)
 
 
 def main(job: str, output: str, report_path: str) -> None:
@@ -46,7 +73,7 @@ def main(job: str, output: str, report_path: str) -> None:
             # a shard finished, both actors are mid-shard, and shards remain after these two (near the end of
             # the job both in-flight shards may be committing already, and a node lost then interrupts nothing)
             if 1 <= len(markers) <= 3 and len(writing) == 2:
-                cluster.remove_node(workers[1], allow_graceful=False)
+                lose(cluster, workers[1])
                 event.update(markers_before=len(markers), writing=len(writing), at=time.time())
                 return
             time.sleep(0.02)
