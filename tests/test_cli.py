@@ -57,3 +57,24 @@ def test_every_argument_explains_itself():
                if not isinstance(a, argparse._HelpAction) and not a.help]
     assert missing == []
     assert all(sub.choices) and {"run", "reduce", "demo", "report", "bench", "query"} <= set(sub.choices)
+
+
+def test_one_wording_for_a_folder_without_an_audit(tmp_path, capsys):
+    from clipaudit.cli import main
+
+    for argv in (["reduce", str(tmp_path)], ["report", str(tmp_path)], ["query", str(tmp_path), "SELECT 1"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is not a clipaudit output folder" in err[0] and "clipaudit run" in err[0], err
+
+
+def test_a_calibration_note_shared_by_several_scores_is_printed_once():
+    from clipaudit.io.report import calibration_lines
+
+    note = "22 controls cannot support a false-positive rate of 0.01: at least 99 are needed; nothing is flagged"
+    entry = {"n_controls": 22, "threshold": None, "flagged": 0, "n_scored": 20, "note": note}
+    cal = {"target_fpr": 0.01, "controls": {"identities": 22, "images": 0, "sources": ["labels"]},
+           "identity": {"idia": entry, "caption": entry}}
+    lines = calibration_lines(cal)
+    assert sum(note in line for line in lines) == 1
+    assert any("identity idia, identity caption" in line for line in lines)

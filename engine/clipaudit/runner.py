@@ -200,5 +200,7 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
 def saved_spec(layout: OutputLayout) -> JobSpec:
     """The spec an output folder was produced with (for ``clipaudit reduce``)."""
     if not layout.job_state.is_file():
-        raise FileNotFoundError(f"{layout.root} is not a clipaudit output folder (no {layout.job_state.name})")
+        from .io.report import no_audit
+
+        raise FileNotFoundError(no_audit(layout.root, layout.job_state.name))
     return spec_from_json(json.loads(layout.job_state.read_text())["spec"], str(layout.job_state))

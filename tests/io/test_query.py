@@ -48,7 +48,7 @@ def test_cli_query_errors_are_clean(out, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err
     assert main(["query", str(tmp_path), "SELECT 1"]) == 2
-    assert "no audit outputs" in capsys.readouterr().err
+    assert "is not a clipaudit output folder" in capsys.readouterr().err
 
 
 def _files(root):

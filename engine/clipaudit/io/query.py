@@ -85,7 +85,9 @@ def connect(output_dir: str | Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with sealed views over the output folder (see :func:`sealed_views`)."""
     layout = OutputLayout(Path(output_dir))
     if not layout.samples_dir.is_dir() or not any(layout.samples_dir.glob("*.parquet")):
-        raise QueryError(f"{output_dir} holds no audit outputs (no samples/*.parquet)")
+        from .report import no_audit
+
+        raise QueryError(no_audit(output_dir, "samples/*.parquet"))
     try:
         return sealed_views(layout)
     except (OSError, pa.ArrowException) as e:

@@ -62,10 +62,16 @@ def summary_lines(s: dict) -> list[str]:
     return lines
 
 
+def no_audit(root, missing: str) -> str:
+    """The one wording for a folder that holds no (finished) audit."""
+    return f"{root} is not a clipaudit output folder (no {missing}): run `clipaudit run JOB.yaml` first"
+
+
 def calibration_lines(cal: dict) -> list[str]:
     """``calibration.json`` in words: per level and score, controls, threshold, flagged."""
     lines = [f"calibration at target FPR {cal['target_fpr']} from {cal['controls']['identities']} control "
              f"identities and {cal['controls']['images']} control images ({', '.join(cal['controls']['sources'])})"]
+    notes: dict[str, list[str]] = {}  # a note shared by several scores is printed once
     for level in ("identity", "image"):
         for attack, e in cal.get(level, {}).items():
             if "threshold" in e:
@@ -73,7 +79,9 @@ def calibration_lines(cal: dict) -> list[str]:
                 lines.append(f"  {level:8s} {attack:20s} {e['n_controls']:6d} controls  threshold {t:>10s}  "
                              f"flagged {e['flagged']}/{e['n_scored']}")
             if "note" in e:
-                lines.append(f"  {level:8s} {attack:20s} note: {e['note']}")
+                notes.setdefault(e["note"], []).append(f"{level} {attack}")
+    for note, where in notes.items():
+        lines.append(f"  note ({', '.join(where)}): {note}")
     return lines
 
 
@@ -99,7 +107,7 @@ def report_folder(root: Path, out=None) -> None:
     out = out or sys.stdout
     layout = OutputLayout(root)
     if not layout.summary.is_file():
-        raise FileNotFoundError(f"{root} is not a clipaudit output folder (no {layout.summary.name})")
+        raise FileNotFoundError(no_audit(root, layout.summary.name))
     if layout.job_state.is_file():  # imports the job's attack plugins, so their lines are printed too
         from ..runner import saved_spec
 

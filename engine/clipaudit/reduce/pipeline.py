@@ -76,7 +76,9 @@ def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
     """Write identities.parquet; with controls (a controls file or labelled non-members) also
     calibration.json and sample_scores/; with labels also metrics.json + roc.parquet."""
     if not any(layout.samples_dir.glob("*.parquet")):
-        raise FileNotFoundError(f"no sample parts under {layout.samples_dir}: run the map step first")
+        from ..io.report import no_audit
+
+        raise FileNotFoundError(no_audit(layout.root, "samples/*.parquet"))
     matcher = ShardMatcher(_audited_shards(layout))
     labels = read_labels(opts.labels).matched(matcher) if opts.labels else None
     if labels is not None and labels.unmatched_images:
