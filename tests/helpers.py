@@ -213,3 +213,12 @@ def assert_same_outputs(actual: Path, expected: Path, tol: dict[str, float]) -> 
                       assert_same_rows(actual, expected, tol["embeddings"], "embeddings").items()})
     print("max |float difference| per column:", diffs)  # shown with pytest -s
     return diffs
+
+
+def write_minimal_job(root: Path, model: str = "{name: ViT-B-32}") -> Path:
+    """A one-name pool, one empty shard and a job naming them: enough for spec checks and --dry-run."""
+    (root / "names.txt").write_text("Ann\n")
+    (root / "a.tar").write_bytes(b"")
+    job = root / "job.yaml"
+    job.write_text(f"model: {model}\ndata: {{shards: a.tar}}\nnames: names.txt\noutput: o\n")
+    return job

@@ -16,10 +16,9 @@ def test_missing_spec_file_and_dry_run(tmp_path, capsys):
 
     assert main(["run", str(tmp_path / "nope.yaml")]) == 2
     assert "job spec not found" in capsys.readouterr().err
-    (tmp_path / "names.txt").write_text("Ann\n")
-    (tmp_path / "a.tar").write_bytes(b"")
-    job = tmp_path / "job.yaml"
-    job.write_text("model: {name: ViT-B-32}\ndata: {shards: a.tar}\nnames: names.txt\noutput: o\n")
+    from helpers import write_minimal_job
+
+    job = write_minimal_job(tmp_path)
     assert main(["run", str(job), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "valid" in out and "shards: 1 (0 already done)" in out

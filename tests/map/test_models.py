@@ -98,10 +98,9 @@ def test_a_file_that_is_not_a_checkpoint_is_named_as_such_at_spec_time(tmp_path,
     with pytest.raises(ModelLoadError, match="is not a loadable checkpoint") as e:
         read_state_dict(ckpt)
     assert "weights_only" not in str(e.value)
-    (tmp_path / "names.txt").write_text("Ann\n")
-    (tmp_path / "a.tar").write_bytes(b"")
-    job = tmp_path / "job.yaml"
-    job.write_text("model: {name: ViT-B-32, pretrained: weights.pt}\ndata: {shards: a.tar}\nnames: names.txt\noutput: o\n")
+    from helpers import write_minimal_job
+
+    job = write_minimal_job(tmp_path, model="{name: ViT-B-32, pretrained: weights.pt}")
     assert main(["run", str(job), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "model.pretrained:" in err and "is not a loadable checkpoint" in err and "weights_only" not in err

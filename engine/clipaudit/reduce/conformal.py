@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .statistics import float_vector
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -162,7 +164,7 @@ def identity_pvalues(values: list | None, is_control: np.ndarray, target_fpr: fl
     score was not computed or there are no controls."""
     if values is None or not is_control.any() or all(v is None for v in values):
         return None
-    p, c = pvalues(np.array([np.nan if v is None else v for v in values], dtype=float), is_control)
+    p, c = pvalues(float_vector(values), is_control)
     hit = p <= target_fpr
     entry = threshold_entry(c, int((~np.isnan(p) & ~is_control).sum()), int((hit & ~is_control).sum()),
                             int((hit & is_control).sum()), target_fpr)
@@ -197,16 +199,13 @@ def write_sample_pvalues(layout: "OutputLayout", image_scores: list[str], contro
             t.column("identity").to_pylist(), t.column("shard").to_pylist(), t.column("key").to_pylist())], dtype=bool)
         return t, is_control
 
-    def vec(column) -> np.ndarray:
-        return column.to_numpy(zero_copy_only=False).astype(float)
-
     extra = extra or {}
     extra_names = sorted({n for by_name in extra.values() for n in by_name})
 
     def score(t, part, a) -> np.ndarray:
         if a in extra_names:
             return extra.get(part.name, {}).get(a, np.full(t.num_rows, np.nan))
-        return vec(t.column(f"{a}_score"))
+        return float_vector(t.column(f"{a}_score"))
 
     image_scores = list(image_scores) + extra_names
     control_scores: dict[str, list[np.ndarray]] = {a: [] for a in image_scores}

@@ -24,7 +24,7 @@ from ..attacks.registry import LOGISTIC, Learned, registered, scores
 from .learned import crossfit_proba
 from .labels import Labels
 from . import validity
-from .statistics import membership_metrics, roc_curve
+from .statistics import float_vector, membership_metrics, roc_curve
 
 if TYPE_CHECKING:
     from .pipeline import ReduceOptions
@@ -166,7 +166,7 @@ def identity_table(con: duckdb.DuckDBPyConnection, identities: pa.Table, opts: "
     table_scores = {}
     for s in scores(opts.enabled):  # the score's metric column (e.g. at a fixed k), else its all-image score
         values = [r.get(s.metric) for r in rows]
-        table_scores[s.name] = _vec(values if any(v is not None for v in values) else
+        table_scores[s.name] = float_vector(values if any(v is not None for v in values) else
                                     [r[f"{s.name}_score"] for r in rows])
     con.register("labelled_names", pa.table({"identity": names}))
     feats = _feature_columns(opts)
@@ -209,7 +209,7 @@ def image_table(con: duckdb.DuckDBPyConnection, labels: Labels, opts: "ReduceOpt
         log.warning("labels: no image row matched a sample (rows match by shard and key)")
         return None
     groups = np.unique(np.array(data.column("identity").to_pylist(), dtype=object), return_inverse=True)[1]
-    table_scores = {a: _arrow_vec(data.column(f"{a}_score")) for a in image}
+    table_scores = {a: float_vector(data.column(f"{a}_score")) for a in image}
     features = {key: feature_matrix(data.column(col)) for key, col in feats.items()}
     member = data.column("member").to_numpy(zero_copy_only=False).astype(bool)
     text = validity.text_features(data.column("caption").to_pylist(), data.column("identity").to_pylist())
@@ -243,12 +243,3 @@ def feature_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
         flat = pc.list_flatten(arr.filter(pa.array(good))).to_numpy(zero_copy_only=False)
         out[good] = flat.astype(float).reshape(-1, width)
     return out
-
-
-def _arrow_vec(column) -> np.ndarray:
-    """A numeric Arrow column → float vector with nan for null."""
-    return column.to_numpy(zero_copy_only=False).astype(float)
-
-
-def _vec(values: list) -> np.ndarray:
-    return np.array([np.nan if v is None else v for v in values], dtype=float)

@@ -12,6 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def float_vector(values) -> np.ndarray:
+    """A list (None → nan) or a numeric Arrow column (null → nan) as a float vector."""
+    if hasattr(values, "to_numpy"):
+        return values.to_numpy(zero_copy_only=False).astype(float)
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
 @dataclass(frozen=True)
 class Roc:
     fpr: np.ndarray
