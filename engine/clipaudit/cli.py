@@ -133,6 +133,10 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     if args.tau is not None:
         settings.insert(0, f"idia.tau={args.tau}")
     opts = _reduce_overrides(opts, settings)
+    if args.labels is not None and args.no_labels:
+        raise UserError("--labels and --no-labels contradict each other")
+    if args.no_labels:
+        opts = replace(opts, labels=None)
     if args.labels is not None:
         if not Path(args.labels).is_file():
             raise UserError(f"labels: file not found: {args.labels}")
@@ -243,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", metavar="ATTACK.KEY=VALUE",
                    help="change a reduce-only attack parameter, e.g. idia.tau=3 (repeatable; default: the job's)")
     d.add_argument("--labels", help="labels CSV (default: the job's)")
+    d.add_argument("--no-labels", action="store_true",
+                   help="ignore the job's labels: no metrics.json; with controls, the learned attackers are fitted "
+                        "weakly (controls vs candidates scoring above them)")
     d.add_argument("--controls", help="CSV of known non-members (identity and/or shard,key rows) for "
                                       "p-values and thresholds (default: the job's calibration.controls)")
     d.add_argument("--attackers", metavar="OTHER_OUTPUT_DIR",

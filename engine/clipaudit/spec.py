@@ -78,6 +78,9 @@ class DataSpec(_Strict):
     shards: str | list[str]
     identity_field: str = "identity"
     max_image_pixels: int = Field(89_478_485, gt=0, description="larger images become error rows")
+    source_max_side: int = Field(448, ge=16, le=4096, description=(
+        "attacks that cut views from the original image get it shrunk to at most this longest side "
+        "(bounds memory and time; the papers' crops come from the original, not the model's centre crop)"))
 
 
 class AttacksSpec(_Strict):

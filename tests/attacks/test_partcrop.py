@@ -6,7 +6,9 @@ import numpy as np
 import torch
 
 from clipaudit.attacks.base import MapBatch
-from clipaudit.attacks.partcrop import PartCropAttack
+from clipaudit.attacks.augment import part_crops, sample_rng
+from clipaudit.attacks.partcrop import PartCropAttack, gaussian_prior, kl_responses, paper_responses, summaries
+from clipaudit.attacks.views import source_canvas
 from clipaudit.data.samples import Sample
 from clipaudit.map.models import load_model
 
@@ -33,7 +35,11 @@ def test_partcrop_features_with_and_without_patch_tokens(tiny_model, tmp_path):
     vit = load_model(str(tiny_model["config"]), str(tiny_model["checkpoint"]), "fp32", "cpu")
     out = PartCropAttack(crops=6, scale=(0.1, 0.3)).compute(_batch(vit))
     feats = np.array(out["partcrop_features"])
-    assert feats.shape == (3, 26)  # 13 crop↔image values + 13 crop↔best-patch values
+    assert feats.shape == (3, 26 + 2 * 6)  # 13 crop↔image, 13 crop↔best-patch, 2×6 KL responses
+    assert summaries(feats).shape == (3, 26) and paper_responses(feats).shape == (3, 12)
+    kl = feats[:, 26:]
+    assert np.all(kl >= -1e-5)  # KL divergences
+    assert np.all(np.diff(kl[:, :6], axis=1) <= 1e-6) and np.all(np.diff(kl[:, 6:], axis=1) <= 1e-6)  # sorted
     np.testing.assert_allclose(feats[:, 11], out["partcrop_score"], atol=1e-4)  # mean cosine
     assert np.all(np.diff(feats[:, :11], axis=1) >= -1e-6) and np.all(np.diff(feats[:, 13:24], axis=1) >= -1e-6)
     assert np.all(feats[:, 13:24] <= 1.0 + 1e-4)
@@ -44,4 +50,51 @@ def test_partcrop_features_with_and_without_patch_tokens(tiny_model, tmp_path):
                                             "layers": 1}}))
     rn = load_model(str(cfg), None, "fp32", "cpu")
     assert not rn.has_patch_tokens
-    assert np.array(PartCropAttack(crops=6).compute(_batch(rn))["partcrop_features"]).shape == (3, 13)
+    rn_feats = np.array(PartCropAttack(crops=6).compute(_batch(rn))["partcrop_features"])
+    assert rn_feats.shape == (3, 13)
+    assert np.isnan(paper_responses(rn_feats)).all()  # the paper's attacker is skipped, not fed zeros
+
+
+def test_gaussian_prior_is_a_centred_bell():
+    p = gaussian_prior(49)
+    assert abs(p.sum() - 1) < 1e-12 and np.allclose(p, p[::-1]) and p.argmax() == 24
+    assert np.all(np.diff(p[:25]) > 0)
+
+
+def test_kl_responses_measure_how_peaked_a_crop_is_over_the_patches():
+    d, patches = 8, 16
+    tokens = torch.nn.functional.normalize(torch.randn(1, patches, d, generator=torch.Generator().manual_seed(0)), dim=-1)
+    crops = torch.stack([torch.zeros(d), tokens[0, 3]])[None]  # equally similar to every patch; one patch's own
+    kl = kl_responses(crops, tokens, scale=100.0)[0]
+    # sorted descending: the crop that matches one patch is far from uniform, the flat one is at 0
+    assert kl[0] > 1.0 and abs(kl[1]) < 1e-3
+    # a response equal to the Gaussian prior has KL 0 from it
+    prior = torch.from_numpy(gaussian_prior(patches)).float()
+    logits = prior.log()  # softmax(log p) = p: one-hot "tokens" with the crop's similarities set to log p
+    eye = torch.eye(patches)[None]
+    to_prior = kl_responses(logits[None, None] / 50.0, eye, scale=50.0)[0]  # [KL from uniform, KL from Gaussian]
+    assert abs(float(to_prior[1])) < 1e-5 and float(to_prior[0]) > 1e-3
+
+
+def test_crops_are_cut_from_the_original_and_never_from_padding(tiny_model):
+    """A wide photo whose sides (outside the model's centre crop) are red: crops of the
+    original reach them; an image smaller than the canvas is padded with its own edge."""
+    model = load_model(str(tiny_model["config"]), str(tiny_model["checkpoint"]), "fp32", "cpu")
+    wide = np.zeros((40, 120, 3), np.uint8)
+    wide[:, :40, 0] = wide[:, 80:, 0] = 255  # red sides
+    wide[:, 40:80, 1] = 255  # green centre: all the centre crop shows
+    small = np.zeros((10, 12, 3), np.uint8)
+    small[..., 2] = 255  # all blue, in a canvas of 40×120
+    samples = [Sample(shard="s.tar", key=k, position=i) for i, k in enumerate("ab")]
+    centre = model.to_unit(torch.from_numpy(np.stack([wide[4:36, 44:76], small[:, :10].repeat(4, 0).repeat(4, 1)[:32, :32]])))
+    batch = MapBatch(samples, centre, model.encode_unit(centre), model, 0, 8, sources=[wide, small])
+    canvas, sizes = source_canvas(batch, 0, 2)
+    assert sizes == [(120, 40), (12, 10)] and canvas.shape == (2, 3, 40, 120)
+    rngs = [sample_rng(0, s.key, s.position, "partcrop") for s in samples]
+    crops = part_crops(canvas, rngs, 32, (0.08, 0.2), sizes, 32).view(2, 32, 3, 32, 32)
+    red = crops[0, :, 0].mean(dim=(1, 2)) > 0.5
+    assert red.any() and not red.all()  # some crops lie in the sides the centre crop cuts away
+    torch.testing.assert_close(crops[1], torch.tensor([0.0, 0.0, 1.0]).view(1, 3, 1, 1).expand_as(crops[1]))
+    without = MapBatch(samples, centre, batch.emb, model, 0, 8)  # no sources: the model input itself
+    c2, s2 = source_canvas(without, 0, 2)
+    assert s2 == [(32, 32)] * 2 and torch.equal(c2, centre)

@@ -159,3 +159,11 @@ def test_unknown_preprocessing_is_refused():
         Preprocess(SIZE, "crop")
     with pytest.raises(ValueError, match="interpolation 'lanczos'"):
         Preprocess(SIZE, interpolation="lanczos")
+
+
+def test_the_original_is_kept_bounded_with_its_aspect_when_asked():
+    wide = decode_image(image_bytes(fmt="PNG", size=(600, 200)), SIZE, LIMIT, source_side=96)
+    assert wide.pixels.shape == (SIZE, SIZE, 3) and wide.source.shape == (32, 96, 3)  # longest side 96
+    small = decode_image(image_bytes(fmt="PNG", size=(30, 50)), SIZE, LIMIT, source_side=96)
+    assert small.source.shape == (50, 30, 3)  # never enlarged
+    assert decode_image(image_bytes(fmt="PNG", size=(30, 50)), SIZE, LIMIT).source is None  # not asked: not kept

@@ -1,12 +1,14 @@
 """Learned attackers score every candidate, are saved without pickle, and apply across audits."""
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from clipaudit.reduce.attackers import Attacker, AttackerError, fit_and_score, load, save
+from clipaudit.reduce.attackers import (MIN_WEAK, PSEUDO_QUANTILE, Attacker, AttackerError, fit_and_score, load,
+                                        pseudo_labels, save)
 from clipaudit.reduce.learned import fit_logistic
 
 
@@ -57,6 +59,20 @@ def test_saved_attackers_are_plain_json_and_predict_the_same(tmp_path):
         load(tmp_path / "attackers")
 
 
+def test_pseudo_members_are_the_candidates_above_the_controls():
+    rng = np.random.default_rng(0)
+    score = np.concatenate([rng.normal(0, 1, 40), rng.normal(3, 1, 40), [np.nan]])
+    is_control = np.arange(81) < 40
+    groups = np.arange(81) % 7
+    y = pseudo_labels(score, is_control, groups)
+    assert (y[:40] == 0).all() and y[80] == -1  # every control a non-member; a missing score left out
+    cut = np.quantile(score[:40], PSEUDO_QUANTILE)
+    assert np.array_equal(y[40:80] == 1, score[40:80] > cut) and (y[40:80] == 1).sum() >= 30
+    # nothing above the controls (or too few controls): no weak labels, so no attacker is fitted
+    assert pseudo_labels(np.concatenate([score[:40], score[:40] - 5, [0.0]]), is_control, groups) is None
+    assert pseudo_labels(score, np.arange(81) < MIN_WEAK - 1, groups) is None
+
+
 @pytest.mark.slow
 def test_every_candidate_gets_learned_scores_and_another_audit_applies_them(canary_lab, tmp_path, capsys):
     """Fit on the labelled audit of the trained model; apply to the audit of the untrained one
@@ -98,3 +114,18 @@ def test_every_candidate_gets_learned_scores_and_another_audit_applies_them(cana
     z = (X - doc["mean"]) / doc["std"] @ doc["coef"] + doc["intercept"]
     assert np.allclose([r["mim_learned_score"] for r in applied], 1 / (1 + np.exp(-z)))
     assert main(["reduce", str(apply_to), "--attackers", str(tmp_path)]) == 2  # no attackers/ there
+
+    # without labels, controls alone: attackers fitted weakly (controls vs pseudo-members), every ok sample scored
+    labelled = (canary_lab.job.parent / "data" / "labels.csv").read_text().splitlines()[1:]
+    controls = tmp_path / "controls.csv"
+    controls.write_text("identity\n" + "".join(f"{r.split(',')[0]}\n" for r in labelled if r.endswith(",false")))
+    weak_dir = tmp_path / "weak"
+    shutil.copytree(fit_on, weak_dir)
+    shutil.rmtree(weak_dir / "attackers")
+    assert main(["reduce", str(weak_dir), "--controls", str(controls), "--no-labels"]) == 0
+    fitted = {p.stem: json.loads(p.read_text()) for p in (weak_dir / "attackers").glob("*.json")}
+    assert not (weak_dir / "metrics.json").exists()
+    assert fitted and all(d["fitted_on"]["weak"] == 1 and d["fitted_on"]["members"] >= MIN_WEAK
+                          for d in fitted.values())
+    weak_rows = pq.read_table(weak_dir / "sample_scores").to_pylist()
+    assert len(weak_rows) == ok and all(r[f"{n}_score"] is not None for r in weak_rows for n in fitted)

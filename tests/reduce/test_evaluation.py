@@ -78,7 +78,7 @@ def test_metrics_shape_roc_table_and_intervals(iid):
                 assert 0 <= m[a][f"{k}_ci"][0] <= m[a][f"{k}_ci"][1] <= 1
     assert "whole identities" in m["caption"]["interval"] and "identities" not in m["idia"]["interval"].split(",")[1]
     s = m["encodermi"]["learned_set"]  # EncoderMI's three variants: threshold, vector, set
-    assert s["level"] == "image" and "set" in s["variant"] and "refits" in s["interval"]
+    assert s["level"] == "image" and s["variant"] == "learned_set" and "set" in s["what"] and "refits" in s["interval"]
     roc = pq.read_table(trained.layout.root / "roc.parquet").to_pylist()
     assert {r["attack"] for r in roc} >= {"idia", *IMAGE_ATTACKS, "baseline"}
     assert {r["variant"] for r in roc if r["attack"] == "encodermi"} == {"threshold", "learned", "learned_mlp",

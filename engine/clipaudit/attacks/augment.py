@@ -26,11 +26,14 @@ def sample_rng(seed: int, key: str | None, position: int, stream: str) -> np.ran
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def random_resized_boxes(rng: np.random.Generator, n: int, size: int, scale: tuple[float, float],
+def random_resized_boxes(rng: np.random.Generator, n: int, size: int | tuple[int, int], scale: tuple[float, float],
                          ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
-    """``n`` crop boxes (x1, y1, x2, y2) in pixels, sampled like RandomResizedCrop."""
+    """``n`` crop boxes (x1, y1, x2, y2) in pixels inside an image of ``size`` (side, or
+    (width, height)), sampled like RandomResizedCrop: area fraction in ``scale``, aspect in
+    ``ratio``, else the centred crop torchvision falls back to."""
+    width, height = (size, size) if isinstance(size, int) else size
     boxes = np.empty((n, 4), dtype=np.float32)
-    area = float(size * size)
+    area = float(width * height)
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
     for i in range(n):
         for _ in range(10):
@@ -38,15 +41,19 @@ def random_resized_boxes(rng: np.random.Generator, n: int, size: int, scale: tup
             aspect = math.exp(rng.uniform(*log_r))
             w = round(math.sqrt(target * aspect))
             h = round(math.sqrt(target / aspect))
-            if 0 < w <= size and 0 < h <= size:
-                x = rng.integers(0, size - w + 1)
-                y = rng.integers(0, size - h + 1)
+            if 0 < w <= width and 0 < h <= height:
+                x = rng.integers(0, width - w + 1)
+                y = rng.integers(0, height - h + 1)
                 boxes[i] = (x, y, x + w, y + h)
                 break
-        else:  # fall back to a centred crop of the closest allowed shape
-            side = round(math.sqrt(area * scale[1]))
-            o = (size - side) / 2
-            boxes[i] = (o, o, o + side, o + side)
+        else:  # as torchvision: the whole image, its aspect clamped into ``ratio``
+            w, h = width, height
+            if width / height < ratio[0]:
+                h = round(width / ratio[0])
+            elif width / height > ratio[1]:
+                w = round(height * ratio[1])
+            x, y = (width - w) / 2, (height - h) / 2
+            boxes[i] = (x, y, x + w, y + h)
     return boxes
 
 
@@ -93,14 +100,23 @@ def color_jitter(x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, s: torch.Ten
     return _hsv_to_rgb(hsv).clamp(0, 1)
 
 
+def _extents(images: torch.Tensor, sizes: list[tuple[int, int]] | None) -> list[tuple[int, int]]:
+    return sizes if sizes is not None else [(images.shape[-1], images.shape[-2])] * len(images)
+
+
 def encodermi_views(images: torch.Tensor, rngs: list[np.random.Generator], n_views: int,
                     scale: tuple[float, float] = (0.2, 1.0), jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
-                    p_jitter: float = 0.8, p_gray: float = 0.2) -> torch.Tensor:
-    """EncoderMI's augmentations, n views per image: (B·n)×3×S×S in [0, 1], image-major."""
-    size = images.shape[-1]
+                    p_jitter: float = 0.8, p_gray: float = 0.2, sizes: list[tuple[int, int]] | None = None,
+                    out_size: int | None = None) -> torch.Tensor:
+    """EncoderMI's augmentations, n views per image: (B·n)×3×S×S in [0, 1], image-major.
+
+    ``images`` may be a padded canvas of originals: ``sizes`` gives each one's (width,
+    height) in its top-left corner (default: the whole tensor); ``out_size`` is S (default:
+    the tensor's side)."""
+    size = out_size or images.shape[-1]
     boxes, params = [], []
-    for rng in rngs:
-        boxes.append(random_resized_boxes(rng, n_views, size, scale))
+    for rng, extent in zip(rngs, _extents(images, sizes)):
+        boxes.append(random_resized_boxes(rng, n_views, extent, scale))
         bj, cj, sj, hj = jitter
         params.append(np.stack([
             rng.random(n_views) < 0.5,  # flip
@@ -122,10 +138,12 @@ def encodermi_views(images: torch.Tensor, rngs: list[np.random.Generator], n_vie
 
 
 def part_crops(images: torch.Tensor, rngs: list[np.random.Generator], n_crops: int,
-               scale: tuple[float, float]) -> torch.Tensor:
-    """PartCrop's small part crops, resized to model size: (B·k)×3×S×S, image-major."""
-    size = images.shape[-1]
-    return crop_resize(images, [random_resized_boxes(rng, n_crops, size, scale) for rng in rngs], size)
+               scale: tuple[float, float], sizes: list[tuple[int, int]] | None = None,
+               out_size: int | None = None) -> torch.Tensor:
+    """Small part crops, resized to model size: (B·k)×3×S×S, image-major (``sizes`` and
+    ``out_size`` as in :func:`encodermi_views`)."""
+    boxes = [random_resized_boxes(rng, n_crops, extent, scale) for rng, extent in zip(rngs, _extents(images, sizes))]
+    return crop_resize(images, boxes, out_size or images.shape[-1])
 
 
 def patch_masks(rngs: list[np.random.Generator], ratios: list[float], grid: int, size: int,

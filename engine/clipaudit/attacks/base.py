@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from ..data.samples import Sample
@@ -27,6 +28,9 @@ class MapBatch:
     model: LoadedModel
     seed: int  # the job seed; per-sample randomness derives from it and the key
     chunk: int  # forward-pass chunk size (images per model call)
+    #: uint8 h×w×3 originals (longest side bounded by ``data.source_max_side``), present when
+    #: an enabled attack declares ``source_views``; None = use ``images``
+    sources: list[np.ndarray] | None = None
 
 
 class MapAttack(Protocol):

@@ -1,8 +1,9 @@
 """EncoderMI (after Liu et al.): an overfitted encoder maps augmented views of a training
 image to more similar embeddings.
 
-Map side: n views per image (random resized crop, flip, colour jitter, grayscale — drawn
-per image on the device), the n(n−1)/2 pairwise cosines of their embeddings, sorted
+Map side: n views per image (random resized crop of the original image, as the paper's
+augmentations, not of the model's centre crop; flip, colour jitter, grayscale — drawn per
+image, applied on the device), the n(n−1)/2 pairwise cosines of their embeddings, sorted
 (``encodermi_features``, the "vector"/"set" attack input) and their mean
 (``encodermi_score``, the threshold attack). Higher = more member-like.
 """
@@ -39,7 +40,10 @@ class EncoderMIAttack(StatelessAttack):
 
     def compute(self, batch: MapBatch) -> dict[str, list]:
         n = self.views
-        emb = embed_views(batch, n, "encodermi", lambda im, rngs: encodermi_views(im, rngs, n, self.scale))
+        size = batch.images.shape[-1]
+        emb = embed_views(batch, n, "encodermi", from_source=True,
+                          make=lambda im, rngs, sizes: encodermi_views(im, rngs, n, self.scale, sizes=sizes,
+                                                                       out_size=size))
         sim = emb @ emb.transpose(1, 2)  # B×n×n
         iu = torch.triu_indices(n, n, offset=1, device=sim.device)
         pairs = sim[:, iu[0], iu[1]].sort(dim=1).values
@@ -70,6 +74,8 @@ ENCODERMI = register(Attack(
     ),
     scores=(Score("encodermi", "image", "mean EncoderMI score over the identity's images"),),
     features="encodermi_features",
+    source_views=True,
+    features_version=2,  # 2: views cut from the original image (data.source_max_side), not the centre crop
     learned=(LOGISTIC,
              Learned("learned_mlp", "mlp", "vector attack: MLP (one hidden layer of 32) on the sorted cosines, "
                                            "cross-fitted, 5 folds by identity", model="mlp"),

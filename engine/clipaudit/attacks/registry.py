@@ -127,6 +127,8 @@ class Attack:
     features_version: int = 1
     #: the attack's own reduce-side analysis (e.g. IDIA's sweep over images per identity)
     analyse: Callable[[AnalysisInput], IdentityAnalysis] | None = None
+    #: its map side cuts views from the decoded original (``MapBatch.sources``), not the model input
+    source_views: bool = False
 
     def map_fingerprint(self, params: BaseModel) -> dict[str, Any]:
         """The parameters that change what the map step writes."""

@@ -16,18 +16,41 @@ def per_image_rngs(batch: MapBatch, stream: str) -> list[np.random.Generator]:
     return [sample_rng(batch.seed, s.key, s.position, stream) for s in batch.samples]
 
 
-def embed_views(batch: MapBatch, per_image: int, stream: str,
-                make: Callable[[torch.Tensor, list[np.random.Generator]], torch.Tensor]) -> torch.Tensor:
+def source_canvas(batch: MapBatch, start: int, stop: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """The originals of images ``start:stop`` as one float tensor in [0, 1] on the model's
+    device, each in the top-left corner of a canvas of the group's largest height and width,
+    padded by repeating its edge pixels (so a crop touching the edge interpolates as a resize
+    would, never from another image or black); and each original's (width, height). Without
+    ``batch.sources``, the model-sized images themselves."""
+    if batch.sources is None:
+        images = batch.images[start:stop]
+        return images, [(images.shape[-1], images.shape[-2])] * len(images)
+    sources = batch.sources[start:stop]
+    height = max(s.shape[0] for s in sources)
+    width = max(s.shape[1] for s in sources)
+    canvas = np.stack([np.pad(s, ((0, height - s.shape[0]), (0, width - s.shape[1]), (0, 0)), mode="edge")
+                       for s in sources])
+    return batch.model.to_unit(torch.from_numpy(canvas)), [(s.shape[1], s.shape[0]) for s in sources]
+
+
+def embed_views(batch: MapBatch, per_image: int, stream: str, make: Callable[..., torch.Tensor],
+                from_source: bool = False) -> torch.Tensor:
     """Embeddings of ``per_image`` derived views of every image: B×per_image×D.
 
-    ``make(images, rngs)`` returns the views of a group of images, image-major. Groups are
-    sized so one group's views fit in one forward chunk.
+    ``make(images, rngs)`` returns the views of a group of images, image-major; with
+    ``from_source``, ``make(canvas, rngs, sizes)`` cuts them from the originals (see
+    :func:`source_canvas`) at the model's input size. Groups are sized so one group's views
+    fit in one forward chunk.
     """
     rngs = per_image_rngs(batch, stream)
     group = max(1, batch.chunk // per_image)
     out = []
     for i in range(0, len(rngs), group):
-        views = make(batch.images[i : i + group], rngs[i : i + group])
+        if from_source:
+            canvas, sizes = source_canvas(batch, i, i + group)
+            views = make(canvas, rngs[i : i + group], sizes)
+        else:
+            views = make(batch.images[i : i + group], rngs[i : i + group])
         out.append(batch.model.encode_unit(views, batch.chunk))
     emb = torch.cat(out)
     return emb.view(len(rngs), per_image, -1)

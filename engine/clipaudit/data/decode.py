@@ -91,6 +91,9 @@ class DecodedImage:
     pixels: np.ndarray  # uint8, size×size×3, resized and cropped or padded per Preprocess
     width: int  # original size
     height: int
+    #: uint8 h×w×3: the whole original (RGB, EXIF-rotated), shrunk so its longest side is at
+    #: most ``source_side`` and never enlarged; None unless asked for
+    source: np.ndarray | None = None
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -140,12 +143,22 @@ def _let_max_pixels_govern(max_pixels: int) -> None:
             Image.MAX_IMAGE_PIXELS = needed
 
 
-def decode_image(data: bytes, size: int | Preprocess, max_pixels: int) -> DecodedImage:
+def shrink_to(im: Image.Image, side: int, interpolation: str = "bicubic") -> Image.Image:
+    """``im`` with its longest side at most ``side`` (aspect kept, never enlarged)."""
+    longest = max(im.size)
+    if longest <= side:
+        return im
+    w, h = im.size
+    return im.resize((max(1, round(w * side / longest)), max(1, round(h * side / longest))), _RESAMPLE[interpolation])
+
+
+def decode_image(data: bytes, size: int | Preprocess, max_pixels: int, source_side: int | None = None) -> DecodedImage:
     """Decode, convert to RGB and resize one image; raise :class:`DecodeFailure`.
 
     ``size`` is the model's :class:`Preprocess` (an int: shortest side + centre crop,
     bicubic). Images whose header declares more than ``max_pixels`` pixels are refused as
-    ``too_many_pixels`` before they are decoded.
+    ``too_many_pixels`` before they are decoded. With ``source_side``, the whole original is
+    kept too (see :attr:`DecodedImage.source`), for views cut from the original image.
     """
     pre = size if isinstance(size, Preprocess) else Preprocess(size)
     if not data:
@@ -177,6 +190,8 @@ def decode_image(data: bytes, size: int | Preprocess, max_pixels: int) -> Decode
             im.load()
             im = ImageOps.exif_transpose(im)
             im = _to_rgb(im)
+            source = None if source_side is None else np.asarray(shrink_to(im, source_side, pre.interpolation),
+                                                                 dtype=np.uint8)
             im = pre.apply(im)
             pixels = np.asarray(im, dtype=np.uint8)
     except Image.DecompressionBombError as e:
@@ -185,4 +200,4 @@ def decode_image(data: bytes, size: int | Preprocess, max_pixels: int) -> Decode
         raise DecodeFailure("decode_error", f"{type(e).__name__}: {e}") from None
     if pixels.shape != (pre.size, pre.size, 3):
         raise DecodeFailure("decode_error", f"unexpected decoded shape {pixels.shape}")
-    return DecodedImage(pixels=pixels, width=width, height=height)
+    return DecodedImage(pixels=pixels, width=width, height=height, source=source)

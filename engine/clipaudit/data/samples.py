@@ -45,6 +45,7 @@ class Sample:
     identity: str | None = None
     caption: str | None = None
     pixels: np.ndarray | None = None
+    source: np.ndarray | None = None  # the bounded original, for attacks that cut views from it
     width: int | None = None
     height: int | None = None
     error: str | None = None
@@ -85,9 +86,10 @@ def _read_caption(raw: RawSample) -> tuple[str | None, str | None]:
     return text.strip() or None, warning
 
 
-def prepare_sample(raw: RawSample, shard: str, identity_field: str, size: int | Preprocess, max_pixels: int) -> Sample:
-    """Read metadata and decode the image (``size``: the model's :class:`Preprocess`); every
-    failure becomes an error sample."""
+def prepare_sample(raw: RawSample, shard: str, identity_field: str, size: int | Preprocess, max_pixels: int,
+                   source_side: int | None = None) -> Sample:
+    """Read metadata and decode the image (``size``: the model's :class:`Preprocess`; with
+    ``source_side``, keep the bounded original too); every failure becomes an error sample."""
     s = Sample(shard=shard, key=raw.key, position=raw.position)
     if raw.files:
         s.identity, err, detail = _read_identity(raw, identity_field)
@@ -105,9 +107,9 @@ def prepare_sample(raw: RawSample, shard: str, identity_field: str, size: int | 
         s.error, s.detail = "missing_image", f"files present: {sorted(raw.files)}"
         return s
     try:
-        img = decode_image(raw.files[image_ext], size, max_pixels)
+        img = decode_image(raw.files[image_ext], size, max_pixels, source_side)
     except DecodeFailure as e:
         s.error, s.detail = e.code, e.detail
         return s
-    s.pixels, s.width, s.height = img.pixels, img.width, img.height
+    s.pixels, s.width, s.height, s.source = img.pixels, img.width, img.height, img.source
     return s

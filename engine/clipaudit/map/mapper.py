@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..attacks import MapAttack, build_attacks
+from ..attacks.registry import available
 from ..attacks.base import MapBatch
 from ..data.samples import Sample, prepare_sample
 from ..data.tar_reader import RawSample, iter_tar_samples
@@ -69,6 +70,9 @@ class ShardMapper:
         # hashes the name pool and the weights: given by the driver, else once per worker (not per shard)
         self.map_hash = map_hash or spec.map_hash()
         self.samples_schema = load_schema("samples", spec.attacks.enabled())  # core + attack columns
+        # the bounded original is decoded only when an enabled attack cuts views from it
+        needs_source = any(a.source_views for a in available(spec.plugins) if a.name in spec.attacks.enabled())
+        self.source_side = spec.data.source_max_side if needs_source else None
         self.embeddings_schema = load_schema("embeddings")
         self._pool = ThreadPoolExecutor(max_workers=spec.compute.decode_threads, thread_name_prefix="decode")
 
@@ -94,7 +98,7 @@ class ShardMapper:
         assert self.model is not None
         d = self.spec.data
         pre = self.model.preprocess
-        return [prepare_sample(r, shard, d.identity_field, pre, d.max_image_pixels) for r in raws]
+        return [prepare_sample(r, shard, d.identity_field, pre, d.max_image_pixels, self.source_side) for r in raws]
 
     def decoded_batches(self, shard: str) -> Iterator[list[Sample]]:
         """Decode batch i+1 on the thread pool while the caller runs the model on batch i."""
@@ -119,7 +123,8 @@ class ShardMapper:
             images = self.model.to_unit(torch.from_numpy(np.stack([s.pixels for s in ok])))
             chunk = self.spec.compute.batch_size
             emb = self.model.encode_unit(images, chunk)
-            batch = MapBatch(ok, images, emb, self.model, self.spec.seed, chunk)
+            sources = [s.source for s in ok] if self.source_side is not None else None
+            batch = MapBatch(ok, images, emb, self.model, self.spec.seed, chunk, sources)
             for a in self.attacks:
                 attack_cols.update(a.compute(batch))
             emb_np = emb.to(torch.float16).cpu().numpy()

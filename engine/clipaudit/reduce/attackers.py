@@ -4,7 +4,11 @@ For each attack with a feature vector and each of its learned variants, its atta
 logistic regression or a small MLP, as the variant declares) is fitted on the labelled images — an image row of the labels file gives its own label, else
 the image inherits its identity's label — with folds by identity. Every ok sample then gets
 a score: out-of-fold for the images it was fitted on, from the model fitted on all labelled
-images for the others. The fitted models are written to ``attackers/<attack>_<variant>.json``
+images for the others. Without labels but with enough controls (known non-members), each
+attacker is fitted weakly supervised, in the style of CLIP-MIA's weak supervision: the controls
+are the non-members and the candidates whose own attack score is above the controls' 90th
+percentile are taken as pseudo-members (:func:`pseudo_labels`); the fit then runs as above.
+The fitted models are written to ``attackers/<attack>_<variant>.json``
 as plain arrays (nothing that can run code on load), so ``clipaudit reduce OUT --attackers
 OTHER`` can score this audit with attackers fitted on another one — the shadow-model
 workflow: fit where membership is known (a shadow model, a labelled calibration set), apply
@@ -25,12 +29,16 @@ from ..attacks.registry import Attack, Learned, registered
 from .learned import LogisticModel, MLPModel, crossfit_folds, fit_model
 
 if TYPE_CHECKING:
-    from .labels import Labels
+    from .labels import Controls, Labels
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 FOLDS = 5
+#: weak supervision: candidates above this quantile of the controls' scores are pseudo-members
+PSEUDO_QUANTILE = 0.9
+#: and it needs at least this many controls and pseudo-members, each from 2+ identities
+MIN_WEAK = 5
 
 
 class AttackerError(ValueError):
@@ -103,6 +111,25 @@ def image_labels(identities: list[str | None], shards: list[str], keys: list[str
     return out
 
 
+def pseudo_labels(score: np.ndarray, is_control: np.ndarray, groups: np.ndarray,
+                  quantile: float = PSEUDO_QUANTILE, minimum: int = MIN_WEAK) -> np.ndarray | None:
+    """Weak labels from controls alone: 0 for the controls, 1 for the other candidates whose
+    score is above the controls' ``quantile``, -1 for the rest; None when either side has
+    fewer than ``minimum`` images or comes from a single identity (nothing to fit on)."""
+    finite = np.isfinite(score)
+    controls = is_control & finite
+    if controls.sum() < minimum:
+        return None
+    cut = np.quantile(score[controls], quantile)
+    pseudo = ~is_control & finite & (score > cut)
+    if pseudo.sum() < minimum or len(np.unique(groups[pseudo])) < 2 or len(np.unique(groups[controls])) < 2:
+        return None
+    y = np.full(len(score), -1, dtype=np.int8)
+    y[controls] = 0
+    y[pseudo] = 1
+    return y
+
+
 def fit_and_score(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0, kind: str = "logistic"
                   ) -> tuple[np.ndarray, LogisticModel | MLPModel] | None:
     """Scores for every row (out-of-fold where labelled) and the model fitted on all labelled
@@ -170,9 +197,11 @@ class LearnedScores:
 
 
 def score_candidates(layout, params: dict[str, Any], labels: "Labels | None",
-                     apply: list[Attacker] | None = None, seed: int = 0) -> LearnedScores:
+                     apply: list[Attacker] | None = None, seed: int = 0,
+                     controls: "Controls | None" = None) -> LearnedScores:
     """Score every ok sample with every learned variant: fitted here on ``labels`` (out-of-fold
-    where labelled), or the ``apply`` attackers fitted on another audit. Reads the ok rows'
+    where labelled), weakly supervised on ``controls`` when there are no labels, or the
+    ``apply`` attackers fitted on another audit. Reads the ok rows'
     feature vectors of all parts (memory grows with the audit: a 10^7-image audit needs the
     features of all its images at once)."""
     import pyarrow as pa
@@ -183,10 +212,13 @@ def score_candidates(layout, params: dict[str, Any], labels: "Labels | None",
 
     pairs = variants(tuple(params))
     out = LearnedScores()
-    if not pairs or (labels is None and not apply):
+    weak = labels is None and apply is None and bool(controls)
+    if not pairs or (labels is None and not apply and not weak):
         return out
     parts = sorted(layout.samples_dir.glob("*.parquet"))
     feature_cols = sorted({a.features for a, _ in pairs})
+    if weak:  # the attacks' own image scores pick the pseudo-members
+        feature_cols += sorted({f"{s.name}_score" for a, _ in pairs for s in a.image_scores()[:1]} - set(feature_cols))
     tables, sizes = [], []
     for part in parts:
         t = pq.read_table(part, columns=["shard", "key", "identity", "status", *feature_cols])
@@ -198,7 +230,11 @@ def score_candidates(layout, params: dict[str, Any], labels: "Labels | None",
     table = pa.concat_tables(tables)
     identities = table.column("identity").to_pylist()
     groups = np.unique(np.array([i or "" for i in identities], dtype=object), return_inverse=True)[1]
-    y = image_labels(identities, table.column("shard").to_pylist(), table.column("key").to_pylist(), labels)
+    shards, keys = table.column("shard").to_pylist(), table.column("key").to_pylist()
+    y = image_labels(identities, shards, keys, labels)
+    if weak:
+        assert controls is not None
+        is_control = np.array([controls.is_control(i, s, k) for i, s, k in zip(identities, shards, keys)])
     given = {a.name: a for a in apply or []}
     bounds = np.cumsum([0, *sizes])
     for attack, variant in pairs:
@@ -218,14 +254,24 @@ def score_candidates(layout, params: dict[str, Any], labels: "Labels | None",
             scores = np.full(len(X), np.nan)
             scores[~missing] = att.model.predict_proba(X[~missing])
         else:
-            fitted = fit_and_score(X, y, groups, seed, variant.model)
+            target = y
+            if weak:
+                own = attack.image_scores()
+                target = pseudo_labels(table.column(f"{own[0].name}_score").to_numpy(zero_copy_only=False).astype(float),
+                                       is_control, groups) if own else None
+                if target is None:
+                    log.warning("attackers: %s not fitted: too few controls or candidates above them for weak "
+                                "supervision (needs %d of each, from 2+ identities)", name, MIN_WEAK)
+                    continue
+            fitted = fit_and_score(X, target, groups, seed, variant.model)
             if fitted is None:
                 continue
             scores, model = fitted
-            lab = y >= 0
+            lab = target >= 0
             out.fitted.append(Attacker(attack.name, variant.name, attack.features_version, model, {
-                "images": int(lab.sum()), "members": int((y == 1).sum()), "nonmembers": int((y == 0).sum()),
-                "identities": int(len(np.unique(groups[lab])))}, attack.map_fingerprint(params[attack.name])))
+                "images": int(lab.sum()), "members": int((target == 1).sum()),
+                "nonmembers": int((target == 0).sum()), "identities": int(len(np.unique(groups[lab]))),
+                **({"weak": 1} if weak else {})}, attack.map_fingerprint(params[attack.name])))
         out.names.append(name)
         for part, lo, hi in zip(parts, bounds[:-1], bounds[1:]):
             out.by_part.setdefault(part.name, {})[name] = scores[lo:hi]

@@ -65,7 +65,7 @@ def _evaluate_fixed(name: str, score: np.ndarray, y: np.ndarray, level: str, roc
         return None
     m = membership_metrics(score[keep], y[keep], groups=_clusters(groups[keep], level))
     _roc_rows(roc_rows, name, level, "threshold", score[keep], y[keep])
-    return {"level": level, "variant": "threshold", **m}
+    return {"level": level, "variant": "threshold", "what": "the attack's own score, thresholded", **m}
 
 
 def _evaluate_learned(name: str, X: np.ndarray, y: np.ndarray, groups: np.ndarray, level: str,
@@ -79,7 +79,7 @@ def _evaluate_learned(name: str, X: np.ndarray, y: np.ndarray, groups: np.ndarra
             for s in range(REFITS)]
     _roc_rows(roc_rows, name, level, variant, fits[0], y[keep])
     m = membership_metrics(fits[0], y[keep], groups=_clusters(groups[keep], level), score_sets=fits)
-    return {"level": level, "variant": what, **m}
+    return {"level": level, "variant": variant, "what": what, **m}
 
 
 def _roc_rows(out: list, attack: str, level: str, variant: str, s: np.ndarray, y: np.ndarray) -> None:

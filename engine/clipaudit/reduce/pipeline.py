@@ -89,7 +89,7 @@ def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
     atomic_write_table(layout.identities, ident.table)
     result = ReduceResult(ident.table, written=[layout.identities])
     log.info("%d identities in %.1f s", ident.table.num_rows, time.perf_counter() - t0)
-    learned = _learned_scores(layout, opts, labels)
+    learned = _learned_scores(layout, opts, labels, controls)
     result.calibration = _calibrate(layout, opts, controls, ident.calibration, ident.table, learned)
     if result.calibration is not None:
         result.written.append(layout.calibration)
@@ -111,19 +111,23 @@ def _audited_shards(layout: OutputLayout) -> list[str]:
         con.close()
 
 
-def _learned_scores(layout: OutputLayout, opts: ReduceOptions, labels: Labels | None) -> LearnedScores:
-    """Learned attackers' scores for every ok sample: fitted on the labels (and saved under
-    attackers/), or applied from ``opts.attackers``; stale attackers go when there are no labels."""
+def _learned_scores(layout: OutputLayout, opts: ReduceOptions, labels: Labels | None,
+                    controls: Controls) -> LearnedScores:
+    """Learned attackers' scores for every ok sample: fitted on the labels, or weakly on the
+    controls without labels (and saved under attackers/), or applied from ``opts.attackers``;
+    stale attackers go when nothing was fitted."""
     t0 = time.perf_counter()
     if opts.attackers is not None:
         learned = score_candidates(layout, dict(opts.attacks), None, load_attackers(Path(opts.attackers) / "attackers"))
         log.info("applied %d attacker(s) from %s in %.1f s", len(learned.names), opts.attackers,
                  time.perf_counter() - t0)
         return learned
-    learned = score_candidates(layout, dict(opts.attacks), labels, seed=opts.seed)
+    learned = score_candidates(layout, dict(opts.attacks), labels, seed=opts.seed, controls=controls)
     if learned.fitted:
         save_attackers(learned.fitted, layout.attackers_dir)
-        log.info("fitted %d attacker(s) on the labels in %.1f s", len(learned.fitted), time.perf_counter() - t0)
+        log.info("fitted %d attacker(s) on %s in %.1f s", len(learned.fitted),
+                 "the labels" if labels is not None else "the controls and pseudo-members (weak supervision)",
+                 time.perf_counter() - t0)
     else:
         shutil.rmtree(layout.attackers_dir, ignore_errors=True)
     return learned
