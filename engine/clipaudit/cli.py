@@ -180,6 +180,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import attack_set, format_bench, run_bench
 
+    log = (lambda msg: None) if args.json and args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr,
+                                                                                   flush=True))
+    if args.quick:
+        from .bench_quick import run_quick
+
+        result = run_quick(log=log)
+        _bench_output(args, result, "\n".join(f"{k:26s} {v}" for k, v in result.items()))
+        return EXIT_OK
     try:
         attack_set(args.attacks)
     except ValueError as e:
@@ -188,12 +196,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = run_bench(model=args.model, pretrained=args.pretrained, precision=args.precision, device=args.device,
                        n_images=args.images, batch_size=args.batch_size, decode_threads=args.decode_threads,
                        attacks=args.attacks, image_px=args.image_px, n_names=args.names, repeat=args.repeat,
-                       log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
-    print(format_bench(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+                       log=log)
+    _bench_output(args, result, format_bench(result))
     return EXIT_OK
+
+
+def _bench_output(args: argparse.Namespace, result: dict, text: str) -> None:
+    """``--json``: the record alone on stdout; else the table. ``--json-out``: also a file."""
+    print(json.dumps(result) if args.json else text)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json_out}", file=sys.stderr if args.json else sys.stdout)
 
 
 # -- query ------------------------------------------------------------------------
@@ -286,7 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--attacks", default="default",
                    help="all, default, or registered attack names joined by + (default: default = the attacks a job runs by default)")
     b.add_argument("--repeat", type=int, default=3, help="passes per stage; rates are medians")
-    b.add_argument("--json", help="also write the result record here")
+    b.add_argument("--quick", action="store_true",
+                   help="every speed figure (model-only, end to end, naive loop, augmentation, name index and its "
+                        "recall, memory, 1 vs 2 processes) on a small 96-px model, ~3 min on a 2-core CPU")
+    b.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout, nothing else")
+    b.add_argument("--json-out", metavar="PATH", help="also write the result record to PATH")
+    b.add_argument("--quiet", action="store_true", help="with --json: no progress lines on stderr")
     b.set_defaults(func=cmd_bench)
 
     q = sub.add_parser("query", help="SQL (DuckDB) over the outputs: views samples, identities, embeddings, "

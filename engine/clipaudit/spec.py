@@ -134,7 +134,9 @@ class ComputeSpec(_Strict):
         3600.0, gt=0, description="Ray executor: a shard still running this long is abandoned, its actor killed and "
                                   "replaced, and the shard retried (an attempt); the local executor cannot cancel")
     ray_address: str | None = Field(None, description="None: RAY_ADDRESS or a local Ray")
-    index: Literal["auto", "faiss", "torch"] = Field("auto", description="name top-k backend")
+    index: Literal["auto", "faiss", "faiss-ivf", "torch"] = Field(
+        "auto", description="name top-k backend: torch (exact, GPU), faiss (exact, CPU), faiss-ivf (approximate, CPU); "
+                            "auto: torch on CUDA, else faiss below 50,000 names and faiss-ivf from there")
 
 
 #: Bump when the map step's core per-sample values change meaning without a schema change,
@@ -246,8 +248,25 @@ class JobSpec(_Strict):
         precision = self.model.precision or ("fp16" if device_type == "cuda" else "fp32")
         if device_type == "cpu" and precision == "fp16":
             precision = "fp32"  # the model runs fp32 on a CPU (load_model warns)
-        index = self.compute.index if self.compute.index != "auto" else ("torch" if device_type == "cuda" else "faiss")
+        index = self.compute.index
+        if index == "auto":
+            from .map.index import resolve_backend
+
+            index = resolve_backend(index, device_type, self.name_count())
+        if index == "faiss-ivf":
+            from .map.index import ivf_params
+
+            index += "(lists=%d,probe=%d)" % ivf_params(self.name_count())
         return {"device": device_type, "precision": precision, "index": index}
+
+    def name_count(self) -> int:
+        """How many distinct names the pool holds (read once per process and file state)."""
+        from .data.names import load_name_pool
+
+        key = sha256_file(self.names)
+        if key not in _NAME_COUNT:
+            _NAME_COUNT[key] = len(load_name_pool(self.names))
+        return _NAME_COUNT[key]
 
     def pinned(self, device_type: str) -> "JobSpec":
         """This job with ``auto`` device, unset precision and ``auto`` index made explicit for
@@ -256,7 +275,7 @@ class JobSpec(_Strict):
         device = self.compute.device if self.compute.device != "auto" else n["device"]
         return self.model_copy(update={
             "model": self.model.model_copy(update={"precision": n["precision"]}),
-            "compute": self.compute.model_copy(update={"device": device, "index": n["index"]}),
+            "compute": self.compute.model_copy(update={"device": device, "index": n["index"].split("(")[0]}),
         })
 
     def model_files(self) -> dict[str, dict[str, str | None]]:
@@ -279,6 +298,7 @@ class JobSpec(_Strict):
 
 
 _SHA256_MEMO: dict[tuple, str] = {}
+_NAME_COUNT: dict[str, int] = {}  # names file sha256 → distinct names
 
 
 def detect_device_type(spec: "JobSpec") -> str:

@@ -1,7 +1,9 @@
 import numpy as np
+import pytest
 import torch
 
-from clipaudit.map.index import FaissNameIndex, TorchNameIndex
+from clipaudit.map.index import (APPROX_ABOVE, FaissNameIndex, IVFNameIndex, TorchNameIndex, ivf_params,
+                                 resolve_backend)
 
 
 def _unit(x):
@@ -24,3 +26,44 @@ def test_k_larger_than_pool_is_clamped():
     text = _unit(np.random.default_rng(1).normal(size=(1, 3, 8))).astype(np.float32)
     _, ids = FaissNameIndex(text).search(torch.ones(2, 8), 10)
     assert ids.shape == (1, 2, 3)
+
+
+@pytest.mark.slow
+def test_approximate_index_recall_on_real_name_embeddings(canary_lab):
+    """recall@10 of the IVF index against exact search, on the trained lab model's text
+    embeddings of 20,000 generated names and image embeddings of lab photos as queries."""
+    from clipaudit.lab.identities import make_identities, make_names, render
+    from clipaudit.map.models import load_model
+
+    model = load_model(str(canary_lab.model_config), str(canary_lab.trained), "fp32", "cpu")
+    names = make_names(20_000, seed=3)
+    text = model.encode_texts([f"a photo of {n}" for n in names]).numpy()[None]
+    rng = np.random.default_rng(0)
+    photos = np.stack([render(ident, rng, model.image_size) for ident in make_identities(100, seed=5) for _ in range(2)])
+    queries = model.encode_images(torch.from_numpy(photos))
+    ivf = IVFNameIndex(text)
+    assert (ivf.nlist, ivf.nprobe) == ivf_params(20_000)
+    _, exact = FaissNameIndex(text).search(queries, 10)
+    _, approx = ivf.search(queries, 10)
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx[0], exact[0])])
+    assert recall >= 0.99, recall
+    # probing one list is much worse: the parameters matter, the test can tell
+    _, one = IVFNameIndex(text, nprobe=1).search(queries, 10)
+    assert np.mean([len(set(a) & set(e)) / 10 for a, e in zip(one[0], exact[0])]) < recall
+
+
+def test_auto_picks_the_approximate_index_on_a_cpu_from_the_threshold():
+    assert resolve_backend("auto", "cpu", APPROX_ABOVE - 1) == "faiss"
+    assert resolve_backend("auto", "cpu", APPROX_ABOVE) == "faiss-ivf"
+    assert resolve_backend("auto", "cuda", 10 ** 6) == "torch"
+    assert resolve_backend("faiss", "cpu", 10 ** 6) == "faiss"
+
+
+def test_ivf_index_is_the_same_when_built_twice():
+    """Every worker builds its own index: the lists must not depend on the build."""
+    rng = np.random.default_rng(2)
+    text = _unit(rng.normal(size=(2, 3000, 16))).astype(np.float32)
+    q = torch.from_numpy(_unit(rng.normal(size=(50, 16))).astype(np.float32))
+    a, b = IVFNameIndex(text).search(q, 5), IVFNameIndex(text).search(q, 5)
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[0], b[0])
