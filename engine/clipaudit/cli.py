@@ -53,30 +53,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .runner import run_job
     from .spec import load_spec
 
-    spec = load_spec(args.job)
+    if args.bench and not args.dry_run:
+        raise UserError("--bench is read by --dry-run only (for its time estimate)")
+    spec = load_spec(args.job, need_backends=not args.dry_run)
     if args.output:
         spec = spec.model_copy(update={"output": Path(args.output).resolve()})
     if args.dry_run:
-        from .io.outputs import OutputLayout
-
-        shards = spec.shard_list()
-        layout = OutputLayout(spec.output)
-        done = sum(layout.is_done(s) for s in shards)
-        print(f"job {args.job}: valid. model={spec.model.name} pretrained={spec.model.pretrained}")
-        print(f"shards: {len(shards)} ({done} already done), output: {spec.output}, executor: {spec.compute.executor}")
-        print(f"map hash: {spec.map_hash()}")
-        from .runner import resume_conflict
-
-        conflict = None if args.force else resume_conflict(layout, spec)
-        if conflict is not None:
-            raise UserError(f"a run would be refused: {conflict}")
-        return EXIT_OK
+        return _dry_run(args, spec)
     from .io.report import print_report
 
     report = run_job(spec, force=args.force, progress=not args.no_progress, spec_text=Path(args.job).read_text())
     print_report(report)
     print(f'query: clipaudit query {report.layout.root} "SELECT * FROM identities ORDER BY idia_score DESC LIMIT 10"')
     return EXIT_OK if report.ok else EXIT_FAILED_SHARDS
+
+
+def _dry_run(args: argparse.Namespace, spec) -> int:
+    """Validate, print the plan and the inputs that cannot be checked from here; run nothing."""
+    from .data.shards import is_url
+    from .io.outputs import OutputLayout
+    from .plan import format_plan, make_plan, read_bench
+    from .runner import resume_conflict
+
+    shards = spec.shard_list()
+    layout = OutputLayout(spec.output)
+    done = sum(layout.is_done(s) for s in shards)
+    plan = make_plan(spec, done, read_bench(args.bench) if args.bench else None)
+    print(f"job {args.job}: valid. model={spec.model.name} pretrained={spec.model.pretrained}")
+    print(f"shards: {len(shards)} ({done} already done), output: {spec.output}, executor: {spec.compute.executor}")
+    for line in format_plan(plan):
+        print(line)
+    if is_url(str(spec.names)):  # the resume hash covers the pool's content, which a dry run does not read
+        print("map hash: not computed (the name pool is on object storage); resume check: skipped")
+        return EXIT_OK
+    print(f"map hash: {spec.map_hash()}")
+    conflict = None if args.force else resume_conflict(layout, spec)
+    if conflict is not None:
+        raise UserError(f"a run would be refused: {conflict}")
+    return EXIT_OK
 
 
 # -- reduce -----------------------------------------------------------------------
@@ -250,7 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("job", help="job spec YAML")
     r.add_argument("--output", help="output folder (overrides the spec's `output`)")
     r.add_argument("--force", action="store_true", help="recompute everything, discarding earlier outputs")
-    r.add_argument("--dry-run", action="store_true", help="validate the spec and list the work, run nothing")
+    r.add_argument("--dry-run", action="store_true",
+                   help="validate the spec, print the plan (shards, images, actors, GPUs, time) and the inputs that "
+                        "cannot be checked from here (object storage, hub weights); run nothing")
+    r.add_argument("--bench", metavar="BENCH_JSON",
+                   help="with --dry-run: a `clipaudit bench --json` record of the same model, for a time estimate")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
 

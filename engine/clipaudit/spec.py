@@ -170,7 +170,8 @@ class JobSpec(_Strict):
 
     model: ModelSpec
     data: DataSpec
-    names: Path
+    names: Path | str = Field(description="candidate name pool, one per line: a local file, or a URL (s3://, gs://, "
+                                          "https://) read through fsspec; a URL stays a str")
     labels: Path | None = None
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     plugins: list[str] = Field(
@@ -181,6 +182,11 @@ class JobSpec(_Strict):
     seed: int = Field(0, ge=0, lt=2**63, description="per-sample randomness and the reduce step's draws derive from it")
     store_embeddings: bool = Field(True, description="write image embeddings (biometric data) under embeddings/")
     output: Path
+
+    @field_validator("names", mode="before")
+    @classmethod
+    def _names_path_or_url(cls, v: Any) -> Any:
+        return Path(v) if isinstance(v, str) and not is_url(v) else v
 
     @field_validator("plugins")
     @classmethod
@@ -230,7 +236,7 @@ class JobSpec(_Strict):
             "model_files": self.model_files(),
             "numerics": self.numerics(),
             "data": self.data.model_dump(),
-            "names_sha256": sha256_file(self.names),
+            "names_sha256": names_sha256(self.names),
             **attacks,
             "plugins": {ref: sha256_file(ref) if ref.endswith(".py") else ref for ref in self.plugins},
             "seed": self.seed,
@@ -330,6 +336,15 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return _SHA256_MEMO[key]
 
 
+def names_sha256(names: str | Path) -> str:
+    """Hex sha256 of the name pool's content; a pool on object storage is read to hash it."""
+    if isinstance(names, str) and is_url(names):
+        from .data.names import read_pool_bytes
+
+        return hashlib.sha256(read_pool_bytes(names)).hexdigest()
+    return sha256_file(names)
+
+
 def _looks_like_path(value: str) -> bool:
     return value.endswith((".json", ".pt", ".pth", ".bin", ".safetensors", ".ckpt")) or "/" in value and not value.startswith("hf-hub:")
 
@@ -356,8 +371,12 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_spec(raw: Any, base_dir: Path, source: str = "<dict>") -> JobSpec:
-    """Validate a parsed YAML mapping; resolve relative paths against ``base_dir``."""
+def parse_spec(raw: Any, base_dir: Path, source: str = "<dict>", *, need_backends: bool = True) -> JobSpec:
+    """Validate a parsed YAML mapping; resolve relative paths against ``base_dir``.
+
+    ``need_backends=False`` (a dry run on the machine that submits the job): an fsspec backend
+    for URL inputs that is missing here is not an error; the workers still need it.
+    """
     if not isinstance(raw, dict):
         raise SpecError(f"invalid job spec {source}: the top level must be a mapping of keys")
     raw = json.loads(json.dumps(raw, default=str))  # deep copy, YAML dates → str
@@ -383,12 +402,22 @@ def parse_spec(raw: Any, base_dir: Path, source: str = "<dict>") -> JobSpec:
         spec = JobSpec.model_validate(raw, context={"base_dir": str(base_dir)})
     except ValidationError as e:
         raise SpecError(_format_validation_error(e, source)) from None
-    _check_files(spec)
+    _check_files(spec, need_backends)
     return spec
 
 
-def _check_files(spec: JobSpec) -> None:
-    if not spec.names.is_file():
+def _check_backend(key: str, url: str) -> None:
+    try:
+        check_backend(url)
+    except ImportError as e:
+        raise SpecError(f"{key}: {e}") from None
+
+
+def _check_files(spec: JobSpec, need_backends: bool = True) -> None:
+    if isinstance(spec.names, str):  # a URL: read by the workers; only its backend is checked here
+        if need_backends:
+            _check_backend("names", spec.names)
+    elif not spec.names.is_file():
         raise SpecError(f"names: file not found: {spec.names}")
     if spec.labels is not None and not spec.labels.is_file():
         raise SpecError(f"labels: file not found: {spec.labels}")
@@ -398,11 +427,8 @@ def _check_files(spec: JobSpec) -> None:
         shards = spec.shard_list()
     except ShardPatternError as e:
         raise SpecError(f"data.shards: {e}") from None
-    for proto in sorted({protocol(s) for s in shards if is_url(s)}):
-        try:
-            check_backend(f"{proto}://")
-        except ImportError as e:
-            raise SpecError(f"data.shards: {e}") from None
+    for proto in sorted({protocol(s) for s in shards if is_url(s)} if need_backends else ()):
+        _check_backend("data.shards", f"{proto}://")
     missing = [s for s in shards if not is_url(s) and not Path(s).is_file()]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -427,8 +453,8 @@ def spec_from_json(data: dict[str, Any], source: str) -> JobSpec:
         raise SpecError(_format_validation_error(e, source)) from None
 
 
-def load_spec(path: str | Path) -> JobSpec:
-    """Read, validate and resolve a job spec YAML file."""
+def load_spec(path: str | Path, *, need_backends: bool = True) -> JobSpec:
+    """Read, validate and resolve a job spec YAML file (``need_backends``: see :func:`parse_spec`)."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"job spec not found: {path}")
@@ -436,4 +462,4 @@ def load_spec(path: str | Path) -> JobSpec:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise SpecError(f"job spec {path} is not valid YAML: {e}") from None
-    return parse_spec(raw, path.resolve().parent, source=str(path))
+    return parse_spec(raw, path.resolve().parent, source=str(path), need_backends=need_backends)

@@ -73,6 +73,12 @@ def protocol(shard: str) -> str:
     return shard.split("://", 1)[0].lower()
 
 
+def backend_package(url: str) -> str:
+    """What to install to read ``url`` (its fsspec backend)."""
+    proto = protocol(url)
+    return _BACKENDS.get(proto, f"the fsspec backend for {proto}://")
+
+
 def check_backend(shard: str) -> None:
     """Raise ImportError naming the package to install when a URL's fsspec backend is missing."""
     import fsspec
@@ -83,8 +89,8 @@ def check_backend(shard: str) -> None:
         if proto in _BACKENDS:  # fsspec knows the class but imports its backend lazily
             __import__(_BACKENDS[proto])
     except (ImportError, ValueError) as e:
-        hint = _BACKENDS.get(proto, f"the fsspec backend for {proto}://")
-        raise ImportError(f"reading {proto}:// shards needs {hint} (pip install {hint}): {e}") from None
+        hint = backend_package(shard)
+        raise ImportError(f"reading {proto}:// URLs needs {hint} (pip install {hint}): {e}") from None
 
 
 @contextmanager

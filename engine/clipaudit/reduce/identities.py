@@ -110,9 +110,10 @@ def identities_table(layout: OutputLayout, opts: "ReduceOptions", labels: Labels
     return identity_level(layout, opts, labels, controls).table
 
 
-def _name_pool(path: Path | None) -> set[str] | None:
+def _name_pool(path: Path | str | None) -> set[str] | None:
     from ..attacks.idia import load_name_pool
+    from ..data.shards import is_url
 
-    if path is None or not Path(path).is_file():
+    if path is None or not (is_url(str(path)) or Path(path).is_file()):
         return None
     return set(load_name_pool(path))

@@ -42,7 +42,7 @@ class ReduceOptions:
     labels: Path | None = None
     controls: Path | None = None
     target_fpr: float = 0.01
-    names: Path | None = None
+    names: Path | str | None = None  # a local file or a URL
     seed: int = 0  # the job seed: random draws of the reduce step derive from it
     attackers: Path | None = None  # another audit's folder: apply its fitted attackers instead of fitting here
 

@@ -1,0 +1,217 @@
+"""What ``clipaudit run --dry-run`` reports: the work a job would do, and the inputs it cannot
+check from this machine.
+
+A dry run reads local files (spec, names, labels, checkpoints, tar headers) but never contacts
+object storage or a model hub: a URL or a hub weight is listed as *unchecked* with the reason,
+while a definite problem (a missing local file, an unknown model) stays a :class:`SpecError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data.shards import backend_package, check_backend, is_url, protocol
+from .data.tar_reader import IMAGE_EXTS, split_member_name
+from .spec import JobSpec, ModelSpec, SpecError
+
+#: local shards whose tar headers a dry run reads; beyond this an evenly spaced sample is extrapolated
+COUNT_AT_MOST = 200
+
+
+@dataclass(frozen=True)
+class Unchecked:
+    """An input a dry run cannot check from here: the spec key, what it names, and why."""
+
+    key: str
+    value: str
+    reason: str
+
+
+@dataclass
+class Plan:
+    """The work of one job as a dry run sees it; ``None`` where it cannot be known from here."""
+
+    shards: int
+    done: int
+    images: int | None
+    images_text: str  # the figure as printed, with how it was obtained
+    actors: int | None
+    actors_note: str
+    gpus: float | None
+    gpus_note: str
+    estimate: str
+    unchecked: list[Unchecked] = field(default_factory=list)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _remote_reason(url: str) -> str:
+    reason = "on object storage, not contacted by a dry run"
+    try:
+        check_backend(url)
+    except ImportError:
+        reason += f"; {backend_package(url)} is not installed here (every worker node needs it)"
+    return reason
+
+
+def _model_inputs(key: str, m: ModelSpec) -> list[Unchecked]:
+    """Weights a dry run cannot check; raises :class:`SpecError` for a zoo model or tag that
+    OpenCLIP does not know (a definite error, found without network)."""
+    out: list[Unchecked] = []
+    hub = "not downloaded by a dry run" + (" (HF_HUB_OFFLINE is set)" if _offline() else "")
+    for sub, value in (("name", m.name), ("pretrained", m.pretrained)):
+        if value and is_url(value):
+            out.append(Unchecked(f"{key}.{sub}", value, _remote_reason(value)))
+        elif value and value.startswith("hf-hub:"):
+            out.append(Unchecked(f"{key}.{sub}", value, f"Hugging Face Hub weights, {hub}"))
+    name, tag = m.name, m.pretrained
+    if tag and tag.startswith("hf-hub:"):
+        return out  # the hub repo's config decides the architecture (load_model ignores `name`)
+    if name.startswith("hf-hub:") or name.endswith(".json") or is_url(name) or os.path.sep in name:
+        return out
+    import open_clip
+
+    if name not in open_clip.list_models():
+        raise SpecError(f"{key}.name: unknown model {name!r}: not an OpenCLIP model name, hf-hub: id or "
+                        "model-config JSON (see open_clip.list_models())")
+    if tag and not (is_url(tag) or Path(tag).is_file()):
+        if not open_clip.get_pretrained_cfg(name, tag):
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise SpecError(f"{key}.pretrained: {tag!r} is not an OpenCLIP tag of {name} "
+                            f"(known: {', '.join(tags) or 'none'}) nor a local checkpoint")
+        out.append(Unchecked(f"{key}.pretrained", f"{name} {tag}", f"OpenCLIP zoo weights, {hub}"))
+    return out
+
+
+def unchecked_inputs(spec: JobSpec) -> list[Unchecked]:
+    """Every input of ``spec`` a dry run cannot check from here, in spec order."""
+    out = _model_inputs("model", spec.model)
+    for name in spec.attacks.enabled():
+        for key, value in getattr(spec.attacks, name):
+            if isinstance(value, ModelSpec):
+                out += _model_inputs(f"attacks.{name}.{key}", value)
+    remote = [s for s in spec.shard_list() if is_url(s)]
+    for proto in sorted({protocol(s) for s in remote}):
+        of = [s for s in remote if protocol(s) == proto]
+        value = of[0] if len(of) == 1 else f"{len(of)} shards, {of[0]} … {of[-1]}"
+        out.append(Unchecked("data.shards", value, _remote_reason(of[0])))
+    if isinstance(spec.names, str):
+        out.append(Unchecked("names", spec.names, _remote_reason(spec.names)))
+    return out
+
+
+def _images_in_tar(path: str) -> int | None:
+    """Image members of a local tar, from its headers only; None when it is not a readable tar."""
+    if os.path.getsize(path) == 0:
+        return 0  # what img2dataset writes when every download of a shard failed
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            return sum(1 for m in tar if m.isfile() and split_member_name(m.name)[1] in IMAGE_EXTS)
+    except (tarfile.TarError, OSError):
+        return None
+
+
+def count_images(shards: list[str]) -> tuple[int | None, str]:
+    """Images in the shards (tar headers, no decoding), and the figure as printed with how it
+    was obtained; None when shards on object storage make it unknown."""
+    remote = sum(is_url(s) for s in shards)
+    if remote:
+        return None, f"unknown ({remote} of {len(shards)} shards on object storage, not read by a dry run)"
+    step = max(1, -(-len(shards) // COUNT_AT_MOST))
+    sample = shards[::step]
+    counts = [_images_in_tar(s) for s in sample]
+    unreadable = sum(c is None for c in counts)
+    total = sum(c for c in counts if c is not None)
+    text = f"{total:,} (from tar headers"
+    if len(sample) < len(shards):
+        total = round(total * len(shards) / len(sample))
+        text = f"≈ {total:,} (extrapolated from the tar headers of {len(sample)} of {len(shards)} shards"
+    if unreadable:
+        text += f"; {unreadable} not readable as tar, counted as 0"
+    return total, text + ")"
+
+
+def _actors(spec: JobSpec, todo: int) -> tuple[int | None, str, float | None, str]:
+    c = spec.compute
+    if c.executor == "local":
+        gpus = 0.0 if c.device == "cpu" else (1.0 if c.device.startswith("cuda") else None)
+        return 1, "local executor: one process, no Ray", gpus, ("this machine's first GPU if it has one"
+                                                               if gpus is None else f"device {c.device}")
+    uses_gpu = c.gpus_per_worker > 0 and c.device != "cpu"
+    if c.workers:
+        n = min(c.workers, max(todo, 1))
+        gpus = n * c.gpus_per_worker if uses_gpu else 0.0
+        return n, f"compute.workers = {c.workers}, at most one per shard left", gpus, \
+            f"{c.gpus_per_worker:g} per actor" if uses_gpu else "none (CPU actors)"
+    if not uses_gpu:
+        return None, "Ray: 2 CPU actors unless resources_per_worker says otherwise", 0.0, "none (CPU actors)"
+    return (None, f"Ray: one per {c.gpus_per_worker:g} GPU(s) of the cluster, known when it runs (compute.workers unset)",
+            None, f"every GPU of the cluster, {c.gpus_per_worker:g} per actor")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
+
+
+def _estimate(spec: JobSpec, bench: dict[str, Any] | None, images: int | None, actors: int | None) -> str:
+    if bench is None:
+        return "none (no bench figure: pass --bench FILE written by `clipaudit bench --json` on a worker)"
+    try:
+        rate = float(bench["images_per_s"]["map"])
+        model = bench["model"]
+    except (KeyError, TypeError, ValueError):
+        raise SpecError("--bench: not a `clipaudit bench --json` record (needs model and images_per_s.map)") from None
+    if model != spec.model.name:
+        return f"none (the bench figure is for {model}, this job runs {spec.model.name})"
+    if images is None:
+        return "none (the number of images is unknown)"
+    where = f"{bench.get('machine', {}).get('device', '?')}, {bench.get('precision', '?')}, " \
+            f"attacks {bench.get('attacks', '?')}"
+    per_actor = images / rate
+    if actors is None:
+        return f"{_duration(per_actor)} on one actor at {rate:g} images/s ({where}); divide by the actors"
+    return f"{_duration(per_actor / actors)} on {actors} actor(s) at {rate:g} images/s each ({where}), " \
+           "start-up excluded"
+
+
+def make_plan(spec: JobSpec, done: int, bench: dict[str, Any] | None = None) -> Plan:
+    """The plan of ``spec``, ``done`` of whose shards are already finished."""
+    unchecked = unchecked_inputs(spec)
+    shards = spec.shard_list()
+    images, note = count_images(shards)
+    actors, actors_note, gpus, gpus_note = _actors(spec, len(shards) - done)
+    return Plan(len(shards), done, images, note, actors, actors_note, gpus, gpus_note,
+                _estimate(spec, bench, images, actors), unchecked)
+
+
+def format_plan(plan: Plan) -> list[str]:
+    """The plan as the dry run prints it, one line per item."""
+    lines = [
+        f"images: {plan.images_text}",
+        f"actors: {plan.actors_note}" if plan.actors is None else f"actors: {plan.actors} ({plan.actors_note})",
+        f"GPUs: {plan.gpus_note}" if plan.gpus is None else f"GPUs: {plan.gpus:g} ({plan.gpus_note})",
+        f"estimated time: {plan.estimate}",
+    ]
+    if plan.unchecked:
+        lines.append(f"unchecked ({len(plan.unchecked)}): inputs a dry run cannot check from here")
+        lines += [f"  {u.key}: {u.value} — {u.reason}" for u in plan.unchecked]
+    else:
+        lines.append("unchecked: none")
+    return lines
+
+
+def read_bench(path: str | Path) -> dict[str, Any]:
+    """A ``clipaudit bench --json`` record."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SpecError(f"--bench: file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SpecError(f"--bench: {path} is not JSON: {e}") from None

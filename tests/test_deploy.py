@@ -1,0 +1,161 @@
+"""deploy/ (KubeRay RayJob, Kubernetes CronJob) and cluster.yaml (Ray cluster launcher) say what
+they must: they are parsed here and checked field by field; cluster.yaml with Ray's own schema."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _one(docs: list[dict], kind: str) -> dict:
+    found = [d for d in docs if d.get("kind") == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+_CRON_RANGES = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)]  # minute hour day-of-month month day-of-week
+
+
+def is_cron(schedule: str) -> bool:
+    """A five-field cron expression of numbers, ranges, lists, steps and * (no names, no macros)."""
+    fields = schedule.split()
+    if len(fields) != 5:
+        return False
+    for field, (lo, hi) in zip(fields, _CRON_RANGES):
+        for part in field.split(","):
+            m = re.fullmatch(r"(\*|(\d+)(?:-(\d+))?)(?:/(\d+))?", part)
+            if not m or (m.group(4) is not None and int(m.group(4)) == 0):
+                return False
+            if m.group(2) is not None:
+                a, b = int(m.group(2)), int(m.group(3) or m.group(2))
+                if not lo <= a <= b <= hi:
+                    return False
+    return True
+
+
+def test_cron_check_can_fail():
+    assert is_cron("0 2 * * *") and is_cron("*/15 0-6 1,15 * 1-5")
+    for bad in ("0 2 * *", "61 2 * * *", "0 24 * * *", "0 2 * * 8", "@daily", "0 2 * * MON", "*/0 * * * *"):
+        assert not is_cron(bad), bad
+
+
+def _nightly_command(rayjob: dict) -> list[str]:
+    return shlex.split(rayjob["spec"]["entrypoint"])
+
+
+def test_rayjob_submits_the_nightly_job_on_gpu_workers_and_cleans_up():
+    rayjob = _one(_docs(ROOT / "deploy" / "rayjob.yaml"), "RayJob")
+    assert rayjob["apiVersion"] == "ray.io/v1"
+    assert rayjob["metadata"].get("generateName"), "each night's RayJob needs its own name (kubectl create)"
+    spec = rayjob["spec"]
+    argv = _nightly_command(rayjob)
+    assert argv[:3] == ["clipaudit", "run", "jobs/nightly.yaml"], argv
+    assert (ROOT / argv[2]).is_file()
+    assert yaml.safe_load(spec["runtimeEnvYAML"])["working_dir"] == "/app"  # where the image keeps jobs/
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["activeDeadlineSeconds"] < 24 * 3600  # a night ends before the next one starts
+
+    cluster = spec["rayClusterSpec"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"].get("limits", {})  # a CPU head
+    groups = cluster["workerGroupSpecs"]
+    assert groups, "no worker group"
+    for group in groups:
+        worker = group["template"]["spec"]["containers"][0]
+        for kind in ("requests", "limits"):
+            assert int(worker["resources"][kind]["nvidia.com/gpu"]) >= 1, f"{group['groupName']} {kind}"
+
+    # the output folder (the nightly spec's default and the dated --output) is on the volume every pod mounts
+    output = argv[argv.index("--output") + 1]
+    job_output = yaml.safe_load((ROOT / "jobs" / "nightly.yaml").read_text())["output"]
+    for pod in [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in groups]:
+        mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
+        shared = [path for name, path in mounts.items() if claims.get(name)]
+        assert any(output.startswith(p + "/") and job_output.startswith(p + "/") for p in shared), (output, shared)
+
+
+def test_cronjob_creates_the_rayjob_nightly_with_the_rights_it_needs():
+    docs = _docs(ROOT / "deploy" / "cronjob.yaml")
+    cron = _one(docs, "CronJob")
+    assert cron["apiVersion"] == "batch/v1"
+    spec = cron["spec"]
+    assert is_cron(spec["schedule"]), spec["schedule"]
+    assert spec["concurrencyPolicy"] == "Forbid"
+    pod = spec["jobTemplate"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    command = container["command"]
+    assert command[:3] == ["kubectl", "create", "-f"], command  # create: the RayJob's generateName needs it
+    manifest = Path(command[3])
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(manifest.parent))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert "configMap" in volume and manifest.name == "rayjob.yaml"
+    assert f"--from-file=rayjob.yaml=deploy/rayjob.yaml" in (ROOT / "deploy" / "cronjob.yaml").read_text()
+
+    account = pod["serviceAccountName"]
+    assert _one(docs, "ServiceAccount")["metadata"]["name"] == account
+    role = _one(docs, "Role")
+    binding = _one(docs, "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert {"kind": "ServiceAccount", "name": account} in binding["subjects"]
+    assert any("ray.io" in r["apiGroups"] and "rayjobs" in r["resources"] and "create" in r["verbs"]
+               for r in role["rules"])
+
+
+def _cluster() -> dict:
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def _validate(config: dict) -> dict:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))  # aws: fills defaults locally, no cloud call
+    validate_config(prepared)
+    return prepared
+
+
+def test_cluster_yaml_passes_rays_own_schema():
+    prepared = _validate(_cluster())
+    types = prepared["available_node_types"]
+    head = types[prepared["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    gpu_types = {name: t for name, t in types.items() if t["resources"].get("GPU", 0) > 0}
+    assert gpu_types, "no worker type declares GPUs"
+    for name, t in gpu_types.items():
+        assert t["min_workers"] == 0 and t["max_workers"] >= 1, name
+    assert 1 <= prepared["idle_timeout_minutes"] <= 60
+
+
+def test_cluster_yaml_installs_the_shipped_wheel_with_its_backends():
+    config = _cluster()
+    mounts = config["file_mounts"]
+    remote, local = next((r, lo) for r, lo in mounts.items() if lo.rstrip("/") in ("./dist", "dist"))
+    install = [c for c in config["setup_commands"] if "clipaudit" in c]
+    assert install and remote.replace("/home/ubuntu", "~") in install[0] and ".whl" in install[0]
+    assert "[remote]" in install[0]  # s3fs & co.: the jobs read shards and names from object storage
+    assert "/dist/" in (ROOT / ".gitignore").read_text().split()  # built wheels stay out of git
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda c: c["available_node_types"]["gpu_worker"].update(min_workerz=0), "'min_workerz' was unexpected"),
+    (lambda c: c.update(idle_timeout_minutes="ten"), "'ten' is not of type 'number'"),
+    (lambda c: c.update(head_node_type="no_such_type"), "must be one of `available_node_types`"),
+])
+def test_the_schema_check_can_fail(break_it, message):
+    config = _cluster()
+    break_it(config)
+    import jsonschema
+
+    with pytest.raises((jsonschema.ValidationError, ValueError), match=re.escape(message)):
+        _validate(config)

@@ -1,0 +1,140 @@
+"""The dry run's plan: images counted from local tar headers, actors and GPUs from the spec, a
+time estimate only from a bench record of the same model, URL inputs listed as unchecked."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from clipaudit.cli import main
+from clipaudit.plan import count_images, make_plan, unchecked_inputs
+from clipaudit.spec import SpecError, load_spec
+
+
+def _tar(path: Path, keys: list[str]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for key in keys:
+            for ext, data in (("jpg", b"\xff\xd8 not decoded"), ("json", b'{"identity": "Ann"}')):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _job(root: Path, shards: str, compute: str = "{executor: ray, workers: 2}", names: str = "names.txt") -> Path:
+    (root / "names.txt").write_text("Ann\n")
+    job = root / "job.yaml"
+    job.write_text(f"model: {{name: ViT-B-32}}\ndata: {{shards: {shards}}}\nnames: {names}\n"
+                   f"compute: {compute}\noutput: out\n")
+    return job
+
+
+def test_images_are_counted_from_tar_headers_empty_and_broken_tars_included(tmp_path):
+    a = _tar(tmp_path / "a.tar", ["k1", "k2", "k3"])
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(b"not a tar at all" * 64)
+    assert count_images([str(a), str(empty)]) == (3, "3 (from tar headers)")
+    n, text = count_images([str(a), str(broken)])
+    assert n == 3 and "1 not readable as tar, counted as 0" in text
+    assert count_images([str(a), "s3://b/x.tar"]) == (
+        None, "unknown (1 of 2 shards on object storage, not read by a dry run)")
+
+
+def test_many_shards_are_sampled_and_extrapolated(tmp_path, monkeypatch):
+    import clipaudit.plan as plan
+
+    monkeypatch.setattr(plan, "COUNT_AT_MOST", 2)
+    shards = [str(_tar(tmp_path / f"{i}.tar", [f"k{j}" for j in range(2)])) for i in range(4)]
+    n, text = count_images(shards)
+    assert n == 8 and text.startswith("≈ 8 (extrapolated from the tar headers of 2 of 4 shards")
+
+
+def test_estimate_needs_a_bench_record_of_the_same_model(tmp_path, capsys):
+    _tar(tmp_path / "a.tar", [f"k{i}" for i in range(24)])
+    job = _job(tmp_path, "a.tar")
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"model": "ViT-B-32", "precision": "float16", "attacks": "default",
+                                 "machine": {"device": "cuda"}, "images_per_s": {"map": 0.01}}))
+    assert main(["run", str(job), "--dry-run", "--bench", str(bench)]) == 0
+    out = capsys.readouterr().out
+    assert "images: 24 (from tar headers)" in out
+    assert "actors: 1 (compute.workers = 2, at most one per shard left)" in out
+    assert "GPUs: 1 (1 per actor)" in out
+    # 24 images / 0.01 images/s on one actor = 2400 s
+    assert "estimated time: 40 min on 1 actor(s) at 0.01 images/s each (cuda, float16, attacks default)" in out
+
+    assert main(["run", str(job), "--dry-run"]) == 0
+    assert "estimated time: none (no bench figure" in capsys.readouterr().out
+    bench.write_text(json.dumps({"model": "ViT-L-14", "images_per_s": {"map": 10}}))
+    assert main(["run", str(job), "--dry-run", "--bench", str(bench)]) == 0
+    assert "estimated time: none (the bench figure is for ViT-L-14, this job runs ViT-B-32)" in capsys.readouterr().out
+    bench.write_text("{}")
+    assert main(["run", str(job), "--dry-run", "--bench", str(bench)]) == 2
+    assert "--bench: not a `clipaudit bench --json` record" in capsys.readouterr().err
+    assert main(["run", str(job), "--bench", str(bench)]) == 2  # a time estimate is a dry-run matter
+    assert "--bench is read by --dry-run only" in capsys.readouterr().err
+
+
+def test_actors_and_gpus_unknown_until_the_cluster_is_there(tmp_path):
+    _tar(tmp_path / "a.tar", ["k"])
+    spec = load_spec(_job(tmp_path, "a.tar", compute="{executor: ray, gpus_per_worker: 0.5}"))
+    plan = make_plan(spec, done=0)
+    assert plan.actors is None and "one per 0.5 GPU(s) of the cluster" in plan.actors_note
+    assert plan.gpus is None
+    local = make_plan(load_spec(_job(tmp_path, "a.tar", compute="{executor: local, device: cpu}")), done=0)
+    assert (local.actors, local.gpus) == (1, 0.0)
+
+
+def test_a_name_pool_url_is_read_by_the_run_and_listed_unchecked_by_the_dry_run(tmp_path, capsys):
+    import fsspec
+
+    from clipaudit.data.names import NamePoolError, load_name_pool
+
+    content = b"Ann Example\nBo  Example\n\nAnn Example\n"
+    with fsspec.open("memory://pools/names.txt", "wb") as f:
+        f.write(content)
+    _tar(tmp_path / "a.tar", ["k"])
+    job = _job(tmp_path, "a.tar", names="memory://pools/names.txt")
+    spec = load_spec(job)
+    assert spec.names == "memory://pools/names.txt"  # a URL is kept as given, not made a path
+    assert load_name_pool(spec.names) == ["Ann Example", "Bo Example"]
+    assert spec.map_fingerprint()["names_sha256"] == hashlib.sha256(content).hexdigest()
+    assert [(u.key, u.value) for u in unchecked_inputs(spec)] == [("names", "memory://pools/names.txt")]
+    assert main(["run", str(job), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "  names: memory://pools/names.txt — on object storage, not contacted by a dry run" in out
+    assert "map hash: not computed (the name pool is on object storage)" in out
+    with pytest.raises(NamePoolError, match="names: cannot read memory://pools/missing.txt: FileNotFoundError"):
+        load_name_pool("memory://pools/missing.txt")
+
+
+def test_reduce_reads_a_name_pool_url(tmp_path):
+    import fsspec
+
+    from clipaudit.reduce.identities import _name_pool
+
+    with fsspec.open("memory://pools/reduce.txt", "wb") as f:
+        f.write(b"Ann\n")
+    assert _name_pool("memory://pools/reduce.txt") == {"Ann"}
+    assert _name_pool(tmp_path / "absent.txt") is None
+
+
+def test_weights_from_a_hub_repo_are_unchecked_and_the_name_is_not_judged(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _tar(tmp_path / "a.tar", ["k"])
+    job = _job(tmp_path, "a.tar")
+    job.write_text(job.read_text().replace("model: {name: ViT-B-32}",
+                                           "model: {name: my-arch, pretrained: 'hf-hub:org/repo'}"))
+    [u] = unchecked_inputs(load_spec(job))
+    assert (u.key, u.value) == ("model.pretrained", "hf-hub:org/repo")
+    assert u.reason == "Hugging Face Hub weights, not downloaded by a dry run (HF_HUB_OFFLINE is set)"
+    job.write_text(job.read_text().replace("pretrained: 'hf-hub:org/repo'", "pretrained: null"))
+    with pytest.raises(SpecError, match="model.name: unknown model 'my-arch'"):
+        unchecked_inputs(load_spec(job))
