@@ -61,7 +61,7 @@ def test_estimate_needs_a_bench_record_of_the_same_model(tmp_path, capsys):
     job = _job(tmp_path, "a.tar")
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"model": "ViT-B-32", "precision": "float16", "attacks": "default",
-                                 "machine": {"device": "cuda"}, "images_per_s": {"map": 0.01}}))
+                                 "device": "cuda", "e2e_images_per_s": 0.01}))
     assert main(["run", str(job), "--dry-run", "--bench", str(bench)]) == 0
     out = capsys.readouterr().out
     assert "images: 24 (from tar headers)" in out
@@ -72,12 +72,12 @@ def test_estimate_needs_a_bench_record_of_the_same_model(tmp_path, capsys):
 
     assert main(["run", str(job), "--dry-run"]) == 0
     assert "estimated time: none (no bench figure" in capsys.readouterr().out
-    bench.write_text(json.dumps({"model": "ViT-L-14", "images_per_s": {"map": 10}}))
+    bench.write_text(json.dumps({"model": "ViT-L-14", "e2e_images_per_s": 10}))
     assert main(["run", str(job), "--dry-run", "--bench", str(bench)]) == 0
     assert "estimated time: none (the bench figure is for ViT-L-14, this job runs ViT-B-32)" in capsys.readouterr().out
     bench.write_text("{}")
     assert main(["run", str(job), "--dry-run", "--bench", str(bench)]) == 2
-    assert "--bench: not a `clipaudit bench --json` record" in capsys.readouterr().err
+    assert "--bench: not a `clipaudit bench` record" in capsys.readouterr().err
     assert main(["run", str(job), "--bench", str(bench)]) == 2  # a time estimate is a dry-run matter
     assert "--bench is read by --dry-run only" in capsys.readouterr().err
 

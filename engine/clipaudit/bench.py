@@ -190,6 +190,9 @@ def run_bench(model: str = "ViT-B-32", pretrained: str | None = None, precision:
         if tmp is not None:
             tmp.cleanup()
     return {
+        "device": dev + (f" ({machine(dev).get('gpu')})" if dev.startswith("cuda") else ""),
+        "model_only_images_per_s": round(model_rate, 2), "e2e_images_per_s": round(map_rate, 2),
+        "e2e_vs_model_ratio": round(map_rate / model_rate, 3),
         "machine": machine(dev),
         "model": model, "pretrained": pretrained, "precision": str(loaded.dtype).removeprefix("torch."),
         "image_size": loaded.image_size, "images": n_images, "batch_size": batch_size,

@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validate the spec, print the plan (shards, images, actors, GPUs, time) and the inputs that "
                         "cannot be checked from here (object storage, hub weights); run nothing")
     r.add_argument("--bench", metavar="BENCH_JSON",
-                   help="with --dry-run: a `clipaudit bench --json` record of the same model, for a time estimate")
+                   help="with --dry-run: a `clipaudit bench --json-out` record of the same model, for a time estimate")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
 

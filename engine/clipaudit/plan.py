@@ -162,17 +162,17 @@ def _duration(seconds: float) -> str:
 
 def _estimate(spec: JobSpec, bench: dict[str, Any] | None, images: int | None, actors: int | None) -> str:
     if bench is None:
-        return "none (no bench figure: pass --bench FILE written by `clipaudit bench --json` on a worker)"
+        return "none (no bench figure: pass --bench FILE written by `clipaudit bench --json-out FILE` on a worker)"
     try:
-        rate = float(bench["images_per_s"]["map"])
+        rate = float(bench["e2e_images_per_s"])
         model = bench["model"]
     except (KeyError, TypeError, ValueError):
-        raise SpecError("--bench: not a `clipaudit bench --json` record (needs model and images_per_s.map)") from None
+        raise SpecError("--bench: not a `clipaudit bench` record (needs model and e2e_images_per_s)") from None
     if model != spec.model.name:
         return f"none (the bench figure is for {model}, this job runs {spec.model.name})"
     if images is None:
         return "none (the number of images is unknown)"
-    where = f"{bench.get('machine', {}).get('device', '?')}, {bench.get('precision', '?')}, " \
+    where = f"{bench.get('device', '?')}, {bench.get('precision', '?')}, " \
             f"attacks {bench.get('attacks', '?')}"
     per_actor = images / rate
     if actors is None:
@@ -208,7 +208,7 @@ def format_plan(plan: Plan) -> list[str]:
 
 
 def read_bench(path: str | Path) -> dict[str, Any]:
-    """A ``clipaudit bench --json`` record."""
+    """A ``clipaudit bench --json-out`` record."""
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:

@@ -269,7 +269,7 @@ class JobSpec(_Strict):
         """How many distinct names the pool holds (read once per process and file state)."""
         from .data.names import load_name_pool
 
-        key = sha256_file(self.names)
+        key = names_sha256(self.names)
         if key not in _NAME_COUNT:
             _NAME_COUNT[key] = len(load_name_pool(self.names))
         return _NAME_COUNT[key]
