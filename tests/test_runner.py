@@ -354,9 +354,9 @@ def test_the_hardware_that_changes_numbers_enters_the_resume_hash(job, monkeypat
 
     spec = load_spec(job[0])
     cpu = spec.numerics("cpu")
-    assert cpu == {"device": "cpu", "precision": "fp32", "index": "faiss"}
+    assert cpu == {"device": "cpu", "precision": "fp32", "index": "faiss", "decode": "cpu"}
     auto = spec.model_copy(update={"model": spec.model.model_copy(update={"precision": None})})
-    assert auto.numerics("cuda") == {"device": "cuda", "precision": "fp16", "index": "torch"}
+    assert auto.numerics("cuda") == {"device": "cuda", "precision": "fp16", "index": "torch", "decode": "gpu"}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the same job, seen from a GPU machine
     gpu_hash = auto.map_hash()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

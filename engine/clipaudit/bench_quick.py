@@ -92,7 +92,7 @@ def _augment_speedup(loaded, jpegs: list[bytes], views: int) -> float:
     from PIL import Image
     from torchvision import transforms as T
 
-    from .attacks.augment import encodermi_views, sample_rng
+    from .attacks.augment import augmented_views, sample_rng
 
     size = loaded.image_size
     images = [Image.open(io.BytesIO(d)).convert("RGB") for d in jpegs]
@@ -103,7 +103,7 @@ def _augment_speedup(loaded, jpegs: list[bytes], views: int) -> float:
     px = torch.from_numpy(np.stack([np.asarray(im.resize((size, size))) for im in images]))
     unit = loaded.to_unit(px)
     rngs = [sample_rng(0, str(i), i, "bench") for i in range(len(images))]
-    ours = _rate(len(images) * views, lambda: encodermi_views(unit, rngs, views))
+    ours = _rate(len(images) * views, lambda: augmented_views(unit, rngs, views))
     return ours / pil_rate
 
 

@@ -125,6 +125,9 @@ class ComputeSpec(_Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda | cuda:N")
     batch_size: int = Field(128, ge=1)
     decode_threads: int = Field(2, ge=1)
+    decode: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="where JPEGs are decoded and resized: cpu (Pillow on decode threads), gpu (nvJPEG on "
+                            "the model's device, Pillow for what it cannot read as Pillow would); auto: gpu on CUDA")
     max_retries: int = Field(3, ge=0, description="attempts per shard after the first")
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="extra Ray custom resources per map actor, e.g. {accelerator_slot: 1}")
@@ -263,7 +266,8 @@ class JobSpec(_Strict):
             from .map.index import ivf_params
 
             index += "(lists=%d,probe=%d)" % ivf_params(self.name_count())
-        return {"device": device_type, "precision": precision, "index": index}
+        decode = self.compute.decode if self.compute.decode != "auto" else ("gpu" if device_type == "cuda" else "cpu")
+        return {"device": device_type, "precision": precision, "index": index, "decode": decode}
 
     def name_count(self) -> int:
         """How many distinct names the pool holds (read once per process and file state)."""
@@ -281,7 +285,8 @@ class JobSpec(_Strict):
         device = self.compute.device if self.compute.device != "auto" else n["device"]
         return self.model_copy(update={
             "model": self.model.model_copy(update={"precision": n["precision"]}),
-            "compute": self.compute.model_copy(update={"device": device, "index": n["index"].split("(")[0]}),
+            "compute": self.compute.model_copy(update={"device": device, "index": n["index"].split("(")[0],
+                                                       "decode": n["decode"]}),
         })
 
     def model_files(self) -> dict[str, dict[str, str | None]]:

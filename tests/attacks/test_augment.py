@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from clipaudit.attacks.augment import (crop_resize, encodermi_views, part_crops, patch_masks,
+from clipaudit.attacks.augment import (crop_resize, augmented_views, part_crops, patch_masks,
                                        random_resized_boxes, sample_rng)
 
 
@@ -40,7 +40,7 @@ def test_each_image_gets_its_own_random_views():
     # the same picture four times in one batch: per-image parameters must make the views differ
     x = _images(1).repeat(4, 1, 1, 1)
     rngs = [sample_rng(0, f"k{i}", i, "encodermi") for i in range(4)]
-    v = encodermi_views(x, rngs, 3).view(4, 3, 3, 16, 16)
+    v = augmented_views(x, rngs, 3).view(4, 3, 3, 16, 16)
     assert v.min() >= 0 and v.max() <= 1
     for i in range(1, 4):
         assert not torch.allclose(v[0], v[i])
@@ -51,8 +51,8 @@ def test_each_image_gets_its_own_random_views():
 def test_views_do_not_depend_on_batch_composition():
     x = _images(4)
     keys = ["a", "b", "c", "d"]
-    together = encodermi_views(x, [sample_rng(3, k, 0, "e") for k in keys], 4).view(4, 4, 3, 16, 16)
-    alone = encodermi_views(x[2:3], [sample_rng(3, "c", 0, "e")], 4).view(1, 4, 3, 16, 16)
+    together = augmented_views(x, [sample_rng(3, k, 0, "e") for k in keys], 4).view(4, 4, 3, 16, 16)
+    alone = augmented_views(x[2:3], [sample_rng(3, "c", 0, "e")], 4).view(1, 4, 3, 16, 16)
     torch.testing.assert_close(together[2], alone[0], atol=1e-6, rtol=0)
 
 

@@ -104,11 +104,11 @@ def _extents(images: torch.Tensor, sizes: list[tuple[int, int]] | None) -> list[
     return sizes if sizes is not None else [(images.shape[-1], images.shape[-2])] * len(images)
 
 
-def encodermi_views(images: torch.Tensor, rngs: list[np.random.Generator], n_views: int,
+def augmented_views(images: torch.Tensor, rngs: list[np.random.Generator], n_views: int,
                     scale: tuple[float, float] = (0.2, 1.0), jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
                     p_jitter: float = 0.8, p_gray: float = 0.2, sizes: list[tuple[int, int]] | None = None,
                     out_size: int | None = None) -> torch.Tensor:
-    """EncoderMI's augmentations, n views per image: (B·n)×3×S×S in [0, 1], image-major.
+    """SimCLR-style augmentations (as EncoderMI uses), n views per image: (B·n)×3×S×S in [0, 1], image-major.
 
     ``images`` may be a padded canvas of originals: ``sizes`` gives each one's (width,
     height) in its top-left corner (default: the whole tensor); ``out_size`` is S (default:
@@ -141,7 +141,7 @@ def part_crops(images: torch.Tensor, rngs: list[np.random.Generator], n_crops: i
                scale: tuple[float, float], sizes: list[tuple[int, int]] | None = None,
                out_size: int | None = None) -> torch.Tensor:
     """Small part crops, resized to model size: (B·k)×3×S×S, image-major (``sizes`` and
-    ``out_size`` as in :func:`encodermi_views`)."""
+    ``out_size`` as in :func:`augmented_views`)."""
     boxes = [random_resized_boxes(rng, n_crops, extent, scale) for rng, extent in zip(rngs, _extents(images, sizes))]
     return crop_resize(images, boxes, out_size or images.shape[-1])
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .augment import encodermi_views
+from .augment import augmented_views
 from .base import MapBatch, StatelessAttack
 from .registry import LOGISTIC, Attack, Column, Learned, Score, register
 from .views import embed_views, rows, scale_range
@@ -42,7 +42,7 @@ class EncoderMIAttack(StatelessAttack):
         n = self.views
         size = batch.images.shape[-1]
         emb = embed_views(batch, n, "encodermi", from_source=True,
-                          make=lambda im, rngs, sizes: encodermi_views(im, rngs, n, self.scale, sizes=sizes,
+                          make=lambda im, rngs, sizes: augmented_views(im, rngs, n, self.scale, sizes=sizes,
                                                                        out_size=size))
         sim = emb @ emb.transpose(1, 2)  # B×n×n
         iu = torch.triu_indices(n, n, offset=1, device=sim.device)

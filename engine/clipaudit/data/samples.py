@@ -46,6 +46,7 @@ class Sample:
     caption: str | None = None
     pixels: np.ndarray | None = None
     source: np.ndarray | None = None  # the bounded original, for attacks that cut views from it
+    jpeg: bytes | None = None  # a JPEG left for the device decoder (pixels come later)
     width: int | None = None
     height: int | None = None
     error: str | None = None
@@ -87,9 +88,11 @@ def _read_caption(raw: RawSample) -> tuple[str | None, str | None]:
 
 
 def prepare_sample(raw: RawSample, shard: str, identity_field: str, size: int | Preprocess, max_pixels: int,
-                   source_side: int | None = None) -> Sample:
+                   source_side: int | None = None, defer_jpegs: bool = False) -> Sample:
     """Read metadata and decode the image (``size``: the model's :class:`Preprocess`; with
-    ``source_side``, keep the bounded original too); every failure becomes an error sample."""
+    ``source_side``, keep the bounded original too); every failure becomes an error sample.
+    With ``defer_jpegs``, a JPEG the device decoder can read is left undecoded in
+    ``Sample.jpeg`` (see :mod:`.device_decode`)."""
     s = Sample(shard=shard, key=raw.key, position=raw.position)
     if raw.files:
         s.identity, err, detail = _read_identity(raw, identity_field)
@@ -106,6 +109,13 @@ def prepare_sample(raw: RawSample, shard: str, identity_field: str, size: int | 
     if image_ext is None:
         s.error, s.detail = "missing_image", f"files present: {sorted(raw.files)}"
         return s
+    if defer_jpegs:
+        from .device_decode import device_eligible
+
+        dims = device_eligible(raw.files[image_ext], max_pixels, size if isinstance(size, Preprocess) else Preprocess(size))
+        if dims is not None:
+            s.jpeg, (s.width, s.height) = raw.files[image_ext], dims
+            return s
     try:
         img = decode_image(raw.files[image_ext], size, max_pixels, source_side)
     except DecodeFailure as e:
@@ -113,3 +123,16 @@ def prepare_sample(raw: RawSample, shard: str, identity_field: str, size: int | 
         return s
     s.pixels, s.width, s.height, s.source = img.pixels, img.width, img.height, img.source
     return s
+
+
+def decode_with_pillow(s: Sample, size: int | Preprocess, max_pixels: int, source_side: int | None = None) -> None:
+    """Decode a deferred JPEG (``s.jpeg``) the Pillow way, in place: pixels, or an error."""
+    assert s.jpeg is not None
+    data, s.jpeg = s.jpeg, None
+    try:
+        img = decode_image(data, size, max_pixels, source_side)
+    except DecodeFailure as e:
+        s.error, s.detail = e.code, e.detail
+        s.width = s.height = None  # as an image that failed on the Pillow path from the start
+        return
+    s.pixels, s.width, s.height, s.source = img.pixels, img.width, img.height, img.source

@@ -20,7 +20,7 @@ import torch
 from ..attacks import MapAttack, build_attacks
 from ..attacks.registry import available
 from ..attacks.base import MapBatch
-from ..data.samples import Sample, prepare_sample
+from ..data.samples import Sample, decode_with_pillow, prepare_sample
 from ..data.tar_reader import RawSample, iter_tar_samples
 from .models import LoadedModel, load_model
 from ..io.outputs import OutputLayout, PartWriter, atomic_write_json
@@ -73,6 +73,7 @@ class ShardMapper:
         # the bounded original is decoded only when an enabled attack cuts views from it
         needs_source = any(a.source_views for a in available(spec.plugins) if a.name in spec.attacks.enabled())
         self.source_side = spec.data.source_max_side if needs_source else None
+        self.device_decode = spec.compute.decode == "gpu" or (spec.compute.decode == "auto" and torch.cuda.is_available())
         self.embeddings_schema = load_schema("embeddings")
         self._pool = ThreadPoolExecutor(max_workers=spec.compute.decode_threads, thread_name_prefix="decode")
 
@@ -81,6 +82,8 @@ class ShardMapper:
         if self.model is None:
             m = self.spec.model
             self.model = load_model(m.name, m.pretrained, m.precision, self.spec.compute.device, seed=self.spec.seed)
+            if self.spec.compute.decode == "gpu" and self.model.device.type != "cuda":
+                raise ValueError(f"compute.decode: gpu needs the model on a CUDA device, it is on {self.model.device}")
         return self.model
 
     def compute_shared(self) -> dict[str, Any]:
@@ -98,7 +101,31 @@ class ShardMapper:
         assert self.model is not None
         d = self.spec.data
         pre = self.model.preprocess
-        return [prepare_sample(r, shard, d.identity_field, pre, d.max_image_pixels, self.source_side) for r in raws]
+        return [prepare_sample(r, shard, d.identity_field, pre, d.max_image_pixels, self.source_side, self.device_decode)
+                for r in raws]
+
+    def _finish_device_decode(self, samples: list[Sample]) -> dict[int, torch.Tensor]:
+        """Decode the deferred JPEGs of a batch on the model's device; a file the device
+        decoder rejects is decoded with Pillow (same error codes). Returns id(sample) → its
+        uint8 S×S×3 pixels on the device."""
+        assert self.model is not None
+        pending = [s for s in samples if s.jpeg is not None]
+        if not pending:
+            return {}
+        from ..data.device_decode import decode_on_device
+
+        pre, d = self.model.preprocess, self.spec.data
+        on_device = {}
+        for s, out in zip(pending, decode_on_device([s.jpeg for s in pending], pre, self.model.device,  # type: ignore[misc]
+                                                    self.source_side)):
+            if out is None:
+                decode_with_pillow(s, pre, d.max_image_pixels, self.source_side)
+                continue
+            s.jpeg = None
+            on_device[id(s)] = out[0]
+            if out[1] is not None:
+                s.source = out[1].numpy()
+        return on_device
 
     def decoded_batches(self, shard: str) -> Iterator[list[Sample]]:
         """Decode batch i+1 on the thread pool while the caller runs the model on batch i."""
@@ -115,12 +142,19 @@ class ShardMapper:
             yield _interleave([f.result() for f in pending[0]], pending[1])
 
     def _rows(self, samples: list[Sample]) -> tuple[dict[str, list], np.ndarray | None]:
+        on_device = self._finish_device_decode(samples)
         ok = [s for s in samples if s.ok]
         attack_cols: dict[str, list] = {}
         emb_np = None
         if ok:
             assert self.model is not None
-            images = self.model.to_unit(torch.from_numpy(np.stack([s.pixels for s in ok])))
+            if on_device:
+                dev = self.model.device
+                pixels = torch.stack([on_device[id(s)] if id(s) in on_device else
+                                      torch.tensor(s.pixels, device=dev) for s in ok])
+            else:
+                pixels = torch.from_numpy(np.stack([s.pixels for s in ok]))
+            images = self.model.to_unit(pixels)
             chunk = self.spec.compute.batch_size
             emb = self.model.encode_unit(images, chunk)
             sources = [s.source for s in ok] if self.source_side is not None else None

@@ -1,0 +1,48 @@
+"""The map step with JPEGs decoded on the model's device (the GPU path's code, with the CPU
+decoder here): one row per sample, the same error rows, scores as with Pillow decode."""
+
+import pyarrow.parquet as pq
+from helpers import assert_same_rows, encode, image_bytes, photo_like, sample_files, write_tar
+
+from clipaudit.io.outputs import OutputLayout
+from clipaudit.map.mapper import ShardMapper
+from clipaudit.spec import load_spec
+
+
+def test_device_decode_gives_the_rows_of_the_pillow_path(tiny_model, tmp_path):
+    photos = [encode(photo_like((80 + 7 * i, 64 + 5 * i), seed=i)) for i in range(10)]
+    truncated = photos[0][: len(photos[0]) // 3]
+    members = []
+    for i, data in enumerate(photos):
+        members += sample_files(f"k{i:03d}", f"P{i % 3}", data)
+    members += sample_files("png", "P0", image_bytes(fmt="PNG", size=(70, 70)), ext="png")  # Pillow path
+    members += sample_files("cmyk", "P1", encode(photo_like((90, 90)).convert("CMYK")))  # Pillow path
+    members += sample_files("cut", "P2", truncated)  # eligible header, broken data
+    members += sample_files("zero", "P2", b"")
+    write_tar(tmp_path / "a.tar", members)
+    (tmp_path / "names.txt").write_text("P0\nP1\nP2\nP3\n")
+    job = tmp_path / "job.yaml"
+    job.write_text(f"""
+model: {{name: {tiny_model['config']}, pretrained: {tiny_model['checkpoint']}, precision: fp32}}
+data: {{shards: a.tar}}
+names: names.txt
+attacks: {{idia: {{top_k: 3}}, encodermi: {{views: 4}}}}
+compute: {{executor: local, batch_size: 6, decode_threads: 1, decode: cpu}}
+output: out
+""")
+    spec = load_spec(job)
+    outs = {}
+    for name, on_device in (("pillow", False), ("device", True)):
+        layout = OutputLayout(tmp_path / name)
+        mapper = ShardMapper(spec, layout)
+        mapper.device_decode = on_device  # the device path, on this machine's CPU decoder
+        mapper.setup(mapper.compute_shared())
+        stats = mapper.map_shard(str(tmp_path / "a.tar"))
+        mapper.close()
+        outs[name] = (layout.root, stats)
+    assert outs["device"][1].rows == outs["pillow"][1].rows == 14
+    assert outs["device"][1].errors == outs["pillow"][1].errors
+    rows = pq.read_table(outs["device"][0] / "samples").to_pylist()
+    assert next(r for r in rows if r["key"] == "cut")["error"] == "decode_error"  # Pillow's code, after the fallback
+    # every column equal, scores within 0.05 (one-level pixel roundings move them a little)
+    assert_same_rows(outs["device"][0], outs["pillow"][0], float_tol=0.05)
