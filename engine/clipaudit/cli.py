@@ -34,11 +34,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .reduce.attackers import AttackerError
     from .reduce.labels import LabelsError
     from .io.outputs import OutputBusy
+    from .io.report_html import MissingExtra
     from .runner import ResumeRefused
     from .spec import SpecError
 
     return (SpecError, ModelLoadError, ResumeRefused, QueryError, LabelsError, NamePoolError, UserError, AttackerError,
-            OutputBusy, FileNotFoundError)
+            OutputBusy, MissingExtra, FileNotFoundError)
 
 
 def _unwrap(e: BaseException) -> BaseException:
@@ -186,6 +187,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .io.report import report_folder
 
     report_folder(Path(args.output_dir))
+    if args.html:
+        from .io.report_html import write_html
+
+        print(f"html report: {write_html(Path(args.output_dir))}")
     return EXIT_OK
 
 
@@ -302,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="print what an output folder holds: summary, metrics, calibration")
     rp.add_argument("output_dir", metavar="OUTPUT_DIR", help="an audit's output folder")
+    rp.add_argument("--html", action="store_true",
+                    help="also write OUTPUT_DIR/report.html (one self-contained page with plots; the PNGs under "
+                         "OUTPUT_DIR/report/); needs the `report` extra (matplotlib)")
     rp.set_defaults(func=cmd_report)
 
     b = sub.add_parser("bench", help="map-step throughput beside a model-only baseline, same run (synthetic shards)")

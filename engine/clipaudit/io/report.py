@@ -16,35 +16,52 @@ def _cell(m: dict, k: str) -> str:
     return f"{v:.3f}" if ci is None else f"{v:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
-def metrics_table(metrics: dict) -> list[str]:
-    """One line per attack (and its learned variant) plus the model-free baseline."""
-    lines = [f"{'attack':22s} {'level':9s} {'AUC':20s} {'blind AUC':9s} {'TPR@1%FPR':38s} {'TPR@0.1%FPR'}"]
-
-    def line(name: str, m: dict) -> str:
+def metrics_rows(metrics: dict) -> list[tuple[str, str, str, str, str, str]]:
+    """(name, level, AUC, blind AUC, TPR@1%FPR, TPR@0.1%FPR) cells per attack score, its learned
+    variants (names indented) and the model-free baseline per level."""
+    def row(name: str, m: dict) -> tuple[str, str, str, str, str, str]:
         base = f"{m['baseline_auc']:.3f}" if m.get("baseline_auc") is not None else ""
-        return (f"{name:22s} {m.get('level', '-'):9s} {_cell(m, 'auc'):20s} {base:9s} "
-                f"{_cell(m, 'tpr_at_1pct_fpr'):38s} {_cell(m, 'tpr_at_0_1pct_fpr')}").rstrip()
+        return (name, m.get("level", "-"), _cell(m, "auc"), base, _cell(m, "tpr_at_1pct_fpr"),
+                _cell(m, "tpr_at_0_1pct_fpr"))
 
+    rows = []
     for attack in registered():
         for score in attack.scores:
             m = metrics.get(score.name)
             if isinstance(m, dict) and "auc" in m:
-                lines.append(line(score.name + (f" (k={m['k']})" if m.get("k") else ""), m))
+                rows.append(row(score.name + (f" (k={m['k']})" if m.get("k") else ""), m))
                 for learner in attack.learned:
                     if learner.name in m:
-                        lines.append(line(f"  {score.name} ({learner.label})", m[learner.name]))
+                        rows.append(row(f"  {score.name} ({learner.label})", m[learner.name]))
     b = metrics.get("baseline")
-    by_level = b.get("by_level", {}) if isinstance(b, dict) else {}
-    for level, bm in by_level.items():
-        lines.append(line("blind baseline", bm))
-    for level, bm in by_level.items():
+    for bm in (b.get("by_level", {}) if isinstance(b, dict) else {}).values():
+        rows.append(row("blind baseline", bm))
+    return rows
+
+
+def shift_warnings(metrics: dict) -> list[str]:
+    """The distribution-shift warning, one sentence per level where the blind baseline raised it."""
+    b = metrics.get("baseline")
+    out = []
+    for level, bm in (b.get("by_level", {}) if isinstance(b, dict) else {}).items():
         if bm.get("warning"):
             lo, hi = bm["auc_ci"]
-            lines.append(f"WARNING ({level} level): the blind baseline, which never sees the model, tells the labelled "
-                         f"members from the non-members (AUC {bm['auc']:.3f} [{lo:.2f}, {hi:.2f}]): the two sets "
-                         "differ in their images or captions, so attack scores at this level may measure that "
-                         "difference (distribution shift), not membership.")
-    return lines
+            out.append(f"WARNING ({level} level): the blind baseline, which never sees the model, tells the labelled "
+                       f"members from the non-members (AUC {bm['auc']:.3f} [{lo:.2f}, {hi:.2f}]): the two sets "
+                       "differ in their images or captions, so attack scores at this level may measure that "
+                       "difference (distribution shift), not membership.")
+    return out
+
+
+METRICS_HEADER = ("attack", "level", "AUC", "blind AUC", "TPR@1%FPR", "TPR@0.1%FPR")
+
+
+def metrics_table(metrics: dict) -> list[str]:
+    """One line per attack (and its learned variant) plus the model-free baseline."""
+    widths = (22, 9, 20, 9, 38)
+    lines = [" ".join(c.ljust(w) for c, w in zip(r, widths)) + " " + r[-1]
+             for r in [METRICS_HEADER, *metrics_rows(metrics)]]
+    return [line.rstrip() for line in lines] + shift_warnings(metrics)
 
 
 def summary_lines(s: dict) -> list[str]:
