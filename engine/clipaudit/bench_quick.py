@@ -1,7 +1,7 @@
 """``clipaudit bench --quick``: every speed figure of the map step on a small OpenCLIP model,
 each beside its baseline measured in the same run, in about three minutes on a 2-core CPU.
 
-The model is a randomly initialised OpenCLIP ViT at 96 px (speed does not depend on the
+The model is a randomly initialised OpenCLIP ViT at 64 px (speed does not depend on the
 weights). Figures (keys of the JSON record):
 
 * ``model_only_images_per_s`` — the image tower alone on decoded, resized batches;
@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,10 +36,10 @@ import numpy as np
 
 QUICK_CONFIG = {
     "embed_dim": 256,
-    "vision_cfg": {"image_size": 96, "layers": 4, "width": 256, "patch_size": 16, "head_width": 64},
+    "vision_cfg": {"image_size": 64, "layers": 6, "width": 512, "patch_size": 16, "head_width": 64},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 3},
 }
-MODEL_NAME = "clipaudit-bench-vit-96"
+MODEL_NAME = "clipaudit-bench-vit-64"
 
 
 def _write_model(root: Path) -> Path:
@@ -61,6 +58,7 @@ def _spec(root: Path, model: Path, shards: list[Path], batch_size: int, out: str
         "model": {"name": str(model)},
         "data": {"shards": [str(p) for p in shards]},
         "names": str(root / "names.txt"),
+        "attacks": {"idia": {}},
         "compute": {"executor": "local", "device": "cpu", "batch_size": batch_size, "decode_threads": threads},
         "output": str(root / out),
     }, root)
@@ -107,9 +105,9 @@ def _augment_speedup(loaded, jpegs: list[bytes], views: int) -> float:
     return ours / pil_rate
 
 
-def _index_figures(root: Path, index_names: int, templates: int = 3) -> tuple[float, float]:
-    """(queries per second on the approximate index at ``index_names`` synthetic vectors,
-    recall@10 vs exact on ``index_names`` real name embeddings).
+def _index_figures(root: Path, index_names: int, templates: int = 3) -> tuple[float, float, float]:
+    """(queries per second on the approximate index at ``index_names`` synthetic vectors, the
+    same for exact search, recall@10 vs exact on ``index_names`` real name embeddings).
 
     Recall needs a text tower that tells names apart: a random-init tower maps every name to
     nearly the same vector, where the top 10 are ties. So a tiny CLIP is trained on the
@@ -130,6 +128,7 @@ def _index_figures(root: Path, index_names: int, templates: int = 3) -> tuple[fl
     qs = torch.from_numpy(rng.normal(size=(256, dim)).astype(np.float32))
     qs = torch.nn.functional.normalize(qs, dim=-1)
     names_per_s = _rate(len(qs) * templates, lambda: ivf.search(qs, 10))
+    exact_per_s = _rate(len(qs) * templates, lambda: FaissNameIndex(synth).search(qs, 10))
     del ivf, synth
     lab = build_lab(root / "lab", LabConfig(n_identities=24, steps=200, shards=1, n_distractor_names=50),
                     log=lambda *a: None)
@@ -141,24 +140,16 @@ def _index_figures(root: Path, index_names: int, templates: int = 3) -> tuple[fl
     _, exact = FaissNameIndex(text).search(queries, 10)
     _, approx = IVFNameIndex(text).search(queries, 10)
     recall = float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx[0], exact[0])]))
-    return names_per_s, recall
+    return names_per_s, exact_per_s, recall
 
 
-CHILD = """
-import json, sys
-import torch
-torch.set_num_threads(int(sys.argv[2]))
-from clipaudit.bench_quick import _child_map
-print(json.dumps(_child_map(json.loads(sys.argv[1]))))
-"""
-
-
-def _child_map(job: dict) -> dict:
-    """In a fresh process: map the given shards; report the map rate and peak RSS."""
-    import resource
-
+def _child_map(job: dict, threads: int, results) -> None:
+    """In a fresh (spawned) process: map the given shards with ``threads`` torch threads; put
+    the rows, seconds and peak RSS on ``results``."""
     import open_clip
+    import torch
 
+    torch.set_num_threads(threads)
     from .io.outputs import OutputLayout
     from .map.mapper import ShardMapper
 
@@ -174,19 +165,35 @@ def _child_map(job: dict) -> dict:
     rows = sum(mapper.map_shard(s).rows for s in job["shards"])
     seconds = time.perf_counter() - t0
     mapper.close()
-    return {"rows": rows, "seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    results.put({"rows": rows, "seconds": seconds, "peak_rss_mb": peak_rss_mb()})
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM; ``ru_maxrss`` survives ``exec`` on Linux, so a
+    spawned child would report its parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _children(jobs: list[dict], threads: int) -> list[dict]:
-    start = time.time() + 8.0  # after every child has loaded torch and the model
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, json.dumps({**j, "start_at": start}), str(threads)],
-                              stdout=subprocess.PIPE, text=True) for j in jobs]
-    out = []
+    """Run :func:`_child_map` for each job in its own spawned process, side by side."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # a fresh interpreter: its peak RSS is the map step's alone
+    results = ctx.Queue()
+    start = time.time() + 8.0  # after every child has imported torch and loaded the model
+    procs = [ctx.Process(target=_child_map, args=({**j, "start_at": start}, threads, results)) for j in jobs]
     for p in procs:
-        stdout, _ = p.communicate()
-        if p.returncode != 0:
-            raise RuntimeError(f"bench child process failed (exit {p.returncode})")
-        out.append(json.loads(stdout.strip().splitlines()[-1]))
+        p.start()
+    out = [results.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+        if p.exitcode != 0:
+            raise RuntimeError(f"bench child process failed (exit {p.exitcode})")
     return out
 
 
@@ -207,7 +214,7 @@ def run_quick(n_images: int = 768, batch_size: int = 64, names: int = 1000, inde
         shards = write_synthetic_shards(root / "shards", n_images, per_shard, 128, names)
         (root / "names.txt").write_text("".join(f"Person {i:05d}\n" for i in range(names)))
         loaded = load_model(str(model_path), None, "fp32", "cpu", seed=0)
-        px = torch.from_numpy(np.random.default_rng(1).integers(0, 255, (batch_size, 96, 96, 3), dtype=np.uint8))
+        px = torch.from_numpy(np.random.default_rng(1).integers(0, 255, (batch_size, loaded.image_size, loaded.image_size, 3), dtype=np.uint8))
         unit = loaded.to_unit(px)
         loaded.encode_unit(unit, batch_size)  # warm-up
         n_batches = n_images // batch_size
@@ -239,7 +246,7 @@ def run_quick(n_images: int = 768, batch_size: int = 64, names: int = 1000, inde
         augment = _augment_speedup(loaded, jpegs[:64], views)
 
         log(f"name index: approximate at {index_names} names (recall on the lab model's text tower)")
-        names_per_s, recall = _index_figures(root, index_names)
+        names_per_s, exact_per_s, recall = _index_figures(root, index_names)
 
         log("memory (1 vs 10 shards) and 1 vs 2 map processes")
         small = write_synthetic_shards(root / "small", 10 * 32, 32, 128, names)
@@ -255,13 +262,14 @@ def run_quick(n_images: int = 768, batch_size: int = 64, names: int = 1000, inde
     m = machine("cpu")
     return {
         "device": f"cpu: {m['cpu']} ({m['cpu_cores']} cores)", "torch": m["torch"],
-        "model": f"{MODEL_NAME} (OpenCLIP ViT-B/16-like, 96 px, width 256, 4 layers, random init)",
+        "model": f"{MODEL_NAME} (OpenCLIP ViT, patch 16, 64 px, width 512, 6 layers, random init)",
         "batch_size": batch_size, "images": n_images, "names": names,
         "model_only_images_per_s": round(model_rate, 1), "e2e_images_per_s": round(e2e_rate, 1),
         "e2e_vs_model_ratio": round(e2e_rate / model_rate, 3),
         "naive_images_per_s": round(naive_rate, 1), "speedup_vs_naive": round(e2e_rate / naive_rate, 2),
         "augment_views": views, "augment_speedup_vs_pil": round(augment, 2),
         "index": "faiss-ivf", "index_names": index_names, "names_per_s": round(names_per_s, 1),
+        "names_per_s_exact": round(exact_per_s, 1),
         "recall_at_10": round(recall, 4),
         "peak_rss_mb_1x": round(one["peak_rss_mb"], 1), "peak_rss_mb_10x": round(ten["peak_rss_mb"], 1),
         "actors_1_vs_2_efficiency": round(pair_rate / (2 * solo_rate), 3),

@@ -1,8 +1,11 @@
 """The map step: one shard in → one Parquet part (+ embeddings part) + marker out.
 
-A plain function of (model, shard) → rows, used unchanged by every executor. Decoding
-runs in a thread pool (Pillow releases the GIL) one batch ahead of the model, so the
-model never waits on JPEG decode when there are enough CPU threads.
+A plain function of (model, shard) → rows, used unchanged by every executor. Three stages
+overlap: decoding runs in a thread pool (Pillow releases the GIL) one batch ahead of the
+model; the model and attacks run on the current batch (its pixels copied to a GPU from
+pinned memory, or decoded there, see :mod:`clipaudit.data.device_decode`); the previous
+batch's Parquet rows are written on a writer thread. So the model never waits on JPEG
+decode or Parquet encoding when there are enough CPU threads.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -76,6 +79,7 @@ class ShardMapper:
         self.device_decode = spec.compute.decode == "gpu" or (spec.compute.decode == "auto" and torch.cuda.is_available())
         self.embeddings_schema = load_schema("embeddings")
         self._pool = ThreadPoolExecutor(max_workers=spec.compute.decode_threads, thread_name_prefix="decode")
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
 
     # -- setup ----------------------------------------------------------------
     def load(self) -> LoadedModel:
@@ -154,6 +158,8 @@ class ShardMapper:
                                       torch.tensor(s.pixels, device=dev) for s in ok])
             else:
                 pixels = torch.from_numpy(np.stack([s.pixels for s in ok]))
+                if self.model.device.type == "cuda":
+                    pixels = pixels.pin_memory()  # the host→device copy in to_unit runs asynchronously
             images = self.model.to_unit(pixels)
             chunk = self.spec.compute.batch_size
             emb = self.model.encode_unit(images, chunk)
@@ -195,21 +201,33 @@ class ShardMapper:
         self.layout.make_dirs()
         part = PartWriter(self.layout.sample_part(shard), self.samples_schema)
         emb_part = PartWriter(self.layout.embedding_part(shard), self.embeddings_schema) if self.spec.store_embeddings else None
+        def write(samples: list[Sample], cols: dict[str, list], emb: np.ndarray | None) -> None:
+            part.write(cols)
+            ok = [s for s in samples if s.ok]
+            if emb_part is not None and ok:
+                emb_part.write({
+                    "shard": [s.shard for s in ok], "key": [s.key for s in ok],
+                    "position": [s.position for s in ok], "embedding": list(emb),
+                })
+
+        # Parquet encoding of batch i runs on the writer thread while the model runs on batch
+        # i+1 (decode of i+2 is on the decode threads); at most one batch waits to be written
+        pending: Future | None = None
         try:
             for samples in self.decoded_batches(shard):
                 cols, emb = self._rows(samples)
-                part.write(cols)
-                ok = [s for s in samples if s.ok]
-                if emb_part is not None and ok:
-                    emb_part.write({
-                        "shard": [s.shard for s in ok], "key": [s.key for s in ok],
-                        "position": [s.position for s in ok], "embedding": list(emb),
-                    })
+                if pending is not None:
+                    pending.result()
+                pending = self._writer.submit(write, samples, cols, emb)
                 counts.update(s.error or "ok" for s in samples)
                 warnings.update(s.warning for s in samples if s.ok and s.warning)
                 if on_batch is not None:
                     on_batch(len(samples))
+            if pending is not None:
+                pending.result()
         except BaseException:
+            if pending is not None:
+                wait([pending])  # the writer is done with the files before they are removed
             part.abort()
             if emb_part is not None:
                 emb_part.abort()
@@ -228,6 +246,7 @@ class ShardMapper:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._writer.shutdown(wait=True)
 
 
 def _interleave(chunks: list[list[Sample]], n: int) -> list[Sample]:
