@@ -35,11 +35,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .reduce.labels import LabelsError
     from .io.outputs import OutputBusy
     from .io.report_html import MissingExtra
+    from .reduce.neighbours import NeighboursError
     from .runner import ResumeRefused
     from .spec import SpecError
 
     return (SpecError, ModelLoadError, ResumeRefused, QueryError, LabelsError, NamePoolError, UserError, AttackerError,
-            OutputBusy, MissingExtra, FileNotFoundError)
+            OutputBusy, MissingExtra, NeighboursError, FileNotFoundError)
 
 
 def _unwrap(e: BaseException) -> BaseException:
@@ -160,6 +161,12 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         if not Path(args.controls).is_file():
             raise UserError(f"controls: file not found: {args.controls}")
         opts = replace(opts, controls=Path(args.controls))
+    if args.near_duplicates:
+        opts = replace(opts, near_duplicates=True)
+    if args.reference is not None:
+        if not Path(args.reference).is_file():
+            raise UserError(f"--reference: file not found: {args.reference}")
+        opts = replace(opts, reference=Path(args.reference))
     if args.attackers is not None:
         if not (Path(args.attackers) / "attackers").is_dir():
             raise UserError(f"--attackers {args.attackers}: no attackers/ folder there (an audit with labels "
@@ -283,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", metavar="ATTACK.KEY=VALUE",
                    help="change a reduce-only attack parameter, e.g. idia.tau=3 (repeatable; default: the job's)")
     d.add_argument("--labels", help="labels CSV (default: the job's)")
+    d.add_argument("--near-duplicates", action="store_true",
+                   help="find re-uploads and resized copies among the candidates (embedding cosine >= 0.95 and "
+                        "image hashes within 6 of 64 bits) and list them in near_duplicates.parquet; copies do not "
+                        "count as independent images of their identity (off by default)")
+    d.add_argument("--reference", metavar="INDEX",
+                   help="a FAISS index file (e.g. of a public training set's image embeddings, same model): "
+                        "every candidate's nearest neighbour and similarity go to reference_matches.parquet")
     d.add_argument("--no-labels", action="store_true",
                    help="ignore the job's labels: no metrics.json; with controls, the learned attackers are fitted "
                         "weakly (controls vs candidates scoring above them)")

@@ -144,7 +144,7 @@ class ComputeSpec(_Strict):
 
 #: Bump when the map step's core per-sample values change meaning without a schema change,
 #: so older outputs are not resumed into newer ones (each attack has its own features_version).
-MAP_FEATURES_VERSION = 3  # 3: the decode step follows the model's OpenCLIP preprocessing (#10)
+MAP_FEATURES_VERSION = 4  # 3: the decode step follows the model's OpenCLIP preprocessing (#10); 4: dhash column
 
 
 def map_output_format(enabled: list[str]) -> dict[str, Any]:

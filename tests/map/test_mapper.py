@@ -5,6 +5,7 @@ import pyarrow.parquet as pq
 from helpers import assert_same_rows, encode, image_bytes, photo_like, sample_files, write_tar
 
 from clipaudit.io.outputs import OutputLayout
+from clipaudit.map.image_hash import hamming
 from clipaudit.map.mapper import ShardMapper
 from clipaudit.spec import load_spec
 
@@ -44,5 +45,7 @@ output: out
     assert outs["device"][1].errors == outs["pillow"][1].errors
     rows = pq.read_table(outs["device"][0] / "samples").to_pylist()
     assert next(r for r in rows if r["key"] == "cut")["error"] == "decode_error"  # Pillow's code, after the fallback
-    # every column equal, scores within 0.05 (one-level pixel roundings move them a little)
-    assert_same_rows(outs["device"][0], outs["pillow"][0], float_tol=0.05)
+    # every column equal, scores within 0.05 and image hashes within 3 of 64 bits (one-level
+    # pixel roundings move them a little; copies of a photo differ by up to 4 bits, see map/image_hash.py)
+    assert_same_rows(outs["device"][0], outs["pillow"][0], float_tol=0.05,
+                     close={"dhash": lambda a, b: hamming(a, b) <= 3})

@@ -33,7 +33,7 @@ _NAMES = {v: k for k, v in _SCALARS.items()}
 #: core columns of the attack-dependent tables: (before the attacks' columns, after them)
 _CORE = {
     "samples": (("shard", "key", "position", "identity", "status", "error", "error_detail", "warning", "width",
-                 "height", "has_caption", "caption"), ()),
+                 "height", "has_caption", "caption"), ("dhash",)),
     "identities": (("identity", "n_images", "n_errors", "in_name_pool"), ("label_member",)),
     "sample_scores": (("shard", "key", "position", "identity", "is_control"), ()),
 }

@@ -25,6 +25,7 @@ from ..attacks.registry import available
 from ..attacks.base import MapBatch
 from ..data.samples import Sample, decode_with_pillow, prepare_sample
 from ..data.tar_reader import RawSample, iter_tar_samples
+from .image_hash import difference_hashes
 from .models import LoadedModel, load_model
 from ..io.outputs import OutputLayout, PartWriter, atomic_write_json
 from ..io.schemas import load_schema
@@ -160,6 +161,7 @@ class ShardMapper:
                 pixels = torch.from_numpy(np.stack([s.pixels for s in ok]))
                 if self.model.device.type == "cuda":
                     pixels = pixels.pin_memory()  # the host→device copy in to_unit runs asynchronously
+            hashes = difference_hashes(pixels)
             images = self.model.to_unit(pixels)
             chunk = self.spec.compute.batch_size
             emb = self.model.encode_unit(images, chunk)
@@ -168,6 +170,7 @@ class ShardMapper:
             for a in self.attacks:
                 attack_cols.update(a.compute(batch))
             emb_np = emb.to(torch.float16).cpu().numpy()
+            attack_cols["dhash"] = hashes
         cols: dict[str, list] = {f.name: [] for f in self.samples_schema}
         ok_pos = {id(s): i for i, s in enumerate(ok)}
         for s in samples:

@@ -36,10 +36,16 @@ class IdentityLevel:
     analyses: dict[str, dict[str, Any]] = field(default_factory=dict)  # attack → its own metrics entries
 
 
-def connect(layout: OutputLayout) -> duckdb.DuckDBPyConnection:
-    """DuckDB with the ``samples`` view and ``ok``: the ok rows that name an identity."""
+def connect(layout: OutputLayout, copies: Path | None = None) -> duckdb.DuckDBPyConnection:
+    """DuckDB with the ``samples`` view and ``ok``: the ok rows that name an identity — less
+    the near-duplicate copies listed in ``copies`` (a ``near_duplicates.parquet``), if given."""
     con = duckdb_views(layout, ("samples",))
-    con.execute("CREATE VIEW ok AS SELECT * FROM samples WHERE status = 'ok' AND identity IS NOT NULL")
+    skip = ""
+    if copies is not None:
+        path = str(copies).replace("'", "''")
+        skip = (f" AND NOT EXISTS (SELECT 1 FROM read_parquet('{path}') d "
+                "WHERE d.shard = samples.shard AND d.position = samples.position)")
+    con.execute(f"CREATE VIEW ok AS SELECT * FROM samples WHERE status = 'ok' AND identity IS NOT NULL{skip}")
     return con
 
 
@@ -53,7 +59,7 @@ def fetch_columns(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, list]:
 def identity_level(layout: OutputLayout, opts: "ReduceOptions", labels: Labels | None = None,
                    controls: Controls | None = None) -> IdentityLevel:
     """Build ``identities.parquet``'s table (not written here)."""
-    con = connect(layout)
+    con = connect(layout, opts.copies)
     image = [s.name for s in scores(opts.enabled, "image")]
     joins, cols = [], []
     for i, attack in enumerate(a for a in registered() if a.name in opts.enabled and a.identity_sql is not None):
@@ -62,11 +68,14 @@ def identity_level(layout: OutputLayout, opts: "ReduceOptions", labels: Labels |
     cols += [f"s.{a}_score" for a in image]
     aggregates = "".join(f", avg({a}_score) AS {a}_score" for a in image)
     columns = fetch_columns(con, f"""
-        WITH base AS (
-            SELECT identity,
-                   count(*) FILTER (WHERE status = 'ok') AS n_images,
-                   count(*) FILTER (WHERE status = 'error') AS n_errors
+        WITH errors AS (
+            SELECT identity, count(*) FILTER (WHERE status = 'error') AS n_errors
             FROM samples WHERE identity IS NOT NULL GROUP BY identity
+        ),
+        counted AS (SELECT identity, count(*) AS n_images FROM ok GROUP BY identity),
+        base AS (
+            SELECT identity, coalesce(counted.n_images, 0) AS n_images, errors.n_errors
+            FROM errors LEFT JOIN counted USING (identity)
         ),
         image_scores AS (SELECT identity {aggregates} FROM ok GROUP BY identity)
         SELECT base.* {''.join(', ' + c for c in cols)}

@@ -45,6 +45,9 @@ class ReduceOptions:
     names: Path | str | None = None  # a local file or a URL
     seed: int = 0  # the job seed: random draws of the reduce step derive from it
     attackers: Path | None = None  # another audit's folder: apply its fitted attackers instead of fitting here
+    near_duplicates: bool = False  # find copies inside the candidates; they do not vote (see neighbours.py)
+    reference: Path | None = None  # a FAISS index to look every candidate up in
+    copies: Path | None = None  # set by reduce_outputs: the near_duplicates.parquet the identity level skips
 
     def __post_init__(self) -> None:
         given = dict.fromkeys(self.attacks) if not isinstance(self.attacks, Mapping) else dict(self.attacks)
@@ -84,10 +87,15 @@ def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
     if labels is not None and labels.unmatched_images:
         log.warning("labels: %d image row(s) name no audited shard", labels.unmatched_images)
     controls = control_set(opts.controls, labels, matcher)
+    neighbour_files = _neighbours(layout, opts)
+    if opts.near_duplicates:
+        from dataclasses import replace
+
+        opts = replace(opts, copies=layout.root / NEAR_DUPLICATES)
     t0 = time.perf_counter()
     ident = identity_level(layout, opts, labels, controls)
     atomic_write_table(layout.identities, ident.table)
-    result = ReduceResult(ident.table, written=[layout.identities])
+    result = ReduceResult(ident.table, written=[layout.identities, *neighbour_files])
     log.info("%d identities in %.1f s", ident.table.num_rows, time.perf_counter() - t0)
     learned = _learned_scores(layout, opts, labels, controls)
     result.calibration = _calibrate(layout, opts, controls, ident.calibration, ident.table, learned)
@@ -100,6 +108,30 @@ def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
     result.metrics = _evaluate(layout, opts, labels, ident.table, ident.analyses)
     result.written.append(layout.metrics)
     return result
+
+
+NEAR_DUPLICATES = "near_duplicates.parquet"
+REFERENCE_MATCHES = "reference_matches.parquet"
+
+
+def _neighbours(layout: OutputLayout, opts: ReduceOptions) -> list[Path]:
+    """near_duplicates.parquet and reference_matches.parquet when asked for; stale ones go."""
+    from .neighbours import near_duplicates, reference_matches
+
+    written = []
+    for name, wanted, make in ((NEAR_DUPLICATES, opts.near_duplicates, lambda: near_duplicates(layout)),
+                               (REFERENCE_MATCHES, opts.reference is not None,
+                                lambda: reference_matches(layout, opts.reference))):
+        path = layout.root / name
+        if not wanted:
+            path.unlink(missing_ok=True)
+            continue
+        t0 = time.perf_counter()
+        table = make()
+        atomic_write_table(path, table)
+        log.info("%s: %d rows in %.1f s", name, table.num_rows, time.perf_counter() - t0)
+        written.append(path)
+    return written
 
 
 def _audited_shards(layout: OutputLayout) -> list[str]:

@@ -1,0 +1,98 @@
+"""The candidate-embedding index: planted copies are found and stop voting, different photos
+of one person never merge; every candidate is looked up in a reference index."""
+
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from helpers import sample_files, write_tar
+from PIL import Image
+
+from clipaudit.cli import main
+from clipaudit.lab.identities import make_identities, render
+
+
+def _jpeg(img: np.ndarray, quality: int = 90, scale: float = 1.0) -> bytes:
+    im = Image.fromarray(img)
+    if scale != 1.0:
+        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.BICUBIC)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def planted(canary_lab, tmp_path_factory):
+    """An audit of the trained lab model over 12 people × 4 different photos, plus 2 copies
+    (re-encoded at quality 60, and shrunk to 0.7×) of the first photo of 6 of them."""
+    root = tmp_path_factory.mktemp("planted")
+    rng = np.random.default_rng(0)
+    members, copies = [], []
+    for p, person in enumerate(make_identities(12, seed=11)):
+        photos = [render(person, rng, 96) for _ in range(4)]
+        for i, img in enumerate(photos):
+            members += sample_files(f"p{p:02d}_{i}", person.name, _jpeg(img))
+        if p < 6:
+            for c, (q, sc) in enumerate(((60, 1.0), (85, 0.7))):
+                members += sample_files(f"p{p:02d}_copy{c}", person.name, _jpeg(photos[0], q, sc))
+                copies.append((f"p{p:02d}_copy{c}", f"p{p:02d}_0"))
+    write_tar(root / "a.tar", members)
+    (root / "names.txt").write_text("".join(f"{p.name}\n" for p in make_identities(12, seed=11)) + "Zed Nobody\n")
+    (root / "job.yaml").write_text(f"""
+model: {{name: {canary_lab.model_config}, pretrained: {canary_lab.trained}, precision: fp32}}
+data: {{shards: a.tar}}
+names: names.txt
+attacks: {{idia: {{}}}}
+compute: {{executor: local, batch_size: 16, decode_threads: 1}}
+output: out
+""")
+    assert main(["run", str(root / "job.yaml"), "--no-progress"]) == 0
+    return root, dict(copies)
+
+
+def test_planted_copies_are_found_and_no_two_photos_of_a_person_merge(planted):
+    root, copies = planted
+    before = {r["identity"]: r for r in pq.read_table(root / "out" / "identities.parquet").to_pylist()}
+    assert main(["reduce", str(root / "out"), "--near-duplicates"]) == 0
+    found = pq.read_table(root / "out" / "near_duplicates.parquet").to_pylist()
+    assert {r["key"]: r["near_duplicate_of_key"] for r in found} == copies  # exactly the planted ones
+    assert all(r["cosine"] >= 0.95 and r["hash_bits"] <= 6 for r in found)
+    after = {r["identity"]: r for r in pq.read_table(root / "out" / "identities.parquet").to_pylist()}
+    # copies no longer count as images of their identity: 6 people had 6 images, now 4 like the rest
+    assert sorted(r["n_images"] for r in before.values()) == [4] * 6 + [6] * 6
+    assert sum(r["n_images"] for r in before.values()) - sum(r["n_images"] for r in after.values()) == len(copies)
+    assert sorted(r["n_images"] for r in after.values()) == [4] * 12
+    # off again: the file goes, every image counts
+    assert main(["reduce", str(root / "out")]) == 0
+    assert not (root / "out" / "near_duplicates.parquet").exists()
+    assert sum(r["n_images"] for r in pq.read_table(root / "out" / "identities.parquet").to_pylist()) == 12 * 4 + 12
+
+
+def test_every_candidate_is_looked_up_in_a_reference_index(planted, tmp_path, capsys):
+    import faiss
+
+    root, _ = planted
+    emb = pq.read_table(root / "out" / "embeddings").sort_by([("position", "ascending")])
+    X = np.asarray(emb.column("embedding").to_pylist(), dtype=np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    index = faiss.IndexFlatIP(X.shape[1])
+    index.add(X[::2])  # a "training set" holding every second candidate
+    faiss.write_index(index, str(tmp_path / "ref.faiss"))
+    assert main(["reduce", str(root / "out"), "--reference", str(tmp_path / "ref.faiss")]) == 0
+    rows = pq.read_table(root / "out" / "reference_matches.parquet").sort_by([("position", "ascending")]).to_pylist()
+    assert len(rows) == len(X)
+    held = rows[::2]
+    assert all(r["reference_similarity"] > 0.999 for r in held)
+    assert [r["reference_id"] for r in held] == list(range(len(held)))
+    assert all(r["reference_similarity"] <= 1.0001 for r in rows)
+
+    bad = faiss.IndexFlatIP(X.shape[1] + 1)
+    bad.add(np.ones((1, X.shape[1] + 1), dtype=np.float32))
+    faiss.write_index(bad, str(tmp_path / "bad.faiss"))
+    capsys.readouterr()
+    assert main(["reduce", str(root / "out"), "--reference", str(tmp_path / "bad.faiss")]) == 2
+    assert "another model?" in capsys.readouterr().err
+    (tmp_path / "junk.faiss").write_bytes(b"not an index")
+    assert main(["reduce", str(root / "out"), "--reference", str(tmp_path / "junk.faiss")]) == 2
+    assert "is not a FAISS index" in capsys.readouterr().err
