@@ -153,20 +153,14 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         raise UserError("--labels and --no-labels contradict each other")
     if args.no_labels:
         opts = replace(opts, labels=None)
-    if args.labels is not None:
-        if not Path(args.labels).is_file():
-            raise UserError(f"labels: file not found: {args.labels}")
-        opts = replace(opts, labels=Path(args.labels))
-    if args.controls is not None:
-        if not Path(args.controls).is_file():
-            raise UserError(f"controls: file not found: {args.controls}")
-        opts = replace(opts, controls=Path(args.controls))
+    for key, what in (("labels", "labels"), ("controls", "controls"), ("reference", "--reference")):
+        value = getattr(args, key)
+        if value is not None:
+            if not Path(value).is_file():
+                raise UserError(f"{what}: file not found: {value}")
+            opts = replace(opts, **{key: Path(value)})
     if args.near_duplicates:
         opts = replace(opts, near_duplicates=True)
-    if args.reference is not None:
-        if not Path(args.reference).is_file():
-            raise UserError(f"--reference: file not found: {args.reference}")
-        opts = replace(opts, reference=Path(args.reference))
     if args.attackers is not None:
         if not (Path(args.attackers) / "attackers").is_dir():
             raise UserError(f"--attackers {args.attackers}: no attackers/ folder there (an audit with labels "

@@ -29,7 +29,24 @@ class NameIndex(Protocol):
         ...
 
 
-class FaissNameIndex:
+class _PerTemplateFaiss:
+    """One FAISS index per template (``self._indexes``), searched with the same queries."""
+
+    n_templates: int
+    n_names: int
+    _indexes: list
+
+    def search(self, image_emb: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(image_emb.detach().float().cpu().numpy())
+        k = min(k, self.n_names)
+        scores = np.empty((self.n_templates, len(q), k), dtype=np.float32)
+        ids = np.empty((self.n_templates, len(q), k), dtype=np.int64)
+        for t, idx in enumerate(self._indexes):
+            scores[t], ids[t] = idx.search(q, k)
+        return scores, ids
+
+
+class FaissNameIndex(_PerTemplateFaiss):
     """Exact inner product over each template's name embeddings with FAISS."""
 
     def __init__(self, text_emb: np.ndarray) -> None:
@@ -41,15 +58,6 @@ class FaissNameIndex:
             idx = faiss.IndexFlatIP(dim)
             idx.add(np.ascontiguousarray(text_emb[t], dtype=np.float32))
             self._indexes.append(idx)
-
-    def search(self, image_emb: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        q = np.ascontiguousarray(image_emb.detach().float().cpu().numpy())
-        k = min(k, self.n_names)
-        scores = np.empty((self.n_templates, len(q), k), dtype=np.float32)
-        ids = np.empty((self.n_templates, len(q), k), dtype=np.int64)
-        for t, idx in enumerate(self._indexes):
-            scores[t], ids[t] = idx.search(q, k)
-        return scores, ids
 
 
 #: pool size from which ``auto`` picks the approximate index on a CPU
@@ -65,7 +73,7 @@ def ivf_params(n_names: int) -> tuple[int, int]:
     return nlist, min(nlist, max(16, nlist // 4))
 
 
-class IVFNameIndex:
+class IVFNameIndex(_PerTemplateFaiss):
     """Approximate inner product: one ``IndexIVFFlat`` per template sharing one quantizer.
 
     The quantizer's centroids are a seeded sample of the name embeddings (pooled over the
@@ -92,15 +100,6 @@ class IVFNameIndex:
             idx.add(np.ascontiguousarray(text_emb[t], dtype=np.float32))
             idx.nprobe = self.nprobe
             self._indexes.append(idx)
-
-    def search(self, image_emb: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        q = np.ascontiguousarray(image_emb.detach().float().cpu().numpy())
-        k = min(k, self.n_names)
-        scores = np.empty((self.n_templates, len(q), k), dtype=np.float32)
-        ids = np.empty((self.n_templates, len(q), k), dtype=np.int64)
-        for t, idx in enumerate(self._indexes):
-            scores[t], ids[t] = idx.search(q, k)
-        return scores, ids
 
 
 class TorchNameIndex:
