@@ -86,7 +86,7 @@ def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
     controls = control_set(opts.controls, labels, matcher)
     t0 = time.perf_counter()
     ident = identity_level(layout, opts, labels, controls)
-    atomic_write_table(layout.identities, ident.table)
+    atomic_write_table(layout.identities, ident.table, layout.tmp_dir)
     result = ReduceResult(ident.table, written=[layout.identities])
     log.info("%d identities in %.1f s", ident.table.num_rows, time.perf_counter() - t0)
     learned = _learned_scores(layout, opts, labels, controls)
@@ -159,7 +159,7 @@ def _calibrate(layout: OutputLayout, opts: ReduceOptions, controls: Controls, id
         calibration["identity"] = identity
     if image:
         calibration["image"] = image
-    atomic_write_json(layout.calibration, calibration)
+    atomic_write_json(layout.calibration, calibration, layout.tmp_dir)
     log.info("calibration against %d control identities / %d control images in %.1f s",
              len(controls.identities), len(controls.images), time.perf_counter() - t0)
     return calibration
@@ -183,6 +183,6 @@ def _evaluate(layout: OutputLayout, opts: ReduceOptions, labels: Labels, identit
     metrics["n_unlabeled_identities"] = sum(v is None for v in identities.column("label_member").to_pylist())
     metrics["n_labels_not_in_candidates"] = len(set(labels.identities) - seen)
     metrics["n_image_labels_not_in_candidates"] = labels.unmatched_images
-    atomic_write_json(layout.metrics, metrics)
-    atomic_write_table(layout.roc, pa.Table.from_pylist(roc_rows, schema=load_schema("roc")))
+    atomic_write_json(layout.metrics, metrics, layout.tmp_dir)
+    atomic_write_table(layout.roc, pa.Table.from_pylist(roc_rows, schema=load_schema("roc")), layout.tmp_dir)
     return metrics
