@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -59,3 +60,33 @@ def canary_lab(tmp_path_factory):
 def write_job(path: Path, body: str) -> Path:
     path.write_text(body)
     return path
+
+
+@pytest.fixture(scope="session")
+def small_audit(tiny_model, tmp_path_factory) -> Path:
+    """A finished audit of the tiny model (in-process executor): 2 shards of 24 captioned images of
+    8 identities, shard 1 with a corrupt and a missing image; IDIA, masked-view and caption;
+    identities P5, P6, P7 as calibration controls (target FPR 0.5, so p-values flag).
+    Returns the output folder."""
+    import tarfile
+
+    from helpers import sample_files, write_tiny_job
+
+    from clipaudit.runner import run_job
+    from clipaudit.spec import load_spec
+
+    root = tmp_path_factory.mktemp("small-audit")
+    out = root / "out"
+    job = write_tiny_job(root, tiny_model, out, shards=2, per_shard=24, compute="executor: local",
+                         attacks="{idia: {top_k: 3}, mim: {mask_ratios: [0.25, 0.5]}, caption: {}}",
+                         identities=8, captions=True)
+    with tarfile.open(root / "shards" / "00001.tar", "a") as tf:  # two error rows in shard 1
+        for name, data in sample_files("corrupt", "P0", b"\x00\x01 not an image") + sample_files("noimage", "P1"):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    (root / "controls.csv").write_text("identity\nP5\nP6\nP7\n")
+    job.write_text(job.read_text() + "calibration: {controls: controls.csv, target_fpr: 0.5}\n")
+    report = run_job(load_spec(job), progress=False)
+    assert report.ok and report.summary["rows"] == 50
+    return out

@@ -91,13 +91,18 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
 
 def write_tiny_job(tmp_path: Path, tiny_model: dict, out: Path, shards: int = 2, per_shard: int = 120,
                    compute: str = "executor: ray, workers: 1, max_retries: 2",
-                   attacks: str = "{idia: {top_k: 3}, encodermi: {views: 16}}") -> Path:
-    """A job on the tiny model: ``shards`` tars of ``per_shard`` random images of 5 identities."""
+                   attacks: str = "{idia: {top_k: 3}, encodermi: {views: 16}}", identities: int = 5,
+                   captions: bool = False) -> Path:
+    """A job on the tiny model: ``shards`` tars of ``per_shard`` random images of ``identities``
+    identities (at most 8), with a caption each if asked."""
+    assert identities <= 8, "the name pool holds P0..P7"
     (tmp_path / "shards").mkdir(exist_ok=True)
     for s in range(shards):
         members = []
         for i in range(per_shard):
-            members += sample_files(f"{s}{i:08d}", f"P{i % 5}", image_bytes(seed=s * 1000 + i, size=(64, 48)))
+            name = f"P{i % identities}"
+            members += sample_files(f"{s}{i:08d}", name, image_bytes(seed=s * 1000 + i, size=(64, 48)),
+                                    caption=f"a photo of {name}" if captions else None)
         write_tar(tmp_path / "shards" / f"{s:05d}.tar", members)
     (tmp_path / "names.txt").write_text("\n".join(f"P{i}" for i in range(8)) + "\n")
     spec = tmp_path / "job.yaml"

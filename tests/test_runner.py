@@ -212,12 +212,14 @@ def test_one_writer_per_output_folder(job, capsys):
 def test_temp_files_of_an_interrupted_writer_are_removed_on_rerun(job):
     spec = load_spec(job[0])
     run_job(spec, progress=False)
-    stale = [spec.output / "samples" / ".x-0123456789.parquet.tmp-deadbeef",
-             spec.output / "embeddings" / ".x-0123456789.parquet.tmp-cafebabe"]
+    stale = [spec.output / "_tmp" / "samples.x-0123456789.parquet.tmp-deadbeef",
+             spec.output / "_tmp" / "embeddings.x-0123456789.parquet.tmp-cafebabe",
+             # where versions before _tmp/ left them
+             spec.output / "samples" / ".x-0123456789.parquet.tmp-deadbeef"]
     for p in stale:
         p.write_bytes(b"PAR1 half a part")
     report = run_job(spec, progress=False)
-    assert report.skipped == 3 and report.summary["stale_temp_files_removed"] == 2
+    assert report.skipped == 3 and report.summary["stale_temp_files_removed"] == 3
     assert not any(p.exists() for p in stale)
 
 
@@ -247,7 +249,7 @@ def test_without_flock_support_a_run_warns_and_keeps_other_writers_temp_files(jo
 
     spec = load_spec(job[0])
     run_job(spec, progress=False)
-    live = spec.output / "samples" / ".x-0123456789.parquet.tmp-0badf00d"
+    live = spec.output / "_tmp" / "samples.x-0123456789.parquet.tmp-0badf00d"
     live.write_bytes(b"PAR1 being written by another run")
 
     def no_flock(fd, op):
@@ -369,3 +371,19 @@ def test_the_hardware_that_changes_numbers_enters_the_resume_hash(job, monkeypat
     other_index = spec.model_copy(update={"compute": spec.compute.model_copy(update={"index": "torch"})})
     with pytest.raises(ResumeRefused, match="changed: numerics"):
         run_job(other_index, progress=False)
+
+
+def test_a_folder_of_the_older_layout_resumes_and_its_markers_move_out_of_samples(job):
+    spec = load_spec(job[0])
+    run_job(spec, progress=False)
+    out = spec.output
+    for m in (out / "_markers").glob("*.done.json"):  # as versions before _markers/ wrote them
+        m.rename(out / "samples" / f"_{m.name}")
+    (out / "_markers").rmdir()
+    before = sorted(map(str, _rows(out)))
+    again = run_job(spec, progress=False)
+    assert again.skipped == 3 and not again.map.done and again.summary["shards_done"] == 3
+    assert sorted(p.name for p in (out / "samples").iterdir()) == sorted(
+        p.name for p in (out / "samples").glob("*.parquet"))
+    assert len(list((out / "_markers").glob("*.done.json"))) == 3
+    assert sorted(map(str, _rows(out))) == before

@@ -21,10 +21,13 @@ class UserError(Exception):
     """Printed as ``error: <message>`` with exit code 2."""
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("clipaudit").setLevel(logging.DEBUG if verbose else logging.INFO)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    logging.getLogger("clipaudit").setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    if not os.environ.get("RAY_ADDRESS"):
+        # a local Ray started by this command: Ray's token-auth notice (logged by ray.init when
+        # RAY_AUTH_MODE is unset) asks for nothing a local run needs; a cluster keeps Ray's own choice
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -64,9 +67,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _dry_run(args, spec)
     from .io.report import print_report
 
-    report = run_job(spec, force=args.force, progress=not args.no_progress, spec_text=Path(args.job).read_text())
+    report = run_job(spec, force=args.force, progress=not (args.no_progress or args.quiet),
+                     spec_text=Path(args.job).read_text())
     print_report(report)
-    print(f'query: clipaudit query {report.layout.root} "SELECT * FROM identities ORDER BY idia_score DESC LIMIT 10"')
+    if not args.quiet:
+        print(f'query: clipaudit query {report.layout.root} "SELECT * FROM identities ORDER BY idia_score DESC LIMIT 10"')
     return EXIT_OK if report.ok else EXIT_FAILED_SHARDS
 
 
@@ -275,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "cannot be checked from here (object storage, hub weights); run nothing")
     r.add_argument("--bench", metavar="BENCH_JSON",
                    help="with --dry-run: a `clipaudit bench --json-out` record of the same model, for a time estimate")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--no-progress", action="store_true",
+                   help="no progress (a bar on a terminal, else a `map progress:` line every compute.progress_interval_s)")
+    r.add_argument("--quiet", action="store_true", help="print only the final summary, warnings and errors")
     r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("reduce", help="recompute identities.parquet and metrics.json (no model)")
@@ -354,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, quiet=getattr(args, "quiet", False) and args.func is cmd_run)
     try:
         return args.func(args)
     except KeyboardInterrupt:

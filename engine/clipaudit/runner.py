@@ -142,7 +142,7 @@ def write_manifest(layout: OutputLayout, spec: JobSpec, spec_text: str | None, s
                    started: str, summary: dict[str, Any]) -> None:
     pretrained = spec.model.pretrained
     ckpt = sha256_file(pretrained) if pretrained and Path(pretrained).is_file() else None
-    atomic_write_json(layout.manifest, {
+    atomic_write_json(layout.manifest, tmp_dir=layout.tmp_dir, obj={
         "clipaudit_manifest_version": 1,
         "spec": spec.to_json(),
         "spec_yaml": spec_text,
@@ -179,7 +179,9 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
     stale = layout.remove_stale_temps() if exclusive else 0  # without the lock they may be a live run's
     if stale:
         log.info("removed %d temp file(s) left by an interrupted run", stale)
-    atomic_write_json(layout.job_state, {
+    if exclusive and layout.adopt_legacy_markers():
+        log.info("moved the shard markers of an older layout from samples/ to _markers/")
+    atomic_write_json(layout.job_state, tmp_dir=layout.tmp_dir, obj={
         "map_hash": spec.map_hash(), "map_fingerprint": spec.map_fingerprint(), "spec": spec.to_json(),
     })
     shards = spec.shard_list()
@@ -191,7 +193,7 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
     summary["map_seconds_this_run"] = round(result.seconds, 3)
     summary["stale_temp_files_removed"] = stale
     summary["duplicate_keys_across_shards"] = cross_shard_duplicate_keys(layout)
-    atomic_write_json(layout.summary, summary)
+    atomic_write_json(layout.summary, summary, layout.tmp_dir)
     metrics = reduce_outputs(layout, reduce_options(spec)).metrics if summary["shards_done"] else {}
     write_manifest(layout, spec, spec_text, shards, started, summary)
     return RunReport(layout, len(shards), len(shards) - len(todo), result, summary, metrics)

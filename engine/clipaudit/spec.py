@@ -137,6 +137,9 @@ class ComputeSpec(_Strict):
         3600.0, gt=0, description="Ray executor: a shard still running this long is abandoned, its actor killed and "
                                   "replaced, and the shard retried (an attempt); the local executor cannot cancel")
     ray_address: str | None = Field(None, description="None: RAY_ADDRESS or a local Ray")
+    progress_interval_s: float = Field(
+        10.0, gt=0, description="seconds between two `map progress:` lines when stderr is not a terminal "
+                                "(e.g. `ray job logs`); a terminal gets a progress bar")
     index: Literal["auto", "faiss", "faiss-ivf", "torch"] = Field(
         "auto", description="name top-k backend: torch (exact, GPU), faiss (exact, CPU), faiss-ivf (approximate, CPU); "
                             "auto: torch on CUDA, else faiss below 50,000 names and faiss-ivf from there")

@@ -58,6 +58,7 @@ def main(job: str, output: str, report_path: str) -> None:
     spec = load_spec(job)
     spec = spec.model_copy(update={"output": Path(output)})
     samples = Path(output) / "samples"
+    markers_dir, tmp_dir = Path(output) / "_markers", Path(output) / "_tmp"
     event: dict = {}
     warnings: list[str] = []
     handler = logging.Handler(logging.WARNING)
@@ -67,9 +68,9 @@ def main(job: str, output: str, report_path: str) -> None:
     def remove_a_node_mid_job() -> None:
         deadline = time.time() + 300
         while time.time() < deadline:
-            markers = list(samples.glob("_*.done.json")) if samples.is_dir() else []
-            # part temp files only: a marker's temp file (fsynced, so it lives a while) is not a shard in flight
-            writing = list(samples.glob(".*.parquet.tmp-*")) if samples.is_dir() else []
+            markers = list(markers_dir.glob("*.done.json")) if markers_dir.is_dir() else []
+            # sample part temp files only: a marker's temp file (fsynced, so it lives a while) is not a shard in flight
+            writing = list(tmp_dir.glob("samples.*.parquet.tmp-*")) if tmp_dir.is_dir() else []
             # a shard finished, both actors are mid-shard, and shards remain after these two (near the end of
             # the job both in-flight shards may be committing already, and a node lost then interrupts nothing)
             if 1 <= len(markers) <= 3 and len(writing) == 2:
@@ -82,7 +83,7 @@ def main(job: str, output: str, report_path: str) -> None:
     killer.start()
     report = run_job(spec, progress=False)
     killer.join()
-    stale = [p.name for p in samples.iterdir() if p.name.startswith(".")]
+    stale = [p.name for p in samples.iterdir() if not p.name.endswith(".parquet")] + [p.name for p in tmp_dir.iterdir()]
     Path(report_path).write_text(json.dumps({
         "event": event, "ok": report.ok, "summary": report.summary, "stale_temps": stale,
         "executor_warnings": warnings,

@@ -50,7 +50,7 @@ def test_worker_killed_mid_shard_is_retried_without_loss_or_duplicates(tmp_path,
             if dispatched:
                 shard, pid = dispatched[-1]  # workers: 1 — the pool's one actor, on this shard now
                 part = layout.sample_part(shard)
-                writing = list(part.parent.glob(f".{part.name}.tmp-*")) if part.parent.is_dir() else []
+                writing = layout.temp_files(part)
                 if writing and not layout.marker(shard).exists() and _is_map_worker(pid):
                     os.kill(pid, signal.SIGKILL)
                     killed.append((shard, pid))
@@ -84,7 +84,7 @@ def test_driver_killed_mid_job_then_rerun_completes_without_loss_or_duplicates(t
     try:
         deadline = time.time() + 180
         while time.time() < deadline and driver.poll() is None:
-            if list((out / "samples").glob("_*.done.json")) if (out / "samples").is_dir() else []:
+            if list((out / "_markers").glob("*.done.json")) if (out / "_markers").is_dir() else []:
                 break
             time.sleep(0.02)
         assert driver.poll() is None, "the driver ended before it could be killed: " + driver.stderr.read().decode()[-2000:]
@@ -95,12 +95,13 @@ def test_driver_killed_mid_job_then_rerun_completes_without_loss_or_duplicates(t
             os.killpg(driver.pid, signal.SIGKILL)  # Ray processes the killed driver had started
         except ProcessLookupError:
             pass
-    done_before = len(list((out / "samples").glob("_*.done.json")))
+    done_before = len(list((out / "_markers").glob("*.done.json")))
     assert 1 <= done_before < 4
     report = run_job(load_spec(job), progress=False)  # rerun (on the test session's Ray)
     assert report.ok and report.skipped == done_before and len(report.map.done) == 4 - done_before
     assert_same_outputs(out, _reference_run(job, tmp_path / "clean"), OTHER_EXECUTOR_TOL)  # 240 rows, once each
-    assert not [p for p in (out / "samples").iterdir() if p.name.startswith(".") and "tmp" in p.name]
+    assert not list((out / "_tmp").iterdir())
+    assert all(p.suffix == ".parquet" for p in (out / "samples").iterdir())
 
 
 def test_worker_node_lost_mid_job_shards_finish_on_the_survivor(tmp_path, tiny_model):

@@ -22,7 +22,7 @@ def test_part_names_are_stable_and_distinct():
 
 def _write_part(layout, shard, rows):
     schema = load_schema("samples")
-    w = PartWriter(layout.sample_part(shard), schema)
+    w = PartWriter(layout.sample_part(shard), schema, layout.tmp_dir)
     w.write({f.name: [0 if f.name == "position" else "x" if f.name in ("shard", "status") else None
                       for _ in range(rows)] for f in schema})
     return w
@@ -33,9 +33,10 @@ def test_part_invisible_until_commit_and_abort_leaves_nothing(tmp_path):
     layout.make_dirs()
     w = _write_part(layout, "s.tar", 3)
     assert not layout.sample_part("s.tar").exists()
-    assert all(p.name.startswith(".") for p in layout.samples_dir.iterdir())
+    assert list(layout.samples_dir.iterdir()) == []  # the part being written is under _tmp/, not samples/
+    assert [p.name for p in layout.temp_files(layout.sample_part("s.tar"))] == [p.name for p in layout.tmp_dir.iterdir()]
     w.abort()
-    assert list(layout.samples_dir.iterdir()) == []
+    assert list(layout.samples_dir.iterdir()) == [] and list(layout.tmp_dir.iterdir()) == []
 
 
 def test_done_needs_marker_and_matching_part(tmp_path):
@@ -78,12 +79,13 @@ def test_part_reaches_disk_before_its_marker(tmp_path, monkeypatch):
     w = _write_part(layout, "s.tar", 3)
     events = _record_disk_events(monkeypatch)
     w.commit()
-    atomic_write_json(layout.marker("s.tar"), {"shard": "s.tar", "rows": 3, "embedding_rows": None})
-    part, marker, folder = str(layout.sample_part("s.tar")), str(layout.marker("s.tar")), str(layout.samples_dir)
+    atomic_write_json(layout.marker("s.tar"), {"shard": "s.tar", "rows": 3, "embedding_rows": None}, layout.tmp_dir)
+    part, marker = str(layout.sample_part("s.tar")), str(layout.marker("s.tar"))
     part_tmp = next(e[1] for e in events if e[0] == "replace" and e[2] == part)
     marker_tmp = next(e[1] for e in events if e[0] == "replace" and e[2] == marker)
-    assert events == [("fsync", part_tmp), ("replace", part_tmp, part), ("fsync", folder),
-                      ("fsync", marker_tmp), ("replace", marker_tmp, marker), ("fsync", folder)]
+    assert events == [("fsync", part_tmp), ("replace", part_tmp, part), ("fsync", str(layout.samples_dir)),
+                      ("fsync", marker_tmp), ("replace", marker_tmp, marker), ("fsync", str(layout.markers_dir))]
+    assert part_tmp.startswith(str(layout.tmp_dir)) and marker_tmp.startswith(str(layout.tmp_dir))
     assert layout.is_done("s.tar")
 
 
@@ -93,3 +95,46 @@ def test_tables_are_fsynced_before_rename(tmp_path, monkeypatch):
     atomic_write_table(path, pa.table({"a": [1]}))
     tmp = events[1][1]
     assert events == [("fsync", tmp), ("replace", tmp, str(path)), ("fsync", str(path.parent))]
+
+
+def test_readers_see_exactly_the_committed_rows(small_audit, tmp_path):
+    """pandas, polars, pyarrow.dataset and DuckDB read samples/, embeddings/ and sample_scores/ as
+    they are, with markers, the name-pool cache and a killed writer's temp files present."""
+    import shutil
+
+    import duckdb
+    import pandas as pd
+    import polars as pl
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    shutil.copytree(small_audit, out)
+    layout = OutputLayout(out)
+    assert list(layout.markers_dir.glob("*.done.json")) and list(layout.cache_dir.iterdir())
+    # a writer killed mid-part: batches written, never committed (the next run removes these)
+    for folder in ("samples", "embeddings", "sample_scores"):
+        table = pq.read_table(next((out / folder).glob("*.parquet")))
+        w = PartWriter(out / folder / "00002-killed.parquet", table.schema, layout.tmp_dir)
+        w.write(table.slice(0, 3).to_pydict())
+    (layout.tmp_dir / "samples.00003-killed.parquet.tmp-0badf00d").write_bytes(b"PAR1 half a part")
+    assert len(list(layout.tmp_dir.iterdir())) == 4
+
+    markers = [json.loads(m.read_text()) for m in layout.markers_dir.glob("*.done.json")]
+    committed = {"samples": sum(m["rows"] for m in markers), "embeddings": sum(m["embedding_rows"] for m in markers),
+                 "sample_scores": sum(m["ok"] for m in markers)}
+    assert committed == {"samples": 50, "embeddings": 48, "sample_scores": 48}
+    for folder, n in committed.items():
+        parts = sorted((out / folder).glob("*.parquet"))
+        expected = sorted(zip(*(pq.read_table(parts).column(c).to_pylist() for c in ("shard", "position"))))
+        assert len(expected) == n
+        d = str(out / folder)
+        read = {
+            "pandas": pd.read_parquet(d, columns=["shard", "position"]),
+            "polars": pl.read_parquet(f"{d}/*.parquet", columns=["shard", "position"]).to_pandas(),
+            "pyarrow.dataset": ds.dataset(d, format="parquet").to_table(columns=["shard", "position"]).to_pandas(),
+            "duckdb": duckdb.sql(f"SELECT shard, position FROM read_parquet('{d}/*')").df(),
+        }
+        for reader, df in read.items():
+            got = sorted(zip(df["shard"], df["position"].astype(int)))
+            assert got == expected, f"{reader} on {folder}/: {len(got)} rows, expected {n}"

@@ -1,4 +1,6 @@
 import json
+import re
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -119,3 +121,73 @@ def test_float16_embeddings_read_as_float(tmp_path):
     w.commit()
     cols, rows = run_query(tmp_path, "SELECT typeof(embedding), embedding FROM embeddings")
     assert rows == [("FLOAT[]", [0.5, -1.0])]
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _readme_queries() -> dict[str, str]:
+    """The README's example queries by their first-line title (``-- title: …``)."""
+    text = README.read_text()
+    block = text[text.index("<!-- example-queries -->"):text.index("<!-- /example-queries -->")]
+    queries = re.findall(r"```sql\n(.*?)\n```", block, flags=re.S)
+    return {q.splitlines()[0].removeprefix("-- ").split(":")[0]: q for q in queries}
+
+
+def _cli_rows(out: Path, sql: str, capsys) -> list[dict]:
+    assert main(["query", str(out), sql, "--format", "json"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_readme_example_queries(small_audit, capsys):
+    """Each README example runs through ``clipaudit query`` and agrees with the tables read directly."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    queries = _readme_queries()
+    assert set(queries) == {"most at-risk identities", "images per identity", "errors per shard",
+                            "attack agreement", "identities flagged by several attacks"}
+    samples = pq.read_table(small_audit / "samples").to_pylist()
+    ident = {r["identity"]: r for r in pq.read_table(small_audit / "identities.parquet").to_pylist()}
+    flags = {i: sorted(c.removesuffix("_flag") for c, v in r.items() if c.endswith("_flag") and v) for i, r in ident.items()}
+
+    # errors per shard: the shard with the two bad samples first, counts as the run's summary has them
+    rows = _cli_rows(small_audit, queries["errors per shard"], capsys)
+    summary = {s["shard"]: s for s in json.loads((small_audit / "_SUMMARY.json").read_text())["per_shard"]}
+    assert [r["shard"] for r in rows] == sorted(summary, key=lambda s: (-sum(summary[s]["errors"].values()), s))
+    for r in rows:
+        assert r["rows"] == summary[r["shard"]]["rows"] and r["errors"] == sum(summary[r["shard"]]["errors"].values())
+    assert rows[0]["shard"].endswith("00001.tar") and rows[0]["reasons"] == "decode_error, missing_image"
+    assert rows[1]["errors"] == 0 and rows[1]["reasons"] is None
+
+    # images per identity: what identities.parquet counts; 8 identities, 6 photos each, P0 and P1 one error each
+    rows = _cli_rows(small_audit, queries["images per identity"], capsys)
+    assert {r["identity"]: (r["images"], r["errors"]) for r in rows} == {
+        i: (r["n_images"], r["n_errors"]) for i, r in ident.items()}
+    assert [r["images"] for r in rows] == [6] * 8 and sum(r["errors"] for r in rows) == 2
+
+    # identities flagged by several attacks: the flag columns counted in Python
+    rows = _cli_rows(small_audit, queries["identities flagged by several attacks"], capsys)
+    several = {i: f for i, f in flags.items() if len(f) >= 2}
+    assert several, "the audit flags nobody twice: the query is not exercised"
+    assert {r["identity"]: sorted(r["flagged_by"].split(", ")) for r in rows} == several
+    assert all(r["attacks"] == len(several[r["identity"]]) for r in rows)
+
+    # most at-risk identities: ordered by flags, then the smallest p-value; the twice-flagged lead
+    rows = _cli_rows(small_audit, queries["most at-risk identities"], capsys)
+    assert len(rows) == len(ident)
+    for r in rows:
+        pvalues = [v for c, v in ident[r["identity"]].items() if c.endswith("_pvalue") and v is not None]
+        assert r["flags"] == len(flags[r["identity"]]) and r["min_pvalue"] == pytest.approx(min(pvalues))
+    order = [(-r["flags"], r["min_pvalue"], -r["idia_score"]) for r in rows]
+    assert order == sorted(order) and set(r["identity"] for r in rows[:len(several)]) == set(several)
+
+    # attack agreement: every pair of the attacks that ran, Pearson as numpy computes it
+    rows = _cli_rows(small_audit, queries["attack agreement"], capsys)
+    assert [(r["attack_a"], r["attack_b"]) for r in rows] == [("caption", "idia"), ("caption", "mim"), ("idia", "mim")]
+    names = sorted(ident)
+    for r in rows:
+        a, b = ([float(ident[i][f"{x}_score"]) for i in names] for x in (r["attack_a"], r["attack_b"]))
+        assert r["identities"] == 8 and r["pearson"] == pytest.approx(np.corrcoef(a, b)[0, 1])
+        assert r["both_flag"] == sum(r["attack_a"] in flags[i] and r["attack_b"] in flags[i] for i in names)
+    assert len(samples) == 50

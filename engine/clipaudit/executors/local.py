@@ -32,7 +32,7 @@ class LocalExecutor:
         mapper = ShardMapper(spec, layout)
         shared = load_or_compute_shared(layout, spec, mapper.compute_shared, mapper.map_hash)
         mapper.setup(shared)
-        bar = Progress(len(shards), progress)
+        bar = Progress(len(shards), progress, spec.compute.progress_interval_s)
         try:
             for shard in shards:
                 for attempt in range(1, spec.compute.max_retries + 2):
@@ -44,10 +44,11 @@ class LocalExecutor:
                         log.debug(traceback.format_exc())
                         continue
                     result.done.append(stats.to_dict())
+                    bar.shard_done(error_rows=sum(stats.errors.values()))
                     break
                 else:
                     result.failed.append(ShardFailure(shard, spec.compute.max_retries + 1, err))
-                bar.shard_done()
+                    bar.shard_done(failed=True)
         finally:
             bar.close()
             mapper.close()

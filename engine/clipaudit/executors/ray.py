@@ -78,8 +78,9 @@ def ensure_ray(address: str | None) -> bool:
     ray = _ray()
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = address or os.environ.get("RAY_ADDRESS")
+    if not address:  # a Ray started here for this run: no token auth, and no notice about it on every run
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False)
     return True
 
@@ -225,7 +226,7 @@ class RayExecutor:
         attempts: dict[str, int] = {s: 0 for s in shards}
         inflight: dict[Any, tuple[str, Any, float]] = {}  # task ref → (shard, actor, deadline)
         shard_timeout = spec.compute.shard_timeout_s
-        bar = Progress(len(shards), progress)
+        bar = Progress(len(shards), progress, spec.compute.progress_interval_s)
 
         def failed(shard: str, msg: str) -> None:
             if attempts[shard] <= spec.compute.max_retries:
@@ -234,7 +235,7 @@ class RayExecutor:
             else:
                 log.error("shard %s failed after %d attempts: %s", shard, attempts[shard], msg)
                 result.failed.append(ShardFailure(shard, attempts[shard], msg))
-                bar.shard_done()
+                bar.shard_done(failed=True)
 
         try:
             while todo or inflight:
@@ -291,7 +292,7 @@ class RayExecutor:
                 pool.idle.append(actor)
                 result.done.append(stats)
                 bar.add_images(stats["rows"])
-                bar.shard_done()
+                bar.shard_done(error_rows=sum(stats.get("errors", {}).values()))
         finally:
             bar.close()
             pool.kill_all([a for _, a, _ in inflight.values()])
@@ -302,7 +303,7 @@ class RayExecutor:
         while todo:
             shard = todo.popleft()
             result.failed.append(ShardFailure(shard, attempts[shard], why))
-            bar.shard_done()
+            bar.shard_done(failed=True)
 
 
 def _event(kind: str, shard: str, pid: int | None) -> dict[str, Any]:

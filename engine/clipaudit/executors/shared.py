@@ -24,5 +24,5 @@ def load_or_compute_shared(layout: OutputLayout, spec: JobSpec, compute: Callabl
     layout.make_dirs()
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), layout.tmp_dir)
     return {k: shared.get(k) for k in shared}

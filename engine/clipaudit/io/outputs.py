@@ -1,9 +1,13 @@
 """The output folder: layout, versioned schemas, atomic writes and per-shard markers.
 
-A shard is done when its Parquet part(s) exist *and* its marker ``samples/_<part>.done.json``
+A shard is done when its Parquet part(s) exist *and* its marker ``_markers/<part>.done.json``
 (written last) agrees with the part's row count. Anything else means "redo". Every file
-is written to a hidden temp name in the same folder, fsynced, renamed into place, and the
-folder fsynced, so a marker never reaches the disk before the bytes of the part it vouches for.
+is written to a temp name (under ``_tmp/`` for the output folder's files), fsynced, renamed
+into place, and the destination folder fsynced, so a marker never reaches the disk before the
+bytes of the part it vouches for. The data folders (``samples/``, ``embeddings/``,
+``sample_scores/``) hold finished parts only, so any Parquet reader may glob them as they are.
+Folders written before markers and temp files moved out (markers as ``samples/_<part>.done.json``)
+are still resumed: :meth:`OutputLayout.adopt_legacy_markers` moves their markers.
 """
 
 from __future__ import annotations
@@ -31,8 +35,18 @@ def part_name(shard: str) -> str:
     return f"{stem}-{hashlib.sha1(shard.encode()).hexdigest()[:10]}"
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+def _tmp_path(path: Path, tmp_dir: Path | None = None) -> Path:
+    """A fresh temp name for ``path``: hidden beside it, or in ``tmp_dir`` (which must be on the
+    same file system, so the final rename stays atomic)."""
+    if tmp_dir is None:
+        return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    return tmp_dir / f"{temp_prefix(path)}{uuid.uuid4().hex[:8]}"
+
+
+def temp_prefix(path: Path) -> str:
+    """How the name of a temp file for ``path`` in a ``_tmp/`` folder begins (folder + name)."""
+    return f"{path.parent.name}.{path.name}.tmp-"
 
 
 def _fsync_file(path: Path) -> None:
@@ -59,8 +73,8 @@ def _replace_durably(tmp: Path, path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = _tmp_path(path)
+def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    tmp = _tmp_path(path, tmp_dir)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -68,25 +82,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _replace_durably(tmp, path)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+def atomic_write_json(path: Path, obj: Any, tmp_dir: Path | None = None) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), tmp_dir)
 
 
-def atomic_write_table(path: Path, table: pa.Table) -> None:
-    tmp = _tmp_path(path)
+def atomic_write_table(path: Path, table: pa.Table, tmp_dir: Path | None = None) -> None:
+    tmp = _tmp_path(path, tmp_dir)
     pq.write_table(table, tmp, compression="zstd")
     _fsync_file(tmp)
     _replace_durably(tmp, path)
 
 
 class PartWriter:
-    """Streams record batches into a hidden temp Parquet file; ``commit`` renames it."""
+    """Streams record batches into a temp Parquet file (in ``tmp_dir`` when given, else hidden
+    beside ``path``); ``commit`` renames it to ``path``."""
 
-    def __init__(self, path: Path, schema: pa.Schema) -> None:
+    def __init__(self, path: Path, schema: pa.Schema, tmp_dir: Path | None = None) -> None:
         self.path = path
         self.schema = schema
         self.rows = 0
-        self._tmp = _tmp_path(path)
+        self._tmp = _tmp_path(path, tmp_dir)
         self._writer = pq.ParquetWriter(self._tmp, schema, compression="zstd")
 
     def write(self, columns: dict[str, list]) -> None:
@@ -129,6 +144,16 @@ class OutputLayout:
     def cache_dir(self) -> Path:
         return self.root / "_cache"
 
+    @property
+    def markers_dir(self) -> Path:
+        """Per-shard markers, outside the data folders so a glob over those sees parts only."""
+        return self.root / "_markers"
+
+    @property
+    def tmp_dir(self) -> Path:
+        """Files being written (then renamed into place); on the output folder's file system."""
+        return self.root / "_tmp"
+
     identities = property(lambda self: self.root / "identities.parquet")
     metrics = property(lambda self: self.root / "metrics.json")
     roc = property(lambda self: self.root / "roc.parquet")
@@ -139,7 +164,7 @@ class OutputLayout:
     attackers_dir = property(lambda self: self.root / "attackers")
 
     def make_dirs(self) -> None:
-        for d in (self.samples_dir, self.embeddings_dir, self.cache_dir):
+        for d in (self.samples_dir, self.embeddings_dir, self.cache_dir, self.markers_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
 
     def sample_part(self, shard: str) -> Path:
@@ -149,13 +174,35 @@ class OutputLayout:
         return self.embeddings_dir / f"{part_name(shard)}.parquet"
 
     def marker(self, shard: str) -> Path:
+        return self.markers_dir / f"{part_name(shard)}.done.json"
+
+    def legacy_marker(self, shard: str) -> Path:
+        """Where folders written before ``_markers/`` existed keep the shard's marker."""
         return self.samples_dir / f"_{part_name(shard)}.done.json"
 
     def read_marker(self, shard: str) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.marker(shard).read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
+        for path in (self.marker(shard), self.legacy_marker(shard)):
+            try:
+                return json.loads(path.read_text())
+            except FileNotFoundError:
+                continue
+            except (OSError, json.JSONDecodeError):
+                return None
+        return None
+
+    def adopt_legacy_markers(self) -> int:
+        """Move markers of the old layout (``samples/_<part>.done.json``) to ``_markers/`` so
+        ``samples/`` holds parts only; returns how many moved. Only safe while holding :meth:`lock`."""
+        legacy = sorted(self.samples_dir.glob("_*.done.json")) if self.samples_dir.is_dir() else []
+        if legacy:
+            self.markers_dir.mkdir(parents=True, exist_ok=True)
+        for old in legacy:
+            new = self.markers_dir / old.name[1:]
+            if new.exists():  # a newer run's marker wins
+                old.unlink(missing_ok=True)
+            else:
+                _replace_durably(old, new)
+        return len(legacy)
 
     def is_done(self, shard: str) -> bool:
         """The marker exists and the part it vouches for has exactly its row count."""
@@ -178,13 +225,25 @@ class OutputLayout:
 
     def has_map_results(self) -> bool:
         """Any sample part or marker: results an earlier run committed (temp files do not count)."""
-        d = self.samples_dir
-        return d.is_dir() and (any(d.glob("*.parquet")) or any(d.glob("_*.done.json")))
+        d, m = self.samples_dir, self.markers_dir
+        return ((d.is_dir() and (any(d.glob("*.parquet")) or any(d.glob("_*.done.json"))))
+                or (m.is_dir() and any(m.glob("*.done.json"))))
+
+    def temp_files(self, path: Path) -> list[Path]:
+        """The temp files now being written for ``path`` (in ``_tmp/``)."""
+        d = self.tmp_dir
+        return [p for p in d.iterdir() if p.name.startswith(temp_prefix(path))] if d.is_dir() else []
 
     def remove_stale_temps(self) -> int:
-        """Delete hidden temp files left by killed writers; only safe while holding :meth:`lock`."""
+        """Delete temp files left by killed writers (everything in ``_tmp/``, and the hidden
+        ones older versions left beside their targets); only safe while holding :meth:`lock`."""
         n = 0
-        for d in (self.root, self.samples_dir, self.embeddings_dir, self.cache_dir, self.sample_scores_dir):
+        if self.tmp_dir.is_dir():
+            for p in self.tmp_dir.iterdir():
+                p.unlink(missing_ok=True)
+                n += 1
+        for d in (self.root, self.samples_dir, self.embeddings_dir, self.cache_dir, self.sample_scores_dir,
+                  self.markers_dir, self.attackers_dir):
             for p in d.glob(".*.tmp-*") if d.is_dir() else ():
                 p.unlink(missing_ok=True)
                 n += 1
@@ -195,7 +254,8 @@ class OutputLayout:
 
     def clear_map_outputs(self) -> None:
         """Remove everything the map step wrote (for ``--force``)."""
-        for d in (self.samples_dir, self.embeddings_dir, self.cache_dir, self.sample_scores_dir):
+        for d in (self.samples_dir, self.embeddings_dir, self.cache_dir, self.sample_scores_dir, self.markers_dir,
+                  self.tmp_dir):
             shutil.rmtree(d, ignore_errors=True)
         for f in (self.identities, self.metrics, self.roc, self.calibration, self.summary, self.job_state):
             f.unlink(missing_ok=True)

@@ -115,3 +115,48 @@ def load_schema(name: str, enabled: tuple[str, ...] | list[str] = ()) -> pa.Sche
 def _load_schema(name: str, enabled: tuple[str, ...], _version: int) -> pa.Schema:
     meta = {SCHEMA_META_NAME: name.encode(), SCHEMA_META_VERSION: str(published(name)["version"]).encode()}
     return pa.schema([c.field() for c in columns(name, enabled)], metadata=meta)
+
+
+#: the published tables, in the order the README documents them
+TABLES = ("samples", "embeddings", "identities", "sample_scores", "roc")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(name: str) -> str:
+    """``schemas/<name>.json`` as a Markdown table: column, type, meaning (the README's tables)."""
+    doc = published(name)
+    lines = [f"`{name}` (schema version {doc['version']}): {_cell(doc['doc'])}", "",
+             "| column | type | meaning |", "|---|---|---|"]
+    for f in doc["fields"]:
+        kind = f"`{f['type']}`" + ("" if f["nullable"] else ", never null")
+        lines.append(f"| `{f['name']}` | {kind} | {_cell(f['doc'])} |")
+    return "\n".join(lines)
+
+
+def readme_block(name: str) -> str:
+    """The README's generated block for table ``name``, between its begin and end comments."""
+    return (f"<!-- schema:{name} (generated from schemas/{name}.json: python -m clipaudit.io.schemas README.md) -->\n"
+            f"{markdown_table(name)}\n\n<!-- /schema:{name} -->")
+
+
+def readme_with_tables(text: str) -> str:
+    """``text`` (the README) with each ``<!-- schema:NAME … -->`` block replaced by the table of NAME."""
+    for name in TABLES:
+        m = re.search(rf"<!-- schema:{name}\b[^>]*-->.*?<!-- /schema:{name} -->", text, flags=re.S)
+        if m is None:
+            raise ValueError(f"no <!-- schema:{name} --> … <!-- /schema:{name} --> block to fill")
+        text = text[: m.start()] + readme_block(name) + text[m.end():]
+    return text
+
+
+if __name__ == "__main__":  # regenerate the README's tables: python -m clipaudit.io.schemas README.md
+    import sys
+    from pathlib import Path
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m clipaudit.io.schemas README.md")
+    readme = Path(sys.argv[1])
+    readme.write_text(readme_with_tables(readme.read_text()))

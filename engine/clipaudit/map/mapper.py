@@ -202,8 +202,10 @@ class ShardMapper:
         counts: Counter[str] = Counter()
         warnings: Counter[str] = Counter()
         self.layout.make_dirs()
-        part = PartWriter(self.layout.sample_part(shard), self.samples_schema)
-        emb_part = PartWriter(self.layout.embedding_part(shard), self.embeddings_schema) if self.spec.store_embeddings else None
+        tmp = self.layout.tmp_dir
+        part = PartWriter(self.layout.sample_part(shard), self.samples_schema, tmp)
+        emb_part = (PartWriter(self.layout.embedding_part(shard), self.embeddings_schema, tmp)
+                    if self.spec.store_embeddings else None)
         def write(samples: list[Sample], cols: dict[str, list], emb: np.ndarray | None) -> None:
             part.write(cols)
             ok = [s for s in samples if s.ok]
@@ -244,7 +246,7 @@ class ShardMapper:
         stats.errors = dict(sorted(counts.items()))
         stats.warnings = dict(sorted(warnings.items()))
         stats.seconds = time.perf_counter() - t0
-        atomic_write_json(self.layout.marker(shard), stats.to_dict())  # last: vouches for the parts
+        atomic_write_json(self.layout.marker(shard), stats.to_dict(), tmp)  # last: vouches for the parts
         return stats
 
     def close(self) -> None:

@@ -240,7 +240,7 @@ def write_sample_pvalues(layout: "OutputLayout", image_scores: list[str], contro
             scored[a] += int((~np.isnan(p) & ~is_control).sum())
         control_identities.update(np.array(t.column("identity").to_pylist(), dtype=object)[is_control])
         arrays = [columns.get(f.name, pa.nulls(t.num_rows, f.type)) for f in schema]
-        atomic_write_table(out_dir / part.name, pa.Table.from_arrays(arrays, schema=schema))
+        atomic_write_table(out_dir / part.name, pa.Table.from_arrays(arrays, schema=schema), layout.tmp_dir)
         written.add(part.name)
     for stale in out_dir.glob("*.parquet"):
         if stale.name not in written:

@@ -94,7 +94,7 @@ def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
         opts = replace(opts, copies=layout.root / NEAR_DUPLICATES)
     t0 = time.perf_counter()
     ident = identity_level(layout, opts, labels, controls)
-    atomic_write_table(layout.identities, ident.table)
+    atomic_write_table(layout.identities, ident.table, layout.tmp_dir)
     result = ReduceResult(ident.table, written=[layout.identities, *neighbour_files])
     log.info("%d identities in %.1f s", ident.table.num_rows, time.perf_counter() - t0)
     learned = _learned_scores(layout, opts, labels, controls)
@@ -128,7 +128,7 @@ def _neighbours(layout: OutputLayout, opts: ReduceOptions) -> list[Path]:
             continue
         t0 = time.perf_counter()
         table = make()
-        atomic_write_table(path, table)
+        atomic_write_table(path, table, layout.tmp_dir)
         log.info("%s: %d rows in %.1f s", name, table.num_rows, time.perf_counter() - t0)
         written.append(path)
     return written
@@ -191,7 +191,7 @@ def _calibrate(layout: OutputLayout, opts: ReduceOptions, controls: Controls, id
         calibration["identity"] = identity
     if image:
         calibration["image"] = image
-    atomic_write_json(layout.calibration, calibration)
+    atomic_write_json(layout.calibration, calibration, layout.tmp_dir)
     log.info("calibration against %d control identities / %d control images in %.1f s",
              len(controls.identities), len(controls.images), time.perf_counter() - t0)
     return calibration
@@ -215,6 +215,6 @@ def _evaluate(layout: OutputLayout, opts: ReduceOptions, labels: Labels, identit
     metrics["n_unlabeled_identities"] = sum(v is None for v in identities.column("label_member").to_pylist())
     metrics["n_labels_not_in_candidates"] = len(set(labels.identities) - seen)
     metrics["n_image_labels_not_in_candidates"] = labels.unmatched_images
-    atomic_write_json(layout.metrics, metrics)
-    atomic_write_table(layout.roc, pa.Table.from_pylist(roc_rows, schema=load_schema("roc")))
+    atomic_write_json(layout.metrics, metrics, layout.tmp_dir)
+    atomic_write_table(layout.roc, pa.Table.from_pylist(roc_rows, schema=load_schema("roc")), layout.tmp_dir)
     return metrics
