@@ -126,6 +126,10 @@ class OutputLayout:
         return self.root / "sample_scores"
 
     @property
+    def downloads_dir(self) -> Path:
+        return self.root / "downloads"
+
+    @property
     def cache_dir(self) -> Path:
         return self.root / "_cache"
 
@@ -147,6 +151,9 @@ class OutputLayout:
 
     def embedding_part(self, shard: str) -> Path:
         return self.embeddings_dir / f"{part_name(shard)}.parquet"
+
+    def download_part(self, shard: str) -> Path:
+        return self.downloads_dir / f"{part_name(shard)}.parquet"
 
     def marker(self, shard: str) -> Path:
         return self.samples_dir / f"_{part_name(shard)}.done.json"
@@ -184,7 +191,8 @@ class OutputLayout:
     def remove_stale_temps(self) -> int:
         """Delete hidden temp files left by killed writers; only safe while holding :meth:`lock`."""
         n = 0
-        for d in (self.root, self.samples_dir, self.embeddings_dir, self.cache_dir, self.sample_scores_dir):
+        for d in (self.root, self.samples_dir, self.embeddings_dir, self.cache_dir, self.sample_scores_dir,
+                  self.downloads_dir):
             for p in d.glob(".*.tmp-*") if d.is_dir() else ():
                 p.unlink(missing_ok=True)
                 n += 1
@@ -195,7 +203,7 @@ class OutputLayout:
 
     def clear_map_outputs(self) -> None:
         """Remove everything the map step wrote (for ``--force``)."""
-        for d in (self.samples_dir, self.embeddings_dir, self.cache_dir, self.sample_scores_dir):
+        for d in (self.samples_dir, self.embeddings_dir, self.cache_dir, self.sample_scores_dir, self.downloads_dir):
             shutil.rmtree(d, ignore_errors=True)
         for f in (self.identities, self.metrics, self.roc, self.calibration, self.summary, self.job_state):
             f.unlink(missing_ok=True)
