@@ -1,4 +1,4 @@
-"""``clipaudit`` command line: run | reduce | demo | query.
+"""``clipaudit`` command line: run | reduce | demo | query | report | ingest | bench.
 
 Exit codes: 0 success; 1 some shards failed after all retries; 2 bad input (spec, files,
 model, query) with one clear message and no traceback.
@@ -39,11 +39,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .io.outputs import OutputBusy
     from .io.report_html import MissingExtra
     from .reduce.neighbours import NeighboursError
+    from .ingest import IngestError
     from .runner import ResumeRefused
     from .spec import SpecError
 
     return (SpecError, ModelLoadError, ResumeRefused, QueryError, LabelsError, NamePoolError, UserError, AttackerError,
-            OutputBusy, MissingExtra, NeighboursError, FileNotFoundError)
+            OutputBusy, MissingExtra, NeighboursError, IngestError, FileNotFoundError)
 
 
 def _unwrap(e: BaseException) -> BaseException:
@@ -200,6 +201,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- ingest -----------------------------------------------------------------------
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from .ingest import IngestOptions, ingest, result_lines
+
+    opts = IngestOptions(pool_size=args.pool_size, seed=args.seed, shard_size=args.shard_size,
+                         processes=args.processes, threads=args.threads, timeout=args.timeout, retries=args.retries,
+                         model=args.model, pretrained=args.pretrained)
+    result = ingest(Path(args.urls), Path(args.out), opts)
+    print("\n".join(result_lines(result)))
+    return EXIT_FAILED_SHARDS if result.unfinished else EXIT_OK
+
+
 # -- bench ------------------------------------------------------------------------
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -327,6 +341,27 @@ def build_parser() -> argparse.ArgumentParser:
                          "OUTPUT_DIR/report/); needs the `report` extra (matplotlib)")
     rp.set_defaults(func=cmd_report)
 
+    i = sub.add_parser("ingest", help="url,identity[,caption] list → WebDataset shards (img2dataset), names.txt and "
+                                      "a starter job.yaml in OUT; needs the `ingest` extra")
+    i.add_argument("urls", metavar="URLS", help="the URL list: .parquet, .csv, .tsv or .jsonl with columns url, identity "
+                                                "and optionally caption")
+    i.add_argument("out", metavar="OUT", help="a new or empty folder for the shards (re-running with the same list "
+                                              "resumes)")
+    i.add_argument("--pool-size", type=int, default=1000,
+                   help="names in names.txt: every identity plus generated distractors (default 1000, the pool size of "
+                        "the identity-inference paper)")
+    i.add_argument("--seed", type=int, default=0, help="seed of the distractor names (default 0)")
+    i.add_argument("--shard-size", type=int, default=10_000, help="URLs per shard (default 10000)")
+    i.add_argument("--processes", type=int, default=1, help="img2dataset download processes (default 1)")
+    i.add_argument("--threads", type=int, default=16, help="download threads per process (default 16)")
+    i.add_argument("--timeout", type=int, default=10, help="seconds per download (default 10)")
+    i.add_argument("--retries", type=int, default=0, help="retries of a failed download (default 0)")
+    i.add_argument("--model", default="ViT-B-32", help="model.name written to job.yaml (default: a placeholder, "
+                                                        "ViT-B-32)")
+    i.add_argument("--pretrained", default="laion2b_s34b_b79k",
+                   help="model.pretrained written to job.yaml (default: a placeholder, laion2b_s34b_b79k)")
+    i.set_defaults(func=cmd_ingest)
+
     b = sub.add_parser("bench", help="map-step throughput beside a model-only baseline, same run (synthetic shards)")
     b.add_argument("--model", default="ViT-B-32", help="OpenCLIP name or model-config JSON (default ViT-B-32)")
     b.add_argument("--pretrained", default=None, help="weights (default: random init — same speed, no download)")
@@ -349,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     q = sub.add_parser("query", help="SQL (DuckDB) over the outputs: views samples, identities, embeddings, "
-                                          "sample_scores")
+                                          "sample_scores, downloads")
     q.add_argument("output_dir", metavar="OUTPUT_DIR", help="an audit's output folder")
     q.add_argument("sql", metavar="SQL", help="one read-only statement (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE), "
                                               "e.g. \"SELECT * FROM identities ORDER BY idia_score DESC LIMIT 10\"")

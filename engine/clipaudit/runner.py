@@ -112,6 +112,20 @@ def summarize(layout: OutputLayout, shards: list[str], failed: list) -> dict[str
     }
 
 
+def add_downloads(summary: dict[str, Any], layout: OutputLayout, shards: list[str], identity_field: str) -> None:
+    """Where the shards come with img2dataset's status files: the URLs missing from them
+    (``downloads``: totals by status and reason; per shard ``downloads``: urls, missing)."""
+    from .io.downloads import collect_downloads
+
+    block, per_shard = collect_downloads(layout, shards, identity_field)
+    if block is None:
+        return
+    summary["downloads"] = block
+    for entry in summary["per_shard"]:
+        if entry["shard"] in per_shard:
+            entry["downloads"] = per_shard[entry["shard"]]
+
+
 def cross_shard_duplicate_keys(layout: OutputLayout) -> dict[str, int]:
     """Keys that occur in more than one shard. Both rows are kept (rows are identified by
     shard + key); the counts tell the auditor that the inputs hold repeated keys."""
@@ -190,6 +204,7 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
         log.info("resume: %d of %d shards already done", len(shards) - len(todo), len(shards))
     result = make_executor(spec).run(spec, layout, todo, progress=progress)
     summary = summarize(layout, shards, result.failed)
+    add_downloads(summary, layout, shards, spec.data.identity_field)
     summary["map_seconds_this_run"] = round(result.seconds, 3)
     summary["stale_temp_files_removed"] = stale
     summary["duplicate_keys_across_shards"] = cross_shard_duplicate_keys(layout)

@@ -141,6 +141,10 @@ class OutputLayout:
         return self.root / "sample_scores"
 
     @property
+    def downloads_dir(self) -> Path:
+        return self.root / "downloads"
+
+    @property
     def cache_dir(self) -> Path:
         return self.root / "_cache"
 
@@ -172,6 +176,9 @@ class OutputLayout:
 
     def embedding_part(self, shard: str) -> Path:
         return self.embeddings_dir / f"{part_name(shard)}.parquet"
+
+    def download_part(self, shard: str) -> Path:
+        return self.downloads_dir / f"{part_name(shard)}.parquet"
 
     def marker(self, shard: str) -> Path:
         return self.markers_dir / f"{part_name(shard)}.done.json"
@@ -243,7 +250,7 @@ class OutputLayout:
                 p.unlink(missing_ok=True)
                 n += 1
         for d in (self.root, self.samples_dir, self.embeddings_dir, self.cache_dir, self.sample_scores_dir,
-                  self.markers_dir, self.attackers_dir):
+                  self.markers_dir, self.attackers_dir, self.downloads_dir):
             for p in d.glob(".*.tmp-*") if d.is_dir() else ():
                 p.unlink(missing_ok=True)
                 n += 1
@@ -255,7 +262,7 @@ class OutputLayout:
     def clear_map_outputs(self) -> None:
         """Remove everything the map step wrote (for ``--force``)."""
         for d in (self.samples_dir, self.embeddings_dir, self.cache_dir, self.sample_scores_dir, self.markers_dir,
-                  self.tmp_dir):
+                  self.tmp_dir, self.downloads_dir):
             shutil.rmtree(d, ignore_errors=True)
         for f in (self.identities, self.metrics, self.roc, self.calibration, self.summary, self.job_state):
             f.unlink(missing_ok=True)

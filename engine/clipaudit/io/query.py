@@ -1,5 +1,5 @@
 """SQL over an audit's outputs with DuckDB: views ``samples``, ``identities``, ``embeddings``,
-``sample_scores`` (each where present).
+``sample_scores``, ``downloads`` (each where present).
 
 Only read statements are accepted (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN), and
 the connection that runs them has no file or network access of its own: DuckDB reads the
@@ -34,7 +34,8 @@ def output_views(layout: OutputLayout) -> dict[str, Path]:
     views: dict[str, Path] = {"samples": layout.samples_dir / "*.parquet"}
     if layout.identities.is_file():
         views["identities"] = layout.identities
-    for name, folder in (("embeddings", layout.embeddings_dir), ("sample_scores", layout.sample_scores_dir)):
+    for name, folder in (("embeddings", layout.embeddings_dir), ("sample_scores", layout.sample_scores_dir),
+                         ("downloads", layout.downloads_dir)):
         if folder.is_dir() and any(folder.glob("*.parquet")):
             views[name] = folder / "*.parquet"
     return views

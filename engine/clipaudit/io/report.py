@@ -75,6 +75,13 @@ def summary_lines(s: dict) -> list[str]:
     if dup.get("keys"):
         lines.append(f"note: {dup['keys']} key(s) occur in more than one shard ({dup['rows']} rows); each row is kept "
                      "and identified by shard + key")
+    dl = s.get("downloads")
+    if dl:
+        items = list(dl["missing_by_reason"].items())
+        reasons = ", ".join(f"{k}={v}" for k, v in items[:5]) + (f", … {len(items) - 5} more" if len(items) > 5 else "")
+        why = f" (img2dataset: {reasons})" if items else ""
+        lines.append(f"downloads: {dl['missing']} of {dl['urls']} URLs missing from the shards{why}; "
+                     "their rows: the downloads view")
     lines += [f"FAILED shard {f['shard']} after {f['attempts']} attempts: {f['error']}" for f in s["failed"]]
     return lines
 
