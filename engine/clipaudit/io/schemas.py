@@ -118,7 +118,7 @@ def _load_schema(name: str, enabled: tuple[str, ...], _version: int) -> pa.Schem
 
 
 #: the published tables, in the order the README documents them
-TABLES = ("samples", "embeddings", "identities", "sample_scores", "roc")
+TABLES = ("samples", "embeddings", "identities", "sample_scores", "roc", "downloads")
 
 
 def _cell(text: str) -> str:
