@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import json
+import queue
 import tempfile
 import time
 from pathlib import Path
@@ -189,7 +190,14 @@ def _children(jobs: list[dict], threads: int) -> list[dict]:
     procs = [ctx.Process(target=_child_map, args=({**j, "start_at": start}, threads, results)) for j in jobs]
     for p in procs:
         p.start()
-    out = [results.get(timeout=600) for _ in procs]
+    out: list[dict] = []
+    while len(out) < len(procs):
+        try:
+            out.append(results.get(timeout=1.0))
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"bench child process failed (exit {dead[0]})") from None
     for p in procs:
         p.join()
         if p.exitcode != 0:
@@ -210,7 +218,7 @@ def run_quick(n_images: int = 768, batch_size: int = 64, names: int = 1000, inde
     with tempfile.TemporaryDirectory(prefix="clipaudit-bench-quick-") as tmp:
         root = Path(tmp)
         model_path = _write_model(root)
-        per_shard = 128
+        per_shard = max(16, n_images // 6)  # 6 shards: the 1-vs-2-process figure splits them in halves
         shards = write_synthetic_shards(root / "shards", n_images, per_shard, 128, names)
         (root / "names.txt").write_text("".join(f"Person {i:05d}\n" for i in range(names)))
         loaded = load_model(str(model_path), None, "fp32", "cpu", seed=0)
