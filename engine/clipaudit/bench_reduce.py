@@ -101,28 +101,42 @@ def synthetic_audit(folder: Path, rows: int, seed: int = 0, rows_per_part: int =
     return paths
 
 
-def _child_reduce(folder: str, results) -> None:
-    """In a spawned process: reduce ``folder`` with labels and controls; report seconds and peak RSS."""
+def _child_reduce(folder: str, memory_limit: str, results) -> None:
+    """In a spawned process: reduce ``folder`` with labels and controls; report seconds, peak
+    RSS, and the peak RSS so far at each of the reduce step's log lines (its stages)."""
+    import logging
+
     from .bench_quick import peak_rss_mb
     from .io.outputs import OutputLayout
     from .reduce import ReduceOptions, reduce_outputs
 
+    stages: list[tuple[str, float]] = []
+
+    class Stage(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            stages.append((record.getMessage()[:60], round(peak_rss_mb())))
+
+    logger = logging.getLogger("clipaudit.reduce")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(Stage())
     root = Path(folder)
     opts = ReduceOptions(attacks=ATTACKS, labels=root / "labels.csv", controls=root / "controls.csv",
-                         names=root / "names.txt")
+                         names=root / "names.txt", memory_limit=memory_limit)
+    before = peak_rss_mb()
     t0 = time.perf_counter()
     result = reduce_outputs(OutputLayout(root), opts)
-    results.put({"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
-                 "identities": result.identities.num_rows})
+    results.put({"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(), "start_rss_mb": before,
+                 "identities": result.identities.num_rows, "stages": stages})
 
 
-def measure(folder: Path) -> dict[str, Any]:
-    """Reduce ``folder`` in a fresh process; its seconds, peak RSS (MB) and identity count."""
+def measure(folder: Path, memory_limit: str = "2GB") -> dict[str, Any]:
+    """Reduce ``folder`` in a fresh process; its seconds, peak RSS (MB), identity count and
+    peak RSS after each logged stage."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    proc = ctx.Process(target=_child_reduce, args=(str(folder), results))
+    proc = ctx.Process(target=_child_reduce, args=(str(folder), memory_limit, results))
     proc.start()
     proc.join()
     if proc.exitcode != 0:
@@ -130,15 +144,16 @@ def measure(folder: Path) -> dict[str, Any]:
     return results.get(timeout=5)
 
 
-def run_reduce_bench(sizes: list[int], workdir: Path, seed: int = 0,
+def run_reduce_bench(sizes: list[int], workdir: Path, seed: int = 0, memory_limit: str = "2GB",
                      log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
-    """Peak RSS and time of the reduce step at each size (rows), plus the largest size's RSS
-    over the smallest's (``reduce_rss_growth``: 1.0 is flat)."""
+    """Peak RSS and time of the reduce step at each size (rows) with DuckDB capped at
+    ``memory_limit``, plus the largest size's RSS over the smallest's (``reduce_rss_growth``:
+    1.0 is flat; the cap bounds it — DuckDB uses up to its limit before it spills)."""
     import shutil
 
     from .bench import machine
 
-    out: dict[str, Any] = {"device": machine("cpu"), "reduce_rows": [], "reduce_seconds": [], "reduce_rows_per_s": [],
+    out: dict[str, Any] = {"device": machine("cpu"), "reduce_memory_limit": memory_limit, "reduce_rows": [], "reduce_seconds": [], "reduce_rows_per_s": [],
                            "reduce_peak_rss_mb": [], "reduce_identities": []}
     for rows in sorted(sizes):
         folder = workdir / f"reduce-{rows}"
@@ -146,13 +161,15 @@ def run_reduce_bench(sizes: list[int], workdir: Path, seed: int = 0,
         t0 = time.perf_counter()
         synthetic_audit(folder, rows, seed)
         log(f"{rows:,} synthetic rows written in {time.perf_counter() - t0:.0f} s; reducing")
-        found = measure(folder)
+        found = measure(folder, memory_limit)
         log(f"{rows:,} rows reduced in {found['seconds']:.0f} s, peak RSS {found['peak_rss_mb']:.0f} MB")
         out["reduce_rows"].append(rows)
         out["reduce_seconds"].append(round(found["seconds"], 1))
         out["reduce_rows_per_s"].append(round(rows / found["seconds"]))
         out["reduce_peak_rss_mb"].append(round(found["peak_rss_mb"]))
         out["reduce_identities"].append(found["identities"])
+        out.setdefault("reduce_start_rss_mb", []).append(round(found["start_rss_mb"]))
+        out.setdefault("reduce_stage_peak_rss_mb", []).append(found["stages"])
         shutil.rmtree(folder, ignore_errors=True)
     out["reduce_rss_growth"] = round(out["reduce_peak_rss_mb"][-1] / out["reduce_peak_rss_mb"][0], 3)
     return out
@@ -163,4 +180,4 @@ if __name__ == "__main__":  # pragma: no cover - a manual entry point beside the
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        print(json.dumps(run_reduce_bench([int(x) for x in sys.argv[1:]], Path(d), log=print)))
+        print(json.dumps(run_reduce_bench([int(x) for x in sys.argv[2:]], Path(d), memory_limit=sys.argv[1], log=print)))

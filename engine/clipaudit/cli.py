@@ -176,6 +176,14 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         if not 0 < args.target_fpr < 1:
             raise UserError(f"--target-fpr must be between 0 and 1, got {args.target_fpr}")
         opts = replace(opts, target_fpr=args.target_fpr)
+    if args.memory_limit is not None:
+        from .spec import ComputeSpec
+
+        try:
+            ComputeSpec(reduce_memory=args.memory_limit)
+        except ValueError:
+            raise UserError(f"--memory-limit {args.memory_limit!r}: a size such as 512MB or 4GB") from None
+        opts = replace(opts, memory_limit=args.memory_limit)
     with layout.lock():
         result = reduce_outputs(layout, opts)
     print("wrote " + ", ".join(str(p) for p in result.written))
@@ -221,6 +229,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     log = (lambda msg: None) if args.json and args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr,
                                                                                    flush=True))
+    if args.reduce:
+        import tempfile
+
+        from .bench_reduce import run_reduce_bench
+
+        try:
+            sizes = [int(x.replace("_", "")) for x in args.reduce.split(",")]
+        except ValueError:
+            raise UserError(f"--reduce {args.reduce!r}: row counts joined by commas, e.g. 1000000,10000000") from None
+        if min(sizes) < 1000:
+            raise UserError("--reduce: each size must be at least 1000 rows")
+        with tempfile.TemporaryDirectory(prefix="clipaudit-bench-reduce-") as work:
+            result = run_reduce_bench(sizes, Path(work), memory_limit=args.reduce_memory, log=log)
+        _bench_output(args, result, "\n".join(f"{k:26s} {v}" for k, v in result.items()))
+        return EXIT_OK
     if args.quick:
         from .bench_quick import run_quick
 
@@ -306,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change a reduce-only attack parameter, e.g. idia.tau=3 (repeatable; default: the job's)")
     d.add_argument("--labels", help="labels CSV (default: the job's)")
     d.add_argument("--near-duplicates", action="store_true",
-                   help="find re-uploads and resized copies among the candidates (embedding cosine >= 0.95 and "
+                   help="find re-uploads and resized copies among each identity's images (embedding cosine >= 0.95 and "
                         "image hashes within 6 of 64 bits) and list them in near_duplicates.parquet; copies do not "
                         "count as independent images of their identity (off by default)")
     d.add_argument("--reference", metavar="INDEX",
@@ -322,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. of a shadow model or a labelled calibration set, instead of fitting them here")
     d.add_argument("--target-fpr", type=float, help="flag scores whose control p-value is at most this "
                                                      "(default: the job's calibration.target_fpr, 0.01)")
+    d.add_argument("--memory-limit", metavar="SIZE",
+                   help="DuckDB's memory limit, e.g. 4GB (default: the job's compute.reduce_memory, 2GB); beyond it "
+                        "DuckDB spills to OUTPUT_DIR/_tmp")
     d.set_defaults(func=cmd_reduce)
 
     m = sub.add_parser("demo", help="self-contained synthetic audit (canary lab), a few minutes on a CPU")
@@ -378,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true",
                    help="every speed figure (model-only, end to end, naive loop, augmentation, name index and its "
                         "recall, memory, 1 vs 2 processes) on a small 96-px model, ~3 min on a 2-core CPU")
+    b.add_argument("--reduce", metavar="ROWS,ROWS",
+                   help="instead: the reduce step's peak memory and time on synthetic output folders of these sizes "
+                        "(rows, e.g. 1000000,10000000; written to a temp folder, ~280 MB per million rows)")
+    b.add_argument("--reduce-memory", default="2GB", metavar="SIZE",
+                   help="with --reduce: DuckDB's memory limit (compute.reduce_memory; default 2GB)")
     b.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout, nothing else")
     b.add_argument("--json-out", metavar="PATH", help="also write the result record to PATH")
     b.add_argument("--quiet", action="store_true", help="with --json: no progress lines on stderr")

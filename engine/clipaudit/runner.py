@@ -56,7 +56,8 @@ def package_versions() -> dict[str, str | None]:
 def reduce_options(spec: JobSpec) -> ReduceOptions:
     return ReduceOptions(attacks={name: getattr(spec.attacks, name) for name in spec.attacks.enabled()},
                          labels=spec.labels, names=spec.names, controls=spec.calibration.controls,
-                         target_fpr=spec.calibration.target_fpr, seed=spec.seed)
+                         target_fpr=spec.calibration.target_fpr, seed=spec.seed,
+                         memory_limit=spec.compute.reduce_memory)
 
 
 _CHANGED_WORDS = {"model_files": "model_files (the content of a checkpoint or model-config file)"}

@@ -140,8 +140,13 @@ class ComputeSpec(_Strict):
     progress_interval_s: float = Field(
         10.0, gt=0, description="seconds between two `map progress:` lines when stderr is not a terminal "
                                 "(e.g. `ray job logs`); a terminal gets a progress bar")
-    index: Literal["auto", "faiss", "faiss-ivf", "torch"] = Field(
-        "auto", description="name top-k backend: torch (exact, GPU), faiss (exact, CPU), faiss-ivf (approximate, CPU); "
+    reduce_memory: str = Field(
+        "2GB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$",
+        description="DuckDB's memory limit in the reduce step (e.g. 2GB); larger sorts and aggregations spill to "
+                    "OUT/_tmp, so the reduce step's memory does not grow with the audit")
+    index: Literal["auto", "faiss", "faiss-ivf", "torch", "faiss-gpu"] = Field(
+        "auto", description="name top-k backend: torch (exact, GPU), faiss (exact, CPU), faiss-ivf (approximate, CPU), "
+                            "faiss-gpu (exact, GPU; the [gpu] extra); "
                             "auto: torch on CUDA, else faiss below 50,000 names and faiss-ivf from there")
 
 

@@ -118,19 +118,23 @@ def test_identity_pvalues_against_nonmember_controls(tmp_path):
     assert p["C"] == pytest.approx(1.0)  # 0 against {1, 0}: both ≥ 0 → (1 + 2)/(1 + 2)
 
 
-def test_plurality_over_all_images_equals_the_sql_vote(tmp_path):
-    """Two implementations of the vote agree: k = all images (every draw is a permutation)
-    gives the SQL score of identities.parquet, ties included."""
-    from clipaudit.attacks.idia import plurality_scores
+def test_identity_vote_matches_a_direct_count(tmp_path):
+    """identities.parquet's idia_score equals a plain count per template (Counter), ties
+    included: the true name must be strictly the most frequent."""
+    from collections import Counter
 
-    rows = [img("A", "A", "B", "A"), img("A", "A", "A", "B"), img("A", "C", "B", "B"),
-            img("B", "B", "x", "y"), img("B", "x", "B", "y"), img("B", "y", "x", "B"), img("B", "B", "B", "B")]
-    sql = scores(tmp_path, rows)
-    vocab = {n: i for i, n in enumerate(["A", "B", "C", "x", "y"])}
-    for who in ("A", "B"):
-        mine = np.array([[vocab[n] for n in r["idia_top1"]] for r in rows if r["identity"] == who])
-        got = plurality_scores(mine, vocab[who], k=len(mine), draws=5, seed=1)
-        assert set(got.tolist()) == {sql[who]["idia_score"]}
+    rng = np.random.default_rng(5)
+    vocab = ["A", "B", "C", "x", "y"]
+    rows = [img(who, *[str(rng.choice(vocab)) for _ in range(6)]) for who in ("A", "B", "C") for _ in range(7)]
+    got = scores(tmp_path, rows, tau=2)
+    for who in ("A", "B", "C"):
+        mine = [r["idia_top1"] for r in rows if r["identity"] == who]
+        expect = 0
+        for t in range(6):
+            c = Counter(m[t] for m in mine)
+            others = max((v for n, v in c.items() if n != who), default=0)
+            expect += c.get(who, 0) > others
+        assert got[who]["idia_score"] == expect and got[who]["idia_member"] == (expect >= 2)
 
 
 def test_plurality_ties_are_no_vote_and_draws_are_seeded():
@@ -212,3 +216,46 @@ def test_streamed_identities_match_one_batch_and_a_direct_count(tmp_path, monkey
         assert whole.columns["idia_score_at_k"][who] == pytest.approx(expect)
     sweep = {e["k"]: e for e in whole.metrics["sweep"]}
     assert sweep[4]["n_members"] == 2 and sweep[4]["n_nonmembers"] == 2  # Bob (5) and Eve (4) reach k = 4
+
+
+def test_template_average_is_the_normalised_mean_and_needs_tau_1():
+    from pydantic import ValidationError
+
+    from clipaudit.attacks.idia import IdiaAttack, IdiaParams
+
+    rng = np.random.default_rng(0)
+    per_template = {t: rng.normal(size=(3, 8)).astype(np.float32) for t in ("a {}", "b {}")}
+    for v in per_template.values():
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+
+    class Model:
+        def encode_texts(self, texts):
+            return torch.from_numpy(per_template[texts[0].split()[0] + " {}"])
+
+    state = IdiaAttack(["x", "y", "z"], ["a {}", "b {}"], 2, average=True).shared_state(Model())
+    mean = (per_template["a {}"].astype(np.float16).astype(np.float32)
+            + per_template["b {}"].astype(np.float16).astype(np.float32)) / 2
+    assert state.shape == (1, 3, 8)
+    np.testing.assert_allclose(state[0], mean / np.linalg.norm(mean, axis=1, keepdims=True), atol=2e-3)
+    assert IdiaAttack(["x", "y", "z"], ["a {}", "b {}"], 2).shared_state(Model()).shape == (2, 3, 8)
+    with pytest.raises(ValidationError, match="tau must be 1"):
+        IdiaParams(template_average=True, tau=2)
+
+
+def test_template_average_ranks_each_image_once_and_separates_the_canary(canary_lab, tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from clipaudit.runner import run_job
+    from clipaudit.spec import load_spec
+
+    spec = load_spec(canary_lab.job)
+    idia = spec.attacks.idia.model_copy(update={"template_average": True})
+    spec = spec.model_copy(update={"output": tmp_path / "avg", "attacks": type(spec.attacks)(idia=idia),
+                                   "compute": spec.compute.model_copy(update={"executor": "local"})})
+    run_job(spec, progress=False)
+    rows = pq.read_table(tmp_path / "avg" / "samples", columns=["status", "idia_top1"]).to_pylist()
+    assert {len(r["idia_top1"]) for r in rows if r["status"] == "ok"} == {1}
+    m = json.loads((tmp_path / "avg" / "metrics.json").read_text())["idia"]
+    assert m["auc"] >= 0.9, m

@@ -51,6 +51,25 @@ def test_gpu_name_index_ranks_as_exact_cpu_search():
     assert overlap >= 0.99, overlap
 
 
+def test_faiss_gpu_index_ranks_as_exact_cpu_search():
+    """The [gpu] extra's faiss-gpu backend (skipped with its reason where only faiss-cpu is installed)."""
+    import faiss
+
+    from clipaudit.map.index import FaissNameIndex, build_name_index
+
+    if not hasattr(faiss, "StandardGpuResources"):
+        pytest.skip("faiss-gpu is not installed (pip install -e \".[gpu]\")")
+    rng = np.random.default_rng(1)
+    text = rng.normal(size=(2, 20_000, 64)).astype(np.float32)
+    text /= np.linalg.norm(text, axis=-1, keepdims=True)
+    q = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(100, 64)).astype(np.float32)), dim=-1)
+    s_exact, exact = FaissNameIndex(text).search(q, 10)
+    s_gpu, gpu = build_name_index(text, "faiss-gpu", CUDA).search(q.to(CUDA), 10)
+    np.testing.assert_allclose(s_gpu, s_exact, atol=1e-4)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(gpu.reshape(-1, 10), exact.reshape(-1, 10))])
+    assert overlap >= 0.999, overlap
+
+
 def test_device_side_views_match_the_cpu_views():
     from clipaudit.attacks.augment import augmented_views, part_crops, sample_rng
 

@@ -67,3 +67,14 @@ def test_ivf_index_is_the_same_when_built_twice():
     a, b = IVFNameIndex(text).search(q, 5), IVFNameIndex(text).search(q, 5)
     np.testing.assert_array_equal(a[1], b[1])
     np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_faiss_gpu_backend_without_gpu_faiss_or_cuda_says_what_is_missing():
+    import faiss
+
+    from clipaudit.map.index import build_name_index
+
+    text = _unit(np.random.default_rng(0).normal(size=(1, 50, 8)).astype(np.float32))
+    want = "pip install -e" if not hasattr(faiss, "StandardGpuResources") else "needs a CUDA device"
+    with pytest.raises(RuntimeError, match=want):
+        build_name_index(text, "faiss-gpu", torch.device("cpu"))

@@ -129,3 +129,81 @@ def test_every_candidate_gets_learned_scores_and_another_audit_applies_them(cana
                           for d in fitted.values())
     weak_rows = pq.read_table(weak_dir / "sample_scores").to_pylist()
     assert len(weak_rows) == ok and all(r[f"{n}_score"] is not None for r in weak_rows for n in fitted)
+
+
+def _synthetic(tmp_path, rows=2000, labelled=12):
+    """A synthetic audit folder (bench_reduce's, ~100 images per identity in parts of 300
+    rows) and Labels for ``labelled`` identities."""
+    from clipaudit.bench_reduce import _identity_names, synthetic_audit
+    from clipaudit.io.outputs import OutputLayout
+    from clipaudit.reduce.labels import Labels
+
+    synthetic_audit(tmp_path, rows, seed=1, rows_per_part=300)
+    members = pq.read_table(tmp_path / "samples", columns=["identity", "encodermi_score"]).group_by("identity") \
+        .aggregate([("encodermi_score", "mean")]).sort_by("identity").to_pylist()
+    cut = np.median([m["encodermi_score_mean"] for m in members])
+    labels = Labels(identities={m["identity"]: m["encodermi_score_mean"] > cut
+                                for m in members if m["identity"] in set(_identity_names(labelled))})
+    return OutputLayout(tmp_path), labels
+
+
+def _all_scores(layout, learned):
+    from clipaudit.reduce.attackers import _ok_rows
+
+    out = {}
+    for part in sorted(layout.samples_dir.glob("*.parquet")):
+        t = _ok_rows(part, learned.columns)
+        for name, s in learned.scores(part.name, t).items():
+            out.setdefault(name, []).append(s)
+    return {n: np.concatenate(v) for n, v in out.items()}
+
+
+def _params():
+    from clipaudit.attacks.registry import get
+
+    return get("encodermi").params()
+
+
+def test_streamed_scores_equal_one_fit_on_all_rows_in_memory(tmp_path):
+    """Below the cap, fitting part by part gives exactly the scores of fit_and_score on every
+    ok row read at once (out-of-fold for the labelled, the full model for the rest)."""
+    from clipaudit.reduce.attackers import image_labels, score_candidates
+    from clipaudit.reduce.evaluation import feature_matrix
+
+    layout, labels = _synthetic(tmp_path)
+    learned = score_candidates(layout, {"encodermi": _params()}, labels, seed=3)
+    assert set(learned.names) == {"encodermi_learned", "encodermi_learned_mlp", "encodermi_learned_set"}
+    got = _all_scores(layout, learned)
+    t = pq.read_table(layout.samples_dir, columns=["shard", "key", "identity", "status", "encodermi_features"])
+    t = t.filter(np.array(t.column("status").to_pylist()) == "ok")
+    ids = t.column("identity").to_pylist()
+    first = {}
+    groups = np.array([first.setdefault(i, len(first)) for i in ids])
+    y = image_labels(ids, t.column("shard").to_pylist(), t.column("key").to_pylist(), labels)
+    from clipaudit.attacks.registry import get
+
+    for variant in get("encodermi").learned:
+        X = variant.prepare(feature_matrix(t.column("encodermi_features")))
+        expect, _ = fit_and_score(X, y, groups, 3, variant.model)
+        np.testing.assert_allclose(got[f"encodermi_{variant.name}"], expect, rtol=1e-9, atol=1e-12)
+    fitted = {a.name: a.fitted_on for a in learned.fitted}
+    assert fitted["encodermi_learned"]["images"] == int((y >= 0).sum()) and "pool" not in fitted["encodermi_learned"]
+
+
+def test_above_the_cap_the_fit_set_is_a_seeded_sample_and_every_row_is_scored(tmp_path):
+    from clipaudit.reduce.attackers import score_candidates
+
+    layout, labels = _synthetic(tmp_path, labelled=16)
+    a = score_candidates(layout, {"encodermi": _params()}, labels, seed=0, max_fit=200)
+    b = score_candidates(layout, {"encodermi": _params()}, labels, seed=0, max_fit=200)
+    c = score_candidates(layout, {"encodermi": _params()}, labels, seed=1, max_fit=200)
+    on = {x.name: x.fitted_on for x in a.fitted}["encodermi_learned"]
+    assert on["images"] == 200 and on["pool"] > 1500  # 16 identities × ~100 images, errors excluded
+    sa, sb, sc = _all_scores(layout, a), _all_scores(layout, b), _all_scores(layout, c)
+    n_ok = pq.read_table(layout.samples_dir, columns=["status"]).column("status").to_pylist().count("ok")
+    for name in a.names:
+        assert len(sa[name]) == n_ok and not np.isnan(sa[name]).any()
+        np.testing.assert_array_equal(sa[name], sb[name])  # the same seed draws the same sample
+    assert not np.array_equal(sa["encodermi_learned"], sc["encodermi_learned"])
+    oof_rows = sum(len(r) for r, _ in a.variants["encodermi_learned"].oof.values())
+    assert oof_rows == 200

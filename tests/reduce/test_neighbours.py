@@ -69,6 +69,25 @@ def test_planted_copies_are_found_and_no_two_photos_of_a_person_merge(planted):
     assert sum(r["n_images"] for r in pq.read_table(root / "out" / "identities.parquet").to_pylist()) == 12 * 4 + 12
 
 
+def test_identity_partitions_give_the_same_copies_as_one(planted, tmp_path, monkeypatch):
+    """The search runs per partition of identities (memory bounded by a partition): 12 people
+    in partitions of ~5 images find the same copies, every column equal, as one partition."""
+    import clipaudit.reduce.neighbours as nb
+    from clipaudit.io.outputs import OutputLayout
+
+    root, _ = planted
+    layout = OutputLayout(root / "out")
+    whole = nb.near_duplicates(layout, tmp_path / "whole.parquet")
+    parts_seen = []
+    real = nb._copies_in_bucket
+    monkeypatch.setattr(nb, "_copies_in_bucket", lambda t, *a: parts_seen.append(t.num_rows) or real(t, *a))
+    monkeypatch.setattr(nb, "ROWS_PER_BUCKET", 5)
+    cut = nb.near_duplicates(layout, tmp_path / "cut.parquet")
+    assert len(parts_seen) > 3 and whole == cut == 12
+    assert pq.read_table(tmp_path / "cut.parquet").equals(pq.read_table(tmp_path / "whole.parquet"))
+    assert not list(layout.tmp_dir.glob("near-duplicates-*"))  # the partitions are removed
+
+
 def test_every_candidate_is_looked_up_in_a_reference_index(planted, tmp_path, capsys):
     import faiss
 

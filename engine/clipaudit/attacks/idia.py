@@ -24,7 +24,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..data.names import load_name_pool
 from ..map.index import NameIndex, build_name_index
@@ -71,6 +71,16 @@ class IdiaParams(BaseModel):
     draws: int = Field(20, ge=1, le=1000, description="random draws of k images per identity and k (reduce only)")
     headline_k: int | None = Field(None, ge=1, description="k of the headline metrics; default: the largest k in "
                                                            "the list that 90 % of the labelled identities reach")
+    template_average: bool = Field(
+        False, description="average each name's template embeddings into one vector (CLIP's prompt ensemble) and "
+                           "rank names once per image: T times less index work; IDIA then votes over that one "
+                           "ranking, so tau must be 1")
+
+    @model_validator(mode="after")
+    def _one_vote_when_averaged(self) -> "IdiaParams":
+        if self.template_average and self.tau > 1:
+            raise ValueError(f"template_average leaves one ranking per image, so tau must be 1 (got {self.tau})")
+        return self
 
     @field_validator("k")
     @classmethod
@@ -102,24 +112,31 @@ class IdiaAttack:
 
     name = "idia"
 
-    def __init__(self, names: list[str], templates: list[str], top_k: int) -> None:
+    def __init__(self, names: list[str], templates: list[str], top_k: int, average: bool = False) -> None:
         self.names = names
         self.templates = templates
+        self.average = average  # one ranking per image over the templates' mean embedding
         self.top_k = min(top_k, len(names))
         self._name_id = {n: i for i, n in enumerate(names)}
         self._index: NameIndex | None = None
 
     def shared_state(self, model: LoadedModel) -> np.ndarray:
-        """Text embeddings of every (template, name): T×N×D float16."""
+        """Text embeddings of every (template, name): T×N×D float16; with ``average`` 1×N×D,
+        the mean of each name's unit template embeddings, normalised again."""
         per_template = []
         for template in self.templates:
             texts = [template.format(n) for n in self.names]
             per_template.append(model.encode_texts(texts).to(torch.float16).cpu().numpy())
-        return np.stack(per_template)
+        state = np.stack(per_template)
+        if self.average:
+            mean = state.astype(np.float32).mean(0, keepdims=True)
+            state = (mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)).astype(np.float16)
+        return state
 
     def bind(self, state: np.ndarray, model: LoadedModel, index_backend: str) -> None:
-        if state.shape[:2] != (len(self.templates), len(self.names)):
-            raise ValueError(f"name embeddings have shape {state.shape}, expected T={len(self.templates)} N={len(self.names)}")
+        rankings = 1 if self.average else len(self.templates)
+        if state.shape[:2] != (rankings, len(self.names)):
+            raise ValueError(f"name embeddings have shape {state.shape}, expected T={rankings} N={len(self.names)}")
         self._index = build_name_index(state.astype(np.float32), index_backend, model.device)
 
     def compute(self, batch: MapBatch) -> dict[str, list]:
@@ -142,45 +159,29 @@ class IdiaAttack:
 # -- reduce side -----------------------------------------------------------------
 
 def identity_scores_sql(samples: str, params: IdiaParams) -> str:
-    """SQL (DuckDB): per identity with ok rows, ``idia_score``, ``idia_member``,
-    ``idia_top1_rate`` and ``idia_mean_reciprocal_rank``.
-
-    ``samples`` is a relation with ok rows only. A template's vote goes to the true name
-    only when it is predicted strictly more often than every other name; an identity
-    without a winning template scores 0.
-    """
+    """SQL (DuckDB): per identity with ok rows, ``idia_top1_rate`` and
+    ``idia_mean_reciprocal_rank`` — one aggregate per identity. The vote itself
+    (``idia_score``, ``idia_member``) is counted in :func:`analyse`, which streams each
+    identity's top-1 names once: a GROUP BY over (identity, template, name) would hold up to
+    images × templates groups, more than a bounded memory allows at 10^7 images."""
     return f"""
-    WITH per_image AS (
-        SELECT identity, unnest(idia_top1) AS name, unnest(range(len(idia_top1))) AS template
-        FROM {samples} WHERE idia_top1 IS NOT NULL
-    ),
-    counts AS (
-        SELECT identity, template, name, count(*) AS n FROM per_image GROUP BY ALL
-    ),
-    votes AS (
-        SELECT identity, template,
-               coalesce(max(n) FILTER (WHERE name = identity), 0) AS n_true,
-               coalesce(max(n) FILTER (WHERE name <> identity), 0) AS n_other
-        FROM counts GROUP BY ALL
-    ),
-    won AS (
-        SELECT identity, CAST(count(*) FILTER (WHERE n_true > n_other) AS INTEGER) AS n FROM votes GROUP BY ALL
-    ),
-    ranks AS (
+    WITH ranks AS (
         SELECT identity,
                avg(CASE WHEN r = 1 THEN 1.0 ELSE 0.0 END) AS idia_top1_rate,
                avg(CASE WHEN r IS NOT NULL THEN 1.0 / r ELSE 0.0 END) AS idia_mean_reciprocal_rank
         FROM (SELECT identity, unnest(idia_true_rank) AS r FROM {samples} WHERE idia_true_rank IS NOT NULL)
         GROUP BY ALL
     )
-    SELECT ids.identity,
-           coalesce(won.n, 0) AS idia_score,
-           coalesce(won.n, 0) >= {int(params.tau)} AS idia_member,
-           ranks.idia_top1_rate,
-           ranks.idia_mean_reciprocal_rank
-    FROM (SELECT DISTINCT identity FROM {samples}) ids
-    LEFT JOIN won USING (identity) LEFT JOIN ranks USING (identity)
+    SELECT ids.identity, ranks.idia_top1_rate, ranks.idia_mean_reciprocal_rank
+    FROM (SELECT DISTINCT identity FROM {samples}) ids LEFT JOIN ranks USING (identity)
     """
+
+
+def vote(top1: np.ndarray, true_id: int) -> int:
+    """Templates whose plurality vote over all of an identity's images (n×T name ids) is the
+    true name: predicted strictly more often than any other name (a tie is no vote)."""
+    n = len(top1)
+    return int(plurality_scores(top1, true_id, n, 1, 0)[0]) if n else 0  # a draw of all n is every image
 
 
 #: share of the (labelled) identities that must have at least k images for k to be the headline
@@ -273,9 +274,11 @@ def analyse(inp: AnalysisInput) -> IdentityAnalysis:
     # per identity and k: the scores of the draws (float32, nan below k): identities × ks × draws
     per_draw: list[np.ndarray] = []
     head = p.headline_k if p.headline_k and p.headline_k not in ks else None
+    votes: dict[str, int] = {}
     for name, x, true_id in _top1_by_identity(inp.con):
         names.append(name)
         counts.append(len(x))
+        votes[name] = vote(x, true_id)
         row = np.full((len(ks) + (head is not None), p.draws), np.nan, dtype=np.float32)
         for j, k in enumerate(ks + ([head] if head else [])):
             if len(x) >= k:
@@ -302,7 +305,8 @@ def analyse(inp: AnalysisInput) -> IdentityAnalysis:
         metrics.update(k=None, k_note=f"headline_k = {k_head}: no identity has that many images; the headline "
                                       "compares identities by all their images, whatever their number")
         column = {}
-    return IdentityAnalysis({"idia_score_at_k": {n: (None if v != v else v) for n, v in column.items()}}, metrics)
+    return IdentityAnalysis({"idia_score": votes, "idia_member": {n: v >= p.tau for n, v in votes.items()},
+                             "idia_score_at_k": {n: (None if v != v else v) for n, v in column.items()}}, metrics)
 
 
 def _imbalance(names: list[str], counts: np.ndarray, labels: dict[str, bool]) -> str:
@@ -337,7 +341,8 @@ IDIA = register(Attack(
     name="idia",
     title="IDIA (identity inference)",
     params=IdiaParams,
-    build=lambda p, job: IdiaAttack(load_name_pool(job.names), resolve_templates(p.templates), p.top_k),
+    build=lambda p, job: IdiaAttack(load_name_pool(job.names), resolve_templates(p.templates), p.top_k,
+                                    p.template_average),
     default=True,
     reduce_only=frozenset({"tau", "k", "draws", "headline_k"}),
     columns=(

@@ -121,7 +121,8 @@ class Attack:
     learned: tuple[Learned, ...] = ()
     #: per-identity columns computed by ``identity_sql`` (identity-level attacks)
     identity_columns: tuple[Column, ...] = ()
-    #: (relation of ok rows, params) → SQL with one row per identity: ``identity`` + identity_columns
+    #: (relation of ok rows, params) → SQL with one row per identity: ``identity`` + those of
+    #: identity_columns that ``analyse`` does not provide
     identity_sql: Callable[[str, Any], str] | None = None
     #: bump when the map values change meaning without a schema change: older outputs are not resumed
     features_version: int = 1

@@ -8,7 +8,9 @@ Three backends behind one interface:
   (:func:`ivf_params`); the CPU path from :data:`APPROX_ABOVE` names, where exact search
   costs names × templates dot products per image;
 - ``torch``: exact, blocked matrix product + running ``topk`` on the model's device (the GPU
-  path, where a dense product over templates × names is faster than any index).
+  path, where a dense product over templates × names is faster than any index);
+- ``faiss-gpu``: exact, the ``faiss`` indexes moved to the model's GPU (the ``[gpu]`` extra,
+  faiss-gpu); chosen only explicitly, since it has not been measured against ``torch`` yet.
 The exact backends return the same ranks (up to float ties) for the same embeddings.
 """
 
@@ -58,6 +60,27 @@ class FaissNameIndex(_PerTemplateFaiss):
             idx = faiss.IndexFlatIP(dim)
             idx.add(np.ascontiguousarray(text_emb[t], dtype=np.float32))
             self._indexes.append(idx)
+
+
+class FaissGpuNameIndex(_PerTemplateFaiss):
+    """Exact inner product per template on a GPU with faiss-gpu (``GpuIndexFlatIP``)."""
+
+    def __init__(self, text_emb: np.ndarray, device: torch.device) -> None:
+        import faiss
+
+        if not hasattr(faiss, "StandardGpuResources"):
+            raise RuntimeError("compute.index: faiss-gpu needs FAISS built for GPUs: pip install -e \".[gpu]\" "
+                               "(the faiss-gpu package; this faiss is CPU-only)")
+        if device.type != "cuda" or faiss.get_num_gpus() == 0:
+            raise RuntimeError(f"compute.index: faiss-gpu needs a CUDA device (the model is on {device}, "
+                               f"FAISS sees {faiss.get_num_gpus()} GPU(s))")
+        self.n_templates, self.n_names, dim = text_emb.shape
+        self._resources = faiss.StandardGpuResources()
+        self._indexes = []
+        for t in range(self.n_templates):
+            cpu = faiss.IndexFlatIP(dim)
+            cpu.add(np.ascontiguousarray(text_emb[t], dtype=np.float32))
+            self._indexes.append(faiss.index_cpu_to_gpu(self._resources, device.index or 0, cpu))
 
 
 #: pool size from which ``auto`` picks the approximate index on a CPU
@@ -147,6 +170,8 @@ def build_name_index(text_emb: np.ndarray, backend: str, device: torch.device) -
         return FaissNameIndex(text_emb)
     if backend == "faiss-ivf":
         return IVFNameIndex(text_emb)
+    if backend == "faiss-gpu":
+        return FaissGpuNameIndex(text_emb, device)
     if backend == "torch":
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         return TorchNameIndex(text_emb, device, dtype)

@@ -77,7 +77,8 @@ class ShardMapper:
         # the bounded original is decoded only when an enabled attack cuts views from it
         needs_source = any(a.source_views for a in available(spec.plugins) if a.name in spec.attacks.enabled())
         self.source_side = spec.data.source_max_side if needs_source else None
-        self.device_decode = spec.compute.decode == "gpu" or (spec.compute.decode == "auto" and torch.cuda.is_available())
+        # auto (a spec the runner has not pinned, e.g. the bench's): gpu when the model is on CUDA, set in load()
+        self.device_decode = spec.compute.decode == "gpu"
         self.embeddings_schema = load_schema("embeddings")
         self._pool = ThreadPoolExecutor(max_workers=spec.compute.decode_threads, thread_name_prefix="decode")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
@@ -89,6 +90,8 @@ class ShardMapper:
             self.model = load_model(m.name, m.pretrained, m.precision, self.spec.compute.device, seed=self.spec.seed)
             if self.spec.compute.decode == "gpu" and self.model.device.type != "cuda":
                 raise ValueError(f"compute.decode: gpu needs the model on a CUDA device, it is on {self.model.device}")
+            if self.spec.compute.decode == "auto":
+                self.device_decode = self.model.device.type == "cuda"
         return self.model
 
     def compute_shared(self) -> dict[str, Any]:

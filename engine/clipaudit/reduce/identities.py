@@ -51,6 +51,8 @@ def connect(layout: OutputLayout, copies: Path | None = None, memory_limit: str 
     spill = str(layout.tmp_dir / "duckdb").replace("'", "''")
     con.execute(f"SET memory_limit = '{memory_limit}'")
     con.execute(f"SET temp_directory = '{spill}'")
+    con.execute("SET enable_progress_bar = false")  # the reduce step logs its own progress
+    con.execute("SET preserve_insertion_order = false")  # lets results stream; every ordered query says ORDER BY
     skip = ""
     if copies is not None:
         path = str(copies).replace("'", "''")

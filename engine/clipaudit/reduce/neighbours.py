@@ -1,19 +1,21 @@
 """The candidate-embedding index: near-duplicates inside the audit, and nearest neighbours in
-a reference index.
+a reference index. Both run in memory that does not grow with the audit.
 
-Both stream the ``embeddings/`` parts (one part in memory at a time besides the index, which
-holds every ok image's embedding: N × D × 4 bytes, e.g. 20 GB for 10^7 ViT-B/32 images).
-
-* :func:`near_duplicates` — re-uploads and resized copies inside the candidate set, so that
-  copies do not count as independent votes: two images are copies when their embeddings'
-  cosine is at least ``min_cosine`` *and* their difference hashes (``samples.dhash``) differ in
-  at most ``max_hash_bits`` of 64. The hash condition is what keeps different photos of one
-  person apart: on a weak model their embeddings can be closer than a copy's (canary lab:
-  copies ≥ 0.995, other photos of the same person up to 0.997), while their hashes differ in
-  11+ bits (copies: ≤ 4). Copies form groups (transitively); each group's first image by
-  (shard, position) is kept, the others name it in ``near_duplicates.parquet``.
+* :func:`near_duplicates` — re-uploads and resized copies of one identity's images, so that
+  copies do not count as independent votes: two images of the same identity are copies when
+  their embeddings' cosine is at least ``min_cosine`` *and* their difference hashes
+  (``samples.dhash``) differ in at most ``max_hash_bits`` of 64. The hash condition is what
+  keeps different photos of one person apart: on a weak model their embeddings can be closer
+  than a copy's (canary lab: copies ≥ 0.995, other photos of the same person up to 0.997),
+  while their hashes differ in 11+ bits (copies: ≤ 4). Copies form groups (transitively);
+  each group's first image by (shard, position) is kept, the others name it in
+  ``near_duplicates.parquet``. DuckDB first writes the ok images' embeddings, partitioned by a
+  hash of their identity, under ``OUT/_tmp`` (spilling beyond its memory limit); each
+  partition (~:data:`ROWS_PER_BUCKET` images) is then searched identity by identity. The same
+  photo under two names is not merged: its copies vote for different names.
 * :func:`reference_matches` — each ok image's nearest neighbour in a user-provided FAISS index
-  (e.g. of a public training set's embeddings; inner product on L2-normalised vectors).
+  (e.g. of a public training set's embeddings; inner product on L2-normalised vectors),
+  streamed part by part into the output file.
 """
 
 from __future__ import annotations
@@ -63,53 +65,82 @@ def _batches(layout: OutputLayout) -> Iterator[tuple[list[str], list[str], list[
         yield t.column("shard").to_pylist(), t.column("key").to_pylist(), t.column("position").to_pylist(), emb
 
 
-def _hashes(layout: OutputLayout) -> dict[tuple[str, int], int]:
-    out: dict[tuple[str, int], int] = {}
-    for part in sorted(layout.samples_dir.glob("*.parquet")):
-        t = pq.read_table(part, columns=["shard", "position", "dhash"])
-        for s, p, h in zip(*(t.column(c).to_pylist() for c in ("shard", "position", "dhash"))):
-            if h is not None:
-                out[(s, p)] = h
-    return out
+#: images per identity-hash partition of the near-duplicate search (×D×4 bytes in memory)
+ROWS_PER_BUCKET = 100_000
 
 
-def near_duplicates(layout: OutputLayout, min_cosine: float = 0.95, max_hash_bits: int = 6) -> pa.Table:
-    """One row per copy (not for the image each group keeps): see the module docstring."""
+def near_duplicates(layout: OutputLayout, out: Path, min_cosine: float = 0.95, max_hash_bits: int = 6,
+                    memory_limit: str | None = None) -> int:
+    """Write ``out`` (one row per copy, not for the image each group keeps; see the module
+    docstring); returns its row count."""
+    import shutil
+    import uuid
+
+    from ..io.outputs import PartWriter
+    from .identities import REDUCE_MEMORY, connect
+
+    _parts(layout)  # a clear error without embeddings
+    con = connect(layout, memory_limit=memory_limit or REDUCE_MEMORY)
+    emb_glob = str(layout.embeddings_dir / "*.parquet").replace("'", "''")
+    spill = layout.tmp_dir / f"near-duplicates-{uuid.uuid4().hex[:8]}"
+    try:
+        n, hashed = con.execute("SELECT count(*), count(dhash) FROM samples WHERE status = 'ok'").fetchone()
+        if n and not hashed:
+            raise NeighboursError("samples/ has no dhash column values: re-run the map step with this version")
+        buckets = max(1, -(-n // ROWS_PER_BUCKET))
+        con.execute(f"""
+            COPY (SELECT e.shard, e.key, e.position, coalesce(s.identity, '') AS identity, s.dhash, e.embedding,
+                         hash(coalesce(s.identity, '')) % {buckets} AS bucket
+                  FROM read_parquet('{emb_glob}') e JOIN samples s ON s.shard = e.shard AND s.position = e.position
+                  WHERE s.status = 'ok' AND s.dhash IS NOT NULL)
+            TO '{str(spill).replace("'", "''")}' (FORMAT parquet, PARTITION_BY (bucket))""")
+        con.close()
+        found: list[tuple] = []
+        for part in sorted(spill.glob("bucket=*/*.parquet")):
+            found += _copies_in_bucket(pq.read_table(part), min_cosine, max_hash_bits)
+    finally:
+        con.close()
+        shutil.rmtree(spill, ignore_errors=True)
+    found.sort(key=lambda r: (r[0], r[2]))
+    writer = PartWriter(out, NEAR_DUPLICATES_SCHEMA, layout.tmp_dir)
+    writer.write({name: [r[i] for r in found] for i, name in enumerate(NEAR_DUPLICATES_SCHEMA.names)})
+    writer.commit()
+    return len(found)
+
+
+def _copies_in_bucket(t: pa.Table, min_cosine: float, max_hash_bits: int) -> list[tuple]:
+    """Near-duplicate rows (in :data:`NEAR_DUPLICATES_SCHEMA`'s column order) among the images
+    of each identity in one partition."""
     import faiss
 
-    ids: list[tuple[str, str, int]] = []
-    index = None
-    for shards, keys, positions, emb in _batches(layout):
-        if index is None:
-            index = faiss.IndexFlatIP(emb.shape[1])
+    t = t.sort_by([("identity", "ascending"), ("shard", "ascending"), ("position", "ascending")])
+    ident = np.asarray(t.column("identity").to_pylist(), dtype=object)
+    shards, keys = t.column("shard").to_pylist(), t.column("key").to_pylist()
+    positions, hashes = t.column("position").to_pylist(), t.column("dhash").to_pylist()
+    bounds = np.r_[0, np.flatnonzero(ident[1:] != ident[:-1]) + 1, len(ident)] if len(ident) else np.r_[0]
+    rows: list[tuple] = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi - lo < 2:
+            continue
+        emb = np.asarray(t.column("embedding").slice(lo, hi - lo).combine_chunks().flatten()
+                         .to_numpy(zero_copy_only=False), dtype=np.float32).reshape(hi - lo, -1)
+        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)  # stored as fp16
+        index = faiss.IndexFlatIP(emb.shape[1])
         index.add(emb)
-        ids += list(zip(shards, keys, positions))
-    if index is None:
-        return NEAR_DUPLICATES_SCHEMA.empty_table()
-    hashes = _hashes(layout)
-    if not hashes:
-        raise NeighboursError("samples/ has no dhash column values: re-run the map step with this version")
-    parent = list(range(len(ids)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    best: dict[int, tuple[float, int]] = {}  # copy → (cosine, hash bits) of the link that made it one
-    start = 0
-    for _, _, _, emb in _batches(layout):
         lims, sims, found = index.range_search(emb, min_cosine)
-        for q in range(len(emb)):
-            i = start + q
-            hi = hashes.get((ids[i][0], ids[i][2]))
-            for j, sim in zip(found[lims[q]:lims[q + 1]], sims[lims[q]:lims[q + 1]]):
+        parent = list(range(hi - lo))
+
+        def root(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        best: dict[int, tuple[float, int]] = {}  # copy → (cosine, hash bits) of the link that made it one
+        for i in range(hi - lo):
+            for j, sim in zip(found[lims[i]:lims[i + 1]], sims[lims[i]:lims[i + 1]]):
                 j = int(j)
-                if j <= i:
-                    continue
-                hj = hashes.get((ids[j][0], ids[j][2]))
-                if hi is None or hj is None or (bits := hamming(hi, hj)) > max_hash_bits:
+                if j <= i or (bits := hamming(hashes[lo + i], hashes[lo + j])) > max_hash_bits:
                     continue
                 a, b = root(i), root(j)
                 if a != b:
@@ -117,24 +148,21 @@ def near_duplicates(layout: OutputLayout, min_cosine: float = 0.95, max_hash_bit
                 for k in (i, j):
                     if k not in best or sim > best[k][0]:
                         best[k] = (float(sim), bits)
-        start += len(emb)
-    order = sorted(range(len(ids)), key=lambda k: (ids[k][0], ids[k][2]))
-    first: dict[int, int] = {}
-    for k in order:  # each group keeps its first image by (shard, position)
-        first.setdefault(root(k), k)
-    rows = [(k, first[root(k)]) for k in order if first[root(k)] != k]
-    cols = {name: [] for name in NEAR_DUPLICATES_SCHEMA.names}
-    for k, keep in rows:
-        for name, value in zip(NEAR_DUPLICATES_SCHEMA.names,
-                               (*ids[k][:1], ids[k][1], ids[k][2], ids[keep][0], ids[keep][1], ids[keep][2],
-                                best[k][0], best[k][1])):
-            cols[name].append(value)
-    return pa.table(cols, schema=NEAR_DUPLICATES_SCHEMA)
+        first: dict[int, int] = {}
+        for k in range(hi - lo):  # rows are in (shard, position) order: each group keeps its first image
+            keep = first.setdefault(root(k), k)
+            if keep != k:
+                a, b = lo + k, lo + keep
+                rows.append((shards[a], keys[a], positions[a], shards[b], keys[b], positions[b], *best[k]))
+    return rows
 
 
-def reference_matches(layout: OutputLayout, reference: str | Path) -> pa.Table:
-    """Each ok image's nearest neighbour (inner product) in the FAISS index at ``reference``."""
+def reference_matches(layout: OutputLayout, reference: str | Path, out: Path) -> int:
+    """Write ``out``: each ok image's nearest neighbour (inner product) in the FAISS index at
+    ``reference``, one embeddings part at a time; returns its row count."""
     import faiss
+
+    from ..io.outputs import PartWriter
 
     if not Path(reference).is_file():
         raise NeighboursError(f"--reference: file not found: {reference}")
@@ -144,15 +172,17 @@ def reference_matches(layout: OutputLayout, reference: str | Path) -> pa.Table:
         raise NeighboursError(f"--reference: {reference} is not a FAISS index: {str(e).splitlines()[0]}") from None
     if index.ntotal == 0:
         raise NeighboursError(f"--reference: {reference} holds no vectors")
-    cols: dict[str, list] = {name: [] for name in REFERENCE_SCHEMA.names}
-    for shards, keys, positions, emb in _batches(layout):
-        if emb.shape[1] != index.d:
-            raise NeighboursError(f"--reference: the index holds {index.d}-dimensional vectors, this audit's "
-                                  f"embeddings have {emb.shape[1]} (another model?)")
-        sims, found = index.search(emb, 1)
-        cols["shard"] += shards
-        cols["key"] += keys
-        cols["position"] += positions
-        cols["reference_similarity"] += sims[:, 0].tolist()
-        cols["reference_id"] += found[:, 0].tolist()
-    return pa.table(cols, schema=REFERENCE_SCHEMA)
+    writer = PartWriter(out, REFERENCE_SCHEMA, layout.tmp_dir)
+    try:
+        for shards, keys, positions, emb in _batches(layout):
+            if emb.shape[1] != index.d:
+                raise NeighboursError(f"--reference: the index holds {index.d}-dimensional vectors, this audit's "
+                                      f"embeddings have {emb.shape[1]} (another model?)")
+            sims, found = index.search(emb, 1)
+            writer.write({"shard": shards, "key": keys, "position": positions,
+                          "reference_similarity": sims[:, 0].tolist(), "reference_id": found[:, 0].tolist()})
+    except BaseException:
+        writer.abort()
+        raise
+    writer.commit()
+    return writer.rows

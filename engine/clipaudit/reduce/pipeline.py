@@ -120,17 +120,16 @@ def _neighbours(layout: OutputLayout, opts: ReduceOptions) -> list[Path]:
     from .neighbours import near_duplicates, reference_matches
 
     written = []
-    for name, wanted, make in ((NEAR_DUPLICATES, opts.near_duplicates, lambda: near_duplicates(layout)),
-                               (REFERENCE_MATCHES, opts.reference is not None,
-                                lambda: reference_matches(layout, opts.reference))):
+    for name, wanted, make in (
+            (NEAR_DUPLICATES, opts.near_duplicates, lambda p: near_duplicates(layout, p, memory_limit=opts.memory_limit)),
+            (REFERENCE_MATCHES, opts.reference is not None, lambda p: reference_matches(layout, opts.reference, p))):
         path = layout.root / name
         if not wanted:
             path.unlink(missing_ok=True)
             continue
         t0 = time.perf_counter()
-        table = make()
-        atomic_write_table(path, table, layout.tmp_dir)
-        log.info("%s: %d rows in %.1f s", name, table.num_rows, time.perf_counter() - t0)
+        rows = make(path)
+        log.info("%s: %d rows in %.1f s", name, rows, time.perf_counter() - t0)
         written.append(path)
     return written
 
