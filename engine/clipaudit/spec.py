@@ -484,9 +484,9 @@ def _check_files(spec: JobSpec, need_backends: bool = True) -> None:
     if urls or remote_shards:
         try:
             resolve_options(spec.data.storage_options)
+            stat_urls(remote_shards, spec.data.storage_options)
             for key, url in urls.items():
                 stat_urls([url], spec.data.storage_options, what=key)
-            stat_urls(remote_shards, spec.data.storage_options)
         except StorageError as e:
             raise SpecError(str(e)) from None
     from .reduce.labels import LabelsError, ShardMatcher, read_controls, read_labels

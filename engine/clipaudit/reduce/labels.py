@@ -57,9 +57,9 @@ class ShardMatcher:
         """The audited shard ``ref`` names, or None when it names none of them.
 
         A URL or an absolute path must be one of the audited shards. A relative path is tried
-        against ``base`` (the CSV's folder: a path, or a URL for a CSV on object storage), then as the tail of an audited shard's path (so a
-        path as the job spec lists it, relative to the job file, works too). A bare file name
-        must be unambiguous among the audited shards."""
+        against ``base`` (the CSV's folder: a path, or a URL for a CSV on object storage), then as
+        the tail of an audited shard's path (so a path as the job spec lists it, relative to the
+        job file, works too). A bare file name must be unambiguous among the audited shards."""
         ref = ref.removeprefix("file://")
         if is_url(ref) or os.path.isabs(ref):
             return self.exact.get(_normalise(ref))
