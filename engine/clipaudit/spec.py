@@ -84,7 +84,7 @@ class DataSpec(_Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict, description=(
         "passed to fsspec for every URL the job reads (shards, names, labels, controls), e.g. "
         "{endpoint_url: ..., key: '${AWS_ACCESS_KEY_ID}', secret: '${AWS_SECRET_ACCESS_KEY}'} for s3://; "
-        "${VAR} is read from the environment of the process that opens the URL; not in the resume hash; "
+        "${VAR} is read from the environment (the driver's, for Ray actors); not in the resume hash; "
         "secret-like values are written out as ***"))
 
     @field_validator("storage_options")

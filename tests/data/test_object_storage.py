@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import assert_same_rows, write_tiny_job
+from helpers import OTHER_EXECUTOR_TOL, assert_same_rows, write_tiny_job
 
 from clipaudit.cli import main
 from clipaudit.runner import run_job
@@ -194,6 +194,23 @@ def test_an_audit_on_s3_gives_the_rows_of_the_same_audit_on_local_files(s3, read
     (out / "metrics.json").unlink()
     assert main(["reduce", str(out)]) == 0
     _assert_close(json.loads((out / "metrics.json").read_text()), json.loads((ref / "metrics.json").read_text()))
+
+
+@pytest.mark.ray
+def test_ray_actors_get_the_credentials_from_the_driver(ray_session, s3, tmp_path, monkeypatch):
+    """The variables are set after Ray started, so only the driver has them."""
+    key, secret = s3["creds"]["reader"]
+    monkeypatch.setenv(KEY_VAR, key)
+    monkeypatch.setenv(SECRET_VAR, secret)
+    job = _s3_job(tmp_path, s3, labels=None, controls=None)
+    job.write_text(job.read_text().replace('"executor": "local"', '"executor": "ray", "workers": 1, '
+                                                                   '"cpus_per_worker": 1, "gpus_per_worker": 0'))
+    report = run_job(load_spec(job), progress=False)
+    assert report.ok and report.summary["rows"] == 24, report.summary["failed"]
+    local = run_job(load_spec(_local_job(tmp_path, s3)), progress=False)
+    assert local.ok
+    assert_same_rows(tmp_path / "out", tmp_path / "local", OTHER_EXECUTOR_TOL["samples"],
+                     close={"shard": _same_file_name})
 
 
 def test_secrets_are_never_written_and_storage_options_leave_the_map_hash_alone(s3, reader_env, tmp_path, capsys):

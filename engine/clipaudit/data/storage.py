@@ -4,7 +4,8 @@ and checking remote inputs before a run.
 ``data.storage_options`` is a mapping passed to fsspec for every URL the job reads (shards,
 names, labels, controls, img2dataset status files), e.g. ``{endpoint_url: …, key: …, secret: …}``
 for s3fs. A string value may hold ``${VAR}`` references, replaced by the environment variable's
-value in the process that opens the URL, so secrets need not sit in the job file. Files the spec
+value in the process that opens the URL (the Ray executor resolves them on the driver and hands
+the values to its actors), so secrets need not sit in the job file. Files the spec
 is written into (``_job.json``, ``manifest.json``) hold :func:`redact_options`'s copy: a value
 under a secret-like key (key, secret, token, password, …) becomes ``***`` unless it is only a
 ``${VAR}`` reference.
