@@ -51,6 +51,7 @@ def connect(layout: OutputLayout, copies: Path | None = None, memory_limit: str 
     spill = str(layout.tmp_dir / "duckdb").replace("'", "''")
     con.execute(f"SET memory_limit = '{memory_limit}'")
     con.execute(f"SET temp_directory = '{spill}'")
+    con.execute("SET enable_progress_bar = false")  # the reduce step logs its own progress
     skip = ""
     if copies is not None:
         path = str(copies).replace("'", "''")
