@@ -111,7 +111,7 @@ def test_a_name_pool_url_is_read_by_the_run_and_listed_unchecked_by_the_dry_run(
     out = capsys.readouterr().out
     assert "  names: memory://pools/names.txt — on object storage, not contacted by a dry run" in out
     assert "map hash: not computed (the name pool is on object storage)" in out
-    with pytest.raises(NamePoolError, match="names: cannot read memory://pools/missing.txt: FileNotFoundError"):
+    with pytest.raises(NamePoolError, match="names: object not found: memory://pools/missing.txt"):
         load_name_pool("memory://pools/missing.txt")
 
 

@@ -71,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     report = run_job(spec, force=args.force, progress=not (args.no_progress or args.quiet),
                      spec_text=Path(args.job).read_text())
     print_report(report)
-    if not args.quiet:
+    if not args.quiet and report.layout.identities.is_file():
         print(f'query: clipaudit query {report.layout.root} "SELECT * FROM identities ORDER BY idia_score DESC LIMIT 10"')
     return EXIT_OK if report.ok else EXIT_FAILED_SHARDS
 

@@ -102,8 +102,10 @@ def unchecked_inputs(spec: JobSpec) -> list[Unchecked]:
         of = [s for s in remote if protocol(s) == proto]
         value = of[0] if len(of) == 1 else f"{len(of)} shards, {of[0]} … {of[-1]}"
         out.append(Unchecked("data.shards", value, _remote_reason(of[0])))
-    if isinstance(spec.names, str):
-        out.append(Unchecked("names", spec.names, _remote_reason(spec.names)))
+    for key, value in (("names", spec.names), ("labels", spec.labels),
+                       ("calibration.controls", spec.calibration.controls)):
+        if isinstance(value, str):
+            out.append(Unchecked(key, value, _remote_reason(value)))
     return out
 
 

@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .data.storage import redact_text
 from .executors.base import MapResult
 from .executors.factory import make_executor
 from .io.outputs import OutputLayout, atomic_write_json
@@ -57,7 +58,7 @@ def reduce_options(spec: JobSpec) -> ReduceOptions:
     return ReduceOptions(attacks={name: getattr(spec.attacks, name) for name in spec.attacks.enabled()},
                          labels=spec.labels, names=spec.names, controls=spec.calibration.controls,
                          target_fpr=spec.calibration.target_fpr, seed=spec.seed,
-                         memory_limit=spec.compute.reduce_memory)
+                         memory_limit=spec.compute.reduce_memory, storage_options=spec.data.storage_options)
 
 
 _CHANGED_WORDS = {"model_files": "model_files (the content of a checkpoint or model-config file)"}
@@ -113,12 +114,13 @@ def summarize(layout: OutputLayout, shards: list[str], failed: list) -> dict[str
     }
 
 
-def add_downloads(summary: dict[str, Any], layout: OutputLayout, shards: list[str], identity_field: str) -> None:
+def add_downloads(summary: dict[str, Any], layout: OutputLayout, shards: list[str], identity_field: str,
+                  storage_options: dict[str, Any] | None = None) -> None:
     """Where the shards come with img2dataset's status files: the URLs missing from them
     (``downloads``: totals by status and reason; per shard ``downloads``: urls, missing)."""
     from .io.downloads import collect_downloads
 
-    block, per_shard = collect_downloads(layout, shards, identity_field)
+    block, per_shard = collect_downloads(layout, shards, identity_field, storage_options)
     if block is None:
         return
     summary["downloads"] = block
@@ -145,11 +147,26 @@ def cross_shard_duplicate_keys(layout: OutputLayout) -> dict[str, int]:
     return {"keys": int(keys), "rows": int(rows)}
 
 
-def _shard_info(shards: list[str]) -> list[dict[str, Any]]:
+def _shard_info(shards: list[str], storage_options: dict[str, Any]) -> list[dict[str, Any]]:
+    """Path, size and (for an object on storage) ETag of every shard; a remote shard's as the
+    spec check found them (listed again where this process did not check the spec)."""
+    from .data.shards import is_url
+    from .data.storage import StorageError, last_stat, stat_urls
+
+    unseen = [s for s in shards if is_url(s) and last_stat(s) is None]
+    if unseen:
+        try:
+            stat_urls(unseen, storage_options)
+        except StorageError as e:
+            log.warning("manifest: %s", e)
     out = []
     for s in shards:
-        p = Path(s)
-        out.append({"path": s, "bytes": p.stat().st_size if p.is_file() else None})
+        if is_url(s):
+            info = last_stat(s) or {}
+            out.append({"path": s, "bytes": info.get("bytes"), "etag": info.get("etag")})
+        else:
+            p = Path(s.removeprefix("file://"))
+            out.append({"path": s, "bytes": p.stat().st_size if p.is_file() else None, "etag": None})
     return out
 
 
@@ -159,12 +176,12 @@ def write_manifest(layout: OutputLayout, spec: JobSpec, spec_text: str | None, s
     ckpt = sha256_file(pretrained) if pretrained and Path(pretrained).is_file() else None
     atomic_write_json(layout.manifest, tmp_dir=layout.tmp_dir, obj={
         "clipaudit_manifest_version": 1,
-        "spec": spec.to_json(),
-        "spec_yaml": spec_text,
+        "spec": spec.public_json(),  # secret-like storage options redacted
+        "spec_yaml": None if spec_text is None else redact_text(spec_text, spec.data.storage_options),
         "map_hash": spec.map_hash(),
         "model": {"name": spec.model.name, "pretrained": pretrained, "precision": spec.model.precision,
                   "checkpoint_sha256": ckpt},
-        "shards": _shard_info(shards),
+        "shards": _shard_info(shards, spec.data.storage_options),
         "seeds": {"job": spec.seed},
         "versions": package_versions(),
         "host": {"platform": platform.platform(), "node": platform.node()},
@@ -197,7 +214,7 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
     if exclusive and layout.adopt_legacy_markers():
         log.info("moved the shard markers of an older layout from samples/ to _markers/")
     atomic_write_json(layout.job_state, tmp_dir=layout.tmp_dir, obj={
-        "map_hash": spec.map_hash(), "map_fingerprint": spec.map_fingerprint(), "spec": spec.to_json(),
+        "map_hash": spec.map_hash(), "map_fingerprint": spec.map_fingerprint(), "spec": spec.public_json(),
     })
     shards = spec.shard_list()
     todo = [s for s in shards if not layout.is_done(s)]
@@ -205,7 +222,7 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
         log.info("resume: %d of %d shards already done", len(shards) - len(todo), len(shards))
     result = make_executor(spec).run(spec, layout, todo, progress=progress)
     summary = summarize(layout, shards, result.failed)
-    add_downloads(summary, layout, shards, spec.data.identity_field)
+    add_downloads(summary, layout, shards, spec.data.identity_field, spec.data.storage_options)
     summary["map_seconds_this_run"] = round(result.seconds, 3)
     summary["stale_temp_files_removed"] = stale
     summary["duplicate_keys_across_shards"] = cross_shard_duplicate_keys(layout)

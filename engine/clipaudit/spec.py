@@ -81,6 +81,23 @@ class DataSpec(_Strict):
     source_max_side: int = Field(448, ge=16, le=4096, description=(
         "attacks that cut views from the original image get it shrunk to at most this longest side "
         "(bounds memory and time; the papers' crops come from the original, not the model's centre crop)"))
+    storage_options: dict[str, Any] = Field(default_factory=dict, description=(
+        "passed to fsspec for every URL the job reads (shards, names, labels, controls), e.g. "
+        "{endpoint_url: ..., key: '${AWS_ACCESS_KEY_ID}', secret: '${AWS_SECRET_ACCESS_KEY}'} for s3://; "
+        "${VAR} is read from the environment (the driver's, for Ray actors); not in the resume hash; "
+        "secret-like values are written out as ***"))
+
+    @field_validator("storage_options")
+    @classmethod
+    def _plain_values(cls, v: dict[str, Any]) -> dict[str, Any]:
+        def check(d: dict, where: str) -> None:
+            for k, x in d.items():
+                if isinstance(x, dict):
+                    check(x, f"{where}.{k}")
+                elif not (x is None or isinstance(x, (str, int, float, bool, list))):
+                    raise ValueError(f"{where}.{k}: expected a string, number, boolean, list or mapping")
+        check(v, "storage_options")
+        return v
 
 
 class AttacksSpec(_Strict):
@@ -170,9 +187,14 @@ def map_output_format(enabled: list[str]) -> dict[str, Any]:
 class CalibrationSpec(_Strict):
     """Thresholds and p-values from known non-members; reduce step only (not in the map hash)."""
 
-    controls: Path | None = Field(
+    controls: Path | str | None = Field(
         None, description="CSV of known non-members: identity rows and/or shard,key rows (a member column, "
-                          "if present, must say false)")
+                          "if present, must say false); a local file or a URL (a URL stays a str)")
+
+    @field_validator("controls", mode="before")
+    @classmethod
+    def _controls_path_or_url(cls, v: Any) -> Any:
+        return Path(v) if isinstance(v, str) and not is_url(v) else v
     target_fpr: float = Field(0.01, gt=0, lt=1, description="flag a score when its control p-value <= this")
 
 
@@ -183,7 +205,8 @@ class JobSpec(_Strict):
     data: DataSpec
     names: Path | str = Field(description="candidate name pool, one per line: a local file, or a URL (s3://, gs://, "
                                           "https://) read through fsspec; a URL stays a str")
-    labels: Path | None = None
+    labels: Path | str | None = Field(None, description="identity,member and/or shard,key,member CSV: a local "
+                                                         "file or a URL (a URL stays a str)")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     plugins: list[str] = Field(
         default_factory=list, description="attack plugins imported before `attacks` is read: .py files (relative to "
@@ -194,7 +217,7 @@ class JobSpec(_Strict):
     store_embeddings: bool = Field(True, description="write image embeddings (biometric data) under embeddings/")
     output: Path
 
-    @field_validator("names", mode="before")
+    @field_validator("names", "labels", mode="before")
     @classmethod
     def _names_path_or_url(cls, v: Any) -> Any:
         return Path(v) if isinstance(v, str) and not is_url(v) else v
@@ -246,8 +269,8 @@ class JobSpec(_Strict):
             "model": self.model.model_dump(exclude={"precision"}),
             "model_files": self.model_files(),
             "numerics": self.numerics(),
-            "data": self.data.model_dump(),
-            "names_sha256": names_sha256(self.names),
+            "data": self.data.model_dump(exclude={"storage_options"}),  # how to reach the data, not what it is
+            "names_sha256": names_sha256(self.names, self.data.storage_options),
             **attacks,
             "plugins": {ref: sha256_file(ref) if ref.endswith(".py") else ref for ref in self.plugins},
             "seed": self.seed,
@@ -281,9 +304,9 @@ class JobSpec(_Strict):
         """How many distinct names the pool holds (read once per process and file state)."""
         from .data.names import load_name_pool
 
-        key = names_sha256(self.names)
+        key = names_sha256(self.names, self.data.storage_options)
         if key not in _NAME_COUNT:
-            _NAME_COUNT[key] = len(load_name_pool(self.names))
+            _NAME_COUNT[key] = len(load_name_pool(self.names, self.data.storage_options))
         return _NAME_COUNT[key]
 
     def pinned(self, device_type: str) -> "JobSpec":
@@ -313,7 +336,17 @@ class JobSpec(_Strict):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:
+        """The whole spec as JSON (what workers rebuild it from; may hold literal secrets)."""
         return json.loads(self.model_dump_json())
+
+    def public_json(self) -> dict[str, Any]:
+        """The spec as written into files (``_job.json``, ``manifest.json``): secret-like
+        storage options redacted (see :func:`clipaudit.data.storage.redact_options`)."""
+        from .data.storage import redact_options
+
+        out = self.to_json()
+        out["data"]["storage_options"] = redact_options(self.data.storage_options)
+        return out
 
 
 _SHA256_MEMO: dict[tuple, str] = {}
@@ -349,12 +382,12 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return _SHA256_MEMO[key]
 
 
-def names_sha256(names: str | Path) -> str:
+def names_sha256(names: str | Path, storage_options: dict[str, Any] | None = None) -> str:
     """Hex sha256 of the name pool's content; a pool on object storage is read to hash it."""
     if isinstance(names, str) and is_url(names):
         from .data.names import read_pool_bytes
 
-        return hashlib.sha256(read_pool_bytes(names)).hexdigest()
+        return hashlib.sha256(read_pool_bytes(names, storage_options)).hexdigest()
     return sha256_file(names)
 
 
@@ -427,33 +460,49 @@ def _check_backend(key: str, url: str) -> None:
 
 
 def _check_files(spec: JobSpec, need_backends: bool = True) -> None:
-    if isinstance(spec.names, str):  # a URL: read by the workers; only its backend is checked here
-        if need_backends:
-            _check_backend("names", spec.names)
-    elif not spec.names.is_file():
-        raise SpecError(f"names: file not found: {spec.names}")
-    if spec.labels is not None and not spec.labels.is_file():
-        raise SpecError(f"labels: file not found: {spec.labels}")
-    if spec.calibration.controls is not None and not spec.calibration.controls.is_file():
-        raise SpecError(f"calibration.controls: file not found: {spec.calibration.controls}")
+    """Every local input exists; with ``need_backends`` every URL input's backend is installed,
+    its storage options resolve, and the object exists and may be read (shards are listed,
+    not read: their sizes and ETags are kept for the manifest). A dry run (``need_backends``
+    false) contacts no storage: URL inputs are checked by the run."""
+    from .data.storage import StorageError, resolve_options, stat_urls
+
+    inputs = {"names": spec.names, "labels": spec.labels, "calibration.controls": spec.calibration.controls}
+    for key, value in inputs.items():
+        if isinstance(value, Path) and not value.is_file():
+            raise SpecError(f"{key}: file not found: {value}")
     try:
         shards = spec.shard_list()
     except ShardPatternError as e:
         raise SpecError(f"data.shards: {e}") from None
-    for proto in sorted({protocol(s) for s in shards if is_url(s)} if need_backends else ()):
-        _check_backend("data.shards", f"{proto}://")
     missing = [s for s in shards if not is_url(s) and not Path(s).is_file()]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise SpecError(f"data.shards: file not found: {missing[0]}{more}")
+    urls = {key: value for key, value in inputs.items() if isinstance(value, str)}
+    remote_shards = [s for s in shards if is_url(s)]
+    if not need_backends:
+        remote_shards, urls = [], {}
+    for key, url in urls.items():
+        _check_backend(key, url)
+    for proto in sorted({protocol(s) for s in remote_shards}):
+        _check_backend("data.shards", f"{proto}://")
+    if urls or remote_shards:
+        try:
+            resolve_options(spec.data.storage_options)
+            stat_urls(remote_shards, spec.data.storage_options)
+            for key, url in urls.items():
+                stat_urls([url], spec.data.storage_options, what=key)
+        except StorageError as e:
+            raise SpecError(str(e)) from None
     from .reduce.labels import LabelsError, ShardMatcher, read_controls, read_labels
 
     matcher = ShardMatcher(shards)
+    opts = spec.data.storage_options
     try:  # read now, so --dry-run finds a bad row or an ambiguous shard before any mapping
-        if spec.labels is not None:
-            read_labels(spec.labels).matched(matcher)
-        if spec.calibration.controls is not None:
-            read_controls(spec.calibration.controls).matched(matcher)
+        if spec.labels is not None and (need_backends or isinstance(spec.labels, Path)):
+            read_labels(spec.labels, opts).matched(matcher)
+        if spec.calibration.controls is not None and (need_backends or isinstance(spec.calibration.controls, Path)):
+            read_controls(spec.calibration.controls, opts).matched(matcher)
     except LabelsError as e:
         raise SpecError(str(e)) from None
 

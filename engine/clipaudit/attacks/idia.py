@@ -341,8 +341,8 @@ IDIA = register(Attack(
     name="idia",
     title="IDIA (identity inference)",
     params=IdiaParams,
-    build=lambda p, job: IdiaAttack(load_name_pool(job.names), resolve_templates(p.templates), p.top_k,
-                                    p.template_average),
+    build=lambda p, job: IdiaAttack(load_name_pool(job.names, job.data.storage_options),
+                                    resolve_templates(p.templates), p.top_k, p.template_average),
     default=True,
     reduce_only=frozenset({"tau", "k", "draws", "headline_k"}),
     columns=(

@@ -7,7 +7,7 @@ import glob
 import itertools
 import re
 from contextlib import contextmanager
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator, Mapping
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
@@ -94,8 +94,9 @@ def check_backend(shard: str) -> None:
 
 
 @contextmanager
-def open_shard(shard: str) -> Iterator[tuple[BinaryIO, int]]:
-    """A seekable binary file and its size in bytes, for a local path or a URL."""
+def open_shard(shard: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[tuple[BinaryIO, int]]:
+    """A seekable binary file and its size in bytes, for a local path or a URL (opened with
+    the job's ``data.storage_options``)."""
     if not is_url(shard):
         path = shard.removeprefix("file://")
         with open(path, "rb") as f:
@@ -104,10 +105,9 @@ def open_shard(shard: str) -> Iterator[tuple[BinaryIO, int]]:
             f.seek(0)
             yield f, size
         return
-    import fsspec
+    from .storage import open_url
 
-    check_backend(shard)
-    with fsspec.open(shard, "rb") as f:
+    with open_url(shard, "rb", storage_options) as f:
         f.seek(0, 2)
         size = f.tell()
         f.seek(0)

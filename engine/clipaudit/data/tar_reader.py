@@ -16,7 +16,7 @@ from __future__ import annotations
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 from .shards import open_shard
 
@@ -76,13 +76,13 @@ def _end_is_clean(f, offset: int) -> bool:
     return len(block) == tarfile.BLOCKSIZE and block.count(0) == tarfile.BLOCKSIZE
 
 
-def iter_tar_samples(path: str | Path) -> Iterator[RawSample]:
+def iter_tar_samples(path: str | Path, storage_options: Mapping[str, Any] | None = None) -> Iterator[RawSample]:
     """Yield every sample of a tar shard (local path or URL), including error samples.
 
     A shard that cannot be opened at all (missing, no permission, network) raises: the
     executor retries it and reports it when it keeps failing.
     """
-    with open_shard(str(path)) as (f, size):
+    with open_shard(str(path), storage_options) as (f, size):
         yield from _samples(f, size)
 
 

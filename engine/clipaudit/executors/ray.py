@@ -23,6 +23,7 @@ from collections import deque
 from typing import Any
 
 from ..io.outputs import OutputLayout
+from ..data.storage import resolve_options
 from ..spec import JobSpec
 from .base import MapResult, Progress, ShardFailure
 from .shared import load_or_compute_shared
@@ -201,6 +202,9 @@ class RayExecutor:
         n_workers, resources = self._pool_shape(spec)
         n_workers = min(n_workers, len(shards))
         spec_json = spec.to_json()
+        # ${VAR} references in data.storage_options are resolved here, on the driver, and reach the
+        # actors in memory: the worker nodes need not hold the variables
+        spec_json["data"]["storage_options"] = resolve_options(spec.data.storage_options)
         map_hash = spec.map_hash()  # hashed here once (name pool, weights), not by every actor
         root = str(layout.root.resolve())
         # wait (bounded) until a worker of this shape can be placed at all, then (unbounded)

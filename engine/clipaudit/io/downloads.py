@@ -14,13 +14,13 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..data.samples import normalize_name
-from ..data.shards import check_backend, is_url
+from ..data.shards import is_url
 from .outputs import OutputLayout, atomic_write_table
 from .schemas import load_schema
 
@@ -39,19 +39,19 @@ def status_file(shard: str) -> str | None:
     return shard[: -len(".tar")] + ".parquet" if shard.endswith(".tar") else None
 
 
-def _signature(path: str) -> dict[str, Any] | None:
-    """Size and modification time of ``path``, or None when there is no such file."""
+def _signature(path: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """Size and modification time of ``path``, or None when there is no such file (a URL is
+    read with the job's ``data.storage_options``)."""
     if not is_url(path):
         try:
             st = Path(path.removeprefix("file://")).stat()
         except FileNotFoundError:
             return None
         return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-    import fsspec
+    from ..data.storage import url_to_fs
 
     try:
-        check_backend(path)
-        fs, p = fsspec.core.url_to_fs(path)
+        fs, p = url_to_fs(path, storage_options)
         info = fs.info(p)
     except FileNotFoundError:
         return None
@@ -62,12 +62,13 @@ def _signature(path: str) -> dict[str, Any] | None:
     return {"bytes": info.get("size"), "mtime": str(info.get("mtime") or info.get("LastModified") or "")}
 
 
-def _read_status(path: str, identity_field: str) -> pa.Table | None:
+def _read_status(path: str, identity_field: str, storage_options: Mapping[str, Any] | None = None
+                 ) -> pa.Table | None:
     """img2dataset's status rows of one shard, or None when the file is not such a file."""
     if is_url(path):
-        import fsspec
+        from ..data.storage import open_url
 
-        with fsspec.open(path, "rb") as f:
+        with open_url(path, "rb", storage_options) as f:
             return _status_table(pq.ParquetFile(f), identity_field)
     return _status_table(pq.ParquetFile(path.removeprefix("file://")), identity_field)
 
@@ -112,11 +113,12 @@ def _stored(part: Path) -> dict[str, Any] | None:
         return None
 
 
-def shard_downloads(layout: OutputLayout, shard: str, identity_field: str) -> dict[str, Any] | None:
+def shard_downloads(layout: OutputLayout, shard: str, identity_field: str,
+                    storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """Copy ``shard``'s status rows to ``downloads/`` (unless the copy is current) and return
     their counts; None when the shard has no img2dataset status file."""
     source = status_file(shard)
-    signature = _signature(source) if source else None
+    signature = _signature(source, storage_options) if source else None
     part = layout.download_part(shard)
     if signature is None:
         part.unlink(missing_ok=True)  # a copy of a status file that is gone is no longer evidence
@@ -125,7 +127,7 @@ def shard_downloads(layout: OutputLayout, shard: str, identity_field: str) -> di
     stored = _stored(part) if part.is_file() else None
     if stored is not None and {k: stored.get(k) for k in wanted} == wanted:
         return stored["counts"]
-    status = _read_status(source, identity_field)
+    status = _read_status(source, identity_field, storage_options)
     if status is None:
         log.info("downloads: %s is not an img2dataset status file (no %s columns)", source, ", ".join(STATUS_COLUMNS))
         part.unlink(missing_ok=True)
@@ -145,7 +147,8 @@ def _capped(counter: Counter) -> dict[str, int]:
     return dict(top + ([(OTHER, rest)] if rest else []))
 
 
-def collect_downloads(layout: OutputLayout, shards: list[str], identity_field: str
+def collect_downloads(layout: OutputLayout, shards: list[str], identity_field: str,
+                      storage_options: Mapping[str, Any] | None = None
                       ) -> tuple[dict[str, Any] | None, dict[str, dict[str, int]]]:
     """The ``downloads`` block of ``_SUMMARY.json`` (None when no shard has a status file) and
     per shard its URL and missing counts."""
@@ -154,7 +157,7 @@ def collect_downloads(layout: OutputLayout, shards: list[str], identity_field: s
     by_reason: Counter = Counter()
     per_shard: dict[str, dict[str, int]] = {}
     for shard in shards:
-        c = shard_downloads(layout, shard, identity_field)
+        c = shard_downloads(layout, shard, identity_field, storage_options)
         if c is None:
             continue
         per_shard[shard] = {"urls": c["urls"], "missing": c["missing"]}

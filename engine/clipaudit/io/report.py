@@ -66,8 +66,12 @@ def metrics_table(metrics: dict) -> list[str]:
 
 def summary_lines(s: dict) -> list[str]:
     """The job summary (``_SUMMARY.json``) in words."""
-    errs = ", ".join(f"{k}={v}" for k, v in s["errors"].items()) or "none"
-    lines = [f"samples: {s['rows']} rows, {s['ok']} ok, errors: {errs}"]
+    if not s.get("shards_done"):
+        lines = ["samples: none — no shard was mapped, so there is no identities.parquet and no metrics"
+                 + (" (see the FAILED shards below)" if s.get("failed") else "")]
+    else:
+        errs = ", ".join(f"{k}={v}" for k, v in s["errors"].items()) or "none"
+        lines = [f"samples: {s['rows']} rows, {s['ok']} ok, errors: {errs}"]
     if s.get("warnings"):
         warns = ", ".join(f"{k}={v}" for k, v in s["warnings"].items())
         lines.append(f"warnings (rows still scored): {warns}")
@@ -146,7 +150,7 @@ def report_folder(root: Path, out=None) -> None:
     print("\n".join(summary_lines(s)), file=out)
     if layout.metrics.is_file():
         print("\n".join(metrics_table(json.loads(layout.metrics.read_text()))), file=out)
-    else:
+    elif layout.identities.is_file():
         print("no metrics.json (no labels): see identities.parquet", file=out)
     if layout.calibration.is_file():
         print("\n".join(calibration_lines(json.loads(layout.calibration.read_text()))), file=out)

@@ -137,7 +137,7 @@ class ShardMapper:
 
     def decoded_batches(self, shard: str) -> Iterator[list[Sample]]:
         """Decode batch i+1 on the thread pool while the caller runs the model on batch i."""
-        raw_batches = _batched(iter_tar_samples(shard), self.spec.compute.batch_size)
+        raw_batches = _batched(iter_tar_samples(shard, self.spec.data.storage_options), self.spec.compute.batch_size)
         threads = self.spec.compute.decode_threads
         pending: tuple[list[Future], int] | None = None
         for raws in raw_batches:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import duckdb
 import numpy as np
@@ -105,11 +105,11 @@ def identity_level(layout: OutputLayout, opts: "ReduceOptions", labels: Labels |
                 columns[col] = [by_identity.get(n) for n in names]
             analyses[attack.name] = found.metrics
     con.close()
-    pool = _name_pool(opts.names)
+    pool = _name_pool(opts.names, opts.storage_options)
     columns["in_name_pool"] = [None if pool is None else x in pool for x in names]
     columns["label_member"] = [(ident_labels or {}).get(x) for x in names]
     if controls is None:
-        controls = control_set(opts.controls, labels)
+        controls = control_set(opts.controls, labels, storage_options=opts.storage_options)
     is_control = np.array([x in controls.identities for x in names], dtype=bool)
     calibration: dict[str, dict[str, Any]] = {}
     for score in scores(opts.enabled):
@@ -132,10 +132,10 @@ def identities_table(layout: OutputLayout, opts: "ReduceOptions", labels: Labels
     return identity_level(layout, opts, labels, controls).table
 
 
-def _name_pool(path: Path | str | None) -> set[str] | None:
+def _name_pool(path: Path | str | None, storage_options: Mapping[str, Any] | None = None) -> set[str] | None:
     from ..attacks.idia import load_name_pool
     from ..data.shards import is_url
 
     if path is None or not (is_url(str(path)) or Path(path).is_file()):
         return None
-    return set(load_name_pool(path))
+    return set(load_name_pool(path, storage_options))

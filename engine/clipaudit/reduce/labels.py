@@ -11,12 +11,13 @@ img2dataset runs both write ``00000.tar``, and their images must never be confus
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 from ..data.samples import normalize_name
 from ..data.shards import is_url
@@ -52,19 +53,20 @@ class ShardMatcher:
             self.exact[_normalise(s)] = s
             self.by_name[shard_file_name(s)].append(s)
 
-    def match(self, ref: str, what: str, base: Path | None = None) -> str | None:
+    def match(self, ref: str, what: str, base: Path | str | None = None) -> str | None:
         """The audited shard ``ref`` names, or None when it names none of them.
 
         A URL or an absolute path must be one of the audited shards. A relative path is tried
-        against ``base`` (the CSV's folder), then as the tail of an audited shard's path (so a
-        path as the job spec lists it, relative to the job file, works too). A bare file name
-        must be unambiguous among the audited shards."""
+        against ``base`` (the CSV's folder: a path, or a URL for a CSV on object storage), then as
+        the tail of an audited shard's path (so a path as the job spec lists it, relative to the
+        job file, works too). A bare file name must be unambiguous among the audited shards."""
         ref = ref.removeprefix("file://")
         if is_url(ref) or os.path.isabs(ref):
             return self.exact.get(_normalise(ref))
         if not re.search(r"[/\\]", ref):
             return self._unique(self.by_name.get(ref, []), ref, what)
-        if base is not None and (hit := self.exact.get(_normalise(str(base / ref)))) is not None:
+        joined = None if base is None else f"{base.rstrip('/')}/{ref}" if isinstance(base, str) else str(base / ref)
+        if joined is not None and (hit := self.exact.get(_normalise(joined))) is not None:
             return hit
         tail = os.sep + os.path.normpath(ref).lstrip(os.sep)
         return self._unique([s for n, s in self.exact.items() if n.endswith(tail)], ref, what)
@@ -82,7 +84,7 @@ class Labels:
     identities: dict[str, bool] = field(default_factory=dict)
     images: dict[ImageKey, bool] = field(default_factory=dict)
     unmatched_images: int = 0  # image rows naming no audited shard (after :meth:`matched`)
-    base: Path | None = field(default=None, compare=False)  # the CSV's folder (relative shard paths)
+    base: Path | str | None = field(default=None, compare=False)  # the CSV's folder (relative shard paths)
 
     def matched(self, matcher: ShardMatcher, what: str = "labels") -> "Labels":
         """The same labels with image rows keyed by the audited shard they name; an error when
@@ -120,16 +122,37 @@ class Controls:
 
     def matched(self, matcher: ShardMatcher) -> "Controls":
         """The same controls with image rows keyed by the audited shard they name."""
-        base = Path(self.sources[0]).parent if self.sources else None
+        base = _folder(self.sources[0]) if self.sources else None
         images = {(s, k) for ref, k in self.images
                   if (s := matcher.match(ref, "calibration.controls", base)) is not None}
         return Controls(set(self.identities), images, list(self.sources))
 
 
-def _rows(path: Path, what: str, member_required: bool) -> Iterator[tuple[int, str | None, ImageKey | None, str | None]]:
+def _folder(path: Path | str) -> Path | str:
+    """The folder of a CSV: a resolved path, or the URL up to its last ``/``."""
+    return str(path).rsplit("/", 1)[0] if is_url(str(path)) else Path(path).resolve().parent
+
+
+def _rows(path: Path | str, what: str, member_required: bool, storage_options: Mapping[str, Any] | None = None
+          ) -> Iterator[tuple[int, str | None, ImageKey | None, str | None]]:
     """(line, identity, image key as written, raw member value) per non-empty row of a
-    labels/controls CSV (UTF-8, with or without a byte-order mark)."""
+    labels/controls CSV (UTF-8, with or without a byte-order mark); a URL is read through
+    fsspec with the job's storage options."""
     try:
+        if is_url(str(path)):
+            from ..data.storage import describe_error, open_url
+
+            try:
+                with open_url(str(path), "rb", storage_options) as f:
+                    text = f.read().decode("utf-8-sig")
+            except UnicodeDecodeError:
+                raise
+            except ImportError as e:
+                raise LabelsError(f"{what}: {e}") from None
+            except Exception as e:  # noqa: BLE001 — backends raise many types (botocore, aiohttp, …)
+                raise LabelsError(f"{what}: {describe_error(str(path), e)}") from None
+            yield from _parse(csv.DictReader(io.StringIO(text, newline="")), path, what, member_required)
+            return
         with open(path, newline="", encoding="utf-8-sig") as f:
             yield from _parse(csv.DictReader(f), path, what, member_required)
     except UnicodeDecodeError as e:
@@ -159,14 +182,14 @@ def _member(value: str | None, what: str, path: Path, line_no: int) -> bool:
     return v in _TRUE
 
 
-def read_labels(path: Path) -> Labels:
+def read_labels(path: Path | str, storage_options: Mapping[str, Any] | None = None) -> Labels:
     """Identity rows (``identity,member``) and/or image rows (``shard,key,member``).
 
     Image rows keep the shard as written; :meth:`Labels.matched` maps them to the audited
     shards. A unit labelled both member and non-member is an error.
     """
-    out = Labels(base=Path(path).resolve().parent)
-    for line_no, ident, image, member in _rows(path, "labels", member_required=True):
+    out = Labels(base=_folder(path))
+    for line_no, ident, image, member in _rows(path, "labels", True, storage_options):
         m = _member(member, "labels", path, line_no)
         unit, table = (image, out.images) if image is not None else (ident, out.identities)
         if table.setdefault(unit, m) != m:  # type: ignore[arg-type]
@@ -174,10 +197,10 @@ def read_labels(path: Path) -> Labels:
     return out
 
 
-def read_controls(path: Path) -> Controls:
+def read_controls(path: Path | str, storage_options: Mapping[str, Any] | None = None) -> Controls:
     """A CSV with ``identity`` and/or ``shard,key`` columns; a ``member`` column must say false."""
     out = Controls(sources=[str(path)])
-    for line_no, ident, image, member in _rows(path, "calibration.controls", member_required=False):
+    for line_no, ident, image, member in _rows(path, "calibration.controls", False, storage_options):
         if member is not None and member.strip() and _member(member, "calibration.controls", path, line_no):
             raise LabelsError(f"calibration.controls: {path} line {line_no}: a control must be a non-member "
                               f"(member={member!r})")
@@ -188,10 +211,11 @@ def read_controls(path: Path) -> Controls:
     return out
 
 
-def control_set(path: Path | None, labels: Labels | None, matcher: ShardMatcher | None = None) -> Controls:
+def control_set(path: Path | str | None, labels: Labels | None, matcher: ShardMatcher | None = None,
+                storage_options: Mapping[str, Any] | None = None) -> Controls:
     """The controls file's rows (image rows matched to the audited shards when ``matcher`` is
     given) plus the labelled non-members."""
-    out = read_controls(path) if path is not None else Controls()
+    out = read_controls(path, storage_options) if path is not None else Controls()
     if matcher is not None:
         out = out.matched(matcher)
     if labels is not None:

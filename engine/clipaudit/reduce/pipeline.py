@@ -39,10 +39,11 @@ class ReduceOptions:
     mean default parameters), labels, controls, the target FPR and the name pool."""
 
     attacks: Mapping[str, Any] | tuple[str, ...] = ("idia", "caption")
-    labels: Path | None = None
-    controls: Path | None = None
+    labels: Path | str | None = None  # a local file or a URL
+    controls: Path | str | None = None  # a local file or a URL
     target_fpr: float = 0.01
     names: Path | str | None = None  # a local file or a URL
+    storage_options: Mapping[str, Any] = field(default_factory=dict)  # the job's data.storage_options (URLs)
     seed: int = 0  # the job seed: random draws of the reduce step derive from it
     attackers: Path | None = None  # another audit's folder: apply its fitted attackers instead of fitting here
     near_duplicates: bool = False  # find copies inside the candidates; they do not vote (see neighbours.py)
@@ -84,10 +85,10 @@ def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
 
         raise FileNotFoundError(no_audit(layout.root, "samples/*.parquet"))
     matcher = ShardMatcher(_audited_shards(layout, opts.memory_limit))
-    labels = read_labels(opts.labels).matched(matcher) if opts.labels else None
+    labels = read_labels(opts.labels, opts.storage_options).matched(matcher) if opts.labels else None
     if labels is not None and labels.unmatched_images:
         log.warning("labels: %d image row(s) name no audited shard", labels.unmatched_images)
-    controls = control_set(opts.controls, labels, matcher)
+    controls = control_set(opts.controls, labels, matcher, opts.storage_options)
     neighbour_files = _neighbours(layout, opts)
     if opts.near_duplicates:
         from dataclasses import replace
