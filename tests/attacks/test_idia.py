@@ -174,3 +174,41 @@ def test_sweep_rises_with_k_on_the_trained_model_and_stays_flat_untrained(canary
     assert trained["k"] == 5 and trained["auc"] >= 0.95  # the headline compares everybody at 5 images
     assert all(e["tpr"] <= 0.35 and e["fpr"] <= 0.35 for e in untrained["sweep"] if e["n_members"])
     assert all(r["idia_score_at_k"] is not None for r in ident if r["n_images"] >= 5)
+
+
+def test_streamed_identities_match_one_batch_and_a_direct_count(tmp_path, monkeypatch):
+    """The sweep streams identities out of DuckDB in batches; an identity cut by a batch
+    boundary (batches of 3 rows here) gives the same scores as one batch, and both equal
+    plurality_scores on ids from one global vocabulary."""
+    import clipaudit.attacks.idia as idia
+    from clipaudit.attacks.registry import AnalysisInput
+    from clipaudit.reduce.identities import connect
+
+    rng = np.random.default_rng(3)
+    vocab = ["Ann", "Bob", "Cy", "Dee", "Eve", "x", "y"]
+    rows = []
+    for who, n, p in (("Ann", 7, 0.7), ("Bob", 5, 0.2), ("Cy", 1, 0.9), ("Dee", 8, 0.5), ("Eve", 4, 0.6)):
+        for _ in range(n):
+            rows.append(img(who, *[who if rng.random() < p else str(rng.choice(vocab)) for _ in range(5)]))
+    layout = write_samples(tmp_path, rows)
+    params = idia.IdiaParams(k=[1, 2, 4], draws=6)
+    labels = {"Ann": True, "Bob": False, "Dee": True, "Eve": False}
+
+    def run(stream_rows):
+        monkeypatch.setattr(idia, "STREAM_ROWS", stream_rows)
+        con = connect(layout)
+        try:
+            return idia.analyse(AnalysisInput(con, params, 11, labels))
+        finally:
+            con.close()
+
+    whole, cut = run(1000), run(3)
+    assert cut.metrics == whole.metrics and cut.columns == whole.columns
+    ids = {n: i for i, n in enumerate(vocab)}
+    for who in ("Ann", "Dee"):
+        mine = np.array([[ids[n] for n in r["idia_top1"]] for r in rows if r["identity"] == who])
+        k = whole.metrics["k"]
+        expect = idia.plurality_scores(mine, ids[who], k, params.draws, idia._stable_seed(11, who, k)).mean()
+        assert whole.columns["idia_score_at_k"][who] == pytest.approx(expect)
+    sweep = {e["k"]: e for e in whole.metrics["sweep"]}
+    assert sweep[4]["n_members"] == 2 and sweep[4]["n_nonmembers"] == 2  # Bob (5) and Eve (4) reach k = 4

@@ -19,7 +19,7 @@ with more photos are not compared on easier footing.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -212,58 +212,92 @@ def plurality_scores(top1: np.ndarray, true_id: int, k: int, draws: int, seed: i
     return (n_true > n_other).sum(1)
 
 
-def _top1_by_identity(con) -> tuple[list[str], list[np.ndarray], list[int]]:
-    """Per identity with ok rows: its name, its images' top-1 name ids (n×T) and its own name's id."""
+#: rows per batch when the identities' top-1 names stream out of DuckDB
+STREAM_ROWS = 65_536
+
+
+def _top1_by_identity(con) -> Iterator[tuple[str, np.ndarray, int]]:
+    """Per identity with ok rows, in name order: its name, its images' top-1 name ids (n×T)
+    and its own name's id. Streams sorted batches from DuckDB (which spills the sort to disk
+    beyond its memory limit), so memory holds one batch and one identity, not the audit.
+    Name ids are only compared within one identity, so each batch encodes its own."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    table = con.sql("SELECT identity, idia_top1 FROM ok WHERE idia_top1 IS NOT NULL ORDER BY identity, shard, "
-                    "position").to_arrow_table()
-    if not table.num_rows:
-        return [], [], []
-    lists = table.column("idia_top1").combine_chunks()
-    t = int(pc.list_value_length(lists)[0].as_py())
-    flat = pc.list_flatten(lists)
-    names = pa.concat_arrays([flat, table.column("identity").combine_chunks()]).dictionary_encode()
-    codes = names.indices.to_numpy(zero_copy_only=False)
-    top1 = codes[: len(flat)].reshape(-1, t)
-    own = codes[len(flat):]
-    ident = table.column("identity").to_numpy(zero_copy_only=False)
-    cut = np.flatnonzero(ident[1:] != ident[:-1]) + 1
-    bounds = np.r_[0, cut, len(ident)]
-    return ([str(ident[a]) for a in bounds[:-1]], [top1[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
-            [int(own[a]) for a in bounds[:-1]])
+    rel = con.sql("SELECT identity, idia_top1 FROM ok WHERE idia_top1 IS NOT NULL ORDER BY identity, shard, position")
+    # DuckDB 2 names it to_arrow_reader, DuckDB 1 record_batch
+    reader = rel.to_arrow_reader(STREAM_ROWS) if hasattr(rel, "to_arrow_reader") else rel.record_batch(STREAM_ROWS)
+    carry: tuple[str, int, list[pa.Array]] | None = None  # a batch's last identity may go on in the next batch
+    for batch in reader:
+        if not batch.num_rows:
+            continue
+        lists, idents = batch.column(1), batch.column(0)
+        t = int(pc.list_value_length(lists)[0].as_py())
+        flat = pc.list_flatten(lists)
+        codes = pa.concat_arrays([flat, idents]).dictionary_encode().indices.to_numpy(zero_copy_only=False)
+        top1, own = codes[: len(flat)].reshape(-1, t), codes[len(flat):]
+        ident = idents.to_numpy(zero_copy_only=False)
+        bounds = np.r_[0, np.flatnonzero(ident[1:] != ident[:-1]) + 1, len(ident)]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            name = str(ident[a])
+            if carry is not None and carry[0] != name:
+                yield carry[0], _own_coded(pa.concat_arrays(carry[2]), carry[0], carry[1]), -1
+                carry = None
+            if b == len(ident) or carry is not None:  # may continue in the next batch: keep the names
+                piece = flat.slice(a * t, (b - a) * t)
+                carry = (name, t, [piece]) if carry is None else (name, t, carry[2] + [piece])
+                if b < len(ident):
+                    yield carry[0], _own_coded(pa.concat_arrays(carry[2]), carry[0], t), -1
+                    carry = None
+                continue
+            yield name, np.where(top1[a:b] == own[a], -1, top1[a:b]), -1
+    if carry is not None:
+        yield carry[0], _own_coded(pa.concat_arrays(carry[2]), carry[0], carry[1]), -1
+
+
+def _own_coded(flat: pa.Array, name: str, t: int) -> np.ndarray:
+    """One identity's top-1 names (flat, ``t`` per image) as ids: -1 for its own name."""
+    import pyarrow.compute as pc
+
+    codes = flat.dictionary_encode().indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.where(pc.equal(flat, name).to_numpy(zero_copy_only=False), -1, codes).reshape(-1, t)
 
 
 def analyse(inp: AnalysisInput) -> IdentityAnalysis:
     """The sweep over images per identity and the headline score at a fixed k."""
     p: IdiaParams = inp.params
-    names, top1, own = _top1_by_identity(inp.con)
-    counts = np.array([len(x) for x in top1])
     labels = inp.labels or {}
+    ks = sorted(set(p.k))
+    names: list[str] = []
+    counts: list[int] = []
+    # per identity and k: the scores of the draws (float32, nan below k): identities × ks × draws
+    per_draw: list[np.ndarray] = []
+    head = p.headline_k if p.headline_k and p.headline_k not in ks else None
+    for name, x, true_id in _top1_by_identity(inp.con):
+        names.append(name)
+        counts.append(len(x))
+        row = np.full((len(ks) + (head is not None), p.draws), np.nan, dtype=np.float32)
+        for j, k in enumerate(ks + ([head] if head else [])):
+            if len(x) >= k:
+                row[j] = plurality_scores(x, true_id, k, p.draws, _stable_seed(inp.seed, name, k))
+        per_draw.append(row)
+    counts_arr = np.array(counts, dtype=np.int64)
+    scores_by_k = np.stack(per_draw, axis=1) if per_draw else np.empty((len(ks) + (head is not None), 0, p.draws))
+    all_ks = ks + ([head] if head else [])
     labelled = np.array([labels.get(n) is not None for n in names], dtype=bool)
-    basis = counts[labelled] if labelled.any() else counts
+    basis = counts_arr[labelled] if labelled.any() else counts_arr
     reached = [k for k in p.k if basis.size and (basis >= k).mean() >= HEADLINE_COVERAGE]
     k_head = p.headline_k or (max(reached) if reached else None)
-    ks = sorted(set(p.k) | ({k_head} if k_head else set()))
-    mean_scores: dict[int, np.ndarray] = {}
-    per_draw: dict[int, np.ndarray] = {}
-    for k in ks:
-        scores = np.full((len(names), p.draws), np.nan)
-        for i, (name, x, true_id) in enumerate(zip(names, top1, own)):
-            if len(x) >= k:
-                scores[i] = plurality_scores(x, true_id, k, p.draws, _stable_seed(inp.seed, name, k))
-        per_draw[k] = scores
-        mean_scores[k] = scores.mean(1)
     metrics: dict[str, Any] = {"k": k_head, "draws": p.draws}
     if k_head is None:
         metrics["k_note"] = (f"no k in {p.k} is reached by {HEADLINE_COVERAGE:.0%} of the identities: the headline "
                              "compares identities by all their images, whatever their number")
     if inp.labels is not None:
-        metrics["sweep"] = [_sweep_entry(k, per_draw[k], names, labels, p.tau, p.draws) for k in p.k]
+        metrics["sweep"] = [_sweep_entry(k, scores_by_k[all_ks.index(k)].astype(float), names, labels, p.tau,
+                                         p.draws) for k in p.k]
         if k_head is None:
-            metrics["k_note"] += _imbalance(names, counts, labels)
-    column = dict(zip(names, mean_scores[k_head].tolist())) if k_head else {}
+            metrics["k_note"] += _imbalance(names, counts_arr, labels)
+    column = dict(zip(names, scores_by_k[all_ks.index(k_head)].astype(float).mean(1).tolist())) if k_head else {}
     if k_head and all(v != v for v in column.values()):  # headline_k that nobody reaches: say so, use all images
         metrics.update(k=None, k_note=f"headline_k = {k_head}: no identity has that many images; the headline "
                                       "compares identities by all their images, whatever their number")

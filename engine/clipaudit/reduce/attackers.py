@@ -116,18 +116,28 @@ def pseudo_labels(score: np.ndarray, is_control: np.ndarray, groups: np.ndarray,
     """Weak labels from controls alone: 0 for the controls, 1 for the other candidates whose
     score is above the controls' ``quantile``, -1 for the rest; None when either side has
     fewer than ``minimum`` images or comes from a single identity (nothing to fit on)."""
-    finite = np.isfinite(score)
-    controls = is_control & finite
+    controls = is_control & np.isfinite(score)
     if controls.sum() < minimum:
         return None
-    cut = np.quantile(score[controls], quantile)
-    pseudo = ~is_control & finite & (score > cut)
-    if pseudo.sum() < minimum or len(np.unique(groups[pseudo])) < 2 or len(np.unique(groups[controls])) < 2:
-        return None
+    y = weak_labels(score, is_control, float(np.quantile(score[controls], quantile)))
+    return None if _too_weak(y, groups, minimum) else y
+
+
+def weak_labels(score: np.ndarray, is_control: np.ndarray, cut: float) -> np.ndarray:
+    """0 for the controls with a score, 1 for the other candidates scoring above ``cut``, else -1."""
+    finite = np.isfinite(score)
     y = np.full(len(score), -1, dtype=np.int8)
-    y[controls] = 0
-    y[pseudo] = 1
+    y[is_control & finite] = 0
+    y[~is_control & finite & (score > cut)] = 1
     return y
+
+
+def _too_weak(y: np.ndarray, groups: np.ndarray, minimum: int = MIN_WEAK) -> bool:
+    """Whether weak labels leave too little to fit on: fewer than ``minimum`` of either side,
+    or either side from a single identity."""
+    ctl, pseudo = y == 0, y == 1
+    return bool(ctl.sum() < minimum or pseudo.sum() < minimum or len(np.unique(groups[pseudo])) < 2
+                or len(np.unique(groups[ctl])) < 2)
 
 
 def fit_and_score(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0, kind: str = "logistic"
@@ -186,93 +196,225 @@ def load(folder: Path) -> list[Attacker]:
     return out
 
 
+#: the fit set is a seeded sample of at most this many images per attack (the rest are scored
+#: by the model fitted on it), so fitting neither grows nor slows with the audit
+MAX_FIT_IMAGES = 20_000
+
+
+@dataclass
+class _Fitted:
+    """One learned variant ready to score parts: its model, and the out-of-fold scores of the
+    images it was fitted on, per part file name (ok-row indices, scores)."""
+
+    attack: Attack
+    variant: Learned
+    model: LogisticModel | MLPModel
+    oof: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
 @dataclass
 class LearnedScores:
-    """Per ``samples/`` part file name and score name (``<attack>_<variant>``): the scores of
-    its ok rows in file order; and the attackers that were fitted here (to be saved)."""
+    """The learned attackers' scores of any ``samples/`` part, computed when a part is read
+    (:meth:`scores`); and the attackers that were fitted here (to be saved)."""
 
-    by_part: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     fitted: list[Attacker] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    variants: dict[str, _Fitted] = field(default_factory=dict)
+
+    @property
+    def columns(self) -> list[str]:
+        """The ``samples`` columns :meth:`scores` needs."""
+        return sorted({f.attack.features for f in self.variants.values()})
+
+    def scores(self, part: str, ok_rows) -> dict[str, np.ndarray]:
+        """Per score name (``<attack>_<variant>``): the scores of a part's ok rows (an Arrow
+        table with :attr:`columns`), in row order — out-of-fold for the images fitted on."""
+        from .evaluation import feature_matrix
+
+        out = {}
+        for name, f in self.variants.items():
+            X = f.variant.prepare(feature_matrix(ok_rows.column(f.attack.features)))
+            missing = np.all(np.isnan(X), axis=1)
+            s = np.full(len(X), np.nan)
+            if (~missing).any():
+                s[~missing] = f.model.predict_proba(X[~missing])
+            if part in f.oof:
+                rows, oof = f.oof[part]
+                s[rows] = oof
+            out[name] = s
+        return out
+
+
+@dataclass
+class _FitSet:
+    """One attack's fit set, gathered part by part: a uniform seeded sample (smallest draw
+    ``u``) of at most ``cap`` of the images with a target (label or weak label)."""
+
+    cap: int
+    pool: int = 0  # images with a target seen, sampled or not
+    u: list[np.ndarray] = field(default_factory=list)
+    part: list[np.ndarray] = field(default_factory=list)
+    row: list[np.ndarray] = field(default_factory=list)
+    group: list[np.ndarray] = field(default_factory=list)
+    y: list[np.ndarray] = field(default_factory=list)
+    X: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, keep: np.ndarray, u: np.ndarray, part: int, groups: np.ndarray, y: np.ndarray,
+            X: np.ndarray) -> None:
+        idx = np.flatnonzero(keep)
+        self.pool += len(idx)
+        for lst, v in ((self.u, u[idx]), (self.part, np.full(len(idx), part)), (self.row, idx),
+                       (self.group, groups[idx]), (self.y, y[idx]), (self.X, X[idx])):
+            lst.append(v)
+        if sum(len(x) for x in self.u) > 2 * self.cap:  # prune now and then: memory stays ~ 2 caps
+            self._prune()
+
+    def _prune(self) -> None:
+        u = np.concatenate(self.u)
+        pick = np.sort(np.argpartition(u, self.cap)[: self.cap]) if len(u) > self.cap else np.arange(len(u))
+        for name in ("u", "part", "row", "group", "y", "X"):
+            setattr(self, name, [np.concatenate(getattr(self, name))[pick]])
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """(part, row, group, y, X) of the sample, in part and row order."""
+        if not self.u:
+            return (np.empty(0, dtype=np.int64),) * 4 + (np.empty((0, 0)),)
+        self._prune()
+        part, row, group, y, X = (np.concatenate(getattr(self, n)) for n in ("part", "row", "group", "y", "X"))
+        order = np.lexsort((row, part))
+        return part[order], row[order], group[order], y[order], X[order]
+
+
+def _ok_rows(part: Path, columns: list[str]):
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(part, columns=["shard", "key", "identity", "status", *columns])
+    return t.filter(pc.equal(t["status"], "ok"))
+
+
+def _weak_cuts(parts: list[Path], own: dict[str, str], controls: "Controls",
+               quantile: float = PSEUDO_QUANTILE) -> dict[str, float | None]:
+    """Per attack: its own score's ``quantile`` among the control images (None with fewer than
+    :data:`MIN_WEAK` controls) — the first pass of weak supervision."""
+    found: dict[str, list[np.ndarray]] = {a: [] for a in own}
+    for part in parts:
+        t = _ok_rows(part, sorted(set(own.values())))
+        is_control = _is_control(t, controls)
+        for a, col in own.items():
+            s = t.column(col).to_numpy(zero_copy_only=False).astype(float)[is_control]
+            found[a].append(s[np.isfinite(s)])
+    cuts: dict[str, float | None] = {}
+    for a, chunks in found.items():
+        s = np.concatenate(chunks) if chunks else np.empty(0)
+        cuts[a] = float(np.quantile(s, quantile)) if len(s) >= MIN_WEAK else None
+    return cuts
+
+
+def _is_control(t, controls: "Controls") -> np.ndarray:
+    return np.array([controls.is_control(i, s, k) for i, s, k in zip(
+        t.column("identity").to_pylist(), t.column("shard").to_pylist(), t.column("key").to_pylist())], dtype=bool)
 
 
 def score_candidates(layout, params: dict[str, Any], labels: "Labels | None",
                      apply: list[Attacker] | None = None, seed: int = 0,
-                     controls: "Controls | None" = None) -> LearnedScores:
-    """Score every ok sample with every learned variant: fitted here on ``labels`` (out-of-fold
-    where labelled), weakly supervised on ``controls`` when there are no labels, or the
-    ``apply`` attackers fitted on another audit. Reads the ok rows'
-    feature vectors of all parts (memory grows with the audit: a 10^7-image audit needs the
-    features of all its images at once)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+                     controls: "Controls | None" = None, max_fit: int = MAX_FIT_IMAGES) -> LearnedScores:
+    """Attackers for every learned variant that score any part (:meth:`LearnedScores.scores`):
+    fitted here on ``labels`` (out-of-fold where fitted), weakly supervised on ``controls``
+    when there are no labels, or the ``apply`` attackers fitted on another audit.
 
-    from .evaluation import feature_matrix
-
+    Streams the parts: memory holds one part and each attack's fit set, a seeded sample of at
+    most ``max_fit`` images with a target (``fitted_on.pool`` counts them all), not the audit.
+    With weak supervision a first pass finds each attack's cut among the controls."""
     pairs = variants(tuple(params))
     out = LearnedScores()
     weak = labels is None and apply is None and bool(controls)
     if not pairs or (labels is None and not apply and not weak):
         return out
     parts = sorted(layout.samples_dir.glob("*.parquet"))
-    feature_cols = sorted({a.features for a, _ in pairs})
-    if weak:  # the attacks' own image scores pick the pseudo-members
-        feature_cols += sorted({f"{s.name}_score" for a, _ in pairs for s in a.image_scores()[:1]} - set(feature_cols))
-    tables, sizes = [], []
-    for part in parts:
-        t = pq.read_table(part, columns=["shard", "key", "identity", "status", *feature_cols])
-        t = t.filter(pc.equal(t["status"], "ok"))
-        tables.append(t)
-        sizes.append(t.num_rows)
-    if not sum(sizes):
-        return out
-    table = pa.concat_tables(tables)
-    identities = table.column("identity").to_pylist()
-    groups = np.unique(np.array([i or "" for i in identities], dtype=object), return_inverse=True)[1]
-    shards, keys = table.column("shard").to_pylist(), table.column("key").to_pylist()
-    y = image_labels(identities, shards, keys, labels)
-    if weak:
-        assert controls is not None
-        is_control = np.array([controls.is_control(i, s, k) for i, s, k in zip(identities, shards, keys)])
-    given = {a.name: a for a in apply or []}
-    bounds = np.cumsum([0, *sizes])
+    if apply is not None:
+        return _applied(parts, pairs, params, apply)
+    attacks = {a.name: a for a, _ in pairs}
+    own = {name: f"{a.image_scores()[0].name}_score" for name, a in attacks.items() if weak and a.image_scores()}
+    cuts = _weak_cuts(parts, own, controls) if weak else {}  # type: ignore[arg-type]
+    columns = sorted({a.features for a in attacks.values()} | set(own.values()))
+    sets = {name: _FitSet(max_fit) for name in attacks}
+    group_ids: dict[str, int] = {}
+    from .evaluation import feature_matrix
+
+    for p, part in enumerate(parts):
+        t = _ok_rows(part, columns)
+        if not t.num_rows:
+            continue
+        identities = t.column("identity").to_pylist()
+        groups = np.array([group_ids.setdefault(i or "", len(group_ids)) for i in identities], dtype=np.int64)
+        u = np.random.default_rng([seed, p, 0x5EED]).random(t.num_rows)
+        y_labels = image_labels(identities, t.column("shard").to_pylist(), t.column("key").to_pylist(), labels) \
+            if not weak else None
+        is_control = _is_control(t, controls) if weak else None  # type: ignore[arg-type]
+        for name, attack in attacks.items():
+            if weak:
+                cut = cuts.get(name)
+                if cut is None:
+                    continue
+                y = weak_labels(t.column(own[name]).to_numpy(zero_copy_only=False).astype(float), is_control, cut)
+            else:
+                y = y_labels
+            X = feature_matrix(t.column(attack.features))
+            sets[name].add((y >= 0) & ~np.all(np.isnan(X), axis=1), u, p, groups, y, X)
     for attack, variant in pairs:
         name = f"{attack.name}_{variant.name}"
-        X = variant.prepare(feature_matrix(table.column(attack.features)))
-        missing = np.all(np.isnan(X), axis=1)
-        if apply is not None:
-            if name not in given:
-                continue
-            att = given[name]
-            here = attack.map_fingerprint(params[attack.name])
-            if att.features_version != attack.features_version or att.model.n_features != X.shape[1] \
-                    or att.params != here:
-                raise AttackerError(f"attackers: {name} was fitted on other features (version {att.features_version}, "
-                                    f"{att.model.n_features} values, parameters {att.params}) than this audit has "
-                                    f"(version {attack.features_version}, {X.shape[1]} values, parameters {here})")
-            scores = np.full(len(X), np.nan)
-            scores[~missing] = att.model.predict_proba(X[~missing])
-        else:
-            target = y
-            if weak:
-                own = attack.image_scores()
-                target = pseudo_labels(table.column(f"{own[0].name}_score").to_numpy(zero_copy_only=False).astype(float),
-                                       is_control, groups) if own else None
-                if target is None:
-                    log.warning("attackers: %s not fitted: too few controls or candidates above them for weak "
-                                "supervision (needs %d of each, from 2+ identities)", name, MIN_WEAK)
-                    continue
-            fitted = fit_and_score(X, target, groups, seed, variant.model)
-            if fitted is None:
-                continue
-            scores, model = fitted
-            lab = target >= 0
-            out.fitted.append(Attacker(attack.name, variant.name, attack.features_version, model, {
-                "images": int(lab.sum()), "members": int((target == 1).sum()),
-                "nonmembers": int((target == 0).sum()), "identities": int(len(np.unique(groups[lab]))),
-                **({"weak": 1} if weak else {})}, attack.map_fingerprint(params[attack.name])))
+        part, row, groups, y, X = sets[attack.name].arrays()
+        if weak and _too_weak(y, groups):
+            log.warning("attackers: %s not fitted: too few controls or candidates above them for weak "
+                        "supervision (needs %d of each, from 2+ identities)", name, MIN_WEAK)
+            continue
+        fitted = fit_and_score(variant.prepare(X), y, groups, seed, variant.model) if len(y) else None
+        if fitted is None:
+            continue
+        scores, model = fitted
+        pool = sets[attack.name].pool
+        out.fitted.append(Attacker(attack.name, variant.name, attack.features_version, model, {
+            "images": int(len(y)), "members": int((y == 1).sum()), "nonmembers": int((y == 0).sum()),
+            "identities": int(len(np.unique(groups))), **({"pool": pool} if pool > len(y) else {}),
+            **({"weak": 1} if weak else {})}, attack.map_fingerprint(params[attack.name])))
+        if pool > len(y):
+            log.info("attackers: %s fitted on a seeded sample of %d of %d images", name, len(y), pool)
+        f = _Fitted(attack, variant, model)
+        for p in np.unique(part):
+            here = part == p
+            f.oof[parts[int(p)].name] = (row[here], scores[here])
+        out.variants[name] = f
         out.names.append(name)
-        for part, lo, hi in zip(parts, bounds[:-1], bounds[1:]):
-            out.by_part.setdefault(part.name, {})[name] = scores[lo:hi]
+    return out
+
+
+def _applied(parts: list[Path], pairs: list[tuple[Attack, Learned]], params: dict[str, Any],
+             apply: list[Attacker]) -> LearnedScores:
+    """Attackers fitted on another audit, checked against this audit's features (the first
+    part that has them) before anything is scored."""
+    from .evaluation import feature_matrix
+
+    out = LearnedScores()
+    given = {a.name: a for a in apply}
+    for attack, variant in pairs:
+        name = f"{attack.name}_{variant.name}"
+        if name not in given:
+            continue
+        att = given[name]
+        width = None
+        for part in parts:
+            t = _ok_rows(part, [attack.features])
+            X = variant.prepare(feature_matrix(t.column(attack.features)))
+            if t.num_rows and not np.all(np.isnan(X)):
+                width = X.shape[1]
+                break
+        here = attack.map_fingerprint(params[attack.name])
+        if att.features_version != attack.features_version or (width is not None and att.model.n_features != width) \
+                or att.params != here:
+            raise AttackerError(f"attackers: {name} was fitted on other features (version {att.features_version}, "
+                                f"{att.model.n_features} values, parameters {att.params}) than this audit has "
+                                f"(version {attack.features_version}, {width} values, parameters {here})")
+        out.variants[name] = _Fitted(attack, variant, att.model)
+        out.names.append(name)
     return out

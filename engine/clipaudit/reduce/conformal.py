@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from ..io.outputs import OutputLayout
+    from .attackers import LearnedScores
     from .labels import Controls
 
 
@@ -174,14 +175,14 @@ def identity_pvalues(values: list | None, is_control: np.ndarray, target_fpr: fl
 
 
 def write_sample_pvalues(layout: "OutputLayout", image_scores: list[str], controls: "Controls",
-                         target_fpr: float, schema: "pa.Schema",
-                         extra: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, dict[str, Any]]:
+                         target_fpr: float, schema: "pa.Schema", learned: "LearnedScores | None" = None
+                         ) -> dict[str, dict[str, Any]]:
     """Per-image p-values and flags among the control images (images listed as controls, or
     of a control identity): one ``sample_scores/`` part per ``samples/`` part. Two passes
     over the parts (control scores first), reading only the needed columns, so memory stays
-    per part. ``extra``: scores that are not columns of ``samples/`` (learned attackers), per
-    part file name and score name, aligned with the part's ok rows; they are written as
-    ``<name>_score`` with their p-values. Returns the ``calibration.json`` entry per score."""
+    per part. ``learned``: the learned attackers, whose scores are not columns of ``samples/``
+    but computed per part; they are written as ``<name>_score`` with their p-values. Returns
+    the ``calibration.json`` entry per score."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -190,21 +191,24 @@ def write_sample_pvalues(layout: "OutputLayout", image_scores: list[str], contro
 
     out_dir = layout.sample_scores_dir
     parts = sorted(layout.samples_dir.glob("*.parquet"))
+    extra_names = sorted(learned.names) if learned is not None else []
     cols = ["shard", "key", "position", "identity", "status"] + [f"{a}_score" for a in image_scores]
+    cols += [c for c in (learned.columns if learned is not None else []) if c not in cols]
+    cache: dict[str, dict[str, np.ndarray]] = {}  # the learned scores of the part being read
 
     def read(part):
         t = pq.read_table(part, columns=cols)
         t = t.filter(pc.equal(t["status"], "ok"))
         is_control = np.array([controls.is_control(i, s, k) for i, s, k in zip(
             t.column("identity").to_pylist(), t.column("shard").to_pylist(), t.column("key").to_pylist())], dtype=bool)
+        cache.clear()
+        if learned is not None and extra_names:
+            cache.update(learned.scores(part.name, t))
         return t, is_control
-
-    extra = extra or {}
-    extra_names = sorted({n for by_name in extra.values() for n in by_name})
 
     def score(t, part, a) -> np.ndarray:
         if a in extra_names:
-            return extra.get(part.name, {}).get(a, np.full(t.num_rows, np.nan))
+            return cache[a]
         return float_vector(t.column(f"{a}_score"))
 
     image_scores = list(image_scores) + extra_names

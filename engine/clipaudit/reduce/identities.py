@@ -36,10 +36,21 @@ class IdentityLevel:
     analyses: dict[str, dict[str, Any]] = field(default_factory=dict)  # attack → its own metrics entries
 
 
-def connect(layout: OutputLayout, copies: Path | None = None) -> duckdb.DuckDBPyConnection:
+#: DuckDB's memory limit in the reduce step (``compute.reduce_memory``); beyond it, sorts and
+#: aggregations spill to ``OUT/_tmp/duckdb`` instead of growing with the audit
+REDUCE_MEMORY = "2GB"
+
+
+def connect(layout: OutputLayout, copies: Path | None = None, memory_limit: str = REDUCE_MEMORY
+            ) -> duckdb.DuckDBPyConnection:
     """DuckDB with the ``samples`` view and ``ok``: the ok rows that name an identity — less
-    the near-duplicate copies listed in ``copies`` (a ``near_duplicates.parquet``), if given."""
+    the near-duplicate copies listed in ``copies`` (a ``near_duplicates.parquet``), if given.
+    Its memory is capped at ``memory_limit``; larger sorts and aggregations spill to disk."""
     con = duckdb_views(layout, ("samples",))
+    (layout.tmp_dir / "duckdb").mkdir(parents=True, exist_ok=True)
+    spill = str(layout.tmp_dir / "duckdb").replace("'", "''")
+    con.execute(f"SET memory_limit = '{memory_limit}'")
+    con.execute(f"SET temp_directory = '{spill}'")
     skip = ""
     if copies is not None:
         path = str(copies).replace("'", "''")
@@ -59,7 +70,7 @@ def fetch_columns(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, list]:
 def identity_level(layout: OutputLayout, opts: "ReduceOptions", labels: Labels | None = None,
                    controls: Controls | None = None) -> IdentityLevel:
     """Build ``identities.parquet``'s table (not written here)."""
-    con = connect(layout, opts.copies)
+    con = connect(layout, opts.copies, opts.memory_limit)
     image = [s.name for s in scores(opts.enabled, "image")]
     joins, cols = [], []
     for i, attack in enumerate(a for a in registered() if a.name in opts.enabled and a.identity_sql is not None):

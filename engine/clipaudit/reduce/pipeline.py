@@ -27,7 +27,7 @@ from .attackers import load as load_attackers
 from .attackers import save as save_attackers
 from .conformal import METHOD, write_sample_pvalues
 from .evaluation import evaluation_tables, evaluate
-from .identities import connect, identity_level
+from .identities import REDUCE_MEMORY, connect, identity_level
 from .labels import Controls, Labels, ShardMatcher, control_set, read_labels
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class ReduceOptions:
     near_duplicates: bool = False  # find copies inside the candidates; they do not vote (see neighbours.py)
     reference: Path | None = None  # a FAISS index to look every candidate up in
     copies: Path | None = None  # set by reduce_outputs: the near_duplicates.parquet the identity level skips
+    memory_limit: str = REDUCE_MEMORY  # DuckDB's; it spills to OUT/_tmp beyond it
 
     def __post_init__(self) -> None:
         given = dict.fromkeys(self.attacks) if not isinstance(self.attacks, Mapping) else dict(self.attacks)
@@ -82,7 +83,7 @@ def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
         from ..io.report import no_audit
 
         raise FileNotFoundError(no_audit(layout.root, "samples/*.parquet"))
-    matcher = ShardMatcher(_audited_shards(layout))
+    matcher = ShardMatcher(_audited_shards(layout, opts.memory_limit))
     labels = read_labels(opts.labels).matched(matcher) if opts.labels else None
     if labels is not None and labels.unmatched_images:
         log.warning("labels: %d image row(s) name no audited shard", labels.unmatched_images)
@@ -134,9 +135,9 @@ def _neighbours(layout: OutputLayout, opts: ReduceOptions) -> list[Path]:
     return written
 
 
-def _audited_shards(layout: OutputLayout) -> list[str]:
+def _audited_shards(layout: OutputLayout, memory_limit: str = REDUCE_MEMORY) -> list[str]:
     """The shards whose rows are in ``samples/``, as their ``shard`` column names them."""
-    con = connect(layout)
+    con = connect(layout, memory_limit=memory_limit)
     try:
         return [r[0] for r in con.execute("SELECT DISTINCT shard FROM samples").fetchall()]
     finally:
@@ -173,7 +174,7 @@ def _calibrate(layout: OutputLayout, opts: ReduceOptions, controls: Controls, id
     image_scores = [s.name for s in scores(opts.enabled, "image")]
     if (controls and image_scores) or learned.names:
         image = write_sample_pvalues(layout, image_scores if controls else [], controls, opts.target_fpr,
-                                     load_schema("sample_scores", opts.enabled), learned.by_part)
+                                     load_schema("sample_scores", opts.enabled), learned)
     else:  # nothing to write per image (no controls and no learned scores, or an identity-level job)
         shutil.rmtree(layout.sample_scores_dir, ignore_errors=True)
         image = {}
@@ -200,7 +201,7 @@ def _calibrate(layout: OutputLayout, opts: ReduceOptions, controls: Controls, id
 def _evaluate(layout: OutputLayout, opts: ReduceOptions, labels: Labels, identities: pa.Table,
               analyses: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """metrics.json and roc.parquet; each attack's own analysis (e.g. a sweep) joins its entry."""
-    con = connect(layout)
+    con = connect(layout, memory_limit=opts.memory_limit)
     tables = evaluation_tables(con, identities, labels, opts)
     t0 = time.perf_counter()
     log.info("metrics with bootstrap intervals for %s level(s), %d labelled units",
