@@ -42,19 +42,28 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _cluster_pids(temp_dir: str) -> list[int]:
-    """Processes of this test's cluster: Ray's own name the temp dir on their command line; the job's
-    driver and workers run in its working dir, unpacked under the temp dir."""
+    """Processes of this test's cluster: those with a file open under its temp dir (every Ray process
+    logs to its session's logs/ folder, the job's driver too), in it (the job's working dir is unpacked
+    there), or naming it on their command line. Not the command line alone: the agents rename
+    themselves (``ray::DashboardAgent``), and the Ray client server names only addresses."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
+        proc = Path("/proc", entry)
         try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-            cwd = os.readlink(f"/proc/{entry}/cwd")
-        except OSError:
+            if temp_dir.encode() in (proc / "cmdline").read_bytes() or os.readlink(proc / "cwd").startswith(temp_dir):
+                pids.append(int(entry))
+                continue
+            for fd in (proc / "fd").iterdir():
+                try:
+                    if os.readlink(fd).startswith(temp_dir):
+                        pids.append(int(entry))
+                        break
+                except OSError:
+                    continue
+        except OSError:  # gone, or not ours to read
             continue
-        if temp_dir.encode() in cmd or cwd.startswith(temp_dir):
-            pids.append(int(entry))
     return pids
 
 
