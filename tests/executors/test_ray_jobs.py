@@ -129,7 +129,8 @@ def test_a_job_submitted_to_a_two_node_cluster_completes(tiny_model, tmp_path):
     text = spec.read_text()
     assert '"shards/' in text and "names: names.txt" in text
     job = work / "jobs" / "audit.yaml"
-    job.write_text(text.replace('"shards/', f'"{shared}/shards/').replace("names: names.txt", f"names: {shared}/names.txt"))
+    job.write_text(text.replace('"shards/', f'"{shared}/shards/')
+                   .replace("names: names.txt", f"names: {shared}/names.txt"))
     # every port either node listens on is its own: the defaults (GCS 6379, dashboard 8265, agent 52365,
     # client server 10001) may be held by another Ray on this machine, and two nodes here cannot share them
     port, dash, client_port, *agent_ports = _free_ports(11)
@@ -150,7 +151,8 @@ def test_a_job_submitted_to_a_two_node_cluster_completes(tiny_model, tmp_path):
                      ["--address", f"127.0.0.1:{port}", "--temp-dir", worker_tmp, *agent_ports_args(agent_ports[4:])]):
             started = subprocess.run([ray_bin, "start", *args, *common], env=env, capture_output=True, text=True,
                                      timeout=120)
-            assert started.returncode == 0, f"ray start {' '.join(args)}:\n{started.stdout[-2000:]}{started.stderr[-3000:]}"
+            assert started.returncode == 0, \
+                f"ray start {' '.join(args)}:\n{started.stdout[-2000:]}{started.stderr[-3000:]}"
         deadline = time.monotonic() + 60
         while True:  # the dashboard's job server and the agents come up a moment after `ray start` returns
             try:
