@@ -159,3 +159,21 @@ def test_the_schema_check_can_fail(break_it, message):
 
     with pytest.raises((jsonschema.ValidationError, ValueError), match=re.escape(message)):
         _validate(config)
+
+
+def test_the_image_matches_the_rayjob_and_installs_the_wheel_with_gpu_faiss():
+    """deploy/Dockerfile builds the image rayjob.yaml runs: the same Ray version, the shipped wheel
+    with the object-storage and GPU extras (faiss-gpu installed last), the job specs at /app/jobs."""
+    import tomllib
+
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    base = re.fullmatch(r"FROM rayproject/ray:([\d.]+)-py\d+-gpu", lines[0])
+    rayjob = yaml.safe_load((ROOT / "deploy" / "rayjob.yaml").read_text())
+    assert base and base.group(1) == rayjob["spec"]["rayClusterSpec"]["rayVersion"]
+    run = text[text.index("RUN "):]
+    assert ".whl" in run and "[remote,gpu]" in run
+    assert run.index("[remote,gpu]") < run.index("--force-reinstall --no-deps \"faiss-gpu")
+    assert "COPY jobs/ /app/jobs/" in lines
+    gpu = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    assert any(dep.startswith("faiss-gpu>=") for dep in gpu)

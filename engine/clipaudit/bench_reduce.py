@@ -2,8 +2,9 @@
 output folders of growing size, measured side by side in one run.
 
 :func:`synthetic_audit` writes an output folder as the map step would leave it — ``samples/``
-parts that follow the published schema (IDIA ranks and top-1 names over 21 templates,
-EncoderMI score and 45 pairwise cosines, caption score, difference hash, a few error rows),
+parts that follow the published schema (IDIA ranks and top-1 names over 21 templates, one
+image-side attack's score and 45-value feature vector (:func:`image_attack`), caption score,
+difference hash, a few error rows),
 identities with ~100 images each, half of them "members" whose true name wins more often —
 plus a labels file (identity rows for 1 % of the identities) and a controls file (another 1 %
 of non-members). Each size's reduce then runs in its own spawned process (labels, controls,
@@ -21,14 +22,26 @@ from typing import Any, Callable
 
 import numpy as np
 
-ATTACKS = ("idia", "encodermi", "caption")
 TEMPLATES = 21
-VIEWS = 10  # EncoderMI's default: 45 pairwise cosines
+FEATURES = 45  # values in the image-side attack's feature vector (e.g. 45 pairwise cosines of 10 views)
 IMAGES_PER_IDENTITY = 100
 ROWS_PER_PART = 50_000  # ~ one img2dataset shard of 10,000 images ×5; parts are per shard in real runs
 LABELLED_SHARE = 0.01  # identities in the labels file
 CONTROL_SHARE = 0.01  # identities in the controls file (non-members, not labelled)
 DISTRACTORS = 1000
+
+
+def image_attack():
+    """The image-side attack the synthetic audit fills: the first built-in one (by name) that has
+    a feature vector for learned attackers."""
+    from .attacks.registry import available
+
+    return min((a for a in available() if a.features and a.learned), key=lambda a: a.name)
+
+
+def attacks() -> tuple[str, ...]:
+    """The attacks of the synthetic audit: IDIA, the image-side one, caption."""
+    return ("idia", image_attack().name, "caption")
 
 
 def _identity_names(n: int) -> list[str]:
@@ -44,7 +57,8 @@ def synthetic_audit(folder: Path, rows: int, seed: int = 0, rows_per_part: int =
     from .io.schemas import load_schema
 
     rng = np.random.default_rng(seed)
-    schema = load_schema("samples", ATTACKS)
+    schema = load_schema("samples", attacks())
+    image = image_attack()
     n_ident = max(rows // IMAGES_PER_IDENTITY, 4)
     idents = _identity_names(n_ident)
     member = rng.random(n_ident) < 0.5
@@ -52,7 +66,7 @@ def synthetic_audit(folder: Path, rows: int, seed: int = 0, rows_per_part: int =
     pool_arr = pa.array(pool)
     samples = folder / "samples"
     samples.mkdir(parents=True, exist_ok=True)
-    pairs = VIEWS * (VIEWS - 1) // 2
+    pairs = FEATURES
     for p, start in enumerate(range(0, rows, rows_per_part)):
         n = min(rows_per_part, rows - start)
         row = np.arange(start, start + n)
@@ -71,7 +85,7 @@ def synthetic_audit(folder: Path, rows: int, seed: int = 0, rows_per_part: int =
         }
         cos = np.sort(rng.normal(np.where(member[ident], 0.82, 0.8)[:, None], 0.05, (n, pairs)), axis=1)
         feat_off = pa.array(np.arange(n + 1, dtype=np.int32) * pairs, type=pa.int32())
-        lists["encodermi_features"] = pa.ListArray.from_arrays(feat_off, pa.array(cos.ravel().astype(np.float32)),
+        lists[image.features] = pa.ListArray.from_arrays(feat_off, pa.array(cos.ravel().astype(np.float32)),
                                                                mask=mask)
         shard = f"synthetic/{p:06d}.tar"
         values: dict[str, Any] = {
@@ -82,7 +96,7 @@ def synthetic_audit(folder: Path, rows: int, seed: int = 0, rows_per_part: int =
             "error": pa.array(np.where(error, "decode_error", None).tolist(), type=pa.string()),
             "width": pa.array(np.full(n, 256, dtype=np.int32)), "height": pa.array(np.full(n, 256, dtype=np.int32)),
             "has_caption": pa.array(np.zeros(n, dtype=bool)),
-            "encodermi_score": pa.array(cos.mean(1).astype(np.float32), mask=error),
+            f"{image.image_scores()[0].name}_score": pa.array(cos.mean(1).astype(np.float32), mask=error),
             "caption_score": pa.array(rng.normal(0.3, 0.05, n).astype(np.float32), mask=error),
             "dhash": pa.array(rng.integers(-2**63, 2**63 - 1, n, dtype=np.int64), mask=error),
             **lists,
@@ -120,7 +134,7 @@ def _child_reduce(folder: str, memory_limit: str, results) -> None:
     logger.setLevel(logging.INFO)
     logger.addHandler(Stage())
     root = Path(folder)
-    opts = ReduceOptions(attacks=ATTACKS, labels=root / "labels.csv", controls=root / "controls.csv",
+    opts = ReduceOptions(attacks=attacks(), labels=root / "labels.csv", controls=root / "controls.csv",
                          names=root / "names.txt", memory_limit=memory_limit)
     before = peak_rss_mb()
     t0 = time.perf_counter()

@@ -201,11 +201,13 @@ def cmd_reduce(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .io.report import report_folder
 
+    if args.thumbnails and not args.html:
+        raise UserError("--thumbnails goes with --html (the photos are part of the HTML page)")
     report_folder(Path(args.output_dir))
     if args.html:
         from .io.report_html import write_html
 
-        print(f"html report: {write_html(Path(args.output_dir))}")
+        print(f"html report: {write_html(Path(args.output_dir), args.thumbnails)}")
     return EXIT_OK
 
 
@@ -365,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--html", action="store_true",
                     help="also write OUTPUT_DIR/report.html (one self-contained page with plots; the PNGs under "
                          "OUTPUT_DIR/report/); needs the `report` extra (matplotlib)")
+    rp.add_argument("--thumbnails", action="store_true",
+                    help="with --html: small photos of the top identities, read back from the shards (personal "
+                         "data: off by default)")
     rp.set_defaults(func=cmd_report)
 
     i = sub.add_parser("ingest", help="url,identity[,caption] list → WebDataset shards (img2dataset), names.txt and "

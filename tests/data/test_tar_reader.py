@@ -100,7 +100,7 @@ def _failing_open(after: int, calls: list):
     import contextlib
 
     @contextlib.contextmanager
-    def open_shard(shard):
+    def open_shard(shard, storage_options=None):
         with open(shard, "rb") as f:
             f.seek(0, 2)
             size = f.tell()

@@ -163,6 +163,37 @@ def test_identity_names_are_escaped(audit, page):
     assert "Top identities" in page
 
 
+def test_photos_only_with_thumbnails_and_they_are_the_identitys_own(audit, page, capsys):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from clipaudit.cli import main
+
+    assert "data:image/jpeg" not in page and 'class="thumb"' not in page  # personal data: off by default
+    assert main(["report", str(audit), "--thumbnails"]) == 2
+    assert "--thumbnails goes with --html" in capsys.readouterr().err
+    assert main(["report", str(audit), "--html", "--thumbnails"]) == 0
+    html = (audit / "report.html").read_text(encoding="utf-8")
+    thumbs = re.findall(r'<img class="thumb" alt="photo of ([^"]*)" src="data:image/jpeg;base64,([^"]*)"', html)
+    by_who: dict[str, list[bytes]] = {}
+    for who, data in thumbs:
+        by_who.setdefault(who, []).append(base64.b64decode(data))
+    assert len(by_who["Ann Lee"]) == 3  # 3 ok photos (her 4th sample is not an image)
+    assert all(len(v) == 3 for v in by_who.values()) and len(by_who) == len(MEMBERS + NONMEMBERS)
+
+    def pixels(data):
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=float)
+
+    first = pixels(by_who["Ann Lee"][0])
+    assert first.shape == (40, 48, 3)  # 48×40 photos are already below the 64-px thumbnail side
+    own = np.abs(first - pixels(image_bytes(seed=0, size=(48, 40)))).mean()
+    other = np.abs(first - pixels(image_bytes(seed=3, size=(48, 40)))).mean()
+    assert own < 0.5 * other, (own, other)
+    assert main(["report", str(audit), "--html"]) == 0  # the page without photos again for the other tests
+
+
 def test_without_matplotlib_a_clear_error_names_the_extra(audit, monkeypatch, capsys):
     from clipaudit.cli import main
 

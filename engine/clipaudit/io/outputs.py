@@ -247,7 +247,10 @@ class OutputLayout:
         n = 0
         if self.tmp_dir.is_dir():
             for p in self.tmp_dir.iterdir():
-                p.unlink(missing_ok=True)
+                if p.is_dir():  # a killed reduce step's DuckDB spill or near-duplicate partitions
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
                 n += 1
         for d in (self.root, self.samples_dir, self.embeddings_dir, self.cache_dir, self.sample_scores_dir,
                   self.markers_dir, self.attackers_dir, self.downloads_dir):

@@ -18,6 +18,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from ..attacks.registry import Attack, registered
 from .outputs import OutputLayout
 from .report import METRICS_HEADER, calibration_lines, metrics_rows, no_audit, shift_warnings, summary_lines
@@ -313,6 +315,7 @@ overflow-x:auto;white-space:pre-wrap}figure{display:inline-block;margin:.4em 0;v
 figcaption{font-size:.75em;color:#555}img{max-width:100%}
 .warning{background:#fff3cd;border:2px solid #d9a400;padding:.6em 1em;margin:1em 0}.ok{color:#2a7a2a}
 .mono{font-family:ui-monospace,monospace;font-size:.85em;word-break:break-all}
+.thumb{height:48px;margin-right:2px;border-radius:3px}
 """
 
 
@@ -330,7 +333,68 @@ def _figure_html(p: Plot) -> str:
             f"<figcaption>{escape(p.caption)}</figcaption></figure>")
 
 
-def _top_identities(layout: OutputLayout) -> str:
+#: thumbnails per identity with ``--thumbnails``, and their longest side in pixels
+THUMBS_PER_IDENTITY = 3
+THUMB_SIDE = 64
+
+
+def thumbnails(layout: OutputLayout, identities: list[str]) -> dict[str, list[str]]:
+    """Per identity, up to :data:`THUMBS_PER_IDENTITY` of its ok images (first by shard and
+    position) as small JPEG data URIs, read back from the audited shards. Images that cannot be
+    read any more (a moved shard) are left out."""
+    from PIL import Image
+
+    from ..data.storage import resolve_options
+    from ..data.tar_reader import IMAGE_EXTS, iter_tar_samples
+
+    if not identities:
+        return {}
+    con = _connect(layout)
+    try:
+        con.register("wanted", pa.table({"identity": identities}))
+        rows = con.execute(f"""SELECT identity, shard, key FROM (
+                                 SELECT identity, shard, key, row_number() OVER (PARTITION BY identity
+                                        ORDER BY shard, position) AS n
+                                 FROM samples WHERE status = 'ok' AND identity IN (SELECT identity FROM wanted))
+                               WHERE n <= {THUMBS_PER_IDENTITY} ORDER BY identity, shard, key""").fetchall()
+    finally:
+        con.close()
+    options: dict[str, Any] = {}
+    if layout.job_state.is_file():
+        from ..runner import saved_spec
+
+        try:
+            options = resolve_options(saved_spec(layout).data.storage_options)
+        except OSError:
+            options = {}  # a saved literal secret or an unset variable: remote shards stay unread
+    by_shard: dict[str, dict[str, str]] = {}
+    for ident, shard, key in rows:
+        by_shard.setdefault(shard, {})[key] = ident
+    found: dict[tuple[str, str], str] = {}
+    for shard, keys in by_shard.items():
+        try:
+            for raw in iter_tar_samples(shard, options):
+                ext = next((e for e in IMAGE_EXTS if e in raw.files), None)
+                if raw.key not in keys or ext is None:
+                    continue
+                try:
+                    im = Image.open(io.BytesIO(raw.files[ext])).convert("RGB")
+                    im.thumbnail((THUMB_SIDE, THUMB_SIDE))
+                    buf = io.BytesIO()
+                    im.save(buf, "JPEG", quality=80)
+                except OSError:
+                    continue
+                found[(shard, raw.key)] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+        except OSError:
+            continue
+    out: dict[str, list[str]] = {}
+    for ident, shard, key in rows:
+        if (shard, key) in found:
+            out.setdefault(ident, []).append(found[(shard, key)])
+    return out
+
+
+def _top_identities(layout: OutputLayout, with_thumbnails: bool = False) -> str:
     if not layout.identities.is_file():
         return "<p>no identities.parquet</p>"
     con = _connect(layout)
@@ -363,8 +427,16 @@ def _top_identities(layout: OutputLayout) -> str:
         out.append([r[0], r[1], r[2], r[3], ", ".join(flagged) or "-", *evidence])
     header = ["identity", "images", "errors", "labelled member", "flagged by",
               *[f"{s.name} ({s.metric}, p-value)" for s in scores]]
-    return (f"<p>{len(rows)} of {total} identities: most flags first, then the smallest p-value.</p>"
-            + _table(header, out))
+    intro = f"<p>{len(rows)} of {total} identities: most flags first, then the smallest p-value.</p>"
+    if not with_thumbnails:
+        return intro + _table(header, out)
+    thumbs = thumbnails(layout, [r[0] for r in out])
+    table = _table(["photos", *header], [["", *r] for r in out])
+    for r in out:  # the photo cell holds <img> tags, which _table would escape: fill it in afterwards
+        imgs = "".join(f'<img class="thumb" alt="photo of {escape(r[0])}" src="{u}">' for u in thumbs.get(r[0], []))
+        table = table.replace("<tr><td></td>", f"<tr><td>{imgs}</td>", 1)
+    return (intro + "<p>Photos shown because the report was written with --thumbnails: this page holds "
+            "personal data.</p>" + table)
 
 
 def _provenance(layout: OutputLayout) -> str:
@@ -403,8 +475,9 @@ def _errors(summary: dict) -> str:
     return "".join(parts)
 
 
-def build_html(root: Path) -> tuple[str, list[Plot]]:
-    """The page for an output folder and the plots in it."""
+def build_html(root: Path, with_thumbnails: bool = False) -> tuple[str, list[Plot]]:
+    """The page for an output folder and the plots in it; ``with_thumbnails``: small photos of
+    the top identities (personal data: only when asked for)."""
     layout = OutputLayout(root)
     if not layout.summary.is_file():
         raise FileNotFoundError(no_audit(root, layout.summary.name))
@@ -442,7 +515,7 @@ def build_html(root: Path) -> tuple[str, list[Plot]]:
                                                                                              for k in e})]
                                                                   for e in entries])
                              for key, _, entries in _sweeps(metrics)))
-    sec.append("<h2>Top identities</h2>" + _top_identities(layout))
+    sec.append("<h2>Top identities</h2>" + _top_identities(layout, with_thumbnails))
     if layout.calibration.is_file():
         cal = calibration_lines(json.loads(layout.calibration.read_text()))
         sec.append(f"<h2>Calibration</h2><pre>{escape(chr(10).join(cal))}</pre>")
@@ -453,9 +526,9 @@ def build_html(root: Path) -> tuple[str, list[Plot]]:
     return page, rocs + hists + sweeps
 
 
-def write_html(root: Path) -> Path:
+def write_html(root: Path, with_thumbnails: bool = False) -> Path:
     """Write ``OUT/report.html`` and the PNGs under ``OUT/report/``; returns the page's path."""
-    page, plots = build_html(Path(root))
+    page, plots = build_html(Path(root), with_thumbnails)
     folder = Path(root) / "report"
     folder.mkdir(exist_ok=True)
     for old in folder.glob("*.png"):

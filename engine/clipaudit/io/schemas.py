@@ -44,8 +44,9 @@ IDENTITY_FLAG_DOC = "{score}_pvalue <= calibration.target_fpr (null without at l
 IMAGE_PVALUE_DOC = "empirical p-value of {score}_score among the control images (leave-one-out for a control)"
 IMAGE_FLAG_DOC = "{score}_pvalue <= calibration.target_fpr"
 LEARNED_SCORE_DOC = ("member probability from the {attack} attack's {variant} attacker (attackers/{attack}_{variant}.json): "
-                     "out-of-fold for the images it was fitted on, from the attacker fitted on all labelled images "
-                     "(or applied from another audit with --attackers) for the others")
+                     "out-of-fold for the images it was fitted on (the labelled images, a seeded sample of 20,000 "
+                     "beyond that), from the attacker fitted on them (or applied from another audit with --attackers) "
+                     "for the others")
 
 
 def parse_type(text: str) -> pa.DataType:

@@ -1,5 +1,5 @@
 """IDIA per template vs IDIA on the templates' mean embedding (``template_average``), on one
-canary lab: ``python -m clipaudit.lab.compare_templates --seed S [--output DIR]``.
+canary lab: ``python -m clipaudit.lab.compare_templates --seed S [--steps N] [--output DIR]``.
 
 Builds the default lab for seed ``S``, audits its trained model twice with IDIA alone — once
 voting over the 21 templates (``tau: 1``), once ranking names against each name's averaged
@@ -18,13 +18,15 @@ from typing import Any
 VARIANTS = {"per_template": "{tau: 1}", "template_average": "{tau: 1, template_average: true}"}
 
 
-def compare(root: Path, seed: int) -> list[dict[str, Any]]:
-    """Build the lab under ``root`` and return one record per variant."""
+def compare(root: Path, seed: int, steps: int | None = None) -> list[dict[str, Any]]:
+    """Build the lab under ``root`` (``steps``: training steps, default the lab's; fewer give
+    a weaker model, where the two variants can differ) and return one record per variant."""
     from ..lab.build import LabConfig, build_lab
     from ..runner import run_job
     from ..spec import load_spec
 
-    lab = build_lab(root / "lab", LabConfig(seed=seed), log=lambda *a: None)
+    cfg = LabConfig(seed=seed) if steps is None else LabConfig(seed=seed, steps=steps)
+    lab = build_lab(root / "lab", cfg, log=lambda *a: None)
     out = []
     for variant, params in VARIANTS.items():
         job = lab.root / f"job-{variant}.yaml"
@@ -37,7 +39,7 @@ def compare(root: Path, seed: int) -> list[dict[str, Any]]:
             f"output: {root / variant}\n")
         run_job(load_spec(job), progress=False)
         idia = json.loads((root / variant / "metrics.json").read_text())["idia"]
-        out.append({"seed": seed, "variant": variant, "auc": idia.get("auc"),
+        out.append({"seed": seed, "steps": cfg.steps, "variant": variant, "auc": idia.get("auc"),
                     "sweep": [{k: e[k] for k in ("k", "tpr", "fpr", "auc")} for e in idia.get("sweep", [])]})
     return out
 
@@ -45,13 +47,14 @@ def compare(root: Path, seed: int) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seed", type=int, default=0, help="the lab's seed (default 0)")
+    p.add_argument("--steps", type=int, help="training steps of the lab model (default: the lab's 300)")
     p.add_argument("--output", help="keep the lab and both audits here (default: a temp folder)")
     args = p.parse_args(argv)
     if args.output:
-        records = compare(Path(args.output), args.seed)
+        records = compare(Path(args.output), args.seed, args.steps)
     else:
         with tempfile.TemporaryDirectory(prefix="clipaudit-templates-") as d:
-            records = compare(Path(d), args.seed)
+            records = compare(Path(d), args.seed, args.steps)
     for r in records:
         print(json.dumps(r))
 

@@ -1,10 +1,11 @@
 """Learned attackers that score every candidate, saved so another audit can apply them.
 
 For each attack with a feature vector and each of its learned variants, its attacker (a
-logistic regression or a small MLP, as the variant declares) is fitted on the labelled images — an image row of the labels file gives its own label, else
-the image inherits its identity's label — with folds by identity. Every ok sample then gets
-a score: out-of-fold for the images it was fitted on, from the model fitted on all labelled
-images for the others. Without labels but with enough controls (known non-members), each
+logistic regression or a small MLP, as the variant declares) is fitted on the labelled images
+— an image row of the labels file gives its own label, else the image inherits its identity's
+label — with folds by identity; beyond :data:`MAX_FIT_IMAGES` on a seeded uniform sample of
+them. Every ok sample then gets a score: out-of-fold for the images it was fitted on, from
+the model fitted on them for the others. Without labels but with enough controls (known non-members), each
 attacker is fitted weakly supervised, in the style of CLIP-MIA's weak supervision: the controls
 are the non-members and the candidates whose own attack score is above the controls' 90th
 percentile are taken as pseudo-members (:func:`pseudo_labels`); the fit then runs as above.

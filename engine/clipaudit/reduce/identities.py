@@ -47,7 +47,8 @@ def connect(layout: OutputLayout, copies: Path | None = None, memory_limit: str 
     the near-duplicate copies listed in ``copies`` (a ``near_duplicates.parquet``), if given.
     Its memory is capped at ``memory_limit``; larger sorts and aggregations spill to disk."""
     con = duckdb_views(layout, ("samples",))
-    (layout.tmp_dir / "duckdb").mkdir(parents=True, exist_ok=True)
+    # DuckDB makes (and on close removes) the last folder itself, only when it spills
+    layout.tmp_dir.mkdir(parents=True, exist_ok=True)
     spill = str(layout.tmp_dir / "duckdb").replace("'", "''")
     con.execute(f"SET memory_limit = '{memory_limit}'")
     con.execute(f"SET temp_directory = '{spill}'")

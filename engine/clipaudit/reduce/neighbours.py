@@ -122,8 +122,8 @@ def _copies_in_bucket(t: pa.Table, min_cosine: float, max_hash_bits: int) -> lis
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         if hi - lo < 2:
             continue
-        emb = np.asarray(t.column("embedding").slice(lo, hi - lo).combine_chunks().flatten()
-                         .to_numpy(zero_copy_only=False), dtype=np.float32).reshape(hi - lo, -1)
+        emb = np.array(t.column("embedding").slice(lo, hi - lo).combine_chunks().flatten()
+                       .to_numpy(zero_copy_only=False), dtype=np.float32).reshape(hi - lo, -1)  # a writable copy
         emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)  # stored as fp16
         index = faiss.IndexFlatIP(emb.shape[1])
         index.add(emb)
