@@ -66,7 +66,6 @@ def synthetic_audit(folder: Path, rows: int, seed: int = 0, rows_per_part: int =
     pool_arr = pa.array(pool)
     samples = folder / "samples"
     samples.mkdir(parents=True, exist_ok=True)
-    pairs = FEATURES
     for p, start in enumerate(range(0, rows, rows_per_part)):
         n = min(rows_per_part, rows - start)
         row = np.arange(start, start + n)
@@ -83,8 +82,8 @@ def synthetic_audit(folder: Path, rows: int, seed: int = 0, rows_per_part: int =
             "idia_top1": pa.ListArray.from_arrays(offsets, pool_arr.take(pa.array(top1.ravel())), mask=mask),
             "idia_true_rank": pa.ListArray.from_arrays(offsets, pa.array(rank.ravel()), mask=mask),
         }
-        cos = np.sort(rng.normal(np.where(member[ident], 0.82, 0.8)[:, None], 0.05, (n, pairs)), axis=1)
-        feat_off = pa.array(np.arange(n + 1, dtype=np.int32) * pairs, type=pa.int32())
+        cos = np.sort(rng.normal(np.where(member[ident], 0.82, 0.8)[:, None], 0.05, (n, FEATURES)), axis=1)
+        feat_off = pa.array(np.arange(n + 1, dtype=np.int32) * FEATURES, type=pa.int32())
         lists[image.features] = pa.ListArray.from_arrays(feat_off, pa.array(cos.ravel().astype(np.float32)),
                                                                mask=mask)
         shard = f"synthetic/{p:06d}.tar"

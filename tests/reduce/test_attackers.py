@@ -148,11 +148,11 @@ def _synthetic(tmp_path, rows=2000, labelled=12):
 
 
 def _all_scores(layout, learned):
-    from clipaudit.reduce.attackers import _ok_rows
+    from clipaudit.reduce.attackers import ok_rows
 
     out = {}
     for part in sorted(layout.samples_dir.glob("*.parquet")):
-        t = _ok_rows(part, learned.columns)
+        t = ok_rows(part, learned.columns)
         for name, s in learned.scores(part.name, t).items():
             out.setdefault(name, []).append(s)
     return {n: np.concatenate(v) for n, v in out.items()}

@@ -217,18 +217,27 @@ def plurality_scores(top1: np.ndarray, true_id: int, k: int, draws: int, seed: i
 STREAM_ROWS = 65_536
 
 
-def _top1_by_identity(con) -> Iterator[tuple[str, np.ndarray, int]]:
-    """Per identity with ok rows, in name order: its name, its images' top-1 name ids (n×T)
-    and its own name's id. Streams sorted batches from DuckDB (which spills the sort to disk
-    beyond its memory limit), so memory holds one batch and one identity, not the audit.
-    Name ids are only compared within one identity, so each batch encodes its own."""
+#: the id of an identity's own name in the top-1 ids :func:`_top1_by_identity` yields
+OWN = -1
+
+
+def _top1_by_identity(con) -> Iterator[tuple[str, np.ndarray]]:
+    """Per identity with ok rows, in name order: its name and its images' top-1 name ids (n×T),
+    :data:`OWN` for its own name. Streams sorted batches from DuckDB (which spills the sort to
+    disk beyond its memory limit), so memory holds one batch and one identity, not the audit.
+    Name ids are only compared within one identity, so each batch encodes its own; an identity
+    that goes on into the next batch is encoded from its names once it is complete."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     rel = con.sql("SELECT identity, idia_top1 FROM ok WHERE idia_top1 IS NOT NULL ORDER BY identity, shard, position")
     # DuckDB 2 names it to_arrow_reader, DuckDB 1 record_batch
     reader = rel.to_arrow_reader(STREAM_ROWS) if hasattr(rel, "to_arrow_reader") else rel.record_batch(STREAM_ROWS)
-    carry: tuple[str, int, list[pa.Array]] | None = None  # a batch's last identity may go on in the next batch
+    carry: tuple[str, int, list[pa.Array]] | None = None  # (name, templates, its top-1 names so far)
+
+    def finished(c: tuple[str, int, list[pa.Array]]) -> tuple[str, np.ndarray]:
+        return c[0], _own_coded(pa.concat_arrays(c[2]), c[0], c[1])
+
     for batch in reader:
         if not batch.num_rows:
             continue
@@ -242,26 +251,26 @@ def _top1_by_identity(con) -> Iterator[tuple[str, np.ndarray, int]]:
         for a, b in zip(bounds[:-1], bounds[1:]):
             name = str(ident[a])
             if carry is not None and carry[0] != name:
-                yield carry[0], _own_coded(pa.concat_arrays(carry[2]), carry[0], carry[1]), -1
+                yield finished(carry)
                 carry = None
             if b == len(ident) or carry is not None:  # may continue in the next batch: keep the names
                 piece = flat.slice(a * t, (b - a) * t)
                 carry = (name, t, [piece]) if carry is None else (name, t, carry[2] + [piece])
                 if b < len(ident):
-                    yield carry[0], _own_coded(pa.concat_arrays(carry[2]), carry[0], t), -1
+                    yield finished(carry)
                     carry = None
                 continue
-            yield name, np.where(top1[a:b] == own[a], -1, top1[a:b]), -1
+            yield name, np.where(top1[a:b] == own[a], OWN, top1[a:b])
     if carry is not None:
-        yield carry[0], _own_coded(pa.concat_arrays(carry[2]), carry[0], carry[1]), -1
+        yield finished(carry)
 
 
 def _own_coded(flat: pa.Array, name: str, t: int) -> np.ndarray:
-    """One identity's top-1 names (flat, ``t`` per image) as ids: -1 for its own name."""
+    """One identity's top-1 names (flat, ``t`` per image) as ids: :data:`OWN` for its own name."""
     import pyarrow.compute as pc
 
     codes = flat.dictionary_encode().indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    return np.where(pc.equal(flat, name).to_numpy(zero_copy_only=False), -1, codes).reshape(-1, t)
+    return np.where(pc.equal(flat, name).to_numpy(zero_copy_only=False), OWN, codes).reshape(-1, t)
 
 
 def analyse(inp: AnalysisInput) -> IdentityAnalysis:
@@ -275,14 +284,14 @@ def analyse(inp: AnalysisInput) -> IdentityAnalysis:
     per_draw: list[np.ndarray] = []
     head = p.headline_k if p.headline_k and p.headline_k not in ks else None
     votes: dict[str, int] = {}
-    for name, x, true_id in _top1_by_identity(inp.con):
+    for name, x in _top1_by_identity(inp.con):
         names.append(name)
         counts.append(len(x))
-        votes[name] = vote(x, true_id)
+        votes[name] = vote(x, OWN)
         row = np.full((len(ks) + (head is not None), p.draws), np.nan, dtype=np.float32)
         for j, k in enumerate(ks + ([head] if head else [])):
             if len(x) >= k:
-                row[j] = plurality_scores(x, true_id, k, p.draws, _stable_seed(inp.seed, name, k))
+                row[j] = plurality_scores(x, OWN, k, p.draws, _stable_seed(inp.seed, name, k))
         per_draw.append(row)
     counts_arr = np.array(counts, dtype=np.int64)
     scores_by_k = np.stack(per_draw, axis=1) if per_draw else np.empty((len(ks) + (head is not None), 0, p.draws))

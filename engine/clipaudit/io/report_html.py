@@ -319,10 +319,18 @@ figcaption{font-size:.75em;color:#555}img{max-width:100%}
 """
 
 
+class _Html(str):
+    """A table cell that is already HTML (e.g. ``<img>`` tags): :func:`_table` does not escape it."""
+
+
 def _table(header: list[str] | tuple[str, ...], rows: list, mono: set[int] = frozenset()) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
     cls = ' class="mono"'
-    body = "".join("<tr>" + "".join(f"<td{cls if i in mono else ''}>{escape(_fmt(c))}</td>"
+
+    def cell(c: Any) -> str:
+        return c if isinstance(c, _Html) else escape(_fmt(c))
+
+    body = "".join("<tr>" + "".join(f"<td{cls if i in mono else ''}>{cell(c)}</td>"
                                     for i, c in enumerate(r)) + "</tr>" for r in rows)
     return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
 
@@ -344,7 +352,6 @@ def thumbnails(layout: OutputLayout, identities: list[str]) -> dict[str, list[st
     read any more (a moved shard) are left out."""
     from PIL import Image
 
-    from ..data.storage import resolve_options
     from ..data.tar_reader import IMAGE_EXTS, iter_tar_samples
 
     if not identities:
@@ -359,14 +366,11 @@ def thumbnails(layout: OutputLayout, identities: list[str]) -> dict[str, list[st
                                WHERE n <= {THUMBS_PER_IDENTITY} ORDER BY identity, shard, key""").fetchall()
     finally:
         con.close()
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {}  # resolved when a URL is opened; a failure there leaves that shard unread
     if layout.job_state.is_file():
         from ..runner import saved_spec
 
-        try:
-            options = resolve_options(saved_spec(layout).data.storage_options)
-        except OSError:
-            options = {}  # a saved literal secret or an unset variable: remote shards stay unread
+        options = dict(saved_spec(layout).data.storage_options)
     by_shard: dict[str, dict[str, str]] = {}
     for ident, shard, key in rows:
         by_shard.setdefault(shard, {})[key] = ident
@@ -431,10 +435,8 @@ def _top_identities(layout: OutputLayout, with_thumbnails: bool = False) -> str:
     if not with_thumbnails:
         return intro + _table(header, out)
     thumbs = thumbnails(layout, [r[0] for r in out])
-    table = _table(["photos", *header], [["", *r] for r in out])
-    for r in out:  # the photo cell holds <img> tags, which _table would escape: fill it in afterwards
-        imgs = "".join(f'<img class="thumb" alt="photo of {escape(r[0])}" src="{u}">' for u in thumbs.get(r[0], []))
-        table = table.replace("<tr><td></td>", f"<tr><td>{imgs}</td>", 1)
+    table = _table(["photos", *header], [[_Html("".join(f'<img class="thumb" alt="photo of {escape(r[0])}" src="{u}">'
+                                                        for u in thumbs.get(r[0], []))), *r] for r in out])
     return (intro + "<p>Photos shown because the report was written with --thumbnails: this page holds "
             "personal data.</p>" + table)
 

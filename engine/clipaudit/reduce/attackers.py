@@ -286,11 +286,12 @@ class _FitSet:
         return part[order], row[order], group[order], y[order], X[order]
 
 
-def _ok_rows(part: Path, columns: list[str]):
+def ok_rows(part: Path, columns: list[str]):
+    """A ``samples/`` part's ok rows: ``shard``, ``key``, ``identity``, ``status`` and ``columns``."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    t = pq.read_table(part, columns=["shard", "key", "identity", "status", *columns])
+    t = pq.read_table(part, columns=list(dict.fromkeys(["shard", "key", "identity", "status", *columns])))
     return t.filter(pc.equal(t["status"], "ok"))
 
 
@@ -300,8 +301,8 @@ def _weak_cuts(parts: list[Path], own: dict[str, str], controls: "Controls",
     :data:`MIN_WEAK` controls) — the first pass of weak supervision."""
     found: dict[str, list[np.ndarray]] = {a: [] for a in own}
     for part in parts:
-        t = _ok_rows(part, sorted(set(own.values())))
-        is_control = _is_control(t, controls)
+        t = ok_rows(part, sorted(set(own.values())))
+        is_control = controls.mask(t)
         for a, col in own.items():
             s = t.column(col).to_numpy(zero_copy_only=False).astype(float)[is_control]
             found[a].append(s[np.isfinite(s)])
@@ -310,11 +311,6 @@ def _weak_cuts(parts: list[Path], own: dict[str, str], controls: "Controls",
         s = np.concatenate(chunks) if chunks else np.empty(0)
         cuts[a] = float(np.quantile(s, quantile)) if len(s) >= MIN_WEAK else None
     return cuts
-
-
-def _is_control(t, controls: "Controls") -> np.ndarray:
-    return np.array([controls.is_control(i, s, k) for i, s, k in zip(
-        t.column("identity").to_pylist(), t.column("shard").to_pylist(), t.column("key").to_pylist())], dtype=bool)
 
 
 def score_candidates(layout, params: dict[str, Any], labels: "Labels | None",
@@ -344,7 +340,7 @@ def score_candidates(layout, params: dict[str, Any], labels: "Labels | None",
     from .evaluation import feature_matrix
 
     for p, part in enumerate(parts):
-        t = _ok_rows(part, columns)
+        t = ok_rows(part, columns)
         if not t.num_rows:
             continue
         identities = t.column("identity").to_pylist()
@@ -352,7 +348,7 @@ def score_candidates(layout, params: dict[str, Any], labels: "Labels | None",
         u = np.random.default_rng([seed, p, 0x5EED]).random(t.num_rows)
         y_labels = image_labels(identities, t.column("shard").to_pylist(), t.column("key").to_pylist(), labels) \
             if not weak else None
-        is_control = _is_control(t, controls) if weak else None  # type: ignore[arg-type]
+        is_control = controls.mask(t) if weak else None  # type: ignore[union-attr]
         for name, attack in attacks.items():
             if weak:
                 cut = cuts.get(name)
@@ -405,7 +401,7 @@ def _applied(parts: list[Path], pairs: list[tuple[Attack, Learned]], params: dic
         att = given[name]
         width = None
         for part in parts:
-            t = _ok_rows(part, [attack.features])
+            t = ok_rows(part, [attack.features])
             X = variant.prepare(feature_matrix(t.column(attack.features)))
             if t.num_rows and not np.all(np.isnan(X)):
                 width = X.shape[1]

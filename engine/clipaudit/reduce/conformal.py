@@ -184,23 +184,19 @@ def write_sample_pvalues(layout: "OutputLayout", image_scores: list[str], contro
     but computed per part; they are written as ``<name>_score`` with their p-values. Returns
     the ``calibration.json`` entry per score."""
     import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from ..io.outputs import atomic_write_table
+    from .attackers import ok_rows
 
     out_dir = layout.sample_scores_dir
     parts = sorted(layout.samples_dir.glob("*.parquet"))
     extra_names = sorted(learned.names) if learned is not None else []
-    cols = ["shard", "key", "position", "identity", "status"] + [f"{a}_score" for a in image_scores]
-    cols += [c for c in (learned.columns if learned is not None else []) if c not in cols]
+    cols = ["position"] + [f"{a}_score" for a in image_scores] + (learned.columns if learned is not None else [])
     cache: dict[str, dict[str, np.ndarray]] = {}  # the learned scores of the part being read
 
     def read(part):
-        t = pq.read_table(part, columns=cols)
-        t = t.filter(pc.equal(t["status"], "ok"))
-        is_control = np.array([controls.is_control(i, s, k) for i, s, k in zip(
-            t.column("identity").to_pylist(), t.column("shard").to_pylist(), t.column("key").to_pylist())], dtype=bool)
+        t = ok_rows(part, cols)
+        is_control = controls.mask(t)
         cache.clear()
         if learned is not None and extra_names:
             cache.update(learned.scores(part.name, t))

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+import numpy as np
+
 from ..data.samples import normalize_name
 from ..data.shards import is_url
 
@@ -119,6 +121,12 @@ class Controls:
 
     def is_control(self, identity: str | None, shard: str, key: str | None) -> bool:
         return identity in self.identities or (shard, key) in self.images
+
+    def mask(self, rows) -> np.ndarray:
+        """Per row of an Arrow table with ``identity``, ``shard`` and ``key``: is it a control?"""
+        return np.array([self.is_control(i, s, k) for i, s, k in zip(
+            rows.column("identity").to_pylist(), rows.column("shard").to_pylist(), rows.column("key").to_pylist())],
+            dtype=bool)
 
     def matched(self, matcher: ShardMatcher) -> "Controls":
         """The same controls with image rows keyed by the audited shard they name."""

@@ -84,22 +84,23 @@ def near_duplicates(layout: OutputLayout, out: Path, min_cosine: float = 0.95, m
     emb_glob = str(layout.embeddings_dir / "*.parquet").replace("'", "''")
     spill = layout.tmp_dir / f"near-duplicates-{uuid.uuid4().hex[:8]}"
     try:
-        n, hashed = con.execute("SELECT count(*), count(dhash) FROM samples WHERE status = 'ok'").fetchone()
-        if n and not hashed:
-            raise NeighboursError("samples/ has no dhash column values: re-run the map step with this version")
-        buckets = max(1, -(-n // ROWS_PER_BUCKET))
-        con.execute(f"""
-            COPY (SELECT e.shard, e.key, e.position, coalesce(s.identity, '') AS identity, s.dhash, e.embedding,
-                         hash(coalesce(s.identity, '')) % {buckets} AS bucket
-                  FROM read_parquet('{emb_glob}') e JOIN samples s ON s.shard = e.shard AND s.position = e.position
-                  WHERE s.status = 'ok' AND s.dhash IS NOT NULL)
-            TO '{str(spill).replace("'", "''")}' (FORMAT parquet, PARTITION_BY (bucket))""")
-        con.close()
+        try:  # DuckDB writes the partitions and is closed before they are searched (its memory freed)
+            n, hashed = con.execute("SELECT count(*), count(dhash) FROM samples WHERE status = 'ok'").fetchone()
+            if n and not hashed:
+                raise NeighboursError("samples/ has no dhash column values: re-run the map step with this version")
+            buckets = max(1, -(-n // ROWS_PER_BUCKET))
+            con.execute(f"""
+                COPY (SELECT e.shard, e.key, e.position, coalesce(s.identity, '') AS identity, s.dhash, e.embedding,
+                             hash(coalesce(s.identity, '')) % {buckets} AS bucket
+                      FROM read_parquet('{emb_glob}') e JOIN samples s ON s.shard = e.shard AND s.position = e.position
+                      WHERE s.status = 'ok' AND s.dhash IS NOT NULL)
+                TO '{str(spill).replace("'", "''")}' (FORMAT parquet, PARTITION_BY (bucket))""")
+        finally:
+            con.close()
         found: list[tuple] = []
         for part in sorted(spill.glob("bucket=*/*.parquet")):
             found += _copies_in_bucket(pq.read_table(part), min_cosine, max_hash_bits)
     finally:
-        con.close()
         shutil.rmtree(spill, ignore_errors=True)
     found.sort(key=lambda r: (r[0], r[2]))
     writer = PartWriter(out, NEAR_DUPLICATES_SCHEMA, layout.tmp_dir)
