@@ -234,3 +234,75 @@ def write_minimal_job(root: Path, model: str = "{name: ViT-B-32}") -> Path:
     job = root / "job.yaml"
     job.write_text(f"model: {model}\ndata: {{shards: a.tar}}\nnames: names.txt\noutput: o\n")
     return job
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class moto_s3_server:
+    """``with moto_s3_server() as endpoint``: moto's S3 server (a real S3 protocol) on
+    127.0.0.1 at a free port, stopped on exit. Authentication is off until
+    :func:`require_signed_requests`."""
+
+    def __enter__(self) -> str:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        self.endpoint = f"http://127.0.0.1:{free_port()}"
+        port = self.endpoint.rsplit(":", 1)[1]
+        self.server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2).close()
+                return self.endpoint
+            except OSError:
+                if self.server.poll() is not None or time.monotonic() > deadline:
+                    self.__exit__()
+                    raise RuntimeError(f"moto_server did not answer on {self.endpoint} (exit {self.server.poll()})")
+                time.sleep(0.1)
+
+    def __exit__(self, *exc: object) -> None:
+        import subprocess
+
+        self.server.terminate()
+        try:
+            self.server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.server.kill()
+            self.server.wait()
+
+
+def require_signed_requests(endpoint: str) -> None:
+    """Switch moto's IAM checks on: from here every request must be signed and allowed."""
+    import urllib.request
+
+    req = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST",
+                                 headers={"Content-Type": "text/plain"})
+    urllib.request.urlopen(req, timeout=10).close()
+
+
+def assert_close(a: Any, b: Any, where: str = "") -> None:
+    """Equal, floats within 1e-12 (sums in another order), at any depth of lists and dicts."""
+    import pytest
+
+    if isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-12, abs=1e-12, nan_ok=True), where
+    elif isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where

@@ -42,9 +42,34 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .ingest import IngestError
     from .runner import ResumeRefused
     from .spec import SpecError
+    from .data.storage import StorageError
 
     return (SpecError, ModelLoadError, ResumeRefused, QueryError, LabelsError, NamePoolError, UserError, AttackerError,
-            OutputBusy, MissingExtra, NeighboursError, IngestError, FileNotFoundError)
+            OutputBusy, MissingExtra, NeighboursError, IngestError, FileNotFoundError, StorageError)
+
+
+def _open_output(output_dir: str, storage_options: str | None):
+    """The layout of a local output folder, or of an output URL (s3://, gs://, …) after bringing
+    its local mirror up to date with the store."""
+    from .data.shards import is_url
+    from .io.outputs import output_layout
+
+    if not is_url(output_dir):
+        if storage_options is not None:
+            raise UserError("--storage-options is for an output on object storage (s3://, gs://, …)")
+        return output_layout(Path(output_dir))
+    options = {}
+    if storage_options is not None:
+        try:
+            options = json.loads(storage_options)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--storage-options: not JSON ({e})") from None
+        if not isinstance(options, dict):
+            raise UserError('--storage-options: a JSON object, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
+    layout = output_layout(output_dir, options)
+    fetched = layout.remote.pull()
+    print(f"{output_dir}: mirror {layout.root} up to date ({fetched} file(s) fetched)", file=sys.stderr)
+    return layout
 
 
 def _unwrap(e: BaseException) -> BaseException:
@@ -63,7 +88,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError("--bench is read by --dry-run only (for its time estimate)")
     spec = load_spec(args.job, need_backends=not args.dry_run)
     if args.output:
-        spec = spec.model_copy(update={"output": Path(args.output).resolve()})
+        from .data.shards import is_url
+
+        spec = spec.model_copy(update={"output": args.output if is_url(args.output) else Path(args.output).resolve()})
     if args.dry_run:
         return _dry_run(args, spec)
     from .io.report import print_report
@@ -72,7 +99,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                      spec_text=Path(args.job).read_text())
     print_report(report)
     if not args.quiet and report.layout.identities.is_file():
-        print(f'query: clipaudit query {report.layout.root} "SELECT * FROM identities ORDER BY idia_score DESC LIMIT 10"')
+        where = report.layout.root if report.layout.remote is None else report.layout.remote.url
+        print(f'query: clipaudit query {where} "SELECT * FROM identities ORDER BY idia_score DESC LIMIT 10"')
     return EXIT_OK if report.ok else EXIT_FAILED_SHARDS
 
 
@@ -84,8 +112,8 @@ def _dry_run(args: argparse.Namespace, spec) -> int:
     from .runner import resume_conflict
 
     shards = spec.shard_list()
-    layout = OutputLayout(spec.output)
-    done = sum(layout.is_done(s) for s in shards)
+    layout = OutputLayout(Path(spec.output)) if not spec.output_is_remote() else None
+    done = 0 if layout is None else sum(layout.is_done(s) for s in shards)
     plan = make_plan(spec, done, read_bench(args.bench) if args.bench else None)
     print(f"job {args.job}: valid. model={spec.model.name} pretrained={spec.model.pretrained}")
     print(f"shards: {len(shards)} ({done} already done), output: {spec.output}, executor: {spec.compute.executor}")
@@ -95,6 +123,9 @@ def _dry_run(args: argparse.Namespace, spec) -> int:
         print("map hash: not computed (the name pool is on object storage); resume check: skipped")
         return EXIT_OK
     print(f"map hash: {spec.map_hash()}")
+    if layout is None:
+        print("resume check: not done (the output is on object storage; `clipaudit run` checks it first)")
+        return EXIT_OK
     conflict = None if args.force else resume_conflict(layout, spec)
     if conflict is not None:
         raise UserError(f"a run would be refused: {conflict}")
@@ -145,11 +176,10 @@ def _reduce_overrides(opts, settings: list[str]):
 def cmd_reduce(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .io.outputs import OutputLayout
     from .reduce import reduce_outputs
     from .runner import reduce_options, saved_spec
 
-    layout = OutputLayout(Path(args.output_dir))
+    layout = _open_output(args.output_dir, args.storage_options)
     opts = reduce_options(saved_spec(layout))
     settings = list(args.set or [])
     if args.tau is not None:
@@ -186,7 +216,10 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         opts = replace(opts, memory_limit=args.memory_limit)
     with layout.lock():
         result = reduce_outputs(layout, opts)
-    print("wrote " + ", ".join(str(p) for p in result.written))
+        if layout.remote is not None:
+            layout.remote.push()
+    where = "" if layout.remote is None else f" (and to {layout.remote.url})"
+    print("wrote " + ", ".join(str(p) for p in result.written) + where)
     from .io.report import calibration_lines, metrics_table
 
     if result.metrics:
@@ -203,11 +236,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.thumbnails and not args.html:
         raise UserError("--thumbnails goes with --html (the photos are part of the HTML page)")
-    report_folder(Path(args.output_dir))
+    layout = _open_output(args.output_dir, args.storage_options)
+    report_folder(layout.root)
     if args.html:
         from .io.report_html import write_html
 
-        print(f"html report: {write_html(Path(args.output_dir), args.thumbnails)}")
+        page = write_html(layout.root, args.thumbnails)
+        if layout.remote is not None:
+            with layout.lock():
+                layout.remote.push()
+        print(f"html report: {page}" + ("" if layout.remote is None else f" (and {layout.remote.url}/{page.name})"))
     return EXIT_OK
 
 
@@ -278,7 +316,7 @@ def _bench_output(args: argparse.Namespace, result: dict, text: str) -> None:
 def cmd_query(args: argparse.Namespace) -> int:
     from .io.query import FORMATTERS, run_query
 
-    columns, rows = run_query(args.output_dir, args.sql)
+    columns, rows = run_query(_open_output(args.output_dir, args.storage_options).root, args.sql)
     text = FORMATTERS[args.format](columns, rows)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return EXIT_OK
@@ -304,6 +342,14 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _storage_options_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-options", metavar="JSON",
+                   help="for an OUTPUT_DIR on object storage: fsspec options as JSON, e.g. "
+                        "'{\"endpoint_url\": \"${S3_ENDPOINT}\"}' (${VAR} is read from the environment; default: the "
+                        "backend's own environment variables and config). The store is mirrored under "
+                        "$CLIPAUDIT_MIRROR_DIR (default ~/.cache/clipaudit/mirrors)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipaudit", description="Membership-inference audits of CLIP models.")
     p.add_argument("--version", action="version", version=f"clipaudit {_version()}")
@@ -325,7 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("reduce", help="recompute identities.parquet and metrics.json (no model)")
-    d.add_argument("output_dir", metavar="OUTPUT_DIR", help="an audit's output folder (holds _job.json)")
+    d.add_argument("output_dir", metavar="OUTPUT_DIR", help="an audit's output folder (holds _job.json), or its URL "
+                                                            "on object storage (s3://…)")
+    _storage_options_arg(d)
     d.add_argument("--tau", type=int, help="IDIA threshold (default: the job's); short for --set idia.tau=N")
     d.add_argument("--set", action="append", metavar="ATTACK.KEY=VALUE",
                    help="change a reduce-only attack parameter, e.g. idia.tau=3 (repeatable; default: the job's)")
@@ -363,7 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_demo)
 
     rp = sub.add_parser("report", help="print what an output folder holds: summary, metrics, calibration")
-    rp.add_argument("output_dir", metavar="OUTPUT_DIR", help="an audit's output folder")
+    rp.add_argument("output_dir", metavar="OUTPUT_DIR", help="an audit's output folder, or its URL on object "
+                                                             "storage (s3://…)")
+    _storage_options_arg(rp)
     rp.add_argument("--html", action="store_true",
                     help="also write OUTPUT_DIR/report.html (one self-contained page with plots; the PNGs under "
                          "OUTPUT_DIR/report/); needs the `report` extra (matplotlib)")
@@ -421,7 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("query", help="SQL (DuckDB) over the outputs: views samples, identities, embeddings, "
                                           "sample_scores, downloads")
-    q.add_argument("output_dir", metavar="OUTPUT_DIR", help="an audit's output folder")
+    q.add_argument("output_dir", metavar="OUTPUT_DIR", help="an audit's output folder, or its URL on object "
+                                                            "storage (s3://…; read through a local mirror)")
+    _storage_options_arg(q)
     q.add_argument("sql", metavar="SQL", help="one read-only statement (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE), "
                                               "e.g. \"SELECT * FROM identities ORDER BY idia_score DESC LIMIT 10\"")
     q.add_argument("--format", choices=["table", "csv", "json"], default="table",

@@ -16,7 +16,7 @@ from typing import Any
 from .data.storage import redact_text
 from .executors.base import MapResult
 from .executors.factory import make_executor
-from .io.outputs import OutputLayout, atomic_write_json
+from .io.outputs import OutputLayout, atomic_write_json, output_layout
 from .reduce import ReduceOptions, reduce_outputs
 from .spec import JobSpec, detect_device_type, sha256_file, spec_from_json
 
@@ -198,9 +198,23 @@ def _now() -> str:
 def run_job(spec: JobSpec, *, force: bool = False, progress: bool = True, spec_text: str | None = None) -> RunReport:
     """Run (or resume) an audit; the map step only touches shards without a valid marker."""
     spec = spec.pinned(detect_device_type(spec))  # every worker computes what the resume hash says
-    layout = OutputLayout(spec.output)
+    layout = output_layout(spec.output, spec.data.storage_options)
     with layout.lock() as lock:
-        return _run_locked(layout, spec, force, progress, spec_text, exclusive=lock.held)
+        if layout.remote is None:
+            return _run_locked(layout, spec, force, progress, spec_text, exclusive=lock.held)
+        fetched = layout.remote.pull()
+        if fetched:
+            log.info("output %s: %d file(s) fetched into the mirror %s", layout.remote.url, fetched, layout.root)
+        try:
+            report = _run_locked(layout, spec, force, progress, spec_text, exclusive=lock.held)
+        except BaseException:  # what this run wrote still goes to the store
+            try:
+                layout.remote.push()
+            except Exception as e:  # noqa: BLE001 — the run's own error is the one to report
+                log.warning("could not send this run's files to %s: %s", layout.remote.url, e)
+            raise
+        layout.remote.push()
+        return report
 
 
 def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool, spec_text: str | None,
@@ -216,11 +230,15 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
     atomic_write_json(layout.job_state, tmp_dir=layout.tmp_dir, obj={
         "map_hash": spec.map_hash(), "map_fingerprint": spec.map_fingerprint(), "spec": spec.public_json(),
     })
+    if layout.remote is not None:  # before any shard is mapped: a --force's removals and the job's state
+        layout.remote.push()
     shards = spec.shard_list()
     todo = [s for s in shards if not layout.is_done(s)]
     if len(todo) < len(shards):
         log.info("resume: %d of %d shards already done", len(shards) - len(todo), len(shards))
     result = make_executor(spec).run(spec, layout, todo, progress=progress)
+    if layout.remote is not None:
+        layout.remote.pull()  # parts and markers that map actors on other machines put on the store
     summary = summarize(layout, shards, result.failed)
     add_downloads(summary, layout, shards, spec.data.identity_field, spec.data.storage_options)
     summary["map_seconds_this_run"] = round(result.seconds, 3)

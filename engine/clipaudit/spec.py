@@ -215,9 +215,10 @@ class JobSpec(_Strict):
     compute: ComputeSpec = Field(default_factory=ComputeSpec)
     seed: int = Field(0, ge=0, lt=2**63, description="per-sample randomness and the reduce step's draws derive from it")
     store_embeddings: bool = Field(True, description="write image embeddings (biometric data) under embeddings/")
-    output: Path
+    output: Path | str = Field(description="output folder: a local path, or a URL on object storage (s3://, gs://, "
+                                           "…; written through a local mirror, see the README); a URL stays a str")
 
-    @field_validator("names", "labels", mode="before")
+    @field_validator("names", "labels", "output", mode="before")
     @classmethod
     def _names_path_or_url(cls, v: Any) -> Any:
         return Path(v) if isinstance(v, str) and not is_url(v) else v
@@ -254,6 +255,9 @@ class JobSpec(_Strict):
         return self
 
     # -- derived --------------------------------------------------------------
+    def output_is_remote(self) -> bool:
+        return isinstance(self.output, str)
+
     def shard_list(self) -> list[str]:
         return expand_shards(self.data.shards)
 

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import OTHER_EXECUTOR_TOL, assert_same_rows, write_tiny_job
+from helpers import (OTHER_EXECUTOR_TOL, assert_close, assert_same_rows, free_port, moto_s3_server, require_signed_requests,
+                     write_tiny_job)
 
 from clipaudit.cli import main
 from clipaudit.runner import run_job
@@ -28,17 +24,6 @@ from clipaudit.spec import SpecError, load_spec
 BUCKET, LOCKED = "audit-inputs", "locked-inputs"
 KEY_VAR, SECRET_VAR = "CLIPAUDIT_TEST_S3_KEY", "CLIPAUDIT_TEST_S3_SECRET"
 FILES = ["shards/00000.tar", "shards/00001.tar", "names.txt", "labels.csv", "controls.csv"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, body: bytes) -> None:
-    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "text/plain"})
-    urllib.request.urlopen(req, timeout=10).close()
 
 
 @pytest.fixture(scope="module")
@@ -53,20 +38,7 @@ def s3(tiny_model, tmp_path_factory):
     (root / "labels.csv").write_text("identity,member\nP0,true\nP1,true\nP2,false\nP3,false\n")
     (root / "controls.csv").write_text("shard,key\nshards/00001.tar,100000003\n")  # a P3 image, path relative
 
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not answer on {endpoint} (exit code {server.poll()})")
-                time.sleep(0.1)
+    with moto_s3_server() as endpoint:
         admin = {"endpoint_url": endpoint, "aws_access_key_id": "admin", "aws_secret_access_key": "admin",
                  "region_name": "us-east-1"}
         s3c, iam = boto3.client("s3", **admin), boto3.client("iam", **admin)
@@ -84,15 +56,8 @@ def s3(tiny_model, tmp_path_factory):
                 iam.put_user_policy(UserName=user, PolicyName="read", PolicyDocument=json.dumps(policy))
             key = iam.create_access_key(UserName=user)["AccessKey"]
             creds[user] = (key["AccessKeyId"], key["SecretAccessKey"])
-        _post(f"{endpoint}/moto-api/reset-auth", b"0")  # from here on every request must be signed and allowed
+        require_signed_requests(endpoint)
         yield {"endpoint": endpoint, "root": root, "creds": creds}
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 @pytest.fixture
@@ -142,22 +107,6 @@ def _local_job(tmp_path: Path, s3: dict) -> Path:
     return job
 
 
-def _assert_close(a, b, where: str = "") -> None:
-    """Equal, floats within 1e-12 (sums in another order), at any depth of lists and dicts."""
-    if isinstance(a, float) and isinstance(b, float):
-        assert a == pytest.approx(b, rel=1e-12, abs=1e-12, nan_ok=True), where
-    elif isinstance(a, dict) and isinstance(b, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_close(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list) and isinstance(b, list):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_close(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 def _same_file_name(a: str, b: str) -> bool:
     return a.rsplit("/", 1)[-1] == b.rsplit("/", 1)[-1]
 
@@ -174,9 +123,9 @@ def test_an_audit_on_s3_gives_the_rows_of_the_same_audit_on_local_files(s3, read
     ident, ident_ref = (pq.read_table(d / "identities.parquet").sort_by("identity").to_pydict() for d in (out, ref))
     assert ident.keys() == ident_ref.keys()
     for name, values in ident.items():  # means aggregated by DuckDB may differ in the last bit
-        _assert_close(values, ident_ref[name], name)
+        assert_close(values, ident_ref[name], name)
     # labels and controls were read from the bucket: the same metrics and calibration
-    _assert_close(json.loads((out / "metrics.json").read_text()), json.loads((ref / "metrics.json").read_text()))
+    assert_close(json.loads((out / "metrics.json").read_text()), json.loads((ref / "metrics.json").read_text()))
     calibration = json.loads((out / "calibration.json").read_text())
     assert calibration["controls"]["images"] == 1  # the relative shard path matched against the CSV's URL
     assert calibration["controls"]["images"] == json.loads((ref / "calibration.json").read_text())["controls"]["images"]
@@ -193,7 +142,7 @@ def test_an_audit_on_s3_gives_the_rows_of_the_same_audit_on_local_files(s3, read
     # saved ${VAR} references resolved from this environment
     (out / "metrics.json").unlink()
     assert main(["reduce", str(out)]) == 0
-    _assert_close(json.loads((out / "metrics.json").read_text()), json.loads((ref / "metrics.json").read_text()))
+    assert_close(json.loads((out / "metrics.json").read_text()), json.loads((ref / "metrics.json").read_text()))
 
 
 @pytest.mark.ray
@@ -284,7 +233,7 @@ def test_credentials_without_permission_say_so(s3, reader_env, tmp_path, monkeyp
 
 
 def test_a_dead_endpoint_fails_loudly(s3, reader_env, tmp_path, capsys):
-    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     options = {"endpoint_url": dead, "key": "${%s}" % KEY_VAR, "secret": "${%s}" % SECRET_VAR,
                "config_kwargs": {"retries": {"max_attempts": 1}}}
     job = _s3_job(tmp_path, s3, options=options)

@@ -115,17 +115,18 @@ def open_url(url: str, mode: str = "rb", options: Mapping[str, Any] | None = Non
     return fsspec.open(url, mode, **kwargs, **resolve_options(options))
 
 
-def describe_error(url: str, e: BaseException) -> str:
-    """What went wrong reading ``url``, in words: missing, refused, or unreachable."""
+def describe_error(url: str, e: BaseException, access: str = "read") -> str:
+    """What went wrong reading (or, ``access="write"``, writing) ``url``, in words: missing,
+    refused, or unreachable."""
     detail = f"{type(e).__name__}: {e}"
     if isinstance(e, FileNotFoundError):
         return f"object not found: {url}"
     if isinstance(e, PermissionError):
-        return (f"access denied to {url} (the credentials are wrong or lack read permission on the bucket; "
+        return (f"access denied to {url} (the credentials are wrong or lack {access} permission on the bucket; "
                 f"see data.storage_options): {detail}")
     if _is_connection_error(e):
         return f"cannot reach the storage endpoint for {url} (is endpoint_url right, is the service up?): {detail}"
-    return f"cannot read {url}: {detail}"
+    return f"cannot {access} {url}: {detail}"
 
 
 def _is_connection_error(e: BaseException) -> bool:

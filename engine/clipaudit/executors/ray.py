@@ -22,7 +22,7 @@ import time
 from collections import deque
 from typing import Any
 
-from ..io.outputs import OutputLayout
+from ..io.outputs import OutputLayout, output_layout
 from ..data.storage import resolve_options
 from ..spec import JobSpec
 from .base import MapResult, Progress, ShardFailure
@@ -41,12 +41,10 @@ class _MapWorker:
     """Ray actor body: one model per actor, one shard per call."""
 
     def __init__(self, spec_json: dict, output_root: str, shared: dict[str, Any], map_hash: str) -> None:
-        from pathlib import Path
-
         from ..map.mapper import ShardMapper
 
         spec = JobSpec.model_validate(spec_json)
-        self.mapper = ShardMapper(spec, OutputLayout(Path(output_root)), map_hash)
+        self.mapper = ShardMapper(spec, _layout(spec, output_root), map_hash)
         self.mapper.setup(shared)
 
     def map_shard(self, shard: str) -> dict:
@@ -56,13 +54,20 @@ class _MapWorker:
         return os.getpid()
 
 
-def _compute_shared(spec_json: dict, output_root: str, map_hash: str) -> dict[str, Any]:
+def _layout(spec: JobSpec, output_root: str) -> OutputLayout:
+    """The driver's output folder, or on object storage this node's mirror of it."""
     from pathlib import Path
 
+    if spec.output_is_remote():
+        return output_layout(str(spec.output), spec.data.storage_options)
+    return OutputLayout(Path(output_root))
+
+
+def _compute_shared(spec_json: dict, output_root: str, map_hash: str) -> dict[str, Any]:
     from ..map.mapper import ShardMapper
 
     spec = JobSpec.model_validate(spec_json)
-    layout = OutputLayout(Path(output_root))
+    layout = _layout(spec, output_root)
     mapper = ShardMapper(spec, layout, map_hash)
     try:
         return load_or_compute_shared(layout, spec, mapper.compute_shared, map_hash)
@@ -207,9 +212,13 @@ class RayExecutor:
         spec_json["data"]["storage_options"] = resolve_options(spec.data.storage_options)
         map_hash = spec.map_hash()  # hashed here once (name pool, weights), not by every actor
         root = str(layout.root.resolve())
+        placement = dict(resources)
+        if layout.remote is not None and os.environ.get("CLIPAUDIT_MIRROR_DIR"):
+            # the actors stage the parts they put on the store where the driver was told to
+            placement["runtime_env"] = {"env_vars": {"CLIPAUDIT_MIRROR_DIR": os.environ["CLIPAUDIT_MIRROR_DIR"]}}
         # wait (bounded) until a worker of this shape can be placed at all, then (unbounded)
         # for the shared state, whose cost grows with the name pool
-        probe = ray.remote(_placement_probe).options(**resources).remote()
+        probe = ray.remote(_placement_probe).options(**placement).remote()
         try:
             ray.get(probe, timeout=spec.compute.actor_start_timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -218,10 +227,10 @@ class RayExecutor:
                           f"no worker with {resources} started within {spec.compute.actor_start_timeout_s:.0f} s "
                           f"(cluster resources: {ray.cluster_resources()})")
             return
-        shared = ray.remote(_compute_shared).options(**resources, max_retries=spec.compute.max_retries)
+        shared = ray.remote(_compute_shared).options(**placement, max_retries=spec.compute.max_retries)
         shared_ref = shared.remote(spec_json, root, map_hash)
         ray.get(shared_ref)  # fail early (e.g. a model that cannot load) before starting the pool
-        actor_cls = ray.remote(_MapWorker).options(**resources, max_restarts=0, max_task_retries=0)
+        actor_cls = ray.remote(_MapWorker).options(**placement, max_restarts=0, max_task_retries=0)
         pool = _ActorPool(ray, lambda: actor_cls.remote(spec_json, root, shared_ref, map_hash), n_workers,
                           max_start_failures=n_workers * (spec.compute.max_retries + 1))
         log.info("map: %d shards on %d actors (%s)", len(shards), n_workers, resources)

@@ -20,14 +20,18 @@ import platform
 import re
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+if TYPE_CHECKING:
+    from .remote_output import RemoteOutput
+
 log = logging.getLogger(__name__)
+
 
 def part_name(shard: str) -> str:
     """A stable, file-system-safe part name for a shard path."""
@@ -124,9 +128,18 @@ class PartWriter:
 
 @dataclass(frozen=True)
 class OutputLayout:
-    """Where everything lives under the job's output folder."""
+    """Where everything lives under the job's output folder. For an output on object storage,
+    ``root`` is its local mirror and ``remote`` the store (see :mod:`.remote_output`)."""
 
     root: Path
+    remote: "RemoteOutput | None" = field(default=None, compare=False)
+
+    def publish(self, *paths: Path) -> None:
+        """On object storage: PUT these finished files, in this order (parts before their
+        marker); a local folder already holds them."""
+        if self.remote is not None:
+            for p in paths:
+                self.remote.put(p)
 
     @property
     def samples_dir(self) -> Path:
@@ -260,6 +273,9 @@ class OutputLayout:
         return n
 
     def lock(self) -> "OutputLock":
+        if self.remote is not None:
+            log.warning("output on object storage (%s): the lock covers this machine only; make sure no other "
+                        "machine runs or reduces this audit at the same time", self.remote.url)
         return OutputLock(self.root / ".clipaudit.lock")
 
     def clear_map_outputs(self) -> None:
@@ -269,6 +285,19 @@ class OutputLayout:
             shutil.rmtree(d, ignore_errors=True)
         for f in (self.identities, self.metrics, self.roc, self.calibration, self.summary, self.job_state):
             f.unlink(missing_ok=True)
+
+
+def output_layout(output: Path | str, storage_options: Mapping[str, Any] | None = None) -> OutputLayout:
+    """The layout of a local output folder, or of an output URL (s3://, gs://, …) through its
+    local mirror (not synced here: call ``layout.remote.pull()``)."""
+    from ..data.shards import is_url
+
+    if isinstance(output, str) and is_url(output):
+        from .remote_output import RemoteOutput
+
+        remote = RemoteOutput.for_url(output, storage_options)
+        return OutputLayout(remote.mirror, remote)
+    return OutputLayout(Path(str(output).removeprefix("file://")))
 
 
 class OutputBusy(RuntimeError):

@@ -248,8 +248,10 @@ class ShardMapper:
         stats.ok = counts.pop("ok", 0)
         stats.errors = dict(sorted(counts.items()))
         stats.warnings = dict(sorted(warnings.items()))
+        self.layout.publish(part.path, *([emb_part.path] if emb_part is not None else []))
         stats.seconds = time.perf_counter() - t0
         atomic_write_json(self.layout.marker(shard), stats.to_dict(), tmp)  # last: vouches for the parts
+        self.layout.publish(self.layout.marker(shard))
         return stats
 
     def close(self) -> None:
