@@ -10,6 +10,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# gcsfs >= 2026 asks a bucket's layout over gRPC first, which a local GCS emulator cannot answer
+# (a 60 s timeout per call, not cached): the tests' gs:// uses gcsfs's plain JSON-API file system
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import pytest  # noqa: E402
 

@@ -306,3 +306,95 @@ def assert_close(a: Any, b: Any, where: str = "") -> None:
             assert_close(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
+
+
+class range_http_server:
+    """``with range_http_server(folder) as base_url``: a static HTTP server for ``folder`` on
+    127.0.0.1 that answers ``Range: bytes=a-b`` requests (206), as object stores and CDNs do —
+    fsspec reads an http(s):// file with random access through them."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __enter__(self) -> str:
+        import functools
+        import threading
+        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(SimpleHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # quiet
+                pass
+
+            def send_head(self):  # type: ignore[override]
+                rng = self.headers.get("Range")
+                path = Path(self.translate_path(self.path))
+                if not rng or not path.is_file():
+                    return super().send_head()
+                size = path.stat().st_size
+                first, _, last = rng.removeprefix("bytes=").partition("-")
+                start = int(first) if first else max(0, size - int(last))
+                end = min(int(last), size - 1) if first and last else size - 1
+                if start >= size:
+                    self.send_error(416)
+                    return None
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    data = f.read(end - start + 1)
+                self.send_response(206)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+                self.send_header("Content-Length", str(end - start + 1))
+                self.end_headers()
+                return io.BytesIO(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0),
+                                          functools.partial(Handler, directory=str(self.folder)))
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class gcs_emulator:
+    """``with gcs_emulator("bucket") as endpoint``: gcp-storage-emulator (Google Cloud Storage's
+    JSON API, in memory) on 127.0.0.1 at a free port with ``bucket`` created, stopped on exit."""
+
+    def __init__(self, bucket: str) -> None:
+        self.bucket = bucket
+
+    def __enter__(self) -> str:
+        import shutil
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        port = free_port()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        exe = shutil.which("gcp-storage-emulator") or str(Path(sys.executable).parent / "gcp-storage-emulator")
+        self.server = subprocess.Popen([exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",
+                                        "--default-bucket", self.bucket],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/storage/v1/b/{self.bucket}", timeout=2).close()
+                return self.endpoint
+            except OSError:
+                if self.server.poll() is not None or time.monotonic() > deadline:
+                    self.__exit__()
+                    raise RuntimeError(f"gcp-storage-emulator did not answer on {self.endpoint}")
+                time.sleep(0.1)
+
+    def __exit__(self, *exc: object) -> None:
+        import subprocess
+
+        self.server.terminate()
+        try:
+            self.server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.server.kill()
+            self.server.wait()

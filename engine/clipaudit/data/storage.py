@@ -1,9 +1,10 @@
 """Object storage through fsspec: the job's ``data.storage_options``, opening URLs with them,
 and checking remote inputs before a run.
 
-``data.storage_options`` is a mapping passed to fsspec for every URL the job reads (shards,
-names, labels, controls, img2dataset status files), e.g. ``{endpoint_url: …, key: …, secret: …}``
-for s3fs. A string value may hold ``${VAR}`` references, replaced by the environment variable's
+``data.storage_options`` is a mapping passed to fsspec for every URL the job reads or writes
+(shards, names, labels, controls, img2dataset status files, an output on object storage), e.g.
+``{endpoint_url: …, key: …, secret: …}`` for s3fs, or one such mapping per protocol
+(``{s3: {…}, gs: {…}}``, see :func:`options_for`). A string value may hold ``${VAR}`` references, replaced by the environment variable's
 value in the process that opens the URL (the Ray executor resolves them on the driver and hands
 the values to its actors), so secrets need not sit in the job file. Files the spec
 is written into (``_job.json``, ``manifest.json``) hold :func:`redact_options`'s copy: a value
@@ -99,20 +100,53 @@ def resolve_options(options: Mapping[str, Any] | None, environ: Mapping[str, str
     return out
 
 
+def _filesystem_class(name: str):
+    import fsspec
+
+    try:
+        return fsspec.get_filesystem_class(name)
+    except (ImportError, ValueError):
+        return None
+
+
+def _by_protocol(options: Mapping[str, Any]) -> bool:
+    import fsspec
+
+    known = set(fsspec.available_protocols())
+    return bool(options) and all(k in known and isinstance(v, Mapping) for k, v in options.items())
+
+
+def options_for(url: str, options: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The storage options that apply to ``url``: the whole mapping, or, where every key is an
+    fsspec protocol with a mapping under it (the shape of fsspec's own config files, e.g.
+    ``{s3: {endpoint_url: …}, gs: {token: …}}``), the entry of the URL's protocol or of another
+    name of the same file system (``gcs`` for ``gs://``), else none."""
+    if not options or not _by_protocol(options):
+        return options or {}
+    proto = protocol(url)
+    if proto in options:
+        return options[proto]
+    cls = _filesystem_class(proto)
+    for key, value in options.items():
+        if cls is not None and _filesystem_class(key) is cls:
+            return value
+    return {}
+
+
 def url_to_fs(url: str, options: Mapping[str, Any] | None = None):
-    """(file system, path) for ``url`` with the job's storage options (backend checked first)."""
+    """(file system, path) for ``url`` with the job's storage options for it (backend checked first)."""
     import fsspec
 
     check_backend(url)
-    return fsspec.core.url_to_fs(url, **resolve_options(options))
+    return fsspec.core.url_to_fs(url, **resolve_options(options_for(url, options)))
 
 
 def open_url(url: str, mode: str = "rb", options: Mapping[str, Any] | None = None, **kwargs: Any):
-    """``fsspec.open`` of ``url`` with the job's storage options (use as a context manager)."""
+    """``fsspec.open`` of ``url`` with the job's storage options for it (use as a context manager)."""
     import fsspec
 
     check_backend(url)
-    return fsspec.open(url, mode, **kwargs, **resolve_options(options))
+    return fsspec.open(url, mode, **kwargs, **resolve_options(options_for(url, options)))
 
 
 def describe_error(url: str, e: BaseException, access: str = "read") -> str:
