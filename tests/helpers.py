@@ -244,30 +244,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class moto_s3_server:
-    """``with moto_s3_server() as endpoint``: moto's S3 server (a real S3 protocol) on
-    127.0.0.1 at a free port, stopped on exit. Authentication is off until
-    :func:`require_signed_requests`."""
+class _local_server:
+    """A server process on 127.0.0.1 at a free port: ``with`` starts it and waits (≤ 60 s) until
+    ``probe`` answers, then yields its base URL; leaving the block stops it."""
+
+    what = "server"
+
+    def command(self, port: int) -> list[str]:
+        raise NotImplementedError
+
+    def probe(self, endpoint: str) -> str:
+        return endpoint
 
     def __enter__(self) -> str:
         import subprocess
-        import sys
         import time
         import urllib.request
 
-        self.endpoint = f"http://127.0.0.1:{free_port()}"
-        port = self.endpoint.rsplit(":", 1)[1]
-        self.server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port = free_port()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.server = subprocess.Popen(self.command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while True:
             try:
-                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2).close()
+                urllib.request.urlopen(self.probe(self.endpoint), timeout=2).close()
                 return self.endpoint
             except OSError:
                 if self.server.poll() is not None or time.monotonic() > deadline:
                     self.__exit__()
-                    raise RuntimeError(f"moto_server did not answer on {self.endpoint} (exit {self.server.poll()})")
+                    raise RuntimeError(f"{self.what} did not answer on {self.endpoint} (exit {self.server.poll()})")
                 time.sleep(0.1)
 
     def __exit__(self, *exc: object) -> None:
@@ -279,6 +284,21 @@ class moto_s3_server:
         except subprocess.TimeoutExpired:
             self.server.kill()
             self.server.wait()
+
+
+class moto_s3_server(_local_server):
+    """``with moto_s3_server() as endpoint``: moto's S3 server (a real S3 protocol).
+    Authentication is off until :func:`require_signed_requests`."""
+
+    what = "moto_server"
+
+    def command(self, port: int) -> list[str]:
+        import sys
+
+        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+
+    def probe(self, endpoint: str) -> str:
+        return f"{endpoint}/moto-api/"
 
 
 def require_signed_requests(endpoint: str) -> None:
@@ -358,43 +378,21 @@ class range_http_server:
         self.server.server_close()
 
 
-class gcs_emulator:
+class gcs_emulator(_local_server):
     """``with gcs_emulator("bucket") as endpoint``: gcp-storage-emulator (Google Cloud Storage's
-    JSON API, in memory) on 127.0.0.1 at a free port with ``bucket`` created, stopped on exit."""
+    JSON API, in memory) with ``bucket`` created."""
+
+    what = "gcp-storage-emulator"
 
     def __init__(self, bucket: str) -> None:
         self.bucket = bucket
 
-    def __enter__(self) -> str:
+    def command(self, port: int) -> list[str]:
         import shutil
-        import subprocess
         import sys
-        import time
-        import urllib.request
 
-        port = free_port()
-        self.endpoint = f"http://127.0.0.1:{port}"
         exe = shutil.which("gcp-storage-emulator") or str(Path(sys.executable).parent / "gcp-storage-emulator")
-        self.server = subprocess.Popen([exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",
-                                        "--default-bucket", self.bucket],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.endpoint}/storage/v1/b/{self.bucket}", timeout=2).close()
-                return self.endpoint
-            except OSError:
-                if self.server.poll() is not None or time.monotonic() > deadline:
-                    self.__exit__()
-                    raise RuntimeError(f"gcp-storage-emulator did not answer on {self.endpoint}")
-                time.sleep(0.1)
+        return [exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket", self.bucket]
 
-    def __exit__(self, *exc: object) -> None:
-        import subprocess
-
-        self.server.terminate()
-        try:
-            self.server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.server.kill()
-            self.server.wait()
+    def probe(self, endpoint: str) -> str:
+        return f"{endpoint}/storage/v1/b/{self.bucket}"
