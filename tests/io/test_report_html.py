@@ -146,6 +146,35 @@ def test_without_a_sweep_there_is_no_sweep_plot(audit, tmp_path):
     assert any(p.stem == "roc-idia" for p in plots)
 
 
+def _histogram_captions(html: str) -> list[str]:
+    return re.findall(r"<figcaption>(Score histograms.*?)</figcaption>", html)
+
+
+def test_image_labels_are_read_from_a_labels_url_too(audit, tmp_path):
+    """The histograms split by image labels alike whether the job's labels file is local or on
+    object storage (here fsspec's in-memory store), and fall back to identity labels when it is gone."""
+    import fsspec
+
+    from clipaudit.io.report_html import build_html
+
+    local_html, _ = build_html(audit)
+    captions = _histogram_captions(local_html)
+    assert captions and all("image labels of the job" in c for c in captions
+                            if "per image" in c)
+    moved = tmp_path / "moved"
+    shutil.copytree(audit, moved)
+    url = f"memory://report-labels/{tmp_path.name}/labels.csv"
+    fsspec.filesystem("memory").pipe_file(url, (audit.parent / "labels.csv").read_bytes())
+    state = json.loads((moved / "_job.json").read_text())
+    state["spec"]["labels"] = url
+    (moved / "_job.json").write_text(json.dumps(state))
+    html, _ = build_html(moved)
+    assert _histogram_captions(html) == captions
+    fsspec.filesystem("memory").rm_file(url)
+    html, _ = build_html(moved)
+    assert any("each labelled as its identity" in c for c in _histogram_captions(html))
+
+
 def test_provenance_shows_the_manifest_values(audit, page):
     manifest = json.loads((audit / "manifest.json").read_text())
     model = manifest["model"]

@@ -90,18 +90,21 @@ def _columns(con, view: str) -> list[str]:
 def _image_labels(layout: OutputLayout, con) -> dict[tuple[str, str], bool]:
     """Image rows of the job's labels file, keyed by the audited shard and key; empty when the
     file is gone or has none (the output folder stores no per-image label)."""
+    from ..data.shards import is_url
     from ..reduce.labels import LabelsError, ShardMatcher, read_labels
 
     try:
-        path = json.loads(layout.job_state.read_text())["spec"].get("labels")
+        spec = json.loads(layout.job_state.read_text())["spec"]
+        path = spec.get("labels")
     except (OSError, ValueError, KeyError):
         return {}
-    if not path or not Path(path).is_file():
+    if not path or not (is_url(path) or Path(path).is_file()):
         return {}
     shards = [r[0] for r in con.execute("SELECT DISTINCT shard FROM samples").fetchall()]
-    try:
-        return read_labels(Path(path)).matched(ShardMatcher(shards)).images
-    except LabelsError:
+    try:  # a URL is read with the job's storage options (saved with ${VAR} references, resolved here)
+        labels = read_labels(path if is_url(path) else Path(path), (spec.get("data") or {}).get("storage_options"))
+        return labels.matched(ShardMatcher(shards)).images
+    except (LabelsError, OSError):  # gone, unreachable or no longer readable: identity labels only
         return {}
 
 
