@@ -111,3 +111,13 @@ def test_storage_options_per_protocol_or_for_every_url():
     assert options_for("gs://b/k", per) == per["gcs"]  # gs and gcs name the same file system
     assert options_for("https://h/k", per) == {}
     assert options_for("s3://b/k", None) == {}
+
+
+def test_an_unset_variable_in_one_protocols_options_names_its_place(monkeypatch):
+    from clipaudit.data.storage import StorageError, url_to_fs
+
+    monkeypatch.delenv("CLIPAUDIT_TEST_UNSET", raising=False)
+    per = {"s3": {"key": "${CLIPAUDIT_TEST_UNSET}"}, "memory": {}}
+    with pytest.raises(StorageError, match=r"^data.storage_options.s3.key: environment variable CLIPAUDIT_TEST_UNSET"):
+        url_to_fs("s3://b/k", per)
+    assert url_to_fs("memory://b/k", per)[1] == "/b/k"  # the other protocol's entry is not read

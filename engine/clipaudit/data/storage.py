@@ -116,21 +116,32 @@ def _by_protocol(options: Mapping[str, Any]) -> bool:
     return bool(options) and all(k in known and isinstance(v, Mapping) for k, v in options.items())
 
 
+def _entry_for(url: str, options: Mapping[str, Any] | None) -> tuple[Mapping[str, Any], str]:
+    """(options for ``url``, where they sit in the spec), see :func:`options_for`."""
+    where = "data.storage_options"
+    if not options or not _by_protocol(options):
+        return options or {}, where
+    proto = protocol(url)
+    if proto in options:
+        return options[proto], f"{where}.{proto}"
+    cls = _filesystem_class(proto)
+    for key, value in options.items():
+        if cls is not None and _filesystem_class(key) is cls:
+            return value, f"{where}.{key}"
+    return {}, where
+
+
 def options_for(url: str, options: Mapping[str, Any] | None) -> Mapping[str, Any]:
     """The storage options that apply to ``url``: the whole mapping, or, where every key is an
     fsspec protocol with a mapping under it (the shape of fsspec's own config files, e.g.
     ``{s3: {endpoint_url: …}, gs: {token: …}}``), the entry of the URL's protocol or of another
     name of the same file system (``gcs`` for ``gs://``), else none."""
-    if not options or not _by_protocol(options):
-        return options or {}
-    proto = protocol(url)
-    if proto in options:
-        return options[proto]
-    cls = _filesystem_class(proto)
-    for key, value in options.items():
-        if cls is not None and _filesystem_class(key) is cls:
-            return value
-    return {}
+    return _entry_for(url, options)[0]
+
+
+def _resolved_for(url: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    entry, where = _entry_for(url, options)
+    return resolve_options(entry, where=where)
 
 
 def url_to_fs(url: str, options: Mapping[str, Any] | None = None):
@@ -138,7 +149,7 @@ def url_to_fs(url: str, options: Mapping[str, Any] | None = None):
     import fsspec
 
     check_backend(url)
-    return fsspec.core.url_to_fs(url, **resolve_options(options_for(url, options)))
+    return fsspec.core.url_to_fs(url, **_resolved_for(url, options))
 
 
 def open_url(url: str, mode: str = "rb", options: Mapping[str, Any] | None = None, **kwargs: Any):
@@ -146,7 +157,7 @@ def open_url(url: str, mode: str = "rb", options: Mapping[str, Any] | None = Non
     import fsspec
 
     check_backend(url)
-    return fsspec.open(url, mode, **kwargs, **resolve_options(options_for(url, options)))
+    return fsspec.open(url, mode, **kwargs, **_resolved_for(url, options))
 
 
 def describe_error(url: str, e: BaseException, access: str = "read") -> str:
