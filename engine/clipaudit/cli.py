@@ -17,6 +17,8 @@ from typing import Sequence
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_BAD_INPUT = 0, 1, 2
 
 
+log = logging.getLogger(__name__)
+
 class UserError(Exception):
     """Printed as ``error: <message>`` with exit code 2."""
 
@@ -48,9 +50,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             OutputBusy, MissingExtra, NeighboursError, IngestError, FileNotFoundError, StorageError)
 
 
-def _open_output(output_dir: str, storage_options: str | None):
-    """The layout of a local output folder, or of an output URL (s3://, gs://, …) after bringing
-    its local mirror up to date with the store."""
+def _open_output(output_dir: str, storage_options: str | None, pull: bool = True):
+    """The layout of a local output folder, or of an output URL (s3://, gs://, …) with its local
+    mirror brought up to date with the store (under the mirror's lock) unless ``pull`` is False
+    (then call :func:`_pull` while holding it)."""
     from .data.shards import is_url
     from .io.outputs import output_layout
 
@@ -67,9 +70,20 @@ def _open_output(output_dir: str, storage_options: str | None):
         if not isinstance(options, dict):
             raise UserError('--storage-options: a JSON object, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
     layout = output_layout(output_dir, options)
-    fetched = layout.remote.pull()
-    print(f"{output_dir}: mirror {layout.root} up to date ({fetched} file(s) fetched)", file=sys.stderr)
+    if pull:
+        with layout.lock():
+            _pull(layout)
     return layout
+
+
+def _pull(layout) -> None:
+    """Bring an output URL's mirror up to date (hold ``layout.lock()``); an empty store is an error."""
+    if layout.remote is None:
+        return
+    fetched = layout.remote.pull()
+    if not (layout.summary.is_file() or layout.job_state.is_file()):
+        raise UserError(f"{layout.remote.url} holds no audit (no _SUMMARY.json or _job.json there)")
+    print(f"{layout.remote.url}: mirror {layout.root} up to date ({fetched} file(s) fetched)", file=sys.stderr)
 
 
 def _unwrap(e: BaseException) -> BaseException:
@@ -174,12 +188,18 @@ def _reduce_overrides(opts, settings: list[str]):
 
 
 def cmd_reduce(args: argparse.Namespace) -> int:
+    layout = _open_output(args.output_dir, args.storage_options, pull=False)
+    with layout.lock():  # the pull, the reduce step and the push: nothing else rewrites the mirror meanwhile
+        _pull(layout)
+        return _reduce_locked(args, layout)
+
+
+def _reduce_locked(args: argparse.Namespace, layout) -> int:
     from dataclasses import replace
 
     from .reduce import reduce_outputs
     from .runner import reduce_options, saved_spec
 
-    layout = _open_output(args.output_dir, args.storage_options)
     opts = reduce_options(saved_spec(layout))
     settings = list(args.set or [])
     if args.tau is not None:
@@ -214,10 +234,13 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         except ValueError:
             raise UserError(f"--memory-limit {args.memory_limit!r}: a size such as 512MB or 4GB") from None
         opts = replace(opts, memory_limit=args.memory_limit)
-    with layout.lock():
-        result = reduce_outputs(layout, opts)
-        if layout.remote is not None:
-            layout.remote.push()
+    if layout.remote is not None:
+        from .io.outputs import REMOTE_LOCK_WARNING
+
+        log.warning(REMOTE_LOCK_WARNING, layout.remote.url)
+    result = reduce_outputs(layout, opts)
+    if layout.remote is not None:
+        layout.remote.push()
     where = "" if layout.remote is None else f" (and to {layout.remote.url})"
     print("wrote " + ", ".join(str(p) for p in result.written) + where)
     from .io.report import calibration_lines, metrics_table
@@ -236,16 +259,22 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.thumbnails and not args.html:
         raise UserError("--thumbnails goes with --html (the photos are part of the HTML page)")
-    layout = _open_output(args.output_dir, args.storage_options)
+    layout = _open_output(args.output_dir, args.storage_options, pull=args.html is False)
+    if args.html and layout.remote is not None:
+        with layout.lock():  # the page goes back to the store: pull, write and push in one hold
+            _pull(layout)
+            report_folder(layout.root)
+            from .io.report_html import write_html
+
+            page = write_html(layout.root, args.thumbnails)
+            layout.remote.push()
+        print(f"html report: {page} (and {layout.remote.url}/{page.name})")
+        return EXIT_OK
     report_folder(layout.root)
     if args.html:
         from .io.report_html import write_html
 
-        page = write_html(layout.root, args.thumbnails)
-        if layout.remote is not None:
-            with layout.lock():
-                layout.remote.push()
-        print(f"html report: {page}" + ("" if layout.remote is None else f" (and {layout.remote.url}/{page.name})"))
+        print(f"html report: {write_html(layout.root, args.thumbnails)}")
     return EXIT_OK
 
 

@@ -82,8 +82,9 @@ class DataSpec(_Strict):
         "attacks that cut views from the original image get it shrunk to at most this longest side "
         "(bounds memory and time; the papers' crops come from the original, not the model's centre crop)"))
     storage_options: dict[str, Any] = Field(default_factory=dict, description=(
-        "passed to fsspec for every URL the job reads (shards, names, labels, controls), e.g. "
-        "{endpoint_url: ..., key: '${AWS_ACCESS_KEY_ID}', secret: '${AWS_SECRET_ACCESS_KEY}'} for s3://; "
+        "passed to fsspec for every URL the job reads or writes (shards, names, labels, controls, an output on "
+        "object storage), e.g. {endpoint_url: ..., key: '${AWS_ACCESS_KEY_ID}', secret: '${AWS_SECRET_ACCESS_KEY}'} "
+        "for s3://, or one such mapping per protocol ({s3: {...}, gs: {...}}); "
         "${VAR} is read from the environment (the driver's, for Ray actors); not in the resume hash; "
         "secret-like values are written out as ***"))
 
@@ -97,6 +98,9 @@ class DataSpec(_Strict):
                 elif not (x is None or isinstance(x, (str, int, float, bool, list))):
                     raise ValueError(f"{where}.{k}: expected a string, number, boolean, list or mapping")
         check(v, "storage_options")
+        from .data.storage import check_options_shape
+
+        check_options_shape(v)
         return v
 
 

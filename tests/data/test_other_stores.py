@@ -111,6 +111,21 @@ def test_storage_options_per_protocol_or_for_every_url():
     assert options_for("gs://b/k", per) == per["gcs"]  # gs and gcs name the same file system
     assert options_for("https://h/k", per) == {}
     assert options_for("s3://b/k", None) == {}
+    assert options_for("s3://b/k", {"S3": {"anon": True}, "gs": None}) == {"anon": True}
+    assert options_for("gs://b/k", {"S3": {"anon": True}, "gs": None}) == {}
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"s3": {"anon": True}, "anon": True}, "here the protocols ['s3'] sit beside ['anon']"),
+    ({"s3": "anon"}, "storage_options.s3: the options of one protocol, a mapping"),
+])
+def test_storage_options_that_mix_the_two_shapes_are_a_spec_error(stores, tmp_path, options, message):
+    job = _job(stores, tmp_path)
+    body = json.loads(job.read_text())
+    body["data"]["storage_options"] = options
+    job.write_text(json.dumps(body))
+    with pytest.raises(SpecError, match=re.escape(message)):
+        load_spec(job)
 
 
 def test_an_unset_variable_in_one_protocols_options_names_its_place(monkeypatch):

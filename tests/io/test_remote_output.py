@@ -67,23 +67,48 @@ def test_push_sends_changes_once_and_keeps_temp_files_local(memory_output, monke
     assert _store_files(fs, remote) == {"_markers/a.done.json": b"{}", "manifest.json": b'{"ended": 1}'}
 
 
-def test_pull_follows_the_store_and_adopts_what_an_actor_put(memory_output, tmp_path):
+def test_pull_makes_the_mirror_hold_what_the_store_holds(memory_output, tmp_path):
     remote, fs = memory_output
     root = remote.url.removeprefix("memory:/")
+    m = remote.mirror
     fs.pipe_file(f"{root}/samples/a.parquet", b"part a")
     fs.pipe_file(f"{root}/_markers/a.done.json", b'{"rows": 1}')
+    fs.pipe_file(f"{root}/samples/c.parquet", b"part c")  # put by an actor killed before its marker
+    _write(m / "samples/old.parquet", "another run's part")  # leftovers no sync knows of
+    _write(m / "_markers/old.done.json", "{}")
+    _write(m / "samples/c.parquet", "a stale copy of c")
     assert remote.pull() == 2
-    assert (remote.mirror / "samples/a.parquet").read_bytes() == b"part a"
-    # a map actor on this machine wrote a part into the mirror and put it on the store
-    _write(remote.mirror / "samples/b.parquet", "part b")
-    remote.put(remote.mirror / "samples/b.parquet")
-    fs.pipe_file(f"{root}/_markers/a.done.json", b'{"rows": 12}')  # changed on the store
+    assert (m / "samples/a.parquet").read_bytes() == b"part a"
+    assert not (m / "samples/c.parquet").exists()  # no marker: not part of the audit
+    assert not (m / "samples/old.parquet").exists() and not (m / "_markers/old.done.json").exists()
+    assert remote.pull() == 0  # nothing changed
+    fs.pipe_file(f"{root}/_markers/a.done.json", b'{"rows": 2}')  # changed on the store, same size
     fs.rm_file(f"{root}/samples/a.parquet")  # removed on the store (another machine's --force)
-    assert remote.pull() == 1  # only the changed marker is downloaded
-    assert (remote.mirror / "_markers/a.done.json").read_bytes() == b'{"rows": 12}'
-    assert not (remote.mirror / "samples/a.parquet").exists()
-    assert set(json.loads((remote.mirror / INDEX_NAME).read_text())) == {"_markers/a.done.json", "samples/b.parquet"}
-    assert remote.push() == 0  # b was adopted, not sent again
+    assert remote.pull() == 1
+    assert (m / "_markers/a.done.json").read_bytes() == b'{"rows": 2}'
+    assert not (m / "samples/a.parquet").exists()
+    assert set(json.loads((m / INDEX_NAME).read_text())) == {"_markers/a.done.json"}
+    # a file an actor wrote here and put: this store gives no MD5 to prove it is the same, so it is
+    # downloaded again (S3 and GCS give one: see the S3 test below, where nothing is fetched twice)
+    _write(m / "samples/b.parquet", "part b")
+    remote.put(m / "samples/b.parquet")
+    fs.pipe_file(f"{root}/_markers/b.done.json", b"{}")
+    assert remote.pull() == 2 and (m / "samples/b.parquet").read_bytes() == b"part b"
+    assert remote.push() == 0
+
+
+def test_push_sends_no_part_without_its_marker(memory_output, caplog):
+    remote, fs = memory_output
+    _write(remote.mirror / "samples/a.parquet", "part a")
+    _write(remote.mirror / "embeddings/a.parquet", "embeddings a")
+    _write(remote.mirror / "downloads/a.parquet", "img2dataset's status rows")  # not a shard's data part
+    assert remote.push() == 1
+    assert set(_store_files(fs, remote)) == {"downloads/a.parquet"}
+    assert "not sending samples/a.parquet" in caplog.text
+    _write(remote.mirror / "_markers/a.done.json", "{}")
+    assert remote.push() == 3
+    assert set(_store_files(fs, remote)) == {"downloads/a.parquet", "samples/a.parquet", "embeddings/a.parquet",
+                                             "_markers/a.done.json"}
 
 
 def test_two_urls_get_two_mirrors_and_a_url_one_mirror(tmp_path):
@@ -180,8 +205,15 @@ def test_an_audit_written_to_s3_holds_the_local_audit_and_resumes_from_another_m
     import pandas as pd
 
     url = f"s3://{BUCKET}/first"
+    fetched: list[int] = []
+    real_pull = RemoteOutput.pull
+    monkeypatch.setattr(RemoteOutput, "pull", lambda self: fetched.append(real_pull(self)) or fetched[-1])
     remote = run_job(load_spec(_job(store, tmp_path, url)), progress=False)
     assert remote.ok and remote.summary["rows"] == 24
+    # the parts the mapper put are known by their MD5 (S3's ETag): never downloaded, never sent twice
+    assert fetched == [0, 0]
+    assert RemoteOutput.for_url(url).push() == 0
+    monkeypatch.setattr(RemoteOutput, "pull", real_pull)
     assert _keys(store, "first") == _local_files(local_out)  # every output file, nothing else
     assert not any(k.startswith(("_tmp/", "_cache/")) or ".tmp-" in k for k in _keys(store, "first"))
 
@@ -212,13 +244,13 @@ def test_parts_go_up_before_their_marker_and_a_failed_upload_is_retried(store, w
     real_put = RemoteOutput.put
     failed = []
 
-    def put(self, local: Path) -> None:
-        rel = local.relative_to(self.mirror).as_posix()
+    def put(self, local: Path, final: Path | None = None) -> None:
+        rel = (final or local).relative_to(self.mirror).as_posix()
         if rel.startswith("samples/") and not failed:  # the first part upload: a dropped connection
             failed.append(rel)
             raise StorageError(f"output upload of {rel}: connection reset")
         puts.append(rel)
-        real_put(self, local)
+        real_put(self, local, final)
 
     monkeypatch.setattr(RemoteOutput, "put", put)
     report = run_job(load_spec(_job(store, tmp_path, url)), progress=False)
@@ -230,6 +262,31 @@ def test_parts_go_up_before_their_marker_and_a_failed_upload_is_retried(store, w
         stem = puts[i].removeprefix("_markers/").removesuffix(".done.json")
         assert puts.index(f"samples/{stem}.parquet") < i and puts.index(f"embeddings/{stem}.parquet") < i
     assert puts[-1] == "manifest.json"
+
+
+def test_a_shard_whose_marker_cannot_be_uploaded_leaves_no_part_anywhere(store, writer, tmp_path, monkeypatch):
+    url = f"s3://{BUCKET}/marker-fails"
+    real_put = RemoteOutput.put
+    bad = []
+
+    def put(self, local: Path, final: Path | None = None) -> None:
+        rel = (final or local).relative_to(self.mirror).as_posix()
+        if rel.startswith("_markers/00001-"):  # every attempt: the parts go up, the marker does not
+            bad.append(rel)
+            raise StorageError(f"output upload of {rel}: connection reset")
+        real_put(self, local, final)
+
+    monkeypatch.setattr(RemoteOutput, "put", put)
+    report = run_job(load_spec(_job(store, tmp_path, url)), progress=False)
+    assert not report.ok and len(bad) == 2  # the first attempt and its retry
+    assert report.summary["shards_failed"] == 1 and report.summary["rows"] == 12
+    stem = bad[0].removeprefix("_markers/").removesuffix(".done.json")
+    on_store = _keys(store, "marker-fails")
+    mirror = report.layout.root
+    for rel in (f"samples/{stem}.parquet", f"embeddings/{stem}.parquet", bad[0]):
+        assert rel not in on_store and not (mirror / rel).exists(), rel
+    ident = pq.read_table(mirror / "identities.parquet").to_pydict()
+    assert sum(ident["n_images"]) + sum(ident["n_errors"]) == 12  # only the finished shard's rows
 
 
 def test_force_removes_what_the_new_job_does_not_write_and_other_mirrors_follow(
@@ -341,3 +398,18 @@ def test_a_dry_run_with_an_output_on_s3_contacts_no_storage(store, writer, tmp_p
     out = capsys.readouterr().out
     assert f"output: {url}" in out and "resume check: not done (the output is on object storage" in out
     assert not RemoteOutput.for_url(url).mirror.exists()
+
+
+def test_reading_an_output_url_waits_for_no_one_and_says_what_is_wrong(tmp_path, monkeypatch, capsys):
+    from clipaudit.io.outputs import output_layout
+
+    monkeypatch.setenv("CLIPAUDIT_MIRROR_DIR", str(tmp_path / "mirrors"))
+    url = f"memory://clipaudit-test/{tmp_path.name}-empty"
+    assert main(["query", url, "SELECT 1"]) == 2
+    assert f"error: {url} holds no audit (no _SUMMARY.json or _job.json there)" in capsys.readouterr().err
+    fsspec.filesystem("memory").pipe_file(f"{url.removeprefix('memory:/')}/_job.json", b"{}")
+    layout = output_layout(url)
+    with layout.lock():  # a run on this machine is writing the mirror: a pull would race it
+        assert main(["query", url, "SELECT 1"]) == 2
+        assert "is being written by another clipaudit process" in capsys.readouterr().err
+    fsspec.filesystem("memory").rm(url.removeprefix("memory:/"), recursive=True)

@@ -109,11 +109,31 @@ def _filesystem_class(name: str):
         return None
 
 
-def _by_protocol(options: Mapping[str, Any]) -> bool:
+def _protocol_keys(options: Mapping[str, Any]) -> list[str]:
     import fsspec
 
     known = set(fsspec.available_protocols())
-    return bool(options) and all(k in known and isinstance(v, Mapping) for k, v in options.items())
+    return [k for k in options if str(k).lower() in known]
+
+
+def check_options_shape(options: Mapping[str, Any]) -> None:
+    """Raise ValueError unless ``options`` is one mapping for every URL or one per protocol:
+    a protocol's name beside other keys, or a protocol's entry that is not a mapping, would
+    otherwise reach the backend as an unknown argument and be silently ignored."""
+    protos = _protocol_keys(options)
+    if not protos:
+        return
+    others = [k for k in options if k not in protos]
+    if others:
+        raise ValueError(f"storage_options: either one mapping for every URL, or one per protocol "
+                         f"({{s3: {{...}}, gs: {{...}}}}); here the protocols {protos} sit beside {others}")
+    bad = [k for k in protos if not (options[k] is None or isinstance(options[k], Mapping))]
+    if bad:
+        raise ValueError(f"storage_options.{bad[0]}: the options of one protocol, a mapping")
+
+
+def _by_protocol(options: Mapping[str, Any]) -> bool:
+    return bool(options) and len(_protocol_keys(options)) == len(options)
 
 
 def _entry_for(url: str, options: Mapping[str, Any] | None) -> tuple[Mapping[str, Any], str]:
@@ -122,12 +142,11 @@ def _entry_for(url: str, options: Mapping[str, Any] | None) -> tuple[Mapping[str
     if not options or not _by_protocol(options):
         return options or {}, where
     proto = protocol(url)
-    if proto in options:
-        return options[proto], f"{where}.{proto}"
     cls = _filesystem_class(proto)
-    for key, value in options.items():
-        if cls is not None and _filesystem_class(key) is cls:
-            return value, f"{where}.{key}"
+    for exact in (True, False):  # the URL's own protocol first, then another name of its file system
+        for key, value in options.items():
+            if (str(key).lower() == proto) if exact else (cls is not None and _filesystem_class(str(key).lower()) is cls):
+                return value or {}, f"{where}.{key}"
     return {}, where
 
 

@@ -22,7 +22,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,6 +31,14 @@ if TYPE_CHECKING:
     from .remote_output import RemoteOutput
 
 log = logging.getLogger(__name__)
+
+#: what a command that writes an output on object storage logs (with the URL)
+REMOTE_LOCK_WARNING = ("output on object storage (%s): the lock covers this machine only; make sure no other machine "
+                       "runs or reduces this audit at the same time")
+
+#: ``publish(finished_temp_file, final_path)``: sends a finished file to where ``final_path``
+#: stands on object storage before it is renamed into place (see :meth:`OutputLayout.publisher`)
+Publish = Callable[[Path, Path], None]
 
 
 def part_name(shard: str) -> str:
@@ -77,17 +85,30 @@ def _replace_durably(tmp: Path, path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+def _publish_then_replace(tmp: Path, path: Path, publish: Publish | None) -> None:
+    """Send the finished ``tmp`` to the store first (when there is one), then rename it into
+    place: a file in the folder is always on the store too. A failed upload removes ``tmp``."""
+    if publish is not None:
+        try:
+            publish(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    _replace_durably(tmp, path)
+
+
+def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None, publish: Publish | None = None) -> None:
     tmp = _tmp_path(path, tmp_dir)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    _replace_durably(tmp, path)
+    _publish_then_replace(tmp, path, publish)
 
 
-def atomic_write_json(path: Path, obj: Any, tmp_dir: Path | None = None) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), tmp_dir)
+def atomic_write_json(path: Path, obj: Any, tmp_dir: Path | None = None, publish: Publish | None = None) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), tmp_dir,
+                       publish)
 
 
 def atomic_write_table(path: Path, table: pa.Table, tmp_dir: Path | None = None) -> None:
@@ -113,11 +134,12 @@ class PartWriter:
         self._writer.write_batch(batch)
         self.rows += batch.num_rows
 
-    def commit(self) -> None:
-        """Close, fsync and rename the part: once this returns, its bytes are on the disk."""
+    def commit(self, publish: Publish | None = None) -> None:
+        """Close, fsync, publish (see :data:`Publish`) and rename the part: once this returns, its
+        bytes are on the disk (and on the store)."""
         self._writer.close()
         _fsync_file(self._tmp)
-        _replace_durably(self._tmp, self.path)
+        _publish_then_replace(self._tmp, self.path, publish)
 
     def abort(self) -> None:
         try:
@@ -134,12 +156,18 @@ class OutputLayout:
     root: Path
     remote: "RemoteOutput | None" = field(default=None, compare=False)
 
-    def publish(self, *paths: Path) -> None:
-        """On object storage: PUT these finished files, in this order (parts before their
-        marker); a local folder already holds them."""
+    def publisher(self) -> Publish | None:
+        """On object storage: the function that PUTs a finished temp file where its final path
+        stands on the store (before the file is renamed into the mirror); None for a local folder."""
+        return None if self.remote is None else self.remote.put
+
+    def unpublish(self, *paths: Path) -> None:
+        """Remove these files, here and (best effort) on the store: parts a shard wrote before a
+        later step of it failed, so that no part is left without its marker."""
+        for p in paths:
+            p.unlink(missing_ok=True)
         if self.remote is not None:
-            for p in paths:
-                self.remote.put(p)
+            self.remote.remove_quietly(*paths)
 
     @property
     def samples_dir(self) -> Path:
@@ -273,9 +301,8 @@ class OutputLayout:
         return n
 
     def lock(self) -> "OutputLock":
-        if self.remote is not None:
-            log.warning("output on object storage (%s): the lock covers this machine only; make sure no other "
-                        "machine runs or reduces this audit at the same time", self.remote.url)
+        """For an output on object storage: the lock of this machine's mirror (see
+        :data:`REMOTE_LOCK_WARNING`)."""
         return OutputLock(self.root / ".clipaudit.lock")
 
     def clear_map_outputs(self) -> None:

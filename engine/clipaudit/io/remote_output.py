@@ -5,21 +5,28 @@ The store holds the audit; every command works on a local copy of it, the mirror
 (``$CLIPAUDIT_MIRROR_DIR/<hash of the URL>``, default under ``~/.cache/clipaudit/mirrors``),
 and syncs: :meth:`RemoteOutput.pull` before reading, :meth:`RemoteOutput.push` after writing.
 Every object is written by one PUT of a finished local file, so a reader of the store never
-sees half a file. A map actor puts a shard's parts and then its marker
-(:meth:`RemoteOutput.put`), so a marker on the store always vouches for parts already there.
+sees half a file. A map actor puts each finished temp file of a shard — its parts, then its
+marker — before renaming it into the mirror (:meth:`RemoteOutput.put`), so a marker on the store
+always vouches for parts already there, and a file in the mirror is on the store too.
 
-The mirror remembers what it last exchanged with the store (``.clipaudit-mirror.json``: each
-file's local size and mtime, the object's size and ETag) so a sync moves only what changed,
-and a file removed locally (``--force``, a rewritten ``sample_scores/``) is removed from the
-store by the next push. Temp files, the DuckDB spill folder and ``_cache/`` stay local.
+The store is the truth: a pull makes the mirror hold what the store holds — a data part counts
+only with its shard's marker beside it — and removes whatever else the mirror holds (leftovers
+of another run, a part whose shard failed). The mirror remembers what it last exchanged with the
+store (``.clipaudit-mirror.json``: each file's local size and mtime, the object's size, ETag and
+modification time) so a sync moves only what changed; a file whose copy on the store is not
+known to be the same (same MD5, where the store gives one) is downloaded, and a file removed
+locally (``--force``, a rewritten ``sample_scores/``) is removed from the store by the next
+push. Temp files, the DuckDB spill folder and ``_cache/`` stay local.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -56,7 +63,41 @@ def _local_sig(path: Path) -> list[int]:
 def _remote_sig(info: Mapping[str, Any]) -> list[Any]:
     from ..data.storage import _etag
 
-    return [info.get("size"), _etag(info)]
+    modified = next((info[k] for k in ("LastModified", "updated", "mtime", "last_modified", "created")
+                     if info.get(k) is not None), None)
+    if hasattr(modified, "timestamp"):  # S3 lists milliseconds but answers a HEAD in whole seconds
+        modified = int(modified.timestamp())
+    return [info.get("size"), _etag(info), None if modified is None else str(modified)]
+
+
+def _same_content(local: Path, info: Mapping[str, Any]) -> bool:
+    """Whether the object ``info`` describes holds exactly the bytes of ``local``, as far as the
+    store can say: its MD5 (S3's ETag of a single-PUT object, GCS's ``md5Hash``); False when the
+    store gives no MD5 (then the caller transfers the file)."""
+    from ..data.storage import _etag
+
+    if not local.is_file() or local.stat().st_size != info.get("size"):
+        return False
+    etag, b64 = _etag(info), info.get("md5Hash")
+    if not (etag and re.fullmatch(r"[0-9a-f]{32}", etag)) and not b64:
+        return False
+    digest = hashlib.md5()
+    with open(local, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if etag and re.fullmatch(r"[0-9a-f]{32}", etag):
+        return digest.hexdigest() == etag
+    return base64.b64encode(digest.digest()).decode() == b64
+
+
+_PART = re.compile(r"^(samples|embeddings)/(?P<stem>[^/]+)\.parquet$")
+
+
+def _vouched(rel: str, names: set[str]) -> bool:
+    """A shard's data part counts only with the shard's marker beside it (a killed actor may
+    leave a part it put without the marker that was to follow)."""
+    m = _PART.match(rel)
+    return m is None or f"_markers/{m['stem']}.done.json" in names
 
 
 def _synced(rel: str) -> bool:
@@ -71,7 +112,7 @@ class RemoteOutput:
     """The output folder ``url`` on object storage and its local mirror."""
 
     url: str
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold resolved secrets
     mirror: Path = field(default=Path())
 
     @classmethod
@@ -98,14 +139,34 @@ class RemoteOutput:
 
         return StorageError(f"output {what}: {describe_error(self.url, e, access)}")
 
-    def put(self, local: Path) -> None:
-        """One PUT of the finished mirror file ``local`` to its place on the store."""
+    def put(self, local: Path, final: Path | None = None) -> None:
+        """One PUT of the finished file ``local`` to where ``final`` (default: ``local``, a file
+        in the mirror) stands on the store."""
+        from ..data.storage import StorageError
+
         fs, root = self._fs()
-        rel = local.relative_to(self.mirror).as_posix()
+        rel = (final or local).relative_to(self.mirror).as_posix()
         try:
             fs.put_file(str(local), f"{root}/{rel}")
+        except FileNotFoundError as e:
+            if not local.is_file():
+                raise
+            raise StorageError(f"output upload of {rel}: the bucket of {self.url} does not exist "
+                               f"(create it first): {e}") from e
         except Exception as e:  # noqa: BLE001 — backends raise many types; the shard is retried
             raise self._error(f"upload of {rel}", e, "write") from e
+
+    def remove_quietly(self, *paths: Path) -> None:
+        """Remove these mirror files' objects from the store, ignoring failures (a clean-up)."""
+        try:
+            fs, root = self._fs()
+        except Exception:  # noqa: BLE001 — a clean-up never raises
+            return
+        for p in paths:
+            try:
+                fs.rm_file(f"{root}/{p.relative_to(self.mirror).as_posix()}")
+            except Exception as e:  # noqa: BLE001 — see above
+                log.debug("could not remove %s from %s: %s", p, self.url, e)
 
     def _listing(self) -> dict[str, Mapping[str, Any]]:
         fs, root = self._fs()
@@ -147,16 +208,18 @@ class RemoteOutput:
 
     # -- sync ------------------------------------------------------------------------
     def pull(self) -> int:
-        """Bring the mirror up to date with the store; returns how many files were downloaded.
+        """Make the mirror hold what the store holds; returns how many files were downloaded.
 
-        A file the store no longer has (another run's ``--force``) is removed here; a local file
-        the store has at the same size but this mirror never exchanged (a map actor on this
-        machine wrote and put it) is recorded without a download."""
+        A data part without its shard's marker on the store does not count (see
+        :func:`_vouched`); a mirror file the store does not hold is removed; a mirror file the
+        store holds with the same MD5 (a map actor on this machine wrote and put it) is recorded
+        without a download. Hold the layout's lock: a pull rewrites the mirror."""
         from .outputs import _replace_durably, _tmp_path
 
         self.mirror.mkdir(parents=True, exist_ok=True)
         fs, root = self._fs()
-        remote = self._listing()
+        listing = self._listing()
+        remote = {rel: info for rel, info in listing.items() if _vouched(rel, set(listing))}
         index = self._load_index()
         fetched = 0
         for rel, info in sorted(remote.items()):
@@ -166,7 +229,7 @@ class RemoteOutput:
             if local.is_file():
                 if entry is not None and entry["remote"] == sig:
                     continue  # unchanged on the store (a local change is pushed later)
-                if entry is None and local.stat().st_size == info.get("size"):
+                if _same_content(local, info):
                     index[rel] = {"local": _local_sig(local), "remote": sig}
                     continue
             local.parent.mkdir(parents=True, exist_ok=True)
@@ -179,19 +242,23 @@ class RemoteOutput:
             _replace_durably(tmp, local)
             index[rel] = {"local": _local_sig(local), "remote": sig}
             fetched += 1
+        for rel, path in self._local_files().items():
+            if rel not in remote:  # another run's leftover, a failed shard's part, a removed file
+                path.unlink(missing_ok=True)
         for rel in [r for r in index if r not in remote]:
-            (self.mirror / rel).unlink(missing_ok=True)
             del index[rel]
         self._save_index(index)
         return fetched
 
     def push(self) -> int:
         """Send the mirror's changes to the store (data first, then markers, the summary and the
-        manifest; removals first); returns how many files were uploaded."""
+        manifest; removals first, markers before their parts); returns how many files were
+        uploaded. A data part without its marker in the mirror is not sent (see :func:`_vouched`);
+        a file the store already holds with the same MD5 (a map actor put it) is not sent again."""
         fs, root = self._fs()
         index = self._load_index()
         local = self._local_files()
-        for rel in [r for r in index if r not in local]:
+        for rel in sorted((r for r in index if r not in local), key=_push_order, reverse=True):
             try:
                 fs.rm_file(f"{root}/{rel}")
             except FileNotFoundError:
@@ -199,10 +266,17 @@ class RemoteOutput:
             except Exception as e:  # noqa: BLE001 — see put
                 raise self._error(f"removal of {rel}", e, "write") from e
             del index[rel]
+        changed = [rel for rel in local if index.get(rel, {}).get("local") != _local_sig(local[rel])]
+        listing = self._listing() if any(rel not in index for rel in changed) else {}
         sent = 0
-        for rel in sorted(local, key=_push_order):
+        for rel in sorted(changed, key=_push_order):
+            if not _vouched(rel, set(local)):
+                log.warning("not sending %s to %s: its shard has no marker (the shard is redone on resume)",
+                            rel, self.url)
+                continue
             sig = _local_sig(local[rel])
-            if index.get(rel, {}).get("local") == sig:
+            if rel in listing and _same_content(local[rel], listing[rel]):
+                index[rel] = {"local": sig, "remote": _remote_sig(listing[rel])}
                 continue
             self.put(local[rel])
             try:

@@ -104,7 +104,11 @@ def _image_labels(layout: OutputLayout, con) -> dict[tuple[str, str], bool]:
     try:  # a URL is read with the job's storage options (saved with ${VAR} references, resolved here)
         labels = read_labels(path if is_url(path) else Path(path), (spec.get("data") or {}).get("storage_options"))
         return labels.matched(ShardMatcher(shards)).images
-    except (LabelsError, OSError):  # gone, unreachable or no longer readable: identity labels only
+    except (LabelsError, OSError) as e:  # gone, unreachable or no longer readable: identity labels only
+        import logging
+
+        logging.getLogger(__name__).warning("report: the image labels of %s cannot be read (%s); the histograms "
+                                            "label each image as its identity", path, e)
         return {}
 
 

@@ -240,18 +240,24 @@ class ShardMapper:
             if emb_part is not None:
                 emb_part.abort()
             raise
-        part.commit()
-        if emb_part is not None:
-            emb_part.commit()
-            stats.embedding_rows = emb_part.rows
         stats.rows = part.rows
         stats.ok = counts.pop("ok", 0)
         stats.errors = dict(sorted(counts.items()))
         stats.warnings = dict(sorted(warnings.items()))
-        self.layout.publish(part.path, *([emb_part.path] if emb_part is not None else []))
-        stats.seconds = time.perf_counter() - t0
-        atomic_write_json(self.layout.marker(shard), stats.to_dict(), tmp)  # last: vouches for the parts
-        self.layout.publish(self.layout.marker(shard))
+        publish = self.layout.publisher()  # on object storage each file goes up before it is renamed here
+        try:
+            part.commit(publish)
+            if emb_part is not None:
+                emb_part.commit(publish)
+                stats.embedding_rows = emb_part.rows
+            stats.seconds = time.perf_counter() - t0
+            # last: vouches for the parts
+            atomic_write_json(self.layout.marker(shard), stats.to_dict(), tmp, publish)
+        except BaseException:  # no part may stay without its marker (the shard is retried or failed)
+            if emb_part is not None:
+                emb_part.abort()
+            self.layout.unpublish(part.path, *([emb_part.path] if emb_part is not None else []))
+            raise
         return stats
 
     def close(self) -> None:
