@@ -97,6 +97,34 @@ def test_pull_makes_the_mirror_hold_what_the_store_holds(memory_output, tmp_path
     assert remote.push() == 0
 
 
+def test_pull_replaces_unpushed_local_changes_and_never_leaves_a_marker_without_its_part(memory_output,
+                                                                                        monkeypatch):
+    remote, fs = memory_output
+    root = remote.url.removeprefix("memory:/")
+    m = remote.mirror
+    fs.pipe_file(f"{root}/identities.parquet", b"from the store")
+    assert remote.pull() == 1
+    _write(m / "identities.parquet", "a reduce that crashed before its push")
+    assert remote.pull() == 1 and (m / "identities.parquet").read_bytes() == b"from the store"
+    fs.pipe_file(f"{root}/samples/a.parquet", b"part a")
+    fs.pipe_file(f"{root}/_markers/a.done.json", b"{}")
+    real_get = type(fs).get_file
+    calls = []
+
+    def get_file(self, rpath, lpath, **kw):  # the connection drops at the second download
+        calls.append(rpath)
+        if len(calls) == 2:
+            raise ConnectionError("connection reset")
+        return real_get(self, rpath, lpath, **kw)
+
+    monkeypatch.setattr(type(fs), "get_file", get_file)
+    with pytest.raises(StorageError, match="download of"):
+        remote.pull()
+    assert (m / "samples/a.parquet").exists() and not (m / "_markers/a.done.json").exists()  # the part came first
+    monkeypatch.setattr(type(fs), "get_file", real_get)
+    assert remote.pull() == 1 and (m / "_markers/a.done.json").exists()
+
+
 def test_push_sends_no_part_without_its_marker(memory_output, caplog):
     remote, fs = memory_output
     _write(remote.mirror / "samples/a.parquet", "part a")
@@ -264,15 +292,18 @@ def test_parts_go_up_before_their_marker_and_a_failed_upload_is_retried(store, w
     assert puts[-1] == "manifest.json"
 
 
-def test_a_shard_whose_marker_cannot_be_uploaded_leaves_no_part_anywhere(store, writer, tmp_path, monkeypatch):
-    url = f"s3://{BUCKET}/marker-fails"
+@pytest.mark.parametrize("arrives", [False, True], ids=["marker-lost", "marker-stored-but-error"])
+def test_a_shard_whose_marker_upload_fails_leaves_no_part_anywhere(store, writer, tmp_path, monkeypatch, arrives):
+    url = f"s3://{BUCKET}/marker-fails-{arrives}"
     real_put = RemoteOutput.put
     bad = []
 
     def put(self, local: Path, final: Path | None = None) -> None:
         rel = (final or local).relative_to(self.mirror).as_posix()
-        if rel.startswith("_markers/00001-"):  # every attempt: the parts go up, the marker does not
+        if rel.startswith("_markers/00001-"):  # every attempt: the parts go up, the marker fails
             bad.append(rel)
+            if arrives:  # the store took it, the answer was lost (a read timeout)
+                real_put(self, local, final)
             raise StorageError(f"output upload of {rel}: connection reset")
         real_put(self, local, final)
 
@@ -281,7 +312,7 @@ def test_a_shard_whose_marker_cannot_be_uploaded_leaves_no_part_anywhere(store, 
     assert not report.ok and len(bad) == 2  # the first attempt and its retry
     assert report.summary["shards_failed"] == 1 and report.summary["rows"] == 12
     stem = bad[0].removeprefix("_markers/").removesuffix(".done.json")
-    on_store = _keys(store, "marker-fails")
+    on_store = _keys(store, f"marker-fails-{arrives}")
     mirror = report.layout.root
     for rel in (f"samples/{stem}.parquet", f"embeddings/{stem}.parquet", bad[0]):
         assert rel not in on_store and not (mirror / rel).exists(), rel

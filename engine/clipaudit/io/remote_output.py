@@ -9,7 +9,8 @@ sees half a file. A map actor puts each finished temp file of a shard — its pa
 marker — before renaming it into the mirror (:meth:`RemoteOutput.put`), so a marker on the store
 always vouches for parts already there, and a file in the mirror is on the store too.
 
-The store is the truth: a pull makes the mirror hold what the store holds — a data part counts
+The store is the truth: a pull makes the mirror hold what the store holds (local changes that
+were not pushed are replaced) — a data part counts
 only with its shard's marker beside it — and removes whatever else the mirror holds (leftovers
 of another run, a part whose shard failed). The mirror remembers what it last exchanged with the
 store (``.clipaudit-mirror.json``: each file's local size and mtime, the object's size, ETag and
@@ -104,7 +105,7 @@ def _synced(rel: str) -> bool:
     """Whether a mirror file (relative POSIX path) belongs on the store."""
     top = rel.split("/", 1)[0]
     name = rel.rsplit("/", 1)[-1]
-    return top not in _LOCAL_ONLY and rel not in _LOCAL_ONLY_FILES and ".tmp-" not in name
+    return top not in _LOCAL_ONLY and rel not in _LOCAL_ONLY_FILES and ".tmp-" not in name and not name.endswith(".tmp")
 
 
 @dataclass
@@ -157,7 +158,9 @@ class RemoteOutput:
             raise self._error(f"upload of {rel}", e, "write") from e
 
     def remove_quietly(self, *paths: Path) -> None:
-        """Remove these mirror files' objects from the store, ignoring failures (a clean-up)."""
+        """Remove these mirror files' objects from the store, in this order, without raising (a
+        clean-up); stops at the first removal that fails, so a marker listed first is never left
+        behind while the parts after it are removed."""
         try:
             fs, root = self._fs()
         except Exception:  # noqa: BLE001 — a clean-up never raises
@@ -165,8 +168,11 @@ class RemoteOutput:
         for p in paths:
             try:
                 fs.rm_file(f"{root}/{p.relative_to(self.mirror).as_posix()}")
+            except FileNotFoundError:
+                continue
             except Exception as e:  # noqa: BLE001 — see above
-                log.debug("could not remove %s from %s: %s", p, self.url, e)
+                log.warning("could not remove %s from %s: %s", p.relative_to(self.mirror), self.url, e)
+                return
 
     def _listing(self) -> dict[str, Mapping[str, Any]]:
         fs, root = self._fs()
@@ -221,33 +227,38 @@ class RemoteOutput:
         listing = self._listing()
         remote = {rel: info for rel, info in listing.items() if _vouched(rel, set(listing))}
         index = self._load_index()
-        fetched = 0
-        for rel, info in sorted(remote.items()):
-            local = self.mirror / rel
-            sig = _remote_sig(info)
-            entry = index.get(rel)
-            if local.is_file():
-                if entry is not None and entry["remote"] == sig:
-                    continue  # unchanged on the store (a local change is pushed later)
-                if _same_content(local, info):
-                    index[rel] = {"local": _local_sig(local), "remote": sig}
-                    continue
-            local.parent.mkdir(parents=True, exist_ok=True)
-            tmp = _tmp_path(local)
-            try:
-                fs.get_file(f"{root}/{rel}", str(tmp))
-            except Exception as e:  # noqa: BLE001 — see put
-                tmp.unlink(missing_ok=True)
-                raise self._error(f"download of {rel}", e) from e
-            _replace_durably(tmp, local)
-            index[rel] = {"local": _local_sig(local), "remote": sig}
-            fetched += 1
-        for rel, path in self._local_files().items():
-            if rel not in remote:  # another run's leftover, a failed shard's part, a removed file
+        # first what the store does not hold (another run's leftover, a failed shard's part, a
+        # removed file), markers before their parts; then the downloads, parts before their marker:
+        # an interrupted pull never leaves a marker beside a missing or stale part
+        for rel, path in sorted(self._local_files().items(), key=lambda kv: _push_order(kv[0]), reverse=True):
+            if rel not in remote:
                 path.unlink(missing_ok=True)
         for rel in [r for r in index if r not in remote]:
             del index[rel]
-        self._save_index(index)
+        fetched = 0
+        try:
+            for rel, info in sorted(remote.items(), key=lambda kv: _push_order(kv[0])):
+                local = self.mirror / rel
+                sig = _remote_sig(info)
+                entry = index.get(rel)
+                if local.is_file():
+                    if entry is not None and entry["remote"] == sig and entry["local"] == _local_sig(local):
+                        continue  # unchanged here and on the store since the last sync
+                    if _same_content(local, info):
+                        index[rel] = {"local": _local_sig(local), "remote": sig}
+                        continue
+                local.parent.mkdir(parents=True, exist_ok=True)
+                tmp = _tmp_path(local)
+                try:
+                    fs.get_file(f"{root}/{rel}", str(tmp))
+                except Exception as e:  # noqa: BLE001 — see put
+                    tmp.unlink(missing_ok=True)
+                    raise self._error(f"download of {rel}", e) from e
+                _replace_durably(tmp, local)
+                index[rel] = {"local": _local_sig(local), "remote": sig}
+                fetched += 1
+        finally:  # what was fetched stays known, even when a download failed
+            self._save_index(index)
         return fetched
 
     def push(self) -> int:
@@ -277,6 +288,10 @@ class RemoteOutput:
             sig = _local_sig(local[rel])
             if rel in listing and _same_content(local[rel], listing[rel]):
                 index[rel] = {"local": sig, "remote": _remote_sig(listing[rel])}
+                continue
+            known = index.get(rel, {}).get("remote")
+            if known and _same_content(local[rel], {"size": known[0], "ETag": known[1]}):
+                index[rel] = {"local": sig, "remote": known}  # rewritten with the same bytes
                 continue
             self.put(local[rel])
             try:

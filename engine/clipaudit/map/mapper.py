@@ -254,9 +254,12 @@ class ShardMapper:
             # last: vouches for the parts
             atomic_write_json(self.layout.marker(shard), stats.to_dict(), tmp, publish)
         except BaseException:  # no part may stay without its marker (the shard is retried or failed)
+            part.abort()  # temp files (a second close is a no-op)
             if emb_part is not None:
                 emb_part.abort()
-            self.layout.unpublish(part.path, *([emb_part.path] if emb_part is not None else []))
+            # the marker first: it may have reached the store before its upload reported an error
+            self.layout.unpublish(self.layout.marker(shard), part.path,
+                                  *([emb_part.path] if emb_part is not None else []))
             raise
         return stats
 
