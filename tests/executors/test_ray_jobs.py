@@ -1,6 +1,7 @@
 """An audit submitted through the Ray Jobs API (`ray job submit`) to a two-node Ray cluster
 started here with `ray start` on 127.0.0.1 — as on a real cluster, where the job's driver runs
-on the head node and the outputs go to shared storage (here: an absolute path on this disk).
+on the head node and the outputs go to shared storage (here: an absolute path on this disk) or
+to object storage (here: a moto S3 server on 127.0.0.1).
 
 The cluster is this test's own (its own temp dir and ports, every process of it killed at the
 end); the test session's local Ray (``ray_session``) and any other Ray on the machine are left alone."""
@@ -16,7 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import OTHER_EXECUTOR_TOL, assert_same_outputs, write_tiny_job
+from helpers import OTHER_EXECUTOR_TOL, assert_same_outputs, moto_s3_server, write_tiny_job
 
 import clipaudit
 from clipaudit.runner import run_job
@@ -98,7 +99,24 @@ def _logs(temp_dir: str, client, submission_id: str) -> str:
     return "\n".join(parts)[-30000:]
 
 
-def test_a_job_submitted_to_a_two_node_cluster_completes(tiny_model, tmp_path):
+@pytest.fixture(params=["shared-folder", "s3"])
+def output(request, tmp_path):
+    """Where the job writes: a folder every node sees, or a bucket on a local S3 server (then
+    yields the URL and the options; the credentials reach the driver as environment variables)."""
+    if request.param == "shared-folder":
+        yield {"output": str(tmp_path / "out"), "options": None, "env": {}}
+        return
+    import boto3
+
+    with moto_s3_server() as endpoint:
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="k", aws_secret_access_key="s",
+                     region_name="us-east-1").create_bucket(Bucket="cluster-out")
+        yield {"output": "s3://cluster-out/audit", "endpoint": endpoint,
+               "options": {"endpoint_url": endpoint, "key": "${RJ_S3_KEY}", "secret": "${RJ_S3_SECRET}"},
+               "env": {"RJ_S3_KEY": "k", "RJ_S3_SECRET": "s", "CLIPAUDIT_MIRROR_DIR": str(tmp_path / "mirrors")}}
+
+
+def test_a_job_submitted_to_a_two_node_cluster_completes(tiny_model, tmp_path, output, monkeypatch):
     from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_actors, list_nodes
 
@@ -110,6 +128,7 @@ def test_a_job_submitted_to_a_two_node_cluster_completes(tiny_model, tmp_path):
     entry = [str(clipaudit_bin)] if clipaudit_bin.exists() else [sys.executable, "-m", "clipaudit.cli"]
     engine = Path(clipaudit.__file__).resolve().parents[1]
     job_env = {} if engine.name in {"site-packages", "dist-packages"} else {"PYTHONPATH": str(engine)}
+    job_env.update(output["env"])
     # short: Ray's socket paths must fit in 107 bytes. Each node gets a temp dir of its own, as on separate
     # machines: a worker node started without one shares the head's session dir, and its runtime env agent
     # then deletes and unpacks again the job's working dir under the driver's feet (names.txt: No such file)
@@ -129,8 +148,12 @@ def test_a_job_submitted_to_a_two_node_cluster_completes(tiny_model, tmp_path):
     text = spec.read_text()
     assert '"shards/' in text and "names: names.txt" in text
     job = work / "jobs" / "audit.yaml"
-    job.write_text(text.replace('"shards/', f'"{shared}/shards/')
-                   .replace("names: names.txt", f"names: {shared}/names.txt"))
+    text = text.replace('"shards/', f'"{shared}/shards/').replace("names: names.txt", f"names: {shared}/names.txt")
+    if output["options"] is not None:  # the bucket: no shared file system for the outputs
+        text = text.replace(f"output: {out}", f"output: {output['output']}")
+        text = text.replace('.tar"}', f'.tar", storage_options: {json.dumps(output["options"])}}}')
+        assert output["output"] in text and "storage_options" in text
+    job.write_text(text)
     # every port either node listens on is its own: the defaults (GCS 6379, dashboard 8265, agent 52365,
     # client server 10001) may be held by another Ray on this machine, and two nodes here cannot share them
     port, dash, client_port, *agent_ports = _free_ports(11)
@@ -199,6 +222,16 @@ def test_a_job_submitted_to_a_two_node_cluster_completes(tiny_model, tmp_path):
         left = _cluster_pids(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert not left, f"processes of the test's cluster still running: {left}"
+    if output["options"] is not None:  # read the bucket back through a fresh mirror, as another machine would
+        from clipaudit.io.remote_output import RemoteOutput
+
+        for k, v in output["env"].items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv("CLIPAUDIT_MIRROR_DIR", str(tmp_path / "reader"))
+        remote = RemoteOutput.for_url(output["output"], output["options"])
+        assert remote.pull() > 0
+        out = remote.mirror
+        assert not (tmp_path / "out").exists()  # nothing went to a local folder
     summary = json.loads((out / "_SUMMARY.json").read_text())
     assert summary["shards_done"] == 3 and summary["rows"] == 36 and not summary["shards_failed"]
     local = load_spec(job)
