@@ -7,6 +7,7 @@ model, query) with one clear message and no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -16,8 +17,6 @@ from typing import Sequence
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_BAD_INPUT = 0, 1, 2
 
-
-log = logging.getLogger(__name__)
 
 class UserError(Exception):
     """Printed as ``error: <message>`` with exit code 2."""
@@ -235,9 +234,7 @@ def _reduce_locked(args: argparse.Namespace, layout) -> int:
             raise UserError(f"--memory-limit {args.memory_limit!r}: a size such as 512MB or 4GB") from None
         opts = replace(opts, memory_limit=args.memory_limit)
     if layout.remote is not None:
-        from .io.outputs import REMOTE_LOCK_WARNING
-
-        log.warning(REMOTE_LOCK_WARNING, layout.remote.url)
+        layout.remote.warn_unlocked()
     result = reduce_outputs(layout, opts)
     if layout.remote is not None:
         layout.remote.push()
@@ -259,22 +256,20 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.thumbnails and not args.html:
         raise UserError("--thumbnails goes with --html (the photos are part of the HTML page)")
-    layout = _open_output(args.output_dir, args.storage_options, pull=args.html is False)
-    if args.html and layout.remote is not None:
-        with layout.lock():  # the page goes back to the store: pull, write and push in one hold
-            _pull(layout)
-            report_folder(layout.root)
+    layout = _open_output(args.output_dir, args.storage_options, pull=False)
+    page = None
+    # on object storage: pull, read and (with --html) write and push back the page in one hold of the lock
+    with layout.lock() if layout.remote is not None else contextlib.nullcontext():
+        _pull(layout)
+        report_folder(layout.root)
+        if args.html:
             from .io.report_html import write_html
 
             page = write_html(layout.root, args.thumbnails)
-            layout.remote.push()
-        print(f"html report: {page} (and {layout.remote.url}/{page.name})")
-        return EXIT_OK
-    report_folder(layout.root)
-    if args.html:
-        from .io.report_html import write_html
-
-        print(f"html report: {write_html(layout.root, args.thumbnails)}")
+            if layout.remote is not None:
+                layout.remote.push()
+    if page is not None:
+        print(f"html report: {page}" + ("" if layout.remote is None else f" (and {layout.remote.url}/{page.name})"))
     return EXIT_OK
 
 

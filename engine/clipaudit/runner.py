@@ -202,9 +202,7 @@ def run_job(spec: JobSpec, *, force: bool = False, progress: bool = True, spec_t
     with layout.lock() as lock:
         if layout.remote is None:
             return _run_locked(layout, spec, force, progress, spec_text, exclusive=lock.held)
-        from .io.outputs import REMOTE_LOCK_WARNING
-
-        log.warning(REMOTE_LOCK_WARNING, layout.remote.url)
+        layout.remote.warn_unlocked()
         fetched = layout.remote.pull()
         if fetched:
             log.info("output %s: %d file(s) fetched into the mirror %s", layout.remote.url, fetched, layout.root)

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import assert_close, assert_same_rows, gcs_emulator, range_http_server, write_tiny_job
+from helpers import assert_close, assert_same_rows, gcs_emulator, output_files, range_http_server, write_tiny_job
 
 from clipaudit.data.storage import options_for
-from clipaudit.io.remote_output import INDEX_NAME
 from clipaudit.runner import run_job
 from clipaudit.spec import SpecError, load_spec
 
@@ -81,15 +80,10 @@ def test_shards_over_https_names_and_output_on_gs_give_the_local_audit(stores, t
     fs.invalidate_cache()
     stored = {p.removeprefix(f"{BUCKET}/out/") for p in fs.find(f"{BUCKET}/out")}
 
-    def files(folder: Path) -> set[str]:
-        return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()
-                and p.relative_to(folder).parts[0] not in ("_tmp", "_cache")
-                and p.name not in (".clipaudit.lock", INDEX_NAME)}
-
     def unhashed(names: set[str]) -> set[str]:  # a part's name hashes its shard's path or URL
         return {re.sub(r"-[0-9a-f]{10}\.", ".", n) for n in names}
 
-    assert stored == files(out) and unhashed(stored) == unhashed(files(ref))
+    assert stored == output_files(out) and unhashed(stored) == unhashed(output_files(ref))
     assert fs.cat_file(f"{BUCKET}/out/identities.parquet") == (out / "identities.parquet").read_bytes()
 
 

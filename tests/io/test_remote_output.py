@@ -9,7 +9,8 @@ from pathlib import Path
 import fsspec
 import pyarrow.parquet as pq
 import pytest
-from helpers import assert_close, assert_same_rows, moto_s3_server, require_signed_requests, write_tiny_job
+from helpers import (assert_close, assert_same_rows, moto_s3_server, output_files, require_signed_requests,
+                     write_tiny_job)
 
 from clipaudit.cli import main
 from clipaudit.data.storage import StorageError
@@ -223,11 +224,6 @@ def _resolved(store: dict) -> dict:
     return resolve_options(_options(store))
 
 
-def _local_files(out: Path) -> set[str]:
-    return {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()
-            and p.relative_to(out).parts[0] not in ("_tmp", "_cache") and p.name not in (".clipaudit.lock", INDEX_NAME)}
-
-
 def test_an_audit_written_to_s3_holds_the_local_audit_and_resumes_from_another_machine(
         store, local_out, writer, tmp_path, monkeypatch, capsys):
     import pandas as pd
@@ -242,7 +238,7 @@ def test_an_audit_written_to_s3_holds_the_local_audit_and_resumes_from_another_m
     assert fetched == [0, 0]
     assert RemoteOutput.for_url(url).push() == 0
     monkeypatch.setattr(RemoteOutput, "pull", real_pull)
-    assert _keys(store, "first") == _local_files(local_out)  # every output file, nothing else
+    assert _keys(store, "first") == output_files(local_out)  # every output file, nothing else
     assert not any(k.startswith(("_tmp/", "_cache/")) or ".tmp-" in k for k in _keys(store, "first"))
 
     # another machine: an empty mirror, filled from the store by `clipaudit query`
@@ -417,7 +413,7 @@ def test_ray_actors_put_their_parts_from_their_own_mirror(ray_session, store, lo
     driver = report.layout.root
     assert driver != actor_mirror and driver.parent == tmp_path / "driver"
     assert_same_rows(driver, local_out, 1e-4)  # fetched from the store by the driver
-    assert _keys(store, "on-ray") == _local_files(driver)
+    assert _keys(store, "on-ray") == output_files(driver)
 
 
 def test_a_dry_run_with_an_output_on_s3_contacts_no_storage(store, writer, tmp_path, capsys):

@@ -4,10 +4,10 @@ and checking remote inputs before a run.
 ``data.storage_options`` is a mapping passed to fsspec for every URL the job reads or writes
 (shards, names, labels, controls, img2dataset status files, an output on object storage), e.g.
 ``{endpoint_url: …, key: …, secret: …}`` for s3fs, or one such mapping per protocol
-(``{s3: {…}, gs: {…}}``, see :func:`options_for`). A string value may hold ``${VAR}`` references, replaced by the environment variable's
-value in the process that opens the URL (the Ray executor resolves them on the driver and hands
-the values to its actors), so secrets need not sit in the job file. Files the spec
-is written into (``_job.json``, ``manifest.json``) hold :func:`redact_options`'s copy: a value
+(``{s3: {…}, gs: {…}}``, see :func:`options_for`). A string value may hold ``${VAR}``
+references, replaced by the environment variable's value in the process that opens the URL
+(the Ray executor resolves them on the driver and hands the values to its actors), so secrets
+need not sit in the job file. Files the spec is written into (``_job.json``, ``manifest.json``) hold :func:`redact_options`'s copy: a value
 under a secret-like key (key, secret, token, password, …) becomes ``***`` unless it is only a
 ``${VAR}`` reference.
 """
@@ -142,12 +142,12 @@ def _entry_for(url: str, options: Mapping[str, Any] | None) -> tuple[Mapping[str
     if not options or not _by_protocol(options):
         return options or {}, where
     proto = protocol(url)
-    cls = _filesystem_class(proto)
-    for exact in (True, False):  # the URL's own protocol first, then another name of its file system
-        for key, value in options.items():
-            if (str(key).lower() == proto) if exact else (cls is not None and _filesystem_class(str(key).lower()) is cls):
-                return value or {}, f"{where}.{key}"
-    return {}, where
+    by_name = {str(k).lower(): k for k in options}
+    key = by_name.get(proto)
+    if key is None:  # another name of the URL's file system (gcs for gs://)
+        cls = _filesystem_class(proto)
+        key = next((k for name, k in by_name.items() if cls is not None and _filesystem_class(name) is cls), None)
+    return ({}, where) if key is None else (options[key] or {}, f"{where}.{key}")
 
 
 def options_for(url: str, options: Mapping[str, Any] | None) -> Mapping[str, Any]:

@@ -32,10 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: what a command that writes an output on object storage logs (with the URL)
-REMOTE_LOCK_WARNING = ("output on object storage (%s): the lock covers this machine only; make sure no other machine "
-                       "runs or reduces this audit at the same time")
-
 #: ``publish(finished_temp_file, final_path)``: sends a finished file to where ``final_path``
 #: stands on object storage before it is renamed into place (see :meth:`OutputLayout.publisher`)
 Publish = Callable[[Path, Path], None]
@@ -302,7 +298,7 @@ class OutputLayout:
 
     def lock(self) -> "OutputLock":
         """For an output on object storage: the lock of this machine's mirror (see
-        :data:`REMOTE_LOCK_WARNING`)."""
+        :meth:`.remote_output.RemoteOutput.warn_unlocked`)."""
         return OutputLock(self.root / ".clipaudit.lock")
 
     def clear_map_outputs(self) -> None:

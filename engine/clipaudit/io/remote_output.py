@@ -2,17 +2,16 @@
 through a local mirror.
 
 The store holds the audit; every command works on a local copy of it, the mirror
-(``$CLIPAUDIT_MIRROR_DIR/<hash of the URL>``, default under ``~/.cache/clipaudit/mirrors``),
+(``$CLIPAUDIT_MIRROR_DIR/<name>-<hash of the URL>``, default under ``~/.cache/clipaudit/mirrors``),
 and syncs: :meth:`RemoteOutput.pull` before reading, :meth:`RemoteOutput.push` after writing.
 Every object is written by one PUT of a finished local file, so a reader of the store never
 sees half a file. A map actor puts each finished temp file of a shard — its parts, then its
 marker — before renaming it into the mirror (:meth:`RemoteOutput.put`), so a marker on the store
 always vouches for parts already there, and a file in the mirror is on the store too.
 
-The store is the truth: a pull makes the mirror hold what the store holds (local changes that
-were not pushed are replaced) — a data part counts
-only with its shard's marker beside it — and removes whatever else the mirror holds (leftovers
-of another run, a part whose shard failed). The mirror remembers what it last exchanged with the
+The store is the truth: a pull makes the mirror hold what the store holds — a data part counts
+only with its shard's marker beside it — replacing local changes that were not pushed and
+removing whatever else the mirror holds (leftovers of another run, a part whose shard failed). The mirror remembers what it last exchanged with the
 store (``.clipaudit-mirror.json``: each file's local size and mtime, the object's size, ETag and
 modification time) so a sync moves only what changed; a file whose copy on the store is not
 known to be the same (same MD5, where the store gives one) is downloaded, and a file removed
@@ -79,16 +78,16 @@ def _same_content(local: Path, info: Mapping[str, Any]) -> bool:
 
     if not local.is_file() or local.stat().st_size != info.get("size"):
         return False
-    etag, b64 = _etag(info), info.get("md5Hash")
-    if not (etag and re.fullmatch(r"[0-9a-f]{32}", etag)) and not b64:
+    etag = _etag(info)
+    hex_md5 = etag if etag and re.fullmatch(r"[0-9a-f]{32}", etag) else None
+    b64_md5 = info.get("md5Hash")
+    if not (hex_md5 or b64_md5):
         return False
     digest = hashlib.md5()
     with open(local, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    if etag and re.fullmatch(r"[0-9a-f]{32}", etag):
-        return digest.hexdigest() == etag
-    return base64.b64encode(digest.digest()).decode() == b64
+    return digest.hexdigest() == hex_md5 if hex_md5 else base64.b64encode(digest.digest()).decode() == b64_md5
 
 
 _PART = re.compile(r"^(samples|embeddings)/(?P<stem>[^/]+)\.parquet$")
@@ -124,6 +123,11 @@ class RemoteOutput:
         tail = url.rsplit("/", 1)[-1] or "output"
         mirror = (mirror_root or default_mirror_root()) / f"{tail[:40]}-{digest}"
         return cls(url, dict(storage_options or {}), mirror)
+
+    def warn_unlocked(self) -> None:
+        """What a command that writes here says: the mirror's lock covers this machine only."""
+        log.warning("output on object storage (%s): the lock covers this machine only; make sure no other machine "
+                    "runs or reduces this audit at the same time", self.url)
 
     # -- the store -------------------------------------------------------------------
     def _fs(self):
@@ -225,7 +229,8 @@ class RemoteOutput:
         self.mirror.mkdir(parents=True, exist_ok=True)
         fs, root = self._fs()
         listing = self._listing()
-        remote = {rel: info for rel, info in listing.items() if _vouched(rel, set(listing))}
+        names = set(listing)
+        remote = {rel: info for rel, info in listing.items() if _vouched(rel, names)}
         index = self._load_index()
         # first what the store does not hold (another run's leftover, a failed shard's part, a
         # removed file), markers before their parts; then the downloads, parts before their marker:
@@ -280,8 +285,9 @@ class RemoteOutput:
         changed = [rel for rel in local if index.get(rel, {}).get("local") != _local_sig(local[rel])]
         listing = self._listing() if any(rel not in index for rel in changed) else {}
         sent = 0
+        names = set(local)
         for rel in sorted(changed, key=_push_order):
-            if not _vouched(rel, set(local)):
+            if not _vouched(rel, names):
                 log.warning("not sending %s to %s: its shard has no marker (the shard is redone on resume)",
                             rel, self.url)
                 continue

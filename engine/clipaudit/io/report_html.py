@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import math
 from dataclasses import dataclass
 from html import escape
@@ -23,6 +24,8 @@ import pyarrow as pa
 from ..attacks.registry import Attack, registered
 from .outputs import OutputLayout
 from .report import METRICS_HEADER, calibration_lines, metrics_rows, no_audit, shift_warnings, summary_lines
+
+log = logging.getLogger(__name__)
 
 TOP_IDENTITIES = 20
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
@@ -87,28 +90,36 @@ def _columns(con, view: str) -> list[str]:
     return [r[0] for r in con.execute(f"DESCRIBE {view}").fetchall()]
 
 
+def _saved_spec_json(layout: OutputLayout) -> dict[str, Any]:
+    """The job's spec as ``_job.json`` holds it, or {} where there is none to read."""
+    try:
+        return json.loads(layout.job_state.read_text())["spec"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def _storage_options(spec: dict[str, Any]) -> dict[str, Any]:
+    """A saved spec's ``data.storage_options`` (``${VAR}`` references are resolved when a URL is opened)."""
+    return dict((spec.get("data") or {}).get("storage_options") or {})
+
+
 def _image_labels(layout: OutputLayout, con) -> dict[tuple[str, str], bool]:
     """Image rows of the job's labels file, keyed by the audited shard and key; empty when the
     file is gone or has none (the output folder stores no per-image label)."""
     from ..data.shards import is_url
     from ..reduce.labels import LabelsError, ShardMatcher, read_labels
 
-    try:
-        spec = json.loads(layout.job_state.read_text())["spec"]
-        path = spec.get("labels")
-    except (OSError, ValueError, KeyError):
-        return {}
+    spec = _saved_spec_json(layout)
+    path = spec.get("labels")
     if not path or not (is_url(path) or Path(path).is_file()):
         return {}
     shards = [r[0] for r in con.execute("SELECT DISTINCT shard FROM samples").fetchall()]
     try:  # a URL is read with the job's storage options (saved with ${VAR} references, resolved here)
-        labels = read_labels(path if is_url(path) else Path(path), (spec.get("data") or {}).get("storage_options"))
+        labels = read_labels(path if is_url(path) else Path(path), _storage_options(spec))
         return labels.matched(ShardMatcher(shards)).images
     except (LabelsError, OSError) as e:  # gone, unreachable or no longer readable: identity labels only
-        import logging
-
-        logging.getLogger(__name__).warning("report: the image labels of %s cannot be read (%s); the histograms "
-                                            "label each image as its identity", path, e)
+        log.warning("report: the image labels of %s cannot be read (%s); the histograms label each image as its "
+                    "identity", path, e)
         return {}
 
 
@@ -373,11 +384,7 @@ def thumbnails(layout: OutputLayout, identities: list[str]) -> dict[str, list[st
                                WHERE n <= {THUMBS_PER_IDENTITY} ORDER BY identity, shard, key""").fetchall()
     finally:
         con.close()
-    options: dict[str, Any] = {}  # resolved when a URL is opened; a failure there leaves that shard unread
-    if layout.job_state.is_file():
-        from ..runner import saved_spec
-
-        options = dict(saved_spec(layout).data.storage_options)
+    options = _storage_options(_saved_spec_json(layout))  # a failure opening a URL leaves that shard unread
     by_shard: dict[str, dict[str, str]] = {}
     for ident, shard, key in rows:
         by_shard.setdefault(shard, {})[key] = ident
