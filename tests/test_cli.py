@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bad_spec_exits_2_with_one_clear_message(tmp_path):
     (tmp_path / "names.txt").write_text("Ann\n")
@@ -37,12 +39,26 @@ def test_version(capsys):
 
     from clipaudit.cli import main
 
-    with pytest.raises(SystemExit) as e:
-        main(["--version"])
-    assert e.value.code == 0
     from importlib import metadata
 
-    assert capsys.readouterr().out.strip() == f"clipaudit {metadata.version('clipaudit')}"
+    for flag in ("--version", "-V"):
+        with pytest.raises(SystemExit) as e:
+            main([flag])
+        assert e.value.code == 0
+        assert capsys.readouterr().out.strip() == f"clipaudit {metadata.version('clipaudit')}"
+
+
+def test_every_option_with_a_default_says_it_in_its_help():
+    import argparse
+
+    from clipaudit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    silent = [f"{name} {a.option_strings[0]} (default {a.default!r})" for name, p in sub.choices.items()
+              for a in p._actions
+              if a.option_strings and a.default not in (None, False, argparse.SUPPRESS) and a.nargs != 0
+              and "default" not in (a.help or "")]
+    assert silent == []
 
 
 def test_every_argument_explains_itself():
@@ -77,3 +93,19 @@ def test_a_calibration_note_shared_by_several_scores_is_printed_once():
     lines = calibration_lines(cal)
     assert sum(note in line for line in lines) == 1
     assert any("identity idia, identity caption" in line for line in lines)
+
+
+@pytest.mark.parametrize("command", [["run", "JOB", "--dry-run"], ["query", "OUT", "SELECT * FROM range(100000)"]])
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path, small_audit, command):
+    """`clipaudit … | head -3`: a closed pipe is no error and prints no traceback. The pipe is
+    closed before the command writes anything, so every write meets it."""
+    from helpers import write_minimal_job
+
+    job = write_minimal_job(tmp_path)
+    argv = [str(job) if a == "JOB" else str(small_audit) if a == "OUT" else a for a in command]
+    p = subprocess.Popen([sys.executable, "-m", "clipaudit.cli", *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

@@ -221,3 +221,43 @@ def test_without_the_ingest_extra_the_error_names_it(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: clipaudit ingest needs img2dataset and Faker") and len(err.splitlines()) == 1
     assert "pip install 'clipaudit[ingest]'" in err and module in err
+
+
+def test_the_advice_names_only_the_model_keys_that_hold_a_placeholder(ingested):
+    assert "set model" not in ingested["stdout"]  # --model and --pretrained were given
+    spec = yaml.safe_load((ingested["out"] / "job.yaml").read_text())
+    assert spec["model"]["name"].endswith(".json") and spec["model"]["pretrained"].endswith(".pt")
+
+
+def test_a_rerun_never_overwrites_the_job_the_user_edited(ingested, tmp_path):
+    """Re-running resumes; the job.yaml the user edited stays as it is, and this ingest's starter
+    (here with placeholder model keys) goes beside it."""
+    import contextlib
+    import io
+    import shutil
+
+    out = tmp_path / "shards"
+    shutil.copytree(ingested["out"], out)
+    job = out / "job.yaml"
+    edited = job.read_text() + "labels: labels.csv\n"
+    job.write_text(edited)
+    argv = ["ingest", str(ingested["urls"]), str(out), "--pool-size", "60", "--shard-size", "4", "--threads", "2",
+            "--timeout", "5"]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(argv) == 0
+    assert job.read_text() == edited
+    starter = out / "job.starter.yaml"
+    text = starter.read_text()
+    assert "model.name and model.pretrained: a placeholder" in text
+    assert yaml.safe_load(text)["model"] == {"name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}
+    said = buf.getvalue()
+    assert f"job: {job} kept as it was" in said and str(starter) in said
+    assert "set model" not in said  # the advice is for a job.yaml ingest wrote, not for the user's own
+    # a folder without job.yaml gets the starter as job.yaml, with the advice naming the placeholders
+    job.unlink()
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(argv) == 0
+    assert yaml.safe_load(job.read_text())["model"]["name"] == "ViT-B-32"
+    assert "(set model.name / model.pretrained to the model you audit)" in buf.getvalue()

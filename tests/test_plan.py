@@ -56,7 +56,15 @@ def test_many_shards_are_sampled_and_extrapolated(tmp_path, monkeypatch):
     assert n == 8 and text.startswith("≈ 8 (extrapolated from the tar headers of 2 of 4 shards")
 
 
-def test_estimate_needs_a_bench_record_of_the_same_model(tmp_path, capsys):
+CLUSTER = "ray_address: '127.0.0.1:6379'"  # a Ray cluster: its GPUs are known when the job runs there
+
+
+def test_estimate_needs_a_bench_record_of_the_same_model(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     _tar(tmp_path / "a.tar", [f"k{i}" for i in range(24)])
     job = _job(tmp_path, "a.tar")
     bench = tmp_path / "bench.json"
@@ -65,7 +73,7 @@ def test_estimate_needs_a_bench_record_of_the_same_model(tmp_path, capsys):
     assert main(["run", str(job), "--dry-run", "--bench", str(bench)]) == 0
     out = capsys.readouterr().out
     assert "images: 24 (from tar headers)" in out
-    assert "actors: 1 (compute.workers = 2, at most one per shard left)" in out
+    assert "actors: 1 (compute.workers = 2, at most one per shard left, on a local Ray on this machine)" in out
     assert "GPUs: 1 (1 per actor)" in out
     # 24 images / 0.01 images/s on one actor = 2400 s
     assert "estimated time: 40 min on 1 actor(s) at 0.01 images/s each (cuda, float16, attacks default)" in out
@@ -84,7 +92,7 @@ def test_estimate_needs_a_bench_record_of_the_same_model(tmp_path, capsys):
 
 def test_actors_and_gpus_unknown_until_the_cluster_is_there(tmp_path):
     _tar(tmp_path / "a.tar", ["k"])
-    spec = load_spec(_job(tmp_path, "a.tar", compute="{executor: ray, gpus_per_worker: 0.5}"))
+    spec = load_spec(_job(tmp_path, "a.tar", compute=f"{{executor: ray, gpus_per_worker: 0.5, {CLUSTER}}}"))
     plan = make_plan(spec, done=0)
     assert plan.actors is None and "one per 0.5 GPU(s) of the cluster" in plan.actors_note
     assert plan.gpus is None
@@ -134,7 +142,73 @@ def test_weights_from_a_hub_repo_are_unchecked_and_the_name_is_not_judged(tmp_pa
                                            "model: {name: my-arch, pretrained: 'hf-hub:org/repo'}"))
     [u] = unchecked_inputs(load_spec(job))
     assert (u.key, u.value) == ("model.pretrained", "hf-hub:org/repo")
-    assert u.reason == "Hugging Face Hub weights, not downloaded by a dry run (HF_HUB_OFFLINE is set)"
+    assert u.reason.startswith("Hugging Face Hub weights, not in the local Hugging Face cache (org/repo (")
+    assert u.reason.endswith("HF_HUB_OFFLINE is set, so a run on this machine stops at once (download them once "
+                             "with network, or use a local checkpoint)")
     job.write_text(job.read_text().replace("pretrained: 'hf-hub:org/repo'", "pretrained: null"))
     with pytest.raises(SpecError, match="model.name: unknown model 'my-arch'"):
         unchecked_inputs(load_spec(job))
+
+
+def test_on_a_machine_without_a_gpu_the_dry_run_describes_the_cpu_run(tmp_path, capsys, monkeypatch):
+    """A job for a local Ray with device auto: no GPU line about 'every GPU of the cluster'."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _tar(tmp_path / "a.tar", ["k"])
+    _tar(tmp_path / "b.tar", ["k"])
+    _tar(tmp_path / "c.tar", ["k"])
+    job = _job(tmp_path, "'{a,b,c}.tar'", compute="{executor: ray}")
+    assert main(["run", str(job), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "actors: 2 (a local Ray on this machine: CPU actors of 0.5 CPU each)" in out
+    assert "GPUs: 0 (this machine has no GPU: CPU actors)" in out
+    assert "numerics: device cpu, precision fp32" in out
+    assert "cluster" not in out
+
+
+def test_device_cuda_without_a_gpu_is_an_error_at_dry_run_and_run(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _tar(tmp_path / "a.tar", ["k"])
+    job = _job(tmp_path, "a.tar", compute="{executor: local, device: cuda}")
+    for argv in (["run", str(job), "--dry-run"], ["run", str(job)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "compute.device: cuda, but this machine has no GPU" in err[0], err
+    assert not (tmp_path / "out").exists()  # stopped before anything was written
+
+
+def test_hub_weights_that_cannot_be_downloaded_fail_at_once_in_one_line(tmp_path):
+    """Offline (HF_HUB_OFFLINE, or a hub that does not answer) and not in the local cache: `run`
+    stops before any work with one line; `--dry-run` says the weights are not in the cache."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from helpers import free_port
+
+    _tar(tmp_path / "a.tar", ["k"])
+    job = _job(tmp_path, "a.tar", compute="{executor: local}")
+    job.write_text(job.read_text().replace("model: {name: ViT-B-32}",
+                                           "model: {name: ViT-B-32, pretrained: laion2b_s34b_b79k}"))
+    base = {**os.environ, "HF_HOME": str(tmp_path / "hf-cache")}
+    for env, why in (({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+                     ({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}, "cannot be reached")):
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, "-m", "clipaudit.cli", "run", str(job)], capture_output=True, text=True,
+                           env={**base, **env}, timeout=300)
+        took = time.monotonic() - t0
+        assert p.returncode == 2, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and "are not in the local Hugging Face cache" in lines[0] and why in lines[0], lines
+        assert "Retry" not in p.stderr and took < 60
+        assert not (tmp_path / "out").exists()
+    p = subprocess.run([sys.executable, "-m", "clipaudit.cli", "run", str(job), "--dry-run"], capture_output=True,
+                       text=True, env={**base, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert ("model.pretrained: ViT-B-32 laion2b_s34b_b79k — OpenCLIP zoo weights, not in the local Hugging Face "
+            "cache") in p.stdout

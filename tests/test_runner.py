@@ -387,3 +387,64 @@ def test_a_folder_of_the_older_layout_resumes_and_its_markers_move_out_of_sample
         p.name for p in (out / "samples").glob("*.parquet"))
     assert len(list((out / "_markers").glob("*.done.json"))) == 3
     assert sorted(map(str, _rows(out))) == before
+
+
+def _files(out: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(out)): (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*")
+            if p.is_file() and p.name != ".clipaudit.lock"}
+
+
+def test_a_second_run_of_a_finished_folder_is_a_no_op_and_says_why_it_recomputes(job, caplog, capsys):
+    import logging
+
+    from clipaudit.io.report import print_report
+
+    spec = load_spec(job[0])
+    first = run_job(spec, progress=False)
+    assert first.reduced
+    before = _files(spec.output)
+    again = run_job(spec, progress=False)
+    assert not again.reduced and again.skipped == 3
+    assert again.metrics == first.metrics and again.summary == first.summary
+    assert _files(spec.output) == before  # not one file rewritten: metrics, manifest, report inputs alike
+    print_report(again)
+    assert "nothing to do" in capsys.readouterr().out
+    # a changed labels file is a reason to redo the reduce step (not the map), and the log says so
+    labels = job[0].parent / "labels.csv"
+    labels.write_text(labels.read_text().replace("Bob Stone,false", "Bob Stone,true"))
+    with caplog.at_level(logging.INFO, logger="clipaudit"):
+        third = run_job(spec, progress=False)
+    assert third.reduced and not third.map.done
+    assert "recomputing the reduce step: changed since the last one: labels file" in caplog.text
+    assert third.metrics != first.metrics
+    # a reduce with other settings makes the next run recompute with the spec's own
+    from clipaudit.cli import main
+
+    assert main(["reduce", str(spec.output), "--tau", "2"]) == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="clipaudit"):
+        fourth = run_job(spec, progress=False)
+    assert fourth.reduced and "attack parameters" in caplog.text
+
+
+def test_a_labelled_identity_missing_from_the_pool_stops_the_job_unless_excluded(job, capsys):
+    """IDIA can never rank a name the pool lacks: a labelled name outside it is exit 2 at --dry-run
+    and at run, naming it; with missing_names: exclude it is left out of IDIA's figures only."""
+    from clipaudit.cli import main
+
+    path = job[0]
+    labels = path.parent / "labels.csv"
+    labels.write_text(labels.read_text() + "Zed Unknown,false\n")  # has a photo in shard 1, not in names.txt
+    for argv in (["run", str(path), "--dry-run"], ["run", str(path)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "attacks.idia.missing_names: error" in err[0] and "'Zed Unknown'" in err[0], err
+    out = path.parent / "out"
+    assert not (out / "samples").exists()  # stopped before any work
+    path.write_text(path.read_text().replace("idia: {top_k: 2}", "idia: {top_k: 2, missing_names: exclude}"))
+    assert main(["run", str(path), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["idia"]["missing_names"]["identities"] == ["Zed Unknown"]
+    assert (metrics["idia"]["n_members"], metrics["idia"]["n_nonmembers"]) == (2, 1)  # Zed left out of IDIA
+    zed = next(r for r in pq.read_table(out / "identities.parquet").to_pylist() if r["identity"] == "Zed Unknown")
+    assert zed["in_name_pool"] is False and zed["idia_score_at_k"] is None and zed["label_member"] is False

@@ -376,7 +376,7 @@ def _storage_options_arg(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipaudit", description="Membership-inference audits of CLIP models.")
-    p.add_argument("--version", action="version", version=f"clipaudit {_version()}")
+    p.add_argument("-V", "--version", action="version", version=f"clipaudit {_version()}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_reduce)
 
     m = sub.add_parser("demo", help="self-contained synthetic audit (canary lab), a few minutes on a CPU")
-    m.add_argument("--output", default="clipaudit-demo", help="folder for the lab and results (./clipaudit-demo)")
+    m.add_argument("--output", default="clipaudit-demo", help="folder for the lab and results (default ./clipaudit-demo)")
     m.add_argument("--lab", choices=["default", "overfit", "shifted", "caption-shift"], default="default",
                    help="canary preset: default; overfit (1 photo per member, augmented training: image-level "
                         "attacks get signal); shifted (non-members from another camera style: validity warning); "
@@ -461,25 +461,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--threads", type=int, default=16, help="download threads per process (default 16)")
     i.add_argument("--timeout", type=int, default=10, help="seconds per download (default 10)")
     i.add_argument("--retries", type=int, default=0, help="retries of a failed download (default 0)")
-    i.add_argument("--model", default="ViT-B-32", help="model.name written to job.yaml (default: a placeholder, "
-                                                        "ViT-B-32)")
-    i.add_argument("--pretrained", default="laion2b_s34b_b79k",
-                   help="model.pretrained written to job.yaml (default: a placeholder, laion2b_s34b_b79k)")
+    i.add_argument("--model", default=None, help="model.name written to a new job.yaml (default: a placeholder, "
+                                                  "ViT-B-32)")
+    i.add_argument("--pretrained", default=None,
+                   help="model.pretrained written to a new job.yaml (default: a placeholder, laion2b_s34b_b79k)")
     i.set_defaults(func=cmd_ingest)
 
     b = sub.add_parser("bench", help="map-step throughput beside a model-only baseline, same run (synthetic shards)")
     b.add_argument("--model", default="ViT-B-32", help="OpenCLIP name or model-config JSON (default ViT-B-32)")
     b.add_argument("--pretrained", default=None, help="weights (default: random init — same speed, no download)")
     b.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on GPU, fp32 on CPU")
-    b.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: cuda when present)")
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: cuda when present)")
     b.add_argument("--images", type=int, default=512, help="synthetic images per pass (default 512)")
     b.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
     b.add_argument("--decode-threads", type=int, default=2, help="JPEG decode threads of the map step (default 2)")
-    b.add_argument("--image-px", type=int, default=256, help="side of the synthetic JPEGs")
-    b.add_argument("--names", type=int, default=100, help="name-pool size (its encoding is start-up, timed apart)")
+    b.add_argument("--image-px", type=int, default=256, help="side of the synthetic JPEGs (default 256)")
+    b.add_argument("--names", type=int, default=100, help="name-pool size (its encoding is start-up, timed apart; default 100)")
     b.add_argument("--attacks", default="default",
                    help="all, default, or registered attack names joined by + (default: default = the attacks a job runs by default)")
-    b.add_argument("--repeat", type=int, default=3, help="passes per stage; rates are medians")
+    b.add_argument("--repeat", type=int, default=3, help="passes per stage; rates are medians (default 3)")
     b.add_argument("--quick", action="store_true",
                    help="every speed figure (model-only, end to end, naive loop, augmentation, name index and its "
                         "recall, memory, 1 vs 2 processes) on a small 96-px model, ~3 min on a 2-core CPU")
@@ -510,7 +510,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose, quiet=getattr(args, "quiet", False) and args.func is cmd_run)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # the reader of stdout went away (e.g. `| head -3`): what it read was all it wanted
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return EXIT_OK
     except KeyboardInterrupt:
         print("interrupted: completed shards are kept; run the same command again to resume", file=sys.stderr)
         return 130

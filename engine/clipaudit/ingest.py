@@ -57,8 +57,17 @@ class IngestOptions:
     threads: int = 16
     timeout: int = 10
     retries: int = 0
-    model: str = "ViT-B-32"
-    pretrained: str | None = "laion2b_s34b_b79k"
+    model: str | None = None  # None: the placeholder PLACEHOLDER_MODEL
+    pretrained: str | None = None  # None: the placeholder PLACEHOLDER_PRETRAINED
+
+    def placeholders(self) -> list[str]:
+        """The starter job's model keys that hold a placeholder (not given by the user)."""
+        return [key for key, given in (("model.name", self.model), ("model.pretrained", self.pretrained))
+                if given is None]
+
+
+#: what the starter job names where --model / --pretrained were not given
+PLACEHOLDER_MODEL, PLACEHOLDER_PRETRAINED = "ViT-B-32", "laion2b_s34b_b79k"
 
 
 @dataclass
@@ -75,6 +84,9 @@ class IngestResult:
     pool: NamePool
     job: Path
     names: Path
+    job_kept: bool = False  # job.yaml existed (the user may have edited it): left as it was
+    starter: Path | None = None  # with job_kept: this ingest's starter, written beside it where it differs
+    placeholders: tuple[str, ...] = ()  # model keys of the starter that hold a placeholder
 
     @property
     def failed(self) -> int:
@@ -237,7 +249,8 @@ def starter_job(out: Path, pattern: str | list[str], opts: IngestOptions, pool: 
         return str(Path(value).resolve()) if value and Path(value).is_file() else value
 
     spec = {
-        "model": {"name": local(opts.model), "pretrained": local(opts.pretrained)},
+        "model": {"name": local(opts.model) if opts.model is not None else PLACEHOLDER_MODEL,
+                  "pretrained": local(opts.pretrained) if opts.pretrained is not None else PLACEHOLDER_PRETRAINED},
         "data": {"shards": pattern, "identity_field": "identity"},
         "names": "names.txt",
         "output": f"../{out.resolve().name}-audit",
@@ -245,7 +258,8 @@ def starter_job(out: Path, pattern: str | list[str], opts: IngestOptions, pool: 
     header = (
         f"# Starter job written by `clipaudit ingest` from {source.name} "
         f"({dt.datetime.now(dt.timezone.utc).date().isoformat()}).\n"
-        "# model: a placeholder (unless --model/--pretrained named it): set it to the CLIP model you audit.\n"
+        + (f"# {' and '.join(opts.placeholders())}: a placeholder: set it to the CLIP model you audit.\n"
+           if opts.placeholders() else "# model: as --model/--pretrained named it.\n") +
         "# data.shards: img2dataset's shards beside this file; URLs that failed to download are counted by\n"
         "#   `clipaudit run` (_SUMMARY.json) and listed in the `downloads` view of `clipaudit query`.\n"
         f"# names: the {pool.n_true} identities plus {len(pool.names) - pool.n_true} generated distractors "
@@ -282,11 +296,37 @@ def ingest(urls: Path, out: Path, opts: IngestOptions | None = None) -> IngestRe
     names_path, job_path = out / "names.txt", out / "job.yaml"
     names_path.write_text("\n".join(pool.names) + "\n", encoding="utf-8")
     pattern = shard_pattern(shards) if shards else [f"{i:05d}.tar" for i in range(expected)]
-    job_path.write_text(starter_job(out, pattern, opts, pool, urls), encoding="utf-8")
+    job_kept, starter = _write_starter(job_path, starter_job(out, pattern, opts, pool, urls))
     by_status = {k: totals[k] for k in ("failed_to_download", "failed_to_resize") if totals[k]}
     return IngestResult(out=out, shards=shards, urls=table.num_rows, success=totals["successes"],
                         failed_by_status=by_status, failed_by_reason=dict(reasons.most_common()),
-                        unfinished=[f"{i:05d}.tar" for i in unfinished], pool=pool, job=job_path, names=names_path)
+                        unfinished=[f"{i:05d}.tar" for i in unfinished], pool=pool, job=job_path, names=names_path,
+                        job_kept=job_kept, starter=starter, placeholders=tuple(opts.placeholders()))
+
+
+STARTER = "job.starter.yaml"
+
+
+def _write_starter(job_path: Path, text: str) -> tuple[bool, Path | None]:
+    """Write the starter job as ``job.yaml`` unless that exists: a user's file is never
+    overwritten. Where it exists and says something else than this ingest's starter (e.g. the
+    user set the model), the starter goes beside it as ``job.starter.yaml``. Returns (kept, the
+    starter written beside it or None)."""
+    import yaml
+
+    if not job_path.exists():
+        job_path.write_text(text, encoding="utf-8")
+        return False, None
+    beside = job_path.with_name(STARTER)
+    try:
+        same = yaml.safe_load(job_path.read_text(encoding="utf-8")) == yaml.safe_load(text)
+    except (yaml.YAMLError, UnicodeDecodeError):
+        same = False
+    if same:
+        beside.unlink(missing_ok=True)
+        return True, None
+    beside.write_text(text, encoding="utf-8")
+    return True, beside
 
 
 def result_lines(r: IngestResult) -> list[str]:
@@ -303,6 +343,14 @@ def result_lines(r: IngestResult) -> list[str]:
     locales = ", ".join(f"{k}={v}" for k, v in r.pool.by_locale.items()) or "none"
     lines.append(f"names: {r.names} ({len(r.pool.names)} names: {r.pool.n_true} identities + "
                  f"{len(r.pool.names) - r.pool.n_true} distractors; by locale: {locales})")
-    lines.append(f"job: {r.job} (set model.name / model.pretrained to the model you audit)")
+    if r.job_kept and r.starter is not None:
+        lines.append(f"job: {r.job} kept as it was (it differs from this ingest's starter, written to {r.starter}: "
+                     "compare data.shards and names with yours)")
+    elif r.job_kept:
+        lines.append(f"job: {r.job} kept as it was")
+    elif r.placeholders:
+        lines.append(f"job: {r.job} (set {' / '.join(r.placeholders)} to the model you audit)")
+    else:
+        lines.append(f"job: {r.job}")
     lines.append(f"next: clipaudit run {r.job} --dry-run, then clipaudit run {r.job}")
     return lines

@@ -17,6 +17,9 @@ from typing import Any
 
 from .data.shards import backend_package, check_backend, is_url, protocol
 from .data.tar_reader import IMAGE_EXTS, split_member_name
+from .data.names import NamePoolError, load_name_pool
+from .map.models import hf_offline, hub_weights
+from .reduce.labels import LabelsError, missing_from_pool, missing_names_message, read_controls, read_labels
 from .spec import JobSpec, ModelSpec, SpecError
 
 #: local shards whose tar headers a dry run reads; beyond this an evenly spaced sample is extrapolated
@@ -46,10 +49,7 @@ class Plan:
     gpus_note: str
     estimate: str
     unchecked: list[Unchecked] = field(default_factory=list)
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    numerics: str = ""  # device, precision, index, decode as the run resolves them here ("" on a cluster)
 
 
 def _remote_reason(url: str) -> str:
@@ -63,40 +63,41 @@ def _remote_reason(url: str) -> str:
 
 def _model_inputs(key: str, m: ModelSpec) -> list[Unchecked]:
     """Weights a dry run cannot check; raises :class:`SpecError` for a zoo model or tag that
-    OpenCLIP does not know (a definite error, found without network)."""
+    OpenCLIP does not know (a definite error, found without network). Hub weights already in
+    the local Hugging Face cache count as checked; the others are listed with what a run does."""
     out: list[Unchecked] = []
-    hub = "not downloaded by a dry run" + (" (HF_HUB_OFFLINE is set)" if _offline() else "")
     for sub, value in (("name", m.name), ("pretrained", m.pretrained)):
         if value and is_url(value):
             out.append(Unchecked(f"{key}.{sub}", value, _remote_reason(value)))
-        elif value and value.startswith("hf-hub:"):
-            out.append(Unchecked(f"{key}.{sub}", value, f"Hugging Face Hub weights, {hub}"))
     name, tag = m.name, m.pretrained
-    if tag and tag.startswith("hf-hub:"):
-        return out  # the hub repo's config decides the architecture (load_model ignores `name`)
-    if name.startswith("hf-hub:") or name.endswith(".json") or is_url(name) or os.path.sep in name:
-        return out
-    import open_clip
+    hub_model = (tag or "").startswith("hf-hub:") or name.startswith("hf-hub:")
+    if not hub_model and not (name.endswith(".json") or is_url(name) or os.path.sep in name):
+        import open_clip
 
-    if name not in open_clip.list_models():
-        raise SpecError(f"{key}.name: unknown model {name!r}: not an OpenCLIP model name, hf-hub: id or "
-                        "model-config JSON (see open_clip.list_models())")
-    if tag and not (is_url(tag) or Path(tag).is_file()):
-        if not open_clip.get_pretrained_cfg(name, tag):
+        if name not in open_clip.list_models():
+            raise SpecError(f"{key}.name: unknown model {name!r}: not an OpenCLIP model name, hf-hub: id or "
+                            "model-config JSON (see open_clip.list_models())")
+        if tag and not (is_url(tag) or Path(tag).is_file()) and not open_clip.get_pretrained_cfg(name, tag):
             tags = open_clip.list_pretrained_tags_by_model(name)
             raise SpecError(f"{key}.pretrained: {tag!r} is not an OpenCLIP tag of {name} "
                             f"(known: {', '.join(tags) or 'none'}) nor a local checkpoint")
-        out.append(Unchecked(f"{key}.pretrained", f"{name} {tag}", f"OpenCLIP zoo weights, {hub}"))
+    weights = hub_weights(name, tag)
+    if weights is not None and weights.cached is None:
+        kind = "Hugging Face Hub" if hub_model else "OpenCLIP zoo"
+        then = ("HF_HUB_OFFLINE is set, so a run on this machine stops at once (download them once with network, or "
+                "use a local checkpoint)" if hf_offline() else
+                "downloaded when the job runs (by each worker on a cluster)")
+        value = tag if (tag or "").startswith("hf-hub:") else name if not tag else f"{name} {tag}"
+        out.append(Unchecked(f"{key}.{'pretrained' if tag else 'name'}", value,
+                             f"{kind} weights, not in the local Hugging Face cache ({weights.describe()}): {then}"))
     return out
 
 
 def unchecked_inputs(spec: JobSpec) -> list[Unchecked]:
     """Every input of ``spec`` a dry run cannot check from here, in spec order."""
-    out = _model_inputs("model", spec.model)
-    for name in spec.attacks.enabled():
-        for key, value in getattr(spec.attacks, name):
-            if isinstance(value, ModelSpec):
-                out += _model_inputs(f"attacks.{name}.{key}", value)
+    out = []
+    for key, m in spec.model_specs().items():
+        out += _model_inputs(key, m)
     remote = [s for s in spec.shard_list() if is_url(s)]
     for proto in sorted({protocol(s) for s in remote}):
         of = [s for s in remote if protocol(s) == proto]
@@ -140,20 +141,78 @@ def count_images(shards: list[str]) -> tuple[int | None, str]:
     return total, text + ")"
 
 
+def device_here(spec: JobSpec) -> str | None:
+    """``cuda`` or ``cpu``: where the map step runs when it runs on this machine (the local
+    executor, or a local Ray); None on a Ray cluster, whose GPUs are known when it runs. A
+    ``compute.device: cuda`` on a machine without a GPU is a :class:`SpecError` (it never falls
+    back to the CPU)."""
+    import torch
+
+    c = spec.compute
+    if c.executor == "ray" and (c.ray_address or os.environ.get("RAY_ADDRESS")):
+        return None
+    has_gpu = torch.cuda.is_available()
+    if c.device.startswith("cuda") and not has_gpu:
+        raise SpecError(f"compute.device: {c.device}, but this machine has no GPU that torch can use "
+                        "(torch.cuda.is_available() is False); it never falls back to the CPU: use device: auto "
+                        "or cpu, or run on a GPU machine")
+    if c.device != "auto":
+        return torch.device(c.device).type
+    return "cuda" if has_gpu else "cpu"
+
+
+def check_name_coverage(spec: JobSpec, read_urls: bool = True) -> None:
+    """A labelled or control identity whose name the pool lacks stops the job (SpecError naming
+    them) for every enabled attack whose ``missing_names`` is ``error``. ``read_urls=False`` (a dry
+    run): files on object storage are not read, and the check is left to the run."""
+    modes = {name: getattr(getattr(spec.attacks, name), "missing_names", None) for name in spec.attacks.enabled()}
+    strict = [name for name, mode in modes.items() if mode == "error"]
+    files = [f for f in (spec.names, spec.labels, spec.calibration.controls) if f is not None]
+    if not strict or (spec.labels is None and spec.calibration.controls is None):
+        return
+    if not read_urls and any(isinstance(f, str) and is_url(f) for f in files):
+        return
+    so = spec.data.storage_options
+    try:
+        named = set(read_labels(spec.labels, so).identities) if spec.labels is not None else set()
+        if spec.calibration.controls is not None:
+            named |= read_controls(spec.calibration.controls, so).identities
+        pool = set(load_name_pool(spec.names, so))
+    except (LabelsError, NamePoolError) as e:
+        raise SpecError(str(e)) from None
+    missing = missing_from_pool(named, pool)
+    if missing:
+        raise SpecError(f"attacks.{strict[0]}.missing_names: error: "
+                        + missing_names_message(strict[0], missing, spec.names))
+
+
 def _actors(spec: JobSpec, todo: int) -> tuple[int | None, str, float | None, str]:
     c = spec.compute
+    here = device_here(spec)
+    why_cpu = "this machine has no GPU" if c.device == "auto" else "compute.device: cpu"
     if c.executor == "local":
-        gpus = 0.0 if c.device == "cpu" else (1.0 if c.device.startswith("cuda") else None)
-        return 1, "local executor: one process, no Ray", gpus, ("this machine's first GPU if it has one"
-                                                               if gpus is None else f"device {c.device}")
-    uses_gpu = c.gpus_per_worker > 0 and c.device != "cpu"
+        if here == "cpu":
+            return 1, "local executor: one process, no Ray", 0.0, f"{why_cpu}: the model runs on the CPU"
+        return 1, "local executor: one process, no Ray", 1.0, f"device {c.device if c.device != 'auto' else 'cuda'}"
+    uses_gpu = c.gpus_per_worker > 0 and here != "cpu" and c.device != "cpu"
+    where = "a local Ray on this machine" if here is not None else "the Ray cluster"
     if c.workers:
         n = min(c.workers, max(todo, 1))
         gpus = n * c.gpus_per_worker if uses_gpu else 0.0
-        return n, f"compute.workers = {c.workers}, at most one per shard left", gpus, \
-            f"{c.gpus_per_worker:g} per actor" if uses_gpu else "none (CPU actors)"
+        return n, f"compute.workers = {c.workers}, at most one per shard left, on {where}", gpus, \
+            f"{c.gpus_per_worker:g} per actor" if uses_gpu else f"{why_cpu}: CPU actors"
     if not uses_gpu:
-        return None, "Ray: 2 CPU actors unless resources_per_worker says otherwise", 0.0, "none (CPU actors)"
+        n = min(2, max(todo, 1)) if not c.resources_per_worker else None
+        note = (f"{where}: CPU actors of {c.cpus_per_worker:g} CPU each" if n is not None else
+                f"{where}: CPU actors, as many as resources_per_worker allows")
+        return n, note, 0.0, f"{why_cpu}: CPU actors"
+    if here == "cuda":
+        import torch
+
+        n = max(1, int(torch.cuda.device_count() // c.gpus_per_worker))
+        n = min(n, max(todo, 1))
+        return n, f"{where}: one per {c.gpus_per_worker:g} GPU(s)", n * c.gpus_per_worker, \
+            f"{c.gpus_per_worker:g} per actor"
     return (None, f"Ray: one per {c.gpus_per_worker:g} GPU(s) of the cluster, known when it runs (compute.workers unset)",
             None, f"every GPU of the cluster, {c.gpus_per_worker:g} per actor")
 
@@ -186,11 +245,19 @@ def _estimate(spec: JobSpec, bench: dict[str, Any] | None, images: int | None, a
 def make_plan(spec: JobSpec, done: int, bench: dict[str, Any] | None = None) -> Plan:
     """The plan of ``spec``, ``done`` of whose shards are already finished."""
     unchecked = unchecked_inputs(spec)
+    check_name_coverage(spec, read_urls=False)
     shards = spec.shard_list()
     images, note = count_images(shards)
     actors, actors_note, gpus, gpus_note = _actors(spec, len(shards) - done)
+    here = device_here(spec)
+    numerics = ""
+    if here is not None and isinstance(spec.names, str) and is_url(spec.names):
+        # the name index depends on the pool's size, which a dry run does not read from storage
+        numerics = ", ".join(f"{k} {v}" for k, v in spec.numerics(here, pool_size=None).items())
+    elif here is not None:
+        numerics = ", ".join(f"{k} {v}" for k, v in spec.numerics(here).items())
     return Plan(len(shards), done, images, note, actors, actors_note, gpus, gpus_note,
-                _estimate(spec, bench, images, actors), unchecked)
+                _estimate(spec, bench, images, actors), unchecked, numerics)
 
 
 def format_plan(plan: Plan) -> list[str]:
@@ -199,6 +266,7 @@ def format_plan(plan: Plan) -> list[str]:
         f"images: {plan.images_text}",
         f"actors: {plan.actors_note}" if plan.actors is None else f"actors: {plan.actors} ({plan.actors_note})",
         f"GPUs: {plan.gpus_note}" if plan.gpus is None else f"GPUs: {plan.gpus:g} ({plan.gpus_note})",
+        f"numerics: {plan.numerics}" if plan.numerics else "numerics: decided by the cluster's GPUs when it runs",
         f"estimated time: {plan.estimate}",
     ]
     if plan.unchecked:

@@ -17,7 +17,10 @@ from .data.storage import redact_text
 from .executors.base import MapResult
 from .executors.factory import make_executor
 from .io.outputs import OutputLayout, atomic_write_json, output_layout
+from .map.models import check_hub_weights
+from .plan import check_name_coverage, device_here
 from .reduce import ReduceOptions, reduce_outputs
+from .reduce.pipeline import reduce_changes
 from .spec import JobSpec, detect_device_type, sha256_file, spec_from_json
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ class RunReport:
     map: MapResult
     summary: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
+    reduced: bool = True  # False: nothing had changed, the earlier reduce's outputs were kept
 
     @property
     def ok(self) -> bool:
@@ -197,6 +201,10 @@ def _now() -> str:
 
 def run_job(spec: JobSpec, *, force: bool = False, progress: bool = True, spec_text: str | None = None) -> RunReport:
     """Run (or resume) an audit; the map step only touches shards without a valid marker."""
+    if device_here(spec) is not None:  # compute.device: cuda without a GPU stops here, before any work
+        for m in spec.model_specs().values():  # weights that cannot be downloaded: one line, at once
+            check_hub_weights(m.name, m.pretrained)
+    check_name_coverage(spec)  # a labelled or control name the pool lacks: exit 2 before any work
     spec = spec.pinned(detect_device_type(spec))  # every worker computes what the resume hash says
     layout = output_layout(spec.output, spec.data.storage_options)
     with layout.lock() as lock:
@@ -228,15 +236,25 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
         log.info("removed %d temp file(s) left by an interrupted run", stale)
     if exclusive and layout.adopt_legacy_markers():
         log.info("moved the shard markers of an older layout from samples/ to _markers/")
-    atomic_write_json(layout.job_state, tmp_dir=layout.tmp_dir, obj={
-        "map_hash": spec.map_hash(), "map_fingerprint": spec.map_fingerprint(), "spec": spec.public_json(),
-    })
+    job_state = {"map_hash": spec.map_hash(), "map_fingerprint": spec.map_fingerprint(), "spec": spec.public_json()}
+    if not (layout.job_state.is_file() and json.loads(layout.job_state.read_text()) == job_state):
+        atomic_write_json(layout.job_state, tmp_dir=layout.tmp_dir, obj=job_state)
     if layout.remote is not None:  # before any shard is mapped: a --force's removals and the job's state
         layout.remote.push()
     shards = spec.shard_list()
     todo = [s for s in shards if not layout.is_done(s)]
     if len(todo) < len(shards):
         log.info("resume: %d of %d shards already done", len(shards) - len(todo), len(shards))
+    opts = reduce_options(spec)
+    if not todo:
+        changed = reduce_changes(layout, opts)
+        if changed == [] and not stale and layout.summary.is_file() and layout.manifest.is_file():
+            log.debug("nothing to do: every shard is done and the reduce step's outputs are up to date")
+            summary = json.loads(layout.summary.read_text())
+            metrics = json.loads(layout.metrics.read_text()) if layout.metrics.is_file() else {}
+            return RunReport(layout, len(shards), len(shards), MapResult(), summary, metrics, reduced=False)
+        log.info("every shard is done; recomputing the reduce step: %s",
+                 "no record of an earlier one" if changed is None else "changed since the last one: " + ", ".join(changed))
     result = make_executor(spec).run(spec, layout, todo, progress=progress)
     if layout.remote is not None:
         layout.remote.pull()  # parts and markers that map actors on other machines put on the store
@@ -246,7 +264,7 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
     summary["stale_temp_files_removed"] = stale
     summary["duplicate_keys_across_shards"] = cross_shard_duplicate_keys(layout)
     atomic_write_json(layout.summary, summary, layout.tmp_dir)
-    metrics = reduce_outputs(layout, reduce_options(spec)).metrics if summary["shards_done"] else {}
+    metrics = reduce_outputs(layout, opts).metrics if summary["shards_done"] else {}
     write_manifest(layout, spec, spec_text, shards, started, summary)
     return RunReport(layout, len(shards), len(shards) - len(todo), result, summary, metrics)
 

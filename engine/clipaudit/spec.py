@@ -286,18 +286,21 @@ class JobSpec(_Strict):
             "output_format": map_output_format(enabled),
         }
 
-    def numerics(self, device_type: str | None = None) -> dict[str, str]:
+    def numerics(self, device_type: str | None = None, pool_size: int | None | bool = True) -> dict[str, str]:
         """What the hardware decides about the numbers: the device type, the model's precision
         and the name-index kind, with ``auto``/unset resolved as the map step resolves them (on
         ``device_type``, default: this machine). They change scores slightly, so they enter the
-        resume hash: a GPU run is never resumed on a CPU, or the reverse, without ``--force``."""
+        resume hash: a GPU run is never resumed on a CPU, or the reverse, without ``--force``.
+        ``pool_size=None``: the pool is not read, and an ``auto`` index is reported as such."""
         if device_type is None:
             device_type = detect_device_type(self)
         precision = self.model.precision or ("fp16" if device_type == "cuda" else "fp32")
         if device_type == "cpu" and precision == "fp16":
             precision = "fp32"  # the model runs fp32 on a CPU (load_model warns)
         index = self.compute.index
-        if index == "auto":
+        if pool_size is None and index in ("auto", "faiss-ivf"):
+            index += " (decided by the pool's size when it runs)"
+        elif index == "auto":
             from .map.index import resolve_backend
 
             index = resolve_backend(index, device_type, self.name_count())
@@ -328,16 +331,19 @@ class JobSpec(_Strict):
                                                        "decode": n["decode"]}),
         })
 
-    def model_files(self) -> dict[str, dict[str, str | None]]:
-        """Content hashes of every local model file the map step reads: the audited model's and
-        those of models inside attack parameters (e.g. a reference model)."""
-        out = {"model": self.model.content_fingerprint()}
+    def model_specs(self) -> dict[str, ModelSpec]:
+        """Every model the map step loads, by spec key: the audited model and those inside
+        attack parameters (e.g. a reference model)."""
+        out = {"model": self.model}
         for name in self.attacks.enabled():
-            params = getattr(self.attacks, name)
-            for key, value in params:
+            for key, value in getattr(self.attacks, name):
                 if isinstance(value, ModelSpec):
-                    out[f"attacks.{name}.{key}"] = value.content_fingerprint()
+                    out[f"attacks.{name}.{key}"] = value
         return out
+
+    def model_files(self) -> dict[str, dict[str, str | None]]:
+        """Content hashes of every local model file the map step reads (see :meth:`model_specs`)."""
+        return {key: m.content_fingerprint() for key, m in self.model_specs().items()}
 
     def map_hash(self) -> str:
         blob = json.dumps(self.map_fingerprint(), sort_keys=True, default=str)

@@ -191,3 +191,10 @@ def test_readme_example_queries(small_audit, capsys):
         assert r["identities"] == 8 and r["pearson"] == pytest.approx(np.corrcoef(a, b)[0, 1])
         assert r["both_flag"] == sum(r["attack_a"] in flags[i] and r["attack_b"] in flags[i] for i in names)
     assert len(samples) == 50
+
+
+def test_more_than_one_statement_is_refused_not_half_answered(out, capsys):
+    assert main(["query", str(out), "SELECT 1; SELECT 2"]) == 2
+    err = capsys.readouterr().err
+    assert "one statement per query, got 2" in err
+

@@ -233,3 +233,24 @@ def test_without_matplotlib_a_clear_error_names_the_extra(audit, monkeypatch, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "matplotlib" in err[0] and "pip install 'clipaudit[report]'" in err[0]
     assert not (audit / "report.html").exists()
+
+
+def test_the_sweep_plot_shows_both_series_where_they_coincide():
+    """An untrained model: TPR = FPR = 0 at every k. Both series must be visible in the plot, not
+    the FPR drawn over the TPR (then the red of the TPR shows only in the legend)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from clipaudit.io.report_html import sweep_plots
+
+    entries = [{"k": k, "draws": 20, "tpr": 0.0, "tpr_std": 0.0, "fpr": 0.0, "fpr_std": 0.0} for k in (1, 3, 5, 10)]
+    [plot] = sweep_plots({"idia": {"sweep": entries}})
+    pixels = np.asarray(Image.open(io.BytesIO(plot.png)).convert("RGB")).astype(int)
+
+    def count(rgb: tuple[int, int, int]) -> int:
+        return int((np.abs(pixels - np.array(rgb)).sum(axis=2) < 60).sum())
+
+    tpr, fpr = count((0xD6, 0x27, 0x28)), count((0x1F, 0x77, 0xB4))
+    assert fpr > 0 and tpr > 0.4 * fpr, (tpr, fpr)

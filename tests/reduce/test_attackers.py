@@ -27,7 +27,7 @@ def test_labelled_rows_get_out_of_fold_scores_and_the_rest_the_full_model():
 
 
 def test_an_mlp_attacker_round_trips_through_json(tmp_path):
-    from clipaudit.reduce.learned import fit_mlp
+    from clipaudit.reduce.learned import MLP_MAX_ITER, fit_mlp
 
     rng = np.random.default_rng(2)
     X = rng.normal(size=(80, 5))
@@ -38,7 +38,8 @@ def test_an_mlp_attacker_round_trips_through_json(tmp_path):
     assert np.allclose(back.model.predict_proba(X), a.model.predict_proba(X))
     from sklearn.neural_network import MLPClassifier  # the numpy forward pass equals scikit-learn's own
 
-    ref = MLPClassifier(hidden_layer_sizes=(32,), alpha=1e-2, solver="lbfgs", max_iter=500, random_state=0)
+    ref = MLPClassifier(hidden_layer_sizes=(32,), alpha=1e-2, solver="lbfgs", max_iter=MLP_MAX_ITER,
+                        random_state=0)
     ref.fit((X - X.mean(0)) / X.std(0), y.astype(int))
     assert np.allclose(back.model.predict_proba(X), ref.predict_proba((X - X.mean(0)) / X.std(0))[:, 1])
 

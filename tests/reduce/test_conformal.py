@@ -127,3 +127,25 @@ def test_conformal_threshold_false_positive_rate_on_fresh_nonmembers():
     assert np.mean(rates) >= 0.03  # and not needlessly conservative
     with pytest.raises(ValueError):
         conformal_threshold([1.0, 2.0], 0.0)
+
+
+def test_the_log_and_the_report_count_the_same_control_images(small_audit, caplog, capsys):
+    """Controls named by identity: the image calibration uses those identities' images, and the run
+    log, calibration.json and the report's table say the same number in the same words."""
+    import json
+    import logging
+    import re
+
+    from clipaudit.cli import main
+
+    with caplog.at_level(logging.INFO, logger="clipaudit"):
+        assert main(["reduce", str(small_audit)]) == 0
+    out = capsys.readouterr().out
+    cal = json.loads((small_audit / "calibration.json").read_text())
+    used = cal["controls"]["images_used"]
+    assert used == max(e["n_controls"] for e in cal["image"].values()) > 0
+    words = f"3 control identities and {used} control images (the images of the control identities)"
+    assert any(m.startswith("calibration in") and words in m for m in caplog.messages), caplog.messages
+    assert f"from {words}" in out
+    table = [int(n) for n in re.findall(r"^\s+image\s+\S+\s+(\d+) controls", out, flags=re.M)]
+    assert table and max(table) == used

@@ -129,3 +129,19 @@ def test_stratified_draw_keeps_class_sizes_and_matches_the_slow_metrics():
     assert counts[y].sum() == y.sum() and counts[~y].sum() == (~y).sum()
     idx = np.repeat(np.arange(len(s)), counts)
     assert fast == pytest.approx(_point(s[idx], y[idx]), abs=1e-12)
+
+
+def test_at_image_level_the_one_over_fpr_rule_counts_non_member_people_not_images():
+    """100 non-member photos of 5 people cannot resolve a TPR at 1 % FPR: the interval would rest
+    on 5 independent units. 100 non-member people with one photo each can."""
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(20, bool), np.zeros(100, bool)]
+    s = rng.normal(size=120) + y
+    few_people = np.r_[np.arange(20), 20 + np.arange(100) % 5]
+    m = membership_metrics(s, y, n_boot=50, groups=few_people)
+    assert m["n_nonmembers"] == 100 and m["n_nonmember_groups"] == 5
+    assert m["tpr_at_1pct_fpr"] is None and m["tpr_at_1pct_fpr_ci"] is None
+    assert m["tpr_at_1pct_fpr_note"].startswith("needs >= 100 non-member identities at this level, has 5")
+    many_people = np.arange(120)
+    m = membership_metrics(s, y, n_boot=50, groups=many_people)
+    assert m["tpr_at_1pct_fpr"] is not None and "tpr_at_1pct_fpr_note" not in m

@@ -22,3 +22,20 @@ def test_how_often_a_name_occurs_does_not_become_a_feature():
     unmasked = text_features(caps, None, components=4)
     assert not np.allclose(unmasked[0], unmasked[12])  # the artefact the masking removes
     assert f[15, 3] == 1  # one year mentioned
+
+
+def test_captions_that_differ_only_in_the_masked_name_give_no_warning_and_no_components():
+    """One caption template per person: after masking the name every TF-IDF row is the same, so the
+    components would carry nothing (scikit-learn's SVD divided by a zero variance and warned)."""
+    import warnings
+
+    names = ["Ann Lee", "Bob Ray", "Cy Moe"]
+    captions = [f"a photo of {n}" for n in names for _ in range(3)]
+    identities = [n for n in names for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning fails the test
+        X = text_features(captions, identities)
+    assert X.shape == (9, 4)  # length, words, digits, years only
+    varied = text_features([c + (" at the beach" if i % 2 else " in town") for i, c in enumerate(captions)],
+                           identities)
+    assert varied.shape[1] > 4  # where captions differ, the TF-IDF components are kept

@@ -71,6 +71,9 @@ class IdiaParams(BaseModel):
     draws: int = Field(20, ge=1, le=1000, description="random draws of k images per identity and k (reduce only)")
     headline_k: int | None = Field(None, ge=1, description="k of the headline metrics; default: the largest k in "
                                                            "the list that 90 % of the labelled identities reach")
+    missing_names: Literal["error", "exclude"] = Field(
+        "error", description="a labelled or control identity whose name is not in the pool: error (stop at "
+                             "--dry-run and run, naming it) or exclude (leave it out of IDIA's figures, with a note)")
     template_average: bool = Field(
         False, description="average each name's template embeddings into one vector (CLIP's prompt ensemble) and "
                            "rank names once per image: T times less index work; IDIA then votes over that one "
@@ -276,7 +279,8 @@ def _own_coded(flat: pa.Array, name: str, t: int) -> np.ndarray:
 def analyse(inp: AnalysisInput) -> IdentityAnalysis:
     """The sweep over images per identity and the headline score at a fixed k."""
     p: IdiaParams = inp.params
-    labels = inp.labels or {}
+    excluded = inp.excluded
+    labels = {n: v for n, v in (inp.labels or {}).items() if n not in excluded}
     ks = sorted(set(p.k))
     names: list[str] = []
     counts: list[int] = []
@@ -310,6 +314,12 @@ def analyse(inp: AnalysisInput) -> IdentityAnalysis:
         if k_head is None:
             metrics["k_note"] += _imbalance(names, counts_arr, labels)
     column = dict(zip(names, scores_by_k[all_ks.index(k_head)].astype(float).mean(1).tolist())) if k_head else {}
+    column = {n: (float("nan") if n in excluded else v) for n, v in column.items()}
+    if excluded:
+        metrics["missing_names"] = {
+            "excluded": len(excluded), "identities": sorted(excluded)[:20],
+            "note": f"{len(excluded)} labelled or control identities are not in the name pool and are left out of "
+                    "IDIA's figures and p-values (attacks.idia.missing_names: exclude); their idia_score_at_k is null"}
     if k_head and all(v != v for v in column.values()):  # headline_k that nobody reaches: say so, use all images
         metrics.update(k=None, k_note=f"headline_k = {k_head}: no identity has that many images; the headline "
                                       "compares identities by all their images, whatever their number")
@@ -353,7 +363,7 @@ IDIA = register(Attack(
     build=lambda p, job: IdiaAttack(load_name_pool(job.names, job.data.storage_options),
                                     resolve_templates(p.templates), p.top_k, p.template_average),
     default=True,
-    reduce_only=frozenset({"tau", "k", "draws", "headline_k"}),
+    reduce_only=frozenset({"tau", "k", "draws", "headline_k", "missing_names"}),
     columns=(
         Column("idia_true_rank", pa.list_(pa.int32()), "per template: 1-based rank of the true name; null beyond "
                                                         "top_k or when the name is not in the pool"),

@@ -99,6 +99,8 @@ class AnalysisInput:
     params: Any
     seed: int
     labels: dict[str, bool] | None
+    #: identities the attack leaves out of its figures (e.g. names missing from IDIA's pool)
+    excluded: frozenset[str] = frozenset()
 
 
 #: the plain learned attacker: logistic regression on the raw feature vector

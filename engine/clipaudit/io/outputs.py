@@ -201,6 +201,8 @@ class OutputLayout:
     calibration = property(lambda self: self.root / "calibration.json")
     manifest = property(lambda self: self.root / "manifest.json")
     summary = property(lambda self: self.root / "_SUMMARY.json")
+    #: what the last reduce step was computed from (see :func:`clipaudit.reduce.pipeline.reduce_inputs`)
+    reduce_state = property(lambda self: self.root / "_REDUCE.json")
     job_state = property(lambda self: self.root / "_job.json")
     attackers_dir = property(lambda self: self.root / "attackers")
 
@@ -306,7 +308,8 @@ class OutputLayout:
         for d in (self.samples_dir, self.embeddings_dir, self.cache_dir, self.sample_scores_dir, self.markers_dir,
                   self.tmp_dir, self.downloads_dir):
             shutil.rmtree(d, ignore_errors=True)
-        for f in (self.identities, self.metrics, self.roc, self.calibration, self.summary, self.job_state):
+        for f in (self.identities, self.metrics, self.roc, self.calibration, self.summary, self.job_state,
+                  self.reduce_state):
             f.unlink(missing_ok=True)
 
 

@@ -114,6 +114,8 @@ def _check_read_only(sql: str) -> None:
         kind = str(st.type).split(".")[-1]
         if kind not in _READ_ONLY_TYPES:
             raise QueryError(f"only read queries are allowed (got a {kind} statement)")
+    if len(statements) > 1:  # only the last one's result would be shown
+        raise QueryError(f"one statement per query, got {len(statements)}: run them one at a time")
 
 
 def run_query(output_dir: str | Path, sql: str) -> tuple[list[str], list[tuple]]:

@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 from ..attacks.registry import registered
+from ..reduce.conformal import controls_in_words
 
 
 def _cell(m: dict, k: str) -> str:
     v, ci, note = m.get(k), m.get(f"{k}_ci"), m.get(f"{k}_note")
     if v is None:
-        return f"n/a ({note.replace(' at this level', '').replace('>=', '≥')})" if note else "-"
+        short = note.split(" (among")[0]  # the table keeps the count; metrics.json keeps the reason
+        return f"n/a ({short.replace(' at this level', '').replace('>=', '≥')})" if note else "-"
     return f"{v:.3f}" if ci is None else f"{v:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
@@ -97,8 +99,8 @@ def no_audit(root, missing: str) -> str:
 
 def calibration_lines(cal: dict) -> list[str]:
     """``calibration.json`` in words: per level and score, controls, threshold, flagged."""
-    lines = [f"calibration at target FPR {cal['target_fpr']} from {cal['controls']['identities']} control "
-             f"identities and {cal['controls']['images']} control images ({', '.join(cal['controls']['sources'])})"]
+    lines = [f"calibration at target FPR {cal['target_fpr']} from {controls_in_words(cal['controls'])} "
+             f"({', '.join(cal['controls']['sources'])})"]
     notes: dict[str, list[str]] = {}  # a note shared by several scores is printed once
     for level in ("identity", "image"):
         for attack, e in cal.get(level, {}).items():
@@ -123,6 +125,9 @@ def print_report(report, out=None) -> None:
         rows = sum(d["rows"] for d in report.map.done)
         print(f"map: {rows} samples in {report.map.seconds:.1f} s ({rows / max(report.map.seconds, 1e-9):.1f} img/s)",
               file=out)
+    if not report.reduced:
+        print("nothing to do: every shard was done and nothing the reduce step reads had changed, so no file was "
+              "rewritten (`clipaudit reduce` recomputes identities and metrics)", file=out)
     if report.metrics:
         print("\n".join(metrics_table(report.metrics)), file=out)
     print(f"output: {report.layout.root}", file=out)

@@ -295,12 +295,16 @@ def sweep_plots(metrics: dict) -> list[Plot]:
     for key, title, entries in _sweeps(metrics):
         fig = _figure(6.4, 3.8)
         ax = fig.add_subplot()
-        for rate, colour in (("tpr", "#d62728"), ("fpr", "#1f77b4")):
+        # the two series are dodged sideways and drawn in different line and marker styles, so
+        # that neither hides the other where they coincide (e.g. both 0 for an untrained model)
+        for rate, colour, dodge, style in (("tpr", "#d62728", -0.08, {"marker": "o", "ls": "-"}),
+                                           ("fpr", "#1f77b4", 0.08, {"marker": "s", "ls": "--", "mfc": "white"})):
             pts = [(e["k"], e[rate], e.get(f"{rate}_std") or 0.0) for e in entries
                    if e.get("k") is not None and e.get(rate) is not None]
             if pts:
-                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], color=colour,
-                            marker="o", capsize=4, label=f"{rate.upper()} (mean ± std over draws)")
+                ax.errorbar([p[0] + dodge for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                            color=colour, capsize=4, ms=7, mew=1.5, label=f"{rate.upper()} (mean ± std over draws)",
+                            **style)
         missing = [e["k"] for e in entries if e.get("tpr") is None and e.get("k") is not None]
         for k in missing:
             ax.annotate("n/a", (k, 0.5), ha="center", color="grey")

@@ -250,6 +250,94 @@ def _create(name: str, pretrained: str | None) -> torch.nn.Module:
         ) from None
 
 
+@dataclass(frozen=True)
+class HubWeights:
+    """Weights that come from the Hugging Face Hub: the repository, the files OpenCLIP tries
+    (in its order), and the local cache's copy if there is one."""
+
+    repo: str
+    files: tuple[str, ...]
+    cached: str | None
+
+    def describe(self) -> str:
+        return f"{self.repo} ({' or '.join(self.files)})"
+
+
+def hf_offline() -> bool:
+    """Whether HF_HUB_OFFLINE forbids downloads from the Hugging Face Hub."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_weights(name: str, pretrained: str | None) -> HubWeights | None:
+    """Where the weights of ``name``/``pretrained`` come from when that is the Hugging Face Hub
+    (an ``hf-hub:`` model, or an OpenCLIP tag hosted there), with the local cache's copy; None
+    for local files, URLs and random initialisation. Reads no network."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+    from open_clip.pretrained import HF_WEIGHTS_NAME
+
+    try:  # the .safetensors names OpenCLIP tries first (a private helper: without it, the one file)
+        from open_clip.pretrained import _get_safe_alternatives
+    except ImportError:
+        def _get_safe_alternatives(filename: str) -> list[str]:
+            return []
+
+    for value in (pretrained, name):  # load_model: an hf-hub: pretrained replaces the name
+        if value and value.startswith("hf-hub:"):
+            repo, filename = value[len("hf-hub:"):].rstrip("/"), HF_WEIGHTS_NAME
+            break
+    else:
+        if not pretrained or _is_local_checkpoint(pretrained) or "://" in pretrained:
+            return None
+        cfg = open_clip.get_pretrained_cfg(name, pretrained) if name in open_clip.list_models() else {}
+        if not cfg or "file" in cfg or not cfg.get("hf_hub"):
+            return None
+        repo, filename = os.path.split(cfg["hf_hub"])
+        filename = filename or HF_WEIGHTS_NAME
+    files = (*_get_safe_alternatives(filename), filename)
+    cached = None
+    for f in files:
+        hit = try_to_load_from_cache(repo, f)
+        if isinstance(hit, str):
+            cached = hit
+            break
+    return HubWeights(repo, files, cached)
+
+
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached from here (one request), or None."""
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (OSError, ValueError) as e:
+        return f"{endpoint} cannot be reached ({getattr(e, 'reason', e)})"
+    return None
+
+
+def check_hub_weights(name: str, pretrained: str | None) -> HubWeights | None:
+    """Fail at once, in one line, when the weights must be downloaded and cannot be: not in
+    the local cache while ``HF_HUB_OFFLINE`` is set or the hub does not answer (instead of the
+    hub client's minute of retries). Returns what :func:`hub_weights` found."""
+    w = hub_weights(name, pretrained)
+    if w is None or w.cached is not None:
+        return w
+    what = f"the weights of {name} {pretrained or ''}".rstrip()
+    fix = ("download them once on a machine with network (they land in the Hugging Face cache, "
+           "HF_HOME), or point model.pretrained at a local checkpoint")
+    if hf_offline():
+        raise ModelLoadError(f"{what} are not in the local Hugging Face cache ({w.describe()}) and HF_HUB_OFFLINE is "
+                             f"set, so they cannot be downloaded: {fix}")
+    reason = _hub_unreachable()
+    if reason is not None:
+        raise ModelLoadError(f"{what} are not in the local Hugging Face cache ({w.describe()}) and {reason}: {fix}")
+    return w
+
+
 def _is_local_checkpoint(pretrained: str) -> bool:
     return pretrained.endswith(_CHECKPOINT_EXTS) or Path(pretrained).is_file()
 

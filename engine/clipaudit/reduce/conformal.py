@@ -254,3 +254,19 @@ METHOD = ("conformal: p = (1 + #{control scores >= s}) / (1 + n_controls); flag 
           "non-control is score >= threshold. A new non-member drawn like the controls is flagged with probability "
           "<= target_fpr. A control is compared with the other controls only (leave-one-out); `flagged` counts "
           "non-controls, `controls_flagged_leave_one_out` the controls.")
+
+
+def controls_in_words(c: dict[str, Any]) -> str:
+    """calibration.json's ``controls`` in the words the log and the report share: the image
+    controls counted are those the image p-values use (listed images and images of control
+    identities)."""
+    listed, used = c["images"], c.get("images_used")
+    if used is None:  # calibration.json of an older version
+        images = f"{listed} control images listed"
+    elif used == listed:
+        images = f"{used} control images (listed by shard,key)"
+    elif listed == 0:
+        images = f"{used} control images (the images of the control identities)"
+    else:
+        images = f"{used} control images ({listed} listed by shard,key, {used - listed} of control identities)"
+    return f"{c['identities']} control identities and {images}"

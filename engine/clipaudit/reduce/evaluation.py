@@ -51,6 +51,14 @@ class Scored:
 #: cross-fits per learned attacker with different fold assignments: the point estimate is the
 #: first's, the bootstrap interval cycles through all of them (so it includes the fitting variance)
 REFITS = 5
+#: the same for MLP attackers and the blind baseline (trees): each fit costs 10-50× a logistic one,
+#: so they are cross-fitted once and their interval is the bootstrap's alone (measured on the demo:
+#: its metrics step 23.6 s with 5 refits and 500 MLP iterations, 3.5 s with 1 and 200)
+COSTLY_REFITS = 1
+
+
+def _refits(model: str) -> int:
+    return REFITS if model == "logistic" else COSTLY_REFITS
 
 
 def _clusters(groups: np.ndarray, level: str) -> np.ndarray | None:
@@ -76,7 +84,7 @@ def _evaluate_learned(name: str, X: np.ndarray, y: np.ndarray, groups: np.ndarra
     if keep.sum() < 4 or y[keep].all() or not y[keep].any() or len(np.unique(groups[keep])) < 2:
         return None
     fits = [crossfit_proba(X[keep], y[keep], groups=groups[keep], folds=5, seed=s, kind=learner.model)
-            for s in range(REFITS)]
+            for s in range(_refits(learner.model))]
     _roc_rows(roc_rows, name, level, variant, fits[0], y[keep])
     m = membership_metrics(fits[0], y[keep], groups=_clusters(groups[keep], level), score_sets=fits)
     return {"level": level, "variant": variant, "what": what, **m}
@@ -127,7 +135,7 @@ def evaluate(tables: list[Scored]) -> tuple[dict[str, Any], list[dict]]:
 def _blind_baseline(t: Scored, roc_rows: list) -> dict[str, Any] | None:
     """The validity check at one level: the blind baseline's metrics and warning."""
     text = t.features.get(BASELINE_TEXT)
-    fits = validity.blind_scores(t.features[BASELINE], text, t.labels, t.groups, REFITS)
+    fits = validity.blind_scores(t.features[BASELINE], text, t.labels, t.groups, COSTLY_REFITS)
     if fits is None:
         return None
     keep = ~np.isnan(fits[0])
@@ -157,17 +165,22 @@ def _feature_columns(opts: "ReduceOptions") -> dict[str, str]:
     return {**out, BASELINE: "baseline_features"}
 
 
-def identity_table(con: duckdb.DuckDBPyConnection, identities: pa.Table, opts: "ReduceOptions") -> Scored | None:
-    """Labelled identities with their identity-level and mean image scores and mean features."""
+def identity_table(con: duckdb.DuckDBPyConnection, identities: pa.Table, opts: "ReduceOptions",
+                   excluded: dict[str, set[str]] | None = None) -> Scored | None:
+    """Labelled identities with their identity-level and mean image scores and mean features;
+    ``excluded``: per attack, identities left out of its scores (nan)."""
     rows = [r for r in identities.to_pylist() if r["label_member"] is not None and r["n_images"]]
     if not rows:
         return None
     names = [r["identity"] for r in rows]
+    attack_of = {s.name: a.name for a in registered() for s in a.scores}
     table_scores = {}
     for s in scores(opts.enabled):  # the score's metric column (e.g. at a fixed k), else its all-image score
         values = [r.get(s.metric) for r in rows]
-        table_scores[s.name] = float_vector(values if any(v is not None for v in values) else
-                                    [r[f"{s.name}_score"] for r in rows])
+        if not any(v is not None for v in values):
+            values = [r[f"{s.name}_score"] for r in rows]
+        left_out = (excluded or {}).get(attack_of[s.name], set())
+        table_scores[s.name] = float_vector([None if n in left_out else v for n, v in zip(names, values)])
     con.register("labelled_names", pa.table({"identity": names}))
     feats = _feature_columns(opts)
     per_image = con.sql(f"SELECT identity, {', '.join(feats.values())}, caption FROM ok WHERE identity IN "
@@ -219,10 +232,10 @@ def image_table(con: duckdb.DuckDBPyConnection, labels: Labels, opts: "ReduceOpt
 
 
 def evaluation_tables(con: duckdb.DuckDBPyConnection, identities: pa.Table, labels: Labels,
-                      opts: "ReduceOptions") -> list[Scored]:
+                      opts: "ReduceOptions", excluded: dict[str, set[str]] | None = None) -> list[Scored]:
     """The identity-level table and, with image labels, the image-level one — which then
     replaces the identity level for image-level scores."""
-    ident, image = identity_table(con, identities, opts), image_table(con, labels, opts)
+    ident, image = identity_table(con, identities, opts, excluded), image_table(con, labels, opts)
     if ident is not None and image is not None:
         for s in scores(opts.enabled, "image"):
             ident.scores.pop(s.name, None)

@@ -21,7 +21,7 @@ from ..io.outputs import OutputLayout
 from ..io.query import duckdb_views
 from ..io.schemas import load_schema
 from .conformal import identity_pvalues
-from .labels import Controls, Labels, control_set
+from .labels import LabelsError, missing_from_pool, missing_names_message, Controls, Labels, control_set
 
 if TYPE_CHECKING:
     from .pipeline import ReduceOptions
@@ -34,6 +34,7 @@ class IdentityLevel:
     table: pa.Table
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
     analyses: dict[str, dict[str, Any]] = field(default_factory=dict)  # attack → its own metrics entries
+    excluded: dict[str, set[str]] = field(default_factory=dict)  # attack → identities left out of its figures
 
 
 #: DuckDB's memory limit in the reduce step (``compute.reduce_memory``); beyond it, sorts and
@@ -99,22 +100,29 @@ def identity_level(layout: OutputLayout, opts: "ReduceOptions", labels: Labels |
     names = columns["identity"]
     analyses: dict[str, dict[str, Any]] = {}
     ident_labels = labels.identities if labels else None
+    pool = _name_pool(opts.names, opts.storage_options)
+    if controls is None:
+        controls = control_set(opts.controls, labels, storage_options=opts.storage_options)
+    excluded = _excluded(opts, pool, set(ident_labels or {}) | controls.identities)
     for attack in registered():
         if attack.name in opts.enabled and attack.analyse is not None:
-            found = attack.analyse(AnalysisInput(con, opts.params(attack.name), opts.seed, ident_labels))
+            found = attack.analyse(AnalysisInput(con, opts.params(attack.name), opts.seed, ident_labels,
+                                                 frozenset(excluded.get(attack.name, ()))))
             for col, by_identity in found.columns.items():
                 columns[col] = [by_identity.get(n) for n in names]
             analyses[attack.name] = found.metrics
     con.close()
-    pool = _name_pool(opts.names, opts.storage_options)
     columns["in_name_pool"] = [None if pool is None else x in pool for x in names]
     columns["label_member"] = [(ident_labels or {}).get(x) for x in names]
-    if controls is None:
-        controls = control_set(opts.controls, labels, storage_options=opts.storage_options)
     is_control = np.array([x in controls.identities for x in names], dtype=bool)
     calibration: dict[str, dict[str, Any]] = {}
+    attack_of = {s.name: a.name for a in registered() for s in a.scores}
     for score in scores(opts.enabled):
-        found = identity_pvalues(columns.get(f"{score.name}_score"), is_control, opts.target_fpr)
+        values = columns.get(f"{score.name}_score")
+        left_out = excluded.get(attack_of[score.name], set())
+        if values is not None and left_out:  # neither a control nor a candidate of this score
+            values = [None if n in left_out else v for n, v in zip(names, values)]
+        found = identity_pvalues(values, is_control, opts.target_fpr)
         if found is None:
             continue
         calibration[score.name] = found.entry
@@ -124,7 +132,7 @@ def identity_level(layout: OutputLayout, opts: "ReduceOptions", labels: Labels |
     schema = load_schema("identities", opts.enabled)
     n = len(names)
     arrays = [pa.array(columns.get(f.name, [None] * n), type=f.type) for f in schema]
-    return IdentityLevel(pa.Table.from_arrays(arrays, schema=schema), calibration, analyses)
+    return IdentityLevel(pa.Table.from_arrays(arrays, schema=schema), calibration, analyses, excluded)
 
 
 def identities_table(layout: OutputLayout, opts: "ReduceOptions", labels: Labels | None = None,
@@ -140,3 +148,19 @@ def _name_pool(path: Path | str | None, storage_options: Mapping[str, Any] | Non
     if path is None or not (is_url(str(path)) or Path(path).is_file()):
         return None
     return set(load_name_pool(path, storage_options))
+
+
+def _excluded(opts: "ReduceOptions", pool: set[str] | None, named: set[str]) -> dict[str, set[str]]:
+    """Per attack with a ``missing_names`` parameter: the labelled or control identities the pool
+    lacks, to leave out of its figures (``exclude``); with ``error`` they stop the reduce step."""
+    if pool is None or not named:
+        return {}
+    out = {}
+    for name in opts.enabled:
+        mode = getattr(opts.params(name), "missing_names", None)
+        missing = missing_from_pool(named, pool) if mode is not None else []
+        if missing and mode == "error":
+            raise LabelsError(f"attacks.{name}.missing_names: error: " + missing_names_message(name, missing, opts.names))
+        if missing:
+            out[name] = set(missing)
+    return out

@@ -236,3 +236,17 @@ def control_set(path: Path | str | None, labels: Labels | None, matcher: ShardMa
         out.images |= {k for k, m in labels.images.items() if not m}
         out.sources.append("labels (non-members)")
     return out
+
+
+def missing_from_pool(identities: Iterable[str], pool: set[str]) -> list[str]:
+    """The identities (after name normalisation) that the name pool lacks, sorted."""
+    return sorted({normalize_name(i) for i in identities} - pool)
+
+
+def missing_names_message(attack: str, missing: list[str], pool: str | Path) -> str:
+    """Why a labelled or control identity missing from the pool stops an audit, and the way out."""
+    shown = ", ".join(repr(m) for m in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+    return (f"{len(missing)} labelled or control identit{'y is' if len(missing) == 1 else 'ies are'} not in the name "
+            f"pool {pool}: {shown}. {attack} can never rank a name the pool lacks, so such an identity would score 0 "
+            f"(a false negative, or a free true negative). Add the names to the pool, or set "
+            f"attacks.{attack}.missing_names: exclude to leave them out of {attack}'s figures")

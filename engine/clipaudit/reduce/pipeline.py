@@ -9,7 +9,10 @@ per attack and level, with :mod:`.statistics` and :mod:`.learned`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -19,13 +22,18 @@ from typing import Any, Mapping
 import pyarrow as pa
 from pydantic import BaseModel
 
+from .. import __version__
 from ..attacks.registry import get, scores
+from ..core.threads import bounded_threads
+from ..data.shards import is_url
+from ..data.storage import open_url
 from ..io.outputs import OutputLayout, atomic_write_json, atomic_write_table
 from ..io.schemas import load_schema
+from ..spec import sha256_file
 from .attackers import LearnedScores, score_candidates
 from .attackers import load as load_attackers
 from .attackers import save as save_attackers
-from .conformal import METHOD, write_sample_pvalues
+from .conformal import METHOD, controls_in_words, write_sample_pvalues
 from .evaluation import evaluation_tables, evaluate
 from .identities import REDUCE_MEMORY, connect, identity_level
 from .labels import Controls, Labels, ShardMatcher, control_set, read_labels
@@ -79,7 +87,73 @@ class ReduceResult:
 
 def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
     """Write identities.parquet; with controls (a controls file or labelled non-members) also
-    calibration.json and sample_scores/; with labels also metrics.json + roc.parquet."""
+    calibration.json and sample_scores/; with labels also metrics.json + roc.parquet. Numerical
+    libraries run with bounded threads (:mod:`clipaudit.core.threads`)."""
+    layout.reduce_state.unlink(missing_ok=True)  # an interrupted reduce leaves no claim to be current
+    with bounded_threads():
+        result = _reduce(layout, opts)
+    inputs = reduce_inputs(layout, opts)
+    if inputs is not None:
+        atomic_write_json(layout.reduce_state, {"inputs": inputs}, layout.tmp_dir)
+    return result
+
+
+def _content_sha256(path: Path | str | None, storage_options: Mapping[str, Any]) -> str | None:
+    if path is None:
+        return None
+    if isinstance(path, str) and is_url(path):
+        with open_url(path, "rb", storage_options) as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    p = Path(path)
+    if p.is_dir():  # another audit's attackers/: every JSON file in it
+        return hashlib.sha256(b"".join(f.name.encode() + bytes.fromhex(sha256_file(f))
+                                       for f in sorted(p.glob("*.json")))).hexdigest()
+    return sha256_file(p)
+
+
+def reduce_inputs(layout: OutputLayout, opts: ReduceOptions) -> dict[str, Any] | None:
+    """Everything the reduce step's results depend on: its settings, the content of the files
+    it reads (labels, controls, names, attackers, reference index) and the finished shards'
+    markers. Equal inputs give equal outputs, so ``clipaudit run`` on a finished folder can
+    skip the reduce. None when a file cannot be read (then the reduce is never skipped)."""
+    try:
+        files = {key: _content_sha256(getattr(opts, key), opts.storage_options)
+                 for key in ("labels", "controls", "names", "attackers", "reference")}
+    except (OSError, ValueError):
+        return None
+    markers = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(layout.markers_dir)
+                     if e.name.endswith(".done.json")) if layout.markers_dir.is_dir() else []
+    return {
+        "attacks": {name: params.model_dump(mode="json") for name, params in opts.attacks.items()},  # type: ignore[union-attr]
+        "files": files,
+        "settings": {"target_fpr": opts.target_fpr, "seed": opts.seed, "near_duplicates": opts.near_duplicates},
+        "shards": hashlib.sha256(json.dumps(markers).encode()).hexdigest(),
+        "clipaudit": __version__,
+    }
+
+
+def reduce_changes(layout: OutputLayout, opts: ReduceOptions) -> list[str] | None:
+    """What changed since the last reduce step wrote its outputs: [] when nothing did (its
+    outputs are current), None when there is no record of it (never reduced, or interrupted)."""
+    if not layout.reduce_state.is_file() or not layout.identities.is_file():
+        return None
+    try:
+        before = json.loads(layout.reduce_state.read_text())["inputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    now = reduce_inputs(layout, opts)
+    if now is None:
+        return ["an input file could not be read to compare"]
+    changed = []
+    for group, words in (("attacks", "attack parameters"), ("settings", "calibration or reduce settings"),
+                         ("shards", "finished shards"), ("clipaudit", "clipaudit version")):
+        if before.get(group) != now[group]:
+            changed.append(words)
+    changed += [f"{key} file" for key in now["files"] if (before.get("files") or {}).get(key) != now["files"][key]]
+    return changed
+
+
+def _reduce(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
     if not any(layout.samples_dir.glob("*.parquet")):
         from ..io.report import no_audit
 
@@ -107,7 +181,7 @@ def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
         layout.metrics.unlink(missing_ok=True)
         layout.roc.unlink(missing_ok=True)
         return result
-    result.metrics = _evaluate(layout, opts, labels, ident.table, ident.analyses)
+    result.metrics = _evaluate(layout, opts, labels, ident.table, ident.analyses, ident.excluded)
     result.written.append(layout.metrics)
     return result
 
@@ -182,10 +256,13 @@ def _calibrate(layout: OutputLayout, opts: ReduceOptions, controls: Controls, id
         layout.calibration.unlink(missing_ok=True)
         return None
     seen = set(identities.column("identity").to_pylist())
+    # image controls: the listed images plus every image of a control identity (Controls.mask)
+    images_used = max((e.get("n_controls", 0) for e in image.values()), default=0)
     calibration: dict[str, Any] = {
         "target_fpr": opts.target_fpr,
         "controls": {"sources": controls.sources, "identities": len(controls.identities),
-                     "identities_in_candidates": len(controls.identities & seen), "images": len(controls.images)},
+                     "identities_in_candidates": len(controls.identities & seen), "images": len(controls.images),
+                     "images_used": images_used},
         "method": METHOD,
     }
     if identity:
@@ -193,16 +270,15 @@ def _calibrate(layout: OutputLayout, opts: ReduceOptions, controls: Controls, id
     if image:
         calibration["image"] = image
     atomic_write_json(layout.calibration, calibration, layout.tmp_dir)
-    log.info("calibration against %d control identities / %d control images in %.1f s",
-             len(controls.identities), len(controls.images), time.perf_counter() - t0)
+    log.info("calibration in %.1f s: %s", time.perf_counter() - t0, controls_in_words(calibration["controls"]))
     return calibration
 
 
 def _evaluate(layout: OutputLayout, opts: ReduceOptions, labels: Labels, identities: pa.Table,
-              analyses: dict[str, dict[str, Any]]) -> dict[str, Any]:
+              analyses: dict[str, dict[str, Any]], excluded: dict[str, set[str]]) -> dict[str, Any]:
     """metrics.json and roc.parquet; each attack's own analysis (e.g. a sweep) joins its entry."""
     con = connect(layout, memory_limit=opts.memory_limit)
-    tables = evaluation_tables(con, identities, labels, opts)
+    tables = evaluation_tables(con, identities, labels, opts, excluded)
     t0 = time.perf_counter()
     log.info("metrics with bootstrap intervals for %s level(s), %d labelled units",
              "+".join(t.level for t in tables), sum(len(t.labels) for t in tables))

@@ -128,15 +128,16 @@ def _prefix_within(fp: np.ndarray, n: float, limit: float) -> int:
 TARGET_FPRS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0_1pct_fpr": 0.001}
 
 
-def unresolvable(n_nonmembers: int) -> dict[str, str]:
+def unresolvable(n_nonmembers: int, unit: str = "non-members", why: str = "") -> dict[str, str]:
     """Notes for the TPRs at a target FPR that ``n_nonmembers`` cannot resolve: below 1/FPR
     non-members, one false positive already exceeds the target, so the TPR there only says
-    "no false positive at all" — not a rate at that FPR."""
+    "no false positive at all" — not a rate at that FPR. ``unit``/``why``: what is counted (at
+    image level, non-member identities: the effective sample size of clustered images)."""
     out = {}
     for key, f in TARGET_FPRS.items():
         need = int(round(1 / f))
         if n_nonmembers < need:
-            out[key] = f"needs >= {need} non-members at this level, has {n_nonmembers}"
+            out[key] = f"needs >= {need} {unit} at this level, has {n_nonmembers}{why}"
     return out
 
 
@@ -168,7 +169,14 @@ def membership_metrics(scores: np.ndarray, labels: np.ndarray, n_boot: int = 100
     labels = np.asarray(labels, dtype=bool)
     out: dict = {"n_members": int(labels.sum()), "n_nonmembers": int((~labels).sum())}
     point = _point(scores, labels)
-    notes = unresolvable(out["n_nonmembers"])
+    if groups is None:
+        notes = unresolvable(out["n_nonmembers"])
+    else:  # images of one person are not independent: the 1/FPR rule counts the non-member people
+        g = np.asarray(groups)
+        out["n_nonmember_groups"] = int(len(np.unique(g[~labels])))
+        notes = unresolvable(out["n_nonmember_groups"], "non-member identities",
+                             f" (among {out['n_nonmembers']} non-member images; images of one person are not "
+                             "independent)")
     out.update(point)
     for key, note in notes.items():
         out[key], out[f"{key}_note"] = None, note

@@ -60,7 +60,10 @@ def text_features(captions: list[str | None], identities: list[str | None] | Non
     except ValueError:  # no term occurs twice
         return simple
     k = min(components, tfidf.shape[1] - 1, tfidf.shape[0] - 1)
-    if k < 1:
+    # every unit with the same TF-IDF row (e.g. one caption template with the name masked): the
+    # components would carry nothing (and their explained-variance ratio divides by zero)
+    spread = float((tfidf.power(2).mean(axis=0) - np.square(tfidf.mean(axis=0))).sum())
+    if k < 1 or spread <= 1e-12:
         return simple
     return np.hstack([simple, TruncatedSVD(n_components=k, random_state=seed).fit_transform(tfidf)])
 

@@ -1,0 +1,1 @@
+"""Small helpers every other package may use (no clipaudit imports)."""
