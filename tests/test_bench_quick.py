@@ -24,4 +24,7 @@ def test_quick_bench_prints_one_json_object_with_every_figure(monkeypatch, capsy
     rates = [record[k] for k in ("model_only_images_per_s", "e2e_images_per_s", "naive_images_per_s", "names_per_s")]
     assert all(r > 0 for r in rates)
     assert 0 <= record["recall_at_10"] <= 1 and record["peak_rss_mb_10x"] > 0
-    assert record["e2e_vs_model_ratio"] == round(record["e2e_images_per_s"] / record["model_only_images_per_s"], 3)
+    # the ratio comes from the unrounded rates; the printed rates are rounded to 0.1 image/s
+    e2e, model = record["e2e_images_per_s"], record["model_only_images_per_s"]
+    rounding = 0.05 / model + 0.05 * e2e / model ** 2 + 5e-4
+    assert record["e2e_vs_model_ratio"] == pytest.approx(e2e / model, abs=rounding)

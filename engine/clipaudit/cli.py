@@ -225,6 +225,10 @@ def _reduce_locked(args: argparse.Namespace, layout) -> int:
         if not 0 < args.target_fpr < 1:
             raise UserError(f"--target-fpr must be between 0 and 1, got {args.target_fpr}")
         opts = replace(opts, target_fpr=args.target_fpr)
+    if args.fdr is not None:
+        if not 0 < args.fdr < 1:
+            raise UserError(f"--fdr must be between 0 and 1, got {args.fdr}")
+        opts = replace(opts, fdr=args.fdr)
     if args.memory_limit is not None:
         from .spec import ComputeSpec
 
@@ -419,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. of a shadow model or a labelled calibration set, instead of fitting them here")
     d.add_argument("--target-fpr", type=float, help="flag scores whose control p-value is at most this "
                                                      "(default: the job's calibration.target_fpr, 0.01)")
+    d.add_argument("--fdr", type=float, help="false-discovery rate of the discoveries (Benjamini-Hochberg q-value "
+                                              "<= FDR; default: the job's calibration.fdr, 0.1)")
     d.add_argument("--memory-limit", metavar="SIZE",
                    help="DuckDB's memory limit, e.g. 4GB (default: the job's compute.reduce_memory, 2GB); beyond it "
                         "DuckDB spills to OUTPUT_DIR/_tmp")

@@ -61,7 +61,7 @@ def package_versions() -> dict[str, str | None]:
 def reduce_options(spec: JobSpec) -> ReduceOptions:
     return ReduceOptions(attacks={name: getattr(spec.attacks, name) for name in spec.attacks.enabled()},
                          labels=spec.labels, names=spec.names, controls=spec.calibration.controls,
-                         target_fpr=spec.calibration.target_fpr, seed=spec.seed,
+                         target_fpr=spec.calibration.target_fpr, fdr=spec.calibration.fdr, seed=spec.seed,
                          memory_limit=spec.compute.reduce_memory, storage_options=spec.data.storage_options)
 
 

@@ -200,6 +200,8 @@ class CalibrationSpec(_Strict):
     def _controls_path_or_url(cls, v: Any) -> Any:
         return Path(v) if isinstance(v, str) and not is_url(v) else v
     target_fpr: float = Field(0.01, gt=0, lt=1, description="flag a score when its control p-value <= this")
+    fdr: float = Field(0.1, gt=0, lt=1, description="false-discovery rate of the discoveries: a candidate is a "
+                                                    "discovery of a score when its Benjamini-Hochberg q-value <= this")
 
 
 class JobSpec(_Strict):

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 def _job(canary_lab, out: Path, executor: str) -> Path:
     raw = yaml.safe_load(canary_lab.job.read_text())
     raw.update(plugins=[str(PLUGIN)], output=str(out),
-               attacks={"idia": {"top_k": 5}, "brightness": {"gamma": 2.0}},
+               attacks={"idia": {"top_k": 5, "missing_names": "exclude"}, "brightness": {"gamma": 2.0}},
                compute={"executor": executor, "workers": 2, "batch_size": 32})
     path = canary_lab.job.with_name(f"job-plugin-{executor}-{out.name}.yaml")  # relative paths: the lab's folder
     path.write_text(yaml.safe_dump(raw))

@@ -29,7 +29,10 @@ def trained_run(canary_lab, ray_session, tmp_path_factory):
 def test_idia_separates_members_on_trained_model(trained_run, canary_lab):
     assert trained_run.ok and trained_run.summary["shards_done"] == len(canary_lab.shards)
     m = trained_run.metrics["idia"]
-    assert m["n_members"] == len(canary_lab.members) and m["n_nonmembers"] == len(canary_lab.nonmembers)
+    # the lab's non-members whose names the pool lacks are left out of IDIA (missing_names: exclude), with a note
+    assert m["n_members"] == len(canary_lab.members)
+    assert m["n_nonmembers"] == len(canary_lab.nonmembers) - len(canary_lab.not_in_pool)
+    assert sorted(m["missing_names"]["identities"]) == sorted(canary_lab.not_in_pool)
     assert m["auc"] >= 0.95, m
     ident = pq.read_table(trained_run.layout.identities).to_pylist()
     assert {r["identity"] for r in ident if r["in_name_pool"] is False} == set(canary_lab.not_in_pool)
@@ -80,14 +83,16 @@ def test_known_nonmember_controls_without_labels_give_pvalues_flags_and_threshol
     shutil.copytree(trained_run.layout.samples_dir, out / "samples")
     controls, held_out = canary_lab.nonmembers[::2], canary_lab.nonmembers[1::2]
     (tmp_path / "controls.csv").write_text("identity\n" + "".join(f"{n}\n" for n in controls))
-    opts = ReduceOptions(attacks=("idia", "caption"), names=canary_lab.names, controls=tmp_path / "controls.csv",
-                         target_fpr=0.2)
+    opts = ReduceOptions(attacks={"idia": {"missing_names": "exclude"}, "caption": {}}, names=canary_lab.names,
+                         controls=tmp_path / "controls.csv", target_fpr=0.2)
     assert reduce_outputs(OutputLayout(out), opts).metrics == {}  # no labels: no metrics, but calibration
     assert not (out / "metrics.json").exists()
     cal = json.loads((out / "calibration.json").read_text())
-    assert cal["identity"]["idia"]["n_controls"] == len(controls) and cal["target_fpr"] == 0.2
+    in_pool = [n for n in controls if n not in canary_lab.not_in_pool]  # the others are left out of IDIA
+    assert cal["identity"]["idia"]["n_controls"] == len(in_pool) < len(controls) and cal["target_fpr"] == 0.2
     ident = {r["identity"]: r for r in pq.read_table(out / "identities.parquet").to_pylist()}
-    assert all(ident[n]["idia_pvalue"] is not None for n in canary_lab.members + canary_lab.nonmembers)
+    assert all((ident[n]["idia_pvalue"] is None) == (n in canary_lab.not_in_pool)
+               for n in canary_lab.members + canary_lab.nonmembers)
     assert sum(ident[m]["idia_flag"] for m in canary_lab.members) >= 0.8 * len(canary_lab.members)
     assert sum(ident[n]["idia_flag"] for n in held_out) <= 0.5 * len(held_out)
     # per image: one calibrated row per ok sample; flags agree with the reported threshold

@@ -149,3 +149,44 @@ def test_the_log_and_the_report_count_the_same_control_images(small_audit, caplo
     assert f"from {words}" in out
     table = [int(n) for n in re.findall(r"^\s+image\s+\S+\s+(\d+) controls", out, flags=re.M)]
     assert table and max(table) == used
+
+
+def test_qvalues_are_benjamini_hochberg_of_the_pvalues_over_the_candidates(small_audit):
+    """Every <score>_qvalue (identities and sample_scores) is BH (scipy) of that score's p-values
+    over the non-control units; controls get none; discoveries are q <= calibration.fdr; the
+    combined membership p-value is the Cauchy combination of the identity's p-values."""
+    import json
+    import math
+
+    import pyarrow.parquet as pq
+    from scipy.stats import false_discovery_control
+
+    fdr = json.loads((small_audit / "calibration.json").read_text())["fdr"]
+    tables = {"identities": pq.read_table(small_audit / "identities.parquet").to_pylist(),
+              "sample_scores": pq.read_table(small_audit / "sample_scores").to_pylist()}
+    checked = 0
+    for name, rows in tables.items():
+        for score in sorted(c.removesuffix("_pvalue") for c in rows[0] if c.endswith("_pvalue")):
+            if score == "membership":
+                continue
+            have = [r for r in rows if r[f"{score}_pvalue"] is not None]
+            candidates = [r for r in have if not r["is_control"]]
+            if not candidates:
+                continue
+            expected = false_discovery_control([r[f"{score}_pvalue"] for r in candidates], method="bh")
+            assert [r[f"{score}_qvalue"] for r in candidates] == pytest.approx(list(expected)), (name, score)
+            assert [r[f"{score}_discovery"] for r in candidates] == [bool(q <= fdr) for q in expected]
+            assert all(r[f"{score}_qvalue"] is None and r[f"{score}_discovery"] is None
+                       for r in have if r["is_control"])
+            checked += 1
+    assert checked >= 4
+    ident = tables["identities"]
+    pcols = [c for c in ident[0] if c.endswith("_pvalue") and c != "membership_pvalue"]
+    for r in ident:
+        ps = [r[c] for c in pcols if r[c] is not None]
+        t = sum(math.tan((0.5 - p) * math.pi) for p in ps) / len(ps)
+        assert r["membership_pvalue"] == pytest.approx(0.5 - math.atan(t) / math.pi)
+    candidates = [r for r in ident if not r["is_control"]]
+    expected = false_discovery_control([r["membership_pvalue"] for r in candidates], method="bh")
+    assert [r["membership_qvalue"] for r in candidates] == pytest.approx(list(expected))
+    assert {r["identity"] for r in ident if r["is_control"]} == {"P5", "P6", "P7"}

@@ -104,10 +104,14 @@ def calibration_lines(cal: dict) -> list[str]:
     notes: dict[str, list[str]] = {}  # a note shared by several scores is printed once
     for level in ("identity", "image"):
         for attack, e in cal.get(level, {}).items():
+            found = (f"  discoveries {e['discoveries']} (≈ {e['expected_false_discoveries']:g} false at FDR "
+                     f"{e['fdr']:g})") if "discoveries" in e else ""
             if "threshold" in e:
                 t = "none (too few controls)" if e["threshold"] is None else f"{e['threshold']:.4g}"
                 lines.append(f"  {level:8s} {attack:20s} {e['n_controls']:6d} controls  threshold {t:>10s}  "
-                             f"flagged {e['flagged']}/{e['n_scored']}")
+                             f"flagged {e['flagged']}/{e['n_scored']}{found}")
+            elif found:  # the combination of the attacks (identity level)
+                lines.append(f"  {level:8s} {attack:20s} {e.get('what', '')}:{found}")
             if "note" in e:
                 notes.setdefault(e["note"], []).append(f"{level} {attack}")
     for note, where in notes.items():

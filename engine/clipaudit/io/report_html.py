@@ -433,23 +433,34 @@ def _top_identities(layout: OutputLayout, with_thumbnails: bool = False) -> str:
         sel = ", ".join([f'"{s.metric}"' for s in scores]
                         + [f'"{s.name}_pvalue"' if f"{s.name}_pvalue" in cols else "NULL" for s in scores]
                         + [f'"{c}"' for c in flags])
-        cur = con.execute(f"""SELECT identity, n_images, n_errors, {label}, {n_flags} AS n_flags, {sel}
-                              FROM identities ORDER BY n_flags DESC, {min_p} ASC, {first}identity
+        ranked = "membership_qvalue" in cols  # the combined evidence, with a controlled false-discovery rate
+        order = "membership_qvalue ASC NULLS LAST, " if ranked else "n_flags DESC, "
+        q_sel = "membership_qvalue, membership_discovery" if ranked else "NULL, NULL"
+        cur = con.execute(f"""SELECT identity, n_images, n_errors, {label}, {n_flags} AS n_flags, {q_sel}, {sel}
+                              FROM identities ORDER BY {order}{min_p} ASC, {first}identity
                               LIMIT {TOP_IDENTITIES}""")
         rows = cur.fetchall()
         total = con.execute("SELECT count(*) FROM identities").fetchone()[0]
+        found = con.execute("SELECT count(*) FILTER (WHERE membership_discovery) FROM identities").fetchone()[0] \
+            if ranked else None
     finally:
         con.close()
     n = len(scores)
     out = []
     for r in rows:
-        flagged = [c.removesuffix("_flag") for c, v in zip(flags, r[5 + 2 * n:]) if v]
+        flagged = [c.removesuffix("_flag") for c, v in zip(flags, r[7 + 2 * n:]) if v]
         evidence = [f"{_fmt(v)} (p={_fmt(p)})" if p is not None else _fmt(v)
-                    for v, p in zip(r[5:5 + n], r[5 + n:5 + 2 * n])]
-        out.append([r[0], r[1], r[2], r[3], ", ".join(flagged) or "-", *evidence])
-    header = ["identity", "images", "errors", "labelled member", "flagged by",
-              *[f"{s.name} ({s.metric}, p-value)" for s in scores]]
-    intro = f"<p>{len(rows)} of {total} identities: most flags first, then the smallest p-value.</p>"
+                    for v, p in zip(r[7:7 + n], r[7 + n:7 + 2 * n])]
+        out.append([r[0], r[1], r[2], r[3], _fmt(r[5]), _fmt(r[6]), ", ".join(flagged) or "-", *evidence])
+    header = ["identity", "images", "errors", "labelled member", "membership q-value", "discovery",
+              "flagged (p ≤ target FPR)", *[f"{s.name} ({s.metric}, p-value)" for s in scores]]
+    if ranked:
+        fdr = json.loads(layout.calibration.read_text()).get("fdr") if layout.calibration.is_file() else None
+        intro = (f"<p>{len(rows)} of {total} identities, ranked by their membership q-value (the attacks' p-values "
+                 f"combined, Benjamini–Hochberg over the candidates): {found} discoveries at a false-discovery rate "
+                 f"of {_fmt(fdr)}, of which about {_fmt(round((fdr or 0) * found, 2))} are expected to be false.</p>")
+    else:
+        intro = f"<p>{len(rows)} of {total} identities: most flags first, then the smallest p-value.</p>"
     if not with_thumbnails:
         return intro + _table(header, out)
     thumbs = thumbnails(layout, [r[0] for r in out])

@@ -34,7 +34,8 @@ _NAMES = {v: k for k, v in _SCALARS.items()}
 _CORE = {
     "samples": (("shard", "key", "position", "identity", "status", "error", "error_detail", "warning", "width",
                  "height", "has_caption", "caption"), ("dhash",)),
-    "identities": (("identity", "n_images", "n_errors", "in_name_pool"), ("label_member",)),
+    "identities": (("identity", "n_images", "n_errors", "in_name_pool"),
+                   ("membership_pvalue", "membership_qvalue", "membership_discovery", "is_control", "label_member")),
     "sample_scores": (("shard", "key", "position", "identity", "is_control"), ()),
 }
 
@@ -43,6 +44,9 @@ IDENTITY_PVALUE_DOC = ("empirical p-value of the score among the control identit
 IDENTITY_FLAG_DOC = "{score}_pvalue <= calibration.target_fpr (null without at least 2 control identities)"
 IMAGE_PVALUE_DOC = "empirical p-value of {score}_score among the control images (leave-one-out for a control)"
 IMAGE_FLAG_DOC = "{score}_pvalue <= calibration.target_fpr"
+QVALUE_DOC = ("Benjamini-Hochberg q-value of {score}_pvalue over the candidate (non-control) {units}; null for a "
+              "control")
+DISCOVERY_DOC = "{score}_qvalue <= calibration.fdr (a discovery at that false-discovery rate)"
 LEARNED_SCORE_DOC = ("member probability from the {attack} attack's {variant} attacker (attackers/{attack}_{variant}.json): "
                      "out-of-fold for the images it was fitted on (the labelled images, a seeded sample of 20,000 "
                      "beyond that), from the attacker fitted on them (or applied from another audit with --attackers) "
@@ -86,17 +90,25 @@ def columns(name: str, enabled: tuple[str, ...] = ()) -> list[Column]:
         middle += [Column(f"{s.name}_score", pa.float64(), s.identity_doc) for s in all_scores if s.level == "image"]
         middle += [Column(f"{s.name}_pvalue", pa.float64(), IDENTITY_PVALUE_DOC) for s in all_scores]
         middle += [Column(f"{s.name}_flag", pa.bool_(), IDENTITY_FLAG_DOC.format(score=s.name)) for s in all_scores]
+        middle += [Column(f"{s.name}_qvalue", pa.float64(), QVALUE_DOC.format(score=s.name, units="identities"))
+                   for s in all_scores]
+        middle += [Column(f"{s.name}_discovery", pa.bool_(), DISCOVERY_DOC.format(score=s.name)) for s in all_scores]
     elif name == "sample_scores":
         for s in (s for a in attacks for s in a.image_scores()):
-            middle += [Column(f"{s.name}_pvalue", pa.float64(), IMAGE_PVALUE_DOC.format(score=s.name)),
-                       Column(f"{s.name}_flag", pa.bool_(), IMAGE_FLAG_DOC.format(score=s.name))]
+            middle += _image_calibration_columns(s.name)
         for a in attacks:
             for v in a.learned if a.features else ():
                 n = f"{a.name}_{v.name}"
                 middle += [Column(f"{n}_score", pa.float64(), LEARNED_SCORE_DOC.format(attack=a.name, variant=v.name)),
-                           Column(f"{n}_pvalue", pa.float64(), IMAGE_PVALUE_DOC.format(score=n)),
-                           Column(f"{n}_flag", pa.bool_(), IMAGE_FLAG_DOC.format(score=n))]
+                           *_image_calibration_columns(n)]
     return _core(name, head) + middle + _core(name, tail)
+
+
+def _image_calibration_columns(score: str) -> list[Column]:
+    return [Column(f"{score}_pvalue", pa.float64(), IMAGE_PVALUE_DOC.format(score=score)),
+            Column(f"{score}_flag", pa.bool_(), IMAGE_FLAG_DOC.format(score=score)),
+            Column(f"{score}_qvalue", pa.float64(), QVALUE_DOC.format(score=score, units="images")),
+            Column(f"{score}_discovery", pa.bool_(), DISCOVERY_DOC.format(score=score))]
 
 
 def schema_document(name: str) -> dict[str, Any]:

@@ -150,6 +150,71 @@ def flag_column(p: np.ndarray, target_fpr: float) -> list[bool | None]:
     return [None if np.isnan(v) else bool(v <= target_fpr) for v in p]
 
 
+class DiscoveryCounter:
+    """Benjamini–Hochberg q-values over the candidate (non-control) units, built from counts.
+
+    Conformal p-values take few distinct values (at most one more than the controls), so the
+    candidates' p-values are counted per distinct value and the q-value of each value computed
+    from the counts: exact BH (ties share the q-value of the last of them, as in the textbook
+    step-up), in memory that does not grow with the number of candidates — the image level can
+    be counted part by part and written in a later pass."""
+
+    def __init__(self) -> None:
+        self._counts: dict[float, int] = {}
+
+    def add(self, p: np.ndarray, candidate: np.ndarray) -> None:
+        p = np.asarray(p, dtype=float)
+        keep = candidate & ~np.isnan(p)
+        values, counts = np.unique(p[keep], return_counts=True)
+        for v, n in zip(values.tolist(), counts.tolist()):
+            self._counts[v] = self._counts.get(v, 0) + n
+
+    def qvalues(self, p: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+        """The q-value of each candidate's p-value (nan for controls and missing p-values)."""
+        p = np.asarray(p, dtype=float)
+        out = np.full(p.shape, np.nan)
+        if not self._counts:
+            return out
+        levels = np.array(sorted(self._counts))
+        ranks = np.cumsum([self._counts[v] for v in levels])  # candidates with p <= level
+        q = np.minimum(1.0, levels * ranks[-1] / ranks)
+        q = np.minimum.accumulate(q[::-1])[::-1]  # step-up: the smallest q at this level or above
+        keep = candidate & ~np.isnan(p)
+        out[keep] = q[np.searchsorted(levels, p[keep])]
+        return out
+
+
+def bh_qvalues(p: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Benjamini–Hochberg q-values of ``p`` over the ``candidate`` units (nan elsewhere)."""
+    counter = DiscoveryCounter()
+    counter.add(p, candidate)
+    return counter.qvalues(p, candidate)
+
+
+def cauchy_combination(pvalue_columns: list[np.ndarray]) -> np.ndarray:
+    """Per unit, one p-value from several (the Cauchy combination test, Liu & Xie 2020): the mean
+    of tan((0.5 - p)·π) over the unit's non-missing p-values, turned back into a p-value. Valid
+    under arbitrary dependence between the p-values in the tail that matters (small p), which
+    scores of one identity computed from the same images have; nan where a unit has none."""
+    P = np.column_stack(pvalue_columns) if pvalue_columns else np.empty((0, 0))
+    if P.size == 0:
+        return np.full(len(pvalue_columns[0]) if pvalue_columns else 0, np.nan)
+    P = np.clip(P, 1e-300, 1.0)
+    have = ~np.isnan(P)
+    n = have.sum(axis=1)
+    t = np.where(have, np.tan((0.5 - np.where(have, P, 0.5)) * np.pi), 0.0).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        stat = t / n
+    return np.where(n > 0, 0.5 - np.arctan(stat) / np.pi, np.nan)
+
+
+def discovery_entry(q: np.ndarray, fdr: float) -> dict[str, Any]:
+    """calibration.json's discovery figures of one score: how many candidates have q <= fdr and
+    how many of those are expected to be false (at most fdr of them, in expectation)."""
+    n = int(np.sum(q <= fdr))
+    return {"fdr": fdr, "discoveries": n, "expected_false_discoveries": round(fdr * n, 3)}
+
+
 @dataclass
 class IdentityPValues:
     """One score's identity-level calibration: the ``calibration.json`` entry and, with at
@@ -175,12 +240,13 @@ def identity_pvalues(values: list | None, is_control: np.ndarray, target_fpr: fl
 
 
 def write_sample_pvalues(layout: "OutputLayout", image_scores: list[str], controls: "Controls",
-                         target_fpr: float, schema: "pa.Schema", learned: "LearnedScores | None" = None
-                         ) -> dict[str, dict[str, Any]]:
+                         target_fpr: float, schema: "pa.Schema", learned: "LearnedScores | None" = None,
+                         fdr: float = 0.1) -> dict[str, dict[str, Any]]:
     """Per-image p-values and flags among the control images (images listed as controls, or
-    of a control identity): one ``sample_scores/`` part per ``samples/`` part. Two passes
-    over the parts (control scores first), reading only the needed columns, so memory stays
-    per part. ``learned``: the learned attackers, whose scores are not columns of ``samples/``
+    of a control identity), and Benjamini–Hochberg q-values and discoveries (q <= ``fdr``) over
+    the candidate images: one ``sample_scores/`` part per ``samples/`` part. Three passes over
+    the parts (control scores, then the candidates' p-values counted, then the parts written),
+    reading only the needed columns, so memory stays per part. ``learned``: the learned attackers, whose scores are not columns of ``samples/``
     but computed per part; they are written as ``<name>_score`` with their p-values. Returns
     the ``calibration.json`` entry per score."""
     import pyarrow as pa
@@ -220,6 +286,12 @@ def write_sample_pvalues(layout: "OutputLayout", image_scores: list[str], contro
             control_scores[a].append(s[~np.isnan(s)])
     image_scores = [a for a in image_scores if a in computed]  # e.g. no calibrated caption without a reference
     sorted_controls = {a: np.sort(np.concatenate(v)) if v else np.array([]) for a, v in control_scores.items()}
+    counters = {a: DiscoveryCounter() for a in image_scores}
+    for part in parts:
+        t, is_control = read(part)
+        for a in image_scores:
+            counters[a].add(pvalues_against(score(t, part, a), is_control, sorted_controls[a]), ~is_control)
+    discoveries = {a: 0 for a in image_scores}
     out_dir.mkdir(parents=True, exist_ok=True)
     written, control_identities = set(), set()
     flagged, control_flagged, scored = ({a: 0 for a in image_scores} for _ in range(3))
@@ -233,8 +305,12 @@ def write_sample_pvalues(layout: "OutputLayout", image_scores: list[str], contro
                 columns[f"{a}_score"] = pa.array(s, mask=np.isnan(s))
             p = pvalues_against(s, is_control, sorted_controls[a])
             hit = p <= target_fpr
+            q = counters[a].qvalues(p, ~is_control)
             columns[f"{a}_pvalue"] = pa.array(p, mask=np.isnan(p))
             columns[f"{a}_flag"] = pa.array(hit, mask=np.isnan(p))
+            columns[f"{a}_qvalue"] = pa.array(q, mask=np.isnan(q))
+            columns[f"{a}_discovery"] = pa.array(q <= fdr, mask=np.isnan(q))
+            discoveries[a] += int(np.sum(q <= fdr))
             flagged[a] += int((hit & ~is_control).sum())
             control_flagged[a] += int((hit & is_control).sum())
             scored[a] += int((~np.isnan(p) & ~is_control).sum())
@@ -245,8 +321,10 @@ def write_sample_pvalues(layout: "OutputLayout", image_scores: list[str], contro
     for stale in out_dir.glob("*.parquet"):
         if stale.name not in written:
             stale.unlink()
-    return {a: threshold_entry(sorted_controls[a], scored[a], flagged[a], control_flagged[a], target_fpr,
-                               control_groups=len(control_identities)) for a in image_scores}
+    return {a: {**threshold_entry(sorted_controls[a], scored[a], flagged[a], control_flagged[a], target_fpr,
+                                  control_groups=len(control_identities)),
+                "fdr": fdr, "discoveries": discoveries[a],
+                "expected_false_discoveries": round(fdr * discoveries[a], 3)} for a in image_scores}
 
 
 #: what calibration.json says about the method

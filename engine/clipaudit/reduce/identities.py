@@ -20,7 +20,8 @@ from ..attacks.registry import AnalysisInput, registered, scores
 from ..io.outputs import OutputLayout
 from ..io.query import duckdb_views
 from ..io.schemas import load_schema
-from .conformal import identity_pvalues
+from .conformal import as_column, bh_qvalues, cauchy_combination, discovery_entry, identity_pvalues
+from .statistics import float_vector
 from .labels import LabelsError, missing_from_pool, missing_names_message, Controls, Labels, control_set
 
 if TYPE_CHECKING:
@@ -127,8 +128,21 @@ def identity_level(layout: OutputLayout, opts: "ReduceOptions", labels: Labels |
             continue
         calibration[score.name] = found.entry
         if found.pvalues is not None:
+            p = float_vector(found.pvalues)
+            q = bh_qvalues(p, ~is_control)
             columns[f"{score.name}_pvalue"] = found.pvalues
             columns[f"{score.name}_flag"] = found.flags
+            columns[f"{score.name}_qvalue"] = as_column(q)
+            columns[f"{score.name}_discovery"] = [None if v != v else bool(v <= opts.fdr) for v in q]
+            calibration[score.name].update(discovery_entry(q, opts.fdr))
+    combined = [float_vector(columns[f"{s.name}_pvalue"]) for s in scores(opts.enabled) if f"{s.name}_pvalue" in columns]
+    if combined:  # one p-value per identity across the attacks, and its q-value among the candidates
+        p = cauchy_combination(combined)
+        q = bh_qvalues(p, ~is_control)
+        columns["membership_pvalue"], columns["membership_qvalue"] = as_column(p), as_column(q)
+        columns["membership_discovery"] = [None if v != v else bool(v <= opts.fdr) for v in q]
+        calibration["membership"] = {"what": "Cauchy combination of the identity's score p-values", **discovery_entry(q, opts.fdr)}
+    columns["is_control"] = [bool(x) for x in is_control]
     schema = load_schema("identities", opts.enabled)
     n = len(names)
     arrays = [pa.array(columns.get(f.name, [None] * n), type=f.type) for f in schema]

@@ -50,6 +50,7 @@ class ReduceOptions:
     labels: Path | str | None = None  # a local file or a URL
     controls: Path | str | None = None  # a local file or a URL
     target_fpr: float = 0.01
+    fdr: float = 0.1  # calibration.fdr: discoveries are candidates with a BH q-value at most this
     names: Path | str | None = None  # a local file or a URL
     storage_options: Mapping[str, Any] = field(default_factory=dict)  # the job's data.storage_options (URLs)
     seed: int = 0  # the job seed: random draws of the reduce step derive from it
@@ -126,7 +127,8 @@ def reduce_inputs(layout: OutputLayout, opts: ReduceOptions) -> dict[str, Any] |
     return {
         "attacks": {name: params.model_dump(mode="json") for name, params in opts.attacks.items()},  # type: ignore[union-attr]
         "files": files,
-        "settings": {"target_fpr": opts.target_fpr, "seed": opts.seed, "near_duplicates": opts.near_duplicates},
+        "settings": {"target_fpr": opts.target_fpr, "fdr": opts.fdr, "seed": opts.seed,
+                     "near_duplicates": opts.near_duplicates},
         "shards": hashlib.sha256(json.dumps(markers).encode()).hexdigest(),
         "clipaudit": __version__,
     }
@@ -248,7 +250,7 @@ def _calibrate(layout: OutputLayout, opts: ReduceOptions, controls: Controls, id
     image_scores = [s.name for s in scores(opts.enabled, "image")]
     if (controls and image_scores) or learned.names:
         image = write_sample_pvalues(layout, image_scores if controls else [], controls, opts.target_fpr,
-                                     load_schema("sample_scores", opts.enabled), learned)
+                                     load_schema("sample_scores", opts.enabled), learned, fdr=opts.fdr)
     else:  # nothing to write per image (no controls and no learned scores, or an identity-level job)
         shutil.rmtree(layout.sample_scores_dir, ignore_errors=True)
         image = {}
@@ -260,6 +262,7 @@ def _calibrate(layout: OutputLayout, opts: ReduceOptions, controls: Controls, id
     images_used = max((e.get("n_controls", 0) for e in image.values()), default=0)
     calibration: dict[str, Any] = {
         "target_fpr": opts.target_fpr,
+        "fdr": opts.fdr,
         "controls": {"sources": controls.sources, "identities": len(controls.identities),
                      "identities_in_candidates": len(controls.identities & seen), "images": len(controls.images),
                      "images_used": images_used},
