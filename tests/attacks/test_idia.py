@@ -262,3 +262,24 @@ def test_template_average_ranks_each_image_once_and_separates_the_canary(canary_
     assert {len(r["idia_top1"]) for r in rows if r["status"] == "ok"} == {1}
     m = json.loads((tmp_path / "avg" / "metrics.json").read_text())["idia"]
     assert m["auc"] >= 0.9, m
+
+
+def test_a_sweep_entrys_auc_is_the_mean_over_draws_of_each_draws_auc():
+    """Each draw is one random set of k images per identity; the AUC is computed per draw and
+    averaged (IDIA's protocol), never on scores pooled across draws (which is optimistic)."""
+    from sklearn.metrics import roc_auc_score
+
+    from clipaudit.attacks.idia import _sweep_entry
+
+    rng = np.random.default_rng(3)
+    names = [f"M{i}" for i in range(6)] + [f"N{i}" for i in range(6)] + ["short"]
+    labels = {n: n.startswith("M") for n in names[:-1]} | {"short": True}
+    scores = np.vstack([rng.integers(0, 3, size=(6, 20)) + 1, rng.integers(0, 3, size=(6, 20)),
+                        np.full((1, 20), np.nan)]).astype(float)  # the last identity has fewer than k images
+    entry = _sweep_entry(3, scores, names, labels, tau=2, draws=20)
+    y = np.array([labels[n] for n in names[:-1]])
+    per_draw = [roc_auc_score(y, scores[:-1, d]) for d in range(20)]
+    assert entry["auc"] == pytest.approx(np.mean(per_draw)) and entry["auc_std"] == pytest.approx(np.std(per_draw))
+    pooled = roc_auc_score(y, scores[:-1].mean(1))
+    assert abs(pooled - entry["auc"]) > 0.01  # the two estimators differ here: the test can tell them apart
+    assert (entry["n_members"], entry["n_nonmembers"], entry["n_short"]) == (6, 6, 1)

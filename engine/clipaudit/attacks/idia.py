@@ -352,7 +352,10 @@ def _sweep_entry(k: int, scores: np.ndarray, names: list[str], labels: dict[str,
     entry.update(tpr=None if tpr is None else float(tpr.mean()), tpr_std=None if tpr is None else float(tpr.std()),
                  fpr=None if fpr is None else float(fpr.mean()), fpr_std=None if fpr is None else float(fpr.std()))
     both = mem | non
-    entry["auc"] = float(auc(scores[both].mean(1), mem[both])) if mem.any() and non.any() else None
+    entry["auc"] = entry["auc_std"] = None
+    if mem.any() and non.any():  # per draw of k images, then averaged: never pooled across draws
+        per_draw = [auc(scores[both, d], mem[both]) for d in range(scores.shape[1])]
+        entry["auc"], entry["auc_std"] = float(np.mean(per_draw)), float(np.std(per_draw))
     return entry
 
 
