@@ -109,3 +109,13 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path, small_audi
     err = p.stderr.read()
     assert p.wait(timeout=120) == 0, err
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_metric_without_a_value_or_a_note_prints_a_dash():
+    from clipaudit.io.report import metrics_rows
+
+    m = {"level": "identity", "auc": None, "tpr_at_1pct_fpr": None,
+         "tpr_at_1pct_fpr_note": "needs >= 100 non-member identities at this level, has 5 (among 90 images)",
+         "tpr_at_0_1pct_fpr": None}
+    row = next(r for r in metrics_rows({"idia": m}) if r[0].startswith("idia"))
+    assert row[2] == "-" and row[4] == "n/a (needs ≥ 100 non-member identities, has 5)" and row[5] == "-"

@@ -165,11 +165,11 @@ def check_name_coverage(spec: JobSpec, read_urls: bool = True) -> None:
     """A labelled or control identity whose name the pool lacks stops the job (SpecError naming
     them) for every enabled attack whose ``missing_names`` is ``error``. ``read_urls=False`` (a dry
     run): files on object storage are not read, and the check is left to the run."""
-    modes = {name: getattr(getattr(spec.attacks, name), "missing_names", None) for name in spec.attacks.enabled()}
-    strict = [name for name, mode in modes.items() if mode == "error"]
-    files = [f for f in (spec.names, spec.labels, spec.calibration.controls) if f is not None]
+    strict = [name for name in spec.attacks.enabled()
+              if getattr(getattr(spec.attacks, name), "missing_names", None) == "error"]
     if not strict or (spec.labels is None and spec.calibration.controls is None):
         return
+    files = (spec.names, spec.labels, spec.calibration.controls)
     if not read_urls and any(isinstance(f, str) and is_url(f) for f in files):
         return
     so = spec.data.storage_options
@@ -251,11 +251,9 @@ def make_plan(spec: JobSpec, done: int, bench: dict[str, Any] | None = None) -> 
     actors, actors_note, gpus, gpus_note = _actors(spec, len(shards) - done)
     here = device_here(spec)
     numerics = ""
-    if here is not None and isinstance(spec.names, str) and is_url(spec.names):
-        # the name index depends on the pool's size, which a dry run does not read from storage
-        numerics = ", ".join(f"{k} {v}" for k, v in spec.numerics(here, pool_size=None).items())
-    elif here is not None:
-        numerics = ", ".join(f"{k} {v}" for k, v in spec.numerics(here).items())
+    if here is not None:  # the name index depends on the pool's size, which a dry run does not read from storage
+        remote_pool = isinstance(spec.names, str) and is_url(spec.names)
+        numerics = ", ".join(f"{k} {v}" for k, v in spec.numerics(here, read_pool=not remote_pool).items())
     return Plan(len(shards), done, images, note, actors, actors_note, gpus, gpus_note,
                 _estimate(spec, bench, images, actors), unchecked, numerics)
 

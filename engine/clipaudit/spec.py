@@ -288,19 +288,19 @@ class JobSpec(_Strict):
             "output_format": map_output_format(enabled),
         }
 
-    def numerics(self, device_type: str | None = None, pool_size: int | None | bool = True) -> dict[str, str]:
+    def numerics(self, device_type: str | None = None, read_pool: bool = True) -> dict[str, str]:
         """What the hardware decides about the numbers: the device type, the model's precision
         and the name-index kind, with ``auto``/unset resolved as the map step resolves them (on
         ``device_type``, default: this machine). They change scores slightly, so they enter the
         resume hash: a GPU run is never resumed on a CPU, or the reverse, without ``--force``.
-        ``pool_size=None``: the pool is not read, and an ``auto`` index is reported as such."""
+        ``read_pool=False``: the pool is not read, and an index that depends on its size is reported as such."""
         if device_type is None:
             device_type = detect_device_type(self)
         precision = self.model.precision or ("fp16" if device_type == "cuda" else "fp32")
         if device_type == "cpu" and precision == "fp16":
             precision = "fp32"  # the model runs fp32 on a CPU (load_model warns)
         index = self.compute.index
-        if pool_size is None and index in ("auto", "faiss-ivf"):
+        if not read_pool and index in ("auto", "faiss-ivf"):
             index += " (decided by the pool's size when it runs)"
         elif index == "auto":
             from .map.index import resolve_backend

@@ -13,8 +13,10 @@ from ..reduce.conformal import controls_in_words
 def _cell(m: dict, k: str) -> str:
     v, ci, note = m.get(k), m.get(f"{k}_ci"), m.get(f"{k}_note")
     if v is None:
+        if not note:
+            return "-"
         short = note.split(" (among")[0]  # the table keeps the count; metrics.json keeps the reason
-        return f"n/a ({short.replace(' at this level', '').replace('>=', '≥')})" if note else "-"
+        return f"n/a ({short.replace(' at this level', '').replace('>=', '≥')})"
     return f"{v:.3f}" if ci is None else f"{v:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 

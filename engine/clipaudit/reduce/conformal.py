@@ -196,10 +196,7 @@ def cauchy_combination(pvalue_columns: list[np.ndarray]) -> np.ndarray:
     of tan((0.5 - p)·π) over the unit's non-missing p-values, turned back into a p-value. Valid
     under arbitrary dependence between the p-values in the tail that matters (small p), which
     scores of one identity computed from the same images have; nan where a unit has none."""
-    P = np.column_stack(pvalue_columns) if pvalue_columns else np.empty((0, 0))
-    if P.size == 0:
-        return np.full(len(pvalue_columns[0]) if pvalue_columns else 0, np.nan)
-    P = np.clip(P, 1e-300, 1.0)
+    P = np.clip(np.column_stack(pvalue_columns), 1e-300, 1.0)
     have = ~np.isnan(P)
     n = have.sum(axis=1)
     t = np.where(have, np.tan((0.5 - np.where(have, P, 0.5)) * np.pi), 0.0).sum(axis=1)
@@ -208,11 +205,10 @@ def cauchy_combination(pvalue_columns: list[np.ndarray]) -> np.ndarray:
     return np.where(n > 0, 0.5 - np.arctan(stat) / np.pi, np.nan)
 
 
-def discovery_entry(q: np.ndarray, fdr: float) -> dict[str, Any]:
+def discovery_entry(discoveries: int, fdr: float) -> dict[str, Any]:
     """calibration.json's discovery figures of one score: how many candidates have q <= fdr and
     how many of those are expected to be false (at most fdr of them, in expectation)."""
-    n = int(np.sum(q <= fdr))
-    return {"fdr": fdr, "discoveries": n, "expected_false_discoveries": round(fdr * n, 3)}
+    return {"fdr": fdr, "discoveries": discoveries, "expected_false_discoveries": round(fdr * discoveries, 3)}
 
 
 @dataclass
@@ -323,8 +319,7 @@ def write_sample_pvalues(layout: "OutputLayout", image_scores: list[str], contro
             stale.unlink()
     return {a: {**threshold_entry(sorted_controls[a], scored[a], flagged[a], control_flagged[a], target_fpr,
                                   control_groups=len(control_identities)),
-                "fdr": fdr, "discoveries": discoveries[a],
-                "expected_false_discoveries": round(fdr * discoveries[a], 3)} for a in image_scores}
+                **discovery_entry(discoveries[a], fdr)} for a in image_scores}
 
 
 #: what calibration.json says about the method

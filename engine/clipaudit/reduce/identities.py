@@ -20,7 +20,7 @@ from ..attacks.registry import AnalysisInput, registered, scores
 from ..io.outputs import OutputLayout
 from ..io.query import duckdb_views
 from ..io.schemas import load_schema
-from .conformal import as_column, bh_qvalues, cauchy_combination, discovery_entry, identity_pvalues
+from .conformal import as_column, bh_qvalues, cauchy_combination, discovery_entry, flag_column, identity_pvalues
 from .statistics import float_vector
 from .labels import LabelsError, missing_from_pool, missing_names_message, Controls, Labels, control_set
 
@@ -133,15 +133,16 @@ def identity_level(layout: OutputLayout, opts: "ReduceOptions", labels: Labels |
             columns[f"{score.name}_pvalue"] = found.pvalues
             columns[f"{score.name}_flag"] = found.flags
             columns[f"{score.name}_qvalue"] = as_column(q)
-            columns[f"{score.name}_discovery"] = [None if v != v else bool(v <= opts.fdr) for v in q]
-            calibration[score.name].update(discovery_entry(q, opts.fdr))
+            columns[f"{score.name}_discovery"] = flag_column(q, opts.fdr)
+            calibration[score.name].update(discovery_entry(int(np.sum(q <= opts.fdr)), opts.fdr))
     combined = [float_vector(columns[f"{s.name}_pvalue"]) for s in scores(opts.enabled) if f"{s.name}_pvalue" in columns]
     if combined:  # one p-value per identity across the attacks, and its q-value among the candidates
         p = cauchy_combination(combined)
         q = bh_qvalues(p, ~is_control)
         columns["membership_pvalue"], columns["membership_qvalue"] = as_column(p), as_column(q)
-        columns["membership_discovery"] = [None if v != v else bool(v <= opts.fdr) for v in q]
-        calibration["membership"] = {"what": "Cauchy combination of the identity's score p-values", **discovery_entry(q, opts.fdr)}
+        columns["membership_discovery"] = flag_column(q, opts.fdr)
+        calibration["membership"] = {"what": "Cauchy combination of the identity's score p-values",
+                                     **discovery_entry(int(np.sum(q <= opts.fdr)), opts.fdr)}
     columns["is_control"] = [bool(x) for x in is_control]
     schema = load_schema("identities", opts.enabled)
     n = len(names)

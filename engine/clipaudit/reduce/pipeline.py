@@ -122,8 +122,8 @@ def reduce_inputs(layout: OutputLayout, opts: ReduceOptions) -> dict[str, Any] |
                  for key in ("labels", "controls", "names", "attackers", "reference")}
     except (OSError, ValueError):
         return None
-    markers = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(layout.markers_dir)
-                     if e.name.endswith(".done.json")) if layout.markers_dir.is_dir() else []
+    markers = sorted((e.name, st.st_size, st.st_mtime_ns) for e in os.scandir(layout.markers_dir)
+                     if e.name.endswith(".done.json") and (st := e.stat())) if layout.markers_dir.is_dir() else []
     return {
         "attacks": {name: params.model_dump(mode="json") for name, params in opts.attacks.items()},  # type: ignore[union-attr]
         "files": files,
