@@ -119,3 +119,24 @@ def test_a_metric_without_a_value_or_a_note_prints_a_dash():
          "tpr_at_0_1pct_fpr": None}
     row = next(r for r in metrics_rows({"idia": m}) if r[0].startswith("idia"))
     assert row[2] == "-" and row[4] == "n/a (needs ≥ 100 non-member identities, has 5)" and row[5] == "-"
+
+
+def test_the_headline_k_and_the_identities_below_it_are_named_in_the_table():
+    from clipaudit.io.report import metrics_rows
+
+    m = {"level": "identity", "auc": 0.9, "k": 5, "tpr_at_1pct_fpr": None, "tpr_at_0_1pct_fpr": None}
+    assert next(r for r in metrics_rows({"idia": m}))[0] == "idia (k=5)"
+    assert next(r for r in metrics_rows({"idia": {**m, "n_short": 3}}))[0] == "idia (k=5, 3 short)"
+
+
+def test_the_within_identity_level_gets_its_own_rows_after_the_image_level():
+    from clipaudit.io.report import metrics_rows
+
+    cell = {"auc": 0.7, "auc_ci": [0.6, 0.8], "tpr_at_1pct_fpr": None, "tpr_at_0_1pct_fpr": None}
+    m = {"level": "image", **cell, "learned": {"level": "image", **cell},
+         "within_identity": {"level": "image_within_identity", **cell, "auc": 0.55,
+                             "learned": {"level": "image_within_identity", **cell}}}
+    rows = [r for r in metrics_rows({"encodermi": m}) if "encodermi" in r[0]]
+    assert [(r[0].strip(), r[1]) for r in rows] == [("encodermi", "image"), ("encodermi (learned)", "image"),
+                                                    ("encodermi", "within-id"), ("encodermi (learned)", "within-id")]
+    assert rows[2][2].startswith("0.550")

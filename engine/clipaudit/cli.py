@@ -312,6 +312,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             result = run_reduce_bench(sizes, Path(work), memory_limit=args.reduce_memory, log=log)
         _bench_output(args, result, "\n".join(f"{k:26s} {v}" for k, v in result.items()))
         return EXIT_OK
+    if args.under_load:
+        from .bench_load import run_load_bench
+
+        if args.busy < 0:
+            raise UserError(f"--busy {args.busy}: a number of processes, 0 or more")
+        result = run_load_bench(Path(args.under_load), busy=args.busy, repeat=args.repeat, log=log)
+        _bench_output(args, result, "\n".join(f"{k:26s} {v}" for k, v in result.items()))
+        return EXIT_OK
     if args.quick:
         from .bench_quick import run_quick
 
@@ -494,6 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(rows, e.g. 1000000,10000000; written to a temp folder, ~280 MB per million rows)")
     b.add_argument("--reduce-memory", default="2GB", metavar="SIZE",
                    help="with --reduce: DuckDB's memory limit (compute.reduce_memory; default 2GB)")
+    b.add_argument("--under-load", metavar="OUT",
+                   help="instead: `clipaudit reduce` of the audit OUT (copied; OUT is not changed) alone and beside "
+                        "--busy busy-loop processes, --repeat times each; medians and their ratio")
+    b.add_argument("--busy", type=int, default=2, help="with --under-load: busy-loop processes (default 2)")
     b.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout, nothing else")
     b.add_argument("--json-out", metavar="PATH", help="also write the result record to PATH")
     b.add_argument("--quiet", action="store_true", help="with --json: no progress lines on stderr")

@@ -169,11 +169,12 @@ def test_sweep_rises_with_k_on_the_trained_model_and_stays_flat_untrained(canary
     trained, ident = sweep(canary_lab.job, "trained")
     untrained, _ = sweep(canary_lab.job_untrained, "untrained")
     ks = [e["k"] for e in trained["sweep"]]
-    assert ks == [1, 3, 5, 10]
+    assert ks == [1, 3, 5]  # the lab's job stops at 5: its non-members have 6 images
     by_k = {e["k"]: e for e in trained["sweep"]}
     # the labelled identities whose names the pool lacks are left out of IDIA (missing_names: exclude)
     labelled = len(canary_lab.members) + len(canary_lab.nonmembers) - len(canary_lab.not_in_pool)
-    assert by_k[10]["n_members"] == 0 and by_k[10]["n_short"] == labelled
+    assert all(e["n_members"] + e["n_nonmembers"] == labelled and e["n_short"] == 0 for e in trained["sweep"])
+    assert trained["n_short"] == 0 and trained["auc_draw_std"] >= 0
     tpr = [by_k[k]["tpr"] for k in (1, 3, 5)]
     assert tpr == sorted(tpr) and tpr[-1] >= 0.9, trained["sweep"]
     assert all(by_k[k]["fpr"] <= 0.2 for k in (1, 3, 5))
@@ -283,3 +284,64 @@ def test_a_sweep_entrys_auc_is_the_mean_over_draws_of_each_draws_auc():
     pooled = roc_auc_score(y, scores[:-1].mean(1))
     assert abs(pooled - entry["auc"]) > 0.01  # the two estimators differ here: the test can tell them apart
     assert (entry["n_members"], entry["n_nonmembers"], entry["n_short"]) == (6, 6, 1)
+
+
+def test_the_headline_at_k_is_the_mean_over_draws_of_each_draws_metrics(tmp_path):
+    """The headline AUC and TPR at k are computed on one draw of k images per identity and
+    averaged over draws (recomputed here from the votes with scikit-learn), not on the
+    identity's mean over draws; identities below k are counted (n_short), not silently lost."""
+    import json
+
+    from sklearn.metrics import roc_auc_score
+
+    import clipaudit.attacks.idia as idia
+    from clipaudit.reduce import reduce_outputs
+
+    rng = np.random.default_rng(5)
+    vocab = [f"P{i}" for i in range(16)]
+    rows, truth = [], {}
+    for i, who in enumerate(vocab):
+        member, n = i < 8, (3 if i in (0, 8) else 8)  # P0 and P8 have fewer than k = 4 images
+        truth[who] = member
+        for _ in range(n):
+            rows.append(img(who, *[who if rng.random() < (0.45 if member else 0.3) else str(rng.choice(vocab))
+                                   for _ in range(4)]))
+    layout = write_samples(tmp_path, rows)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("identity,member\n" + "".join(f"{n},{int(m)}\n" for n, m in truth.items()))
+    opts = ReduceOptions(attacks={"idia": {"k": [1, 4], "headline_k": 4, "draws": 7}}, labels=labels, seed=3)
+    reduce_outputs(layout, opts)
+    m = json.loads(layout.metrics.read_text())["idia"]
+    ids = {n: i for i, n in enumerate(vocab)}
+    kept = [n for n in vocab if n not in ("P0", "P8")]
+    per = np.array([idia.plurality_scores(np.array([[ids[t] for t in r["idia_top1"]] for r in rows
+                                                    if r["identity"] == n]), ids[n], 4, 7, idia._stable_seed(3, n, 4))
+                    for n in kept], dtype=float)
+    y = np.array([truth[n] for n in kept])
+    aucs = [roc_auc_score(y, per[:, d]) for d in range(7)]
+    assert m["k"] == 4 and m["draws"] == 7 and m["n_short"] == 2
+    assert m["auc"] == pytest.approx(np.mean(aucs)) and m["auc_draw_std"] == pytest.approx(np.std(aucs))
+    assert abs(roc_auc_score(y, per.mean(1)) - m["auc"]) > 0.005  # pooling over draws would differ
+    assert (m["n_members"], m["n_nonmembers"]) == (7, 7)
+
+
+def test_the_sweep_keeps_one_population_across_k_unless_asked_per_k(tmp_path):
+    from clipaudit.attacks.registry import AnalysisInput
+    from clipaudit.reduce.identities import connect
+    import clipaudit.attacks.idia as idia
+
+    rows = []
+    for who, n in (("Ann", 6), ("Bob", 2), ("Cy", 6), ("Dee", 2)):
+        rows += [img(who, who, "x") for _ in range(n)]
+    layout = write_samples(tmp_path, rows)
+    labels = {"Ann": True, "Bob": True, "Cy": False, "Dee": False}
+    con = connect(layout)
+    try:
+        fixed = idia.analyse(AnalysisInput(con, idia.IdiaParams(k=[1, 5], draws=3), 0, labels)).metrics
+        per_k = idia.analyse(AnalysisInput(con, idia.IdiaParams(k=[1, 5], draws=3, population="per_k"), 0,
+                                           labels)).metrics
+    finally:
+        con.close()
+    assert [(e["k"], e["n_members"], e["n_nonmembers"]) for e in fixed["sweep"]] == [(1, 1, 1), (5, 1, 1)]
+    assert [(e["k"], e["n_members"], e["n_nonmembers"]) for e in per_k["sweep"]] == [(1, 2, 2), (5, 1, 1)]
+    assert fixed["population"].startswith("fixed") and per_k["population"].startswith("per_k")

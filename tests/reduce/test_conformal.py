@@ -190,3 +190,25 @@ def test_qvalues_are_benjamini_hochberg_of_the_pvalues_over_the_candidates(small
     expected = false_discovery_control([r["membership_pvalue"] for r in candidates], method="bh")
     assert [r["membership_qvalue"] for r in candidates] == pytest.approx(list(expected))
     assert {r["identity"] for r in ident if r["is_control"]} == {"P5", "P6", "P7"}
+
+
+def test_identity_means_are_compared_with_controls_at_the_same_number_of_images():
+    """Non-member candidates with 2 images each against controls with 40: their means vary
+    more, so against the controls' full means far more than 5 % fall below p = 0.05; against
+    the controls' means over 2 random images each, about 5 % do."""
+    from clipaudit.reduce.conformal import count_matched_pvalues, pvalues
+
+    rng = np.random.default_rng(0)
+    controls = [rng.normal(size=40) for _ in range(2000)]  # the conditional rate's spread: ~0.005
+    candidates = [rng.normal(size=2) for _ in range(5000)]
+    values = np.array([x.mean() for x in controls + candidates])
+    counts = np.array([len(x) for x in controls + candidates])
+    is_control = np.arange(len(values)) < len(controls)
+    naive, _ = pvalues(values, is_control)
+    matched = count_matched_pvalues(values, counts, is_control, dict(enumerate(controls)), seed=1)
+    assert np.mean(naive[~is_control] <= 0.05) > 0.3
+    assert abs(np.mean(matched[~is_control] <= 0.05) - 0.05) < 0.015, np.mean(matched[~is_control] <= 0.05)
+    # a control is compared with the other controls only, at its own count: the usual leave-one-out value
+    np.testing.assert_allclose(matched[is_control], naive[is_control])
+    again = count_matched_pvalues(values, counts, is_control, dict(enumerate(controls)), seed=1)
+    np.testing.assert_array_equal(matched, again)  # seeded

@@ -62,7 +62,9 @@ def test_iid_canary_raises_no_shift_warning_but_shifted_one_does(iid, shifted):
 
 
 def test_metrics_shape_roc_table_and_intervals(iid):
-    _, trained, _ = iid
+    from clipaudit.attacks.registry import registered
+
+    lab, trained, _ = iid
     m = json.loads((trained.layout.root / "metrics.json").read_text())
     for a in ("idia",) + IMAGE_ATTACKS:
         n_non = m[a]["n_nonmembers"]
@@ -90,9 +92,18 @@ def test_metrics_shape_roc_table_and_intervals(iid):
     assert {r["variant"] for r in roc if r["attack"] == "encodermi"} == {"threshold", "learned", "learned_mlp",
                                                                          "learned_set"}
     for attack in IMAGE_ATTACKS:
-        pts = [r for r in roc if r["attack"] == attack and r["variant"] == "threshold"]
-        assert pts[0]["fpr"] == 0 and pts[-1]["tpr"] == 1
-        assert all(a["fpr"] <= b["fpr"] for a, b in zip(pts, pts[1:]))
+        for level in ("image", "image_within_identity"):
+            pts = [r for r in roc if r["attack"] == attack and r["variant"] == "threshold" and r["level"] == level]
+            assert pts[0]["fpr"] == 0 and pts[-1]["tpr"] == 1
+            assert all(a["fpr"] <= b["fpr"] for a, b in zip(pts, pts[1:]))
+        # within identities: the members' training photos against the same members' other photos
+        w = m[attack]["within_identity"]
+        assert w["level"] == "image_within_identity" and w["n_members"] == m[attack]["n_members"]
+        assert 0 < w["n_nonmembers"] < m[attack]["n_nonmembers"] and w["n_nonmember_groups"] == len(lab.members)
+        learned = {lr.name for a in registered() if a.name == attack for lr in a.learned}
+        assert learned <= set(w), (attack, sorted(w))
+    assert "image_within_identity" in m["baseline"]["by_level"]
+    assert "draws" in m["idia"]["interval"] and "refits" not in m["idia"]["interval"]
 
 
 def test_rerun_gives_identical_scores_and_batching_does_not_matter(iid, tmp_path):
@@ -189,8 +200,8 @@ def test_caption_only_shift_is_caught_by_the_text_baseline_not_by_image_statisti
     labels = read_labels(lab.labels).matched(ShardMatcher(str(s) for s in lab.shards))
     table = next(t for t in evaluation_tables(con, pq.read_table(layout.identities), labels, opts)
                  if t.level == "image")
-    fits = blind_scores(table.features[BASELINE], None, table.labels, table.groups, refits=3)
-    alone = membership_metrics(fits[0], table.labels, groups=table.groups, score_sets=fits)
+    fits, folds = blind_scores(table.features[BASELINE], None, table.labels, table.groups, refits=3)
+    alone = membership_metrics(fits[0], table.labels, groups=table.groups, score_sets=fits, folds=folds)
     assert alone["auc_ci"][0] <= SHIFT_FLOOR, alone  # the images alone do not reveal the shift
 
 

@@ -11,9 +11,12 @@ member when ``idia_score >= tau``.
 
 As in the paper, the evidence is also computed at a fixed number of images per person
 (the sweep): for each k, ``draws`` random draws of k of the identity's images (seeded per
-identity), the vote on each draw, and TPR/FPR as mean ± std over draws. The headline
-metrics use one k for everybody (``idia_score_at_k``, the mean score over draws), so people
-with more photos are not compared on easier footing.
+identity) and the vote on each draw. Every metric at k — AUC, TPR, FPR, the sweep's and the
+headline's — is computed on one draw per identity and averaged over draws (mean ± std), so
+no figure pools more than k images of a person. The sweep's population is fixed across k by
+default (identities with at least max(k) images). The headline uses one k for everybody;
+``idia_score_at_k`` (the mean score over the draws at that k) is what identities.parquet
+shows per person, and its p-value is computed on it, controls at the same k.
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ class IdiaParams(BaseModel):
     k: list[int] = Field(default_factory=lambda: [1, 3, 5, 10], min_length=1,
                          description="images per identity for the sweep (reduce only)")
     draws: int = Field(20, ge=1, le=1000, description="random draws of k images per identity and k (reduce only)")
+    population: Literal["fixed", "per_k"] = Field(
+        "fixed", description="the sweep's identities: fixed (the labelled identities with at least max(k) images, the "
+                             "same people at every k, as in the paper) or per_k (at each k, those with at least k)")
     headline_k: int | None = Field(None, ge=1, description="k of the headline metrics; default: the largest k in "
                                                            "the list that 90 % of the labelled identities reach")
     missing_names: Literal["error", "exclude"] = Field(
@@ -309,12 +315,26 @@ def analyse(inp: AnalysisInput) -> IdentityAnalysis:
         metrics["k_note"] = (f"no k in {p.k} is reached by {HEADLINE_COVERAGE:.0%} of the identities: the headline "
                              "compares identities by all their images, whatever their number")
     if inp.labels is not None:
+        floor = max(ks) if p.population == "fixed" else None  # fixed: the same people at every k
+        metrics["population"] = (f"fixed: the labelled identities with at least {floor} images at every k"
+                                 if floor else "per_k: at each k, the labelled identities with at least k images")
         metrics["sweep"] = [_sweep_entry(k, scores_by_k[all_ks.index(k)].astype(float), names, labels, p.tau,
-                                         p.draws) for k in p.k]
+                                         p.draws, None if floor is None else counts_arr >= floor) for k in p.k]
+        if floor and not all(e["n_members"] and e["n_nonmembers"] for e in metrics["sweep"]):
+            metrics["population_note"] = (f"the fixed population (at least {floor} images) lacks members or "
+                                          "non-members: lower the largest k or set attacks.idia.population: per_k")
         if k_head is None:
             metrics["k_note"] += _imbalance(names, counts_arr, labels)
-    column = dict(zip(names, scores_by_k[all_ks.index(k_head)].astype(float).mean(1).tolist())) if k_head else {}
+        else:
+            y = np.array([labels.get(n) is not None for n in names], dtype=bool)
+            metrics["n_short"] = int((y & (counts_arr < k_head)).sum())
+            metrics["n_short_note"] = (f"{metrics['n_short']} labelled identities have fewer than k = {k_head} "
+                                       "images and are not in the headline")
+    at_k = scores_by_k[all_ks.index(k_head)].astype(float) if k_head else None
+    column = dict(zip(names, at_k.mean(1).tolist())) if k_head else {}
     column = {n: (float("nan") if n in excluded else v) for n, v in column.items()}
+    draws = ({n: at_k[i] for i, n in enumerate(names) if n not in excluded and not np.isnan(at_k[i, 0])}
+             if k_head else {})
     if excluded:
         metrics["missing_names"] = {
             "excluded": len(excluded), "identities": sorted(excluded)[:20],
@@ -323,9 +343,11 @@ def analyse(inp: AnalysisInput) -> IdentityAnalysis:
     if k_head and all(v != v for v in column.values()):  # headline_k that nobody reaches: say so, use all images
         metrics.update(k=None, k_note=f"headline_k = {k_head}: no identity has that many images; the headline "
                                       "compares identities by all their images, whatever their number")
-        column = {}
+        column, draws = {}, {}
+        metrics.pop("n_short", None), metrics.pop("n_short_note", None)
     return IdentityAnalysis({"idia_score": votes, "idia_member": {n: v >= p.tau for n, v in votes.items()},
-                             "idia_score_at_k": {n: (None if v != v else v) for n, v in column.items()}}, metrics)
+                             "idia_score_at_k": {n: (None if v != v else v) for n, v in column.items()}}, metrics,
+                            draws={"idia_score_at_k": draws} if draws else {})
 
 
 def _imbalance(names: list[str], counts: np.ndarray, labels: dict[str, bool]) -> str:
@@ -337,11 +359,15 @@ def _imbalance(names: list[str], counts: np.ndarray, labels: dict[str, bool]) ->
 
 
 def _sweep_entry(k: int, scores: np.ndarray, names: list[str], labels: dict[str, bool], tau: int,
-                 draws: int) -> dict[str, Any]:
+                 draws: int, population: np.ndarray | None = None) -> dict[str, Any]:
+    """TPR, FPR and AUC at k, each per draw and averaged; ``population``: the identities that
+    may enter (None: all with at least k images)."""
     from ..reduce.statistics import auc
 
     y = np.array([labels.get(n) for n in names], dtype=object)
-    have = ~np.isnan(scores[:, 0])
+    have = ~np.isnan(scores[:, 0]) if len(scores) else np.zeros(0, dtype=bool)
+    if population is not None:
+        have &= population
     mem, non = have & (y == True), have & (y == False)  # noqa: E712 (object array of bool/None)
     short = int(((y == True) | (y == False)).sum() - mem.sum() - non.sum())  # noqa: E712
     decided = scores >= tau
@@ -366,7 +392,7 @@ IDIA = register(Attack(
     build=lambda p, job: IdiaAttack(load_name_pool(job.names, job.data.storage_options),
                                     resolve_templates(p.templates), p.top_k, p.template_average),
     default=True,
-    reduce_only=frozenset({"tau", "k", "draws", "headline_k", "missing_names"}),
+    reduce_only=frozenset({"tau", "k", "draws", "headline_k", "missing_names", "population"}),
     columns=(
         Column("idia_true_rank", pa.list_(pa.int32()), "per template: 1-based rank of the true name; null beyond "
                                                         "top_k or when the name is not in the pool"),
@@ -382,7 +408,8 @@ IDIA = register(Attack(
         Column("idia_mean_reciprocal_rank", pa.float64(), "mean of 1/rank over (image, template) pairs; 0 beyond "
                                                           "top_k"),
         Column("idia_score_at_k", pa.float64(), "mean idia_score over random draws of k images of the identity (k: "
-                                                "metrics.json idia.k); null with fewer than k images"),
+                                                "metrics.json idia.k); its p-value is computed on it; null with "
+                                                "fewer than k images. The headline metrics are per draw, averaged"),
     ),
     identity_sql=identity_scores_sql,
     analyse=analyse,

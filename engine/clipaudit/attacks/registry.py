@@ -14,7 +14,7 @@ import importlib
 import importlib.util
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
@@ -88,6 +88,9 @@ class IdentityAnalysis:
 
     columns: dict[str, dict[str, Any]]
     metrics: dict[str, Any]
+    #: per column: identity → the per-draw values its entry averages (e.g. IDIA's score on each draw of
+    #: k images); the evaluation computes metrics per draw from them and averages
+    draws: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

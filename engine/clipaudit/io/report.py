@@ -15,9 +15,20 @@ def _cell(m: dict, k: str) -> str:
     if v is None:
         if not note:
             return "-"
-        short = note.split(" (among")[0]  # the table keeps the count; metrics.json keeps the reason
+        short = note.split(" (")[0]  # the table keeps the count; metrics.json keeps the reason
         return f"n/a ({short.replace(' at this level', '').replace('>=', '≥')})"
     return f"{v:.3f}" if ci is None else f"{v:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+#: short names of levels in the table (the column is 9 characters wide)
+LEVEL_LABELS = {"image_within_identity": "within-id"}
+
+
+def _at_k(m: dict) -> str:
+    """" (k=5)", or " (k=5, 3 short)" when identities below k are left out of the headline."""
+    if not m.get("k"):
+        return ""
+    return f" (k={m['k']}, {m['n_short']} short)" if m.get("n_short") else f" (k={m['k']})"
 
 
 def metrics_rows(metrics: dict) -> list[tuple[str, str, str, str, str, str]]:
@@ -25,7 +36,7 @@ def metrics_rows(metrics: dict) -> list[tuple[str, str, str, str, str, str]]:
     variants (names indented) and the model-free baseline per level."""
     def row(name: str, m: dict) -> tuple[str, str, str, str, str, str]:
         base = f"{m['baseline_auc']:.3f}" if m.get("baseline_auc") is not None else ""
-        return (name, m.get("level", "-"), _cell(m, "auc"), base, _cell(m, "tpr_at_1pct_fpr"),
+        return (name, LEVEL_LABELS.get(m.get("level", "-"), m.get("level", "-")), _cell(m, "auc"), base, _cell(m, "tpr_at_1pct_fpr"),
                 _cell(m, "tpr_at_0_1pct_fpr"))
 
     rows = []
@@ -33,10 +44,13 @@ def metrics_rows(metrics: dict) -> list[tuple[str, str, str, str, str, str]]:
         for score in attack.scores:
             m = metrics.get(score.name)
             if isinstance(m, dict) and "auc" in m:
-                rows.append(row(score.name + (f" (k={m['k']})" if m.get("k") else ""), m))
-                for learner in attack.learned:
-                    if learner.name in m:
-                        rows.append(row(f"  {score.name} ({learner.label})", m[learner.name]))
+                for entry in (m, m.get("within_identity")):  # the score's level, then within identities
+                    if not isinstance(entry, dict) or "auc" not in entry:
+                        continue
+                    rows.append(row(score.name + _at_k(entry), entry))
+                    for learner in attack.learned:
+                        if learner.name in entry:
+                            rows.append(row(f"  {score.name} ({learner.label})", entry[learner.name]))
     b = metrics.get("baseline")
     for bm in (b.get("by_level", {}) if isinstance(b, dict) else {}).values():
         rows.append(row("blind baseline", bm))
@@ -111,6 +125,9 @@ def calibration_lines(cal: dict) -> list[str]:
             if "threshold" in e:
                 t = "none (too few controls)" if e["threshold"] is None else f"{e['threshold']:.4g}"
                 lines.append(f"  {level:8s} {attack:20s} {e['n_controls']:6d} controls  threshold {t:>10s}  "
+                             f"flagged {e['flagged']}/{e['n_scored']}{found}")
+            elif "comparison" in e:  # count-matched: no single threshold
+                lines.append(f"  {level:8s} {attack:20s} {e['n_controls']:6d} controls  matched by image count  "
                              f"flagged {e['flagged']}/{e['n_scored']}{found}")
             elif found:  # the combination of the attacks (identity level)
                 lines.append(f"  {level:8s} {attack:20s} {e.get('what', '')}:{found}")

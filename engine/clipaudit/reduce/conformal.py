@@ -221,15 +221,53 @@ class IdentityPValues:
     flags: list[bool | None] | None = None
 
 
-def identity_pvalues(values: list | None, is_control: np.ndarray, target_fpr: float) -> IdentityPValues | None:
+def count_matched_pvalues(values: np.ndarray, counts: np.ndarray, is_control: np.ndarray,
+                          control_images: dict[int, np.ndarray], seed: int = 0) -> np.ndarray:
+    """P-values of per-identity means of image scores, each identity compared with the controls
+    *at its own number of images*: against every control's mean over a random subset of that
+    many of its images (seeded per control and count; all its images where it has no more).
+
+    A mean over 3 images varies more than one over 50, so comparing it with full-count control
+    means flags small non-member identities far above the target rate; a control's random
+    n-subset is drawn like a candidate with n images, so the p-value is valid again (conservative
+    where a control has fewer than n images). ``control_images``: row → that control's image
+    scores. nan where the value is nan or fewer than 2 controls have images."""
+    v = np.asarray(values, dtype=float)
+    n = np.asarray(counts, dtype=np.int64)
+    out = np.full(len(v), np.nan)
+    ctrl = [int(i) for i in np.flatnonzero(is_control & ~np.isnan(v)) if len(control_images.get(int(i), ())) > 0]
+    if len(ctrl) < 2:
+        return out
+    for k in np.unique(n[~np.isnan(v)]):
+        rows = np.flatnonzero((n == k) & ~np.isnan(v))
+        stats = np.array([v[c] if len(control_images[c]) <= k else _subset_mean(control_images[c], int(k), seed, c)
+                          for c in ctrl])
+        out[rows] = pvalues_sorted(v[rows], np.sort(stats), own=is_control[rows])
+    return out
+
+
+def _subset_mean(x: np.ndarray, k: int, seed: int, row: int) -> float:
+    rng = np.random.default_rng([seed, row, k])
+    return float(np.mean(rng.choice(x, size=k, replace=False)))
+
+
+def identity_pvalues(values: list | None, is_control: np.ndarray, target_fpr: float,
+                     matched: np.ndarray | None = None) -> IdentityPValues | None:
     """P-values of a per-identity score column among the control identities; None when the
-    score was not computed or there are no controls."""
+    score was not computed or there are no controls. ``matched``: p-values already computed
+    (:func:`count_matched_pvalues`), used instead of comparing with all controls alike."""
     if values is None or not is_control.any() or all(v is None for v in values):
         return None
     p, c = pvalues(float_vector(values), is_control)
+    if matched is not None and c.size >= 2:
+        p = matched
     hit = p <= target_fpr
     entry = threshold_entry(c, int((~np.isnan(p) & ~is_control).sum()), int((hit & ~is_control).sum()),
                             int((hit & is_control).sum()), target_fpr)
+    if matched is not None and c.size >= 2:  # no one threshold: each count has its own controls
+        entry.pop("threshold", None)
+        entry["comparison"] = ("each identity against the controls' means over as many images as it has "
+                               "(random subsets of the controls' images, seeded)")
     if c.size < 2:
         return IdentityPValues(entry)
     return IdentityPValues(entry, as_column(p), flag_column(p, target_fpr))

@@ -3,7 +3,8 @@ level, ROC tables, learned variants, and the distribution-shift validity check.
 
 Levels: identity-level scores (e.g. IDIA) are evaluated per identity. Image-level scores are
 evaluated per image where the labels file has image rows (``shard,key,member``), else per
-identity (mean image score). Fixed scores (a mean cosine) need no fitting. Learned variants
+identity (mean image score); with image rows, also within identities (members' training photos
+against the same people's other photos: ``image_within_identity``). Fixed scores (a mean cosine) need no fitting. Learned variants
 (an attacker on an attack's raw feature vector, declared by the attack) and the model-free
 baseline are cross-fitted: every prediction comes from a model fitted on other folds, and
 all images of one identity stay in the same fold.
@@ -12,7 +13,7 @@ all images of one identity stay in the same fold.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import duckdb
@@ -21,10 +22,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..attacks.registry import LOGISTIC, Learned, registered, scores
-from .learned import crossfit_proba
+from .learned import crossfit_folds, crossfit_proba
 from .labels import Labels
 from . import validity
-from .statistics import float_vector, membership_metrics, roc_curve
+from .statistics import TARGET_FPRS, float_vector, fold_averaged_roc, membership_metrics, roc_curve
 
 if TYPE_CHECKING:
     from .pipeline import ReduceOptions
@@ -46,6 +47,12 @@ class Scored:
     groups: np.ndarray
     scores: dict[str, np.ndarray]  # attack → fixed score (nan = missing)
     features: dict[str, np.ndarray]  # attack/"baseline" → feature matrix (rows may hold nan)
+    #: score → its value on each draw (units × draws), where the score is a mean over draws (IDIA at k):
+    #: its metrics are computed per draw and averaged
+    draws: dict[str, np.ndarray] = field(default_factory=dict)
+    #: for a table cut from the image level (within identities): its rows there. Learned attackers
+    #: and the baseline are not refitted for it: their image-level out-of-fold scores are evaluated
+    rows: np.ndarray | None = None
 
 
 #: cross-fits per learned attacker with different fold assignments: the point estimate is the
@@ -61,37 +68,93 @@ def _refits(model: str) -> int:
     return REFITS if model == "logistic" else COSTLY_REFITS
 
 
+#: the level of members' training photos against the same people's other photos, and the key of
+#: its entry under each image score in metrics.json
+WITHIN = "image_within_identity"
+WITHIN_KEY = "within_identity"
+
+
 def _clusters(groups: np.ndarray, level: str) -> np.ndarray | None:
     """Image-level intervals resample whole identities; identity-level ones, identities."""
-    return groups if level == "image" else None
+    return groups if level in ("image", WITHIN) else None
 
 
 def _evaluate_fixed(name: str, score: np.ndarray, y: np.ndarray, level: str, roc_rows: list,
-                    groups: np.ndarray) -> dict | None:
+                    groups: np.ndarray, draws: np.ndarray | None = None) -> dict | None:
     keep = ~np.isnan(score)
     if keep.sum() < 2 or y[keep].all() or not y[keep].any():
         return None
+    what = "the attack's own score, thresholded"
+    if draws is not None:
+        return {"level": level, "variant": "threshold", "what": what + ", on one draw per unit, averaged over draws",
+                **_per_draw_metrics(name, draws[keep], y[keep], level, roc_rows)}
     m = membership_metrics(score[keep], y[keep], groups=_clusters(groups[keep], level))
     _roc_rows(roc_rows, name, level, "threshold", score[keep], y[keep])
-    return {"level": level, "variant": "threshold", "what": "the attack's own score, thresholded", **m}
+    return {"level": level, "variant": "threshold", "what": what, **m}
 
 
-def _evaluate_learned(name: str, X: np.ndarray, y: np.ndarray, groups: np.ndarray, level: str,
-                      roc_rows: list, learner: Learned) -> dict | None:
-    variant, what = learner.name, learner.what
+def _per_draw_metrics(name: str, draws: np.ndarray, y: np.ndarray, level: str, roc_rows: list) -> dict:
+    """Metrics of a score given per draw (units × draws): each metric is computed on every draw
+    and averaged, with its spread over draws (``<metric>_draw_std``); the bootstrap interval
+    resamples units and cycles through the draws, so it covers both. The ROC rows are the
+    draw whose AUC is the median's."""
+    sets = [draws[:, d] for d in range(draws.shape[1])]
+    m = membership_metrics(sets[0], y, score_sets=sets)
+    per = [membership_metrics(s, y, n_boot=0) for s in sets]
+    for key in ("auc", *TARGET_FPRS):
+        vals = [p[key] for p in per if p.get(key) is not None]
+        if m.get(key) is not None and vals:
+            m[key], m[f"{key}_draw_std"] = float(np.mean(vals)), float(np.std(vals))
+    m["draws"] = len(sets)
+    m["interval"] = m["interval"].replace(f"over {len(sets)} refits", f"cycling through the {len(sets)} draws")
+    aucs = np.array([p["auc"] for p in per])
+    median = int(np.argmin(np.abs(aucs - np.median(aucs))))
+    m["roc_draw"] = median
+    _roc_rows(roc_rows, name, level, "threshold", sets[median], y)
+    return m
+
+
+def _crossfit(X: np.ndarray, y: np.ndarray, groups: np.ndarray, learner: Learned
+              ) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+    """Out-of-fold scores of a learned attacker, one vector per refit, with each row's fold id
+    (nan and -1 for rows without features); None when it cannot be cross-fitted."""
     X = learner.prepare(X)
     keep = ~np.all(np.isnan(X), axis=1)
     if keep.sum() < 4 or y[keep].all() or not y[keep].any() or len(np.unique(groups[keep])) < 2:
         return None
-    fits = [crossfit_proba(X[keep], y[keep], groups=groups[keep], folds=5, seed=s, kind=learner.model)
-            for s in range(_refits(learner.model))]
-    _roc_rows(roc_rows, name, level, variant, fits[0], y[keep])
-    m = membership_metrics(fits[0], y[keep], groups=_clusters(groups[keep], level), score_sets=fits)
-    return {"level": level, "variant": variant, "what": what, **m}
+    fits, folds = [], []
+    for seed in range(_refits(learner.model)):
+        f = crossfit_folds(y[keep], groups[keep], folds=5, seed=seed)
+        s, ids = np.full(len(y), np.nan), np.full(len(y), -1)
+        s[keep], ids[keep] = crossfit_proba(X[keep], y[keep], fold_ids=f, seed=seed, kind=learner.model), f
+        fits.append(s)
+        folds.append(ids)
+    return fits, folds
 
 
-def _roc_rows(out: list, attack: str, level: str, variant: str, s: np.ndarray, y: np.ndarray) -> None:
-    roc = roc_curve(s, y)
+def _evaluate_learned(name: str, fitted: tuple[list[np.ndarray], list[np.ndarray]], y: np.ndarray,
+                      groups: np.ndarray, level: str, roc_rows: list, learner: Learned) -> dict | None:
+    """Metrics of a cross-fitted attacker's scores (see :func:`_crossfit`), averaged over folds."""
+    fits, folds = fitted
+    keep = ~np.isnan(fits[0])
+    if keep.sum() < 2 or y[keep].all() or not y[keep].any():
+        return None
+    fits, folds = [f[keep] for f in fits], [f[keep] for f in folds]
+    _roc_rows(roc_rows, name, level, learner.name, fits[0], y[keep], folds[0])
+    m = membership_metrics(fits[0], y[keep], groups=_clusters(groups[keep], level), score_sets=fits, folds=folds)
+    return {"level": level, "variant": learner.name, "what": learner.what, **m}
+
+
+def _subset(fitted: tuple[list[np.ndarray], list[np.ndarray]] | None, rows: np.ndarray | None):
+    if fitted is None or rows is None:
+        return fitted
+    return [f[rows] for f in fitted[0]], [f[rows] for f in fitted[1]]
+
+
+def _roc_rows(out: list, attack: str, level: str, variant: str, s: np.ndarray, y: np.ndarray,
+              fold_ids: np.ndarray | None = None) -> None:
+    """ROC rows; for cross-fitted scores (``fold_ids``) the curve averaged over folds."""
+    roc = roc_curve(s, y) if fold_ids is None else fold_averaged_roc(s, y, fold_ids)
     for f, t, th in zip(roc.fpr, roc.tpr, roc.thresholds):
         out.append({"attack": attack, "level": level, "variant": variant, "fpr": float(f), "tpr": float(t),
                     "threshold": float(th)})
@@ -103,26 +166,38 @@ def evaluate(tables: list[Scored]) -> tuple[dict[str, Any], list[dict]]:
     roc_rows: list[dict] = []
     baselines: dict[str, dict[str, Any]] = {}
     learned_of = {a.name: a.learned for a in registered() if a.features}
+    within: dict[str, dict[str, Any]] = {}
+    fitted: dict[tuple[str, str], Any] = {}  # (attack, variant) → the image level's cross-fitted scores
     for t in tables:
+        entries = within if t.level == WITHIN else metrics
         for name, score in t.scores.items():
-            fixed = _evaluate_fixed(name, score, t.labels, t.level, roc_rows, t.groups)
+            fixed = _evaluate_fixed(name, score, t.labels, t.level, roc_rows, t.groups, t.draws.get(name))
             if fixed is None:
                 continue
             if name in learned_of and name in t.features:  # an attack's own score carries its learned variants
                 for learner in learned_of[name]:
-                    learned = _evaluate_learned(name, t.features[name], t.labels, t.groups, t.level, roc_rows,
-                                                learner)
+                    if t.rows is None:
+                        fitted[name, learner.name] = _crossfit(t.features[name], t.labels, t.groups, learner)
+                    found = _subset(fitted.get((name, learner.name)), t.rows)
+                    learned = None if found is None else _evaluate_learned(name, found, t.labels, t.groups,
+                                                                           t.level, roc_rows, learner)
                     if learned is not None:
                         fixed[learner.name] = learned
-            metrics[name] = fixed
-        level_metrics = [m for m in metrics.values() if isinstance(m, dict) and m.get("level") == t.level]
+            entries[name] = fixed
+        level_metrics = [m for m in entries.values() if isinstance(m, dict) and m.get("level") == t.level]
         if BASELINE in t.features and level_metrics:
-            b = _blind_baseline(t, roc_rows)
+            if t.rows is None:
+                fitted[BASELINE, "learned"] = validity.blind_scores(
+                    t.features[BASELINE], t.features.get(BASELINE_TEXT), t.labels, t.groups, COSTLY_REFITS)
+            b = _blind_baseline(t, roc_rows, _subset(fitted.get((BASELINE, "learned")), t.rows))
             if b is not None:
                 b["best_attack_auc"] = max(_best_auc(m) for m in level_metrics)
                 baselines[t.level] = b
                 for m in level_metrics:
                     m["baseline_auc"] = b["auc"]
+    for name, entry in within.items():  # beside the image level, under each score
+        if isinstance(metrics.get(name), dict):
+            metrics[name][WITHIN_KEY] = entry
     if baselines:
         metrics[BASELINE] = {"auc": max(b["auc"] for b in baselines.values()),
                              "what": next(iter(baselines.values()))["what"],
@@ -132,19 +207,21 @@ def evaluate(tables: list[Scored]) -> tuple[dict[str, Any], list[dict]]:
     return metrics, roc_rows
 
 
-def _blind_baseline(t: Scored, roc_rows: list) -> dict[str, Any] | None:
-    """The validity check at one level: the blind baseline's metrics and warning."""
+def _blind_baseline(t: Scored, roc_rows: list, found: tuple[list[np.ndarray], list[np.ndarray]] | None
+                    ) -> dict[str, Any] | None:
+    """The validity check at one level: the blind baseline's metrics (from its cross-fitted
+    scores ``found``, :func:`validity.blind_scores`) and warning."""
     text = t.features.get(BASELINE_TEXT)
-    fits = validity.blind_scores(t.features[BASELINE], text, t.labels, t.groups, COSTLY_REFITS)
-    if fits is None:
+    if found is None:
         return None
+    fits, folds = found
     keep = ~np.isnan(fits[0])
     y = t.labels[keep]
     if y.all() or not y.any():
         return None
-    _roc_rows(roc_rows, BASELINE, t.level, "learned", fits[0][keep], y)
+    _roc_rows(roc_rows, BASELINE, t.level, "learned", fits[0][keep], y, folds[0][keep])
     m = membership_metrics(fits[0][keep], y, groups=_clusters(t.groups[keep], t.level),
-                           score_sets=[f[keep] for f in fits])
+                           score_sets=[f[keep] for f in fits], folds=[f[keep] for f in folds])
     warn = m["auc_ci"] is not None and m["auc_ci"][0] > validity.SHIFT_FLOOR
     return {"level": t.level, "variant": "learned", "what": validity.describe(text is not None), **m,
             "warning": bool(warn)}
@@ -166,21 +243,28 @@ def _feature_columns(opts: "ReduceOptions") -> dict[str, str]:
 
 
 def identity_table(con: duckdb.DuckDBPyConnection, identities: pa.Table, opts: "ReduceOptions",
-                   excluded: dict[str, set[str]] | None = None) -> Scored | None:
+                   excluded: dict[str, set[str]] | None = None,
+                   draws: dict[str, dict[str, np.ndarray]] | None = None) -> Scored | None:
     """Labelled identities with their identity-level and mean image scores and mean features;
-    ``excluded``: per attack, identities left out of its scores (nan)."""
+    ``excluded``: per attack, identities left out of its scores (nan); ``draws``: per metric
+    column, each identity's per-draw values (the score then has them, nan rows where missing)."""
     rows = [r for r in identities.to_pylist() if r["label_member"] is not None and r["n_images"]]
     if not rows:
         return None
     names = [r["identity"] for r in rows]
     attack_of = {s.name: a.name for a in registered() for s in a.scores}
-    table_scores = {}
+    table_scores, score_draws = {}, {}
     for s in scores(opts.enabled):  # the score's metric column (e.g. at a fixed k), else its all-image score
         values = [r.get(s.metric) for r in rows]
         if not any(v is not None for v in values):
             values = [r[f"{s.name}_score"] for r in rows]
         left_out = (excluded or {}).get(attack_of[s.name], set())
         table_scores[s.name] = float_vector([None if n in left_out else v for n, v in zip(names, values)])
+        by_name = (draws or {}).get(s.metric)
+        if by_name and values is not None and any(v is not None for v in (r.get(s.metric) for r in rows)):
+            width = len(next(iter(by_name.values())))
+            score_draws[s.name] = np.stack([by_name.get(n, np.full(width, np.nan)) if n not in left_out
+                                            else np.full(width, np.nan) for n in names]).astype(float)
     con.register("labelled_names", pa.table({"identity": names}))
     feats = _feature_columns(opts)
     per_image = con.sql(f"SELECT identity, {', '.join(feats.values())}, caption FROM ok WHERE identity IN "
@@ -200,7 +284,7 @@ def identity_table(con: duckdb.DuckDBPyConnection, identities: pa.Table, opts: "
         with np.errstate(invalid="ignore", divide="ignore"):
             features[key] = sums / counts
     y = np.array([r["label_member"] for r in rows], dtype=bool)
-    return Scored("identity", y, np.arange(len(rows)), table_scores, features)
+    return Scored("identity", y, np.arange(len(rows)), table_scores, features, score_draws)
 
 
 def image_table(con: duckdb.DuckDBPyConnection, labels: Labels, opts: "ReduceOptions") -> Scored | None:
@@ -232,15 +316,34 @@ def image_table(con: duckdb.DuckDBPyConnection, labels: Labels, opts: "ReduceOpt
 
 
 def evaluation_tables(con: duckdb.DuckDBPyConnection, identities: pa.Table, labels: Labels,
-                      opts: "ReduceOptions", excluded: dict[str, set[str]] | None = None) -> list[Scored]:
+                      opts: "ReduceOptions", excluded: dict[str, set[str]] | None = None,
+                      draws: dict[str, dict[str, np.ndarray]] | None = None) -> list[Scored]:
     """The identity-level table and, with image labels, the image-level one — which then
-    replaces the identity level for image-level scores."""
-    ident, image = identity_table(con, identities, opts, excluded), image_table(con, labels, opts)
+    replaces the identity level for image-level scores — and the within-identity one."""
+    ident, image = identity_table(con, identities, opts, excluded, draws), image_table(con, labels, opts)
     if ident is not None and image is not None:
         for s in scores(opts.enabled, "image"):
             ident.scores.pop(s.name, None)
             ident.features.pop(s.name, None)
-    return [t for t in (ident, image) if t is not None]
+    return [t for t in (ident, image, within_identity(image)) if t is not None]
+
+
+def within_identity(image: Scored | None) -> Scored | None:
+    """The image table cut to the identities with both member and non-member images: "was
+    *this* photo used?" — a member's training photos against the same person's other photos,
+    so whether the person is a member plays no part. Learned attackers keep their image-level
+    fits (fitted on other identities' folds), evaluated on these rows. None without two such
+    identities."""
+    if image is None:
+        return None
+    has_member = np.bincount(image.groups, weights=image.labels.astype(float)) > 0
+    has_other = np.bincount(image.groups, weights=(~image.labels).astype(float)) > 0
+    both = (has_member & has_other)[image.groups]
+    if len(np.unique(image.groups[both])) < 2:
+        return None
+    return Scored(WITHIN, image.labels[both], np.unique(image.groups[both], return_inverse=True)[1],
+                  {k: v[both] for k, v in image.scores.items()}, {k: v[both] for k, v in image.features.items()},
+                  rows=np.flatnonzero(both))
 
 
 def feature_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:

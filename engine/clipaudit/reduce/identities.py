@@ -20,7 +20,8 @@ from ..attacks.registry import AnalysisInput, registered, scores
 from ..io.outputs import OutputLayout
 from ..io.query import duckdb_views
 from ..io.schemas import load_schema
-from .conformal import as_column, bh_qvalues, cauchy_combination, discovery_entry, flag_column, identity_pvalues
+from .conformal import (as_column, bh_qvalues, cauchy_combination, count_matched_pvalues, discovery_entry,
+                        flag_column, identity_pvalues)
 from .statistics import float_vector
 from .labels import LabelsError, missing_from_pool, missing_names_message, Controls, Labels, control_set
 
@@ -36,6 +37,7 @@ class IdentityLevel:
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
     analyses: dict[str, dict[str, Any]] = field(default_factory=dict)  # attack → its own metrics entries
     excluded: dict[str, set[str]] = field(default_factory=dict)  # attack → identities left out of its figures
+    draws: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # column → identity → per-draw values
 
 
 #: DuckDB's memory limit in the reduce step (``compute.reduce_memory``); beyond it, sorts and
@@ -81,8 +83,8 @@ def identity_level(layout: OutputLayout, opts: "ReduceOptions", labels: Labels |
     for i, attack in enumerate(a for a in registered() if a.name in opts.enabled and a.identity_sql is not None):
         joins.append(f"LEFT JOIN ({attack.identity_sql('ok', opts.params(attack.name))}) a{i} USING (identity)")
         cols.append(f"a{i}.* EXCLUDE (identity)")
-    cols += [f"s.{a}_score" for a in image]
-    aggregates = "".join(f", avg({a}_score) AS {a}_score" for a in image)
+    cols += [f"s.{a}_score, s.{a}_n" for a in image]
+    aggregates = "".join(f", avg({a}_score) AS {a}_score, count({a}_score) AS {a}_n" for a in image)
     columns = fetch_columns(con, f"""
         WITH errors AS (
             SELECT identity, count(*) FILTER (WHERE status = 'error') AS n_errors
@@ -100,6 +102,7 @@ def identity_level(layout: OutputLayout, opts: "ReduceOptions", labels: Labels |
     """)
     names = columns["identity"]
     analyses: dict[str, dict[str, Any]] = {}
+    draws: dict[str, dict[str, np.ndarray]] = {}
     ident_labels = labels.identities if labels else None
     pool = _name_pool(opts.names, opts.storage_options)
     if controls is None:
@@ -112,21 +115,31 @@ def identity_level(layout: OutputLayout, opts: "ReduceOptions", labels: Labels |
             for col, by_identity in found.columns.items():
                 columns[col] = [by_identity.get(n) for n in names]
             analyses[attack.name] = found.metrics
+            draws.update(found.draws)
+    is_control = np.array([x in controls.identities for x in names], dtype=bool)
+    con_scores = _control_image_scores(con, [n for n, c in zip(names, is_control) if c], image)
     con.close()
     columns["in_name_pool"] = [None if pool is None else x in pool for x in names]
     columns["label_member"] = [(ident_labels or {}).get(x) for x in names]
-    is_control = np.array([x in controls.identities for x in names], dtype=bool)
     calibration: dict[str, dict[str, Any]] = {}
     attack_of = {s.name: a.name for a in registered() for s in a.scores}
-    for score in scores(opts.enabled):
-        values = columns.get(f"{score.name}_score")
+    for score in scores(opts.enabled):  # on the statistic shown beside the p-value: the metric column, if any
+        stat = score.metric if any(v is not None for v in columns.get(score.metric) or []) else f"{score.name}_score"
+        values = columns.get(stat)
         left_out = excluded.get(attack_of[score.name], set())
         if values is not None and left_out:  # neither a control nor a candidate of this score
             values = [None if n in left_out else v for n, v in zip(names, values)]
-        found = identity_pvalues(values, is_control, opts.target_fpr)
+        matched = None
+        if score.level == "image" and values is not None:  # a mean over n images: compared at n images
+            matched = count_matched_pvalues(float_vector(values), np.array(columns[f"{score.name}_n"]), is_control,
+                                            _control_images(con_scores, names, is_control, score.name), opts.seed)
+        found = identity_pvalues(values, is_control, opts.target_fpr, matched)
         if found is None:
             continue
-        calibration[score.name] = found.entry
+        calibration[score.name] = {"statistic": stat, **found.entry}
+        unscored = sum(v is None for v in values) - len(left_out & set(names))
+        if unscored:  # e.g. fewer images than IDIA's k: no comparable statistic, so no p-value
+            calibration[score.name]["n_without_statistic"] = unscored
         if found.pvalues is not None:
             p = float_vector(found.pvalues)
             q = bh_qvalues(p, ~is_control)
@@ -147,7 +160,26 @@ def identity_level(layout: OutputLayout, opts: "ReduceOptions", labels: Labels |
     schema = load_schema("identities", opts.enabled)
     n = len(names)
     arrays = [pa.array(columns.get(f.name, [None] * n), type=f.type) for f in schema]
-    return IdentityLevel(pa.Table.from_arrays(arrays, schema=schema), calibration, analyses, excluded)
+    return IdentityLevel(pa.Table.from_arrays(arrays, schema=schema), calibration, analyses, excluded, draws)
+
+
+def _control_image_scores(con: duckdb.DuckDBPyConnection, control_names: list[str], image: list[str]
+                          ) -> dict[str, dict[str, np.ndarray]]:
+    """Per image score: each control identity's image scores (non-null), for count-matched
+    p-values. Controls are a small calibration set, so this stays small."""
+    if not control_names or not image:
+        return {}
+    con.register("control_names", pa.table({"identity": control_names}))
+    lists = ", ".join(f"list({a}_score) FILTER (WHERE {a}_score IS NOT NULL) AS {a}" for a in image)
+    t = con.sql(f"SELECT identity, {lists} FROM ok WHERE identity IN (SELECT identity FROM control_names) "
+                "GROUP BY identity").to_arrow_table().to_pydict()
+    return {a: {n: np.asarray(v or [], dtype=float) for n, v in zip(t["identity"], t[a])} for a in image}
+
+
+def _control_images(con_scores: dict[str, dict[str, np.ndarray]], names: list[str], is_control: np.ndarray,
+                    score: str) -> dict[int, np.ndarray]:
+    by_name = con_scores.get(score, {})
+    return {int(i): by_name[names[i]] for i in np.flatnonzero(is_control) if names[i] in by_name}
 
 
 def identities_table(layout: OutputLayout, opts: "ReduceOptions", labels: Labels | None = None,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel
 
@@ -183,7 +184,7 @@ def _reduce(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
         layout.metrics.unlink(missing_ok=True)
         layout.roc.unlink(missing_ok=True)
         return result
-    result.metrics = _evaluate(layout, opts, labels, ident.table, ident.analyses, ident.excluded)
+    result.metrics = _evaluate(layout, opts, labels, ident.table, ident.analyses, ident.excluded, ident.draws)
     result.written.append(layout.metrics)
     return result
 
@@ -278,10 +279,11 @@ def _calibrate(layout: OutputLayout, opts: ReduceOptions, controls: Controls, id
 
 
 def _evaluate(layout: OutputLayout, opts: ReduceOptions, labels: Labels, identities: pa.Table,
-              analyses: dict[str, dict[str, Any]], excluded: dict[str, set[str]]) -> dict[str, Any]:
+              analyses: dict[str, dict[str, Any]], excluded: dict[str, set[str]],
+              draws: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
     """metrics.json and roc.parquet; each attack's own analysis (e.g. a sweep) joins its entry."""
     con = connect(layout, memory_limit=opts.memory_limit)
-    tables = evaluation_tables(con, identities, labels, opts, excluded)
+    tables = evaluation_tables(con, identities, labels, opts, excluded, draws)
     t0 = time.perf_counter()
     log.info("metrics with bootstrap intervals for %s level(s), %d labelled units",
              "+".join(t.level for t in tables), sum(len(t.labels) for t in tables))

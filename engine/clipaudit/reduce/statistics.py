@@ -7,6 +7,7 @@ few non-members that means no false positive at all, which is the honest reading
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,21 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> Roc:
     return Roc(
         fpr=np.r_[0.0, fp / n_neg], tpr=np.r_[0.0, tp / n_pos], thresholds=np.r_[np.inf, s[distinct]]
     )
+
+
+def fold_averaged_roc(scores: np.ndarray, labels: np.ndarray, fold_ids: np.ndarray) -> Roc:
+    """The ROC of cross-fitted scores averaged vertically over folds: at each FPR, the mean over
+    folds of the best TPR at that FPR or below (folds lacking a class are skipped). A threshold
+    means nothing across folds (each has its own model), so the thresholds are nan."""
+    scores, labels, fold_ids = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool), np.asarray(fold_ids)
+    curves = [roc_curve(scores[fold_ids == f], labels[fold_ids == f]) for f in np.unique(fold_ids)
+              if labels[fold_ids == f].any() and not labels[fold_ids == f].all()]
+    if not curves:
+        return roc_curve(scores, labels)
+    grid = np.unique(np.concatenate([c.fpr for c in curves]))
+    # tpr is non-decreasing in fpr, so the best TPR at FPR <= x is the last point at or before x
+    tpr = np.mean([c.tpr[np.searchsorted(c.fpr, grid, side="right") - 1] for c in curves], axis=0)
+    return Roc(fpr=grid, tpr=tpr, thresholds=np.full(len(grid), np.nan))
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -101,6 +117,24 @@ class _Resampler:
                                         minlength=len(self.neg_at))
         return self._metrics(tp_g, fp_g)
 
+    def points(self, counts: np.ndarray) -> dict[str, np.ndarray]:
+        """:meth:`point` of many resamples at once: one row of ``counts`` per resample; nan where
+        a resample lacks a class."""
+        c = counts[:, self.order].astype(np.float64)
+        tp_g, fp_g = c * self.y, c * ~self.y
+        if self.ties:
+            tp_g, fp_g = np.add.reduceat(tp_g, self.starts, axis=1), np.add.reduceat(fp_g, self.starts, axis=1)
+        tp, fp = np.cumsum(tp_g, axis=1), np.cumsum(fp_g, axis=1)
+        p, n = tp[:, -1], fp[:, -1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = {"auc": np.einsum("ij,ij->i", fp_g, tp - tp_g / 2.0) / (p * n)}
+            rows = np.arange(len(c))
+            for key, f in (("tpr_at_1pct_fpr", 0.01), ("tpr_at_0_1pct_fpr", 0.001)):
+                k = (fp / n[:, None] <= f + 1e-12).sum(axis=1)  # fp is non-decreasing along each row
+                out[key] = np.where(k > 0, tp[rows, np.maximum(k - 1, 0)] / p, 0.0)
+            bad = (p == 0) | (n == 0)
+        return {key: np.where(bad, np.nan, v) for key, v in out.items()}
+
     def _metrics(self, tp_g: np.ndarray, fp_g: np.ndarray) -> dict[str, float]:
         if self.ties:  # sum per distinct score (continuous scores: every group is one unit)
             tp_g, fp_g = np.add.reduceat(tp_g, self.starts), np.add.reduceat(fp_g, self.starts)
@@ -111,6 +145,66 @@ class _Resampler:
             k = _prefix_within(fp, n, f + 1e-12)
             out[key] = float(tp[k - 1] / p) if k else 0.0
         return out
+
+
+class _FoldAveraged:
+    """Metrics of cross-fitted scores as the mean over folds of each fold's own metrics: a
+    fold's scores come from one fitted model, so their ranks are comparable, while pooled
+    out-of-fold scores mix differently calibrated models whose training class shares move
+    against their test shares — which biases a pooled AUC below 0.5 when there is no signal."""
+
+    def __init__(self, scores: np.ndarray, labels: np.ndarray, fold_ids: np.ndarray) -> None:
+        self.parts = []
+        for f in np.unique(fold_ids):
+            idx = np.flatnonzero(fold_ids == f)
+            if labels[idx].any() and not labels[idx].all():  # a fold needs both classes for any metric
+                self.parts.append((idx, labels[idx], _Resampler(scores[idx], labels[idx])))
+
+    def point(self, counts: np.ndarray) -> dict[str, float] | None:
+        """Fold-averaged metrics of a resample (unit i drawn ``counts[i]`` times); None when no
+        fold has both classes in it."""
+        found = [r.point(counts[idx]) for idx, y, r in self.parts if (counts[idx] * y).any()
+                 and (counts[idx] * ~y).any()]
+        if not found:
+            return None
+        return {k: float(np.mean([d[k] for d in found])) for k in found[0]}
+
+    def points(self, counts: np.ndarray) -> dict[str, np.ndarray]:
+        """:meth:`point` of many resamples at once (a row of ``counts`` each); nan where no fold
+        has both classes."""
+        per = [r.points(counts[:, idx]) for idx, _, r in self.parts]
+        with warnings.catch_warnings():  # a resample where no fold has both classes: nan, skipped
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return {k: np.nanmean(np.stack([d[k] for d in per]), axis=0) for k in per[0]}
+
+
+#: bootstrap counts held at once by the vectorised fold-averaged bootstrap (resamples × units)
+BOOT_CELLS = 2_000_000
+
+
+def _fold_boots(boots: dict[str, list[float]], averaged: list["_FoldAveraged"], rng: np.random.Generator,
+                n_boot: int, labels: np.ndarray, codes: np.ndarray | None, strata: list[np.ndarray] | None) -> None:
+    """Append the fold-averaged metrics of ``n_boot`` resamples to ``boots``; resample b uses
+    score set b mod len(averaged). Units are drawn within members and non-members, or whole
+    groups within ``strata`` (see :func:`_cluster_counts`); a resample without both classes is
+    skipped."""
+    pos, neg = np.flatnonzero(labels), np.flatnonzero(~labels)
+    chunk = max(1, BOOT_CELLS // max(len(labels), 1))
+    for start in range(0, n_boot, chunk):
+        counts = np.zeros((min(chunk, n_boot - start), len(labels)))
+        for b in range(len(counts)):
+            if codes is None:
+                counts[b, pos] = np.bincount(rng.integers(0, len(pos), len(pos)), minlength=len(pos))
+                counts[b, neg] = np.bincount(rng.integers(0, len(neg), len(neg)), minlength=len(neg))
+            else:
+                counts[b] = _cluster_counts(rng, codes, strata)
+        ok = (counts @ labels > 0) & (counts @ ~labels > 0)
+        which = (start + np.arange(len(counts))) % len(averaged)
+        for i, a in enumerate(averaged):
+            rows = np.flatnonzero(ok & (which == i))
+            if len(rows):
+                for key, vals in a.points(counts[rows]).items():
+                    boots[key].extend(float(v) for v in vals[~np.isnan(vals)])
 
 
 def _prefix_within(fp: np.ndarray, n: float, limit: float) -> int:
@@ -152,7 +246,8 @@ def _cluster_counts(rng: np.random.Generator, groups: np.ndarray, strata: list[n
 
 
 def membership_metrics(scores: np.ndarray, labels: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                       groups: np.ndarray | None = None, score_sets: list[np.ndarray] | None = None) -> dict:
+                       groups: np.ndarray | None = None, score_sets: list[np.ndarray] | None = None,
+                       folds: list[np.ndarray] | None = None) -> dict:
     """Point estimates plus bootstrap 95 % percentile intervals, reported as computed.
 
     Resampling: without ``groups``, units (e.g. identities) are drawn with replacement within
@@ -163,33 +258,50 @@ def membership_metrics(scores: np.ndarray, labels: np.ndarray, n_boot: int = 100
     with other fold assignments); resample b uses set b mod len, so the interval also covers
     the fitting variance. A TPR at a target FPR that the non-members cannot resolve is None,
     with a ``…_note`` (see :func:`unresolvable`). Each resample costs one pass over the sorted
-    scores, so 1,000 resamples of a million images take seconds.
+    scores, so 1,000 resamples of a million images take seconds. ``folds``: for cross-fitted
+    scores, the fold id of each unit (one array per score set): every metric is then computed
+    within each fold and averaged over folds (see :class:`_FoldAveraged`), and the 1/FPR rule
+    counts the non-members of the smallest fold.
     """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=bool)
     out: dict = {"n_members": int(labels.sum()), "n_nonmembers": int((~labels).sum())}
+    sets = [np.asarray(s, dtype=np.float64) for s in (score_sets or [scores])]
+    averaged = [_FoldAveraged(s, labels, np.asarray(f)) for s, f in zip(sets, folds)] if folds else None
     point = _point(scores, labels)
-    if groups is None:
-        notes = unresolvable(out["n_nonmembers"])
-    else:  # images of one person are not independent: the 1/FPR rule counts the non-member people
-        g = np.asarray(groups)
+    if averaged:
+        point = averaged[0].point(np.ones(len(labels))) or point
+        out["averaged_over_folds"] = len(averaged[0].parts)
+    g = None if groups is None else np.asarray(groups)
+    if g is not None:  # images of one person are not independent: the 1/FPR rule counts the non-member people
         out["n_nonmember_groups"] = int(len(np.unique(g[~labels])))
-        notes = unresolvable(out["n_nonmember_groups"], "non-member identities",
-                             f" (among {out['n_nonmembers']} non-member images; images of one person are not "
-                             "independent)")
+    resolving = out["n_nonmembers"] if g is None else out["n_nonmember_groups"]
+    per_fold = ""
+    if averaged and averaged[0].parts:  # each fold's rates are measured on that fold's non-members alone
+        resolving = min(len(np.unique(idx[~y] if g is None else g[idx[~y]])) for idx, y, _ in averaged[0].parts)
+        per_fold = " per fold (the smallest cross-fitting fold; each metric is averaged over the folds)"
+    if g is None:
+        notes = unresolvable(resolving, why=per_fold)
+    else:
+        notes = unresolvable(resolving, "non-member identities",
+                             f"{per_fold} (among {out['n_nonmembers']} non-member images; images of one person "
+                             "are not independent)")
     out.update(point)
     for key, note in notes.items():
         out[key], out[f"{key}_note"] = None, note
     if labels.all() or not labels.any():
         return out
     rng = np.random.default_rng(seed)
-    resamplers = [_Resampler(np.asarray(s, dtype=np.float64), labels) for s in (score_sets or [scores])]
+    resamplers = [_Resampler(s, labels) for s in sets]
     if groups is not None:
         codes = np.unique(np.asarray(groups), return_inverse=True)[1]
         has_member = np.bincount(codes, weights=labels.astype(float)) > 0
         strata = [np.flatnonzero(has_member), np.flatnonzero(~has_member)]
     boots: dict[str, list[float]] = {k: [] for k in point}
-    for b in range(n_boot):
+    if averaged is not None:  # all resamples' counts at once, metrics vectorised over resamples per fold
+        _fold_boots(boots, averaged, rng, n_boot, labels, codes if groups is not None else None,
+                    strata if groups is not None else None)
+    for b in range(n_boot if averaged is None else 0):
         r = resamplers[b % len(resamplers)]
         if groups is None:
             draw = r.draw(rng)
@@ -207,5 +319,6 @@ def membership_metrics(scores: np.ndarray, labels: np.ndarray, n_boot: int = 100
             out[f"{k}_ci"] = [float(x) for x in np.percentile(vals, [2.5, 97.5])]
     out["interval"] = ("bootstrap percentile, 95 %, " + ("whole identities resampled" if groups is not None else
                                                           "units resampled within members and non-members")
-                       + (f", over {len(resamplers)} refits" if len(resamplers) > 1 else ""))
+                       + (f", over {len(resamplers)} refits" if len(resamplers) > 1 else "")
+                       + (", each metric averaged over the cross-fitting folds" if averaged else ""))
     return out

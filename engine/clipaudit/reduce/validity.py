@@ -83,10 +83,11 @@ def _models(n: int, seed: int) -> list:
 
 
 def blind_scores(stats: np.ndarray, text: np.ndarray | None, y: np.ndarray, groups: np.ndarray,
-                 refits: int, folds: int = 5) -> list[np.ndarray] | None:
+                 refits: int, folds: int = 5) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
     """Out-of-fold member probabilities of the blind baseline (the mean of its two models),
-    one vector per refit (fold assignments differ by refit); None when the data cannot be
-    cross-fitted. ``text``: per-unit caption features (:func:`text_features`) or None."""
+    one vector per refit (fold assignments differ by refit), with each row's fold id (-1 where
+    it has no features); None when the data cannot be cross-fitted. ``text``: per-unit
+    caption features (:func:`text_features`) or None."""
     from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 
     X = stats if text is None else np.hstack([stats, text])
@@ -97,14 +98,20 @@ def blind_scores(stats: np.ndarray, text: np.ndarray | None, y: np.ndarray, grou
     n_splits = min(folds, *per_class)
     if keep.sum() < 4 or n_splits < 2:
         return None
-    out = []
+    out, fold_ids = [], []
     for r in range(refits):
         cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=r)
-        p = np.full(len(y), np.nan)
-        p[keep] = np.mean([cross_val_predict(m, X[keep], y[keep], groups=codes[keep], cv=cv,
+        splits = list(cv.split(X[keep], y[keep], codes[keep]))
+        f = np.full(int(keep.sum()), -1)
+        for i, (_, test) in enumerate(splits):
+            f[test] = i
+        p, ids = np.full(len(y), np.nan), np.full(len(y), -1)
+        p[keep] = np.mean([cross_val_predict(m, X[keep], y[keep], groups=codes[keep], cv=splits,
                                              method="predict_proba")[:, 1] for m in _models(int(keep.sum()), r)], 0)
+        ids[keep] = f
         out.append(p)
-    return out
+        fold_ids.append(ids)
+    return out, fold_ids
 
 
 def describe(with_text: bool) -> str:
