@@ -94,6 +94,10 @@ def test_crops_are_cut_from_the_original_and_never_from_padding(tiny_model):
     crops = part_crops(canvas, rngs, 32, (0.08, 0.2), sizes, 32).view(2, 32, 3, 32, 32)
     red = crops[0, :, 0].mean(dim=(1, 2)) > 0.5
     assert red.any() and not red.all()  # some crops lie in the sides the centre crop cuts away
+    # PartCrop's own crops keep to the centred square the model's input (and its tokens) shows
+    square = part_crops(canvas, rngs, 32, (0.08, 0.2), sizes, 32, centre_square=True).view(2, 32, 3, 32, 32)
+    # green throughout; only bilinear sampling at the square's edge may blend in a trace of the red next to it
+    assert (square[0, :, 0].mean(dim=(1, 2)) < 0.05).all() and (square[0, :, 1].mean(dim=(1, 2)) > 0.95).all()
     torch.testing.assert_close(crops[1], torch.tensor([0.0, 0.0, 1.0]).view(1, 3, 1, 1).expand_as(crops[1]))
     without = MapBatch(samples, centre, batch.emb, model, 0, 8)  # no sources: the model input itself
     c2, s2 = source_canvas(without, 0, 2)

@@ -43,7 +43,7 @@ def planted(canary_lab, tmp_path_factory):
 model: {{name: {canary_lab.model_config}, pretrained: {canary_lab.trained}, precision: fp32}}
 data: {{shards: a.tar}}
 names: names.txt
-attacks: {{idia: {{}}}}
+attacks: {{idia: {{}}, mim: {{mask_ratios: [0.5]}}}}
 compute: {{executor: local, batch_size: 16, decode_threads: 1}}
 output: out
 """)
@@ -115,3 +115,37 @@ def test_every_candidate_is_looked_up_in_a_reference_index(planted, tmp_path, ca
     (tmp_path / "junk.faiss").write_bytes(b"not an index")
     assert main(["reduce", str(root / "out"), "--reference", str(tmp_path / "junk.faiss")]) == 2
     assert "is not a FAISS index" in capsys.readouterr().err
+
+
+def test_copies_are_left_out_of_image_metrics_attackers_and_q_values(planted, tmp_path):
+    """Image labels: each person's first photo (and its planted copies) is a training photo.
+    Without --near-duplicates the copies count as more labelled members; with it they leave the
+    image-level metrics, the attackers' fit sets and the q-values (their p-value stays)."""
+    import json
+
+    root, copies = planted
+    out = root / "out"
+    rows = pq.read_table(out / "samples", columns=["shard", "key", "status"]).to_pylist()
+    labels = tmp_path / "labels.csv"
+    labels.write_text("shard,key,member\n" + "".join(
+        f"{r['shard']},{r['key']},{int(r['key'].endswith('_0') or 'copy' in r['key'])}\n" for r in rows))
+
+    def reduce(*extra):
+        assert main(["reduce", str(out), "--labels", str(labels), *extra]) == 0
+        m = json.loads((out / "metrics.json").read_text())
+        fitted = json.loads(next((out / "attackers").glob("mim*.json")).read_text())
+        scores = pq.read_table(out / "sample_scores").to_pylist()
+        return m, fitted, scores
+
+    m, fitted, scores = reduce()
+    assert m["mim"]["n_members"] == 12 + len(copies) and "near_duplicates" not in m
+    assert fitted["fitted_on"]["images"] == len(rows)
+    assert all(r["mim_qvalue"] is not None for r in scores if "copy" in r["key"])
+    m, fitted, scores = reduce("--near-duplicates")
+    assert m["mim"]["n_members"] == 12 and m["near_duplicates"]["copies"] == len(copies)
+    assert m["mim"]["n_nonmembers"] == len(rows) - 12 - len(copies)  # no non-member is a copy here
+    assert fitted["fitted_on"]["images"] == len(rows) - len(copies)
+    by_key = {r["key"]: r for r in scores}
+    assert len(by_key) == len(rows)  # every image keeps its row
+    assert all(by_key[k]["mim_qvalue"] is None and by_key[k]["mim_pvalue"] is not None for k in copies)
+    assert all(by_key[k]["mim_qvalue"] is not None for k in by_key if k not in copies and not by_key[k]["is_control"])

@@ -139,10 +139,19 @@ def augmented_views(images: torch.Tensor, rngs: list[np.random.Generator], n_vie
 
 def part_crops(images: torch.Tensor, rngs: list[np.random.Generator], n_crops: int,
                scale: tuple[float, float], sizes: list[tuple[int, int]] | None = None,
-               out_size: int | None = None) -> torch.Tensor:
+               out_size: int | None = None, centre_square: bool = False) -> torch.Tensor:
     """Small part crops, resized to model size: (B·k)×3×S×S, image-major (``sizes`` and
-    ``out_size`` as in :func:`augmented_views`)."""
-    boxes = [random_resized_boxes(rng, n_crops, extent, scale) for rng, extent in zip(rngs, _extents(images, sizes))]
+    ``out_size`` as in :func:`augmented_views`). ``centre_square``: cut them from each image's
+    centred square of its shorter side — the region a resize-and-centre-crop model input (and
+    so its patch tokens) shows — with ``scale`` a fraction of that square's area."""
+    boxes = []
+    for rng, (w, h) in zip(rngs, _extents(images, sizes)):
+        if not centre_square:
+            boxes.append(random_resized_boxes(rng, n_crops, (w, h), scale))
+            continue
+        side = min(w, h)
+        b = random_resized_boxes(rng, n_crops, side, scale)
+        boxes.append(b + np.array([(w - side) / 2, (h - side) / 2] * 2, dtype=np.float32))
     return crop_resize(images, boxes, out_size or images.shape[-1])
 
 

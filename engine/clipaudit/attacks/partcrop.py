@@ -2,7 +2,11 @@
 encoder's responses to parts of its training images are more consistent with the whole.
 
 Map side: k crops per image, cut from the original image (``data.source_max_side``), as in
-the paper, at a configurable area range and resized to the model's input. Three blocks of
+the paper, at a configurable area range and resized to the model's input — from its centred
+square where the model centre-crops (OpenCLIP's ``shortest`` resize; with ``longest`` or
+``squash`` the whole image), the region its input and so its patch tokens cover: a crop from
+the margins of a non-square photo would be compared with tokens that never saw it, and the
+feature would then depend on the aspect ratio (itself a shift channel). Three blocks of
 ``partcrop_features``, in this order:
 
 1. the cosine of each crop's embedding to the full image's embedding, as a quantile summary
@@ -92,8 +96,12 @@ class PartCropAttack(StatelessAttack):
 
     def compute(self, batch: MapBatch) -> dict[str, list]:
         k, size = self.crops, batch.images.shape[-1]
+        # the model's input shows the centred square (shortest side + centre crop); a padded or
+        # squashed input shows the whole image, and so do its tokens
+        centred = batch.model.resize_mode == "shortest"
         emb = embed_views(batch, k, "partcrop", from_source=True,
-                          make=lambda im, rngs, sizes: part_crops(im, rngs, k, self.scale, sizes, size))
+                          make=lambda im, rngs, sizes: part_crops(im, rngs, k, self.scale, sizes, size,
+                                                                  centre_square=centred))
         cos = (emb * batch.emb[:, None, :]).sum(-1)  # B×k
         features = quantile_summary(cos)
         if batch.model.has_patch_tokens:
@@ -140,5 +148,5 @@ PARTCROP = register(Attack(
                                                "responses over patch tokens, cross-fitted, 5 folds by identity",
                      paper_responses, model="mlp")),
     # 2: patch-token responses appended; 3: crops cut from the original image, the paper's KL responses appended
-    features_version=3,
+    features_version=4,  # 4: crops from the original's centred square (the patch tokens' view)
 ))

@@ -31,6 +31,7 @@ from .learned import LogisticModel, MLPModel, crossfit_folds, fit_model
 
 if TYPE_CHECKING:
     from .labels import Controls, Labels
+    from .neighbours import Copies
 
 log = logging.getLogger(__name__)
 
@@ -287,22 +288,23 @@ class _FitSet:
 
 
 def ok_rows(part: Path, columns: list[str]):
-    """A ``samples/`` part's ok rows: ``shard``, ``key``, ``identity``, ``status`` and ``columns``."""
+    """A ``samples/`` part's ok rows: ``shard``, ``key``, ``position``, ``identity``, ``status`` and
+    ``columns``."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    t = pq.read_table(part, columns=list(dict.fromkeys(["shard", "key", "identity", "status", *columns])))
+    t = pq.read_table(part, columns=list(dict.fromkeys(["shard", "key", "position", "identity", "status", *columns])))
     return t.filter(pc.equal(t["status"], "ok"))
 
 
 def _weak_cuts(parts: list[Path], own: dict[str, str], controls: "Controls",
-               quantile: float = PSEUDO_QUANTILE) -> dict[str, float | None]:
+               quantile: float = PSEUDO_QUANTILE, copies: "Copies | None" = None) -> dict[str, float | None]:
     """Per attack: its own score's ``quantile`` among the control images (None with fewer than
     :data:`MIN_WEAK` controls) — the first pass of weak supervision."""
     found: dict[str, list[np.ndarray]] = {a: [] for a in own}
     for part in parts:
         t = ok_rows(part, sorted(set(own.values())))
-        is_control = controls.mask(t)
+        is_control = controls.mask(t) & (~copies.mask(t) if copies is not None else True)
         for a, col in own.items():
             s = t.column(col).to_numpy(zero_copy_only=False).astype(float)[is_control]
             found[a].append(s[np.isfinite(s)])
@@ -315,10 +317,12 @@ def _weak_cuts(parts: list[Path], own: dict[str, str], controls: "Controls",
 
 def score_candidates(layout, params: dict[str, Any], labels: "Labels | None",
                      apply: list[Attacker] | None = None, seed: int = 0,
-                     controls: "Controls | None" = None, max_fit: int = MAX_FIT_IMAGES) -> LearnedScores:
+                     controls: "Controls | None" = None, max_fit: int = MAX_FIT_IMAGES,
+                     copies: "Copies | None" = None) -> LearnedScores:
     """Attackers for every learned variant that score any part (:meth:`LearnedScores.scores`):
     fitted here on ``labels`` (out-of-fold where fitted), weakly supervised on ``controls``
-    when there are no labels, or the ``apply`` attackers fitted on another audit.
+    when there are no labels, or the ``apply`` attackers fitted on another audit. Near-duplicate
+    ``copies`` are scored but never fitted on (nor taken as controls for weak supervision).
 
     Streams the parts: memory holds one part and each attack's fit set, a seeded sample of at
     most ``max_fit`` images with a target (``fitted_on.pool`` counts them all), not the audit.
@@ -333,7 +337,7 @@ def score_candidates(layout, params: dict[str, Any], labels: "Labels | None",
         return _applied(parts, pairs, params, apply)
     attacks = {a.name: a for a, _ in pairs}
     own = {name: f"{a.image_scores()[0].name}_score" for name, a in attacks.items() if weak and a.image_scores()}
-    cuts = _weak_cuts(parts, own, controls) if weak else {}  # type: ignore[arg-type]
+    cuts = _weak_cuts(parts, own, controls, copies=copies) if weak else {}  # type: ignore[arg-type]
     columns = sorted({a.features for a in attacks.values()} | set(own.values()))
     sets = {name: _FitSet(max_fit) for name in attacks}
     group_ids: dict[str, int] = {}
@@ -348,7 +352,8 @@ def score_candidates(layout, params: dict[str, Any], labels: "Labels | None",
         u = np.random.default_rng([seed, p, 0x5EED]).random(t.num_rows)
         y_labels = image_labels(identities, t.column("shard").to_pylist(), t.column("key").to_pylist(), labels) \
             if not weak else None
-        is_control = controls.mask(t) if weak else None  # type: ignore[union-attr]
+        copy = copies.mask(t) if copies is not None else np.zeros(t.num_rows, dtype=bool)
+        is_control = controls.mask(t) & ~copy if weak else None  # type: ignore[union-attr]
         for name, attack in attacks.items():
             if weak:
                 cut = cuts.get(name)
@@ -358,7 +363,7 @@ def score_candidates(layout, params: dict[str, Any], labels: "Labels | None",
             else:
                 y = y_labels
             X = feature_matrix(t.column(attack.features))
-            sets[name].add((y >= 0) & ~np.all(np.isnan(X), axis=1), u, p, groups, y, X)
+            sets[name].add((y >= 0) & ~np.all(np.isnan(X), axis=1) & ~copy, u, p, groups, y, X)
     for attack, variant in pairs:
         name = f"{attack.name}_{variant.name}"
         part, row, groups, y, X = sets[attack.name].arrays()

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ..io.outputs import OutputLayout
     from .attackers import LearnedScores
     from .labels import Controls
+    from .neighbours import Copies
 
 
 def _controls(control_scores: np.ndarray) -> np.ndarray:
@@ -275,14 +276,16 @@ def identity_pvalues(values: list | None, is_control: np.ndarray, target_fpr: fl
 
 def write_sample_pvalues(layout: "OutputLayout", image_scores: list[str], controls: "Controls",
                          target_fpr: float, schema: "pa.Schema", learned: "LearnedScores | None" = None,
-                         fdr: float = 0.1) -> dict[str, dict[str, Any]]:
+                         fdr: float = 0.1, copies: "Copies | None" = None) -> dict[str, dict[str, Any]]:
     """Per-image p-values and flags among the control images (images listed as controls, or
     of a control identity), and Benjamini–Hochberg q-values and discoveries (q <= ``fdr``) over
     the candidate images: one ``sample_scores/`` part per ``samples/`` part. Three passes over
     the parts (control scores, then the candidates' p-values counted, then the parts written),
     reading only the needed columns, so memory stays per part. ``learned``: the learned attackers, whose scores are not columns of ``samples/``
-    but computed per part; they are written as ``<name>_score`` with their p-values. Returns
-    the ``calibration.json`` entry per score."""
+    but computed per part; they are written as ``<name>_score`` with their p-values.
+    Near-duplicate ``copies`` get a p-value but are neither controls nor candidates of the
+    q-values (not separate evidence): their q-value and discovery are null. Returns the
+    ``calibration.json`` entry per score."""
     import pyarrow as pa
 
     from ..io.outputs import atomic_write_table
@@ -296,11 +299,11 @@ def write_sample_pvalues(layout: "OutputLayout", image_scores: list[str], contro
 
     def read(part):
         t = ok_rows(part, cols)
-        is_control = controls.mask(t)
+        copy = copies.mask(t) if copies is not None else np.zeros(t.num_rows, dtype=bool)
         cache.clear()
         if learned is not None and extra_names:
             cache.update(learned.scores(part.name, t))
-        return t, is_control
+        return t, controls.mask(t) & ~copy, ~controls.mask(t) & ~copy
 
     def score(t, part, a) -> np.ndarray:
         if a in extra_names:
@@ -311,7 +314,7 @@ def write_sample_pvalues(layout: "OutputLayout", image_scores: list[str], contro
     control_scores: dict[str, list[np.ndarray]] = {a: [] for a in image_scores}
     computed: set[str] = set()
     for part in parts:
-        t, is_control = read(part)
+        t, is_control, _ = read(part)
         for a in image_scores:
             s = score(t, part, a)
             if not np.isnan(s).all():
@@ -322,15 +325,15 @@ def write_sample_pvalues(layout: "OutputLayout", image_scores: list[str], contro
     sorted_controls = {a: np.sort(np.concatenate(v)) if v else np.array([]) for a, v in control_scores.items()}
     counters = {a: DiscoveryCounter() for a in image_scores}
     for part in parts:
-        t, is_control = read(part)
+        t, is_control, candidate = read(part)
         for a in image_scores:
-            counters[a].add(pvalues_against(score(t, part, a), is_control, sorted_controls[a]), ~is_control)
+            counters[a].add(pvalues_against(score(t, part, a), is_control, sorted_controls[a]), candidate)
     discoveries = {a: 0 for a in image_scores}
     out_dir.mkdir(parents=True, exist_ok=True)
     written, control_identities = set(), set()
     flagged, control_flagged, scored = ({a: 0 for a in image_scores} for _ in range(3))
     for part in parts:
-        t, is_control = read(part)
+        t, is_control, candidate = read(part)
         columns: dict[str, Any] = {k: t.column(k) for k in ("shard", "key", "position", "identity")}
         columns["is_control"] = pa.array(is_control)
         for a in image_scores:
@@ -339,15 +342,15 @@ def write_sample_pvalues(layout: "OutputLayout", image_scores: list[str], contro
                 columns[f"{a}_score"] = pa.array(s, mask=np.isnan(s))
             p = pvalues_against(s, is_control, sorted_controls[a])
             hit = p <= target_fpr
-            q = counters[a].qvalues(p, ~is_control)
+            q = counters[a].qvalues(p, candidate)
             columns[f"{a}_pvalue"] = pa.array(p, mask=np.isnan(p))
             columns[f"{a}_flag"] = pa.array(hit, mask=np.isnan(p))
             columns[f"{a}_qvalue"] = pa.array(q, mask=np.isnan(q))
             columns[f"{a}_discovery"] = pa.array(q <= fdr, mask=np.isnan(q))
             discoveries[a] += int(np.sum(q <= fdr))
-            flagged[a] += int((hit & ~is_control).sum())
+            flagged[a] += int((hit & candidate).sum())
             control_flagged[a] += int((hit & is_control).sum())
-            scored[a] += int((~np.isnan(p) & ~is_control).sum())
+            scored[a] += int((~np.isnan(p) & candidate).sum())
         control_identities.update(np.array(t.column("identity").to_pylist(), dtype=object)[is_control])
         arrays = [columns.get(f.name, pa.nulls(t.num_rows, f.type)) for f in schema]
         atomic_write_table(out_dir / part.name, pa.Table.from_arrays(arrays, schema=schema), layout.tmp_dir)

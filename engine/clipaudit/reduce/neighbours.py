@@ -46,6 +46,41 @@ class NeighboursError(ValueError):
     """The embeddings or the reference index cannot be used."""
 
 
+class Copies:
+    """The near-duplicate copies of ``near_duplicates.parquet`` (not the images their groups
+    keep), held as sorted positions per shard: 8 bytes per copy."""
+
+    def __init__(self, by_shard: dict[str, np.ndarray]) -> None:
+        self.by_shard = by_shard
+
+    @classmethod
+    def load(cls, path: Path | None) -> "Copies | None":
+        """None without a path (``--near-duplicates`` off)."""
+        if path is None:
+            return None
+        t = pq.read_table(path, columns=["shard", "position"])
+        shards = np.array(t.column("shard").to_pylist(), dtype=object)
+        positions = t.column("position").to_numpy(zero_copy_only=False).astype(np.int64)
+        return cls({str(s): np.sort(positions[shards == s]) for s in np.unique(shards)} if len(shards) else {})
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.by_shard.values())
+
+    def mask(self, t: pa.Table) -> np.ndarray:
+        """True for the rows of ``t`` (with ``shard`` and ``position``) that are copies."""
+        out = np.zeros(t.num_rows, dtype=bool)
+        if not self.by_shard or not t.num_rows:
+            return out
+        shards = np.array(t.column("shard").to_pylist(), dtype=object)
+        positions = t.column("position").to_numpy(zero_copy_only=False)
+        for s in np.unique(shards):
+            known = self.by_shard.get(str(s))
+            if known is not None:
+                here = shards == s
+                out[here] = np.isin(positions[here], known)
+        return out
+
+
 def _parts(layout: OutputLayout) -> list[Path]:
     parts = sorted(layout.embeddings_dir.glob("*.parquet")) if layout.embeddings_dir.is_dir() else []
     if not parts:

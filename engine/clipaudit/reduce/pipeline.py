@@ -38,6 +38,7 @@ from .conformal import METHOD, controls_in_words, write_sample_pvalues
 from .evaluation import evaluation_tables, evaluate
 from .identities import REDUCE_MEMORY, connect, identity_level
 from .labels import Controls, Labels, ShardMatcher, control_set, read_labels
+from .neighbours import Copies
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,8 @@ def _learned_scores(layout: OutputLayout, opts: ReduceOptions, labels: Labels | 
         log.info("applied %d attacker(s) from %s in %.1f s", len(learned.names), opts.attackers,
                  time.perf_counter() - t0)
         return learned
-    learned = score_candidates(layout, dict(opts.attacks), labels, seed=opts.seed, controls=controls)
+    learned = score_candidates(layout, dict(opts.attacks), labels, seed=opts.seed, controls=controls,
+                               copies=Copies.load(opts.copies))
     if learned.fitted:
         save_attackers(learned.fitted, layout.attackers_dir)
         log.info("fitted %d attacker(s) on %s in %.1f s", len(learned.fitted),
@@ -251,7 +253,8 @@ def _calibrate(layout: OutputLayout, opts: ReduceOptions, controls: Controls, id
     image_scores = [s.name for s in scores(opts.enabled, "image")]
     if (controls and image_scores) or learned.names:
         image = write_sample_pvalues(layout, image_scores if controls else [], controls, opts.target_fpr,
-                                     load_schema("sample_scores", opts.enabled), learned, fdr=opts.fdr)
+                                     load_schema("sample_scores", opts.enabled), learned, fdr=opts.fdr,
+                                     copies=Copies.load(opts.copies))
     else:  # nothing to write per image (no controls and no learned scores, or an identity-level job)
         shutil.rmtree(layout.sample_scores_dir, ignore_errors=True)
         image = {}
@@ -282,7 +285,7 @@ def _evaluate(layout: OutputLayout, opts: ReduceOptions, labels: Labels, identit
               analyses: dict[str, dict[str, Any]], excluded: dict[str, set[str]],
               draws: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
     """metrics.json and roc.parquet; each attack's own analysis (e.g. a sweep) joins its entry."""
-    con = connect(layout, memory_limit=opts.memory_limit)
+    con = connect(layout, opts.copies, opts.memory_limit)  # with --near-duplicates, copies are not evaluated
     tables = evaluation_tables(con, identities, labels, opts, excluded, draws)
     t0 = time.perf_counter()
     log.info("metrics with bootstrap intervals for %s level(s), %d labelled units",
@@ -294,6 +297,12 @@ def _evaluate(layout: OutputLayout, opts: ReduceOptions, labels: Labels, identit
             metrics[name].update(extra)
     log.info("metrics in %.1f s", time.perf_counter() - t0)
     seen = set(identities.column("identity").to_pylist())
+    if opts.copies is not None:
+        metrics["near_duplicates"] = {
+            "copies": len(Copies.load(opts.copies) or ()),
+            "note": "near-duplicate copies (near_duplicates.parquet) are left out of every figure: identity votes "
+                    "and means, image-level metrics, learned attackers' fits, the blind baseline and the image "
+                    "p-values' controls and q-values"}
     metrics["n_unlabeled_identities"] = sum(v is None for v in identities.column("label_member").to_pylist())
     metrics["n_labels_not_in_candidates"] = len(set(labels.identities) - seen)
     metrics["n_image_labels_not_in_candidates"] = labels.unmatched_images
