@@ -140,3 +140,21 @@ def test_the_within_identity_level_gets_its_own_rows_after_the_image_level():
     assert [(r[0].strip(), r[1]) for r in rows] == [("encodermi", "image"), ("encodermi (learned)", "image"),
                                                     ("encodermi", "within-id"), ("encodermi (learned)", "within-id")]
     assert rows[2][2].startswith("0.550")
+
+
+def test_without_a_warning_the_table_says_shift_not_detected_and_which_attacks_beat_the_baseline():
+    from clipaudit.io.report import metrics_table
+
+    base = {"level": "image", "auc": 0.48, "auc_ci": [0.40, 0.57], "warning": False}
+    m = {"caption": {"level": "image", "auc": 0.84, "auc_ci": [0.8, 0.9], "tpr_at_1pct_fpr": None,
+                     "tpr_at_0_1pct_fpr": None,
+                     "vs_baseline": {"auc_difference": 0.36, "auc_difference_ci": [0.25, 0.47]}},
+         "mim": {"level": "image", "auc": 0.52, "auc_ci": [0.4, 0.6], "tpr_at_1pct_fpr": None,
+                 "tpr_at_0_1pct_fpr": None, "vs_baseline": {"auc_difference": 0.04, "auc_difference_ci": [-0.1, 0.2]}},
+         "baseline": {"by_level": {"image": base}}}
+    text = "\n".join(metrics_table(m))
+    assert "shift not detected (image level): blind baseline AUC 0.480 [0.40, 0.57]" in text
+    assert "beyond the blind baseline (image level, AUC difference, paired): caption +0.360 [+0.25, +0.47] (1 of 2)" in text
+    m["baseline"]["by_level"]["image"] = {**base, "auc_ci": [0.6, 0.7], "auc": 0.65, "warning": True}
+    text = "\n".join(metrics_table(m))
+    assert "WARNING (image level)" in text and "shift not detected" not in text

@@ -209,3 +209,22 @@ def test_vectorised_resamples_equal_one_resample_at_a_time(ties):
         for key, v in (alone or {}).items():
             assert together[key][b] == pytest.approx(v)
     assert np.isnan(many["auc"][0])
+
+
+def test_paired_auc_difference_cancels_what_both_share_and_finds_a_real_gap():
+    from clipaudit.reduce.statistics import AucEstimate, paired_auc_difference
+
+    rng = np.random.default_rng(2)
+    y = rng.random(300) < 0.4
+    strong, noise = y + rng.normal(0, 0.8, 300), rng.normal(size=300)
+    same = paired_auc_difference(AucEstimate([(strong, None)]), AucEstimate([(strong, None)]), y)
+    assert same["auc_difference"] == 0 and same["auc_difference_ci"] == [0.0, 0.0]
+    gap = paired_auc_difference(AucEstimate([(strong, None)]), AucEstimate([(noise, None)]), y)
+    assert gap["auc_difference"] == pytest.approx(auc(strong, y) - auc(noise, y))
+    assert 0 < gap["auc_difference_ci"][0] < gap["auc_difference"] < gap["auc_difference_ci"][1]
+    # the paired interval of two close scores is narrower than the two marginal intervals would suggest
+    near = strong + rng.normal(0, 0.05, 300)
+    close = paired_auc_difference(AucEstimate([(near, None)]), AucEstimate([(strong, None)]), y)
+    lo, hi = close["auc_difference_ci"]
+    marginal = membership_metrics(strong, y)["auc_ci"]
+    assert hi - lo < (marginal[1] - marginal[0]) / 3

@@ -1,6 +1,7 @@
 """The blind baseline's caption features: no name, no photo count, but the caption's source."""
 
 import numpy as np
+import pytest
 
 from clipaudit.reduce.validity import text_features, without_name
 
@@ -39,3 +40,32 @@ def test_captions_that_differ_only_in_the_masked_name_give_no_warning_and_no_com
     varied = text_features([c + (" at the beach" if i % 2 else " in town") for i, c in enumerate(captions)],
                            identities)
     assert varied.shape[1] > 4  # where captions differ, the TF-IDF components are kept
+
+
+def test_name_features_see_length_script_and_how_common_a_name_is():
+    from clipaudit.reduce.validity import name_features
+
+    pool = ["Anna Berg", "Anna Holm", "Anna Lind", "Jörg Ångström", "Li Wei"]
+    f = name_features(["Anna Berg", "Jörg Ångström", "Li Wei"], pool)
+    assert f.shape == (3, 5)
+    assert f[:, 0].tolist() == [9, 13, 6] and f[:, 1].tolist() == [2, 2, 2]
+    assert f[0, 2] == 0 and f[1, 2] == pytest.approx(3 / 12)  # ö, Å, ö among 12 letters
+    assert f[0, 3] == pytest.approx(np.log1p(3)) and f[2, 3] == pytest.approx(np.log1p(1))  # "Anna" × 3
+
+
+def test_the_blind_baseline_tells_two_name_populations_apart_from_the_names_alone():
+    from clipaudit.reduce.statistics import membership_metrics
+    from clipaudit.reduce.validity import blind_scores, name_features
+
+    rng = np.random.default_rng(0)
+    members = [f"Anna {s}" for s in ("Berg", "Holm", "Lind", "Dahl", "Ek", "Falk", "Gran", "Hed", "Sund", "Wik",
+                                     "Nord", "Strand", "Alm", "Lund", "Ros", "Sjö")]
+    others = [f"Ξένια Παπαδοπουλου{i}" for i in range(16)]
+    names = members + others
+    y = np.array([True] * 16 + [False] * 16)
+    stats = rng.normal(size=(32, 6))  # the images say nothing
+    groups = np.arange(32)
+    alone, folds = blind_scores(stats, None, y, groups, refits=1)
+    named, nfolds = blind_scores(stats, None, y, groups, refits=1, names=name_features(names))
+    assert membership_metrics(alone[0], y, folds=folds)["auc_ci"][0] < 0.55
+    assert membership_metrics(named[0], y, folds=nfolds)["auc_ci"][0] > 0.55

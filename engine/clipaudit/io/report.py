@@ -71,6 +71,39 @@ def shift_warnings(metrics: dict) -> list[str]:
     return out
 
 
+def shift_checks(metrics: dict) -> list[str]:
+    """Per level without a warning, that no shift was detected, with the baseline's interval
+    (what it does not rule out); and per level, the attacks whose AUC exceeds the baseline's on
+    the same units (paired bootstrap interval above 0)."""
+    b = metrics.get("baseline")
+    out = []
+    for level, bm in (b.get("by_level", {}) if isinstance(b, dict) else {}).items():
+        name = LEVEL_LABELS.get(level, level)
+        if not bm.get("warning") and bm.get("auc_ci"):
+            lo, hi = bm["auc_ci"]
+            out.append(f"shift not detected ({name} level): blind baseline AUC {bm['auc']:.3f} [{lo:.2f}, {hi:.2f}] "
+                       f"— the warning needs its lower end above 0.55; a shift up to the upper end is not ruled out")
+        beyond, total = [], 0
+        for attack in registered():
+            for score in attack.scores:
+                m = metrics.get(score.name)
+                m = m.get("within_identity") if isinstance(m, dict) and level == "image_within_identity" else m
+                if not isinstance(m, dict) or m.get("level") != level:
+                    continue
+                for label, e in [(score.name, m)] + [(f"{score.name} ({lr.label})", m.get(lr.name)) for lr in
+                                                     attack.learned]:
+                    v = (e or {}).get("vs_baseline") or {}
+                    if v.get("auc_difference_ci"):
+                        total += 1
+                        lo, hi = v["auc_difference_ci"]
+                        if lo > 0:
+                            beyond.append(f"{label} {v['auc_difference']:+.3f} [{lo:+.2f}, {hi:+.2f}]")
+        if total:
+            out.append(f"beyond the blind baseline ({name} level, AUC difference, paired): "
+                       + ("; ".join(beyond) if beyond else "none") + f" ({len(beyond)} of {total})")
+    return out
+
+
 METRICS_HEADER = ("attack", "level", "AUC", "blind AUC", "TPR@1%FPR", "TPR@0.1%FPR")
 
 
@@ -79,7 +112,7 @@ def metrics_table(metrics: dict) -> list[str]:
     widths = (22, 9, 20, 9, 38)
     lines = [" ".join(c.ljust(w) for c, w in zip(r, widths)) + " " + r[-1]
              for r in [METRICS_HEADER, *metrics_rows(metrics)]]
-    return [line.rstrip() for line in lines] + shift_warnings(metrics)
+    return [line.rstrip() for line in lines] + shift_warnings(metrics) + shift_checks(metrics)
 
 
 def summary_lines(s: dict) -> list[str]:

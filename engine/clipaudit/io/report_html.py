@@ -23,7 +23,8 @@ import pyarrow as pa
 
 from ..attacks.registry import Attack, registered
 from .outputs import OutputLayout
-from .report import METRICS_HEADER, calibration_lines, metrics_rows, no_audit, shift_warnings, summary_lines
+from .report import (METRICS_HEADER, calibration_lines, metrics_rows, no_audit, shift_checks, shift_warnings,
+                     summary_lines)
 
 log = logging.getLogger(__name__)
 
@@ -532,7 +533,8 @@ def build_html(root: Path, with_thumbnails: bool = False) -> tuple[str, list[Plo
     sec.append(f"<h2>Run</h2><p>shards: {summary['shards_done']}/{summary['shards']} done, "
                f"{summary['shards_failed']} failed</p>" + _errors(summary))
     if metrics:
-        sec.append("<h2>Metrics</h2>" + _table(METRICS_HEADER, metrics_rows(metrics)))
+        sec.append("<h2>Metrics</h2>" + _table(METRICS_HEADER, metrics_rows(metrics))
+                   + "".join(f"<p>{escape(line)}</p>" for line in shift_checks(metrics)))
     else:
         sec.append("<h2>Metrics</h2><p>no metrics.json (no labels): no ROC, no sweep</p>")
     if rocs:

@@ -22,10 +22,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..attacks.registry import LOGISTIC, Learned, registered, scores
+from .identities import name_pool
 from .learned import crossfit_folds, crossfit_proba
 from .labels import Labels
 from . import validity
-from .statistics import TARGET_FPRS, float_vector, fold_averaged_roc, membership_metrics, roc_curve
+from .statistics import (TARGET_FPRS, AucEstimate, float_vector, fold_averaged_roc, membership_metrics,
+                         paired_auc_difference, roc_curve)
 
 if TYPE_CHECKING:
     from .pipeline import ReduceOptions
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 #: the keys of the model-free image statistics and caption features among a table's features
 BASELINE = "baseline"
 BASELINE_TEXT = "baseline_text"
+BASELINE_NAMES = "baseline_names"  # identity level: what the names alone say
 _BASELINE_LEARNER = LOGISTIC
 
 
@@ -170,10 +173,14 @@ def evaluate(tables: list[Scored]) -> tuple[dict[str, Any], list[dict]]:
     fitted: dict[tuple[str, str], Any] = {}  # (attack, variant) → the image level's cross-fitted scores
     for t in tables:
         entries = within if t.level == WITHIN else metrics
+        estimates: list[tuple[dict, AucEstimate]] = []  # each entry and how its AUC is estimated
         for name, score in t.scores.items():
             fixed = _evaluate_fixed(name, score, t.labels, t.level, roc_rows, t.groups, t.draws.get(name))
             if fixed is None:
                 continue
+            d = t.draws.get(name)
+            estimates.append((fixed, AucEstimate([(score, None)] if d is None else
+                                                 [(d[:, i], None) for i in range(d.shape[1])])))
             if name in learned_of and name in t.features:  # an attack's own score carries its learned variants
                 for learner in learned_of[name]:
                     if t.rows is None:
@@ -183,18 +190,24 @@ def evaluate(tables: list[Scored]) -> tuple[dict[str, Any], list[dict]]:
                                                                            t.level, roc_rows, learner)
                     if learned is not None:
                         fixed[learner.name] = learned
+                        estimates.append((learned, AucEstimate([(found[0][0], found[1][0])])))
             entries[name] = fixed
         level_metrics = [m for m in entries.values() if isinstance(m, dict) and m.get("level") == t.level]
         if BASELINE in t.features and level_metrics:
             if t.rows is None:
                 fitted[BASELINE, "learned"] = validity.blind_scores(
-                    t.features[BASELINE], t.features.get(BASELINE_TEXT), t.labels, t.groups, COSTLY_REFITS)
-            b = _blind_baseline(t, roc_rows, _subset(fitted.get((BASELINE, "learned")), t.rows))
+                    t.features[BASELINE], t.features.get(BASELINE_TEXT), t.labels, t.groups, COSTLY_REFITS,
+                    names=t.features.get(BASELINE_NAMES))
+            found = _subset(fitted.get((BASELINE, "learned")), t.rows)
+            b = _blind_baseline(t, roc_rows, found)
             if b is not None:
                 b["best_attack_auc"] = max(_best_auc(m) for m in level_metrics)
                 baselines[t.level] = b
                 for m in level_metrics:
                     m["baseline_auc"] = b["auc"]
+                base = AucEstimate([(found[0][0], found[1][0])])
+                for entry, est in estimates:
+                    entry["vs_baseline"] = _versus(est, base, t)
     for name, entry in within.items():  # beside the image level, under each score
         if isinstance(metrics.get(name), dict):
             metrics[name][WITHIN_KEY] = entry
@@ -205,6 +218,25 @@ def evaluate(tables: list[Scored]) -> tuple[dict[str, Any], list[dict]]:
     metrics["distribution_shift_warning"] = any(b["warning"] for b in baselines.values())
     metrics["shift_rule"] = validity.rule()
     return metrics, roc_rows
+
+
+def _versus(est: AucEstimate, base: AucEstimate, t: Scored) -> dict[str, Any]:
+    """An entry's AUC minus the blind baseline's on the units both score, with the paired
+    bootstrap interval (the shift check per attack: an interval above 0 is evidence beyond
+    what the inputs alone show)."""
+    both = np.ones(len(t.labels), dtype=bool)
+    for s, _ in est.sets + base.sets:
+        both &= ~np.isnan(s)
+    y = t.labels[both]
+    if y.all() or not y.any():
+        return {"note": "the attack and the baseline share no scored units of both classes"}
+
+    def cut(e: AucEstimate) -> AucEstimate:
+        return AucEstimate([(s[both], None if f is None else f[both]) for s, f in e.sets])
+
+    out = paired_auc_difference(cut(est), cut(base), y, groups=_clusters(t.groups[both], t.level))
+    out["what"] = "AUC minus the blind baseline's on the same units, paired bootstrap 95 % interval"
+    return out
 
 
 def _blind_baseline(t: Scored, roc_rows: list, found: tuple[list[np.ndarray], list[np.ndarray]] | None
@@ -223,7 +255,8 @@ def _blind_baseline(t: Scored, roc_rows: list, found: tuple[list[np.ndarray], li
     m = membership_metrics(fits[0][keep], y, groups=_clusters(t.groups[keep], t.level),
                            score_sets=[f[keep] for f in fits], folds=[f[keep] for f in folds])
     warn = m["auc_ci"] is not None and m["auc_ci"][0] > validity.SHIFT_FLOOR
-    return {"level": t.level, "variant": "learned", "what": validity.describe(text is not None), **m,
+    return {"level": t.level, "variant": "learned",
+            "what": validity.describe(text is not None, BASELINE_NAMES in t.features), **m,
             "warning": bool(warn)}
 
 
@@ -283,6 +316,8 @@ def identity_table(con: duckdb.DuckDBPyConnection, identities: pa.Table, opts: "
         counts = np.bincount(rows_of[complete], minlength=len(names)).astype(float)[:, None]
         with np.errstate(invalid="ignore", divide="ignore"):
             features[key] = sums / counts
+    pool = name_pool(opts.names, opts.storage_options)
+    features[BASELINE_NAMES] = validity.name_features(names, sorted(pool) if pool else None)
     y = np.array([r["label_member"] for r in rows], dtype=bool)
     return Scored("identity", y, np.arange(len(rows)), table_scores, features, score_draws)
 

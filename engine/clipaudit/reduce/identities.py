@@ -104,7 +104,7 @@ def identity_level(layout: OutputLayout, opts: "ReduceOptions", labels: Labels |
     analyses: dict[str, dict[str, Any]] = {}
     draws: dict[str, dict[str, np.ndarray]] = {}
     ident_labels = labels.identities if labels else None
-    pool = _name_pool(opts.names, opts.storage_options)
+    pool = name_pool(opts.names, opts.storage_options)
     if controls is None:
         controls = control_set(opts.controls, labels, storage_options=opts.storage_options)
     excluded = _excluded(opts, pool, set(ident_labels or {}) | controls.identities)
@@ -188,7 +188,8 @@ def identities_table(layout: OutputLayout, opts: "ReduceOptions", labels: Labels
     return identity_level(layout, opts, labels, controls).table
 
 
-def _name_pool(path: Path | str | None, storage_options: Mapping[str, Any] | None = None) -> set[str] | None:
+def name_pool(path: Path | str | None, storage_options: Mapping[str, Any] | None = None) -> set[str] | None:
+    """The name pool as a set; None without a readable file or URL."""
     from ..attacks.idia import load_name_pool
     from ..data.shards import is_url
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -182,12 +183,12 @@ class _FoldAveraged:
 BOOT_CELLS = 2_000_000
 
 
-def _fold_boots(boots: dict[str, list[float]], averaged: list["_FoldAveraged"], rng: np.random.Generator,
-                n_boot: int, labels: np.ndarray, codes: np.ndarray | None, strata: list[np.ndarray] | None) -> None:
-    """Append the fold-averaged metrics of ``n_boot`` resamples to ``boots``; resample b uses
-    score set b mod len(averaged). Units are drawn within members and non-members, or whole
-    groups within ``strata`` (see :func:`_cluster_counts`); a resample without both classes is
-    skipped."""
+def _count_chunks(rng: np.random.Generator, n_boot: int, labels: np.ndarray, codes: np.ndarray | None,
+                  strata: list[np.ndarray] | None):
+    """Bootstrap resamples as count rows (how often each unit is drawn), in chunks of at most
+    :data:`BOOT_CELLS` cells: (first resample's number, counts, whether each has both classes).
+    Units are drawn within members and within non-members, or whole groups (``codes``) within
+    ``strata`` (see :func:`_cluster_counts`)."""
     pos, neg = np.flatnonzero(labels), np.flatnonzero(~labels)
     chunk = max(1, BOOT_CELLS // max(len(labels), 1))
     for start in range(0, n_boot, chunk):
@@ -198,7 +199,53 @@ def _fold_boots(boots: dict[str, list[float]], averaged: list["_FoldAveraged"], 
                 counts[b, neg] = np.bincount(rng.integers(0, len(neg), len(neg)), minlength=len(neg))
             else:
                 counts[b] = _cluster_counts(rng, codes, strata)
-        ok = (counts @ labels > 0) & (counts @ ~labels > 0)
+        yield start, counts, (counts @ labels > 0) & (counts @ ~labels > 0)
+
+
+@dataclass(frozen=True)
+class AucEstimate:
+    """How one variant's AUC is estimated: the mean over ``sets`` (e.g. draws; one for most)
+    of each set's AUC, computed within each fold and averaged where the set has fold ids."""
+
+    sets: list[tuple[np.ndarray, np.ndarray | None]]  # (scores, fold ids or None)
+
+    def resampled(self, labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """The AUC of each resample (a row of ``counts``)."""
+        vals = [(_Resampler(s, labels) if f is None else _FoldAveraged(s, labels, f)).points(counts)["auc"]
+                for s, f in self.sets]
+        return np.mean(vals, axis=0)
+
+
+def paired_auc_difference(a: AucEstimate, b: AucEstimate, labels: np.ndarray, groups: np.ndarray | None = None,
+                          n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """AUC(a) − AUC(b) on the same units with its 95 % paired bootstrap interval: every
+    resample draws the same units (whole groups where given) for both, so what they share
+    cancels and the interval is that of the difference itself."""
+    labels = np.asarray(labels, dtype=bool)
+    ones = np.ones((1, len(labels)))
+    point = float(a.resampled(labels, ones)[0] - b.resampled(labels, ones)[0])
+    codes = strata = None
+    if groups is not None:
+        codes = np.unique(np.asarray(groups), return_inverse=True)[1]
+        has_member = np.bincount(codes, weights=labels.astype(float)) > 0
+        strata = [np.flatnonzero(has_member), np.flatnonzero(~has_member)]
+    diffs: list[np.ndarray] = []
+    rng = np.random.default_rng(seed)
+    for _, counts, ok in _count_chunks(rng, n_boot, labels, codes, strata):
+        d = a.resampled(labels, counts[ok]) - b.resampled(labels, counts[ok])
+        diffs.append(d[~np.isnan(d)])
+    d = np.concatenate(diffs) if diffs else np.empty(0)
+    ci = [float(x) for x in np.percentile(d, [2.5, 97.5])] if len(d) else None
+    return {"auc_difference": point, "auc_difference_ci": ci}
+
+
+def _fold_boots(boots: dict[str, list[float]], averaged: list["_FoldAveraged"], rng: np.random.Generator,
+                n_boot: int, labels: np.ndarray, codes: np.ndarray | None, strata: list[np.ndarray] | None) -> None:
+    """Append the fold-averaged metrics of ``n_boot`` resamples to ``boots``; resample b uses
+    score set b mod len(averaged). Units are drawn within members and non-members, or whole
+    groups within ``strata`` (see :func:`_cluster_counts`); a resample without both classes is
+    skipped."""
+    for start, counts, ok in _count_chunks(rng, n_boot, labels, codes, strata):
         which = (start + np.arange(len(counts))) % len(averaged)
         for i, a in enumerate(averaged):
             rows = np.flatnonzero(ok & (which == i))

@@ -68,6 +68,26 @@ def text_features(captions: list[str | None], identities: list[str | None] | Non
     return np.hstack([simple, TruncatedSVD(n_components=k, random_state=seed).fit_transform(tfidf)])
 
 
+def name_features(names: list[str], pool: list[str] | None = None) -> np.ndarray:
+    """Per identity, what its name alone says: length in characters and words, the share of
+    non-ASCII letters (script), and — against the name pool — how common its first and last
+    names are (log of how many pool names share each). The IDIA paper's non-members are other
+    people than its members; names of another population (longer, another script, rarer first
+    names) can separate the labelled sets without the model."""
+    from collections import Counter
+
+    pool = pool or names
+    first = Counter(n.split()[0].lower() for n in pool if n.split())
+    last = Counter(n.split()[-1].lower() for n in pool if n.split())
+    rows = []
+    for n in names:
+        parts = n.split() or [""]
+        letters = [c for c in n if c.isalpha()]
+        rows.append([len(n), len(parts), sum(not c.isascii() for c in letters) / max(len(letters), 1),
+                     np.log1p(first[parts[0].lower()]), np.log1p(last[parts[-1].lower()])])
+    return np.array(rows, dtype=float).reshape(len(names), 5)
+
+
 def _models(n: int, seed: int) -> list:
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.impute import SimpleImputer
@@ -83,14 +103,16 @@ def _models(n: int, seed: int) -> list:
 
 
 def blind_scores(stats: np.ndarray, text: np.ndarray | None, y: np.ndarray, groups: np.ndarray,
-                 refits: int, folds: int = 5) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+                 refits: int, folds: int = 5, names: np.ndarray | None = None
+                 ) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
     """Out-of-fold member probabilities of the blind baseline (the mean of its two models),
     one vector per refit (fold assignments differ by refit), with each row's fold id (-1 where
     it has no features); None when the data cannot be cross-fitted. ``text``: per-unit
-    caption features (:func:`text_features`) or None."""
+    caption features (:func:`text_features`) or None; ``names``: per-unit name features
+    (:func:`name_features`, identity level) or None."""
     from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 
-    X = stats if text is None else np.hstack([stats, text])
+    X = np.hstack([stats] + [x for x in (text, names) if x is not None])
     keep = ~np.all(np.isnan(X), axis=1)
     codes = np.unique(groups, return_inverse=True)[1]
     # a fold needs groups of both classes: as many folds as the rarer class has groups
@@ -114,11 +136,12 @@ def blind_scores(stats: np.ndarray, text: np.ndarray | None, y: np.ndarray, grou
     return out, fold_ids
 
 
-def describe(with_text: bool) -> str:
+def describe(with_text: bool, with_names: bool = False) -> str:
     return ("blind baseline: gradient-boosted trees + logistic regression (mean) on model-free image statistics "
             "(colour, saturation, brightness, edges, size)" + (" and caption text (TF-IDF words and word pairs, "
                                                                "length, digits, years)" if with_text else "")
-            + ", cross-fitted by identity")
+            + (" and the names (length, words, script, how common the first and last names are in the pool)"
+               if with_names else "") + ", cross-fitted by identity")
 
 
 def rule() -> str:
