@@ -128,6 +128,11 @@ def test_every_candidate_gets_learned_scores_and_another_audit_applies_them(cana
     assert not (weak_dir / "metrics.json").exists()
     assert fitted and all(d["fitted_on"]["weak"] == 1 and d["fitted_on"]["members"] >= MIN_WEAK
                           for d in fitted.values())
+    # pseudo-members picked by the other attack's score, classes balanced, contamination bounded
+    assert {n: d["fitted_on"]["pseudo_members_from"] for n, d in fitted.items()} == {
+        n: ("encodermi" if n.startswith("mim") else "mim") for n in fitted}
+    assert all(d["fitted_on"]["members"] == d["fitted_on"]["nonmembers"] and
+               0 <= d["fitted_on"]["expected_contamination"] <= 1 for d in fitted.values())
     weak_rows = pq.read_table(weak_dir / "sample_scores").to_pylist()
     assert len(weak_rows) == ok and all(r[f"{n}_score"] is not None for r in weak_rows for n in fitted)
 
@@ -208,3 +213,18 @@ def test_above_the_cap_the_fit_set_is_a_seeded_sample_and_every_row_is_scored(tm
     assert not np.array_equal(sa["encodermi_learned"], sc["encodermi_learned"])
     oof_rows = sum(len(r) for r, _ in a.variants["encodermi_learned"].oof.values())
     assert oof_rows == 200
+
+
+def test_weak_supervision_never_takes_an_attacks_pseudo_members_from_its_own_score():
+    from clipaudit.reduce.attackers import balanced, expected_contamination, pseudo_source
+
+    assert pseudo_source("encodermi", ["encodermi", "mim", "caption"]) == "caption"
+    assert pseudo_source("encodermi", ["encodermi", "mim"]) == "mim"
+    assert pseudo_source("mim", ["encodermi", "mim"]) == "encodermi"
+    assert pseudo_source("mim", ["mim"]) is None  # nothing independent: no weakly supervised attacker
+    y = np.array([0] * 30 + [1] * 8 + [-1] * 5, dtype=np.int8)
+    b = balanced(y, seed=1)
+    assert (b == 1).sum() == (b == 0).sum() == 8 and (b[30:38] == 1).all() and (b[38:] == -1).all()
+    assert np.array_equal(b, balanced(y, seed=1)) and not np.array_equal(b, balanced(y, seed=2))
+    # 1,000 candidates, 10 % of non-members land above the controls' 90th percentile: at most 100 of 400
+    assert expected_contamination(400, 1000) == pytest.approx(0.25) and expected_contamination(50, 1000) == 1.0

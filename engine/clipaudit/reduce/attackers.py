@@ -7,8 +7,11 @@ label — with folds by identity; beyond :data:`MAX_FIT_IMAGES` on a seeded unif
 them. Every ok sample then gets a score: out-of-fold for the images it was fitted on, from
 the model fitted on them for the others. Without labels but with enough controls (known non-members), each
 attacker is fitted weakly supervised, in the style of CLIP-MIA's weak supervision: the controls
-are the non-members and the candidates whose own attack score is above the controls' 90th
-percentile are taken as pseudo-members (:func:`pseudo_labels`); the fit then runs as above.
+are the non-members and the candidates whose score is above the controls' 90th percentile are
+taken as pseudo-members (:func:`pseudo_labels`) — the score of *another* attack
+(:func:`pseudo_source`: caption's first), never the attacker's own, which it would only learn
+back. The classes are balanced (:func:`balanced`) and the expected share of non-members among
+the pseudo-members is recorded (:func:`expected_contamination`); the fit then runs as above.
 The fitted models are written to ``attackers/<attack>_<variant>.json``
 as plain arrays (nothing that can run code on load), so ``clipaudit reduce OUT --attackers
 OTHER`` can score this audit with attackers fitted on another one — the shadow-model
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..attacks.registry import Attack, Learned, registered
+from ..attacks.registry import scores as score_list
 from .learned import LogisticModel, MLPModel, crossfit_folds, fit_model
 
 if TYPE_CHECKING:
@@ -55,7 +59,7 @@ class Attacker:
     variant: str
     features_version: int
     model: LogisticModel | MLPModel
-    fitted_on: dict[str, int] = field(default_factory=dict)
+    fitted_on: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)  # the attack's map-side parameters its features came from
 
     @property
@@ -297,22 +301,54 @@ def ok_rows(part: Path, columns: list[str]):
     return t.filter(pc.equal(t["status"], "ok"))
 
 
+def pseudo_source(attack: str, signals: list[str]) -> str | None:
+    """The score that picks an attack's pseudo-members: never the attack's own (its attacker
+    would learn back the rule that made its labels, a circle), caption's first — CLIP-MIA's
+    signal, independent of the view-consistency features — else the first other one."""
+    others = [s for s in signals if s != attack]
+    return "caption" if "caption" in others else (others[0] if others else None)
+
+
 def _weak_cuts(parts: list[Path], own: dict[str, str], controls: "Controls",
-               quantile: float = PSEUDO_QUANTILE, copies: "Copies | None" = None) -> dict[str, float | None]:
-    """Per attack: its own score's ``quantile`` among the control images (None with fewer than
-    :data:`MIN_WEAK` controls) — the first pass of weak supervision."""
+               quantile: float = PSEUDO_QUANTILE, copies: "Copies | None" = None
+               ) -> tuple[dict[str, float | None], dict[str, int]]:
+    """Per signal (name → score column): its ``quantile`` among the control images (None with
+    fewer than :data:`MIN_WEAK` controls), and how many candidate images have it — the first
+    pass of weak supervision."""
     found: dict[str, list[np.ndarray]] = {a: [] for a in own}
+    n_candidates = {a: 0 for a in own}
     for part in parts:
         t = ok_rows(part, sorted(set(own.values())))
-        is_control = controls.mask(t) & (~copies.mask(t) if copies is not None else True)
+        copy = copies.mask(t) if copies is not None else np.zeros(t.num_rows, dtype=bool)
+        is_control = controls.mask(t) & ~copy
         for a, col in own.items():
-            s = t.column(col).to_numpy(zero_copy_only=False).astype(float)[is_control]
-            found[a].append(s[np.isfinite(s)])
+            s = t.column(col).to_numpy(zero_copy_only=False).astype(float)
+            found[a].append(s[is_control & np.isfinite(s)])
+            n_candidates[a] += int((~is_control & ~copy & np.isfinite(s)).sum())
     cuts: dict[str, float | None] = {}
     for a, chunks in found.items():
         s = np.concatenate(chunks) if chunks else np.empty(0)
         cuts[a] = float(np.quantile(s, quantile)) if len(s) >= MIN_WEAK else None
-    return cuts
+    return cuts, n_candidates
+
+
+def balanced(y: np.ndarray, seed: int) -> np.ndarray:
+    """``y`` with the larger class cut (seeded) to the smaller's size: dropped rows become -1
+    (scored, not fitted on), so an attacker does not learn the pseudo-labels' class ratio."""
+    y = y.copy()
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    big = pos if len(pos) > len(neg) else neg
+    drop = len(big) - min(len(pos), len(neg))
+    if drop > 0:
+        y[np.random.default_rng([seed, 0xBA1]).choice(big, drop, replace=False)] = -1
+    return y
+
+
+def expected_contamination(n_pseudo: int, n_candidates: int, quantile: float = PSEUDO_QUANTILE) -> float:
+    """An upper bound on the expected share of non-members among the pseudo-members: a
+    non-member drawn like the controls lands above their ``quantile`` with probability at most
+    1 − quantile, and at most all ``n_candidates`` are non-members."""
+    return float(min(1.0, (1 - quantile) * n_candidates / max(n_pseudo, 1)))
 
 
 def score_candidates(layout, params: dict[str, Any], labels: "Labels | None",
@@ -336,8 +372,20 @@ def score_candidates(layout, params: dict[str, Any], labels: "Labels | None",
     if apply is not None:
         return _applied(parts, pairs, params, apply)
     attacks = {a.name: a for a, _ in pairs}
-    own = {name: f"{a.image_scores()[0].name}_score" for name, a in attacks.items() if weak and a.image_scores()}
-    cuts = _weak_cuts(parts, own, controls, copies=copies) if weak else {}  # type: ignore[arg-type]
+    own: dict[str, str] = {}  # attack → the score column that picks its pseudo-members (weak supervision)
+    cuts: dict[str, float | None] = {}
+    candidates: dict[str, int] = {}
+    if weak:
+        signals = {s.name: f"{s.name}_score" for s in score_list(tuple(params), "image")}
+        signal_cuts, signal_candidates = _weak_cuts(parts, signals, controls, copies=copies)  # type: ignore[arg-type]
+        for name in attacks:
+            source = pseudo_source(name, [s for s, c in signal_cuts.items() if c is not None])
+            if source is None:
+                log.warning("attackers: %s not fitted without labels: its pseudo-members would have to come from "
+                            "its own score, which its attacker would only learn back (needs another image-level "
+                            "attack, e.g. caption)", name)
+                continue
+            own[name], cuts[name], candidates[name] = signals[source], signal_cuts[source], signal_candidates[source]
     columns = sorted({a.features for a in attacks.values()} | set(own.values()))
     sets = {name: _FitSet(max_fit) for name in attacks}
     group_ids: dict[str, int] = {}
@@ -366,20 +414,29 @@ def score_candidates(layout, params: dict[str, Any], labels: "Labels | None",
             sets[name].add((y >= 0) & ~np.all(np.isnan(X), axis=1) & ~copy, u, p, groups, y, X)
     for attack, variant in pairs:
         name = f"{attack.name}_{variant.name}"
+        if weak and attack.name not in own:
+            continue
         part, row, groups, y, X = sets[attack.name].arrays()
         if weak and _too_weak(y, groups):
             log.warning("attackers: %s not fitted: too few controls or candidates above them for weak "
                         "supervision (needs %d of each, from 2+ identities)", name, MIN_WEAK)
             continue
+        weak_info: dict[str, Any] = {}
+        if weak:
+            n_pseudo = int((y == 1).sum())
+            weak_info = {"weak": 1, "pseudo_members_from": own[attack.name].removesuffix("_score"),
+                         "pseudo_members": n_pseudo, "controls": int((y == 0).sum()),
+                         "expected_contamination": round(expected_contamination(n_pseudo, candidates[attack.name]), 4)}
+            y = balanced(y, seed)
         fitted = fit_and_score(variant.prepare(X), y, groups, seed, variant.model) if len(y) else None
         if fitted is None:
             continue
         scores, model = fitted
         pool = sets[attack.name].pool
         out.fitted.append(Attacker(attack.name, variant.name, attack.features_version, model, {
-            "images": int(len(y)), "members": int((y == 1).sum()), "nonmembers": int((y == 0).sum()),
+            "images": int((y >= 0).sum()), "members": int((y == 1).sum()), "nonmembers": int((y == 0).sum()),
             "identities": int(len(np.unique(groups))), **({"pool": pool} if pool > len(y) else {}),
-            **({"weak": 1} if weak else {})}, attack.map_fingerprint(params[attack.name])))
+            **weak_info}, attack.map_fingerprint(params[attack.name])))
         if pool > len(y):
             log.info("attackers: %s fitted on a seeded sample of %d of %d images", name, len(y), pool)
         f = _Fitted(attack, variant, model)
