@@ -46,3 +46,30 @@ def test_the_reduce_step_runs_with_one_thread_per_pool(tmp_path, monkeypatch):
     layout = write_samples(tmp_path, [img("Ann", "Ann", "Ann"), img("Bob", "Bob", "Ann")])
     reduce_outputs(layout, ReduceOptions(attacks=("idia",)))
     assert seen == [1]
+
+
+def test_pools_loaded_by_the_first_fit_are_bounded_too():
+    """threadpoolctl limits only the pools loaded when it is called; SciPy's OpenBLAS and
+    scikit-learn's OpenMP load with their first use. In a fresh process with numpy alone
+    loaded, a fit inside the bound runs with one thread in every pool."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy\n"
+        "from threadpoolctl import threadpool_info\n"
+        "from clipaudit.core.threads import bounded_threads\n"
+        "with bounded_threads(1):\n"
+        "    from sklearn.linear_model import LogisticRegression\n"
+        "    from sklearn.ensemble import HistGradientBoostingClassifier\n"
+        "    X = numpy.random.default_rng(0).normal(size=(50, 3)); y = X[:, 0] > 0\n"
+        "    LogisticRegression().fit(X, y); HistGradientBoostingClassifier(max_iter=5).fit(X, y)\n"
+        "    print(sorted({(p['internal_api'], p['num_threads']) for p in threadpool_info()}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "", "OPENBLAS_NUM_THREADS": ""})
+    assert out.returncode == 0, out.stderr
+    pools = ast.literal_eval(out.stdout.strip())
+    assert {api for api, _ in pools} >= {"openblas", "openmp"} and all(n == 1 for _, n in pools), pools
