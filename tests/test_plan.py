@@ -126,12 +126,12 @@ def test_a_name_pool_url_is_read_by_the_run_and_listed_unchecked_by_the_dry_run(
 def test_reduce_reads_a_name_pool_url(tmp_path):
     import fsspec
 
-    from clipaudit.reduce.identities import _name_pool
+    from clipaudit.reduce.identities import name_pool
 
     with fsspec.open("memory://pools/reduce.txt", "wb") as f:
         f.write(b"Ann\n")
-    assert _name_pool("memory://pools/reduce.txt") == {"Ann"}
-    assert _name_pool(tmp_path / "absent.txt") is None
+    assert name_pool("memory://pools/reduce.txt") == {"Ann"}
+    assert name_pool(tmp_path / "absent.txt") is None
 
 
 def test_weights_from_a_hub_repo_are_unchecked_and_the_name_is_not_judged(tmp_path, monkeypatch):
