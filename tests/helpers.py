@@ -4,7 +4,8 @@ checks shared by tests (rows equal in every column, the Ray executor's events)."
 from __future__ import annotations
 
 import io
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 import json
 import logging
 import tarfile
@@ -51,7 +52,8 @@ def photo_like(size=(640, 480), seed: int = 0) -> Image.Image:
         cx, cy, r = rng.integers(0, w), rng.integers(0, h), rng.integers(max(1, short // 20), max(2, short // 4))
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
         line = (*rng.integers(0, w, 1), *rng.integers(0, h, 1), *rng.integers(0, w, 1), *rng.integers(0, h, 1))
-        draw.line([int(v) for v in line], fill=tuple(int(c) for c in rng.integers(0, 256, 3)), width=max(1, short // 200))
+        draw.line([int(v) for v in line], fill=tuple(int(c) for c in rng.integers(0, 256, 3)),
+                  width=max(1, short // 200))
     return im
 
 
@@ -138,7 +140,7 @@ class MapEvents(logging.Handler):
     def of(self, kind: str) -> list[tuple[str, int | None]]:
         return [(shard, pid) for k, shard, pid in list(self.events) if k == kind]
 
-    def __enter__(self) -> "MapEvents":
+    def __enter__(self) -> MapEvents:
         logger = logging.getLogger(self.LOGGER)
         self._level = logger.level
         logger.setLevel(logging.DEBUG)
@@ -183,7 +185,8 @@ def assert_same_rows(actual: Path, expected: Path, float_tol: float, table: str 
     for name in a.schema.names:
         x, y = a.column(name).to_pylist(), b.column(name).to_pylist()
         if close and name in close:
-            bad = [k for k, u, v in zip(keys, x, y) if (u is None) != (v is None) or (u is not None and not close[name](u, v))]
+            bad = [k for k, u, v in zip(keys, x, y)
+                   if (u is None) != (v is None) or (u is not None and not close[name](u, v))]
             assert not bad, f"{table}.{name} not close in {len(bad)} rows, first {bad[0]}"
             continue
         if not _is_float(a.schema.field(name).type):
@@ -269,10 +272,11 @@ class _local_server:
             try:
                 urllib.request.urlopen(self.probe(self.endpoint), timeout=2).close()
                 return self.endpoint
-            except OSError:
+            except OSError as e:
                 if self.server.poll() is not None or time.monotonic() > deadline:
                     self.__exit__()
-                    raise RuntimeError(f"{self.what} did not answer on {self.endpoint} (exit {self.server.poll()})")
+                    raise RuntimeError(f"{self.what} did not answer on {self.endpoint} "
+                                       f"(exit {self.server.poll()})") from e
                 time.sleep(0.1)
 
     def __exit__(self, *exc: object) -> None:
@@ -392,7 +396,8 @@ class gcs_emulator(_local_server):
         import sys
 
         exe = shutil.which("gcp-storage-emulator") or str(Path(sys.executable).parent / "gcp-storage-emulator")
-        return [exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket", self.bucket]
+        return [exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket",
+                self.bucket]
 
     def probe(self, endpoint: str) -> str:
         return f"{endpoint}/storage/v1/b/{self.bucket}"

@@ -21,7 +21,8 @@ def test_bench_reports_rates_and_ratios_against_model_only(tiny_model, tmp_path)
     assert set(rates) == {"model_only", "decode_only", "map"} and all(v > 0 for v in rates.values())
     assert set(r["ratio_to_model_only"]) == {"decode_only", "map"}
     assert r["machine"]["cpu"] and r["machine"]["device"] == "cpu" and r["images"] == 24
-    assert (tmp_path / "out" / "samples").is_dir() and len(list((tmp_path / "out" / "_markers").glob("*.done.json"))) == 2  # + the warm-up shard
+    assert ((tmp_path / "out" / "samples").is_dir()
+            and len(list((tmp_path / "out" / "_markers").glob("*.done.json"))) == 2)  # + the warm-up shard
     text = format_bench(r)
     assert "model only" in text and "map step" in text and r["machine"]["cpu"] in text
     json.dumps(r)  # the record is plain JSON

@@ -101,7 +101,7 @@ def test_cronjob_creates_the_rayjob_nightly_with_the_rights_it_needs():
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(manifest.parent))
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
     assert "configMap" in volume and manifest.name == "rayjob.yaml"
-    assert f"--from-file=rayjob.yaml=deploy/rayjob.yaml" in (ROOT / "deploy" / "cronjob.yaml").read_text()
+    assert "--from-file=rayjob.yaml=deploy/rayjob.yaml" in (ROOT / "deploy" / "cronjob.yaml").read_text()
 
     account = pod["serviceAccountName"]
     assert _one(docs, "ServiceAccount")["metadata"]["name"] == account

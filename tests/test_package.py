@@ -61,7 +61,8 @@ def process_starts(source: str, filename: str = "<snippet>") -> list[str]:
             if dotted and _forbidden(dotted) and not _forbidden(_dotted(node.value, aliases) or ""):
                 offenders.append(f"{name}:{node.lineno} uses {dotted}")  # once, at its shortest forbidden prefix
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr" \
-                and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str):
+                and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) \
+                and isinstance(node.args[1].value, str):
             owner = _dotted(node.args[0], aliases)
             if owner and _forbidden(f"{owner}.{node.args[1].value}"):
                 offenders.append(f"{name}:{node.lineno} uses getattr({owner}, {node.args[1].value!r})")

@@ -100,7 +100,8 @@ def test_outputs_match_versioned_schemas(job):
         for f in files:
             schema = pq.read_schema(f)
             assert schema.equals(load_schema(table), check_metadata=False), (table, schema)
-            assert schema.metadata[b"clipaudit.schema_version"] == load_schema(table).metadata[b"clipaudit.schema_version"]
+            assert (schema.metadata[b"clipaudit.schema_version"]
+                    == load_schema(table).metadata[b"clipaudit.schema_version"])
     emb = pq.read_table(spec.output / "embeddings")
     ok = [r for r in _rows(spec.output) if r["status"] == "ok"]
     assert emb.num_rows == len(ok) and emb.schema.field("embedding").type.value_type == "halffloat"
@@ -272,7 +273,8 @@ def test_url_shards_through_fsspec_give_the_same_rows(job, tmp_path):
         url = f"memory://clipaudit-runner/{Path(shard).name}"
         fs.pipe(url.removeprefix("memory:/"), Path(shard).read_bytes())
         urls.append(url)
-    remote = spec.model_copy(update={"data": spec.data.model_copy(update={"shards": urls}), "output": tmp_path / "remote"})
+    remote = spec.model_copy(update={"data": spec.data.model_copy(update={"shards": urls}),
+                                     "output": tmp_path / "remote"})
     report = run_job(remote, progress=False)
     assert report.ok and report.summary["rows"] == local.summary["rows"]
 

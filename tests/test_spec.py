@@ -55,7 +55,8 @@ def test_default_attacks_are_idia_and_caption(files):
 
 
 def test_zoo_names_are_not_treated_as_paths(files):
-    spec = _load(files, GOOD.replace("name: cfg.json", "name: ViT-B-32").replace("pretrained: w.pt", "pretrained: laion400m_e32"))
+    spec = _load(files, GOOD.replace("name: cfg.json", "name: ViT-B-32")
+                            .replace("pretrained: w.pt", "pretrained: laion400m_e32"))
     assert spec.model.name == "ViT-B-32" and spec.model.pretrained == "laion400m_e32"
 
 

@@ -31,7 +31,8 @@ import queue
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -73,7 +74,7 @@ def _rate(n: int, fn: Callable[[], Any]) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def _naive_loop(loaded, jpegs: list[bytes], text: "Any", k: int = 10) -> None:
+def _naive_loop(loaded, jpegs: list[bytes], text: Any, k: int = 10) -> None:
     """Per image: Pillow decode, OpenCLIP's preprocess transform, batch-1 forward, top-k."""
     import open_clip
     import torch
@@ -124,15 +125,20 @@ def _index_figures(root: Path, index_names: int, templates: int = 3) -> tuple[fl
     from .map.models import load_model
 
     rng = np.random.default_rng(0)
-    dim = 256
-    synth = rng.normal(size=(templates, index_names, dim)).astype(np.float32)
-    synth /= np.linalg.norm(synth, axis=-1, keepdims=True)
-    ivf = IVFNameIndex(synth)
-    qs = torch.from_numpy(rng.normal(size=(256, dim)).astype(np.float32))
-    qs = torch.nn.functional.normalize(qs, dim=-1)
-    names_per_s = _rate(len(qs) * templates, lambda: ivf.search(qs, 10))
-    exact_per_s = _rate(len(qs) * templates, lambda: FaissNameIndex(synth).search(qs, 10))
-    del ivf, synth
+
+    def synthetic_rates() -> tuple[float, float]:
+        # local, so the synthetic vectors and their index are freed when it returns
+        dim = 256
+        synth = rng.normal(size=(templates, index_names, dim)).astype(np.float32)
+        synth /= np.linalg.norm(synth, axis=-1, keepdims=True)
+        ivf = IVFNameIndex(synth)
+        qs = torch.from_numpy(rng.normal(size=(256, dim)).astype(np.float32))
+        qs = torch.nn.functional.normalize(qs, dim=-1)
+        names_per_s = _rate(len(qs) * templates, lambda: ivf.search(qs, 10))
+        exact_per_s = _rate(len(qs) * templates, lambda: FaissNameIndex(synth).search(qs, 10))
+        return names_per_s, exact_per_s
+
+    names_per_s, exact_per_s = synthetic_rates()
     lab = build_lab(root / "lab", LabConfig(n_identities=24, steps=200, shards=1, n_distractor_names=50),
                     log=lambda *a: None)
     loaded = load_model(str(lab.model_config), str(lab.trained), "fp32", "cpu")
@@ -224,12 +230,14 @@ def run_quick(n_images: int = 768, batch_size: int = 64, names: int = 1000, inde
         shards = write_synthetic_shards(root / "shards", n_images, per_shard, 128, names)
         (root / "names.txt").write_text("".join(f"Person {i:05d}\n" for i in range(names)))
         loaded = load_model(str(model_path), None, "fp32", "cpu", seed=0)
-        px = torch.from_numpy(np.random.default_rng(1).integers(0, 255, (batch_size, loaded.image_size, loaded.image_size, 3), dtype=np.uint8))
+        px = torch.from_numpy(np.random.default_rng(1).integers(
+            0, 255, (batch_size, loaded.image_size, loaded.image_size, 3), dtype=np.uint8))
         unit = loaded.to_unit(px)
         loaded.encode_unit(unit, batch_size)  # warm-up
         n_batches = n_images // batch_size
         log(f"model only: {n_batches} batches of {batch_size}")
-        model_rate = _rate(n_batches * batch_size, lambda: [loaded.encode_unit(unit, batch_size) for _ in range(n_batches)])
+        model_rate = _rate(n_batches * batch_size,
+                           lambda: [loaded.encode_unit(unit, batch_size) for _ in range(n_batches)])
 
         log(f"map step: {len(shards)} shards, IDIA on, {names} names")
         spec = _spec(root, model_path, shards, batch_size, "out")

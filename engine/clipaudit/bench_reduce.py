@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -166,8 +167,9 @@ def run_reduce_bench(sizes: list[int], workdir: Path, seed: int = 0, memory_limi
 
     from .bench import machine
 
-    out: dict[str, Any] = {"device": machine("cpu"), "reduce_memory_limit": memory_limit, "reduce_rows": [], "reduce_seconds": [], "reduce_rows_per_s": [],
-                           "reduce_peak_rss_mb": [], "reduce_identities": []}
+    out: dict[str, Any] = {"device": machine("cpu"), "reduce_memory_limit": memory_limit, "reduce_rows": [],
+                           "reduce_seconds": [], "reduce_rows_per_s": [], "reduce_peak_rss_mb": [],
+                           "reduce_identities": []}
     for rows in sorted(sizes):
         folder = workdir / f"reduce-{rows}"
         shutil.rmtree(folder, ignore_errors=True)
@@ -193,4 +195,5 @@ if __name__ == "__main__":  # pragma: no cover - a manual entry point beside the
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        print(json.dumps(run_reduce_bench([int(x) for x in sys.argv[2:]], Path(d), memory_limit=sys.argv[1], log=print)))
+        print(json.dumps(run_reduce_bench([int(x) for x in sys.argv[2:]], Path(d), memory_limit=sys.argv[1],
+                                          log=print)))

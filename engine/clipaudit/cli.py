@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -402,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bench", metavar="BENCH_JSON",
                    help="with --dry-run: a `clipaudit bench --json-out` record of the same model, for a time estimate")
     r.add_argument("--no-progress", action="store_true",
-                   help="no progress (a bar on a terminal, else a `map progress:` line every compute.progress_interval_s)")
+                   help="no progress (a bar on a terminal, else a `map progress:` line every "
+                        "compute.progress_interval_s)")
     r.add_argument("--quiet", action="store_true", help="print only the final summary, warnings and errors")
     r.set_defaults(func=cmd_run)
 
@@ -439,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_reduce)
 
     m = sub.add_parser("demo", help="self-contained synthetic audit (canary lab), a few minutes on a CPU")
-    m.add_argument("--output", default="clipaudit-demo", help="folder for the lab and results (default ./clipaudit-demo)")
+    m.add_argument("--output", default="clipaudit-demo",
+                   help="folder for the lab and results (default ./clipaudit-demo)")
     m.add_argument("--lab", choices=["default", "overfit", "shifted", "caption-shift"], default="default",
                    help="canary preset: default; overfit (1 photo per member, augmented training: image-level "
                         "attacks get signal); shifted (non-members from another camera style: validity warning); "
@@ -462,8 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("ingest", help="url,identity[,caption] list → WebDataset shards (img2dataset), names.txt and "
                                       "a starter job.yaml in OUT; needs the `ingest` extra")
-    i.add_argument("urls", metavar="URLS", help="the URL list: .parquet, .csv, .tsv or .jsonl with columns url, identity "
-                                                "and optionally caption")
+    i.add_argument("urls", metavar="URLS", help="the URL list: .parquet, .csv, .tsv or .jsonl with columns url, "
+                                                "identity and optionally caption")
     i.add_argument("out", metavar="OUT", help="a new or empty folder for the shards (re-running with the same list "
                                               "resumes)")
     i.add_argument("--pool-size", type=int, default=1000,
@@ -484,15 +486,18 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="map-step throughput beside a model-only baseline, same run (synthetic shards)")
     b.add_argument("--model", default="ViT-B-32", help="OpenCLIP name or model-config JSON (default ViT-B-32)")
     b.add_argument("--pretrained", default=None, help="weights (default: random init — same speed, no download)")
-    b.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on GPU, fp32 on CPU")
+    b.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="default: fp16 on GPU, fp32 on CPU")
     b.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: cuda when present)")
     b.add_argument("--images", type=int, default=512, help="synthetic images per pass (default 512)")
     b.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
     b.add_argument("--decode-threads", type=int, default=2, help="JPEG decode threads of the map step (default 2)")
     b.add_argument("--image-px", type=int, default=256, help="side of the synthetic JPEGs (default 256)")
-    b.add_argument("--names", type=int, default=100, help="name-pool size (its encoding is start-up, timed apart; default 100)")
+    b.add_argument("--names", type=int, default=100,
+                   help="name-pool size (its encoding is start-up, timed apart; default 100)")
     b.add_argument("--attacks", default="default",
-                   help="all, default, or registered attack names joined by + (default: default = the attacks a job runs by default)")
+                   help="all, default, or registered attack names joined by + (default: default = the attacks a job "
+                        "runs by default)")
     b.add_argument("--repeat", type=int, default=3, help="passes per stage; rates are medians (default 3)")
     b.add_argument("--quick", action="store_true",
                    help="every speed figure (model-only, end to end, naive loop, augmentation, name index and its "

@@ -257,7 +257,7 @@ def starter_job(out: Path, pattern: str | list[str], opts: IngestOptions, pool: 
     }
     header = (
         f"# Starter job written by `clipaudit ingest` from {source.name} "
-        f"({dt.datetime.now(dt.timezone.utc).date().isoformat()}).\n"
+        f"({dt.datetime.now(dt.UTC).date().isoformat()}).\n"
         + (f"# {' and '.join(opts.placeholders())}: a placeholder: set it to the CLIP model you audit.\n"
            if opts.placeholders() else "# model: as --model/--pretrained named it.\n") +
         "# data.shards: img2dataset's shards beside this file; URLs that failed to download are counted by\n"

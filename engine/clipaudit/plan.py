@@ -213,7 +213,8 @@ def _actors(spec: JobSpec, todo: int) -> tuple[int | None, str, float | None, st
         n = min(n, max(todo, 1))
         return n, f"{where}: one per {c.gpus_per_worker:g} GPU(s)", n * c.gpus_per_worker, \
             f"{c.gpus_per_worker:g} per actor"
-    return (None, f"Ray: one per {c.gpus_per_worker:g} GPU(s) of the cluster, known when it runs (compute.workers unset)",
+    return (None, f"Ray: one per {c.gpus_per_worker:g} GPU(s) of the cluster, known when it runs "
+                  "(compute.workers unset)",
             None, f"every GPU of the cluster, {c.gpus_per_worker:g} per actor")
 
 

@@ -196,7 +196,7 @@ def write_manifest(layout: OutputLayout, spec: JobSpec, spec_text: str | None, s
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def run_job(spec: JobSpec, *, force: bool = False, progress: bool = True, spec_text: str | None = None) -> RunReport:
@@ -254,7 +254,8 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
             metrics = json.loads(layout.metrics.read_text()) if layout.metrics.is_file() else {}
             return RunReport(layout, len(shards), len(shards), MapResult(), summary, metrics, reduced=False)
         log.info("every shard is done; recomputing the reduce step: %s",
-                 "no record of an earlier one" if changed is None else "changed since the last one: " + ", ".join(changed))
+                 "no record of an earlier one" if changed is None
+                 else "changed since the last one: " + ", ".join(changed))
     result = make_executor(spec).run(spec, layout, todo, progress=progress)
     if layout.remote is not None:
         layout.remote.pull()  # parts and markers that map actors on other machines put on the store

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, create_model,
@@ -124,7 +124,7 @@ def attacks_model(plugins: tuple[str, ...] = ()) -> type[AttacksSpec]:
 
     key = (registry_version(), tuple(plugins))
     if key not in _ATTACKS_MODELS:
-        fields: dict[str, Any] = {a.name: (Optional[a.params], None) for a in available(plugins)}  # noqa: UP007
+        fields: dict[str, Any] = {a.name: (a.params | None, None) for a in available(plugins)}
         _ATTACKS_MODELS[key] = create_model("AttacksSpec", __base__=AttacksSpec, **fields)
     return _ATTACKS_MODELS[key]
 
@@ -254,7 +254,7 @@ class JobSpec(_Strict):
         return model.model_validate(v, context=info.context)
 
     @model_validator(mode="after")
-    def _some_attack(self) -> "JobSpec":
+    def _some_attack(self) -> JobSpec:
         if not self.attacks.enabled():
             names = ", ".join(type(self.attacks).model_fields)
             raise ValueError(f"attacks: enable at least one attack ({names})")
@@ -322,7 +322,7 @@ class JobSpec(_Strict):
             _NAME_COUNT[key] = len(load_name_pool(self.names, self.data.storage_options))
         return _NAME_COUNT[key]
 
-    def pinned(self, device_type: str) -> "JobSpec":
+    def pinned(self, device_type: str) -> JobSpec:
         """This job with ``auto`` device, unset precision and ``auto`` index made explicit for
         ``device_type``, so every worker computes what the resume hash says."""
         n = self.numerics(device_type)
@@ -369,7 +369,7 @@ _SHA256_MEMO: dict[tuple, str] = {}
 _NAME_COUNT: dict[str, int] = {}  # names file sha256 → distinct names
 
 
-def detect_device_type(spec: "JobSpec") -> str:
+def detect_device_type(spec: JobSpec) -> str:
     """``cuda`` or ``cpu``: where the map step of ``spec`` runs. An explicit ``compute.device``
     decides; with ``auto``, the GPUs of the Ray cluster (Ray executor) or of this machine."""
     import torch
@@ -408,7 +408,8 @@ def names_sha256(names: str | Path, storage_options: dict[str, Any] | None = Non
 
 
 def _looks_like_path(value: str) -> bool:
-    return value.endswith((".json", ".pt", ".pth", ".bin", ".safetensors", ".ckpt")) or "/" in value and not value.startswith("hf-hub:")
+    return (value.endswith((".json", ".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+            or "/" in value and not value.startswith("hf-hub:"))
 
 
 def _resolve(value: str, base: Path) -> str:

@@ -36,8 +36,8 @@ def scores(tmp_path, rows, tau=1, names=None):
 
 
 def img(identity, *top1, status="ok"):
-    return {"identity": identity, "idia_top1": list(top1), "idia_true_rank": [1 if t == identity else None for t in top1],
-            "status": status}
+    return {"identity": identity, "idia_top1": list(top1),
+            "idia_true_rank": [1 if t == identity else None for t in top1], "status": status}
 
 
 def test_plurality_vote_counts_templates(tmp_path):

@@ -63,7 +63,8 @@ def test_gaussian_prior_is_a_centred_bell():
 
 def test_kl_responses_measure_how_peaked_a_crop_is_over_the_patches():
     d, patches = 8, 16
-    tokens = torch.nn.functional.normalize(torch.randn(1, patches, d, generator=torch.Generator().manual_seed(0)), dim=-1)
+    tokens = torch.nn.functional.normalize(torch.randn(1, patches, d, generator=torch.Generator().manual_seed(0)),
+                                           dim=-1)
     crops = torch.stack([torch.zeros(d), tokens[0, 3]])[None]  # equally similar to every patch; one patch's own
     kl = kl_responses(crops, tokens, scale=100.0)[0]
     # sorted descending: the crop that matches one patch is far from uniform, the flat one is at 0
@@ -86,7 +87,8 @@ def test_crops_are_cut_from_the_original_and_never_from_padding(tiny_model):
     small = np.zeros((10, 12, 3), np.uint8)
     small[..., 2] = 255  # all blue, in a canvas of 40×120
     samples = [Sample(shard="s.tar", key=k, position=i) for i, k in enumerate("ab")]
-    centre = model.to_unit(torch.from_numpy(np.stack([wide[4:36, 44:76], small[:, :10].repeat(4, 0).repeat(4, 1)[:32, :32]])))
+    centre = model.to_unit(torch.from_numpy(np.stack([wide[4:36, 44:76],
+                                                      small[:, :10].repeat(4, 0).repeat(4, 1)[:32, :32]])))
     batch = MapBatch(samples, centre, model.encode_unit(centre), model, 0, 8, sources=[wide, small])
     canvas, sizes = source_canvas(batch, 0, 2)
     assert sizes == [(120, 40), (12, 10)] and canvas.shape == (2, 3, 40, 120)

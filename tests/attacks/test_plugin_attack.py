@@ -90,7 +90,8 @@ def test_local_executor_gives_the_same_plugin_rows(plugin_run, canary_lab, tmp_p
     cols = ["shard", "position", "key", "status", "identity", "brightness_score", "brightness_features"]
 
     def rows(root):
-        return sorted(pq.read_table(root / "samples", columns=cols).to_pylist(), key=lambda r: (r["shard"], r["position"]))
+        return sorted(pq.read_table(root / "samples", columns=cols).to_pylist(),
+                      key=lambda r: (r["shard"], r["position"]))
 
     a, b = rows(plugin_run), rows(out)
     assert [[r[c] for c in cols[:5]] for r in a] == [[r[c] for c in cols[:5]] for r in b]

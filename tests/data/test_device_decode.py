@@ -2,13 +2,11 @@
 decoder): which files go there, how close its pixels are to the Pillow path, and that a file
 it cannot read falls back to Pillow with the same error code."""
 
-import io
 
 import numpy as np
 import pytest
 import torch
-from helpers import encode, image_bytes, photo_like
-from PIL import Image
+from helpers import encode, photo_like
 
 from clipaudit.data.decode import Preprocess, decode_image
 from clipaudit.data.device_decode import decode_on_device, device_eligible

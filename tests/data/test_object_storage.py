@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import (OTHER_EXECUTOR_TOL, assert_close, assert_same_rows, free_port, moto_s3_server, require_signed_requests,
-                     write_tiny_job)
+from helpers import (OTHER_EXECUTOR_TOL, assert_close, assert_same_rows, free_port, moto_s3_server,
+                     require_signed_requests, write_tiny_job)
 
 from clipaudit.cli import main
 from clipaudit.runner import run_job

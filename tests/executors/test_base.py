@@ -43,7 +43,8 @@ def test_progress_line_off_a_terminal_has_shards_rate_eta_and_errors():
     p.shard_done()
     p.close()  # a last line at the end, whatever the interval
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 1 and LINE.fullmatch(lines[0]).groups() == ("4", "4", "100", "160", "1.3", "0s", "3", "1", "2m00s")
+    assert (len(lines) == 1
+            and LINE.fullmatch(lines[0]).groups() == ("4", "4", "100", "160", "1.3", "0s", "3", "1", "2m00s"))
 
 
 def test_progress_lines_come_at_a_steady_interval_without_updates():

@@ -87,7 +87,8 @@ def test_driver_killed_mid_job_then_rerun_completes_without_loss_or_duplicates(t
             if list((out / "_markers").glob("*.done.json")) if (out / "_markers").is_dir() else []:
                 break
             time.sleep(0.02)
-        assert driver.poll() is None, "the driver ended before it could be killed: " + driver.stderr.read().decode()[-2000:]
+        assert driver.poll() is None, ("the driver ended before it could be killed: "
+                                       + driver.stderr.read().decode()[-2000:])
         driver.kill()  # SIGKILL: no cleanup code runs
         driver.wait()
     finally:
@@ -107,7 +108,8 @@ def test_driver_killed_mid_job_then_rerun_completes_without_loss_or_duplicates(t
 def test_worker_node_lost_mid_job_shards_finish_on_the_survivor(tmp_path, tiny_model):
     out = tmp_path / "out"
     job = write_tiny_job(tmp_path, tiny_model, out, shards=6, per_shard=60,
-                         compute="executor: ray, cpus_per_worker: 0.5, resources_per_worker: {accelerator_slot: 1}, max_retries: 2")
+                         compute="executor: ray, cpus_per_worker: 0.5, resources_per_worker: {accelerator_slot: 1}, "
+                                 "max_retries: 2")
     script = Path(__file__).with_name("node_loss_job.py")
     report_path = tmp_path / "report.json"
     p = subprocess.run([sys.executable, str(script), str(job), str(out), str(report_path)],

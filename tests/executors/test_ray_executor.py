@@ -113,11 +113,13 @@ def test_known_nonmember_controls_without_labels_give_pvalues_flags_and_threshol
     assert member_p < held_p
     _, rows = run_query(out, "SELECT count(*) FILTER (WHERE NOT is_control), count(*) FILTER (WHERE is_control) "
                              "FROM sample_scores WHERE caption_flag")
-    assert list(rows[0]) == [cal["image"]["caption"]["flagged"], cal["image"]["caption"]["controls_flagged_leave_one_out"]]
+    assert list(rows[0]) == [cal["image"]["caption"]["flagged"],
+                             cal["image"]["caption"]["controls_flagged_leave_one_out"]]
     assert cal["image"]["caption"]["control_identities"] == len(controls)
 
 
-def test_unsatisfiable_worker_resources_fail_the_shards_with_a_reason_instead_of_hanging(canary_lab, ray_session, tmp_path):
+def test_unsatisfiable_worker_resources_fail_the_shards_with_a_reason_instead_of_hanging(canary_lab, ray_session,
+                                                                                        tmp_path):
     spec = _spec(canary_lab.job, tmp_path / "o", executor="ray", resources_per_worker={"no_such_accelerator": 1},
                  actor_start_timeout_s=2)
     report = run_job(spec, progress=False)

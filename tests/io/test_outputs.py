@@ -34,7 +34,8 @@ def test_part_invisible_until_commit_and_abort_leaves_nothing(tmp_path):
     w = _write_part(layout, "s.tar", 3)
     assert not layout.sample_part("s.tar").exists()
     assert list(layout.samples_dir.iterdir()) == []  # the part being written is under _tmp/, not samples/
-    assert [p.name for p in layout.temp_files(layout.sample_part("s.tar"))] == [p.name for p in layout.tmp_dir.iterdir()]
+    assert ([p.name for p in layout.temp_files(layout.sample_part("s.tar"))]
+            == [p.name for p in layout.tmp_dir.iterdir()])
     w.abort()
     assert list(layout.samples_dir.iterdir()) == [] and list(layout.tmp_dir.iterdir()) == []
 

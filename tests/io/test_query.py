@@ -37,7 +37,8 @@ def test_only_read_queries(out, sql):
 
 def test_cli_formats(out, capsys):
     assert main(["query", str(out), "SELECT identity, idia_score FROM identities ORDER BY 1", "--format", "json"]) == 0
-    assert json.loads(capsys.readouterr().out) == [{"identity": "Ann", "idia_score": 1}, {"identity": "Bob", "idia_score": 0}]
+    assert json.loads(capsys.readouterr().out) == [{"identity": "Ann", "idia_score": 1},
+                                                   {"identity": "Bob", "idia_score": 0}]
     assert main(["query", str(out), "SELECT identity FROM identities ORDER BY 1", "--format", "csv"]) == 0
     assert capsys.readouterr().out == "identity\nAnn\nBob\n"
     assert main(["query", str(out), "SELECT identity, idia_top1_rate FROM identities ORDER BY 1"]) == 0
@@ -149,7 +150,8 @@ def test_readme_example_queries(small_audit, capsys):
                             "attack agreement", "identities flagged by several attacks"}
     samples = pq.read_table(small_audit / "samples").to_pylist()
     ident = {r["identity"]: r for r in pq.read_table(small_audit / "identities.parquet").to_pylist()}
-    flags = {i: sorted(c.removesuffix("_flag") for c, v in r.items() if c.endswith("_flag") and v) for i, r in ident.items()}
+    flags = {i: sorted(c.removesuffix("_flag") for c, v in r.items() if c.endswith("_flag") and v)
+             for i, r in ident.items()}
 
     # errors per shard: the shard with the two bad samples first, counts as the run's summary has them
     rows = _cli_rows(small_audit, queries["errors per shard"], capsys)

@@ -29,7 +29,7 @@ def audit(tmp_path_factory, tiny_model) -> Path:
     root = tmp_path_factory.mktemp("html-audit")
     files, n = [], 0
     for who in MEMBERS + NONMEMBERS:
-        for i in range(3):
+        for _i in range(3):
             files += sample_files(f"{n:09d}", who, image_bytes(seed=n, size=(48, 40)), caption=f"a photo of {who}")
             n += 1
     files += sample_files(f"{n:09d}", "Ann Lee", b"not an image")

@@ -164,7 +164,8 @@ def test_training_augmentation_is_per_image_and_seeded(tmp_path: Path) -> None:
     clean = torch.stack([plain.pixels[n][0] for n in plain.names])
     assert a.shape == clean.shape
     # every image got its own crop: none is left as it was
-    assert all(not torch.allclose(x, y) for x, y in zip(a, clean[[plain.names.index(n) for n in _names_of(augmented[0], 3)]]))
+    assert all(not torch.allclose(x, y)
+               for x, y in zip(a, clean[[plain.names.index(n) for n in _names_of(augmented[0], 3)]]))
     weights = []
     for _ in range(2):
         m = create_tiny_model(name, seed=5)

@@ -39,7 +39,8 @@ def test_approximate_index_recall_on_real_name_embeddings(canary_lab):
     names = make_names(20_000, seed=3)
     text = model.encode_texts([f"a photo of {n}" for n in names]).numpy()[None]
     rng = np.random.default_rng(0)
-    photos = np.stack([render(ident, rng, model.image_size) for ident in make_identities(100, seed=5) for _ in range(2)])
+    photos = np.stack([render(ident, rng, model.image_size)
+                       for ident in make_identities(100, seed=5) for _ in range(2)])
     queries = model.encode_images(torch.from_numpy(photos))
     ivf = IVFNameIndex(text)
     assert (ivf.nlist, ivf.nprobe) == ivf_params(20_000)

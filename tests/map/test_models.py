@@ -142,7 +142,8 @@ def test_model_input_matches_open_clip_preprocessing(tiny_model, monkeypatch, cf
     for size, fmt in [((1800, 2400), "JPEG"), ((1001, 667), "JPEG"), ((301, 173), "PNG"), ((30, 50), "PNG")]:
         data = encode(photo_like(size, seed=size[0]), fmt)
         px = decode_image(data, m.preprocess, 10_000_000).pixels
-        ours = m.normalize(m.to_unit(torch.from_numpy(np.stack([px]))))[0]  # a batch of one, as the map step stacks them
+        # a batch of one, as the map step stacks them
+        ours = m.normalize(m.to_unit(torch.from_numpy(np.stack([px]))))[0]
         theirs = reference(Image.open(io.BytesIO(data)))
         assert ours.shape == theirs.shape == (3, m.image_size, m.image_size)
         assert (ours - theirs).abs().max().item() <= tolerance, f"{size} {fmt}"

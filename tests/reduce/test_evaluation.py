@@ -24,7 +24,8 @@ def _lab(tmp_path_factory, name, **kw):
 
 def _run(job, out, **compute):
     spec = load_spec(job)
-    spec = spec.model_copy(update={"output": out, "compute": spec.compute.model_copy(update={"executor": "local", **compute})})
+    spec = spec.model_copy(update={"output": out,
+                                   "compute": spec.compute.model_copy(update={"executor": "local", **compute})})
     return run_job(spec, progress=False)
 
 

@@ -60,7 +60,8 @@ def two_runs(tmp_path, tiny_model):
         write_tar(tmp_path / folder / "00000.tar", members)
     (tmp_path / "names.txt").write_text("Ann Lee\nBob Stone\nCy Doe\n")
     (tmp_path / "labels.csv").write_text("shard,key,member\n" + "".join(
-        f"{folder}/00000.tar,{i:09d},{folder == 'members'}\n" for folder in ("members", "nonmembers") for i in range(4)))
+        f"{folder}/00000.tar,{i:09d},{folder == 'members'}\n"
+        for folder in ("members", "nonmembers") for i in range(4)))
     job = tmp_path / "job.yaml"
     job.write_text(f"""
 model: {{name: {tiny_model['config']}, pretrained: {tiny_model['checkpoint']}, precision: fp32}}

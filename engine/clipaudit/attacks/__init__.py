@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from ..spec import JobSpec
 
 
-def build_attacks(spec: "JobSpec") -> list[MapAttack]:
+def build_attacks(spec: JobSpec) -> list[MapAttack]:
     """The map-side implementations of the attacks a spec enables (registry order), plus the
     model-free statistics of the validity check."""
     from .baseline import BaselineFeatures

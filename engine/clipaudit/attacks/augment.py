@@ -105,7 +105,8 @@ def _extents(images: torch.Tensor, sizes: list[tuple[int, int]] | None) -> list[
 
 
 def augmented_views(images: torch.Tensor, rngs: list[np.random.Generator], n_views: int,
-                    scale: tuple[float, float] = (0.2, 1.0), jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+                    scale: tuple[float, float] = (0.2, 1.0),
+                    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
                     p_jitter: float = 0.8, p_gray: float = 0.2, sizes: list[tuple[int, int]] | None = None,
                     out_size: int | None = None) -> torch.Tensor:
     """SimCLR-style augmentations (as EncoderMI uses), n views per image: (B·n)×3×S×S in [0, 1], image-major.

@@ -28,7 +28,8 @@ def image_statistics(x: torch.Tensor) -> torch.Tensor:
     mx, mn = x.max(1).values, x.min(1).values
     sat = torch.where(mx > 0, (mx - mn) / mx.clamp_min(1e-8), torch.zeros_like(mx)).mean(dim=(1, 2))
     gray = x.mean(1)
-    edges = (gray[:, 1:, :] - gray[:, :-1, :]).abs().mean(dim=(1, 2)) + (gray[:, :, 1:] - gray[:, :, :-1]).abs().mean(dim=(1, 2))
+    edges = ((gray[:, 1:, :] - gray[:, :-1, :]).abs().mean(dim=(1, 2))
+             + (gray[:, :, 1:] - gray[:, :, :-1]).abs().mean(dim=(1, 2)))
     return torch.cat([mean, std, sat[:, None], gray.mean(dim=(1, 2))[:, None], edges[:, None]], 1)
 
 

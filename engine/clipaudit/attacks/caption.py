@@ -62,7 +62,8 @@ class CaptionAttack:
         idx = [i for i, s in enumerate(samples) if s.caption]
         captions = [samples[i].caption for i in idx]
         n = len(samples)
-        out: dict[str, list] = {k: [None] * n for k in ("caption_score", "caption_ref_score", "caption_calibrated_score")}
+        out: dict[str, list] = {k: [None] * n
+                                for k in ("caption_score", "caption_ref_score", "caption_calibrated_score")}
         if not idx:
             return out
         target = self._cosines(self._model, batch.emb[idx], captions)  # type: ignore[arg-type]

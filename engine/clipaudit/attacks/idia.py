@@ -22,7 +22,8 @@ shows per person, and its p-value is computed on it, controls at the same k.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -86,7 +87,7 @@ class IdiaParams(BaseModel):
                            "ranking, so tau must be 1")
 
     @model_validator(mode="after")
-    def _one_vote_when_averaged(self) -> "IdiaParams":
+    def _one_vote_when_averaged(self) -> IdiaParams:
         if self.template_average and self.tau > 1:
             raise ValueError(f"template_average leaves one ranking per image, so tau must be 1 (got {self.tau})")
         return self

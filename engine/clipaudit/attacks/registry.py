@@ -16,7 +16,8 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -117,7 +118,7 @@ class Attack:
     name: str
     title: str  # display name
     params: type[BaseModel]  # the spec model of ``attacks.<name>`` (parameters, defaults, validation)
-    build: Callable[[Any, "JobSpec"], "MapAttack"]  # (params, job) → the map-side implementation
+    build: Callable[[Any, JobSpec], MapAttack]  # (params, job) → the map-side implementation
     columns: tuple[Column, ...]  # what the map step adds to ``samples/``
     scores: tuple[Score, ...]
     default: bool = False  # on when a job spec has no ``attacks`` key

@@ -3,7 +3,7 @@ chunks that fit the device, and compare them with the image's own embedding."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -59,7 +59,8 @@ def embed_views(batch: MapBatch, per_image: int, stream: str, make: Callable[...
 def quantile_summary(x: torch.Tensor, q: int = 11) -> torch.Tensor:
     """B×k values → B×(q + 2): q evenly spaced quantiles, mean and std."""
     qs = torch.linspace(0, 1, q, device=x.device)
-    return torch.cat([torch.quantile(x, qs, dim=1).T, x.mean(1, keepdim=True), x.std(1, keepdim=True, unbiased=False)], 1)
+    return torch.cat([torch.quantile(x, qs, dim=1).T, x.mean(1, keepdim=True),
+                      x.std(1, keepdim=True, unbiased=False)], 1)
 
 
 def rows(t: torch.Tensor) -> list[list[float]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
-from typing import Iterator
+from collections.abc import Iterator
 
 #: environment variable that overrides the bound (a positive integer)
 THREADS_ENV = "CLIPAUDIT_NUM_THREADS"

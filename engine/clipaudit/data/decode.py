@@ -78,7 +78,8 @@ class Preprocess:
             im = im.resize((nw, nh), _RESAMPLE[self.interpolation])
         s = self.size
         if self.resize_mode == "longest":
-            fill = (self.fill,) * 3 if isinstance(self.fill, int) else tuple(self.fill)  # Pillow reads an int as packed RGB
+            # Pillow reads an int as packed RGB
+            fill = (self.fill,) * 3 if isinstance(self.fill, int) else tuple(self.fill)
             canvas = Image.new("RGB", (s, s), fill)
             canvas.paste(im, ((s - nw) // 2, (s - nh) // 2))
             return canvas

@@ -97,7 +97,8 @@ def infer_locale_weights(identities: list[str], table: dict[str, LocaleNames]) -
         hits = []
         if len(tokens) >= 2:
             a, b = tokens[0], tokens[-1]
-            hits = [loc for loc, ln in table.items() if (a in ln.first and b in ln.last) or (b in ln.first and a in ln.last)]
+            hits = [loc for loc, ln in table.items()
+                    if (a in ln.first and b in ln.last) or (b in ln.first and a in ln.last)]
         for loc in hits:
             weights[loc] += 1 / len(hits)
         unmatched += not hits

@@ -4,7 +4,8 @@ or a URL (``s3://``, ``gs://``, ``https://`` …) read through fsspec."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from .samples import normalize_name
 from .shards import is_url

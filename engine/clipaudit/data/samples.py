@@ -112,7 +112,8 @@ def prepare_sample(raw: RawSample, shard: str, identity_field: str, size: int | 
     if defer_jpegs:
         from .device_decode import device_eligible
 
-        dims = device_eligible(raw.files[image_ext], max_pixels, size if isinstance(size, Preprocess) else Preprocess(size))
+        dims = device_eligible(raw.files[image_ext], max_pixels,
+                               size if isinstance(size, Preprocess) else Preprocess(size))
         if dims is not None:
             s.jpeg, (s.width, s.height) = raw.files[image_ext], dims
             return s

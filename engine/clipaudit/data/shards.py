@@ -7,7 +7,8 @@ import glob
 import itertools
 import re
 from contextlib import contextmanager
-from typing import Any, BinaryIO, Iterator, Mapping
+from typing import Any, BinaryIO
+from collections.abc import Iterator, Mapping
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 

@@ -7,7 +7,8 @@ and checking remote inputs before a run.
 (``{s3: {…}, gs: {…}}``, see :func:`options_for`). A string value may hold ``${VAR}``
 references, replaced by the environment variable's value in the process that opens the URL
 (the Ray executor resolves them on the driver and hands the values to its actors), so secrets
-need not sit in the job file. Files the spec is written into (``_job.json``, ``manifest.json``) hold :func:`redact_options`'s copy: a value
+need not sit in the job file. Files the spec is written into (``_job.json``, ``manifest.json``) hold
+:func:`redact_options`'s copy: a value
 under a secret-like key (key, secret, token, password, …) becomes ``***`` unless it is only a
 ``${VAR}`` reference.
 """
@@ -17,7 +18,8 @@ from __future__ import annotations
 import posixpath
 import re
 from collections import defaultdict
-from typing import Any, Iterable, Mapping
+from typing import Any
+from collections.abc import Iterable, Mapping
 
 from .shards import check_backend, is_url, protocol
 

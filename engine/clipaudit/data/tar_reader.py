@@ -16,7 +16,8 @@ from __future__ import annotations
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
+from collections.abc import Iterator, Mapping
 
 from .shards import open_shard
 
@@ -140,4 +141,5 @@ def _samples(f, size: int) -> Iterator[RawSample]:
         last.detail = last.detail or "the tar ends without an end-of-archive block; this sample may be cut"
         yield last
     else:
-        yield RawSample(key=None, position=g.position, error="truncated_tar", detail="tar ends without end-of-archive block")
+        yield RawSample(key=None, position=g.position, error="truncated_tar",
+                        detail="tar ends without end-of-archive block")

@@ -10,7 +10,8 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, TextIO
+from typing import Protocol, TextIO
+from collections.abc import Callable
 
 from tqdm import tqdm
 

@@ -203,7 +203,8 @@ class RayExecutor:
         result.seconds = time.perf_counter() - t0
         return result
 
-    def _run(self, ray, spec: JobSpec, layout: OutputLayout, shards: list[str], progress: bool, result: MapResult) -> None:
+    def _run(self, ray, spec: JobSpec, layout: OutputLayout, shards: list[str], progress: bool,
+             result: MapResult) -> None:
         n_workers, resources = self._pool_shape(spec)
         n_workers = min(n_workers, len(shards))
         spec_json = spec.to_json()

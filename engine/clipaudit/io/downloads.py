@@ -14,7 +14,8 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -22,7 +22,8 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -150,7 +151,7 @@ class OutputLayout:
     ``root`` is its local mirror and ``remote`` the store (see :mod:`.remote_output`)."""
 
     root: Path
-    remote: "RemoteOutput | None" = field(default=None, compare=False)
+    remote: RemoteOutput | None = field(default=None, compare=False)
 
     def publisher(self) -> Publish | None:
         """On object storage: the function that PUTs a finished temp file where its final path
@@ -298,7 +299,7 @@ class OutputLayout:
                 n += 1
         return n
 
-    def lock(self) -> "OutputLock":
+    def lock(self) -> OutputLock:
         """For an output on object storage: the lock of this machine's mirror (see
         :meth:`.remote_output.RemoteOutput.warn_unlocked`)."""
         return OutputLock(self.root / ".clipaudit.lock")
@@ -345,7 +346,7 @@ class OutputLock:
         """False where the file system refused ``flock`` (then another run may be writing)."""
         return self._fd is not None
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,8 @@ always vouches for parts already there, and a file in the mirror is on the store
 
 The store is the truth: a pull makes the mirror hold what the store holds — a data part counts
 only with its shard's marker beside it — replacing local changes that were not pushed and
-removing whatever else the mirror holds (leftovers of another run, a part whose shard failed). The mirror remembers what it last exchanged with the
+removing whatever else the mirror holds (leftovers of another run, a part whose shard failed).
+The mirror remembers what it last exchanged with the
 store (``.clipaudit-mirror.json``: each file's local size and mtime, the object's size, ETag and
 modification time) so a sync moves only what changed; a file whose copy on the store is not
 known to be the same (same MD5, where the store gives one) is downloaded, and a file removed
@@ -29,7 +30,8 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +119,7 @@ class RemoteOutput:
 
     @classmethod
     def for_url(cls, url: str, storage_options: Mapping[str, Any] | None = None,
-                mirror_root: Path | None = None) -> "RemoteOutput":
+                mirror_root: Path | None = None) -> RemoteOutput:
         url = url.rstrip("/")
         digest = hashlib.sha256(url.encode()).hexdigest()[:16]
         tail = url.rsplit("/", 1)[-1] or "output"

@@ -36,8 +36,8 @@ def metrics_rows(metrics: dict) -> list[tuple[str, str, str, str, str, str]]:
     variants (names indented) and the model-free baseline per level."""
     def row(name: str, m: dict) -> tuple[str, str, str, str, str, str]:
         base = f"{m['baseline_auc']:.3f}" if m.get("baseline_auc") is not None else ""
-        return (name, LEVEL_LABELS.get(m.get("level", "-"), m.get("level", "-")), _cell(m, "auc"), base, _cell(m, "tpr_at_1pct_fpr"),
-                _cell(m, "tpr_at_0_1pct_fpr"))
+        return (name, LEVEL_LABELS.get(m.get("level", "-"), m.get("level", "-")), _cell(m, "auc"), base,
+                _cell(m, "tpr_at_1pct_fpr"), _cell(m, "tpr_at_0_1pct_fpr"))
 
     rows = []
     for attack in registered():

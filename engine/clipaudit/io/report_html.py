@@ -169,7 +169,7 @@ def roc_plots(layout: OutputLayout, metrics: dict) -> list[Plot]:
                     label=label)
         base = metrics.get("baseline", {}).get("by_level", {}) if isinstance(metrics.get("baseline"), dict) else {}
         for level in levels:
-            for (a, lv, variant), pts in curves.items():
+            for (a, lv, _variant), pts in curves.items():
                 if a == "baseline" and lv == level:
                     auc = base.get(level, {}).get("auc")
                     label = f"blind baseline ({level})" + (f", AUC {auc:.3f}" if auc is not None else "")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -47,7 +47,8 @@ IMAGE_FLAG_DOC = "{score}_pvalue <= calibration.target_fpr"
 QVALUE_DOC = ("Benjamini-Hochberg q-value of {score}_pvalue over the candidate (non-control) {units}; null for a "
               "control")
 DISCOVERY_DOC = "{score}_qvalue <= calibration.fdr (a discovery at that false-discovery rate)"
-LEARNED_SCORE_DOC = ("member probability from the {attack} attack's {variant} attacker (attackers/{attack}_{variant}.json): "
+LEARNED_SCORE_DOC = ("member probability from the {attack} attack's {variant} attacker "
+                     "(attackers/{attack}_{variant}.json): "
                      "out-of-fold for the images it was fitted on (the labelled images, a seeded sample of 20,000 "
                      "beyond that), from the attacker fitted on them (or applied from another audit with --attackers) "
                      "for the others")
@@ -62,7 +63,7 @@ def type_name(t: pa.DataType) -> str:
     return f"list<{_NAMES[t.value_type]}>" if pa.types.is_list(t) else _NAMES[t]
 
 
-@lru_cache(maxsize=None)
+@cache
 def published(name: str) -> dict[str, Any]:
     """The JSON document ``schemas/<name>.json``."""
     return json.loads(resources.files("clipaudit").joinpath("schemas", f"{name}.json").read_text())
@@ -124,7 +125,7 @@ def load_schema(name: str, enabled: tuple[str, ...] | list[str] = ()) -> pa.Sche
     return _load_schema(name, tuple(enabled), registry_version())
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_schema(name: str, enabled: tuple[str, ...], _version: int) -> pa.Schema:
     meta = {SCHEMA_META_NAME: name.encode(), SCHEMA_META_VERSION: str(published(name)["version"]).encode()}
     return pa.schema([c.field() for c in columns(name, enabled)], metadata=meta)

@@ -86,7 +86,8 @@ def run_demo(output: Path, progress: bool = True, cfg: LabConfig | None = None) 
     from ..bench import machine
 
     m = machine("cpu")
-    print(f"machine: {m['cpu']} ({m['cpu_cores']} cores), torch {m['torch']}; lab seed {(cfg or LAB_PRESETS['default']).seed}")
+    print(f"machine: {m['cpu']} ({m['cpu_cores']} cores), torch {m['torch']}; "
+          f"lab seed {(cfg or LAB_PRESETS['default']).seed}")
     print(f"\ndemo wall time {elapsed:.1f} s; map step {images} images in {map_s:.1f} s "
           f"({images / max(map_s, 1e-9):.1f} img/s incl. Ray start-up and model loading)")
     print("\nTry:")

@@ -186,7 +186,8 @@ class _BatchSampler:
         captions = [self._caption(n) for n in names]
         if self.negatives:
             k = min(len(self.negatives), NEGATIVES_PER_IMAGE * self.batch_size)
-            captions += [self._caption(self.negatives[i]) for i in self.rng.choice(len(self.negatives), k, replace=False)]
+            captions += [self._caption(self.negatives[i])
+                         for i in self.rng.choice(len(self.negatives), k, replace=False)]
         return pixels, captions
 
 
@@ -264,7 +265,8 @@ def zero_shot_top1(
     model.eval()
     device = next(model.parameters()).device
     prompts = [template.format(n) for n in names]
-    txt = torch.cat([model.encode_text(tokenizer(prompts[i : i + 512]).to(device)) for i in range(0, len(prompts), 512)])
+    txt = torch.cat([model.encode_text(tokenizer(prompts[i : i + 512]).to(device))
+                     for i in range(0, len(prompts), 512)])
     img = model.encode_image(image_batch(model, images).to(device))
     sims = F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
     return sims.argmax(dim=-1).cpu().numpy()

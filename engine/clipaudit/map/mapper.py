@@ -15,7 +15,8 @@ import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -109,7 +110,8 @@ class ShardMapper:
         assert self.model is not None
         d = self.spec.data
         pre = self.model.preprocess
-        return [prepare_sample(r, shard, d.identity_field, pre, d.max_image_pixels, self.source_side, self.device_decode)
+        return [prepare_sample(r, shard, d.identity_field, pre, d.max_image_pixels, self.source_side,
+                               self.device_decode)
                 for r in raws]
 
     def _finish_device_decode(self, samples: list[Sample]) -> dict[int, torch.Tensor]:

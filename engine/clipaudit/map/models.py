@@ -13,7 +13,8 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 
@@ -244,7 +245,8 @@ def _create(name: str, pretrained: str | None) -> torch.nn.Module:
     except RuntimeError as e:
         raise ModelLoadError(f"cannot create model {name!r} (pretrained={pretrained!r}): {e}") from None
     except Exception as e:  # noqa: BLE001 — network/hub failures surface as many types
-        hint = " (no network? set HF_HUB_OFFLINE=0 or pass a local checkpoint)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        hint = (" (no network? set HF_HUB_OFFLINE=0 or pass a local checkpoint)" if os.environ.get("HF_HUB_OFFLINE")
+                else "")
         raise ModelLoadError(
             f"cannot load weights for {name!r} pretrained={pretrained!r}: {type(e).__name__}: {e}{hint}"
         ) from None

@@ -80,7 +80,7 @@ class Attacker:
                 "model": model}
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any], source: str) -> "Attacker":
+    def from_json(cls, doc: dict[str, Any], source: str) -> Attacker:
         if doc.get("format") != FORMAT:
             raise AttackerError(f"{source}: attacker format {doc.get('format')!r}, this clipaudit reads {FORMAT}")
         m = doc["model"]
@@ -103,7 +103,7 @@ def variants(enabled: tuple[str, ...]) -> list[tuple[Attack, Learned]]:
 
 
 def image_labels(identities: list[str | None], shards: list[str], keys: list[str | None],
-                 labels: "Labels | None") -> np.ndarray:
+                 labels: Labels | None) -> np.ndarray:
     """Per image: 1 member, 0 non-member, -1 unlabelled (image rows first, then the identity's)."""
     out = np.full(len(keys), -1, dtype=np.int8)
     if labels is None:
@@ -309,8 +309,8 @@ def pseudo_source(attack: str, signals: list[str]) -> str | None:
     return "caption" if "caption" in others else (others[0] if others else None)
 
 
-def _weak_cuts(parts: list[Path], own: dict[str, str], controls: "Controls",
-               quantile: float = PSEUDO_QUANTILE, copies: "Copies | None" = None
+def _weak_cuts(parts: list[Path], own: dict[str, str], controls: Controls,
+               quantile: float = PSEUDO_QUANTILE, copies: Copies | None = None
                ) -> tuple[dict[str, float | None], dict[str, int]]:
     """Per signal (name → score column): its ``quantile`` among the control images (None with
     fewer than :data:`MIN_WEAK` controls), and how many candidate images have it — the first
@@ -351,10 +351,10 @@ def expected_contamination(n_pseudo: int, n_candidates: int, quantile: float = P
     return float(min(1.0, (1 - quantile) * n_candidates / max(n_pseudo, 1)))
 
 
-def score_candidates(layout, params: dict[str, Any], labels: "Labels | None",
+def score_candidates(layout, params: dict[str, Any], labels: Labels | None,
                      apply: list[Attacker] | None = None, seed: int = 0,
-                     controls: "Controls | None" = None, max_fit: int = MAX_FIT_IMAGES,
-                     copies: "Copies | None" = None) -> LearnedScores:
+                     controls: Controls | None = None, max_fit: int = MAX_FIT_IMAGES,
+                     copies: Copies | None = None) -> LearnedScores:
     """Attackers for every learned variant that score any part (:meth:`LearnedScores.scores`):
     fitted here on ``labels`` (out-of-fold where fitted), weakly supervised on ``controls``
     when there are no labels, or the ``apply`` attackers fitted on another audit. Near-duplicate

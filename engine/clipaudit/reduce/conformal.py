@@ -274,14 +274,15 @@ def identity_pvalues(values: list | None, is_control: np.ndarray, target_fpr: fl
     return IdentityPValues(entry, as_column(p), flag_column(p, target_fpr))
 
 
-def write_sample_pvalues(layout: "OutputLayout", image_scores: list[str], controls: "Controls",
-                         target_fpr: float, schema: "pa.Schema", learned: "LearnedScores | None" = None,
-                         fdr: float = 0.1, copies: "Copies | None" = None) -> dict[str, dict[str, Any]]:
+def write_sample_pvalues(layout: OutputLayout, image_scores: list[str], controls: Controls,
+                         target_fpr: float, schema: pa.Schema, learned: LearnedScores | None = None,
+                         fdr: float = 0.1, copies: Copies | None = None) -> dict[str, dict[str, Any]]:
     """Per-image p-values and flags among the control images (images listed as controls, or
     of a control identity), and Benjamini–Hochberg q-values and discoveries (q <= ``fdr``) over
     the candidate images: one ``sample_scores/`` part per ``samples/`` part. Three passes over
     the parts (control scores, then the candidates' p-values counted, then the parts written),
-    reading only the needed columns, so memory stays per part. ``learned``: the learned attackers, whose scores are not columns of ``samples/``
+    reading only the needed columns, so memory stays per part. ``learned``: the learned attackers, whose scores
+    are not columns of ``samples/``
     but computed per part; they are written as ``<name>_score`` with their p-values.
     Near-duplicate ``copies`` get a p-value but are neither controls nor candidates of the
     q-values (not separate evidence): their q-value and discovery are null. Returns the

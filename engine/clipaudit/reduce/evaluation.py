@@ -4,7 +4,8 @@ level, ROC tables, learned variants, and the distribution-shift validity check.
 Levels: identity-level scores (e.g. IDIA) are evaluated per identity. Image-level scores are
 evaluated per image where the labels file has image rows (``shard,key,member``), else per
 identity (mean image score); with image rows, also within identities (members' training photos
-against the same people's other photos: ``image_within_identity``). Fixed scores (a mean cosine) need no fitting. Learned variants
+against the same people's other photos: ``image_within_identity``). Fixed scores (a mean cosine) need no
+fitting. Learned variants
 (an attacker on an attack's raw feature vector, declared by the attack) and the model-free
 baseline are cross-fitted: every prediction comes from a model fitted on other folds, and
 all images of one identity stay in the same fold.
@@ -269,13 +270,13 @@ def _best_auc(m: dict) -> float:
 
 # -- evaluation tables -------------------------------------------------------------
 
-def _feature_columns(opts: "ReduceOptions") -> dict[str, str]:
+def _feature_columns(opts: ReduceOptions) -> dict[str, str]:
     """Feature key → samples column: each enabled attack's feature vector, plus the baseline's."""
     out = {a.name: a.features for a in registered() if a.name in opts.enabled and a.features}
     return {**out, BASELINE: "baseline_features"}
 
 
-def identity_table(con: duckdb.DuckDBPyConnection, identities: pa.Table, opts: "ReduceOptions",
+def identity_table(con: duckdb.DuckDBPyConnection, identities: pa.Table, opts: ReduceOptions,
                    excluded: dict[str, set[str]] | None = None,
                    draws: dict[str, dict[str, np.ndarray]] | None = None) -> Scored | None:
     """Labelled identities with their identity-level and mean image scores and mean features;
@@ -322,7 +323,7 @@ def identity_table(con: duckdb.DuckDBPyConnection, identities: pa.Table, opts: "
     return Scored("identity", y, np.arange(len(rows)), table_scores, features, score_draws)
 
 
-def image_table(con: duckdb.DuckDBPyConnection, labels: Labels, opts: "ReduceOptions") -> Scored | None:
+def image_table(con: duckdb.DuckDBPyConnection, labels: Labels, opts: ReduceOptions) -> Scored | None:
     """Labelled images (image rows of the labels file) with their image-level scores and features."""
     image = [s.name for s in scores(opts.enabled, "image")]
     if not labels.images or not image:
@@ -351,7 +352,7 @@ def image_table(con: duckdb.DuckDBPyConnection, labels: Labels, opts: "ReduceOpt
 
 
 def evaluation_tables(con: duckdb.DuckDBPyConnection, identities: pa.Table, labels: Labels,
-                      opts: "ReduceOptions", excluded: dict[str, set[str]] | None = None,
+                      opts: ReduceOptions, excluded: dict[str, set[str]] | None = None,
                       draws: dict[str, dict[str, np.ndarray]] | None = None) -> list[Scored]:
     """The identity-level table and, with image labels, the image-level one — which then
     replaces the identity level for image-level scores — and the within-identity one."""

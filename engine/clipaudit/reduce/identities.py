@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
 
 import duckdb
 import numpy as np
@@ -74,7 +75,7 @@ def fetch_columns(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, list]:
     return {c: [r[i] for r in rows] for i, c in enumerate(cols)}
 
 
-def identity_level(layout: OutputLayout, opts: "ReduceOptions", labels: Labels | None = None,
+def identity_level(layout: OutputLayout, opts: ReduceOptions, labels: Labels | None = None,
                    controls: Controls | None = None) -> IdentityLevel:
     """Build ``identities.parquet``'s table (not written here)."""
     con = connect(layout, opts.copies, opts.memory_limit)
@@ -148,7 +149,8 @@ def identity_level(layout: OutputLayout, opts: "ReduceOptions", labels: Labels |
             columns[f"{score.name}_qvalue"] = as_column(q)
             columns[f"{score.name}_discovery"] = flag_column(q, opts.fdr)
             calibration[score.name].update(discovery_entry(int(np.sum(q <= opts.fdr)), opts.fdr))
-    combined = [float_vector(columns[f"{s.name}_pvalue"]) for s in scores(opts.enabled) if f"{s.name}_pvalue" in columns]
+    combined = [float_vector(columns[f"{s.name}_pvalue"]) for s in scores(opts.enabled)
+                if f"{s.name}_pvalue" in columns]
     if combined:  # one p-value per identity across the attacks, and its q-value among the candidates
         p = cauchy_combination(combined)
         q = bh_qvalues(p, ~is_control)
@@ -182,7 +184,7 @@ def _control_images(con_scores: dict[str, dict[str, np.ndarray]], names: list[st
     return {int(i): by_name[names[i]] for i in np.flatnonzero(is_control) if names[i] in by_name}
 
 
-def identities_table(layout: OutputLayout, opts: "ReduceOptions", labels: Labels | None = None,
+def identities_table(layout: OutputLayout, opts: ReduceOptions, labels: Labels | None = None,
                      controls: Controls | None = None) -> pa.Table:
     """One row per identity (see :func:`identity_level`)."""
     return identity_level(layout, opts, labels, controls).table
@@ -198,7 +200,7 @@ def name_pool(path: Path | str | None, storage_options: Mapping[str, Any] | None
     return set(load_name_pool(path, storage_options))
 
 
-def _excluded(opts: "ReduceOptions", pool: set[str] | None, named: set[str]) -> dict[str, set[str]]:
+def _excluded(opts: ReduceOptions, pool: set[str] | None, named: set[str]) -> dict[str, set[str]]:
     """Per attack with a ``missing_names`` parameter: the labelled or control identities the pool
     lacks, to leave out of its figures (``exclude``); with ``error`` they stop the reduce step."""
     if pool is None or not named:
@@ -208,7 +210,8 @@ def _excluded(opts: "ReduceOptions", pool: set[str] | None, named: set[str]) -> 
         mode = getattr(opts.params(name), "missing_names", None)
         missing = missing_from_pool(named, pool) if mode is not None else []
         if missing and mode == "error":
-            raise LabelsError(f"attacks.{name}.missing_names: error: " + missing_names_message(name, missing, opts.names))
+            raise LabelsError(f"attacks.{name}.missing_names: error: "
+                              + missing_names_message(name, missing, opts.names))
         if missing:
             out[name] = set(missing)
     return out

@@ -17,7 +17,8 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -88,7 +89,7 @@ class Labels:
     unmatched_images: int = 0  # image rows naming no audited shard (after :meth:`matched`)
     base: Path | str | None = field(default=None, compare=False)  # the CSV's folder (relative shard paths)
 
-    def matched(self, matcher: ShardMatcher, what: str = "labels") -> "Labels":
+    def matched(self, matcher: ShardMatcher, what: str = "labels") -> Labels:
         """The same labels with image rows keyed by the audited shard they name; an error when
         image rows exist and none names an audited shard (metrics would silently fall back to
         the identity level)."""
@@ -128,7 +129,7 @@ class Controls:
             rows.column("identity").to_pylist(), rows.column("shard").to_pylist(), rows.column("key").to_pylist())],
             dtype=bool)
 
-    def matched(self, matcher: ShardMatcher) -> "Controls":
+    def matched(self, matcher: ShardMatcher) -> Controls:
         """The same controls with image rows keyed by the audited shard they name."""
         base = _folder(self.sources[0]) if self.sources else None
         images = {(s, k) for ref, k in self.images

@@ -21,7 +21,7 @@ a reference index. Both run in memory that does not grow with the audit.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -54,7 +54,7 @@ class Copies:
         self.by_shard = by_shard
 
     @classmethod
-    def load(cls, path: Path | None) -> "Copies | None":
+    def load(cls, path: Path | None) -> Copies | None:
         """None without a path (``--near-duplicates`` off)."""
         if path is None:
             return None
@@ -166,7 +166,7 @@ def _copies_in_bucket(t: pa.Table, min_cosine: float, max_hash_bits: int) -> lis
         lims, sims, found = index.range_search(emb, min_cosine)
         parent = list(range(hi - lo))
 
-        def root(i: int) -> int:
+        def root(i: int, parent: list[int] = parent) -> int:
             while parent[i] != i:
                 parent[i] = parent[parent[i]]
                 i = parent[i]

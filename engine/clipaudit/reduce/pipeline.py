@@ -17,7 +17,8 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -200,7 +201,8 @@ def _neighbours(layout: OutputLayout, opts: ReduceOptions) -> list[Path]:
 
     written = []
     for name, wanted, make in (
-            (NEAR_DUPLICATES, opts.near_duplicates, lambda p: near_duplicates(layout, p, memory_limit=opts.memory_limit)),
+            (NEAR_DUPLICATES, opts.near_duplicates,
+             lambda p: near_duplicates(layout, p, memory_limit=opts.memory_limit)),
             (REFERENCE_MATCHES, opts.reference is not None, lambda p: reference_matches(layout, opts.reference, p))):
         path = layout.root / name
         if not wanted:

@@ -47,7 +47,8 @@ def fold_averaged_roc(scores: np.ndarray, labels: np.ndarray, fold_ids: np.ndarr
     """The ROC of cross-fitted scores averaged vertically over folds: at each FPR, the mean over
     folds of the best TPR at that FPR or below (folds lacking a class are skipped). A threshold
     means nothing across folds (each has its own model), so the thresholds are nan."""
-    scores, labels, fold_ids = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool), np.asarray(fold_ids)
+    scores, labels, fold_ids = (np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool),
+                                np.asarray(fold_ids))
     curves = [roc_curve(scores[fold_ids == f], labels[fold_ids == f]) for f in np.unique(fold_ids)
               if labels[fold_ids == f].any() and not labels[fold_ids == f].all()]
     if not curves:
@@ -239,7 +240,7 @@ def paired_auc_difference(a: AucEstimate, b: AucEstimate, labels: np.ndarray, gr
     return {"auc_difference": point, "auc_difference_ci": ci}
 
 
-def _fold_boots(boots: dict[str, list[float]], averaged: list["_FoldAveraged"], rng: np.random.Generator,
+def _fold_boots(boots: dict[str, list[float]], averaged: list[_FoldAveraged], rng: np.random.Generator,
                 n_boot: int, labels: np.ndarray, codes: np.ndarray | None, strata: list[np.ndarray] | None) -> None:
     """Append the fold-averaged metrics of ``n_boot`` resamples to ``boots``; resample b uses
     score set b mod len(averaged). Units are drawn within members and non-members, or whole
