@@ -212,3 +212,12 @@ def test_identity_means_are_compared_with_controls_at_the_same_number_of_images(
     np.testing.assert_allclose(matched[is_control], naive[is_control])
     again = count_matched_pvalues(values, counts, is_control, dict(enumerate(controls)), seed=1)
     np.testing.assert_array_equal(matched, again)  # seeded
+
+
+def test_an_identity_without_an_ok_image_gets_no_count_matched_pvalue():
+    from clipaudit.reduce.conformal import count_matched_pvalues
+
+    controls = {0: np.array([0.1, 0.2]), 1: np.array([0.3, 0.5]), 2: np.array([0.2])}
+    values = np.array([0.15, 0.4, 0.2, 0.9, np.nan])
+    p = count_matched_pvalues(values, [2, 2, 1, 2, None], np.array([True, True, True, False, False]), controls)
+    assert np.isnan(p[4]) and p[3] == pytest.approx(1 / 4)  # above all three controls' 2-image means

@@ -232,9 +232,10 @@ def count_matched_pvalues(values: np.ndarray, counts: np.ndarray, is_control: np
     means flags small non-member identities far above the target rate; a control's random
     n-subset is drawn like a candidate with n images, so the p-value is valid again (conservative
     where a control has fewer than n images). ``control_images``: row → that control's image
-    scores. nan where the value is nan or fewer than 2 controls have images."""
+    scores. nan where the value is nan or fewer than 2 controls have images; ``counts`` may hold
+    None for an identity without an ok image (its value is nan too)."""
     v = np.asarray(values, dtype=float)
-    n = np.asarray(counts, dtype=np.int64)
+    n = np.array([0 if c is None else c for c in counts], dtype=np.int64)  # None: no ok image
     out = np.full(len(v), np.nan)
     ctrl = [int(i) for i in np.flatnonzero(is_control & ~np.isnan(v)) if len(control_images.get(int(i), ())) > 0]
     if len(ctrl) < 2:
