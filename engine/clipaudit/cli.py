@@ -293,14 +293,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 # -- bench ------------------------------------------------------------------------
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import attack_set, format_bench, run_bench
+    from .bench.map_step import attack_set, format_bench, run_bench
 
     log = (lambda msg: None) if args.json and args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr,
                                                                                    flush=True))
     if args.reduce:
         import tempfile
 
-        from .bench_reduce import run_reduce_bench
+        from .bench.reduce_scale import run_reduce_bench
 
         try:
             sizes = [int(x.replace("_", "")) for x in args.reduce.split(",")]
@@ -313,7 +313,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _bench_output(args, result, "\n".join(f"{k:26s} {v}" for k, v in result.items()))
         return EXIT_OK
     if args.under_load:
-        from .bench_load import run_load_bench
+        from .bench.reduce_load import run_load_bench
 
         if args.busy < 0:
             raise UserError(f"--busy {args.busy}: a number of processes, 0 or more")
@@ -321,7 +321,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _bench_output(args, result, "\n".join(f"{k:26s} {v}" for k, v in result.items()))
         return EXIT_OK
     if args.quick:
-        from .bench_quick import run_quick
+        from .bench.quick import run_quick
 
         result = run_quick(log=log)
         _bench_output(args, result, "\n".join(f"{k:26s} {v}" for k, v in result.items()))

@@ -138,9 +138,9 @@ def test_every_candidate_gets_learned_scores_and_another_audit_applies_them(cana
 
 
 def _synthetic(tmp_path, rows=2000, labelled=12):
-    """A synthetic audit folder (bench_reduce's, ~100 images per identity in parts of 300
+    """A synthetic audit folder (bench/reduce_scale.py's, ~100 images per identity in parts of 300
     rows) and Labels for ``labelled`` identities."""
-    from clipaudit.bench_reduce import _identity_names, synthetic_audit
+    from clipaudit.bench.reduce_scale import _identity_names, synthetic_audit
     from clipaudit.io.outputs import OutputLayout
     from clipaudit.reduce.labels import Labels
 

@@ -83,7 +83,7 @@ def run_demo(output: Path, progress: bool = True, cfg: LabConfig | None = None) 
     print("\nidentity level: member vs non-member identities (IDIA at the same number k of photos each; "
           "image-side scores averaged over their photos); image level: the members' training photos vs every "
           "held-out photo (of members and non-members).")
-    from ..bench import machine
+    from ..bench.map_step import machine
 
     m = machine("cpu")
     print(f"machine: {m['cpu']} ({m['cpu_cores']} cores), torch {m['torch']}; "

@@ -2,7 +2,7 @@
 
 import json
 
-from clipaudit.bench import format_bench, run_bench, write_synthetic_shards
+from clipaudit.bench.map_step import format_bench, run_bench, write_synthetic_shards
 from clipaudit.data.tar_reader import iter_tar_samples
 
 
@@ -27,25 +27,3 @@ def test_bench_reports_rates_and_ratios_against_model_only(tiny_model, tmp_path)
     assert "model only" in text and "map step" in text and r["machine"]["cpu"] in text
     json.dumps(r)  # the record is plain JSON
 
-
-def test_under_load_bench_reduces_a_copy_alone_and_beside_busy_processes(small_audit, tmp_path):
-    from clipaudit.bench_load import run_load_bench
-
-    before = sorted(p.relative_to(small_audit) for p in small_audit.rglob("*"))
-    stamp = (small_audit / "identities.parquet").stat().st_mtime_ns
-    r = run_load_bench(small_audit, busy=1, repeat=1)
-    assert len(r["alone_runs_s"]) == len(r["loaded_runs_s"]) == 1 and r["busy_processes"] == 1
-    assert r["ratio"] == round(r["loaded_s"] / r["alone_s"], 2) and r["machine"]["cpu_cores"] >= 1
-    # the audit itself is untouched: every run reduces a copy
-    assert sorted(p.relative_to(small_audit) for p in small_audit.rglob("*")) == before
-    assert (small_audit / "identities.parquet").stat().st_mtime_ns == stamp
-    json.dumps(r)
-
-
-def test_under_load_bench_refuses_a_folder_that_is_no_audit(tmp_path):
-    import pytest
-
-    from clipaudit.bench_load import run_load_bench
-
-    with pytest.raises(FileNotFoundError, match="not an audit folder"):
-        run_load_bench(tmp_path)

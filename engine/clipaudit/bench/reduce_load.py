@@ -31,7 +31,7 @@ def _reduce(folder: str) -> None:
     import logging
     import sys
 
-    from .cli import main
+    from ..cli import main
 
     logging.disable(logging.INFO)
     sys.exit(main(["reduce", folder]))
@@ -60,7 +60,7 @@ def run_load_bench(audit: Path, busy: int = 2, repeat: int = 3,
     import multiprocessing as mp
     import tempfile
 
-    from .bench import machine
+    from .map_step import machine
 
     if not (audit / "samples").is_dir():
         raise FileNotFoundError(f"{audit}: not an audit folder (no samples/); run `clipaudit demo` or a job first")

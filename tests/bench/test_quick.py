@@ -12,7 +12,7 @@ KEYS = {"device", "model", "batch_size", "model_only_images_per_s", "e2e_images_
 
 @pytest.mark.slow
 def test_quick_bench_prints_one_json_object_with_every_figure(monkeypatch, capsys):
-    import clipaudit.bench_quick as quick
+    import clipaudit.bench.quick as quick
     from clipaudit.cli import main
 
     real = quick.run_quick

@@ -56,7 +56,7 @@ def _write_model(root: Path) -> Path:
 
 
 def _spec(root: Path, model: Path, shards: list[Path], batch_size: int, out: str, threads: int = 2):
-    from .spec import parse_spec
+    from ..spec import parse_spec
 
     return parse_spec({
         "model": {"name": str(model)},
@@ -94,7 +94,7 @@ def _augment_speedup(loaded, jpegs: list[bytes], views: int) -> float:
     from PIL import Image
     from torchvision import transforms as T
 
-    from .attacks.augment import augmented_views, sample_rng
+    from ..attacks.augment import augmented_views, sample_rng
 
     size = loaded.image_size
     images = [Image.open(io.BytesIO(d)).convert("RGB") for d in jpegs]
@@ -119,10 +119,10 @@ def _index_figures(root: Path, index_names: int, templates: int = 3) -> tuple[fl
     """
     import torch
 
-    from .lab.build import LabConfig, build_lab
-    from .lab.identities import make_identities, make_names, render
-    from .map.index import FaissNameIndex, IVFNameIndex
-    from .map.models import load_model
+    from ..lab.build import LabConfig, build_lab
+    from ..lab.identities import make_identities, make_names, render
+    from ..map.index import FaissNameIndex, IVFNameIndex
+    from ..map.models import load_model
 
     rng = np.random.default_rng(0)
 
@@ -159,8 +159,8 @@ def _child_map(job: dict, threads: int, results) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from .io.outputs import OutputLayout
-    from .map.mapper import ShardMapper
+    from ..io.outputs import OutputLayout
+    from ..map.mapper import ShardMapper
 
     open_clip.add_model_config(job["model"])
     root = Path(job["root"])
@@ -218,10 +218,10 @@ def run_quick(n_images: int = 768, batch_size: int = 64, names: int = 1000, inde
     """All quick figures (see the module docstring) on this machine's CPU."""
     import torch
 
-    from .bench import machine, write_synthetic_shards
-    from .io.outputs import OutputLayout
-    from .map.mapper import ShardMapper
-    from .map.models import load_model
+    from .map_step import machine, write_synthetic_shards
+    from ..io.outputs import OutputLayout
+    from ..map.mapper import ShardMapper
+    from ..map.models import load_model
 
     with tempfile.TemporaryDirectory(prefix="clipaudit-bench-quick-") as tmp:
         root = Path(tmp)

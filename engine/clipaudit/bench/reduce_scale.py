@@ -35,7 +35,7 @@ DISTRACTORS = 1000
 def image_attack():
     """The image-side attack the synthetic audit fills: the first built-in one (by name) that has
     a feature vector for learned attackers."""
-    from .attacks.registry import available
+    from ..attacks.registry import available
 
     return min((a for a in available() if a.features and a.learned), key=lambda a: a.name)
 
@@ -55,7 +55,7 @@ def synthetic_audit(folder: Path, rows: int, seed: int = 0, rows_per_part: int =
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .io.schemas import load_schema
+    from ..io.schemas import load_schema
 
     rng = np.random.default_rng(seed)
     schema = load_schema("samples", attacks())
@@ -120,9 +120,9 @@ def _child_reduce(folder: str, memory_limit: str, results) -> None:
     RSS, and the peak RSS so far at each of the reduce step's log lines (its stages)."""
     import logging
 
-    from .bench_quick import peak_rss_mb
-    from .io.outputs import OutputLayout
-    from .reduce import ReduceOptions, reduce_outputs
+    from .quick import peak_rss_mb
+    from ..io.outputs import OutputLayout
+    from ..reduce import ReduceOptions, reduce_outputs
 
     stages: list[tuple[str, float]] = []
 
@@ -165,7 +165,7 @@ def run_reduce_bench(sizes: list[int], workdir: Path, seed: int = 0, memory_limi
     1.0 is flat; the cap bounds it — DuckDB uses up to its limit before it spills)."""
     import shutil
 
-    from .bench import machine
+    from .map_step import machine
 
     out: dict[str, Any] = {"device": machine("cpu"), "reduce_memory_limit": memory_limit, "reduce_rows": [],
                            "reduce_seconds": [], "reduce_rows_per_s": [], "reduce_peak_rss_mb": [],

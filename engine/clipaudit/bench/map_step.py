@@ -30,7 +30,7 @@ import numpy as np
 def attack_set(choice: str) -> dict[str, dict[str, Any]]:
     """``all``, ``default`` or registered attack names joined by ``+`` → the spec's ``attacks``
     (default parameters)."""
-    from .attacks.registry import available
+    from ..attacks.registry import available
 
     names = [a.name for a in available()]
     if choice == "all":
@@ -113,10 +113,10 @@ def run_bench(model: str = "ViT-B-32", pretrained: str | None = None, precision:
     """
     import torch
 
-    from .map.mapper import ShardMapper
-    from .map.models import load_model, resolve_device
-    from .io.outputs import OutputLayout
-    from .spec import parse_spec
+    from ..map.mapper import ShardMapper
+    from ..map.models import load_model, resolve_device
+    from ..io.outputs import OutputLayout
+    from ..spec import parse_spec
 
     dev = str(resolve_device(device))
     tmp = tempfile.TemporaryDirectory(prefix="clipaudit-bench-") if workdir is None else None
