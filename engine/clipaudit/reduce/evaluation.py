@@ -23,7 +23,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..attacks.registry import LOGISTIC, Learned, registered, scores
-from .identities import name_pool
 from .learned import crossfit_folds, crossfit_proba
 from .labels import Labels
 from . import validity
@@ -278,10 +277,12 @@ def _feature_columns(opts: ReduceOptions) -> dict[str, str]:
 
 def identity_table(con: duckdb.DuckDBPyConnection, identities: pa.Table, opts: ReduceOptions,
                    excluded: dict[str, set[str]] | None = None,
-                   draws: dict[str, dict[str, np.ndarray]] | None = None) -> Scored | None:
+                   draws: dict[str, dict[str, np.ndarray]] | None = None,
+                   pool: set[str] | None = None) -> Scored | None:
     """Labelled identities with their identity-level and mean image scores and mean features;
     ``excluded``: per attack, identities left out of its scores (nan); ``draws``: per metric
-    column, each identity's per-draw values (the score then has them, nan rows where missing)."""
+    column, each identity's per-draw values (the score then has them, nan rows where missing);
+    ``pool``: the name pool, for how common each name is (None: the labelled names alone)."""
     rows = [r for r in identities.to_pylist() if r["label_member"] is not None and r["n_images"]]
     if not rows:
         return None
@@ -317,7 +318,6 @@ def identity_table(con: duckdb.DuckDBPyConnection, identities: pa.Table, opts: R
         counts = np.bincount(rows_of[complete], minlength=len(names)).astype(float)[:, None]
         with np.errstate(invalid="ignore", divide="ignore"):
             features[key] = sums / counts
-    pool = name_pool(opts.names, opts.storage_options)
     features[BASELINE_NAMES] = validity.name_features(names, sorted(pool) if pool else None)
     y = np.array([r["label_member"] for r in rows], dtype=bool)
     return Scored("identity", y, np.arange(len(rows)), table_scores, features, score_draws)
@@ -353,10 +353,11 @@ def image_table(con: duckdb.DuckDBPyConnection, labels: Labels, opts: ReduceOpti
 
 def evaluation_tables(con: duckdb.DuckDBPyConnection, identities: pa.Table, labels: Labels,
                       opts: ReduceOptions, excluded: dict[str, set[str]] | None = None,
-                      draws: dict[str, dict[str, np.ndarray]] | None = None) -> list[Scored]:
+                      draws: dict[str, dict[str, np.ndarray]] | None = None,
+                      pool: set[str] | None = None) -> list[Scored]:
     """The identity-level table and, with image labels, the image-level one — which then
     replaces the identity level for image-level scores — and the within-identity one."""
-    ident, image = identity_table(con, identities, opts, excluded, draws), image_table(con, labels, opts)
+    ident, image = identity_table(con, identities, opts, excluded, draws, pool), image_table(con, labels, opts)
     if ident is not None and image is not None:
         for s in scores(opts.enabled, "image"):
             ident.scores.pop(s.name, None)

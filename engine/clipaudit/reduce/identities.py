@@ -39,6 +39,7 @@ class IdentityLevel:
     analyses: dict[str, dict[str, Any]] = field(default_factory=dict)  # attack → its own metrics entries
     excluded: dict[str, set[str]] = field(default_factory=dict)  # attack → identities left out of its figures
     draws: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # column → identity → per-draw values
+    pool: set[str] | None = None  # the name pool (None without a readable one)
 
 
 #: DuckDB's memory limit in the reduce step (``compute.reduce_memory``); beyond it, sorts and
@@ -162,7 +163,7 @@ def identity_level(layout: OutputLayout, opts: ReduceOptions, labels: Labels | N
     schema = load_schema("identities", opts.enabled)
     n = len(names)
     arrays = [pa.array(columns.get(f.name, [None] * n), type=f.type) for f in schema]
-    return IdentityLevel(pa.Table.from_arrays(arrays, schema=schema), calibration, analyses, excluded, draws)
+    return IdentityLevel(pa.Table.from_arrays(arrays, schema=schema), calibration, analyses, excluded, draws, pool)
 
 
 def _control_image_scores(con: duckdb.DuckDBPyConnection, control_names: list[str], image: list[str]

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Mapping
 
-import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel
 
@@ -37,7 +36,7 @@ from .attackers import load as load_attackers
 from .attackers import save as save_attackers
 from .conformal import METHOD, controls_in_words, write_sample_pvalues
 from .evaluation import evaluation_tables, evaluate
-from .identities import REDUCE_MEMORY, connect, identity_level
+from .identities import REDUCE_MEMORY, IdentityLevel, connect, identity_level
 from .labels import Controls, Labels, ShardMatcher, control_set, read_labels
 from .neighbours import Copies
 
@@ -178,15 +177,16 @@ def _reduce(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
     atomic_write_table(layout.identities, ident.table, layout.tmp_dir)
     result = ReduceResult(ident.table, written=[layout.identities, *neighbour_files])
     log.info("%d identities in %.1f s", ident.table.num_rows, time.perf_counter() - t0)
-    learned = _learned_scores(layout, opts, labels, controls)
-    result.calibration = _calibrate(layout, opts, controls, ident.calibration, ident.table, learned)
+    copies = Copies.load(opts.copies)  # read once: the attackers, the p-values and the metrics skip them
+    learned = _learned_scores(layout, opts, labels, controls, copies)
+    result.calibration = _calibrate(layout, opts, controls, ident.calibration, ident.table, learned, copies)
     if result.calibration is not None:
         result.written.append(layout.calibration)
     if labels is None:
         layout.metrics.unlink(missing_ok=True)
         layout.roc.unlink(missing_ok=True)
         return result
-    result.metrics = _evaluate(layout, opts, labels, ident.table, ident.analyses, ident.excluded, ident.draws)
+    result.metrics = _evaluate(layout, opts, labels, ident, copies)
     result.written.append(layout.metrics)
     return result
 
@@ -225,7 +225,7 @@ def _audited_shards(layout: OutputLayout, memory_limit: str = REDUCE_MEMORY) -> 
 
 
 def _learned_scores(layout: OutputLayout, opts: ReduceOptions, labels: Labels | None,
-                    controls: Controls) -> LearnedScores:
+                    controls: Controls, copies: Copies | None = None) -> LearnedScores:
     """Learned attackers' scores for every ok sample: fitted on the labels, or weakly on the
     controls without labels (and saved under attackers/), or applied from ``opts.attackers``;
     stale attackers go when nothing was fitted."""
@@ -236,7 +236,7 @@ def _learned_scores(layout: OutputLayout, opts: ReduceOptions, labels: Labels | 
                  time.perf_counter() - t0)
         return learned
     learned = score_candidates(layout, dict(opts.attacks), labels, seed=opts.seed, controls=controls,
-                               copies=Copies.load(opts.copies))
+                               copies=copies)
     if learned.fitted:
         save_attackers(learned.fitted, layout.attackers_dir)
         log.info("fitted %d attacker(s) on %s in %.1f s", len(learned.fitted),
@@ -248,7 +248,8 @@ def _learned_scores(layout: OutputLayout, opts: ReduceOptions, labels: Labels | 
 
 
 def _calibrate(layout: OutputLayout, opts: ReduceOptions, controls: Controls, identity: dict[str, Any],
-               identities: pa.Table, learned: LearnedScores) -> dict[str, Any] | None:
+               identities: pa.Table, learned: LearnedScores, copies: Copies | None = None
+               ) -> dict[str, Any] | None:
     """sample_scores/ (with controls or learned scores) and calibration.json (with controls);
     removes stale ones without."""
     t0 = time.perf_counter()
@@ -256,7 +257,7 @@ def _calibrate(layout: OutputLayout, opts: ReduceOptions, controls: Controls, id
     if (controls and image_scores) or learned.names:
         image = write_sample_pvalues(layout, image_scores if controls else [], controls, opts.target_fpr,
                                      load_schema("sample_scores", opts.enabled), learned, fdr=opts.fdr,
-                                     copies=Copies.load(opts.copies))
+                                     copies=copies)
     else:  # nothing to write per image (no controls and no learned scores, or an identity-level job)
         shutil.rmtree(layout.sample_scores_dir, ignore_errors=True)
         image = {}
@@ -283,25 +284,25 @@ def _calibrate(layout: OutputLayout, opts: ReduceOptions, controls: Controls, id
     return calibration
 
 
-def _evaluate(layout: OutputLayout, opts: ReduceOptions, labels: Labels, identities: pa.Table,
-              analyses: dict[str, dict[str, Any]], excluded: dict[str, set[str]],
-              draws: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
+def _evaluate(layout: OutputLayout, opts: ReduceOptions, labels: Labels, ident: IdentityLevel,
+              copies: Copies | None = None) -> dict[str, Any]:
     """metrics.json and roc.parquet; each attack's own analysis (e.g. a sweep) joins its entry."""
+    identities = ident.table
     con = connect(layout, opts.copies, opts.memory_limit)  # with --near-duplicates, copies are not evaluated
-    tables = evaluation_tables(con, identities, labels, opts, excluded, draws)
+    tables = evaluation_tables(con, identities, labels, opts, ident.excluded, ident.draws, ident.pool)
     t0 = time.perf_counter()
     log.info("metrics with bootstrap intervals for %s level(s), %d labelled units",
              "+".join(t.level for t in tables), sum(len(t.labels) for t in tables))
     metrics, roc_rows = evaluate(tables)
     con.close()
-    for name, extra in analyses.items():
+    for name, extra in ident.analyses.items():
         if isinstance(metrics.get(name), dict):
             metrics[name].update(extra)
     log.info("metrics in %.1f s", time.perf_counter() - t0)
     seen = set(identities.column("identity").to_pylist())
-    if opts.copies is not None:
+    if copies is not None:
         metrics["near_duplicates"] = {
-            "copies": len(Copies.load(opts.copies) or ()),
+            "copies": len(copies),
             "note": "near-duplicate copies (near_duplicates.parquet) are left out of every figure: identity votes "
                     "and means, image-level metrics, learned attackers' fits, the blind baseline and the image "
                     "p-values' controls and q-values"}
