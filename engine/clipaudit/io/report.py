@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..attacks.registry import registered
@@ -31,6 +32,24 @@ def _at_k(m: dict) -> str:
     return f" (k={m['k']}, {m['n_short']} short)" if m.get("n_short") else f" (k={m['k']})"
 
 
+def score_entries(metrics: dict) -> Iterator[tuple[str, str | None, dict]]:
+    """(score, learned variant's label or None, entry) for every attack score with metrics, in
+    registry order: at the score's level, then within identities, each followed by its learned
+    variants."""
+    for attack in registered():
+        for score in attack.scores:
+            m = metrics.get(score.name)
+            if not isinstance(m, dict) or "auc" not in m:
+                continue
+            for entry in (m, m.get("within_identity")):  # the score's level, then within identities
+                if not isinstance(entry, dict) or "auc" not in entry:
+                    continue
+                yield score.name, None, entry
+                for learner in attack.learned:
+                    if isinstance(entry.get(learner.name), dict):
+                        yield score.name, learner.label, entry[learner.name]
+
+
 def metrics_rows(metrics: dict) -> list[tuple[str, str, str, str, str, str]]:
     """(name, level, AUC, blind AUC, TPR@1%FPR, TPR@0.1%FPR) cells per attack score, its learned
     variants (names indented) and the model-free baseline per level."""
@@ -39,18 +58,8 @@ def metrics_rows(metrics: dict) -> list[tuple[str, str, str, str, str, str]]:
         return (name, LEVEL_LABELS.get(m.get("level", "-"), m.get("level", "-")), _cell(m, "auc"), base,
                 _cell(m, "tpr_at_1pct_fpr"), _cell(m, "tpr_at_0_1pct_fpr"))
 
-    rows = []
-    for attack in registered():
-        for score in attack.scores:
-            m = metrics.get(score.name)
-            if isinstance(m, dict) and "auc" in m:
-                for entry in (m, m.get("within_identity")):  # the score's level, then within identities
-                    if not isinstance(entry, dict) or "auc" not in entry:
-                        continue
-                    rows.append(row(score.name + _at_k(entry), entry))
-                    for learner in attack.learned:
-                        if learner.name in entry:
-                            rows.append(row(f"  {score.name} ({learner.label})", entry[learner.name]))
+    rows = [row(score + _at_k(entry) if label is None else f"  {score} ({label})", entry)
+            for score, label, entry in score_entries(metrics)]
     b = metrics.get("baseline")
     for bm in (b.get("by_level", {}) if isinstance(b, dict) else {}).values():
         rows.append(row("blind baseline", bm))
@@ -78,28 +87,23 @@ def shift_checks(metrics: dict) -> list[str]:
     b = metrics.get("baseline")
     out = []
     for level, bm in (b.get("by_level", {}) if isinstance(b, dict) else {}).items():
-        name = LEVEL_LABELS.get(level, level)
+        where = LEVEL_LABELS.get(level, level)
         if not bm.get("warning") and bm.get("auc_ci"):
             lo, hi = bm["auc_ci"]
-            out.append(f"shift not detected ({name} level): blind baseline AUC {bm['auc']:.3f} [{lo:.2f}, {hi:.2f}] "
+            out.append(f"shift not detected ({where} level): blind baseline AUC {bm['auc']:.3f} [{lo:.2f}, {hi:.2f}] "
                        f"— the warning needs its lower end above 0.55; a shift up to the upper end is not ruled out")
         beyond, total = [], 0
-        for attack in registered():
-            for score in attack.scores:
-                m = metrics.get(score.name)
-                m = m.get("within_identity") if isinstance(m, dict) and level == "image_within_identity" else m
-                if not isinstance(m, dict) or m.get("level") != level:
-                    continue
-                for label, e in [(score.name, m)] + [(f"{score.name} ({lr.label})", m.get(lr.name)) for lr in
-                                                     attack.learned]:
-                    v = (e or {}).get("vs_baseline") or {}
-                    if v.get("auc_difference_ci"):
-                        total += 1
-                        lo, hi = v["auc_difference_ci"]
-                        if lo > 0:
-                            beyond.append(f"{label} {v['auc_difference']:+.3f} [{lo:+.2f}, {hi:+.2f}]")
+        for score, label, entry in score_entries(metrics):
+            v = entry.get("vs_baseline") or {}
+            if entry.get("level") != level or not v.get("auc_difference_ci"):
+                continue
+            total += 1
+            lo, hi = v["auc_difference_ci"]
+            if lo > 0:
+                name = score if label is None else f"{score} ({label})"
+                beyond.append(f"{name} {v['auc_difference']:+.3f} [{lo:+.2f}, {hi:+.2f}]")
         if total:
-            out.append(f"beyond the blind baseline ({name} level, AUC difference, paired): "
+            out.append(f"beyond the blind baseline ({where} level, AUC difference, paired): "
                        + ("; ".join(beyond) if beyond else "none") + f" ({len(beyond)} of {total})")
     return out
 
