@@ -175,10 +175,10 @@ def evaluate(tables: list[Scored]) -> tuple[dict[str, Any], list[dict]]:
         entries = within if t.level == WITHIN else metrics
         estimates: list[tuple[dict, AucEstimate]] = []  # each entry and how its AUC is estimated
         for name, score in t.scores.items():
-            fixed = _evaluate_fixed(name, score, t.labels, t.level, roc_rows, t.groups, t.draws.get(name))
+            d = t.draws.get(name)
+            fixed = _evaluate_fixed(name, score, t.labels, t.level, roc_rows, t.groups, d)
             if fixed is None:
                 continue
-            d = t.draws.get(name)
             estimates.append((fixed, AucEstimate([(score, None)] if d is None else
                                                  [(d[:, i], None) for i in range(d.shape[1])])))
             if name in learned_of and name in t.features:  # an attack's own score carries its learned variants
@@ -291,12 +291,13 @@ def identity_table(con: duckdb.DuckDBPyConnection, identities: pa.Table, opts: R
     table_scores, score_draws = {}, {}
     for s in scores(opts.enabled):  # the score's metric column (e.g. at a fixed k), else its all-image score
         values = [r.get(s.metric) for r in rows]
-        if not any(v is not None for v in values):
+        on_metric = any(v is not None for v in values)
+        if not on_metric:
             values = [r[f"{s.name}_score"] for r in rows]
         left_out = (excluded or {}).get(attack_of[s.name], set())
         table_scores[s.name] = float_vector([None if n in left_out else v for n, v in zip(names, values)])
         by_name = (draws or {}).get(s.metric)
-        if by_name and values is not None and any(v is not None for v in (r.get(s.metric) for r in rows)):
+        if by_name and on_metric:  # the metric column is a mean over draws: its draws go with it
             width = len(next(iter(by_name.values())))
             score_draws[s.name] = np.stack([by_name.get(n, np.full(width, np.nan)) if n not in left_out
                                             else np.full(width, np.nan) for n in names]).astype(float)

@@ -225,11 +225,7 @@ def paired_auc_difference(a: AucEstimate, b: AucEstimate, labels: np.ndarray, gr
     labels = np.asarray(labels, dtype=bool)
     ones = np.ones((1, len(labels)))
     point = float(a.resampled(labels, ones)[0] - b.resampled(labels, ones)[0])
-    codes = strata = None
-    if groups is not None:
-        codes = np.unique(np.asarray(groups), return_inverse=True)[1]
-        has_member = np.bincount(codes, weights=labels.astype(float)) > 0
-        strata = [np.flatnonzero(has_member), np.flatnonzero(~has_member)]
+    codes, strata = _group_strata(groups, labels)
     diffs: list[np.ndarray] = []
     rng = np.random.default_rng(seed)
     for _, counts, ok in _count_chunks(rng, n_boot, labels, codes, strata):
@@ -281,6 +277,17 @@ def unresolvable(n_nonmembers: int, unit: str = "non-members", why: str = "") ->
         if n_nonmembers < need:
             out[key] = f"needs >= {need} {unit} at this level, has {n_nonmembers}{why}"
     return out
+
+
+def _group_strata(groups: np.ndarray | None, labels: np.ndarray
+                  ) -> tuple[np.ndarray | None, list[np.ndarray] | None]:
+    """For a cluster bootstrap: each unit's group code and the groups with and without a member
+    unit (the strata whole groups are drawn within); (None, None) without groups."""
+    if groups is None:
+        return None, None
+    codes = np.unique(np.asarray(groups), return_inverse=True)[1]
+    has_member = np.bincount(codes, weights=labels.astype(float)) > 0
+    return codes, [np.flatnonzero(has_member), np.flatnonzero(~has_member)]
 
 
 def _cluster_counts(rng: np.random.Generator, groups: np.ndarray, strata: list[np.ndarray]) -> np.ndarray:
@@ -340,26 +347,23 @@ def membership_metrics(scores: np.ndarray, labels: np.ndarray, n_boot: int = 100
     if labels.all() or not labels.any():
         return out
     rng = np.random.default_rng(seed)
-    resamplers = [_Resampler(s, labels) for s in sets]
-    if groups is not None:
-        codes = np.unique(np.asarray(groups), return_inverse=True)[1]
-        has_member = np.bincount(codes, weights=labels.astype(float)) > 0
-        strata = [np.flatnonzero(has_member), np.flatnonzero(~has_member)]
+    codes, strata = _group_strata(groups, labels)
     boots: dict[str, list[float]] = {k: [] for k in point}
     if averaged is not None:  # all resamples' counts at once, metrics vectorised over resamples per fold
-        _fold_boots(boots, averaged, rng, n_boot, labels, codes if groups is not None else None,
-                    strata if groups is not None else None)
-    for b in range(n_boot if averaged is None else 0):
-        r = resamplers[b % len(resamplers)]
-        if groups is None:
-            draw = r.draw(rng)
-        else:
-            counts = _cluster_counts(rng, codes, strata)
-            if not (counts * labels).any() or not (counts * ~labels).any():
-                continue  # a resample without one of the classes has no metrics
-            draw = r.point(counts)
-        for k, v in draw.items():
-            boots[k].append(v)
+        _fold_boots(boots, averaged, rng, n_boot, labels, codes, strata)
+    else:
+        resamplers = [_Resampler(s, labels) for s in sets]
+        for b in range(n_boot):
+            r = resamplers[b % len(resamplers)]
+            if codes is None:
+                draw = r.draw(rng)
+            else:
+                counts = _cluster_counts(rng, codes, strata)
+                if not (counts * labels).any() or not (counts * ~labels).any():
+                    continue  # a resample without one of the classes has no metrics
+                draw = r.point(counts)
+            for k, v in draw.items():
+                boots[k].append(v)
     for k, vals in boots.items():
         if k in notes or not vals:
             out[f"{k}_ci"] = None
@@ -367,6 +371,6 @@ def membership_metrics(scores: np.ndarray, labels: np.ndarray, n_boot: int = 100
             out[f"{k}_ci"] = [float(x) for x in np.percentile(vals, [2.5, 97.5])]
     out["interval"] = ("bootstrap percentile, 95 %, " + ("whole identities resampled" if groups is not None else
                                                           "units resampled within members and non-members")
-                       + (f", over {len(resamplers)} refits" if len(resamplers) > 1 else "")
+                       + (f", over {len(sets)} refits" if len(sets) > 1 else "")
                        + (", each metric averaged over the cross-fitting folds" if averaged else ""))
     return out
