@@ -32,10 +32,10 @@ import numpy as np
 from ..attacks.registry import Attack, Learned, registered
 from ..attacks.registry import scores as score_list
 from .learned import LogisticModel, MLPModel, crossfit_folds, fit_model
+from .neighbours import Copies
 
 if TYPE_CHECKING:
     from .labels import Controls, Labels
-    from .neighbours import Copies
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ def _weak_cuts(parts: list[Path], own: dict[str, str], controls: Controls,
     n_candidates = {a: 0 for a in own}
     for part in parts:
         t = ok_rows(part, sorted(set(own.values())))
-        copy = copies.mask(t) if copies is not None else np.zeros(t.num_rows, dtype=bool)
+        copy = Copies.of(copies, t)
         is_control = controls.mask(t) & ~copy
         for a, col in own.items():
             s = t.column(col).to_numpy(zero_copy_only=False).astype(float)
@@ -400,7 +400,7 @@ def score_candidates(layout, params: dict[str, Any], labels: Labels | None,
         u = np.random.default_rng([seed, p, 0x5EED]).random(t.num_rows)
         y_labels = image_labels(identities, t.column("shard").to_pylist(), t.column("key").to_pylist(), labels) \
             if not weak else None
-        copy = copies.mask(t) if copies is not None else np.zeros(t.num_rows, dtype=bool)
+        copy = Copies.of(copies, t)
         is_control = controls.mask(t) & ~copy if weak else None  # type: ignore[union-attr]
         for name, attack in attacks.items():
             if weak:

@@ -295,6 +295,7 @@ def write_sample_pvalues(layout: OutputLayout, image_scores: list[str], controls
 
     from ..io.outputs import atomic_write_table
     from .attackers import ok_rows
+    from .neighbours import Copies
 
     out_dir = layout.sample_scores_dir
     parts = sorted(layout.samples_dir.glob("*.parquet"))
@@ -304,7 +305,7 @@ def write_sample_pvalues(layout: OutputLayout, image_scores: list[str], controls
 
     def read(part):
         t = ok_rows(part, cols)
-        copy = copies.mask(t) if copies is not None else np.zeros(t.num_rows, dtype=bool)
+        copy = Copies.of(copies, t)
         cache.clear()
         if learned is not None and extra_names:
             cache.update(learned.scores(part.name, t))

@@ -66,6 +66,11 @@ class Copies:
     def __len__(self) -> int:
         return sum(len(v) for v in self.by_shard.values())
 
+    @staticmethod
+    def of(copies: Copies | None, t: pa.Table) -> np.ndarray:
+        """:meth:`mask` of ``copies``, or no copy at all without them (``--near-duplicates`` off)."""
+        return copies.mask(t) if copies is not None else np.zeros(t.num_rows, dtype=bool)
+
     def mask(self, t: pa.Table) -> np.ndarray:
         """True for the rows of ``t`` (with ``shard`` and ``position``) that are copies."""
         out = np.zeros(t.num_rows, dtype=bool)
