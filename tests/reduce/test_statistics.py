@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from clipaudit.reduce.statistics import auc, membership_metrics, roc_curve, tpr_at_fpr
 
@@ -64,7 +65,9 @@ def test_refits_widen_the_interval_by_the_fitting_variance():
     refits = [base] + [base + rng.normal(0, 1.5, 200) for _ in range(4)]  # an unstable attacker
     alone = membership_metrics(base, y, n_boot=400)
     spread = membership_metrics(base, y, n_boot=400, score_sets=refits)
-    assert spread["auc"] == alone["auc"]  # the point estimate is the first fit's
+    each = [roc_auc_score(y, r) for r in refits]  # the point estimate is the mean of the refits' AUCs
+    assert spread["auc"] == pytest.approx(np.mean(each)) and spread["auc"] != pytest.approx(alone["auc"])
+    assert spread["auc_refit_std"] == pytest.approx(np.std(each))
     assert spread["auc_ci"][0] < alone["auc_ci"][0] and "over 5 refits" in spread["interval"]
 
 
@@ -228,3 +231,21 @@ def test_paired_auc_difference_cancels_what_both_share_and_finds_a_real_gap():
     lo, hi = close["auc_difference_ci"]
     marginal = membership_metrics(strong, y)["auc_ci"]
     assert hi - lo < (marginal[1] - marginal[0]) / 3
+
+
+def test_a_refitted_estimate_is_the_mean_over_its_refits_and_its_interval_cycles_through_them():
+    from clipaudit.reduce.statistics import AucEstimate, paired_auc_difference
+
+    rng = np.random.default_rng(5)
+    y = rng.random(200) < 0.5
+    base = rng.normal(size=200)
+    refits = [y + rng.normal(0, s, 200) for s in (0.5, 3.0)]  # one stable, one unstable fit
+    diff = paired_auc_difference(AucEstimate([(r, None) for r in refits]), AucEstimate([(base, None)]), y)
+    assert diff["auc_difference"] == pytest.approx(np.mean([roc_auc_score(y, r) for r in refits])
+                                                   - roc_auc_score(y, base))
+    each = [paired_auc_difference(AucEstimate([(r, None)]), AucEstimate([(base, None)]), y)["auc_difference"]
+            for r in refits]
+    # resamples alternate between the fits, so the interval covers what either fit alone would say
+    # (an interval of the mean of both per resample would be narrow and miss both)
+    lo, hi = diff["auc_difference_ci"]
+    assert lo < min(each) and max(each) < hi

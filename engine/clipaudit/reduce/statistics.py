@@ -205,16 +205,28 @@ def _count_chunks(rng: np.random.Generator, n_boot: int, labels: np.ndarray, cod
 
 @dataclass(frozen=True)
 class AucEstimate:
-    """How one variant's AUC is estimated: the mean over ``sets`` (e.g. draws; one for most)
-    of each set's AUC, computed within each fold and averaged where the set has fold ids."""
+    """How one variant's AUC is estimated: the mean over ``sets`` (e.g. draws, refits; one for
+    most) of each set's AUC, computed within each fold and averaged where the set has fold ids."""
 
     sets: list[tuple[np.ndarray, np.ndarray | None]]  # (scores, fold ids or None)
 
-    def resampled(self, labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """The AUC of each resample (a row of ``counts``)."""
-        vals = [(_Resampler(s, labels) if f is None else _FoldAveraged(s, labels, f)).points(counts)["auc"]
-                for s, f in self.sets]
-        return np.mean(vals, axis=0)
+    def _auc(self, i: int, labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        s, f = self.sets[i]
+        return (_Resampler(s, labels) if f is None else _FoldAveraged(s, labels, f)).points(counts)["auc"]
+
+    def point(self, labels: np.ndarray) -> float:
+        """The estimate on the data itself: the mean of the sets' AUCs."""
+        ones = np.ones((1, len(labels)))
+        return float(np.mean([self._auc(i, labels, ones)[0] for i in range(len(self.sets))]))
+
+    def resampled(self, labels: np.ndarray, counts: np.ndarray, first: int = 0) -> np.ndarray:
+        """The AUC of each resample (a row of ``counts``; row r is resample ``first + r``), each
+        on one set, cycling through them as :func:`membership_metrics` does."""
+        which = (first + np.arange(len(counts))) % len(self.sets)
+        out = np.full(len(counts), np.nan)
+        for i in np.unique(which):
+            out[which == i] = self._auc(int(i), labels, counts[which == i])
+        return out
 
 
 def paired_auc_difference(a: AucEstimate, b: AucEstimate, labels: np.ndarray, groups: np.ndarray | None = None,
@@ -223,13 +235,15 @@ def paired_auc_difference(a: AucEstimate, b: AucEstimate, labels: np.ndarray, gr
     resample draws the same units (whole groups where given) for both, so what they share
     cancels and the interval is that of the difference itself."""
     labels = np.asarray(labels, dtype=bool)
-    ones = np.ones((1, len(labels)))
-    point = float(a.resampled(labels, ones)[0] - b.resampled(labels, ones)[0])
+    point = a.point(labels) - b.point(labels)
     codes, strata = _group_strata(groups, labels)
     diffs: list[np.ndarray] = []
     rng = np.random.default_rng(seed)
+    used = 0  # resamples with both classes so far: each estimate cycles through its sets over them
     for _, counts, ok in _count_chunks(rng, n_boot, labels, codes, strata):
-        d = a.resampled(labels, counts[ok]) - b.resampled(labels, counts[ok])
+        rows = counts[ok]
+        d = a.resampled(labels, rows, used) - b.resampled(labels, rows, used)
+        used += len(rows)
         diffs.append(d[~np.isnan(d)])
     d = np.concatenate(diffs) if diffs else np.empty(0)
     ci = [float(x) for x in np.percentile(d, [2.5, 97.5])] if len(d) else None
@@ -302,31 +316,34 @@ def _cluster_counts(rng: np.random.Generator, groups: np.ndarray, strata: list[n
 
 def membership_metrics(scores: np.ndarray, labels: np.ndarray, n_boot: int = 1000, seed: int = 0,
                        groups: np.ndarray | None = None, score_sets: list[np.ndarray] | None = None,
-                       folds: list[np.ndarray] | None = None) -> dict:
+                       folds: list[np.ndarray] | None = None, spread: str = "refit") -> dict:
     """Point estimates plus bootstrap 95 % percentile intervals, reported as computed.
 
     Resampling: without ``groups``, units (e.g. identities) are drawn with replacement within
     members and within non-members; with ``groups`` (e.g. the identity of each image), whole
-    groups are drawn, stratified by whether the group has a member unit, and each unit keeps
-    its own label — images of one person are not independent, so this is the honest interval.
-    ``score_sets``: other score vectors for the same units (e.g. a learned attacker refitted
-    with other fold assignments); resample b uses set b mod len, so the interval also covers
-    the fitting variance. A TPR at a target FPR that the non-members cannot resolve is None,
-    with a ``…_note`` (see :func:`unresolvable`). Each resample costs one pass over the sorted
-    scores, so 1,000 resamples of a million images take seconds. ``folds``: for cross-fitted
-    scores, the fold id of each unit (one array per score set): every metric is then computed
-    within each fold and averaged over folds (see :class:`_FoldAveraged`), and the 1/FPR rule
-    counts the non-members of the smallest fold.
+    groups are drawn, stratified by whether the group has a member unit, and each unit keeps its
+    own label — images of one person are not independent, so this is the honest interval.
+    ``score_sets``: every score vector for the same units (e.g. a learned attacker refitted with
+    other fold assignments, ``scores`` being the first): each metric is the mean of the sets'
+    metrics, with their spread as ``<metric>_<spread>_std``, and resample b uses set b mod len,
+    so the interval also covers the fitting variance. A TPR at a target FPR that the non-members
+    cannot resolve is None, with a ``…_note`` (see :func:`unresolvable`). Each resample costs
+    one pass over the sorted scores, so 1,000 resamples of a million images take seconds.
+    ``folds``: for cross-fitted scores, the fold id of each unit (one array per score set):
+    every metric is then computed within each fold and averaged over folds (see
+    :class:`_FoldAveraged`), and the 1/FPR rule counts the non-members of the smallest fold.
     """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=bool)
     out: dict = {"n_members": int(labels.sum()), "n_nonmembers": int((~labels).sum())}
     sets = [np.asarray(s, dtype=np.float64) for s in (score_sets or [scores])]
     averaged = [_FoldAveraged(s, labels, np.asarray(f)) for s, f in zip(sets, folds)] if folds else None
-    point = _point(scores, labels)
     if averaged:
-        point = averaged[0].point(np.ones(len(labels))) or point
+        per = [p for p in (a.point(np.ones(len(labels))) for a in averaged) if p is not None]
         out["averaged_over_folds"] = len(averaged[0].parts)
+    else:
+        per = [_point(s, labels) for s in sets]
+    point = {k: float(np.mean([p[k] for p in per])) for k in per[0]} if per else _point(scores, labels)
     g = None if groups is None else np.asarray(groups)
     if g is not None:  # images of one person are not independent: the 1/FPR rule counts the non-member people
         out["n_nonmember_groups"] = int(len(np.unique(g[~labels])))
@@ -342,6 +359,8 @@ def membership_metrics(scores: np.ndarray, labels: np.ndarray, n_boot: int = 100
                              f"{per_fold} (among {out['n_nonmembers']} non-member images; images of one person "
                              "are not independent)")
     out.update(point)
+    if len(per) > 1:  # the spread of the point estimate over the score sets (refits, draws)
+        out.update({f"{k}_{spread}_std": float(np.std([p[k] for p in per])) for k in point if k not in notes})
     for key, note in notes.items():
         out[key], out[f"{key}_note"] = None, note
     if labels.all() or not labels.any():
