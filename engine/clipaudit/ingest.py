@@ -264,7 +264,7 @@ def starter_job(out: Path, pattern: str | list[str], opts: IngestOptions, pool: 
         "#   `clipaudit run` (_SUMMARY.json) and listed in the `downloads` view of `clipaudit query`.\n"
         f"# names: the {pool.n_true} identities plus {len(pool.names) - pool.n_true} generated distractors "
         f"(seed {opts.seed}).\n"
-        "# Add `labels: labels.csv` (identity,member) for metrics, `attacks:` / `compute:` as in the README.\n"
+        "# Add `labels: labels.csv` (identity,member) for metrics, `attacks:` / `compute:` as in docs/job-spec.md.\n"
         "# Check: clipaudit run job.yaml --dry-run   Run: clipaudit run job.yaml\n"
     )
     return header + yaml.safe_dump(spec, sort_keys=False, allow_unicode=True)

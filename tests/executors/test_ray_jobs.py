@@ -187,7 +187,7 @@ def test_a_job_submitted_to_a_two_node_cluster_completes(tiny_model, tmp_path, o
             if time.monotonic() > deadline:
                 pytest.fail("the two-node cluster did not come up:\n" + _logs(temp_dir, None, ""))
             time.sleep(1)
-        # as in the README: `ray job submit --working-dir . -- clipaudit run JOB`, here without following
+        # as in docs/running.md: `ray job submit --working-dir . -- clipaudit run JOB`, here without following
         # the logs (--no-wait) so that a stuck job is reported with its logs instead of hanging the test
         cmd = [ray_bin, "job", "submit", "--address", address, "--submission-id", submission_id, "--no-wait",
                "--working-dir", ".", "--runtime-env-json", json.dumps({"env_vars": job_env}),

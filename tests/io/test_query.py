@@ -124,12 +124,12 @@ def test_float16_embeddings_read_as_float(tmp_path):
     assert rows == [("FLOAT[]", [0.5, -1.0])]
 
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+DOCS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "outputs.md"
 
 
-def _readme_queries() -> dict[str, str]:
-    """The README's example queries by their first-line title (``-- title: …``)."""
-    text = README.read_text()
+def _docs_queries() -> dict[str, str]:
+    """The example queries of docs/outputs.md by their first-line title (``-- title: …``)."""
+    text = DOCS_PAGE.read_text()
     block = text[text.index("<!-- example-queries -->"):text.index("<!-- /example-queries -->")]
     queries = re.findall(r"```sql\n(.*?)\n```", block, flags=re.S)
     return {q.splitlines()[0].removeprefix("-- ").split(":")[0]: q for q in queries}
@@ -140,12 +140,12 @@ def _cli_rows(out: Path, sql: str, capsys) -> list[dict]:
     return json.loads(capsys.readouterr().out)
 
 
-def test_readme_example_queries(small_audit, capsys):
-    """Each README example runs through ``clipaudit query`` and agrees with the tables read directly."""
+def test_docs_example_queries(small_audit, capsys):
+    """Each example of docs/outputs.md runs through ``clipaudit query`` and agrees with the tables read directly."""
     import numpy as np
     import pyarrow.parquet as pq
 
-    queries = _readme_queries()
+    queries = _docs_queries()
     assert set(queries) == {"most at-risk identities", "images per identity", "errors per shard",
                             "attack agreement", "identities flagged by several attacks"}
     samples = pq.read_table(small_audit / "samples").to_pylist()

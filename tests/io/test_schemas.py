@@ -1,20 +1,20 @@
-"""The README documents every output table exactly as the published schemas define it."""
+"""docs/outputs.md documents every output table exactly as the published schemas define it."""
 
 import re
 from pathlib import Path
 
 import pytest
 
-from clipaudit.io.schemas import TABLES, markdown_table, published, readme_with_tables
+from clipaudit.io.schemas import DOCS_PAGE, TABLES, markdown_table, published, with_schema_tables
 
 ROOT = Path(__file__).resolve().parents[2]
-README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "outputs.md"
 
 
-def _readme_rows(text: str, table: str) -> list[tuple[str, str, bool, str]]:
-    """(column, type, nullable, meaning) of each row of the README's block for ``table``."""
+def _page_rows(text: str, table: str) -> list[tuple[str, str, bool, str]]:
+    """(column, type, nullable, meaning) of each row of docs/outputs.md's block for ``table``."""
     m = re.search(rf"<!-- schema:{table}\b[^>]*-->(.*?)<!-- /schema:{table} -->", text, flags=re.S)
-    assert m, f"README.md has no generated block for {table}"
+    assert m, f"docs/outputs.md has no generated block for {table}"
     rows = []
     for line in m.group(1).splitlines():
         cells = re.match(r"\| `([^`]+)` \| `([^`]+)`(, never null)? \| (.*) \|$", line)
@@ -29,20 +29,21 @@ def test_every_published_schema_is_a_documented_table():
 
 
 @pytest.mark.parametrize("table", TABLES)
-def test_readme_table_lists_every_column_with_its_type_and_meaning(table):
-    """Read back from the README itself, not through the generator, so a generator bug shows too."""
+def test_docs_table_lists_every_column_with_its_type_and_meaning(table):
+    """Read back from docs/outputs.md itself, not through the generator, so a generator bug shows too."""
     expected = [(f["name"], f["type"], f["nullable"], f["doc"]) for f in published(table)["fields"]]
-    assert _readme_rows(README.read_text(), table) == expected
+    assert _page_rows(PAGE.read_text(), table) == expected
 
 
-def test_readme_tables_are_what_the_generator_writes():
-    text = README.read_text()
-    assert readme_with_tables(text) == text, "README tables drifted: run python -m clipaudit.io.schemas README.md"
+def test_docs_tables_are_what_the_generator_writes():
+    assert PAGE == ROOT / DOCS_PAGE, "the generator's usage names another page than the one tested"
+    text = PAGE.read_text()
+    assert with_schema_tables(text) == text, f"docs tables drifted: run python -m clipaudit.io.schemas {DOCS_PAGE}"
 
 
 def test_generator_fills_each_block_and_names_a_missing_one():
     stale = "\n".join(f"<!-- schema:{t} -->\nSTALE TABLE\n<!-- /schema:{t} -->" for t in TABLES)
-    filled = readme_with_tables(stale)
+    filled = with_schema_tables(stale)
     assert "STALE TABLE" not in filled and all(markdown_table(t) in filled for t in TABLES)
     with pytest.raises(ValueError, match="no <!-- schema:roc -->"):
-        readme_with_tables(stale.replace("<!-- schema:roc -->", ""))
+        with_schema_tables(stale.replace("<!-- schema:roc -->", ""))

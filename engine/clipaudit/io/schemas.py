@@ -131,8 +131,11 @@ def _load_schema(name: str, enabled: tuple[str, ...], _version: int) -> pa.Schem
     return pa.schema([c.field() for c in columns(name, enabled)], metadata=meta)
 
 
-#: the published tables, in the order the README documents them
+#: the published tables, in the order docs/outputs.md documents them
 TABLES = ("samples", "embeddings", "identities", "sample_scores", "roc", "downloads")
+
+#: the Markdown page that holds the generated tables, relative to the repository root
+DOCS_PAGE = "docs/outputs.md"
 
 
 def _cell(text: str) -> str:
@@ -140,7 +143,7 @@ def _cell(text: str) -> str:
 
 
 def markdown_table(name: str) -> str:
-    """``schemas/<name>.json`` as a Markdown table: column, type, meaning (the README's tables)."""
+    """``schemas/<name>.json`` as a Markdown table: column, type, meaning (the tables of docs/outputs.md)."""
     doc = published(name)
     lines = [f"`{name}` (schema version {doc['version']}): {_cell(doc['doc'])}", "",
              "| column | type | meaning |", "|---|---|---|"]
@@ -150,27 +153,27 @@ def markdown_table(name: str) -> str:
     return "\n".join(lines)
 
 
-def readme_block(name: str) -> str:
-    """The README's generated block for table ``name``, between its begin and end comments."""
-    return (f"<!-- schema:{name} (generated from schemas/{name}.json: python -m clipaudit.io.schemas README.md) -->\n"
+def schema_block(name: str) -> str:
+    """The generated block of docs/outputs.md for table ``name``, between its begin and end comments."""
+    return (f"<!-- schema:{name} (generated from schemas/{name}.json: python -m clipaudit.io.schemas {DOCS_PAGE}) -->\n"
             f"{markdown_table(name)}\n\n<!-- /schema:{name} -->")
 
 
-def readme_with_tables(text: str) -> str:
-    """``text`` (the README) with each ``<!-- schema:NAME … -->`` block replaced by the table of NAME."""
+def with_schema_tables(text: str) -> str:
+    """``text`` (docs/outputs.md) with each ``<!-- schema:NAME … -->`` block replaced by the table of NAME."""
     for name in TABLES:
         m = re.search(rf"<!-- schema:{name}\b[^>]*-->.*?<!-- /schema:{name} -->", text, flags=re.S)
         if m is None:
             raise ValueError(f"no <!-- schema:{name} --> … <!-- /schema:{name} --> block to fill")
-        text = text[: m.start()] + readme_block(name) + text[m.end():]
+        text = text[: m.start()] + schema_block(name) + text[m.end():]
     return text
 
 
-if __name__ == "__main__":  # regenerate the README's tables: python -m clipaudit.io.schemas README.md
+if __name__ == "__main__":  # regenerate the tables of docs/outputs.md: python -m clipaudit.io.schemas docs/outputs.md
     import sys
     from pathlib import Path
 
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m clipaudit.io.schemas README.md")
-    readme = Path(sys.argv[1])
-    readme.write_text(readme_with_tables(readme.read_text()))
+        sys.exit(f"usage: python -m clipaudit.io.schemas {DOCS_PAGE}")
+    page = Path(sys.argv[1])
+    page.write_text(with_schema_tables(page.read_text()))
