@@ -75,7 +75,7 @@ def small_audit(tiny_model, tmp_path_factory) -> Path:
 
     from helpers import sample_files, write_tiny_job
 
-    from clipaudit.runner import run_job
+    from clipaudit.app.runner import run_job
     from clipaudit.spec import load_spec
 
     root = tmp_path_factory.mktemp("small-audit")

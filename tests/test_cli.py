@@ -84,7 +84,7 @@ def test_one_wording_for_a_folder_without_an_audit(tmp_path, capsys):
 
 
 def test_a_calibration_note_shared_by_several_scores_is_printed_once():
-    from clipaudit.io.report import calibration_lines
+    from clipaudit.report.text import calibration_lines
 
     note = "22 controls cannot support a false-positive rate of 0.01: at least 99 are needed; nothing is flagged"
     entry = {"n_controls": 22, "threshold": None, "flagged": 0, "n_scored": 20, "note": note}
@@ -112,7 +112,7 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path, small_audi
 
 
 def test_a_metric_without_a_value_or_a_note_prints_a_dash():
-    from clipaudit.io.report import metrics_rows
+    from clipaudit.report.text import metrics_rows
 
     m = {"level": "identity", "auc": None, "tpr_at_1pct_fpr": None,
          "tpr_at_1pct_fpr_note": "needs >= 100 non-member identities at this level, has 5 (among 90 images)",
@@ -122,7 +122,7 @@ def test_a_metric_without_a_value_or_a_note_prints_a_dash():
 
 
 def test_the_headline_k_and_the_identities_below_it_are_named_in_the_table():
-    from clipaudit.io.report import metrics_rows
+    from clipaudit.report.text import metrics_rows
 
     m = {"level": "identity", "auc": 0.9, "k": 5, "tpr_at_1pct_fpr": None, "tpr_at_0_1pct_fpr": None}
     assert next(r for r in metrics_rows({"idia": m}))[0] == "idia (k=5)"
@@ -130,7 +130,7 @@ def test_the_headline_k_and_the_identities_below_it_are_named_in_the_table():
 
 
 def test_the_within_identity_level_gets_its_own_rows_after_the_image_level():
-    from clipaudit.io.report import metrics_rows
+    from clipaudit.report.text import metrics_rows
 
     cell = {"auc": 0.7, "auc_ci": [0.6, 0.8], "tpr_at_1pct_fpr": None, "tpr_at_0_1pct_fpr": None}
     m = {"level": "image", **cell, "learned": {"level": "image", **cell},
@@ -143,7 +143,7 @@ def test_the_within_identity_level_gets_its_own_rows_after_the_image_level():
 
 
 def test_without_a_warning_the_table_says_shift_not_detected_and_which_attacks_beat_the_baseline():
-    from clipaudit.io.report import metrics_table
+    from clipaudit.report.text import metrics_table
 
     base = {"level": "image", "auc": 0.48, "auc_ci": [0.40, 0.57], "warning": False}
     m = {"caption": {"level": "image", "auc": 0.84, "auc_ci": [0.8, 0.9], "tpr_at_1pct_fpr": None,

@@ -60,3 +60,30 @@ def test_readme_is_at_most_200_lines():
 def test_relative_links_reach_a_file(page):
     broken = [t for t in relative_links(page.read_text()) if not (page.parent / t).exists()]
     assert broken == [], f"{page.relative_to(ROOT)} links to missing files: {broken}"
+
+
+#: a test the docs cite: `tests/x.py`, `tests/x.py::test_name`, and the `…::test_other` that follow one
+_CITED = re.compile(r"`(tests/[\w/]+\.py)(?:::(\w+))?`((?:(?:,\s*|\s+and\s+)`…::\w+`)*)")
+
+
+def cited_tests(text: str) -> list[tuple[str, str | None]]:
+    out = []
+    for m in _CITED.finditer(text):
+        out.append((m.group(1), m.group(2)))
+        out += [(m.group(1), name) for name in re.findall(r"…::(\w+)", m.group(3))]
+    return out
+
+
+def test_cited_tests_finds_each_form():
+    text = "`tests/a.py`, see `tests/b/c.py::test_x`, `…::test_y` and `…::test_z`"
+    assert cited_tests(text) == [("tests/a.py", None), ("tests/b/c.py", "test_x"), ("tests/b/c.py", "test_y"),
+                                 ("tests/b/c.py", "test_z")]
+
+
+@pytest.mark.parametrize("page", [*_pages(), ROOT / "BENCHMARKS.md"], ids=lambda p: p.name)
+def test_every_test_a_page_cites_exists(page):
+    """Tests move with their modules: a page that cites one names where it is now."""
+    cited = cited_tests(page.read_text())
+    missing = [f"{f}::{name}" if name else f for f, name in cited
+               if not (ROOT / f).is_file() or name and not re.search(rf"^def {name}\b", (ROOT / f).read_text(), re.M)]
+    assert missing == []

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from clipaudit.cli import main
-from clipaudit.data.shards import is_url
+from clipaudit.data.urls import is_url
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = sorted((ROOT / "jobs").glob("*.yaml"))

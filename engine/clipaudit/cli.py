@@ -14,11 +14,13 @@ import os
 import sys
 from pathlib import Path
 from collections.abc import Sequence
+from clipaudit.core.errors import ClipauditError
+from clipaudit.spec import REDUCE_MEMORY
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_BAD_INPUT = 0, 1, 2
 
 
-class UserError(Exception):
+class UserError(ClipauditError):
     """Printed as ``error: <message>`` with exit code 2."""
 
 
@@ -31,30 +33,12 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .data.names import NamePoolError
-    from .map.models import ModelLoadError
-    from .io.query import QueryError
-    from .reduce.attackers import AttackerError
-    from .reduce.labels import LabelsError
-    from .io.outputs import OutputBusy
-    from .io.report_html import MissingExtra
-    from .reduce.neighbours import NeighboursError
-    from .ingest import IngestError
-    from .runner import ResumeRefused
-    from .spec import SpecError
-    from .data.storage import StorageError
-
-    return (SpecError, ModelLoadError, ResumeRefused, QueryError, LabelsError, NamePoolError, UserError, AttackerError,
-            OutputBusy, MissingExtra, NeighboursError, IngestError, FileNotFoundError, StorageError)
-
-
 def _open_output(output_dir: str, storage_options: str | None, pull: bool = True):
     """The layout of a local output folder, or of an output URL (s3://, gs://, …) with its local
     mirror brought up to date with the store (under the mirror's lock) unless ``pull`` is False
     (then call :func:`_pull` while holding it)."""
-    from .data.shards import is_url
-    from .io.outputs import output_layout
+    from clipaudit.data.urls import is_url
+    from clipaudit.io.outputs import output_layout
 
     if not is_url(output_dir):
         if storage_options is not None:
@@ -94,35 +78,35 @@ def _unwrap(e: BaseException) -> BaseException:
 # -- run ------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runner import run_job
-    from .spec import load_spec
+    from clipaudit.app.runner import run_job
+    from clipaudit.spec import load_spec
 
     if args.bench and not args.dry_run:
         raise UserError("--bench is read by --dry-run only (for its time estimate)")
     spec = load_spec(args.job, need_backends=not args.dry_run)
     if args.output:
-        from .data.shards import is_url
+        from clipaudit.data.urls import is_url
 
         spec = spec.model_copy(update={"output": args.output if is_url(args.output) else Path(args.output).resolve()})
     if args.dry_run:
         return _dry_run(args, spec)
-    from .io.report import print_report
+    from clipaudit.report.text import print_report
 
     report = run_job(spec, force=args.force, progress=not (args.no_progress or args.quiet),
                      spec_text=Path(args.job).read_text())
     print_report(report)
     if not args.quiet and report.layout.identities.is_file():
         where = report.layout.root if report.layout.remote is None else report.layout.remote.url
-        print(f'query: clipaudit query {where} "SELECT * FROM identities ORDER BY idia_score DESC LIMIT 10"')
+        print(f'query: clipaudit query {where} "{_example_query(spec.attacks.enabled())}"')
     return EXIT_OK if report.ok else EXIT_FAILED_SHARDS
 
 
 def _dry_run(args: argparse.Namespace, spec) -> int:
     """Validate, print the plan and the inputs that cannot be checked from here; run nothing."""
-    from .data.shards import is_url
-    from .io.outputs import OutputLayout
-    from .plan import format_plan, make_plan, read_bench
-    from .runner import resume_conflict
+    from clipaudit.data.urls import is_url
+    from clipaudit.io.outputs import OutputLayout
+    from clipaudit.app.plan import format_plan, make_plan, read_bench
+    from clipaudit.app.runner import resume_conflict
 
     shards = spec.shard_list()
     layout = OutputLayout(Path(spec.output)) if not spec.output_is_remote() else None
@@ -135,7 +119,9 @@ def _dry_run(args: argparse.Namespace, spec) -> int:
     if is_url(str(spec.names)):  # the resume hash covers the pool's content, which a dry run does not read
         print("map hash: not computed (the name pool is on object storage); resume check: skipped")
         return EXIT_OK
-    print(f"map hash: {spec.map_hash()}")
+    from clipaudit.app.resolve import map_hash
+
+    print(f"map hash: {map_hash(spec)}")
     if layout is None:
         print("resume check: not done (the output is on object storage; `clipaudit run` checks it first)")
         return EXIT_OK
@@ -147,6 +133,61 @@ def _dry_run(args: argparse.Namespace, spec) -> int:
 
 # -- reduce -----------------------------------------------------------------------
 
+def _example_query(enabled: list[str]) -> str:
+    """A first query over ``identities``: ranked by the first identity-level score enabled."""
+    from clipaudit.contract.registry import scores
+
+    ranked = scores(enabled, "identity")
+    order = f" ORDER BY {ranked[0].metric} DESC" if ranked else ""
+    return f"SELECT * FROM identities{order} LIMIT 10"
+
+
+def _example_setting() -> str:
+    """``ATTACK.KEY=VALUE`` for the first reduce-only parameter of any registered attack."""
+    from clipaudit.contract.registry import registered
+
+    for a in registered():
+        for key in sorted(a.reduce_only):
+            default = a.params.model_fields[key].default
+            return f"{a.name}.{key}={default}"
+    return "ATTACK.KEY=VALUE"
+
+
+def _tau_setting(opts, tau: int) -> str:
+    """``--tau N`` as the ``--set`` it stands for: the enabled attack with a reduce-only ``tau``."""
+    from clipaudit.contract.registry import get
+
+    owners = [name for name in opts.enabled if "tau" in get(name).reduce_only]
+    if len(owners) != 1:
+        raise UserError(f"--tau: {'no' if not owners else 'more than one'} enabled attack has a reduce-only tau "
+                        f"({', '.join(owners) or 'enabled: ' + ', '.join(opts.enabled)}); use --set ATTACK.tau=N")
+    return f"{owners[0]}.tau={tau}"
+
+
+#: reduce flags that override a job spec setting: flag → (spec section model, field)
+_SPEC_FLAGS = {"target_fpr": ("--target-fpr", "CalibrationSpec"), "fdr": ("--fdr", "CalibrationSpec"),
+               "reduce_memory": ("--memory-limit", "ComputeSpec")}
+
+
+def _spec_checked(values: dict[str, object]) -> dict[str, object]:
+    """The given (non-None) reduce overrides, validated by the job spec's own models, so a flag
+    accepts exactly what the job file's key accepts; a bad value is a UserError naming the flag."""
+    import clipaudit.spec as spec_models
+    from pydantic import ValidationError
+
+    out = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        flag, model = _SPEC_FLAGS[key]
+        try:
+            getattr(spec_models, model).model_validate({key: value})
+        except ValidationError as e:
+            raise UserError(f"{flag} {value}: {e.errors()[0]['msg']}") from None
+        out[key] = value
+    return out
+
+
 def _reduce_overrides(opts, settings: list[str]):
     """Apply ``ATTACK.KEY=VALUE`` settings to reduce-only attack parameters, validated by the
     attack's own spec model (so the reduce step accepts exactly what a job spec accepts)."""
@@ -155,14 +196,14 @@ def _reduce_overrides(opts, settings: list[str]):
     import yaml
     from pydantic import ValidationError
 
-    from .attacks.registry import get
+    from clipaudit.contract.registry import get
 
     params = dict(opts.attacks)
     for setting in settings:
         target, sep, value = setting.partition("=")
         name, dot, key = target.partition(".")
         if not (sep and dot and name and key):
-            raise UserError(f"--set {setting!r}: expected ATTACK.KEY=VALUE, e.g. idia.tau=3")
+            raise UserError(f"--set {setting!r}: expected ATTACK.KEY=VALUE, e.g. {_example_setting()}")
         if name not in params:
             raise UserError(f"--set {setting!r}: attack {name!r} is not enabled in this audit "
                             f"(enabled: {', '.join(params) or 'none'})")
@@ -196,13 +237,13 @@ def cmd_reduce(args: argparse.Namespace) -> int:
 def _reduce_locked(args: argparse.Namespace, layout) -> int:
     from dataclasses import replace
 
-    from .reduce import reduce_outputs
-    from .runner import reduce_options, saved_spec
+    from clipaudit.reduce import reduce_outputs
+    from clipaudit.app.runner import reduce_options, saved_spec
 
     opts = reduce_options(saved_spec(layout))
     settings = list(args.set or [])
     if args.tau is not None:
-        settings.insert(0, f"idia.tau={args.tau}")
+        settings.insert(0, _tau_setting(opts, args.tau))
     opts = _reduce_overrides(opts, settings)
     if args.labels is not None and args.no_labels:
         raise UserError("--labels and --no-labels contradict each other")
@@ -221,22 +262,8 @@ def _reduce_locked(args: argparse.Namespace, layout) -> int:
             raise UserError(f"--attackers {args.attackers}: no attackers/ folder there (an audit with labels "
                             "fits and saves its attackers)")
         opts = replace(opts, attackers=Path(args.attackers))
-    if args.target_fpr is not None:
-        if not 0 < args.target_fpr < 1:
-            raise UserError(f"--target-fpr must be between 0 and 1, got {args.target_fpr}")
-        opts = replace(opts, target_fpr=args.target_fpr)
-    if args.fdr is not None:
-        if not 0 < args.fdr < 1:
-            raise UserError(f"--fdr must be between 0 and 1, got {args.fdr}")
-        opts = replace(opts, fdr=args.fdr)
-    if args.memory_limit is not None:
-        from .spec import ComputeSpec
-
-        try:
-            ComputeSpec(reduce_memory=args.memory_limit)
-        except ValueError:
-            raise UserError(f"--memory-limit {args.memory_limit!r}: a size such as 512MB or 4GB") from None
-        opts = replace(opts, memory_limit=args.memory_limit)
+    checked = _spec_checked({"target_fpr": args.target_fpr, "fdr": args.fdr, "reduce_memory": args.memory_limit})
+    opts = replace(opts, **{{"reduce_memory": "memory_limit"}.get(k, k): v for k, v in checked.items()})
     if layout.remote is not None:
         layout.remote.warn_unlocked()
     result = reduce_outputs(layout, opts)
@@ -244,7 +271,7 @@ def _reduce_locked(args: argparse.Namespace, layout) -> int:
         layout.remote.push()
     where = "" if layout.remote is None else f" (and to {layout.remote.url})"
     print("wrote " + ", ".join(str(p) for p in result.written) + where)
-    from .io.report import calibration_lines, metrics_table
+    from clipaudit.report.text import calibration_lines, metrics_table
 
     if result.metrics:
         print("\n".join(metrics_table(result.metrics)))
@@ -256,7 +283,7 @@ def _reduce_locked(args: argparse.Namespace, layout) -> int:
 # -- report -----------------------------------------------------------------------
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .io.report import report_folder
+    from clipaudit.report.text import report_folder
 
     if args.thumbnails and not args.html:
         raise UserError("--thumbnails goes with --html (the photos are part of the HTML page)")
@@ -267,7 +294,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         _pull(layout)
         report_folder(layout.root)
         if args.html:
-            from .io.report_html import write_html
+            from clipaudit.report.html import write_html
 
             page = write_html(layout.root, args.thumbnails)
             if layout.remote is not None:
@@ -280,7 +307,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 # -- ingest -----------------------------------------------------------------------
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from .ingest import IngestOptions, ingest, result_lines
+    from clipaudit.app.ingest import IngestOptions, ingest, result_lines
 
     opts = IngestOptions(pool_size=args.pool_size, seed=args.seed, shard_size=args.shard_size,
                          processes=args.processes, threads=args.threads, timeout=args.timeout, retries=args.retries,
@@ -293,14 +320,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 # -- bench ------------------------------------------------------------------------
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench.map_step import attack_set, format_bench, run_bench
+    from clipaudit.bench.map_step import attack_set, format_bench, run_bench
 
     log = (lambda msg: None) if args.json and args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr,
                                                                                    flush=True))
     if args.reduce:
         import tempfile
 
-        from .bench.reduce_scale import run_reduce_bench
+        from clipaudit.bench.reduce_scale import run_reduce_bench
 
         try:
             sizes = [int(x.replace("_", "")) for x in args.reduce.split(",")]
@@ -313,7 +340,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _bench_output(args, result, "\n".join(f"{k:26s} {v}" for k, v in result.items()))
         return EXIT_OK
     if args.under_load:
-        from .bench.reduce_load import run_load_bench
+        from clipaudit.bench.reduce_load import run_load_bench
 
         if args.busy < 0:
             raise UserError(f"--busy {args.busy}: a number of processes, 0 or more")
@@ -321,7 +348,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _bench_output(args, result, "\n".join(f"{k:26s} {v}" for k, v in result.items()))
         return EXIT_OK
     if args.quick:
-        from .bench.quick import run_quick
+        from clipaudit.bench.quick import run_quick
 
         result = run_quick(log=log)
         _bench_output(args, result, "\n".join(f"{k:26s} {v}" for k, v in result.items()))
@@ -350,7 +377,7 @@ def _bench_output(args: argparse.Namespace, result: dict, text: str) -> None:
 # -- query ------------------------------------------------------------------------
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from .io.query import FORMATTERS, run_query
+    from clipaudit.report.query import FORMATTERS, run_query
 
     columns, rows = run_query(_open_output(args.output_dir, args.storage_options).root, args.sql)
     text = FORMATTERS[args.format](columns, rows)
@@ -361,7 +388,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 # -- demo -------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .lab.demo import LAB_PRESETS, run_demo
+    from clipaudit.lab.demo import LAB_PRESETS, run_demo
 
     import dataclasses
 
@@ -411,9 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("output_dir", metavar="OUTPUT_DIR", help="an audit's output folder (holds _job.json), or its URL "
                                                             "on object storage (s3://…)")
     _storage_options_arg(d)
-    d.add_argument("--tau", type=int, help="IDIA threshold (default: the job's); short for --set idia.tau=N")
+    d.add_argument("--tau", type=int, help="the identity-level vote's threshold (default: the job's); short for "
+                                           "--set ATTACK.tau=N for the enabled attack with a reduce-only tau")
     d.add_argument("--set", action="append", metavar="ATTACK.KEY=VALUE",
-                   help="change a reduce-only attack parameter, e.g. idia.tau=3 (repeatable; default: the job's)")
+                   help="change a reduce-only attack parameter (repeatable; default: the job's)")
     d.add_argument("--labels", help="labels CSV (default: the job's)")
     d.add_argument("--near-duplicates", action="store_true",
                    help="find re-uploads and resized copies among each identity's images (embedding cosine >= 0.95 and "
@@ -435,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--fdr", type=float, help="false-discovery rate of the discoveries (Benjamini-Hochberg q-value "
                                               "<= FDR; default: the job's calibration.fdr, 0.1)")
     d.add_argument("--memory-limit", metavar="SIZE",
-                   help="DuckDB's memory limit, e.g. 4GB (default: the job's compute.reduce_memory, 2GB); beyond it "
+                   help="DuckDB's memory limit, e.g. 4GB (default: the job's compute.reduce_memory, "
+                        f"{REDUCE_MEMORY}); beyond it "
                         "DuckDB spills to OUTPUT_DIR/_tmp")
     d.set_defaults(func=cmd_reduce)
 
@@ -505,8 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reduce", metavar="ROWS,ROWS",
                    help="instead: the reduce step's peak memory and time on synthetic output folders of these sizes "
                         "(rows, e.g. 1000000,10000000; written to a temp folder, ~280 MB per million rows)")
-    b.add_argument("--reduce-memory", default="2GB", metavar="SIZE",
-                   help="with --reduce: DuckDB's memory limit (compute.reduce_memory; default 2GB)")
+    b.add_argument("--reduce-memory", default=REDUCE_MEMORY, metavar="SIZE",
+                   help=f"with --reduce: DuckDB's memory limit (compute.reduce_memory; default {REDUCE_MEMORY})")
     b.add_argument("--under-load", metavar="OUT",
                    help="instead: `clipaudit reduce` of the audit OUT (copied; OUT is not changed) alone and beside "
                         "--busy busy-loop processes, --repeat times each; medians and their ratio")
@@ -522,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "storage (s3://…; read through a local mirror)")
     _storage_options_arg(q)
     q.add_argument("sql", metavar="SQL", help="one read-only statement (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE), "
-                                              "e.g. \"SELECT * FROM identities ORDER BY idia_score DESC LIMIT 10\"")
+                                              "e.g. \"SELECT * FROM identities LIMIT 10\"")
     q.add_argument("--format", choices=["table", "csv", "json"], default="table",
                    help="table (default; at most 100 rows shown), csv or json (all rows)")
     q.set_defaults(func=cmd_query)
@@ -546,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as e:  # noqa: BLE001
         inner = _unwrap(e)
-        if isinstance(inner, _user_errors()):
+        if isinstance(inner, (ClipauditError, FileNotFoundError)):
             print(f"error: {inner}", file=sys.stderr)
             return EXIT_BAD_INPUT
         raise

@@ -1,15 +1,13 @@
 """The job spec: a typed, validated, hashable description of one audit.
 
-A spec is YAML (see ``jobs/`` and shared/DESIGN.md). Relative paths are resolved against
+A spec is YAML (see ``jobs/`` and docs/job-spec.md). Relative paths are resolved against
 the folder of the YAML file; unknown keys are errors. ``load_spec`` turns every problem
 into one :class:`SpecError` whose message names the offending key or file.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,12 +15,19 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, create_model,
                       field_validator, model_validator)
 
-from .data.shards import ShardPatternError, check_backend, expand_shards, is_url, protocol
+from clipaudit.core.errors import ClipauditError
+from clipaudit.data.checkpoints import checkpoint_problem
+from clipaudit.data.shards import ShardPatternError, expand_shards
+from clipaudit.data.urls import check_backend, is_url, protocol
 
 Precision = Literal["fp32", "fp16", "bf16"]
 
 
-class SpecError(ValueError):
+#: DuckDB's memory limit in the reduce step unless ``compute.reduce_memory`` says otherwise
+REDUCE_MEMORY = "2GB"
+
+
+class SpecError(ClipauditError, ValueError):
     """A job spec that cannot be run; the message says which key or file is wrong."""
 
 
@@ -45,27 +50,18 @@ class ModelSpec(_Strict):
     @classmethod
     def _resolve(cls, v: Any, info: ValidationInfo) -> Any:
         base = (info.context or {}).get("base_dir")
-        if base is not None and isinstance(v, str) and (_looks_like_path(v) or (Path(base) / v).exists()):
+        if base is not None and isinstance(v, str) and (looks_like_path(v) or (Path(base) / v).exists()):
             return _resolve(v, Path(base))
         return v
-
-    def content_fingerprint(self) -> dict[str, str | None]:
-        """sha256 of the model-config JSON and of the checkpoint where they are local files, so a
-        file overwritten between two runs changes the resume hash (a zoo tag or an hf-hub: id
-        stands for published weights and is hashed by name)."""
-        return {f"{key}_sha256": sha256_file(v) if v and _looks_like_path(v) and not is_url(v) and Path(v).is_file()
-                else None for key, v in (("name", self.name), ("pretrained", self.pretrained))}
 
     @field_validator("name", "pretrained")
     @classmethod
     def _exists(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if (info.context or {}).get("base_dir") is None or not v or not _looks_like_path(v) or is_url(v):
+        if (info.context or {}).get("base_dir") is None or not v or not looks_like_path(v) or is_url(v):
             return v
         if not Path(v).exists():
             raise ValueError(f"file not found: {v}")
         if info.field_name == "pretrained" and Path(v).is_file() and not v.endswith(".json"):
-            from .map.models import checkpoint_problem
-
             problem = checkpoint_problem(v)
             if problem is not None:
                 raise ValueError(problem)
@@ -98,7 +94,7 @@ class DataSpec(_Strict):
                 elif not (x is None or isinstance(x, (str, int, float, bool, list))):
                     raise ValueError(f"{where}.{k}: expected a string, number, boolean, list or mapping")
         check(v, "storage_options")
-        from .data.storage import check_options_shape
+        from clipaudit.data.storage import check_options_shape
 
         check_options_shape(v)
         return v
@@ -120,7 +116,7 @@ _ATTACKS_MODELS: dict[tuple, type[AttacksSpec]] = {}
 
 def attacks_model(plugins: tuple[str, ...] = ()) -> type[AttacksSpec]:
     """The ``attacks:`` model: one field per built-in attack and per attack of ``plugins``."""
-    from .attacks.registry import available, registry_version
+    from clipaudit.contract.registry import available, registry_version
 
     key = (registry_version(), tuple(plugins))
     if key not in _ATTACKS_MODELS:
@@ -131,7 +127,7 @@ def attacks_model(plugins: tuple[str, ...] = ()) -> type[AttacksSpec]:
 
 def default_attacks() -> AttacksSpec:
     """The attacks a spec without an ``attacks`` key runs."""
-    from .attacks.registry import available
+    from clipaudit.contract.registry import available
 
     return attacks_model()(**{a.name: a.params() for a in available() if a.default})
 
@@ -162,7 +158,7 @@ class ComputeSpec(_Strict):
         10.0, gt=0, description="seconds between two `map progress:` lines when stderr is not a terminal "
                                 "(e.g. `ray job logs`); a terminal gets a progress bar")
     reduce_memory: str = Field(
-        "2GB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$",
+        REDUCE_MEMORY, pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$",
         description="DuckDB's memory limit in the reduce step (e.g. 2GB); larger sorts and aggregations spill to "
                     "OUT/_tmp, so the reduce step's memory does not grow with the audit")
     index: Literal["auto", "faiss", "faiss-ivf", "torch", "faiss-gpu"] = Field(
@@ -178,8 +174,8 @@ MAP_FEATURES_VERSION = 4  # 3: the decode step follows the model's OpenCLIP prep
 
 def map_output_format(enabled: list[str]) -> dict[str, Any]:
     """Versions of what the map step writes: resuming across a change is refused."""
-    from .attacks.registry import get
-    from .io.schemas import published
+    from clipaudit.contract.registry import get
+    from clipaudit.contract.schemas import published
 
     versions: dict[str, Any] = {"features": MAP_FEATURES_VERSION}
     for table in ("samples", "embeddings"):
@@ -232,7 +228,7 @@ class JobSpec(_Strict):
     @field_validator("plugins")
     @classmethod
     def _load_plugins(cls, v: list[str]) -> list[str]:
-        from .attacks.registry import RegistryError, load_plugin
+        from clipaudit.contract.registry import RegistryError, load_plugin
 
         for ref in v:  # fields validate in order: the attacks below see the plugins' registrations
             try:
@@ -267,72 +263,6 @@ class JobSpec(_Strict):
     def shard_list(self) -> list[str]:
         return expand_shards(self.data.shards)
 
-    def map_fingerprint(self) -> dict[str, Any]:
-        """Everything that changes per-sample outputs (not reduce-only attack parameters such
-        as IDIA's tau, not labels, calibration or compute)."""
-        from .attacks.registry import available
-
-        enabled = self.attacks.enabled()
-        attacks = {a.name: None if a.name not in enabled else a.map_fingerprint(getattr(self.attacks, a.name))
-                   for a in available(self.plugins)}
-        return {
-            "model": self.model.model_dump(exclude={"precision"}),
-            "model_files": self.model_files(),
-            "numerics": self.numerics(),
-            "data": self.data.model_dump(exclude={"storage_options"}),  # how to reach the data, not what it is
-            "names_sha256": names_sha256(self.names, self.data.storage_options),
-            **attacks,
-            "plugins": {ref: sha256_file(ref) if ref.endswith(".py") else ref for ref in self.plugins},
-            "seed": self.seed,
-            "store_embeddings": self.store_embeddings,
-            "output_format": map_output_format(enabled),
-        }
-
-    def numerics(self, device_type: str | None = None, read_pool: bool = True) -> dict[str, str]:
-        """What the hardware decides about the numbers: the device type, the model's precision
-        and the name-index kind, with ``auto``/unset resolved as the map step resolves them (on
-        ``device_type``, default: this machine). They change scores slightly, so they enter the
-        resume hash: a GPU run is never resumed on a CPU, or the reverse, without ``--force``.
-        ``read_pool=False``: the pool is not read, and an index that depends on its size is reported as such."""
-        if device_type is None:
-            device_type = detect_device_type(self)
-        precision = self.model.precision or ("fp16" if device_type == "cuda" else "fp32")
-        if device_type == "cpu" and precision == "fp16":
-            precision = "fp32"  # the model runs fp32 on a CPU (load_model warns)
-        index = self.compute.index
-        if not read_pool and index in ("auto", "faiss-ivf"):
-            index += " (decided by the pool's size when it runs)"
-        elif index == "auto":
-            from .map.index import resolve_backend
-
-            index = resolve_backend(index, device_type, self.name_count())
-        if index == "faiss-ivf":
-            from .map.index import ivf_params
-
-            index += "(lists=%d,probe=%d)" % ivf_params(self.name_count())
-        decode = self.compute.decode if self.compute.decode != "auto" else ("gpu" if device_type == "cuda" else "cpu")
-        return {"device": device_type, "precision": precision, "index": index, "decode": decode}
-
-    def name_count(self) -> int:
-        """How many distinct names the pool holds (read once per process and file state)."""
-        from .data.names import load_name_pool
-
-        key = names_sha256(self.names, self.data.storage_options)
-        if key not in _NAME_COUNT:
-            _NAME_COUNT[key] = len(load_name_pool(self.names, self.data.storage_options))
-        return _NAME_COUNT[key]
-
-    def pinned(self, device_type: str) -> JobSpec:
-        """This job with ``auto`` device, unset precision and ``auto`` index made explicit for
-        ``device_type``, so every worker computes what the resume hash says."""
-        n = self.numerics(device_type)
-        device = self.compute.device if self.compute.device != "auto" else n["device"]
-        return self.model_copy(update={
-            "model": self.model.model_copy(update={"precision": n["precision"]}),
-            "compute": self.compute.model_copy(update={"device": device, "index": n["index"].split("(")[0],
-                                                       "decode": n["decode"]}),
-        })
-
     def model_specs(self) -> dict[str, ModelSpec]:
         """Every model the map step loads, by spec key: the audited model and those inside
         attack parameters (e.g. a reference model)."""
@@ -343,14 +273,6 @@ class JobSpec(_Strict):
                     out[f"attacks.{name}.{key}"] = value
         return out
 
-    def model_files(self) -> dict[str, dict[str, str | None]]:
-        """Content hashes of every local model file the map step reads (see :meth:`model_specs`)."""
-        return {key: m.content_fingerprint() for key, m in self.model_specs().items()}
-
-    def map_hash(self) -> str:
-        blob = json.dumps(self.map_fingerprint(), sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
     def to_json(self) -> dict[str, Any]:
         """The whole spec as JSON (what workers rebuild it from; may hold literal secrets)."""
         return json.loads(self.model_dump_json())
@@ -358,56 +280,14 @@ class JobSpec(_Strict):
     def public_json(self) -> dict[str, Any]:
         """The spec as written into files (``_job.json``, ``manifest.json``): secret-like
         storage options redacted (see :func:`clipaudit.data.storage.redact_options`)."""
-        from .data.storage import redact_options
+        from clipaudit.data.storage import redact_options
 
         out = self.to_json()
         out["data"]["storage_options"] = redact_options(self.data.storage_options)
         return out
 
 
-_SHA256_MEMO: dict[tuple, str] = {}
-_NAME_COUNT: dict[str, int] = {}  # names file sha256 → distinct names
-
-
-def detect_device_type(spec: JobSpec) -> str:
-    """``cuda`` or ``cpu``: where the map step of ``spec`` runs. An explicit ``compute.device``
-    decides; with ``auto``, the GPUs of the Ray cluster (Ray executor) or of this machine."""
-    import torch
-
-    c = spec.compute
-    if c.device != "auto":
-        return torch.device(c.device).type
-    if c.executor == "ray":
-        from .executors.ray import cluster_gpus
-
-        return "cuda" if c.gpus_per_worker > 0 and cluster_gpus(c.ray_address) > 0 else "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks; remembered per process while the file's identity,
-    size and modification time stay the same (a checkpoint is hashed once per job, not per shard)."""
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _SHA256_MEMO:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-        _SHA256_MEMO[key] = h.hexdigest()
-    return _SHA256_MEMO[key]
-
-
-def names_sha256(names: str | Path, storage_options: dict[str, Any] | None = None) -> str:
-    """Hex sha256 of the name pool's content; a pool on object storage is read to hash it."""
-    if isinstance(names, str) and is_url(names):
-        from .data.names import read_pool_bytes
-
-        return hashlib.sha256(read_pool_bytes(names, storage_options)).hexdigest()
-    return sha256_file(names)
-
-
-def _looks_like_path(value: str) -> bool:
+def looks_like_path(value: str) -> bool:
     return (value.endswith((".json", ".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
             or "/" in value and not value.startswith("hf-hub:"))
 
@@ -481,7 +361,7 @@ def _check_files(spec: JobSpec, need_backends: bool = True) -> None:
     its storage options resolve, and the object exists and may be read (shards are listed,
     not read: their sizes and ETags are kept for the manifest). A dry run (``need_backends``
     false) contacts no storage: URL inputs are checked by the run."""
-    from .data.storage import StorageError, resolve_options, stat_urls
+    from clipaudit.data.storage import StorageError, resolve_options, stat_urls
 
     inputs = {"names": spec.names, "labels": spec.labels, "calibration.controls": spec.calibration.controls}
     for key, value in inputs.items():
@@ -511,7 +391,7 @@ def _check_files(spec: JobSpec, need_backends: bool = True) -> None:
                 stat_urls([url], spec.data.storage_options, what=key)
         except StorageError as e:
             raise SpecError(str(e)) from None
-    from .reduce.labels import LabelsError, ShardMatcher, read_controls, read_labels
+    from clipaudit.data.labels import LabelsError, ShardMatcher, read_controls, read_labels
 
     matcher = ShardMatcher(shards)
     opts = spec.data.storage_options

@@ -9,7 +9,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from clipaudit.attacks.base import MapBatch, StatelessAttack
-from clipaudit.attacks.registry import LOGISTIC, Attack, Column, Score, register
+from clipaudit.contract.registry import LOGISTIC, Attack, Column, Score, register
 
 
 class BrightnessParams(BaseModel):

@@ -10,9 +10,10 @@ import torch
 from clipaudit.attacks.base import MapBatch
 from clipaudit.attacks.idia import IdiaAttack, load_name_pool
 from clipaudit.data.samples import Sample
-from clipaudit.io.schemas import load_schema
+from clipaudit.contract.schemas import load_schema
 from clipaudit.io.outputs import OutputLayout, PartWriter
-from clipaudit.reduce import ReduceOptions, identities_table
+from clipaudit.reduce import identities_table
+from clipaudit.reduce.options import ReduceOptions
 
 
 def write_samples(root: Path, rows: list[dict]) -> OutputLayout:
@@ -104,7 +105,7 @@ def test_map_side_ranks_and_top1():
 
 
 def test_identity_pvalues_against_nonmember_controls(tmp_path):
-    from clipaudit.reduce.labels import Labels
+    from clipaudit.data.labels import Labels
 
     rows = [img("A", *["A"] * 3), img("B", "B", "B", "x"), img("C", "x", "x", "x"), img("D", "D", "x", "x"),
             img("E", "x", "x", "x")]
@@ -154,7 +155,7 @@ def test_sweep_rises_with_k_on_the_trained_model_and_stays_flat_untrained(canary
 
     import pyarrow.parquet as pq
 
-    from clipaudit.runner import run_job
+    from clipaudit.app.runner import run_job
     from clipaudit.spec import load_spec
 
     def sweep(job, out):
@@ -189,8 +190,8 @@ def test_streamed_identities_match_one_batch_and_a_direct_count(tmp_path, monkey
     boundary (batches of 3 rows here) gives the same scores as one batch, and both equal
     plurality_scores on ids from one global vocabulary."""
     import clipaudit.attacks.idia as idia
-    from clipaudit.attacks.registry import AnalysisInput
-    from clipaudit.reduce.identities import connect
+    from clipaudit.contract.registry import AnalysisInput
+    from clipaudit.reduce.tables import connect
 
     rng = np.random.default_rng(3)
     vocab = ["Ann", "Bob", "Cy", "Dee", "Eve", "x", "y"]
@@ -251,7 +252,7 @@ def test_template_average_ranks_each_image_once_and_separates_the_canary(canary_
 
     import pyarrow.parquet as pq
 
-    from clipaudit.runner import run_job
+    from clipaudit.app.runner import run_job
     from clipaudit.spec import load_spec
 
     spec = load_spec(canary_lab.job)
@@ -326,8 +327,8 @@ def test_the_headline_at_k_is_the_mean_over_draws_of_each_draws_metrics(tmp_path
 
 
 def test_the_sweep_keeps_one_population_across_k_unless_asked_per_k(tmp_path):
-    from clipaudit.attacks.registry import AnalysisInput
-    from clipaudit.reduce.identities import connect
+    from clipaudit.contract.registry import AnalysisInput
+    from clipaudit.reduce.tables import connect
     import clipaudit.attacks.idia as idia
 
     rows = []

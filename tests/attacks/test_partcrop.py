@@ -10,7 +10,7 @@ from clipaudit.attacks.augment import part_crops, sample_rng
 from clipaudit.attacks.partcrop import PartCropAttack, gaussian_prior, kl_responses, paper_responses, summaries
 from clipaudit.attacks.views import source_canvas
 from clipaudit.data.samples import Sample
-from clipaudit.map.models import load_model
+from clipaudit.model.loading import load_model
 
 
 def _batch(model, n=3):

@@ -32,7 +32,8 @@ def test_the_reduce_step_runs_with_one_thread_per_pool(tmp_path, monkeypatch):
     """The scikit-learn fits of the reduce step never start a BLAS/OpenMP thread per core."""
     import clipaudit.reduce.pipeline as pipeline
     from attacks.test_idia import img, write_samples
-    from clipaudit.reduce import ReduceOptions, reduce_outputs
+    from clipaudit.reduce import reduce_outputs
+    from clipaudit.reduce.options import ReduceOptions
 
     seen = []
     real = pipeline._learned_scores

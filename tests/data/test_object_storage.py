@@ -18,8 +18,9 @@ from helpers import (OTHER_EXECUTOR_TOL, assert_close, assert_same_rows, free_po
                      require_signed_requests, write_tiny_job)
 
 from clipaudit.cli import main
-from clipaudit.runner import run_job
+from clipaudit.app.runner import run_job
 from clipaudit.spec import SpecError, load_spec
+from clipaudit.app.resolve import map_hash
 
 BUCKET, LOCKED = "audit-inputs", "locked-inputs"
 KEY_VAR, SECRET_VAR = "CLIPAUDIT_TEST_S3_KEY", "CLIPAUDIT_TEST_S3_SECRET"
@@ -168,7 +169,7 @@ def test_secrets_are_never_written_and_storage_options_leave_the_map_hash_alone(
                   options={"endpoint_url": s3["endpoint"], "key": key, "secret": secret})  # literals in the file
     spec = load_spec(job)
     by_reference = load_spec(_s3_job(tmp_path / "ref", s3, labels=None, controls=None))
-    assert spec.map_hash() == by_reference.map_hash()
+    assert map_hash(spec) == map_hash(by_reference)
     report = run_job(spec, progress=False, spec_text=job.read_text())
     assert report.ok and report.summary["rows"] == 24
     out = tmp_path / "out"
@@ -247,7 +248,7 @@ def test_a_dead_endpoint_fails_loudly(s3, reader_env, tmp_path, capsys):
     report = run_job(spec, progress=False)
     assert not report.ok and report.summary["shards_failed"] == 2 and report.summary["shards_done"] == 0
     assert all("Could not connect to the endpoint URL" in f.error for f in report.map.failed)
-    from clipaudit.io.report import print_report
+    from clipaudit.report.text import print_report
 
     print_report(report)
     out = capsys.readouterr().out

@@ -13,7 +13,7 @@ import pytest
 from helpers import assert_close, assert_same_rows, gcs_emulator, output_files, range_http_server, write_tiny_job
 
 from clipaudit.data.storage import options_for
-from clipaudit.runner import run_job
+from clipaudit.app.runner import run_job
 from clipaudit.spec import SpecError, load_spec
 
 BUCKET = "audit"

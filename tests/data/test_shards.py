@@ -30,7 +30,7 @@ def test_bad_braces():
 def test_urls_are_listed_as_given_and_need_their_backend(tmp_path):
     import pytest
 
-    from clipaudit.data.shards import check_backend, is_url
+    from clipaudit.data.urls import check_backend, is_url
 
     assert expand_shards("s3://bucket/laion/{00000..00001}.tar") == ["s3://bucket/laion/00000.tar",
                                                                    "s3://bucket/laion/00001.tar"]

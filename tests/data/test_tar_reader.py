@@ -129,7 +129,7 @@ def test_io_error_mid_shard_is_retried_and_rows_equal_a_clean_run(tmp_path: Path
     import pyarrow.parquet as pq
 
     import clipaudit.data.tar_reader as tar_reader
-    from clipaudit.runner import run_job
+    from clipaudit.app.runner import run_job
     from clipaudit.spec import parse_spec
 
     shard = write_tar(tmp_path / "a.tar", _members(10))

@@ -20,7 +20,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from clipaudit.runner import run_job  # noqa: E402
+from clipaudit.app.runner import run_job  # noqa: E402
 from clipaudit.spec import load_spec  # noqa: E402
 
 

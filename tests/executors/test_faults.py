@@ -16,7 +16,7 @@ import pytest
 from helpers import OTHER_EXECUTOR_TOL, SAME_EXECUTOR_TOL, MapEvents, assert_same_outputs, write_tiny_job
 
 from clipaudit.io.outputs import OutputLayout
-from clipaudit.runner import run_job
+from clipaudit.app.runner import run_job
 from clipaudit.spec import load_spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.faults]

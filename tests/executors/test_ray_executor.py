@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import OTHER_EXECUTOR_TOL, MapEvents, assert_same_outputs, write_tiny_job
 
-from clipaudit.runner import run_job
+from clipaudit.app.runner import run_job
 from clipaudit.spec import load_spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -76,8 +76,9 @@ def test_known_nonmember_controls_without_labels_give_pvalues_flags_and_threshol
     import shutil
 
     from clipaudit.io.outputs import OutputLayout
-    from clipaudit.io.query import run_query
-    from clipaudit.reduce import ReduceOptions, reduce_outputs
+    from clipaudit.report.query import run_query
+    from clipaudit.reduce import reduce_outputs
+    from clipaudit.reduce.options import ReduceOptions
 
     out = tmp_path / "calibrated"
     shutil.copytree(trained_run.layout.samples_dir, out / "samples")

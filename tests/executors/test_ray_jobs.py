@@ -20,7 +20,7 @@ import pytest
 from helpers import OTHER_EXECUTOR_TOL, assert_same_outputs, moto_s3_server, write_tiny_job
 
 import clipaudit
-from clipaudit.runner import run_job
+from clipaudit.app.runner import run_job
 from clipaudit.spec import load_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

@@ -15,7 +15,7 @@ CUDA = torch.device("cuda")
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_half_precision_embeddings_agree_with_fp32(tiny_model, precision):
-    from clipaudit.map.models import load_model
+    from clipaudit.model.loading import load_model
 
     x = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8))
     full = load_model(str(tiny_model["config"]), str(tiny_model["checkpoint"]), "fp32", "cuda").encode_images(x)
@@ -39,7 +39,7 @@ def test_nvjpeg_pixels_are_close_to_the_pillow_path():
 
 
 def test_gpu_name_index_ranks_as_exact_cpu_search():
-    from clipaudit.map.index import FaissNameIndex, build_name_index
+    from clipaudit.model.name_index import FaissNameIndex, build_name_index
 
     rng = np.random.default_rng(0)
     text = rng.normal(size=(3, 20_000, 64)).astype(np.float32)
@@ -55,7 +55,7 @@ def test_faiss_gpu_index_ranks_as_exact_cpu_search():
     """The [gpu] extra's faiss-gpu backend (skipped with its reason where only faiss-cpu is installed)."""
     import faiss
 
-    from clipaudit.map.index import FaissNameIndex, build_name_index
+    from clipaudit.model.name_index import FaissNameIndex, build_name_index
 
     if not hasattr(faiss, "StandardGpuResources"):
         pytest.skip("faiss-gpu is not installed (pip install -e \".[gpu]\")")
@@ -85,7 +85,7 @@ def test_device_side_views_match_the_cpu_views():
 def test_ray_places_one_actor_per_gpu(tiny_model, tmp_path, ray_session):
     import json
 
-    from clipaudit.runner import run_job
+    from clipaudit.app.runner import run_job
     from clipaudit.spec import load_spec
 
     job = write_tiny_job(tmp_path, tiny_model, tmp_path / "out", shards=2, per_shard=16,

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 
 from clipaudit.io.downloads import OTHER, collect_downloads, status_file
 from clipaudit.io.outputs import OutputLayout
-from clipaudit.io.schemas import load_schema
+from clipaudit.contract.schemas import load_schema
 
 
 def write_status(path, rows):

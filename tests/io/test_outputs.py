@@ -3,8 +3,9 @@ import os
 
 import pyarrow as pa
 
-from clipaudit.io.outputs import OutputLayout, PartWriter, atomic_write_json, atomic_write_table, part_name
-from clipaudit.io.schemas import load_schema
+from clipaudit.io.outputs import OutputLayout, PartWriter, part_name
+from clipaudit.io.atomic import atomic_write_json, atomic_write_table
+from clipaudit.contract.schemas import load_schema
 
 
 def test_schemas_are_versioned_and_parse():

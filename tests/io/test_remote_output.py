@@ -15,7 +15,7 @@ from helpers import (assert_close, assert_same_rows, moto_s3_server, output_file
 from clipaudit.cli import main
 from clipaudit.data.storage import StorageError
 from clipaudit.io.remote_output import INDEX_NAME, RemoteOutput
-from clipaudit.runner import run_job
+from clipaudit.app.runner import run_job
 from clipaudit.spec import load_spec
 
 BUCKET = "audit-outputs"
@@ -399,10 +399,10 @@ def test_ray_actors_put_their_parts_from_their_own_mirror(ray_session, store, lo
 
     real_run = ray_executor.RayExecutor._run
 
-    def run_with_actor_mirror(self, ray, spec, layout, shards, progress, result):
+    def run_with_actor_mirror(self, ray, spec, layout, shards, map_hash, progress, result):
         monkeypatch.setenv("CLIPAUDIT_MIRROR_DIR", str(tmp_path / "actors"))  # what the actors are told
         try:
-            real_run(self, ray, spec, layout, shards, progress, result)
+            real_run(self, ray, spec, layout, shards, map_hash, progress, result)
         finally:
             monkeypatch.setenv("CLIPAUDIT_MIRROR_DIR", str(tmp_path / "driver"))
 

@@ -5,9 +5,10 @@ import pyarrow.parquet as pq
 from helpers import assert_same_rows, encode, image_bytes, photo_like, sample_files, write_tar
 
 from clipaudit.io.outputs import OutputLayout
-from clipaudit.map.image_hash import hamming
+from clipaudit.model.image_hash import hamming
 from clipaudit.map.mapper import ShardMapper
 from clipaudit.spec import load_spec
+from clipaudit.app.resolve import map_hash
 
 
 def test_device_decode_gives_the_rows_of_the_pillow_path(tiny_model, tmp_path):
@@ -35,7 +36,7 @@ output: out
     outs = {}
     for name, on_device in (("pillow", False), ("device", True)):
         layout = OutputLayout(tmp_path / name)
-        mapper = ShardMapper(spec, layout)
+        mapper = ShardMapper(spec, layout, map_hash(spec))
         mapper.device_decode = on_device  # the device path, on this machine's CPU decoder
         mapper.setup(mapper.compute_shared())
         stats = mapper.map_shard(str(tmp_path / "a.tar"))

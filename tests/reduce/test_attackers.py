@@ -142,7 +142,7 @@ def _synthetic(tmp_path, rows=2000, labelled=12):
     rows) and Labels for ``labelled`` identities."""
     from clipaudit.bench.reduce_scale import _identity_names, synthetic_audit
     from clipaudit.io.outputs import OutputLayout
-    from clipaudit.reduce.labels import Labels
+    from clipaudit.data.labels import Labels
 
     synthetic_audit(tmp_path, rows, seed=1, rows_per_part=300)
     members = pq.read_table(tmp_path / "samples", columns=["identity", "encodermi_score"]).group_by("identity") \
@@ -165,7 +165,7 @@ def _all_scores(layout, learned):
 
 
 def _params():
-    from clipaudit.attacks.registry import get
+    from clipaudit.contract.registry import get
 
     return get("encodermi").params()
 
@@ -186,7 +186,7 @@ def test_streamed_scores_equal_one_fit_on_all_rows_in_memory(tmp_path):
     first = {}
     groups = np.array([first.setdefault(i, len(first)) for i in ids])
     y = image_labels(ids, t.column("shard").to_pylist(), t.column("key").to_pylist(), labels)
-    from clipaudit.attacks.registry import get
+    from clipaudit.contract.registry import get
 
     for variant in get("encodermi").learned:
         X = variant.prepare(feature_matrix(t.column("encodermi_features")))

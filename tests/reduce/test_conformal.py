@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 
-from clipaudit.reduce.conformal import (conformal_threshold, empirical_pvalues, pvalues, threshold_at_fpr,
-                                       threshold_entry)
-from clipaudit.reduce.labels import Labels, LabelsError, control_set, read_controls
+from clipaudit.reduce.conformal import conformal_threshold, empirical_pvalues, pvalues, threshold_entry
+from clipaudit.data.labels import Labels, LabelsError, control_set, read_controls
 
 
 def test_read_controls_identities_and_images(tmp_path):
@@ -64,25 +63,6 @@ def test_a_control_labelled_member_is_an_error(tmp_path):
 
 
 # --------------------------------------------------------------------------- thresholds / p-values
-
-
-@pytest.mark.parametrize("target", [0.0, 0.001, 0.01, 0.05, 0.1, 0.29, 0.5])
-def test_threshold_at_fpr_respects_target_and_is_smallest(target):
-    rng = np.random.default_rng(0)
-    controls = np.round(rng.normal(size=1000), 2)  # many ties
-    t = threshold_at_fpr(controls, target)
-    assert np.mean(controls >= t) <= target
-    below = np.nextafter(t, -np.inf)
-    assert np.mean(controls >= below) > target
-
-
-def test_threshold_at_fpr_edges():
-    assert threshold_at_fpr([1.0, 2.0], 1.0) == -np.inf
-    assert threshold_at_fpr([1.0, 2.0, 3.0], 0.0) > 3.0
-    with pytest.raises(ValueError):
-        threshold_at_fpr([], 0.1)
-    with pytest.raises(ValueError):
-        threshold_at_fpr([1.0], 1.5)
 
 
 def test_empirical_pvalues_range_monotone_and_uniform_under_null():

@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from clipaudit.reduce.labels import Labels, read_labels
-from clipaudit.runner import run_job
+from clipaudit.data.labels import Labels, read_labels
+from clipaudit.app.runner import run_job
 from clipaudit.spec import load_spec
 
 pytestmark = pytest.mark.slow
@@ -63,7 +63,7 @@ def test_iid_canary_raises_no_shift_warning_but_shifted_one_does(iid, shifted):
 
 
 def test_metrics_shape_roc_table_and_intervals(iid):
-    from clipaudit.attacks.registry import registered
+    from clipaudit.contract.registry import registered
 
     lab, trained, _ = iid
     m = json.loads((trained.layout.root / "metrics.json").read_text())
@@ -182,11 +182,11 @@ def test_caption_only_shift_is_caught_by_the_text_baseline_not_by_image_statisti
     """Non-members' captions from another source (dated archive captions), same camera: the
     blind baseline reads the captions and warns; image statistics alone see nothing."""
     from clipaudit.io.outputs import OutputLayout
-    from clipaudit.reduce import ReduceOptions
+    from clipaudit.reduce.options import ReduceOptions
     from clipaudit.reduce.evaluation import BASELINE, evaluation_tables
-    from clipaudit.reduce.identities import connect
-    from clipaudit.reduce.labels import ShardMatcher
-    from clipaudit.reduce.statistics import membership_metrics
+    from clipaudit.reduce.tables import connect
+    from clipaudit.data.labels import ShardMatcher
+    from clipaudit.core.statistics import membership_metrics
     from clipaudit.reduce.validity import SHIFT_FLOOR, blind_scores
 
     lab = _lab(tmp_path_factory, "caption-shift", nonmember_captions="shifted")
@@ -213,7 +213,7 @@ def test_reduce_is_reproducible(iid):
     anything that draws folds or resamples)."""
     from clipaudit.io.outputs import OutputLayout
     from clipaudit.reduce import reduce_outputs
-    from clipaudit.runner import reduce_options
+    from clipaudit.app.runner import reduce_options
 
     lab, trained, _ = iid
     layout = OutputLayout(trained.layout.root)

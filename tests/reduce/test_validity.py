@@ -54,7 +54,7 @@ def test_name_features_see_length_script_and_how_common_a_name_is():
 
 
 def test_the_blind_baseline_tells_two_name_populations_apart_from_the_names_alone():
-    from clipaudit.reduce.statistics import membership_metrics
+    from clipaudit.core.statistics import membership_metrics
     from clipaudit.reduce.validity import blind_scores, name_features
 
     rng = np.random.default_rng(0)

@@ -14,8 +14,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..data.samples import Sample
-from ..map.models import LoadedModel
+from clipaudit.data.samples import Sample
+from clipaudit.model.loading import LoadedModel
 
 
 @dataclass

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import math
 
-import pyarrow as pa
 import torch
 
-from .base import MapBatch, StatelessAttack
-from .registry import Column
-from .views import rows
+from clipaudit.attacks.base import MapBatch, StatelessAttack
+from clipaudit.attacks.views import rows
 
 FEATURE_NAMES = ["mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "saturation", "brightness",
                  "edges", "log_width", "log_height", "log_aspect"]
@@ -31,11 +29,6 @@ def image_statistics(x: torch.Tensor) -> torch.Tensor:
     edges = ((gray[:, 1:, :] - gray[:, :-1, :]).abs().mean(dim=(1, 2))
              + (gray[:, :, 1:] - gray[:, :, :-1]).abs().mean(dim=(1, 2)))
     return torch.cat([mean, std, sat[:, None], gray.mean(dim=(1, 2))[:, None], edges[:, None]], 1)
-
-
-#: the map step's columns for the validity check (always written)
-BASELINE_COLUMNS = (Column("baseline_features", pa.list_(pa.float32()),
-                           "model-free image statistics for the validity check (see attacks/baseline.py)"),)
 
 
 class BaselineFeatures(StatelessAttack):

@@ -15,10 +15,10 @@ import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from ..map.models import LoadedModel, load_model
-from ..spec import ModelSpec
-from .base import MapBatch
-from .registry import Attack, Column, Score, register
+from clipaudit.model.loading import LoadedModel, load_model
+from clipaudit.spec import ModelSpec
+from clipaudit.attacks.base import MapBatch
+from clipaudit.contract.registry import Attack, Column, Score, register
 
 
 class CaptionParams(BaseModel):
@@ -85,10 +85,12 @@ class CaptionAttack:
 
 CAPTION = register(Attack(
     name="caption",
+    position=4,
     title="image-caption cosine (after M^4I)",
     params=CaptionParams,
     build=lambda p, job: CaptionAttack(p.reference_model, job.compute.device, job.seed),
     default=True,
+    independent_signal=True,
     columns=(
         Column("caption_score", pa.float32(), "cosine between the image and its own caption; null without caption"),
         Column("caption_ref_score", pa.float32(),

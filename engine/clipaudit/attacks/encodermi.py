@@ -15,10 +15,10 @@ import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .augment import augmented_views
-from .base import MapBatch, StatelessAttack
-from .registry import LOGISTIC, Attack, Column, Learned, Score, register
-from .views import embed_views, rows, scale_range
+from clipaudit.attacks.augment import augmented_views
+from clipaudit.attacks.base import MapBatch, StatelessAttack
+from clipaudit.contract.registry import LOGISTIC, Attack, Column, Learned, Score, register
+from clipaudit.attacks.views import embed_views, rows, scale_range
 
 
 class EncoderMIParams(BaseModel):
@@ -65,6 +65,7 @@ def set_pooling(X: np.ndarray, quantiles: int = 11) -> np.ndarray:
 
 ENCODERMI = register(Attack(
     name="encodermi",
+    position=1,
     title="EncoderMI (augmented-view similarity)",
     params=EncoderMIParams,
     build=lambda p, job: EncoderMIAttack(p.views, p.scale),

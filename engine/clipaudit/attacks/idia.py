@@ -30,11 +30,12 @@ import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..data.names import load_name_pool
-from ..map.index import NameIndex, build_name_index
-from ..map.models import LoadedModel
-from .base import MapBatch
-from .registry import AnalysisInput, Attack, Column, IdentityAnalysis, Score, register
+from clipaudit.data.names import load_name_pool
+from clipaudit.model.name_index import NameIndex, build_name_index
+from clipaudit.model.loading import LoadedModel
+from clipaudit.attacks.base import MapBatch
+from clipaudit.core.statistics import auc
+from clipaudit.contract.registry import AnalysisInput, Attack, Column, IdentityAnalysis, Score, register
 
 #: Prompt templates in the style of the IDIA paper (our own wording).
 DEFAULT_TEMPLATES: list[str] = [
@@ -363,8 +364,6 @@ def _sweep_entry(k: int, scores: np.ndarray, names: list[str], labels: dict[str,
                  draws: int, population: np.ndarray | None = None) -> dict[str, Any]:
     """TPR, FPR and AUC at k, each per draw and averaged; ``population``: the identities that
     may enter (None: all with at least k images)."""
-    from ..reduce.statistics import auc
-
     y = np.array([labels.get(n) for n in names], dtype=object)
     have = ~np.isnan(scores[:, 0]) if len(scores) else np.zeros(0, dtype=bool)
     if population is not None:
@@ -388,6 +387,7 @@ def _sweep_entry(k: int, scores: np.ndarray, names: list[str], labels: dict[str,
 
 IDIA = register(Attack(
     name="idia",
+    position=0,
     title="IDIA (identity inference)",
     params=IdiaParams,
     build=lambda p, job: IdiaAttack(load_name_pool(job.names, job.data.storage_options),

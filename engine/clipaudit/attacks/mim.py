@@ -12,11 +12,11 @@ import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..map.models import LoadedModel
-from .augment import patch_masks
-from .base import MapBatch, StatelessAttack
-from .registry import LOGISTIC, Attack, Column, Score, register
-from .views import embed_views, rows
+from clipaudit.model.loading import LoadedModel
+from clipaudit.attacks.augment import patch_masks
+from clipaudit.attacks.base import MapBatch, StatelessAttack
+from clipaudit.contract.registry import LOGISTIC, Attack, Column, Score, register
+from clipaudit.attacks.views import embed_views, rows
 
 
 class MimParams(BaseModel):
@@ -61,6 +61,7 @@ class MimAttack(StatelessAttack):
 
 MIM = register(Attack(
     name="mim",
+    position=3,
     title="masked-view consistency (after MIM)",
     params=MimParams,
     build=lambda p, job: MimAttack(p.mask_ratios),

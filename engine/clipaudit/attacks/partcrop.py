@@ -40,10 +40,10 @@ import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .augment import part_crops
-from .base import MapBatch, StatelessAttack
-from .registry import Attack, Column, Learned, Score, register
-from .views import embed_views, quantile_summary, rows, scale_range
+from clipaudit.attacks.augment import part_crops
+from clipaudit.attacks.base import MapBatch, StatelessAttack
+from clipaudit.contract.registry import Attack, Column, Learned, Score, register
+from clipaudit.attacks.views import embed_views, quantile_summary, rows, scale_range
 
 SUMMARY = 13  # quantile_summary's width: 11 quantiles, mean, std
 
@@ -126,6 +126,7 @@ def paper_responses(X: np.ndarray) -> np.ndarray:
 
 PARTCROP = register(Attack(
     name="partcrop",
+    position=2,
     title="PartCrop (part-crop responses)",
     params=PartCropParams,
     build=lambda p, job: PartCropAttack(p.crops, p.scale),

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .augment import sample_rng
-from .base import MapBatch
+from clipaudit.attacks.augment import sample_rng
+from clipaudit.attacks.base import MapBatch
 
 
 def per_image_rngs(batch: MapBatch, stream: str) -> list[np.random.Generator]:

@@ -6,7 +6,7 @@ Three measurements on the same synthetic shards, machine and model:
   the device, in batches of ``batch_size``: the ceiling the pipeline can reach;
 * ``decode_only`` — the map step's own tar streaming + JPEG decode + resize on its decode
   threads (:meth:`ShardMapper.decoded_batches`), no model;
-* ``map`` — the real map step (:class:`clipaudit.mapper.ShardMapper`, in-process) with the
+* ``map`` — the real map step (:class:`clipaudit.map.mapper.ShardMapper`, in-process) with the
   chosen attacks: reading, decoding, the model, the attacks, Parquet parts and markers.
 
 Reported as images/s and as ratios to ``model_only``; the machine is named in the result.
@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from clipaudit.app.resolve import map_hash
 
 def attack_set(choice: str) -> dict[str, dict[str, Any]]:
     """``all``, ``default`` or registered attack names joined by ``+`` → the spec's ``attacks``
     (default parameters)."""
-    from ..attacks.registry import available
+    from clipaudit.contract.registry import available
 
     names = [a.name for a in available()]
     if choice == "all":
@@ -113,10 +114,10 @@ def run_bench(model: str = "ViT-B-32", pretrained: str | None = None, precision:
     """
     import torch
 
-    from ..map.mapper import ShardMapper
-    from ..map.models import load_model, resolve_device
-    from ..io.outputs import OutputLayout
-    from ..spec import parse_spec
+    from clipaudit.map.mapper import ShardMapper
+    from clipaudit.model.loading import load_model, resolve_device
+    from clipaudit.io.outputs import OutputLayout
+    from clipaudit.spec import parse_spec
 
     dev = str(resolve_device(device))
     tmp = tempfile.TemporaryDirectory(prefix="clipaudit-bench-") if workdir is None else None
@@ -158,7 +159,7 @@ def run_bench(model: str = "ViT-B-32", pretrained: str | None = None, precision:
         # the real map step
         log(f"map step set-up ({n_names} names × templates)")
         layout = OutputLayout(root / "out")
-        mapper = ShardMapper(spec, layout)
+        mapper = ShardMapper(spec, layout, map_hash(spec))
         t0 = time.perf_counter()
         mapper.setup(mapper.compute_shared())
         setup_s = time.perf_counter() - t0

@@ -35,6 +35,7 @@ from typing import Any
 from collections.abc import Callable
 
 import numpy as np
+from clipaudit.app.resolve import map_hash
 
 # ViT-B-32's width and patch size (the default audit model's), fewer layers and 96 px so that the
 # quick run fits in ~3 minutes on 2 cores.
@@ -56,7 +57,7 @@ def _write_model(root: Path) -> Path:
 
 
 def _spec(root: Path, model: Path, shards: list[Path], batch_size: int, out: str, threads: int = 2):
-    from ..spec import parse_spec
+    from clipaudit.spec import parse_spec
 
     return parse_spec({
         "model": {"name": str(model)},
@@ -94,7 +95,7 @@ def _augment_speedup(loaded, jpegs: list[bytes], views: int) -> float:
     from PIL import Image
     from torchvision import transforms as T
 
-    from ..attacks.augment import augmented_views, sample_rng
+    from clipaudit.attacks.augment import augmented_views, sample_rng
 
     size = loaded.image_size
     images = [Image.open(io.BytesIO(d)).convert("RGB") for d in jpegs]
@@ -119,10 +120,10 @@ def _index_figures(root: Path, index_names: int, templates: int = 3) -> tuple[fl
     """
     import torch
 
-    from ..lab.build import LabConfig, build_lab
-    from ..lab.identities import make_identities, make_names, render
-    from ..map.index import FaissNameIndex, IVFNameIndex
-    from ..map.models import load_model
+    from clipaudit.lab.build import LabConfig, build_lab
+    from clipaudit.lab.identities import make_identities, make_names, render
+    from clipaudit.model.name_index import FaissNameIndex, IVFNameIndex
+    from clipaudit.model.loading import load_model
 
     rng = np.random.default_rng(0)
 
@@ -159,14 +160,14 @@ def _child_map(job: dict, threads: int, results) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from ..io.outputs import OutputLayout
-    from ..map.mapper import ShardMapper
+    from clipaudit.io.outputs import OutputLayout
+    from clipaudit.map.mapper import ShardMapper
 
     open_clip.add_model_config(job["model"])
     root = Path(job["root"])
     spec = _spec(root, Path(job["model"]), [Path(s) for s in job["shards"]], job["batch_size"], job["out"],
                  threads=job["decode_threads"])
-    mapper = ShardMapper(spec, OutputLayout(root / job["out"]))
+    mapper = ShardMapper(spec, OutputLayout(root / job["out"]), map_hash(spec))
     mapper.setup(mapper.compute_shared())
     while time.time() < job["start_at"]:  # side-by-side processes start mapping together
         time.sleep(0.01)
@@ -218,10 +219,10 @@ def run_quick(n_images: int = 768, batch_size: int = 64, names: int = 1000, inde
     """All quick figures (see the module docstring) on this machine's CPU."""
     import torch
 
-    from .map_step import machine, write_synthetic_shards
-    from ..io.outputs import OutputLayout
-    from ..map.mapper import ShardMapper
-    from ..map.models import load_model
+    from clipaudit.bench.map_step import machine, write_synthetic_shards
+    from clipaudit.io.outputs import OutputLayout
+    from clipaudit.map.mapper import ShardMapper
+    from clipaudit.model.loading import load_model
 
     with tempfile.TemporaryDirectory(prefix="clipaudit-bench-quick-") as tmp:
         root = Path(tmp)
@@ -241,7 +242,7 @@ def run_quick(n_images: int = 768, batch_size: int = 64, names: int = 1000, inde
 
         log(f"map step: {len(shards)} shards, IDIA on, {names} names")
         spec = _spec(root, model_path, shards, batch_size, "out")
-        mapper = ShardMapper(spec, OutputLayout(root / "out"))
+        mapper = ShardMapper(spec, OutputLayout(root / "out"), map_hash(spec))
         shared = mapper.compute_shared()
         mapper.setup(shared)
         mapper.map_shard(str(shards[0]))  # warm-up

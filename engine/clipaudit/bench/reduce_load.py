@@ -1,7 +1,7 @@
 """``clipaudit bench --under-load OUT``: the reduce step of an existing audit, alone and with
 busy-loop processes on the cores, measured side by side in one run.
 
-Each measurement runs the CLI's ``clipaudit reduce`` on a fresh copy of the audit folder in a
+Each measurement runs the reduce step as ``clipaudit reduce`` does on a fresh copy of the audit folder in a
 newly spawned Python process, timed from its start to its end (imports and start-up
 included, as a user would time it). The busy processes are spawned pure-Python loops, one
 per requested process, started before and stopped after each loaded run. The reduce step
@@ -27,14 +27,18 @@ def _busy() -> None:
 
 
 def _reduce(folder: str) -> None:
-    """In a spawned process: ``clipaudit reduce FOLDER``, quietly; its exit status is the CLI's."""
+    """In a spawned process: the reduce step of FOLDER as ``clipaudit reduce FOLDER`` runs it
+    (the saved spec's settings, under the output lock), quietly."""
     import logging
-    import sys
 
-    from ..cli import main
+    from clipaudit.app.runner import reduce_options, saved_spec
+    from clipaudit.io.outputs import OutputLayout
+    from clipaudit.reduce.pipeline import reduce_outputs
 
     logging.disable(logging.INFO)
-    sys.exit(main(["reduce", folder]))
+    layout = OutputLayout(Path(folder))
+    with layout.lock():
+        reduce_outputs(layout, reduce_options(saved_spec(layout)))
 
 
 def _timed_reduce(audit: Path, work: Path) -> float:
@@ -60,7 +64,7 @@ def run_load_bench(audit: Path, busy: int = 2, repeat: int = 3,
     import multiprocessing as mp
     import tempfile
 
-    from .map_step import machine
+    from clipaudit.bench.map_step import machine
 
     if not (audit / "samples").is_dir():
         raise FileNotFoundError(f"{audit}: not an audit folder (no samples/); run `clipaudit demo` or a job first")

@@ -22,6 +22,7 @@ from typing import Any
 from collections.abc import Callable
 
 import numpy as np
+from clipaudit.spec import REDUCE_MEMORY
 
 TEMPLATES = 21
 FEATURES = 45  # values in the image-side attack's feature vector (e.g. 45 pairwise cosines of 10 views)
@@ -35,7 +36,7 @@ DISTRACTORS = 1000
 def image_attack():
     """The image-side attack the synthetic audit fills: the first built-in one (by name) that has
     a feature vector for learned attackers."""
-    from ..attacks.registry import available
+    from clipaudit.contract.registry import available
 
     return min((a for a in available() if a.features and a.learned), key=lambda a: a.name)
 
@@ -55,7 +56,7 @@ def synthetic_audit(folder: Path, rows: int, seed: int = 0, rows_per_part: int =
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ..io.schemas import load_schema
+    from clipaudit.contract.schemas import load_schema
 
     rng = np.random.default_rng(seed)
     schema = load_schema("samples", attacks())
@@ -120,9 +121,10 @@ def _child_reduce(folder: str, memory_limit: str, results) -> None:
     RSS, and the peak RSS so far at each of the reduce step's log lines (its stages)."""
     import logging
 
-    from .quick import peak_rss_mb
-    from ..io.outputs import OutputLayout
-    from ..reduce import ReduceOptions, reduce_outputs
+    from clipaudit.bench.quick import peak_rss_mb
+    from clipaudit.io.outputs import OutputLayout
+    from clipaudit.reduce import reduce_outputs
+    from clipaudit.reduce.options import ReduceOptions
 
     stages: list[tuple[str, float]] = []
 
@@ -143,7 +145,7 @@ def _child_reduce(folder: str, memory_limit: str, results) -> None:
                  "identities": result.identities.num_rows, "stages": stages})
 
 
-def measure(folder: Path, memory_limit: str = "2GB") -> dict[str, Any]:
+def measure(folder: Path, memory_limit: str = REDUCE_MEMORY) -> dict[str, Any]:
     """Reduce ``folder`` in a fresh process; its seconds, peak RSS (MB), identity count and
     peak RSS after each logged stage."""
     import multiprocessing as mp
@@ -158,14 +160,14 @@ def measure(folder: Path, memory_limit: str = "2GB") -> dict[str, Any]:
     return results.get(timeout=5)
 
 
-def run_reduce_bench(sizes: list[int], workdir: Path, seed: int = 0, memory_limit: str = "2GB",
+def run_reduce_bench(sizes: list[int], workdir: Path, seed: int = 0, memory_limit: str = REDUCE_MEMORY,
                      log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Peak RSS and time of the reduce step at each size (rows) with DuckDB capped at
     ``memory_limit``, plus the largest size's RSS over the smallest's (``reduce_rss_growth``:
     1.0 is flat; the cap bounds it — DuckDB uses up to its limit before it spills)."""
     import shutil
 
-    from .map_step import machine
+    from clipaudit.bench.map_step import machine
 
     out: dict[str, Any] = {"device": machine("cpu"), "reduce_memory_limit": memory_limit, "reduce_rows": [],
                            "reduce_seconds": [], "reduce_rows_per_s": [], "reduce_peak_rss_mb": [],

@@ -116,11 +116,6 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
-def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
-    """Shortest side to ``size`` (bicubic), then centre crop — OpenCLIP's default eval transform."""
-    return Preprocess(size).apply(im)
-
-
 def _let_max_pixels_govern(max_pixels: int) -> None:
     """Raise Pillow's own limit so that it refuses no image of at most ``max_pixels`` pixels.
 

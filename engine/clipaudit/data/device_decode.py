@@ -24,7 +24,7 @@ import warnings
 import torch
 from PIL import Image
 
-from .decode import Preprocess
+from clipaudit.data.decode import Preprocess
 
 _EXIF_ORIENTATION = 0x0112
 

@@ -16,7 +16,8 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .samples import normalize_name
+from clipaudit.core.errors import ClipauditError
+from clipaudit.data.samples import normalize_name
 
 #: where distractors come from when the true names give no hint
 FALLBACK_LOCALES = ("en_US", "en_GB", "de_DE", "fr_FR", "es_ES", "it_IT", "pt_BR", "nl_NL", "pl_PL", "sv_SE",
@@ -24,7 +25,7 @@ FALLBACK_LOCALES = ("en_US", "en_GB", "de_DE", "fr_FR", "es_ES", "it_IT", "pt_BR
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
-class NamePoolBuildError(ValueError):
+class NamePoolBuildError(ClipauditError, ValueError):
     """The pool cannot be built as asked (too small for the identities, names exhausted)."""
 
 

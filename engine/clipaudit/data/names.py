@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Mapping
 
-from .samples import normalize_name
-from .shards import is_url
+from clipaudit.core.errors import ClipauditError
+from clipaudit.data.samples import normalize_name
+from clipaudit.data.urls import is_url
 
 
-class NamePoolError(ValueError):
+class NamePoolError(ClipauditError, ValueError):
     """The name pool file is empty or unreadable."""
 
 
@@ -21,7 +22,7 @@ def read_pool_bytes(path: str | Path, storage_options: Mapping[str, Any] | None 
     :class:`NamePoolError` naming it; a missing local file raises ``FileNotFoundError``."""
     if not is_url(str(path)):
         return Path(path).read_bytes()
-    from .storage import describe_error, open_url
+    from clipaudit.data.storage import describe_error, open_url
 
     try:
         with open_url(str(path), "rb", storage_options) as f:

@@ -10,10 +10,14 @@ from contextlib import contextmanager
 from typing import Any, BinaryIO
 from collections.abc import Iterator, Mapping
 
+from clipaudit.core.errors import ClipauditError
+from clipaudit.data.storage import open_url
+from clipaudit.data.urls import is_url
+
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
-class ShardPatternError(ValueError):
+class ShardPatternError(ClipauditError, ValueError):
     """A shard pattern that lists nothing or cannot be parsed."""
 
 
@@ -61,39 +65,6 @@ def expand_shards(shards: str | list[str]) -> list[str]:
     return [s for s in out if not (s in seen or seen.add(s))]
 
 
-#: fsspec backends users most often need, by protocol (what to pip install)
-_BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp",
-             "az": "adlfs", "abfs": "adlfs"}
-
-
-def is_url(shard: str) -> bool:
-    return "://" in shard and not shard.startswith("file://")
-
-
-def protocol(shard: str) -> str:
-    return shard.split("://", 1)[0].lower()
-
-
-def backend_package(url: str) -> str:
-    """What to install to read ``url`` (its fsspec backend)."""
-    proto = protocol(url)
-    return _BACKENDS.get(proto, f"the fsspec backend for {proto}://")
-
-
-def check_backend(shard: str) -> None:
-    """Raise ImportError naming the package to install when a URL's fsspec backend is missing."""
-    import fsspec
-
-    proto = protocol(shard)
-    try:
-        fsspec.get_filesystem_class(proto)
-        if proto in _BACKENDS:  # fsspec knows the class but imports its backend lazily
-            __import__(_BACKENDS[proto])
-    except (ImportError, ValueError) as e:
-        hint = backend_package(shard)
-        raise ImportError(f"reading {proto}:// URLs needs {hint} (pip install {hint}): {e}") from None
-
-
 @contextmanager
 def open_shard(shard: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[tuple[BinaryIO, int]]:
     """A seekable binary file and its size in bytes, for a local path or a URL (opened with
@@ -106,8 +77,6 @@ def open_shard(shard: str, storage_options: Mapping[str, Any] | None = None) -> 
             f.seek(0)
             yield f, size
         return
-    from .storage import open_url
-
     with open_url(shard, "rb", storage_options) as f:
         f.seek(0, 2)
         size = f.tell()

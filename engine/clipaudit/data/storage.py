@@ -21,7 +21,8 @@ from collections import defaultdict
 from typing import Any
 from collections.abc import Iterable, Mapping
 
-from .shards import check_backend, is_url, protocol
+from clipaudit.core.errors import ClipauditError
+from clipaudit.data.urls import check_backend, is_url, protocol
 
 #: keys whose values are credentials (matched case-insensitively anywhere in the key)
 SECRET_KEY = re.compile(r"key|secret|token|passw|credential|signature", re.IGNORECASE)
@@ -31,7 +32,7 @@ _REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _LISTABLE = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory", "file"}
 
 
-class StorageError(OSError):
+class StorageError(ClipauditError, OSError):
     """A URL input that cannot be read: missing object, no permission, unreachable endpoint,
     or storage options that cannot be resolved. The message names the URL."""
 

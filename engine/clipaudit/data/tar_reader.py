@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Iterator, Mapping
 
-from .shards import open_shard
+from clipaudit.data.shards import open_shard
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 

@@ -1,7 +1,7 @@
 """What every executor does: map a list of shards, retrying, and report per-shard stats.
 
 Only the executors know how work is spread (in-process, Ray actors). The map step itself
-is :class:`clipaudit.mapper.ShardMapper`, identical everywhere.
+is :class:`clipaudit.map.mapper.ShardMapper`, identical everywhere.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
-from ..io.outputs import OutputLayout
-from ..spec import JobSpec
+from clipaudit.io.outputs import OutputLayout
+from clipaudit.spec import JobSpec
 
 
 @dataclass
@@ -34,7 +34,8 @@ class MapResult:
 
 
 class Executor(Protocol):
-    def run(self, spec: JobSpec, layout: OutputLayout, shards: list[str], progress: bool = True) -> MapResult:
+    def run(self, spec: JobSpec, layout: OutputLayout, shards: list[str], map_hash: str,
+            progress: bool = True) -> MapResult:
         ...
 
 

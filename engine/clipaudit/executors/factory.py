@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from ..spec import JobSpec
-from .base import Executor
+from clipaudit.spec import JobSpec
+from clipaudit.executors.base import Executor
 
 
 def make_executor(spec: JobSpec) -> Executor:
     """``compute.executor``: ``local`` (in-process, no Ray) or ``ray`` (actor pool)."""
     if spec.compute.executor == "local":
-        from .local import LocalExecutor
+        from clipaudit.executors.local import LocalExecutor
 
         return LocalExecutor()
-    from .ray import RayExecutor
+    from clipaudit.executors.ray import RayExecutor
 
     return RayExecutor()

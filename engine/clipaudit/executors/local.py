@@ -6,11 +6,11 @@ import logging
 import time
 import traceback
 
-from ..map.mapper import ShardMapper
-from ..io.outputs import OutputLayout
-from ..spec import JobSpec
-from .base import MapResult, Progress, ShardFailure
-from .shared import load_or_compute_shared
+from clipaudit.map.mapper import ShardMapper
+from clipaudit.io.outputs import OutputLayout
+from clipaudit.spec import JobSpec
+from clipaudit.executors.base import MapResult, Progress, ShardFailure
+from clipaudit.executors.shared import load_or_compute_shared
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +24,14 @@ class LocalExecutor:
     its half-written parts behind. Use the Ray executor where a shard might hang.
     """
 
-    def run(self, spec: JobSpec, layout: OutputLayout, shards: list[str], progress: bool = True) -> MapResult:
+    def run(self, spec: JobSpec, layout: OutputLayout, shards: list[str], map_hash: str,
+            progress: bool = True) -> MapResult:
         t0 = time.perf_counter()
         result = MapResult()
         if not shards:
             return result
-        mapper = ShardMapper(spec, layout)
-        shared = load_or_compute_shared(layout, spec, mapper.compute_shared, mapper.map_hash)
+        mapper = ShardMapper(spec, layout, map_hash)
+        shared = load_or_compute_shared(layout, spec, mapper.compute_shared, map_hash)
         mapper.setup(shared)
         bar = Progress(len(shards), progress, spec.compute.progress_interval_s)
         try:

@@ -22,11 +22,11 @@ import time
 from collections import deque
 from typing import Any
 
-from ..io.outputs import OutputLayout, output_layout
-from ..data.storage import resolve_options
-from ..spec import JobSpec
-from .base import MapResult, Progress, ShardFailure
-from .shared import load_or_compute_shared
+from clipaudit.io.outputs import OutputLayout, output_layout
+from clipaudit.data.storage import resolve_options
+from clipaudit.spec import JobSpec
+from clipaudit.executors.base import MapResult, Progress, ShardFailure
+from clipaudit.executors.shared import load_or_compute_shared
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class _MapWorker:
     """Ray actor body: one model per actor, one shard per call."""
 
     def __init__(self, spec_json: dict, output_root: str, shared: dict[str, Any], map_hash: str) -> None:
-        from ..map.mapper import ShardMapper
+        from clipaudit.map.mapper import ShardMapper
 
         spec = JobSpec.model_validate(spec_json)
         self.mapper = ShardMapper(spec, _layout(spec, output_root), map_hash)
@@ -64,7 +64,7 @@ def _layout(spec: JobSpec, output_root: str) -> OutputLayout:
 
 
 def _compute_shared(spec_json: dict, output_root: str, map_hash: str) -> dict[str, Any]:
-    from ..map.mapper import ShardMapper
+    from clipaudit.map.mapper import ShardMapper
 
     spec = JobSpec.model_validate(spec_json)
     layout = _layout(spec, output_root)
@@ -188,7 +188,8 @@ class RayExecutor:
             return c.workers, shape
         return (max(1, min(slots)) if slots else 2), shape
 
-    def run(self, spec: JobSpec, layout: OutputLayout, shards: list[str], progress: bool = True) -> MapResult:
+    def run(self, spec: JobSpec, layout: OutputLayout, shards: list[str], map_hash: str,
+            progress: bool = True) -> MapResult:
         t0 = time.perf_counter()
         result = MapResult()
         if not shards:
@@ -196,14 +197,14 @@ class RayExecutor:
         ray = _ray()
         started = ensure_ray(spec.compute.ray_address)
         try:
-            self._run(ray, spec, layout, shards, progress, result)
+            self._run(ray, spec, layout, shards, map_hash, progress, result)
         finally:
             if started:
                 ray.shutdown()
         result.seconds = time.perf_counter() - t0
         return result
 
-    def _run(self, ray, spec: JobSpec, layout: OutputLayout, shards: list[str], progress: bool,
+    def _run(self, ray, spec: JobSpec, layout: OutputLayout, shards: list[str], map_hash: str, progress: bool,
              result: MapResult) -> None:
         n_workers, resources = self._pool_shape(spec)
         n_workers = min(n_workers, len(shards))
@@ -211,7 +212,6 @@ class RayExecutor:
         # ${VAR} references in data.storage_options are resolved here, on the driver, and reach the
         # actors in memory: the worker nodes need not hold the variables
         spec_json["data"]["storage_options"] = resolve_options(spec.data.storage_options)
-        map_hash = spec.map_hash()  # hashed here once (name pool, weights), not by every actor
         root = str(layout.root.resolve())
         placement = dict(resources)
         if layout.remote is not None and os.environ.get("CLIPAUDIT_MIRROR_DIR"):

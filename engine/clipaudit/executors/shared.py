@@ -8,15 +8,16 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..io.outputs import OutputLayout, atomic_write_bytes
-from ..spec import JobSpec
+from clipaudit.io.outputs import OutputLayout
+from clipaudit.io.atomic import atomic_write_bytes
+from clipaudit.spec import JobSpec
 
 
 def load_or_compute_shared(layout: OutputLayout, spec: JobSpec, compute: Callable[[], dict[str, Any]],
-                           map_hash: str | None = None) -> dict[str, Any]:
+                           map_hash: str) -> dict[str, Any]:
     """Reuse the cached state of an earlier (interrupted) run of the same job — same map hash,
     so the same weights and name pool — else compute it."""
-    path = layout.cache_dir / f"shared-{map_hash or spec.map_hash()}.npz"
+    path = layout.cache_dir / f"shared-{map_hash}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}

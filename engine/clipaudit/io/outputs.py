@@ -6,8 +6,6 @@ is written to a temp name (under ``_tmp/`` for the output folder's files), fsync
 into place, and the destination folder fsynced, so a marker never reaches the disk before the
 bytes of the part it vouches for. The data folders (``samples/``, ``embeddings/``,
 ``sample_scores/``) hold finished parts only, so any Parquet reader may glob them as they are.
-Folders written before markers and temp files moved out (markers as ``samples/_<part>.done.json``)
-are still resumed: :meth:`OutputLayout.adopt_legacy_markers` moves their markers.
 """
 
 from __future__ import annotations
@@ -19,100 +17,25 @@ import os
 import platform
 import re
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from collections.abc import Callable, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-if TYPE_CHECKING:
-    from .remote_output import RemoteOutput
+from clipaudit.core.errors import ClipauditError
+from clipaudit.data.urls import is_url
+from clipaudit.io.atomic import Publish, fsync_file, publish_then_replace, temp_path, temp_prefix
+from clipaudit.io.remote_output import RemoteOutput
 
 log = logging.getLogger(__name__)
-
-#: ``publish(finished_temp_file, final_path)``: sends a finished file to where ``final_path``
-#: stands on object storage before it is renamed into place (see :meth:`OutputLayout.publisher`)
-Publish = Callable[[Path, Path], None]
-
 
 def part_name(shard: str) -> str:
     """A stable, file-system-safe part name for a shard path."""
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(shard).name.split(".")[0])[:40] or "shard"
     return f"{stem}-{hashlib.sha1(shard.encode()).hexdigest()[:10]}"
-
-
-def _tmp_path(path: Path, tmp_dir: Path | None = None) -> Path:
-    """A fresh temp name for ``path``: hidden beside it, or in ``tmp_dir`` (which must be on the
-    same file system, so the final rename stays atomic)."""
-    if tmp_dir is None:
-        return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    return tmp_dir / f"{temp_prefix(path)}{uuid.uuid4().hex[:8]}"
-
-
-def temp_prefix(path: Path) -> str:
-    """How the name of a temp file for ``path`` in a ``_tmp/`` folder begins (folder + name)."""
-    return f"{path.parent.name}.{path.name}.tmp-"
-
-
-def _fsync_file(path: Path) -> None:
-    """Flush a written (and closed) file's bytes to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_durably(tmp: Path, path: Path) -> None:
-    """Rename ``tmp`` (already fsynced) to ``path`` and fsync the folder so the rename lasts."""
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot fsync a folder; the file itself is on disk
-        pass
-    finally:
-        os.close(fd)
-
-
-def _publish_then_replace(tmp: Path, path: Path, publish: Publish | None) -> None:
-    """Send the finished ``tmp`` to the store first (when there is one), then rename it into
-    place: a file in the folder is always on the store too. A failed upload removes ``tmp``."""
-    if publish is not None:
-        try:
-            publish(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    _replace_durably(tmp, path)
-
-
-def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None, publish: Publish | None = None) -> None:
-    tmp = _tmp_path(path, tmp_dir)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    _publish_then_replace(tmp, path, publish)
-
-
-def atomic_write_json(path: Path, obj: Any, tmp_dir: Path | None = None, publish: Publish | None = None) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), tmp_dir,
-                       publish)
-
-
-def atomic_write_table(path: Path, table: pa.Table, tmp_dir: Path | None = None) -> None:
-    tmp = _tmp_path(path, tmp_dir)
-    pq.write_table(table, tmp, compression="zstd")
-    _fsync_file(tmp)
-    _replace_durably(tmp, path)
 
 
 class PartWriter:
@@ -123,7 +46,7 @@ class PartWriter:
         self.path = path
         self.schema = schema
         self.rows = 0
-        self._tmp = _tmp_path(path, tmp_dir)
+        self._tmp = temp_path(path, tmp_dir)
         self._writer = pq.ParquetWriter(self._tmp, schema, compression="zstd")
 
     def write(self, columns: dict[str, list]) -> None:
@@ -135,8 +58,8 @@ class PartWriter:
         """Close, fsync, publish (see :data:`Publish`) and rename the part: once this returns, its
         bytes are on the disk (and on the store)."""
         self._writer.close()
-        _fsync_file(self._tmp)
-        _publish_then_replace(self._tmp, self.path, publish)
+        fsync_file(self._tmp)
+        publish_then_replace(self._tmp, self.path, publish)
 
     def abort(self) -> None:
         try:
@@ -223,33 +146,11 @@ class OutputLayout:
     def marker(self, shard: str) -> Path:
         return self.markers_dir / f"{part_name(shard)}.done.json"
 
-    def legacy_marker(self, shard: str) -> Path:
-        """Where folders written before ``_markers/`` existed keep the shard's marker."""
-        return self.samples_dir / f"_{part_name(shard)}.done.json"
-
     def read_marker(self, shard: str) -> dict[str, Any] | None:
-        for path in (self.marker(shard), self.legacy_marker(shard)):
-            try:
-                return json.loads(path.read_text())
-            except FileNotFoundError:
-                continue
-            except (OSError, json.JSONDecodeError):
-                return None
-        return None
-
-    def adopt_legacy_markers(self) -> int:
-        """Move markers of the old layout (``samples/_<part>.done.json``) to ``_markers/`` so
-        ``samples/`` holds parts only; returns how many moved. Only safe while holding :meth:`lock`."""
-        legacy = sorted(self.samples_dir.glob("_*.done.json")) if self.samples_dir.is_dir() else []
-        if legacy:
-            self.markers_dir.mkdir(parents=True, exist_ok=True)
-        for old in legacy:
-            new = self.markers_dir / old.name[1:]
-            if new.exists():  # a newer run's marker wins
-                old.unlink(missing_ok=True)
-            else:
-                _replace_durably(old, new)
-        return len(legacy)
+        try:
+            return json.loads(self.marker(shard).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
 
     def is_done(self, shard: str) -> bool:
         """The marker exists and the part it vouches for has exactly its row count."""
@@ -317,17 +218,13 @@ class OutputLayout:
 def output_layout(output: Path | str, storage_options: Mapping[str, Any] | None = None) -> OutputLayout:
     """The layout of a local output folder, or of an output URL (s3://, gs://, …) through its
     local mirror (not synced here: call ``layout.remote.pull()``)."""
-    from ..data.shards import is_url
-
     if isinstance(output, str) and is_url(output):
-        from .remote_output import RemoteOutput
-
         remote = RemoteOutput.for_url(output, storage_options)
         return OutputLayout(remote.mirror, remote)
     return OutputLayout(Path(str(output).removeprefix("file://")))
 
 
-class OutputBusy(RuntimeError):
+class OutputBusy(ClipauditError, RuntimeError):
     """Another clipaudit process is writing to the same output folder."""
 
 
@@ -371,3 +268,8 @@ class OutputLock:
         if self._fd is not None:
             os.close(self._fd)  # closing releases the flock
             self._fd = None
+
+
+def no_audit(root, missing: str) -> str:
+    """The one wording for a folder that holds no (finished) audit."""
+    return f"{root} is not a clipaudit output folder (no {missing}): run `clipaudit run JOB.yaml` first"

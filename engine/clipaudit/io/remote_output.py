@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Mapping
 
+from clipaudit.io.atomic import atomic_write_json, replace_durably, temp_path
+
 log = logging.getLogger(__name__)
 
 INDEX_NAME = ".clipaudit-mirror.json"
@@ -63,7 +65,7 @@ def _local_sig(path: Path) -> list[int]:
 
 
 def _remote_sig(info: Mapping[str, Any]) -> list[Any]:
-    from ..data.storage import _etag
+    from clipaudit.data.storage import _etag
 
     modified = next((info[k] for k in ("LastModified", "updated", "mtime", "last_modified", "created")
                      if info.get(k) is not None), None)
@@ -76,7 +78,7 @@ def _same_content(local: Path, info: Mapping[str, Any]) -> bool:
     """Whether the object ``info`` describes holds exactly the bytes of ``local``, as far as the
     store can say: its MD5 (S3's ETag of a single-PUT object, GCS's ``md5Hash``); False when the
     store gives no MD5 (then the caller transfers the file)."""
-    from ..data.storage import _etag
+    from clipaudit.data.storage import _etag
 
     if not local.is_file() or local.stat().st_size != info.get("size"):
         return False
@@ -133,7 +135,7 @@ class RemoteOutput:
 
     # -- the store -------------------------------------------------------------------
     def _fs(self):
-        from ..data.storage import StorageError, url_to_fs
+        from clipaudit.data.storage import StorageError, url_to_fs
 
         try:
             fs, root = url_to_fs(self.url, self.storage_options)
@@ -142,14 +144,14 @@ class RemoteOutput:
         return fs, root.rstrip("/")
 
     def _error(self, what: str, e: BaseException, access: str = "read"):
-        from ..data.storage import StorageError, describe_error
+        from clipaudit.data.storage import StorageError, describe_error
 
         return StorageError(f"output {what}: {describe_error(self.url, e, access)}")
 
     def put(self, local: Path, final: Path | None = None) -> None:
         """One PUT of the finished file ``local`` to where ``final`` (default: ``local``, a file
         in the mirror) stands on the store."""
-        from ..data.storage import StorageError
+        from clipaudit.data.storage import StorageError
 
         fs, root = self._fs()
         rel = (final or local).relative_to(self.mirror).as_posix()
@@ -204,7 +206,6 @@ class RemoteOutput:
             return {}
 
     def _save_index(self, index: dict[str, dict[str, Any]]) -> None:
-        from .outputs import atomic_write_json
 
         atomic_write_json(self.mirror / INDEX_NAME, index)
 
@@ -226,7 +227,6 @@ class RemoteOutput:
         :func:`_vouched`); a mirror file the store does not hold is removed; a mirror file the
         store holds with the same MD5 (a map actor on this machine wrote and put it) is recorded
         without a download. Hold the layout's lock: a pull rewrites the mirror."""
-        from .outputs import _replace_durably, _tmp_path
 
         self.mirror.mkdir(parents=True, exist_ok=True)
         fs, root = self._fs()
@@ -255,13 +255,13 @@ class RemoteOutput:
                         index[rel] = {"local": _local_sig(local), "remote": sig}
                         continue
                 local.parent.mkdir(parents=True, exist_ok=True)
-                tmp = _tmp_path(local)
+                tmp = temp_path(local)
                 try:
                     fs.get_file(f"{root}/{rel}", str(tmp))
                 except Exception as e:  # noqa: BLE001 — see put
                     tmp.unlink(missing_ok=True)
                     raise self._error(f"download of {rel}", e) from e
-                _replace_durably(tmp, local)
+                replace_durably(tmp, local)
                 index[rel] = {"local": _local_sig(local), "remote": sig}
                 fetched += 1
         finally:  # what was fetched stays known, even when a download failed

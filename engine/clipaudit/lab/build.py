@@ -29,15 +29,10 @@ import open_clip
 import torch
 from PIL import Image
 
-from .identities import Identity, make_identities, make_names, render_many
-from .train import (
-    TRAIN_TEMPLATES,
-    create_tiny_model,
-    tiny_model_config,
-    torch_threads,
-    train_tiny_clip,
-    write_model_config,
-    zero_shot_top1,
+from clipaudit.lab.identities import Identity, make_identities, make_names, render_many
+from clipaudit.lab.train import (
+    TRAIN_TEMPLATES, create_tiny_model, tiny_model_config, torch_threads, train_tiny_clip, write_model_config,
+    zero_shot_top1
 )
 
 MODEL_NAME = "tiny-clip"

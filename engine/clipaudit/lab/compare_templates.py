@@ -21,9 +21,9 @@ VARIANTS = {"per_template": "{tau: 1}", "template_average": "{tau: 1, template_a
 def compare(root: Path, seed: int, steps: int | None = None) -> list[dict[str, Any]]:
     """Build the lab under ``root`` (``steps``: training steps, default the lab's; fewer give
     a weaker model, where the two variants can differ) and return one record per variant."""
-    from ..lab.build import LabConfig, build_lab
-    from ..runner import run_job
-    from ..spec import load_spec
+    from clipaudit.lab.build import LabConfig, build_lab
+    from clipaudit.app.runner import run_job
+    from clipaudit.spec import load_spec
 
     cfg = LabConfig(seed=seed) if steps is None else LabConfig(seed=seed, steps=steps)
     lab = build_lab(root / "lab", cfg, log=lambda *a: None)

@@ -9,10 +9,10 @@ import shutil
 import time
 from pathlib import Path
 
-from ..io.report import metrics_table, print_report
-from ..runner import RunReport, run_job
-from ..spec import load_spec
-from .build import LabConfig, build_lab
+from clipaudit.report.text import metrics_table, print_report
+from clipaudit.app.runner import RunReport, run_job
+from clipaudit.spec import load_spec
+from clipaudit.lab.build import LabConfig, build_lab
 
 _LAB_DONE = "_LAB_DONE.json"
 
@@ -55,7 +55,7 @@ def _lab(root: Path, cfg: LabConfig) -> tuple[Path, Path]:
 
 def run_demo(output: Path, progress: bool = True, cfg: LabConfig | None = None) -> int:
     """Run the whole synthetic audit; returns a process exit code."""
-    from ..executors.ray import ensure_ray
+    from clipaudit.executors.ray import ensure_ray
 
     t0 = time.perf_counter()
     output = output.resolve()
@@ -83,7 +83,7 @@ def run_demo(output: Path, progress: bool = True, cfg: LabConfig | None = None) 
     print("\nidentity level: member vs non-member identities (IDIA at the same number k of photos each; "
           "image-side scores averaged over their photos); image level: the members' training photos vs every "
           "held-out photo (of members and non-members).")
-    from ..bench.map_step import machine
+    from clipaudit.bench.map_step import machine
 
     m = machine("cpu")
     print(f"machine: {m['cpu']} ({m['cpu_cores']} cores), torch {m['torch']}; "

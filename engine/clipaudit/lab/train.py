@@ -19,8 +19,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from ..attacks.augment import crop_resize, random_resized_boxes
-from ..map.models import quiet_random_init
+from clipaudit.attacks.augment import crop_resize, random_resized_boxes
+from clipaudit.model.loading import quiet_random_init
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 

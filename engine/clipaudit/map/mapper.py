@@ -21,16 +21,17 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from ..attacks import MapAttack, build_attacks
-from ..attacks.registry import available
-from ..attacks.base import MapBatch
-from ..data.samples import Sample, decode_with_pillow, prepare_sample
-from ..data.tar_reader import RawSample, iter_tar_samples
-from .image_hash import difference_hashes
-from .models import LoadedModel, load_model
-from ..io.outputs import OutputLayout, PartWriter, atomic_write_json
-from ..io.schemas import load_schema
-from ..spec import JobSpec
+from clipaudit.attacks import MapAttack, build_attacks
+from clipaudit.contract.registry import available
+from clipaudit.attacks.base import MapBatch
+from clipaudit.data.samples import Sample, decode_with_pillow, prepare_sample
+from clipaudit.data.tar_reader import RawSample, iter_tar_samples
+from clipaudit.model.image_hash import difference_hashes
+from clipaudit.model.loading import LoadedModel, load_model
+from clipaudit.io.outputs import OutputLayout, PartWriter
+from clipaudit.io.atomic import atomic_write_json
+from clipaudit.contract.schemas import load_schema
+from clipaudit.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,13 @@ def _batched(it: Iterator[RawSample], n: int) -> Iterator[list[RawSample]]:
 class ShardMapper:
     """Holds the model and attacks of one worker; maps whole shards."""
 
-    def __init__(self, spec: JobSpec, layout: OutputLayout, map_hash: str | None = None) -> None:
+    def __init__(self, spec: JobSpec, layout: OutputLayout, map_hash: str) -> None:
         self.spec = spec
         self.layout = layout
         self.attacks: list[MapAttack] = build_attacks(spec)
         self.model: LoadedModel | None = None
         # hashes the name pool and the weights: given by the driver, else once per worker (not per shard)
-        self.map_hash = map_hash or spec.map_hash()
+        self.map_hash = map_hash
         self.samples_schema = load_schema("samples", spec.attacks.enabled())  # core + attack columns
         # the bounded original is decoded only when an enabled attack cuts views from it
         needs_source = any(a.source_views for a in available(spec.plugins) if a.name in spec.attacks.enabled())
@@ -122,7 +123,7 @@ class ShardMapper:
         pending = [s for s in samples if s.jpeg is not None]
         if not pending:
             return {}
-        from ..data.device_decode import decode_on_device
+        from clipaudit.data.device_decode import decode_on_device
 
         pre, d = self.model.preprocess, self.spec.data
         on_device = {}

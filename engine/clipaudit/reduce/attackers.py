@@ -9,8 +9,8 @@ the model fitted on them for the others. Without labels but with enough controls
 attacker is fitted weakly supervised, in the style of CLIP-MIA's weak supervision: the controls
 are the non-members and the candidates whose score is above the controls' 90th percentile are
 taken as pseudo-members (:func:`pseudo_labels`) — the score of *another* attack
-(:func:`pseudo_source`: caption's first), never the attacker's own, which it would only learn
-back. The classes are balanced (:func:`balanced`) and the expected share of non-members among
+(:func:`pseudo_source`: an independent signal's first), never the attacker's own, which it would
+only learn back. The classes are balanced (:func:`balanced`) and the expected share of non-members among
 the pseudo-members is recorded (:func:`expected_contamination`); the fit then runs as above.
 The fitted models are written to ``attackers/<attack>_<variant>.json``
 as plain arrays (nothing that can run code on load), so ``clipaudit reduce OUT --attackers
@@ -29,13 +29,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..attacks.registry import Attack, Learned, registered
-from ..attacks.registry import scores as score_list
-from .learned import LogisticModel, MLPModel, crossfit_folds, fit_model
-from .neighbours import Copies
+from clipaudit.core.errors import ClipauditError
+from clipaudit.contract.registry import Attack, Learned, registered
+from clipaudit.contract.registry import scores as score_list
+from clipaudit.reduce.learned import LogisticModel, MLPModel, crossfit_folds, fit_model
+from clipaudit.reduce.neighbours import Copies
 
 if TYPE_CHECKING:
-    from .labels import Controls, Labels
+    from clipaudit.data.labels import Controls, Labels
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ PSEUDO_QUANTILE = 0.9
 MIN_WEAK = 5
 
 
-class AttackerError(ValueError):
+class AttackerError(ClipauditError, ValueError):
     """Saved attackers that cannot be read or do not fit this audit's features."""
 
 
@@ -174,7 +175,7 @@ def fit_and_score(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 
 
 
 def save(attackers: list[Attacker], folder: Path) -> None:
-    from ..io.outputs import atomic_write_json
+    from clipaudit.io.atomic import atomic_write_json
 
     folder.mkdir(parents=True, exist_ok=True)
     keep = {f"{a.name}.json" for a in attackers}
@@ -235,7 +236,7 @@ class LearnedScores:
     def scores(self, part: str, ok_rows) -> dict[str, np.ndarray]:
         """Per score name (``<attack>_<variant>``): the scores of a part's ok rows (an Arrow
         table with :attr:`columns`), in row order — out-of-fold for the images fitted on."""
-        from .evaluation import feature_matrix
+        from clipaudit.reduce.evaluation import feature_matrix
 
         out = {}
         for name, f in self.variants.items():
@@ -303,10 +304,13 @@ def ok_rows(part: Path, columns: list[str]):
 
 def pseudo_source(attack: str, signals: list[str]) -> str | None:
     """The score that picks an attack's pseudo-members: never the attack's own (its attacker
-    would learn back the rule that made its labels, a circle), caption's first — CLIP-MIA's
-    signal, independent of the view-consistency features — else the first other one."""
+    would learn back the rule that made its labels, a circle), first one whose attack declares
+    an ``independent_signal`` (the image–caption cosine, CLIP-MIA's signal, shares no input with
+    the view-consistency features), else the first other one."""
     others = [s for s in signals if s != attack]
-    return "caption" if "caption" in others else (others[0] if others else None)
+    owner = {score.name: a for a in registered() for score in a.scores}
+    independent = [s for s in others if s in owner and owner[s].independent_signal]
+    return (independent or others or [None])[0]
 
 
 def _weak_cuts(parts: list[Path], own: dict[str, str], controls: Controls,
@@ -383,13 +387,13 @@ def score_candidates(layout, params: dict[str, Any], labels: Labels | None,
             if source is None:
                 log.warning("attackers: %s not fitted without labels: its pseudo-members would have to come from "
                             "its own score, which its attacker would only learn back (needs another image-level "
-                            "attack, e.g. caption)", name)
+                            "attack, best one whose score is an independent signal)", name)
                 continue
             own[name], cuts[name], candidates[name] = signals[source], signal_cuts[source], signal_candidates[source]
     columns = sorted({a.features for a in attacks.values()} | set(own.values()))
     sets = {name: _FitSet(max_fit) for name in attacks}
     group_ids: dict[str, int] = {}
-    from .evaluation import feature_matrix
+    from clipaudit.reduce.evaluation import feature_matrix
 
     for p, part in enumerate(parts):
         t = ok_rows(part, columns)
@@ -452,7 +456,7 @@ def _applied(parts: list[Path], pairs: list[tuple[Attack, Learned]], params: dic
              apply: list[Attacker]) -> LearnedScores:
     """Attackers fitted on another audit, checked against this audit's features (the first
     part that has them) before anything is scored."""
-    from .evaluation import feature_matrix
+    from clipaudit.reduce.evaluation import feature_matrix
 
     out = LearnedScores()
     given = {a.name: a for a in apply}

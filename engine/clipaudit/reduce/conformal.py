@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .statistics import float_vector
+from clipaudit.core.statistics import float_vector
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from ..io.outputs import OutputLayout
-    from .attackers import LearnedScores
-    from .labels import Controls
-    from .neighbours import Copies
+    from clipaudit.io.outputs import OutputLayout
+    from clipaudit.reduce.attackers import LearnedScores
+    from clipaudit.data.labels import Controls
+    from clipaudit.reduce.neighbours import Copies
 
 
 def _controls(control_scores: np.ndarray) -> np.ndarray:
@@ -34,24 +34,6 @@ def _controls(control_scores: np.ndarray) -> np.ndarray:
     if not np.isfinite(c).all():
         raise ValueError("control scores must be finite")
     return np.sort(c)
-
-
-def threshold_at_fpr(control_scores: np.ndarray, target_fpr: float) -> float:
-    """Smallest t with mean(control >= t) <= target_fpr; flag members by ``score >= t``.
-
-    The infimum is the (k+1)-th largest control (k = floor(target_fpr * n)), which itself
-    would be flagged, so the next float above it is returned; -inf when target_fpr >= 1.
-    """
-    if not 0.0 <= target_fpr <= 1.0:
-        raise ValueError(f"target_fpr must be in [0, 1], got {target_fpr}")
-    c = _controls(control_scores)
-    n = c.size
-    k = min(int(np.floor(target_fpr * n + 1e-9)), n)
-    while k > 0 and k / n > target_fpr:  # undo the rounding slack if it overshot
-        k -= 1
-    if k >= n:
-        return float(-np.inf)
-    return float(np.nextafter(c[n - 1 - k], np.inf))
 
 
 def empirical_pvalues(scores: np.ndarray, control_scores: np.ndarray) -> np.ndarray:
@@ -293,9 +275,9 @@ def write_sample_pvalues(layout: OutputLayout, image_scores: list[str], controls
     ``calibration.json`` entry per score."""
     import pyarrow as pa
 
-    from ..io.outputs import atomic_write_table
-    from .attackers import ok_rows
-    from .neighbours import Copies
+    from clipaudit.io.atomic import atomic_write_table
+    from clipaudit.reduce.attackers import ok_rows
+    from clipaudit.reduce.neighbours import Copies
 
     out_dir = layout.sample_scores_dir
     parts = sorted(layout.samples_dir.glob("*.parquet"))

@@ -1,7 +1,7 @@
 """Step 3 of the reduce: scoring attacks against ground truth — per-attack metrics at each
 level, ROC tables, learned variants, and the distribution-shift validity check.
 
-Levels: identity-level scores (e.g. IDIA) are evaluated per identity. Image-level scores are
+Levels: identity-level scores (e.g. a name-ranking vote) are evaluated per identity. Image-level scores are
 evaluated per image where the labels file has image rows (``shard,key,member``), else per
 identity (mean image score); with image rows, also within identities (members' training photos
 against the same people's other photos: ``image_within_identity``). Fixed scores (a mean cosine) need no
@@ -22,15 +22,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..attacks.registry import LOGISTIC, Learned, registered, scores
-from .learned import crossfit_folds, crossfit_proba
-from .labels import Labels
-from . import validity
-from .statistics import (AucEstimate, auc, float_vector, fold_averaged_roc, membership_metrics,
-                         paired_auc_difference, roc_curve)
+from clipaudit.contract.registry import LOGISTIC, Learned, registered, scores
+from clipaudit.reduce.learned import crossfit_folds, crossfit_proba
+from clipaudit.data.labels import Labels
+from clipaudit.reduce import validity
+from clipaudit.core.statistics import (
+    AucEstimate, auc, float_vector, fold_averaged_roc, membership_metrics, paired_auc_difference, roc_curve
+)
 
 if TYPE_CHECKING:
-    from .pipeline import ReduceOptions
+    from clipaudit.reduce.options import ReduceOptions
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Scored:
     groups: np.ndarray
     scores: dict[str, np.ndarray]  # attack → fixed score (nan = missing)
     features: dict[str, np.ndarray]  # attack/"baseline" → feature matrix (rows may hold nan)
-    #: score → its value on each draw (units × draws), where the score is a mean over draws (IDIA at k):
+    #: score → its value on each draw (units × draws), where the score is a mean over draws (k images per identity):
     #: its metrics are computed per draw and averaged
     draws: dict[str, np.ndarray] = field(default_factory=dict)
     #: for a table cut from the image level (within identities): its rows there. Learned attackers

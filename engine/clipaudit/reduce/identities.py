@@ -1,7 +1,7 @@
 """Step 1 of the reduce: one row per identity.
 
-Counts of ok and error rows, each identity-level attack's own per-identity SQL (e.g. IDIA's
-plurality votes, declared in its module), the mean of every image-level score, whether the
+Counts of ok and error rows, each identity-level attack's own per-identity SQL (e.g. a
+plurality vote, declared in its module), the mean of every image-level score, whether the
 name is in the pool, the label where one is given, and — where there are controls — each
 score's conformal p-value and flag (:mod:`.conformal`).
 """
@@ -17,17 +17,20 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from ..attacks.registry import AnalysisInput, registered, scores
-from ..io.outputs import OutputLayout
-from ..io.query import duckdb_views
-from ..io.schemas import load_schema
-from .conformal import (as_column, bh_qvalues, cauchy_combination, count_matched_pvalues, discovery_entry,
-                        flag_column, identity_pvalues)
-from .statistics import float_vector
-from .labels import LabelsError, missing_from_pool, missing_names_message, Controls, Labels, control_set
+from clipaudit.contract.registry import AnalysisInput, registered, scores
+from clipaudit.io.outputs import OutputLayout
+from clipaudit.contract.schemas import load_schema
+from clipaudit.reduce.conformal import (
+    as_column, bh_qvalues, cauchy_combination, count_matched_pvalues, discovery_entry, flag_column, identity_pvalues
+)
+from clipaudit.core.statistics import float_vector
+from clipaudit.data.labels import LabelsError, missing_from_pool, missing_names_message, Controls, Labels, control_set
+from clipaudit.reduce.tables import connect
+from clipaudit.data.urls import is_url
+from clipaudit.data.names import load_name_pool
 
 if TYPE_CHECKING:
-    from .pipeline import ReduceOptions
+    from clipaudit.reduce.options import ReduceOptions
 
 
 @dataclass
@@ -40,33 +43,6 @@ class IdentityLevel:
     excluded: dict[str, set[str]] = field(default_factory=dict)  # attack → identities left out of its figures
     draws: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # column → identity → per-draw values
     pool: set[str] | None = None  # the name pool (None without a readable one)
-
-
-#: DuckDB's memory limit in the reduce step (``compute.reduce_memory``); beyond it, sorts and
-#: aggregations spill to ``OUT/_tmp/duckdb`` instead of growing with the audit
-REDUCE_MEMORY = "2GB"
-
-
-def connect(layout: OutputLayout, copies: Path | None = None, memory_limit: str = REDUCE_MEMORY
-            ) -> duckdb.DuckDBPyConnection:
-    """DuckDB with the ``samples`` view and ``ok``: the ok rows that name an identity — less
-    the near-duplicate copies listed in ``copies`` (a ``near_duplicates.parquet``), if given.
-    Its memory is capped at ``memory_limit``; larger sorts and aggregations spill to disk."""
-    con = duckdb_views(layout, ("samples",))
-    # DuckDB makes (and on close removes) the last folder itself, only when it spills
-    layout.tmp_dir.mkdir(parents=True, exist_ok=True)
-    spill = str(layout.tmp_dir / "duckdb").replace("'", "''")
-    con.execute(f"SET memory_limit = '{memory_limit}'")
-    con.execute(f"SET temp_directory = '{spill}'")
-    con.execute("SET enable_progress_bar = false")  # the reduce step logs its own progress
-    con.execute("SET preserve_insertion_order = false")  # lets results stream; every ordered query says ORDER BY
-    skip = ""
-    if copies is not None:
-        path = str(copies).replace("'", "''")
-        skip = (f" AND NOT EXISTS (SELECT 1 FROM read_parquet('{path}') d "
-                "WHERE d.shard = samples.shard AND d.position = samples.position)")
-    con.execute(f"CREATE VIEW ok AS SELECT * FROM samples WHERE status = 'ok' AND identity IS NOT NULL{skip}")
-    return con
 
 
 def fetch_columns(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, list]:
@@ -140,7 +116,7 @@ def identity_level(layout: OutputLayout, opts: ReduceOptions, labels: Labels | N
             continue
         calibration[score.name] = {"statistic": stat, **found.entry}
         unscored = sum(v is None for v in values) - len(left_out & set(names))
-        if unscored:  # e.g. fewer images than IDIA's k: no comparable statistic, so no p-value
+        if unscored:  # e.g. fewer images than the attack's k: no comparable statistic, so no p-value
             calibration[score.name]["n_without_statistic"] = unscored
         if found.pvalues is not None:
             p = float_vector(found.pvalues)
@@ -193,9 +169,6 @@ def identities_table(layout: OutputLayout, opts: ReduceOptions, labels: Labels |
 
 def name_pool(path: Path | str | None, storage_options: Mapping[str, Any] | None = None) -> set[str] | None:
     """The name pool as a set; None without a readable file or URL."""
-    from ..attacks.idia import load_name_pool
-    from ..data.shards import is_url
-
     if path is None or not (is_url(str(path)) or Path(path).is_file()):
         return None
     return set(load_name_pool(path, storage_options))

@@ -1,6 +1,6 @@
 """Learned attackers: L2 logistic regression and cross-fitting by group (scikit-learn).
 
-Conventions follow :mod:`clipaudit.reduce.statistics`: a higher score means "more
+Conventions follow :mod:`clipaudit.core.statistics`: a higher score means "more
 member-like" and members (label 1) are positives. Anything fitted on labelled rows is
 evaluated only on held-out rows (cross-fitting), and all rows of one group (e.g. images of
 one person) always land in the same fold, so no group is ever split between fitting and

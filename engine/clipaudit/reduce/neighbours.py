@@ -27,8 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..io.outputs import OutputLayout
-from ..map.image_hash import hamming
+from clipaudit.core.errors import ClipauditError
+from clipaudit.io.outputs import OutputLayout
+from clipaudit.model.image_hash import hamming
 
 NEAR_DUPLICATES_SCHEMA = pa.schema([
     pa.field("shard", pa.string()), pa.field("key", pa.string()), pa.field("position", pa.int64()),
@@ -42,7 +43,7 @@ REFERENCE_SCHEMA = pa.schema([
 ])
 
 
-class NeighboursError(ValueError):
+class NeighboursError(ClipauditError, ValueError):
     """The embeddings or the reference index cannot be used."""
 
 
@@ -116,8 +117,8 @@ def near_duplicates(layout: OutputLayout, out: Path, min_cosine: float = 0.95, m
     import shutil
     import uuid
 
-    from ..io.outputs import PartWriter
-    from .identities import REDUCE_MEMORY, connect
+    from clipaudit.io.outputs import PartWriter
+    from clipaudit.reduce.tables import REDUCE_MEMORY, connect
 
     _parts(layout)  # a clear error without embeddings
     con = connect(layout, memory_limit=memory_limit or REDUCE_MEMORY)
@@ -203,7 +204,7 @@ def reference_matches(layout: OutputLayout, reference: str | Path, out: Path) ->
     ``reference``, one embeddings part at a time; returns its row count."""
     import faiss
 
-    from ..io.outputs import PartWriter
+    from clipaudit.io.outputs import PartWriter
 
     if not Path(reference).is_file():
         raise NeighboursError(f"--reference: file not found: {reference}")

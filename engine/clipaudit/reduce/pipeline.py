@@ -1,6 +1,6 @@
 """The reduce step: Parquet parts → identities.parquet (+ calibration with controls, + metrics
 with labels). Reads only the outputs (no model, no GPU), so it can be re-run with other
-reduce-only settings (e.g. IDIA's tau), labels or controls.
+reduce-only settings (e.g. a vote's threshold), labels or controls.
 
 Steps, one module each: :mod:`.identities` (one row per identity), :mod:`.labels` (labels
 and controls), :mod:`.conformal` (p-values, thresholds, flags), :mod:`.evaluation` (metrics
@@ -21,61 +21,28 @@ from typing import Any
 from collections.abc import Mapping
 
 import pyarrow as pa
-from pydantic import BaseModel
 
-from .. import __version__
-from ..attacks.registry import get, scores
-from ..core.threads import bounded_threads
-from ..data.shards import is_url
-from ..data.storage import open_url
-from ..io.outputs import OutputLayout, atomic_write_json, atomic_write_table
-from ..io.schemas import load_schema
-from ..spec import sha256_file
-from .attackers import LearnedScores, score_candidates
-from .attackers import load as load_attackers
-from .attackers import save as save_attackers
-from .conformal import METHOD, controls_in_words, write_sample_pvalues
-from .evaluation import evaluation_tables, evaluate
-from .identities import REDUCE_MEMORY, IdentityLevel, connect, identity_level
-from .labels import Controls, Labels, ShardMatcher, control_set, read_labels
-from .neighbours import Copies
+from clipaudit import __version__
+from clipaudit.contract.registry import scores
+from clipaudit.core.threads import bounded_threads
+from clipaudit.data.urls import is_url
+from clipaudit.data.storage import open_url
+from clipaudit.io.outputs import OutputLayout
+from clipaudit.io.atomic import atomic_write_json, atomic_write_table
+from clipaudit.contract.schemas import load_schema
+from clipaudit.core.hashing import sha256_file
+from clipaudit.reduce.attackers import LearnedScores, score_candidates
+from clipaudit.reduce.attackers import load as load_attackers
+from clipaudit.reduce.attackers import save as save_attackers
+from clipaudit.reduce.conformal import METHOD, controls_in_words, write_sample_pvalues
+from clipaudit.reduce.evaluation import evaluation_tables, evaluate
+from clipaudit.reduce.identities import IdentityLevel, identity_level
+from clipaudit.reduce.tables import REDUCE_MEMORY, connect
+from clipaudit.data.labels import Controls, Labels, ShardMatcher, control_set, read_labels
+from clipaudit.reduce.neighbours import Copies
+from clipaudit.reduce.options import ReduceOptions
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ReduceOptions:
-    """What the reduce step needs: the enabled attacks with their parameters (names alone
-    mean default parameters), labels, controls, the target FPR and the name pool."""
-
-    attacks: Mapping[str, Any] | tuple[str, ...] = ("idia", "caption")
-    labels: Path | str | None = None  # a local file or a URL
-    controls: Path | str | None = None  # a local file or a URL
-    target_fpr: float = 0.01
-    fdr: float = 0.1  # calibration.fdr: discoveries are candidates with a BH q-value at most this
-    names: Path | str | None = None  # a local file or a URL
-    storage_options: Mapping[str, Any] = field(default_factory=dict)  # the job's data.storage_options (URLs)
-    seed: int = 0  # the job seed: random draws of the reduce step derive from it
-    attackers: Path | None = None  # another audit's folder: apply its fitted attackers instead of fitting here
-    near_duplicates: bool = False  # find copies inside the candidates; they do not vote (see neighbours.py)
-    reference: Path | None = None  # a FAISS index to look every candidate up in
-    copies: Path | None = None  # set by reduce_outputs: the near_duplicates.parquet the identity level skips
-    memory_limit: str = REDUCE_MEMORY  # DuckDB's; it spills to OUT/_tmp beyond it
-
-    def __post_init__(self) -> None:
-        given = dict.fromkeys(self.attacks) if not isinstance(self.attacks, Mapping) else dict(self.attacks)
-        params: dict[str, BaseModel] = {}
-        for name, p in given.items():
-            model = get(name).params
-            params[name] = p if isinstance(p, model) else model.model_validate(p or {})
-        object.__setattr__(self, "attacks", params)
-
-    @property
-    def enabled(self) -> tuple[str, ...]:
-        return tuple(self.attacks)
-
-    def params(self, name: str) -> Any:
-        return self.attacks[name]  # type: ignore[index]
 
 
 @dataclass
@@ -159,7 +126,7 @@ def reduce_changes(layout: OutputLayout, opts: ReduceOptions) -> list[str] | Non
 
 def _reduce(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
     if not any(layout.samples_dir.glob("*.parquet")):
-        from ..io.report import no_audit
+        from clipaudit.io.outputs import no_audit
 
         raise FileNotFoundError(no_audit(layout.root, "samples/*.parquet"))
     matcher = ShardMatcher(_audited_shards(layout, opts.memory_limit))
@@ -197,7 +164,7 @@ REFERENCE_MATCHES = "reference_matches.parquet"
 
 def _neighbours(layout: OutputLayout, opts: ReduceOptions) -> list[Path]:
     """near_duplicates.parquet and reference_matches.parquet when asked for; stale ones go."""
-    from .neighbours import near_duplicates, reference_matches
+    from clipaudit.reduce.neighbours import near_duplicates, reference_matches
 
     written = []
     for name, wanted, make in (

@@ -71,7 +71,7 @@ def text_features(captions: list[str | None], identities: list[str | None] | Non
 def name_features(names: list[str], pool: list[str] | None = None) -> np.ndarray:
     """Per identity, what its name alone says: length in characters and words, the share of
     non-ASCII letters (script), and — against the name pool — how common its first and last
-    names are (log of how many pool names share each). The IDIA paper's non-members are other
+    names are (log of how many pool names share each). The identity-inference paper's non-members are other
     people than its members; names of another population (longer, another script, rarer first
     names) can separate the labelled sets without the model."""
     from collections import Counter

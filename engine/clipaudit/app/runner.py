@@ -13,15 +13,20 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .data.storage import redact_text
-from .executors.base import MapResult
-from .executors.factory import make_executor
-from .io.outputs import OutputLayout, atomic_write_json, output_layout
-from .map.models import check_hub_weights
-from .plan import check_name_coverage, device_here
-from .reduce import ReduceOptions, reduce_outputs
-from .reduce.pipeline import reduce_changes
-from .spec import JobSpec, detect_device_type, sha256_file, spec_from_json
+from clipaudit.core.errors import ClipauditError
+from clipaudit.data.storage import redact_text
+from clipaudit.executors.base import MapResult
+from clipaudit.executors.factory import make_executor
+from clipaudit.io.outputs import OutputLayout, output_layout
+from clipaudit.io.atomic import atomic_write_json
+from clipaudit.model.loading import check_hub_weights
+from clipaudit.app.plan import check_name_coverage, device_here
+from clipaudit.reduce import reduce_outputs
+from clipaudit.reduce.options import ReduceOptions
+from clipaudit.reduce.pipeline import reduce_changes
+from clipaudit.core.hashing import sha256_file
+from clipaudit.app.resolve import detect_device_type, map_fingerprint, map_hash, pinned
+from clipaudit.spec import JobSpec, spec_from_json
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +34,7 @@ _VERSIONED = ("clipaudit", "torch", "torchvision", "open_clip_torch", "ray", "fa
               "pillow", "pyarrow", "duckdb", "pydantic")
 
 
-class ResumeRefused(RuntimeError):
+class ResumeRefused(ClipauditError, RuntimeError):
     """The output folder holds results of a different job; ``--force`` recomputes."""
 
 
@@ -75,9 +80,9 @@ def resume_conflict(layout: OutputLayout, spec: JobSpec) -> str | None:
     if not layout.job_state.is_file() or not layout.has_map_results():
         return None
     state = json.loads(layout.job_state.read_text())
-    if state.get("map_hash") == spec.map_hash():
+    if state.get("map_hash") == map_hash(spec):
         return None
-    old, new = state.get("map_fingerprint", {}), spec.map_fingerprint()
+    old, new = state.get("map_fingerprint", {}), map_fingerprint(spec)
     changed = [_CHANGED_WORDS.get(k, k) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return (f"{layout.root} holds results of a different job (changed: {', '.join(changed) or 'unknown'}). "
             "Use --force to recompute them, or choose another output folder. "
@@ -122,7 +127,7 @@ def add_downloads(summary: dict[str, Any], layout: OutputLayout, shards: list[st
                   storage_options: dict[str, Any] | None = None) -> None:
     """Where the shards come with img2dataset's status files: the URLs missing from them
     (``downloads``: totals by status and reason; per shard ``downloads``: urls, missing)."""
-    from .io.downloads import collect_downloads
+    from clipaudit.io.downloads import collect_downloads
 
     block, per_shard = collect_downloads(layout, shards, identity_field, storage_options)
     if block is None:
@@ -136,7 +141,7 @@ def add_downloads(summary: dict[str, Any], layout: OutputLayout, shards: list[st
 def cross_shard_duplicate_keys(layout: OutputLayout) -> dict[str, int]:
     """Keys that occur in more than one shard. Both rows are kept (rows are identified by
     shard + key); the counts tell the auditor that the inputs hold repeated keys."""
-    from .io.query import duckdb_views
+    from clipaudit.io.tables import duckdb_views
 
     if not any(layout.samples_dir.glob("*.parquet")):
         return {"keys": 0, "rows": 0}
@@ -154,8 +159,8 @@ def cross_shard_duplicate_keys(layout: OutputLayout) -> dict[str, int]:
 def _shard_info(shards: list[str], storage_options: dict[str, Any]) -> list[dict[str, Any]]:
     """Path, size and (for an object on storage) ETag of every shard; a remote shard's as the
     spec check found them (listed again where this process did not check the spec)."""
-    from .data.shards import is_url
-    from .data.storage import StorageError, last_stat, stat_urls
+    from clipaudit.data.urls import is_url
+    from clipaudit.data.storage import StorageError, last_stat, stat_urls
 
     unseen = [s for s in shards if is_url(s) and last_stat(s) is None]
     if unseen:
@@ -182,7 +187,7 @@ def write_manifest(layout: OutputLayout, spec: JobSpec, spec_text: str | None, s
         "clipaudit_manifest_version": 1,
         "spec": spec.public_json(),  # secret-like storage options redacted
         "spec_yaml": None if spec_text is None else redact_text(spec_text, spec.data.storage_options),
-        "map_hash": spec.map_hash(),
+        "map_hash": map_hash(spec),
         "model": {"name": spec.model.name, "pretrained": pretrained, "precision": spec.model.precision,
                   "checkpoint_sha256": ckpt},
         "shards": _shard_info(shards, spec.data.storage_options),
@@ -205,7 +210,7 @@ def run_job(spec: JobSpec, *, force: bool = False, progress: bool = True, spec_t
         for m in spec.model_specs().values():  # weights that cannot be downloaded: one line, at once
             check_hub_weights(m.name, m.pretrained)
     check_name_coverage(spec)  # a labelled or control name the pool lacks: exit 2 before any work
-    spec = spec.pinned(detect_device_type(spec))  # every worker computes what the resume hash says
+    spec = pinned(spec, detect_device_type(spec))  # every worker computes what the resume hash says
     layout = output_layout(spec.output, spec.data.storage_options)
     with layout.lock() as lock:
         if layout.remote is None:
@@ -234,9 +239,7 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
     stale = layout.remove_stale_temps() if exclusive else 0  # without the lock they may be a live run's
     if stale:
         log.info("removed %d temp file(s) left by an interrupted run", stale)
-    if exclusive and layout.adopt_legacy_markers():
-        log.info("moved the shard markers of an older layout from samples/ to _markers/")
-    job_state = {"map_hash": spec.map_hash(), "map_fingerprint": spec.map_fingerprint(), "spec": spec.public_json()}
+    job_state = {"map_hash": map_hash(spec), "map_fingerprint": map_fingerprint(spec), "spec": spec.public_json()}
     if not (layout.job_state.is_file() and json.loads(layout.job_state.read_text()) == job_state):
         atomic_write_json(layout.job_state, tmp_dir=layout.tmp_dir, obj=job_state)
     if layout.remote is not None:  # before any shard is mapped: a --force's removals and the job's state
@@ -256,7 +259,8 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
         log.info("every shard is done; recomputing the reduce step: %s",
                  "no record of an earlier one" if changed is None
                  else "changed since the last one: " + ", ".join(changed))
-    result = make_executor(spec).run(spec, layout, todo, progress=progress)
+    # hashed here once (name pool, weights), not by every actor
+    result = make_executor(spec).run(spec, layout, todo, job_state["map_hash"], progress=progress)
     if layout.remote is not None:
         layout.remote.pull()  # parts and markers that map actors on other machines put on the store
     summary = summarize(layout, shards, result.failed)
@@ -273,7 +277,7 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
 def saved_spec(layout: OutputLayout) -> JobSpec:
     """The spec an output folder was produced with (for ``clipaudit reduce``)."""
     if not layout.job_state.is_file():
-        from .io.report import no_audit
+        from clipaudit.io.outputs import no_audit
 
         raise FileNotFoundError(no_audit(layout.root, layout.job_state.name))
     return spec_from_json(json.loads(layout.job_state.read_text())["spec"], str(layout.job_state))

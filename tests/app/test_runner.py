@@ -7,9 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import image_bytes, sample_files, write_tar
 
-from clipaudit.io.schemas import load_schema
-from clipaudit.runner import ResumeRefused, run_job
+from clipaudit.contract.schemas import load_schema
+from clipaudit.app.runner import ResumeRefused, run_job
 from clipaudit.spec import load_spec
+from clipaudit.app.resolve import map_hash, numerics, pinned
 
 NAMES = ["Ann Lee", "Bob Stone", "Cara Diaz"]
 
@@ -106,7 +107,7 @@ def test_outputs_match_versioned_schemas(job):
     ok = [r for r in _rows(spec.output) if r["status"] == "ok"]
     assert emb.num_rows == len(ok) and emb.schema.field("embedding").type.value_type == "halffloat"
     manifest = json.loads((spec.output / "manifest.json").read_text())
-    assert manifest["map_hash"] == spec.map_hash() and len(manifest["model"]["checkpoint_sha256"]) == 64
+    assert manifest["map_hash"] == map_hash(spec) and len(manifest["model"]["checkpoint_sha256"]) == 64
     assert [s["path"] for s in manifest["shards"]] == spec.shard_list()
     assert manifest["versions"]["torch"] and manifest["summary"]["rows"] == len(_rows(spec.output))
     metrics = json.loads((spec.output / "metrics.json").read_text())
@@ -146,7 +147,7 @@ def test_changed_map_settings_are_refused_unless_forced(job, tmp_path):
 
 
 def test_reduce_cli_recomputes_with_new_tau_without_the_model(job, capsys, monkeypatch):
-    import clipaudit.map.models
+    import clipaudit.model.loading
     from clipaudit.cli import main
 
     spec = load_spec(job[0])
@@ -156,7 +157,7 @@ def test_reduce_cli_recomputes_with_new_tau_without_the_model(job, capsys, monke
     def no_model(*a, **k):
         raise AssertionError("reduce must not load the model")
 
-    monkeypatch.setattr(clipaudit.map.models, "load_model", no_model)
+    monkeypatch.setattr(clipaudit.model.loading, "load_model", no_model)
     assert main(["reduce", str(spec.output), "--tau", "22"]) == 0
     after = {r["identity"]: r for r in pq.read_table(spec.output / "identities.parquet").to_pylist()}
     assert {k: v["idia_score"] for k, v in after.items()} == {k: v["idia_score"] for k, v in before.items()}
@@ -331,7 +332,7 @@ def test_swapped_checkpoint_is_refused_on_resume_unless_forced(job, tiny_model, 
     changed = [a["caption_score"] != b["caption_score"] for a, b in zip(after, before) if a["has_caption"]]
     assert all(changed)  # every row was recomputed with the new weights
     cache = list((out / "_cache").glob("shared-*.npz"))
-    assert len(cache) == 1 and load_spec(spec_path).map_hash() in cache[0].name
+    assert len(cache) == 1 and map_hash(load_spec(spec_path)) in cache[0].name
 
 
 def test_a_folder_whose_run_wrote_no_result_is_not_claimed(job, tiny_model, capsys):
@@ -357,38 +358,22 @@ def test_the_hardware_that_changes_numbers_enters_the_resume_hash(job, monkeypat
     import torch
 
     spec = load_spec(job[0])
-    cpu = spec.numerics("cpu")
+    cpu = numerics(spec, "cpu")
     assert cpu == {"device": "cpu", "precision": "fp32", "index": "faiss", "decode": "cpu"}
     auto = spec.model_copy(update={"model": spec.model.model_copy(update={"precision": None})})
-    assert auto.numerics("cuda") == {"device": "cuda", "precision": "fp16", "index": "torch", "decode": "gpu"}
+    assert numerics(auto, "cuda") == {"device": "cuda", "precision": "fp16", "index": "torch", "decode": "gpu"}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the same job, seen from a GPU machine
-    gpu_hash = auto.map_hash()
+    gpu_hash = map_hash(auto)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert auto.map_hash() != gpu_hash
-    pinned = auto.pinned("cpu")
-    assert (pinned.model.precision, pinned.compute.device, pinned.compute.index) == ("fp32", "cpu", "faiss")
-    assert pinned.map_hash() == auto.map_hash()  # pinning changes nothing the hash sees
+    assert map_hash(auto) != gpu_hash
+    pin = pinned(auto, "cpu")
+    assert (pin.model.precision, pin.compute.device, pin.compute.index) == ("fp32", "cpu", "faiss")
+    assert map_hash(pin) == map_hash(auto)  # pinning changes nothing the hash sees
 
     run_job(spec, progress=False)
     other_index = spec.model_copy(update={"compute": spec.compute.model_copy(update={"index": "torch"})})
     with pytest.raises(ResumeRefused, match="changed: numerics"):
         run_job(other_index, progress=False)
-
-
-def test_a_folder_of_the_older_layout_resumes_and_its_markers_move_out_of_samples(job):
-    spec = load_spec(job[0])
-    run_job(spec, progress=False)
-    out = spec.output
-    for m in (out / "_markers").glob("*.done.json"):  # as versions before _markers/ wrote them
-        m.rename(out / "samples" / f"_{m.name}")
-    (out / "_markers").rmdir()
-    before = sorted(map(str, _rows(out)))
-    again = run_job(spec, progress=False)
-    assert again.skipped == 3 and not again.map.done and again.summary["shards_done"] == 3
-    assert sorted(p.name for p in (out / "samples").iterdir()) == sorted(
-        p.name for p in (out / "samples").glob("*.parquet"))
-    assert len(list((out / "_markers").glob("*.done.json"))) == 3
-    assert sorted(map(str, _rows(out))) == before
 
 
 def _files(out: Path) -> dict[str, tuple[int, bytes]]:
@@ -399,7 +384,7 @@ def _files(out: Path) -> dict[str, tuple[int, bytes]]:
 def test_a_second_run_of_a_finished_folder_is_a_no_op_and_says_why_it_recomputes(job, caplog, capsys):
     import logging
 
-    from clipaudit.io.report import print_report
+    from clipaudit.report.text import print_report
 
     spec = load_spec(job[0])
     first = run_job(spec, progress=False)

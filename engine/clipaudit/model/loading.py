@@ -18,8 +18,10 @@ from collections.abc import Callable
 
 import torch
 
-from ..data.decode import Preprocess
-from ..spec import sha256_file
+from clipaudit.core.errors import ClipauditError
+from clipaudit.data.decode import Preprocess
+from clipaudit.core.hashing import sha256_file
+from clipaudit.data.checkpoints import checkpoint_problem
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _CHECKPOINT_EXTS = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ClipauditError, RuntimeError):
     """The model or its weights cannot be loaded; the message says why."""
 
 
@@ -139,25 +141,6 @@ def resolve_precision(precision: str | None, device: torch.device) -> torch.dtyp
         log.warning("fp16 is not supported on CPU; running in fp32 instead")
         return torch.float32
     return _DTYPES[precision]
-
-
-def checkpoint_problem(path: str | Path) -> str | None:
-    """Why a file cannot be a checkpoint clipaudit loads, from its first bytes (None: it may be).
-
-    Accepted: safetensors (an 8-byte header length, then a JSON header), and PyTorch's formats
-    for ``torch.load`` — a zip archive (``torch.save`` since 1.6) or a pickle stream.
-    """
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if str(path).endswith(".safetensors"):
-        ok = len(head) == 9 and head[8:9] == b"{"
-    else:
-        ok = head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
-    if ok:
-        return None
-    kind = "an empty file" if not head else f"a file starting with {head[:8]!r}"
-    return (f"{path} is not a loadable checkpoint ({kind}): expected a PyTorch state_dict saved with torch.save "
-            "(.pt/.pth/.bin) or a .safetensors file")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -7,8 +7,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..attacks.registry import registered
-from ..reduce.conformal import controls_in_words
+from clipaudit.contract.registry import registered
+from clipaudit.reduce.conformal import controls_in_words
+from clipaudit.io.outputs import no_audit
 
 
 def _cell(m: dict, k: str) -> str:
@@ -145,11 +146,6 @@ def summary_lines(s: dict) -> list[str]:
     return lines
 
 
-def no_audit(root, missing: str) -> str:
-    """The one wording for a folder that holds no (finished) audit."""
-    return f"{root} is not a clipaudit output folder (no {missing}): run `clipaudit run JOB.yaml` first"
-
-
 def calibration_lines(cal: dict) -> list[str]:
     """``calibration.json`` in words: per level and score, controls, threshold, flagged."""
     lines = [f"calibration at target FPR {cal['target_fpr']} from {controls_in_words(cal['controls'])} "
@@ -195,14 +191,14 @@ def print_report(report, out=None) -> None:
 
 def report_folder(root: Path, out=None) -> None:
     """``clipaudit report OUT``: what an output folder holds, without recomputing anything."""
-    from .outputs import OutputLayout
+    from clipaudit.io.outputs import OutputLayout
 
     out = out or sys.stdout
     layout = OutputLayout(root)
     if not layout.summary.is_file():
         raise FileNotFoundError(no_audit(root, layout.summary.name))
     if layout.job_state.is_file():  # imports the job's attack plugins, so their lines are printed too
-        from ..runner import saved_spec
+        from clipaudit.app.runner import saved_spec
 
         saved_spec(layout)
     if layout.manifest.is_file():

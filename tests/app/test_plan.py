@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from clipaudit.cli import main
-from clipaudit.plan import count_images, make_plan, unchecked_inputs
+from clipaudit.app.plan import count_images, make_plan, unchecked_inputs
 from clipaudit.spec import SpecError, load_spec
+from clipaudit.app.resolve import map_fingerprint
 
 
 def _tar(path: Path, keys: list[str]) -> Path:
@@ -48,7 +49,7 @@ def test_images_are_counted_from_tar_headers_empty_and_broken_tars_included(tmp_
 
 
 def test_many_shards_are_sampled_and_extrapolated(tmp_path, monkeypatch):
-    import clipaudit.plan as plan
+    import clipaudit.app.plan as plan
 
     monkeypatch.setattr(plan, "COUNT_AT_MOST", 2)
     shards = [str(_tar(tmp_path / f"{i}.tar", [f"k{j}" for j in range(2)])) for i in range(4)]
@@ -113,7 +114,7 @@ def test_a_name_pool_url_is_read_by_the_run_and_listed_unchecked_by_the_dry_run(
     spec = load_spec(job)
     assert spec.names == "memory://pools/names.txt"  # a URL is kept as given, not made a path
     assert load_name_pool(spec.names) == ["Ann Example", "Bo Example"]
-    assert spec.map_fingerprint()["names_sha256"] == hashlib.sha256(content).hexdigest()
+    assert map_fingerprint(spec)["names_sha256"] == hashlib.sha256(content).hexdigest()
     assert [(u.key, u.value) for u in unchecked_inputs(spec)] == [("names", "memory://pools/names.txt")]
     assert main(["run", str(job), "--dry-run"]) == 0
     out = capsys.readouterr().out

@@ -21,10 +21,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..attacks.registry import Attack, registered
-from .outputs import OutputLayout
-from .report import (METRICS_HEADER, calibration_lines, metrics_rows, no_audit, shift_checks, shift_warnings,
-                     summary_lines)
+from clipaudit.core.errors import ClipauditError
+from clipaudit.contract.registry import Attack, registered
+from clipaudit.io.outputs import OutputLayout
+from clipaudit.report.text import (
+    METRICS_HEADER, calibration_lines, metrics_rows, shift_checks, shift_warnings, summary_lines
+)
+from clipaudit.io.outputs import no_audit
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ TOP_IDENTITIES = 20
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 
 
-class MissingExtra(RuntimeError):
+class MissingExtra(ClipauditError, RuntimeError):
     """An optional dependency the HTML report needs is not installed."""
 
 
@@ -78,7 +81,7 @@ def _fmt(v: Any) -> str:
 # -- data --------------------------------------------------------------------------
 
 def _connect(layout: OutputLayout):
-    from .query import duckdb_views
+    from clipaudit.io.tables import duckdb_views
 
     return duckdb_views(layout)
 
@@ -107,8 +110,8 @@ def _storage_options(spec: dict[str, Any]) -> dict[str, Any]:
 def _image_labels(layout: OutputLayout, con) -> dict[tuple[str, str], bool]:
     """Image rows of the job's labels file, keyed by the audited shard and key; empty when the
     file is gone or has none (the output folder stores no per-image label)."""
-    from ..data.shards import is_url
-    from ..reduce.labels import LabelsError, ShardMatcher, read_labels
+    from clipaudit.data.urls import is_url
+    from clipaudit.data.labels import LabelsError, ShardMatcher, read_labels
 
     spec = _saved_spec_json(layout)
     path = spec.get("labels")
@@ -375,7 +378,7 @@ def thumbnails(layout: OutputLayout, identities: list[str]) -> dict[str, list[st
     read any more (a moved shard) are left out."""
     from PIL import Image
 
-    from ..data.tar_reader import IMAGE_EXTS, iter_tar_samples
+    from clipaudit.data.tar_reader import IMAGE_EXTS, iter_tar_samples
 
     if not identities:
         return {}
@@ -514,7 +517,7 @@ def build_html(root: Path, with_thumbnails: bool = False) -> tuple[str, list[Plo
     if not layout.summary.is_file():
         raise FileNotFoundError(no_audit(root, layout.summary.name))
     if layout.job_state.is_file():  # imports the job's attack plugins, so their plots are drawn too
-        from ..runner import saved_spec
+        from clipaudit.app.runner import saved_spec
 
         saved_spec(layout)
     _figure()  # fails early, naming the extra, when matplotlib is missing

@@ -11,7 +11,6 @@ the shards it finished.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import math
 import os
@@ -26,8 +25,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .data.distractors import NamePool, NamePoolBuildError, build_name_pool
-from .data.samples import normalize_name
+from clipaudit.core.errors import ClipauditError
+from clipaudit.core.hashing import sha256_file
+from clipaudit.data.distractors import NamePool, NamePoolBuildError, build_name_pool
+from clipaudit.data.samples import normalize_name
 
 EXTRA_HINT = "pip install 'clipaudit[ingest]'"
 REQUIRED_COLUMNS = ("url", "identity")
@@ -38,7 +39,7 @@ MAX_IMAGE_PIXELS = 89_478_485
 _SHARD = re.compile(r"^(\d+)\.tar$")
 
 
-class IngestError(ValueError):
+class IngestError(ClipauditError, ValueError):
     """Bad input for ``clipaudit ingest`` (printed as one ``error:`` line, exit 2)."""
 
 
@@ -163,14 +164,6 @@ def read_url_list(path: Path) -> pa.Table:
     return pa.table(columns)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _claim(out: Path, record: dict[str, Any]) -> None:
     """Make sure OUT is new, empty, or an earlier ingest of the same list; write the record."""
     import yaml
@@ -283,7 +276,7 @@ def ingest(urls: Path, out: Path, opts: IngestOptions | None = None) -> IngestRe
         pool = build_name_pool(table["identity"].to_pylist(), opts.pool_size, opts.seed)
     except NamePoolBuildError as e:
         raise IngestError(str(e)) from None
-    _claim(out, {"source": str(urls.resolve()), "sha256": _sha256(urls), "rows": table.num_rows,
+    _claim(out, {"source": str(urls.resolve()), "sha256": sha256_file(urls), "rows": table.num_rows,
                  "shard_size": opts.shard_size})
     with tempfile.TemporaryDirectory(prefix="clipaudit-ingest-") as tmp:
         listing = Path(tmp) / "urls.parquet"

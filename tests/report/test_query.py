@@ -6,14 +6,15 @@ import duckdb
 import pytest
 
 from clipaudit.cli import main
-from clipaudit.io.query import QueryError, run_query
+from clipaudit.report.query import QueryError, run_query
 
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
     """A small output folder written by the real writers (via the idia test helper)."""
     from attacks.test_idia import img, write_samples
-    from clipaudit.reduce import ReduceOptions, reduce_outputs
+    from clipaudit.reduce import reduce_outputs
+    from clipaudit.reduce.options import ReduceOptions
 
     root = tmp_path_factory.mktemp("q")
     layout = write_samples(root, [img("Ann", "Ann", "Ann"), img("Ann", "Ann", "Bob"), img("Bob", "Ann", "Ann")])
@@ -92,7 +93,7 @@ def test_cli_query_makes_no_network_request(out, capsys):
 
 
 def test_connection_is_locked_beneath_the_statement_check(out, tmp_path):
-    from clipaudit.io.query import connect
+    from clipaudit.report.query import connect
 
     con = connect(out)
     for sql in [f"COPY (SELECT 42) TO '{tmp_path / 'x.csv'}'", f"ATTACH '{tmp_path / 'x.db'}'",
@@ -114,7 +115,7 @@ def test_float16_embeddings_read_as_float(tmp_path):
     """The sealed views give the types DuckDB's Parquet reader gives (FLOAT for float16)."""
     from attacks.test_idia import img, write_samples
     from clipaudit.io.outputs import PartWriter
-    from clipaudit.io.schemas import load_schema
+    from clipaudit.contract.schemas import load_schema
 
     layout = write_samples(tmp_path, [img("Ann", "Ann")])
     w = PartWriter(layout.embedding_part("s.tar"), load_schema("embeddings"))

@@ -20,35 +20,15 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from .outputs import OutputLayout
+from clipaudit.core.errors import ClipauditError
+from clipaudit.io.outputs import OutputLayout
+from clipaudit.io.tables import output_views
 
 _READ_ONLY_TYPES = {"SELECT", "EXPLAIN"}
 
 
-class QueryError(ValueError):
+class QueryError(ClipauditError, ValueError):
     """A query that cannot run against these outputs."""
-
-
-def output_views(layout: OutputLayout) -> dict[str, Path]:
-    """The output tables present in ``layout``: view name → Parquet file or glob."""
-    views: dict[str, Path] = {"samples": layout.samples_dir / "*.parquet"}
-    if layout.identities.is_file():
-        views["identities"] = layout.identities
-    for name, folder in (("embeddings", layout.embeddings_dir), ("sample_scores", layout.sample_scores_dir),
-                         ("downloads", layout.downloads_dir)):
-        if folder.is_dir() and any(folder.glob("*.parquet")):
-            views[name] = folder / "*.parquet"
-    return views
-
-
-def duckdb_views(layout: OutputLayout, names: tuple[str, ...] | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with a view per output table (all present ones, or ``names``)."""
-    con = duckdb.connect(":memory:")
-    for name, pattern in output_views(layout).items():
-        if names is None or name in names:
-            quoted = str(pattern).replace("'", "''")
-            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{quoted}')")
-    return con
 
 
 def _widen(t: pa.DataType) -> pa.DataType:
@@ -86,7 +66,7 @@ def connect(output_dir: str | Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with sealed views over the output folder (see :func:`sealed_views`)."""
     layout = OutputLayout(Path(output_dir))
     if not layout.samples_dir.is_dir() or not any(layout.samples_dir.glob("*.parquet")):
-        from .report import no_audit
+        from clipaudit.io.outputs import no_audit
 
         raise QueryError(no_audit(output_dir, "samples/*.parquet"))
     try:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from clipaudit.reduce.statistics import auc, membership_metrics, roc_curve, tpr_at_fpr
+from clipaudit.core.statistics import auc, membership_metrics, roc_curve, tpr_at_fpr
 
 
 def test_auc_matches_pairwise_definition_with_ties():
@@ -98,7 +98,7 @@ def test_bootstrap_auc_intervals_cover_the_true_auc_about_95_percent_of_the_time
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_fast_bootstrap_resample_equals_metrics_of_the_resampled_data(ties):
-    from clipaudit.reduce.statistics import _point, _Resampler
+    from clipaudit.core.statistics import _point, _Resampler
 
     rng = np.random.default_rng(3)
     y = rng.random(3000) < 0.3
@@ -114,7 +114,7 @@ def test_fast_bootstrap_resample_equals_metrics_of_the_resampled_data(ties):
 
 
 def test_stratified_draw_keeps_class_sizes_and_matches_the_slow_metrics():
-    from clipaudit.reduce.statistics import _point, _Resampler
+    from clipaudit.core.statistics import _point, _Resampler
 
     rng = np.random.default_rng(5)
     y = rng.random(500) < 0.2
@@ -173,7 +173,7 @@ def test_fold_averaged_auc_is_unbiased_on_noise_where_the_pooled_one_falls_below
 
 
 def test_fold_averaged_roc_is_the_mean_of_each_folds_curve():
-    from clipaudit.reduce.statistics import fold_averaged_roc, roc_curve
+    from clipaudit.core.statistics import fold_averaged_roc, roc_curve
 
     s = np.array([0.9, 0.1, 0.8, 0.7, 0.3, 0.2, 0.6, 0.5])
     y = np.array([True, False, False, True, True, False, True, False])
@@ -194,7 +194,7 @@ def test_fold_averaged_roc_is_the_mean_of_each_folds_curve():
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_vectorised_resamples_equal_one_resample_at_a_time(ties):
-    from clipaudit.reduce.statistics import _FoldAveraged, _Resampler
+    from clipaudit.core.statistics import _FoldAveraged, _Resampler
 
     rng = np.random.default_rng(4)
     s = rng.integers(0, 6, 60).astype(float) if ties else rng.normal(size=60)
@@ -215,7 +215,7 @@ def test_vectorised_resamples_equal_one_resample_at_a_time(ties):
 
 
 def test_paired_auc_difference_cancels_what_both_share_and_finds_a_real_gap():
-    from clipaudit.reduce.statistics import AucEstimate, paired_auc_difference
+    from clipaudit.core.statistics import AucEstimate, paired_auc_difference
 
     rng = np.random.default_rng(2)
     y = rng.random(300) < 0.4
@@ -234,7 +234,7 @@ def test_paired_auc_difference_cancels_what_both_share_and_finds_a_real_gap():
 
 
 def test_a_refitted_estimate_is_the_mean_over_its_refits_and_its_interval_cycles_through_them():
-    from clipaudit.reduce.statistics import AucEstimate, paired_auc_difference
+    from clipaudit.core.statistics import AucEstimate, paired_auc_difference
 
     rng = np.random.default_rng(5)
     y = rng.random(200) < 0.5

@@ -16,16 +16,14 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel
 
-if TYPE_CHECKING:
-    from ..spec import JobSpec
-    from .base import MapAttack
+from clipaudit.core.errors import ClipauditError
 
 Level = Literal["identity", "image"]
 
@@ -89,7 +87,7 @@ class IdentityAnalysis:
 
     columns: dict[str, dict[str, Any]]
     metrics: dict[str, Any]
-    #: per column: identity → the per-draw values its entry averages (e.g. IDIA's score on each draw of
+    #: per column: identity → the per-draw values its entry averages (e.g. an identity-level score on each draw of
     #: k images); the evaluation computes metrics per draw from them and averages
     draws: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
@@ -103,7 +101,7 @@ class AnalysisInput:
     params: Any
     seed: int
     labels: dict[str, bool] | None
-    #: identities the attack leaves out of its figures (e.g. names missing from IDIA's pool)
+    #: identities the attack leaves out of its figures (e.g. names missing from the name pool)
     excluded: frozenset[str] = frozenset()
 
 
@@ -118,7 +116,9 @@ class Attack:
     name: str
     title: str  # display name
     params: type[BaseModel]  # the spec model of ``attacks.<name>`` (parameters, defaults, validation)
-    build: Callable[[Any, JobSpec], MapAttack]  # (params, job) → the map-side implementation
+    #: (params, job spec) → the map-side implementation (an ``attacks.base.MapAttack``; typed Any
+    #: because the registry sits below the spec and the attacks, which import it)
+    build: Callable[[Any, Any], Any]
     columns: tuple[Column, ...]  # what the map step adds to ``samples/``
     scores: tuple[Score, ...]
     default: bool = False  # on when a job spec has no ``attacks`` key
@@ -132,10 +132,16 @@ class Attack:
     identity_sql: Callable[[str, Any], str] | None = None
     #: bump when the map values change meaning without a schema change: older outputs are not resumed
     features_version: int = 1
-    #: the attack's own reduce-side analysis (e.g. IDIA's sweep over images per identity)
+    #: the attack's own reduce-side analysis (e.g. a sweep over the number of images per identity)
     analyse: Callable[[AnalysisInput], IdentityAnalysis] | None = None
     #: its map side cuts views from the decoded original (``MapBatch.sources``), not the model input
     source_views: bool = False
+    #: its score shares no input with the view-consistency attacks (e.g. an image–caption cosine):
+    #: weakly supervised attackers take their pseudo-members from such a score first
+    independent_signal: bool = False
+    #: its columns' place in the published schemas among the built-ins (lower first); plugins
+    #: without one follow in registration order
+    position: float = float("inf")
 
     def map_fingerprint(self, params: BaseModel) -> dict[str, Any]:
         """The parameters that change what the map step writes."""
@@ -145,7 +151,7 @@ class Attack:
         return [s for s in self.scores if s.level == "image"]
 
 
-class RegistryError(ValueError):
+class RegistryError(ClipauditError, ValueError):
     """An attack declaration that cannot be registered."""
 
 
@@ -195,21 +201,33 @@ def register(attack: Attack) -> Attack:
     return attack
 
 
-def _load_builtin() -> None:
-    if not _BUILTIN:
-        from . import builtin  # noqa: F401  (each built-in module registers itself)
+#: the entry-point group attack modules are found by: the built-in package (``clipaudit.attacks``,
+#: which imports each of its modules) and any installed package that adds attacks to every job
+ENTRY_POINTS = "clipaudit.attacks"
+BUILTIN_PACKAGE = "clipaudit.attacks"
 
-        _BUILTIN.update(_REGISTRY)
+
+def _load_builtin() -> None:
+    """Import the attack modules named by the :data:`ENTRY_POINTS` group (each registers its
+    attacks on import) — by name, as entry points are: the registry sits below the attacks and
+    never imports them statically. The built-in package is imported even where the package's
+    metadata is missing (a source tree on ``PYTHONPATH``)."""
+    if _BUILTIN:
+        return
+    from importlib.metadata import entry_points
+
+    targets = [BUILTIN_PACKAGE] + [ep.value for ep in entry_points(group=ENTRY_POINTS) if ep.value != BUILTIN_PACKAGE]
+    for target in targets:
+        importlib.import_module(target)
+    _BUILTIN.update(_REGISTRY)
 
 
 def registered() -> list[Attack]:
     """Every attack registered in this process: the built-ins in their fixed order (that of
-    their columns in the published schemas), then the others in registration order."""
-    from .builtin import ORDER
-
+    their columns in the published schemas, :attr:`Attack.position`), then the others in
+    registration order."""
     _load_builtin()
-    rank = {name: i for i, name in enumerate(ORDER)}
-    return sorted(_REGISTRY.values(), key=lambda a: rank.get(a.name, len(rank)))
+    return sorted(_REGISTRY.values(), key=lambda a: a.position)
 
 
 def builtin_names() -> set[str]:
@@ -282,5 +300,5 @@ def load_plugin(ref: str) -> str:
     if key not in _PLUGIN_ATTACKS or added:
         _PLUGIN_ATTACKS[key] = _PLUGIN_ATTACKS.get(key, ()) + added
     if not _PLUGIN_ATTACKS[key]:
-        raise RegistryError(f"plugin {ref} registered no attack (call clipaudit.attacks.registry.register)")
+        raise RegistryError(f"plugin {ref} registered no attack (call clipaudit.contract.registry.register)")
     return source

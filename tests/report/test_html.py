@@ -116,7 +116,7 @@ def test_page_is_self_contained_with_one_labelled_roc_per_attack_and_the_sweep(a
 
 
 def test_shift_warning_and_its_rule_appear_only_when_raised(audit, page, tmp_path):
-    from clipaudit.io.report_html import build_html
+    from clipaudit.report.html import build_html
 
     metrics = json.loads((audit / "metrics.json").read_text())
     assert metrics["distribution_shift_warning"] is False
@@ -134,7 +134,7 @@ def test_shift_warning_and_its_rule_appear_only_when_raised(audit, page, tmp_pat
 
 
 def test_without_a_sweep_there_is_no_sweep_plot(audit, tmp_path):
-    from clipaudit.io.report_html import build_html
+    from clipaudit.report.html import build_html
 
     bare = tmp_path / "bare"
     shutil.copytree(audit, bare)
@@ -155,7 +155,7 @@ def test_image_labels_are_read_from_a_labels_url_too(audit, tmp_path):
     object storage (here fsspec's in-memory store), and fall back to identity labels when it is gone."""
     import fsspec
 
-    from clipaudit.io.report_html import build_html
+    from clipaudit.report.html import build_html
 
     local_html, _ = build_html(audit)
     captions = _histogram_captions(local_html)
@@ -243,7 +243,7 @@ def test_the_sweep_plot_shows_both_series_where_they_coincide():
     import numpy as np
     from PIL import Image
 
-    from clipaudit.io.report_html import sweep_plots
+    from clipaudit.report.html import sweep_plots
 
     entries = [{"k": k, "draws": 20, "tpr": 0.0, "tpr_std": 0.0, "fpr": 0.0, "fpr_std": 0.0} for k in (1, 3, 5, 10)]
     [plot] = sweep_plots({"idia": {"sweep": entries}})

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data.shards import backend_package, check_backend, is_url, protocol
-from .data.tar_reader import IMAGE_EXTS, split_member_name
-from .data.names import NamePoolError, load_name_pool
-from .map.models import hf_offline, hub_weights
-from .reduce.labels import LabelsError, missing_from_pool, missing_names_message, read_controls, read_labels
-from .spec import JobSpec, ModelSpec, SpecError
+from clipaudit.data.urls import backend_package, check_backend, is_url, protocol
+from clipaudit.data.tar_reader import IMAGE_EXTS, split_member_name
+from clipaudit.data.names import NamePoolError, load_name_pool
+from clipaudit.model.loading import hf_offline, hub_weights
+from clipaudit.data.labels import LabelsError, missing_from_pool, missing_names_message, read_controls, read_labels
+from clipaudit.spec import JobSpec, ModelSpec, SpecError
+from clipaudit.app.resolve import numerics
 
 #: local shards whose tar headers a dry run reads; beyond this an evenly spaced sample is extrapolated
 COUNT_AT_MOST = 200
@@ -251,12 +252,12 @@ def make_plan(spec: JobSpec, done: int, bench: dict[str, Any] | None = None) -> 
     images, note = count_images(shards)
     actors, actors_note, gpus, gpus_note = _actors(spec, len(shards) - done)
     here = device_here(spec)
-    numerics = ""
+    resolved = ""
     if here is not None:  # the name index depends on the pool's size, which a dry run does not read from storage
         remote_pool = isinstance(spec.names, str) and is_url(spec.names)
-        numerics = ", ".join(f"{k} {v}" for k, v in spec.numerics(here, read_pool=not remote_pool).items())
+        resolved = ", ".join(f"{k} {v}" for k, v in numerics(spec, here, read_pool=not remote_pool).items())
     return Plan(len(shards), done, images, note, actors, actors_note, gpus, gpus_note,
-                _estimate(spec, bench, images, actors), unchecked, numerics)
+                _estimate(spec, bench, images, actors), unchecked, resolved)
 
 
 def format_plan(plan: Plan) -> list[str]:

@@ -14,12 +14,12 @@ import json
 import re
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from ..attacks.baseline import BASELINE_COLUMNS
-from ..attacks.registry import Column, builtin_names, registered, registry_version
+from clipaudit.contract.registry import Column, builtin_names, registered, registry_version
 
 SCHEMA_META_NAME = b"clipaudit.schema"
 SCHEMA_META_VERSION = b"clipaudit.schema_version"
@@ -52,6 +52,10 @@ LEARNED_SCORE_DOC = ("member probability from the {attack} attack's {variant} at
                      "out-of-fold for the images it was fitted on (the labelled images, a seeded sample of 20,000 "
                      "beyond that), from the attacker fitted on them (or applied from another audit with --attackers) "
                      "for the others")
+
+#: the map step's columns for the validity check (always written)
+BASELINE_COLUMNS = (Column("baseline_features", pa.list_(pa.float32()),
+                           "model-free image statistics for the validity check (see attacks/baseline.py)"),)
 
 
 def parse_type(text: str) -> pa.DataType:
@@ -155,7 +159,8 @@ def markdown_table(name: str) -> str:
 
 def schema_block(name: str) -> str:
     """The generated block of docs/outputs.md for table ``name``, between its begin and end comments."""
-    return (f"<!-- schema:{name} (generated from schemas/{name}.json: python -m clipaudit.io.schemas {DOCS_PAGE}) -->\n"
+    command = "python -m clipaudit.contract.schemas"
+    return (f"<!-- schema:{name} (generated from schemas/{name}.json: {command}) -->\n"
             f"{markdown_table(name)}\n\n<!-- /schema:{name} -->")
 
 
@@ -169,11 +174,35 @@ def with_schema_tables(text: str) -> str:
     return text
 
 
-if __name__ == "__main__":  # regenerate the tables of docs/outputs.md: python -m clipaudit.io.schemas docs/outputs.md
-    import sys
-    from pathlib import Path
+def regenerate_json(folder: Path) -> list[str]:
+    """Rewrite ``folder/<table>.json`` for each table with attack columns where the registry's
+    built-in attacks no longer match it: the attacks' columns as registered, the core columns as
+    published, and the version one above the file's (readers and resumes see the change). Returns
+    the tables rewritten."""
+    out = []
+    for name in _CORE:
+        path = folder / f"{name}.json"
+        current = json.loads(path.read_text())
+        doc = schema_document(name)
+        if doc["fields"] != current["fields"]:
+            doc["version"] = int(current["version"]) + 1
+            path.write_text(json.dumps(doc, indent=2) + "\n")
+            out.append(name)
+    return out
 
-    if len(sys.argv) != 2:
-        sys.exit(f"usage: python -m clipaudit.io.schemas {DOCS_PAGE}")
-    page = Path(sys.argv[1])
+
+def _package_schemas() -> Path:
+    return Path(str(resources.files("clipaudit").joinpath("schemas")))
+
+
+if __name__ == "__main__":  # python -m clipaudit.contract.schemas [docs/outputs.md]
+    import sys
+
+    if len(sys.argv) > 2:
+        sys.exit(f"usage: python -m clipaudit.contract.schemas [{DOCS_PAGE}]")
+    changed = regenerate_json(_package_schemas())
+    published.cache_clear()
+    print("rewrote " + (", ".join(f"schemas/{n}.json" for n in changed) if changed else "no schema (all match)"))
+    page = Path(sys.argv[1] if len(sys.argv) == 2 else DOCS_PAGE)
     page.write_text(with_schema_tables(page.read_text()))
+    print(f"regenerated the tables of {page}")

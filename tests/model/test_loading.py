@@ -11,7 +11,7 @@ from helpers import encode, photo_like
 from PIL import Image
 
 from clipaudit.data.decode import decode_image
-from clipaudit.map.models import ModelLoadError, load_model, read_state_dict
+from clipaudit.model.loading import ModelLoadError, load_model, read_state_dict
 
 
 def _embed(m) -> np.ndarray:

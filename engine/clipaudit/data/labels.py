@@ -22,14 +22,15 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 
-from ..data.samples import normalize_name
-from ..data.shards import is_url
+from clipaudit.core.errors import ClipauditError
+from clipaudit.data.samples import normalize_name
+from clipaudit.data.urls import is_url
 
 _TRUE = {"true", "1", "yes", "y", "t", "member"}
 _FALSE = {"false", "0", "no", "n", "f", "nonmember", "non-member"}
 
 
-class LabelsError(ValueError):
+class LabelsError(ClipauditError, ValueError):
     """A labels or controls file cannot be read; the message names the file and line."""
 
 
@@ -149,7 +150,7 @@ def _rows(path: Path | str, what: str, member_required: bool, storage_options: M
     fsspec with the job's storage options."""
     try:
         if is_url(str(path)):
-            from ..data.storage import describe_error, open_url
+            from clipaudit.data.storage import describe_error, open_url
 
             try:
                 with open_url(str(path), "rb", storage_options) as f:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from clipaudit.map.index import (APPROX_ABOVE, FaissNameIndex, IVFNameIndex, TorchNameIndex, ivf_params,
+from clipaudit.model.name_index import (APPROX_ABOVE, FaissNameIndex, IVFNameIndex, TorchNameIndex, ivf_params,
                                  resolve_backend)
 
 
@@ -33,7 +33,7 @@ def test_approximate_index_recall_on_real_name_embeddings(canary_lab):
     """recall@10 of the IVF index against exact search, on the trained lab model's text
     embeddings of 20,000 generated names and image embeddings of lab photos as queries."""
     from clipaudit.lab.identities import make_identities, make_names, render
-    from clipaudit.map.models import load_model
+    from clipaudit.model.loading import load_model
 
     model = load_model(str(canary_lab.model_config), str(canary_lab.trained), "fp32", "cpu")
     names = make_names(20_000, seed=3)
@@ -73,7 +73,7 @@ def test_ivf_index_is_the_same_when_built_twice():
 def test_faiss_gpu_backend_without_gpu_faiss_or_cuda_says_what_is_missing():
     import faiss
 
-    from clipaudit.map.index import build_name_index
+    from clipaudit.model.name_index import build_name_index
 
     text = _unit(np.random.default_rng(0).normal(size=(1, 50, 8)).astype(np.float32))
     want = "pip install -e" if not hasattr(faiss, "StandardGpuResources") else "needs a CUDA device"

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import image_bytes, sample_files, write_tar
 
-from clipaudit.reduce.labels import LabelsError, ShardMatcher, read_controls, read_labels
+from clipaudit.data.labels import LabelsError, ShardMatcher, read_controls, read_labels
 
 
 def test_matcher_takes_paths_urls_and_only_unambiguous_file_names(tmp_path):

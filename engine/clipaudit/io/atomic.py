@@ -1,0 +1,90 @@
+"""Atomic, durable file writes: a temp name on the same file system, fsync, rename, fsync of
+the folder; with a ``publish`` hook the finished file reaches object storage before the rename."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+from collections.abc import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+#: ``publish(finished_temp_file, final_path)``: sends a finished file to where ``final_path``
+#: stands on object storage before it is renamed into place (see :meth:`OutputLayout.publisher`)
+Publish = Callable[[Path, Path], None]
+
+
+
+def temp_path(path: Path, tmp_dir: Path | None = None) -> Path:
+    """A fresh temp name for ``path``: hidden beside it, or in ``tmp_dir`` (which must be on the
+    same file system, so the final rename stays atomic)."""
+    if tmp_dir is None:
+        return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    return tmp_dir / f"{temp_prefix(path)}{uuid.uuid4().hex[:8]}"
+
+
+def temp_prefix(path: Path) -> str:
+    """How the name of a temp file for ``path`` in a ``_tmp/`` folder begins (folder + name)."""
+    return f"{path.parent.name}.{path.name}.tmp-"
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written (and closed) file's bytes to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` (already fsynced) to ``path`` and fsync the folder so the rename lasts."""
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder; the file itself is on disk
+        pass
+    finally:
+        os.close(fd)
+
+
+def publish_then_replace(tmp: Path, path: Path, publish: Publish | None) -> None:
+    """Send the finished ``tmp`` to the store first (when there is one), then rename it into
+    place: a file in the folder is always on the store too. A failed upload removes ``tmp``."""
+    if publish is not None:
+        try:
+            publish(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    replace_durably(tmp, path)
+
+
+def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None, publish: Publish | None = None) -> None:
+    tmp = temp_path(path, tmp_dir)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    publish_then_replace(tmp, path, publish)
+
+
+def atomic_write_json(path: Path, obj: Any, tmp_dir: Path | None = None, publish: Publish | None = None) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), tmp_dir,
+                       publish)
+
+
+def atomic_write_table(path: Path, table: pa.Table, tmp_dir: Path | None = None) -> None:
+    tmp = temp_path(path, tmp_dir)
+    pq.write_table(table, tmp, compression="zstd")
+    fsync_file(tmp)
+    replace_durably(tmp, path)
