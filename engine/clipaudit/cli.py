@@ -40,23 +40,31 @@ def _open_output(output_dir: str, storage_options: str | None, pull: bool = True
     from clipaudit.data.urls import is_url
     from clipaudit.io.outputs import output_layout
 
+    options = _storage_options(output_dir, storage_options)
     if not is_url(output_dir):
-        if storage_options is not None:
-            raise UserError("--storage-options is for an output on object storage (s3://, gs://, …)")
         return output_layout(Path(output_dir))
-    options = {}
-    if storage_options is not None:
-        try:
-            options = json.loads(storage_options)
-        except json.JSONDecodeError as e:
-            raise UserError(f"--storage-options: not JSON ({e})") from None
-        if not isinstance(options, dict):
-            raise UserError('--storage-options: a JSON object, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
     layout = output_layout(output_dir, options)
     if pull:
         with layout.lock():
             _pull(layout)
     return layout
+
+
+def _storage_options(output_dir: str, text: str | None) -> dict:
+    """``--storage-options`` (a JSON object) for an output URL; an error beside a local folder."""
+    from clipaudit.data.urls import is_url
+
+    if text is None:
+        return {}
+    if not is_url(output_dir):
+        raise UserError("--storage-options is for an output on object storage (s3://, gs://, …)")
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--storage-options: not JSON ({e})") from None
+    if not isinstance(options, dict):
+        raise UserError('--storage-options: a JSON object, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
+    return options
 
 
 def _pull(layout) -> None:
@@ -287,20 +295,20 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.thumbnails and not args.html:
         raise UserError("--thumbnails goes with --html (the photos are part of the HTML page)")
+    # the text is read straight from the output (on object storage: from the store, nothing copied)
+    report_folder(args.output_dir, _storage_options(args.output_dir, args.storage_options))
+    if not args.html:
+        return EXIT_OK
     layout = _open_output(args.output_dir, args.storage_options, pull=False)
-    page = None
-    # on object storage: pull, read and (with --html) write and push back the page in one hold of the lock
+    # the HTML page on object storage: pull, write and push back the page in one hold of the mirror's lock
     with layout.lock() if layout.remote is not None else contextlib.nullcontext():
         _pull(layout)
-        report_folder(layout.root)
-        if args.html:
-            from clipaudit.report.html import write_html
+        from clipaudit.report.html import write_html
 
-            page = write_html(layout.root, args.thumbnails)
-            if layout.remote is not None:
-                layout.remote.push()
-    if page is not None:
-        print(f"html report: {page}" + ("" if layout.remote is None else f" (and {layout.remote.url}/{page.name})"))
+        page = write_html(layout.root, args.thumbnails)
+        if layout.remote is not None:
+            layout.remote.push()
+    print(f"html report: {page}" + ("" if layout.remote is None else f" (and {layout.remote.url}/{page.name})"))
     return EXIT_OK
 
 
@@ -379,7 +387,8 @@ def _bench_output(args: argparse.Namespace, result: dict, text: str) -> None:
 def cmd_query(args: argparse.Namespace) -> int:
     from clipaudit.report.query import FORMATTERS, run_query
 
-    columns, rows = run_query(_open_output(args.output_dir, args.storage_options).root, args.sql)
+    # an output URL is read straight from the store: nothing is copied to this machine
+    columns, rows = run_query(args.output_dir, args.sql, _storage_options(args.output_dir, args.storage_options))
     text = FORMATTERS[args.format](columns, rows)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return EXIT_OK
@@ -548,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", help="SQL (DuckDB) over the outputs: views samples, identities, embeddings, "
                                           "sample_scores, downloads")
     q.add_argument("output_dir", metavar="OUTPUT_DIR", help="an audit's output folder, or its URL on object "
-                                                            "storage (s3://…; read through a local mirror)")
+                                                            "storage (s3://…; read from the store directly)")
     _storage_options_arg(q)
     q.add_argument("sql", metavar="SQL", help="one read-only statement (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE), "
                                               "e.g. \"SELECT * FROM identities LIMIT 10\"")

@@ -241,15 +241,19 @@ def test_an_audit_written_to_s3_holds_the_local_audit_and_resumes_from_another_m
     assert _keys(store, "first") == output_files(local_out)  # every output file, nothing else
     assert not any(k.startswith(("_tmp/", "_cache/")) or ".tmp-" in k for k in _keys(store, "first"))
 
-    # another machine: an empty mirror, filled from the store by `clipaudit query`
+    # another machine: `clipaudit query` reads the store itself and copies nothing to local disk
     monkeypatch.setenv("CLIPAUDIT_MIRROR_DIR", str(tmp_path / "mirror-b"))
     opts = json.dumps(_options(store))
     assert main(["query", url, "SELECT count(*) AS n FROM samples", "--format", "csv", "--storage-options", opts]) == 0
     assert capsys.readouterr().out.split() == ["n", "24"]
-    mirror_b = RemoteOutput.for_url(url).mirror
-    assert_same_rows(mirror_b, local_out, 0.0)
-    assert_same_rows(mirror_b, local_out, 0.0, "embeddings")
-    ident, ref = (pq.read_table(d / "identities.parquet").sort_by("identity") for d in (mirror_b, local_out))
+    assert main(["report", url, "--storage-options", opts]) == 0  # so does `clipaudit report` (without --html)
+    assert "shards: 2/2 done, 0 failed" in capsys.readouterr().out
+    assert not (tmp_path / "mirror-b").exists()
+    copy = tmp_path / "store-copy"  # the store as it is, fetched by the test, to compare every column
+    fsspec.filesystem("s3", **_resolved(store)).get(f"{BUCKET}/first/", str(copy), recursive=True)
+    assert_same_rows(copy, local_out, 0.0)
+    assert_same_rows(copy, local_out, 0.0, "embeddings")
+    ident, ref = (pq.read_table(d / "identities.parquet").sort_by("identity") for d in (copy, local_out))
     assert ident.schema == ref.schema
     assert_close(ident.to_pydict(), ref.to_pydict())  # means aggregated by DuckDB may differ in the last bit
     # and resumes it: every shard is done
@@ -328,7 +332,7 @@ def test_force_removes_what_the_new_job_does_not_write_and_other_mirrors_follow(
     assert len([k for k in keys if k.startswith("_markers/")]) == 1
     assert len([k for k in keys if k.startswith("samples/")]) == 1
     assert len([k for k in keys if k.startswith("embeddings/")]) == 1
-    # the first machine's mirror drops the removed shard's files when it next reads the store
+    # a query from the first machine reads the store: the removed shard is gone there too
     monkeypatch.setenv("CLIPAUDIT_MIRROR_DIR", str(tmp_path / "mirror-a"))
     assert main(["query", url, "SELECT count(*) FROM samples", "--format", "csv",
                  "--storage-options", json.dumps(_options(store))]) == 0
@@ -427,16 +431,24 @@ def test_a_dry_run_with_an_output_on_s3_contacts_no_storage(store, writer, tmp_p
     assert not RemoteOutput.for_url(url).mirror.exists()
 
 
-def test_reading_an_output_url_waits_for_no_one_and_says_what_is_wrong(tmp_path, monkeypatch, capsys):
+def test_a_query_of_an_output_url_reads_the_store_waits_for_no_one_and_says_what_is_wrong(
+        tmp_path, monkeypatch, capsys):
+    import pyarrow as pa
+
     from clipaudit.io.outputs import output_layout
 
     monkeypatch.setenv("CLIPAUDIT_MIRROR_DIR", str(tmp_path / "mirrors"))
     url = f"memory://clipaudit-test/{tmp_path.name}-empty"
+    fs, root = fsspec.filesystem("memory"), url.removeprefix("memory:/")
     assert main(["query", url, "SELECT 1"]) == 2
-    assert f"error: {url} holds no audit (no _SUMMARY.json or _job.json there)" in capsys.readouterr().err
-    fsspec.filesystem("memory").pipe_file(f"{url.removeprefix('memory:/')}/_job.json", b"{}")
-    layout = output_layout(url)
-    with layout.lock():  # a run on this machine is writing the mirror: a pull would race it
-        assert main(["query", url, "SELECT 1"]) == 2
-        assert "is being written by another clipaudit process" in capsys.readouterr().err
-    fsspec.filesystem("memory").rm(url.removeprefix("memory:/"), recursive=True)
+    assert f"error: {url} is not a clipaudit output folder (no samples/*.parquet)" in capsys.readouterr().err
+    with fs.open(f"{root}/samples/s-1.parquet", "wb") as f:
+        pq.write_table(pa.table({"shard": ["s"] * 3, "position": [0, 1, 2]}), f)
+    assert main(["query", url, "SELECT count(*) AS n FROM samples"]) == 2  # a part without its shard's marker
+    assert "no samples/*.parquet" in capsys.readouterr().err
+    fs.pipe_file(f"{root}/_markers/s-1.done.json", b"{}")
+    with output_layout(url).lock():  # a run on this machine holds the mirror: a query reads the store anyway
+        assert main(["query", url, "SELECT count(*) AS n FROM samples", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.split() == ["n", "3"]
+    assert not list((tmp_path / "mirrors").rglob("*.parquet"))  # nothing copied to this machine
+    fs.rm(root, recursive=True)

@@ -1,14 +1,67 @@
-"""An audit's output tables as DuckDB views: the one place that knows which tables exist and
-opens DuckDB over them (the query sandbox in :mod:`clipaudit.report.query` and the reduce step's
-capped connection in :mod:`clipaudit.reduce.tables` start from here)."""
+"""An audit's output tables: the one place that knows which tables exist, on local disk or
+read straight from object storage (:func:`table_files`), and opens DuckDB over them (the query
+sandbox in :mod:`clipaudit.report.query` and the reduce step's capped connection in
+:mod:`clipaudit.reduce.tables` start from here)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+from collections.abc import Mapping
 
 import duckdb
 
+from clipaudit.data.storage import StorageError, describe_error, url_to_fs
+from clipaudit.data.urls import is_url
 from clipaudit.io.outputs import OutputLayout
+
+#: view name → where its rows are, relative to the output root: a file, or a folder of Parquet parts
+TABLES = {"samples": "samples/", "identities": "identities.parquet", "embeddings": "embeddings/",
+          "sample_scores": "sample_scores/", "downloads": "downloads/"}
+#: tables whose parts count only with their shard's marker: a writer killed between a shard's
+#: part and its marker leaves a part that resume redoes, and readers must not count it either
+VOUCHED = ("samples", "embeddings")
+
+
+def output_filesystem(output: str | Path, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    """(fsspec file system, root path on it) of an output folder or output URL; a URL's storage
+    options may hold ``${VAR}`` references (resolved here)."""
+    if isinstance(output, str) and is_url(output):
+        try:
+            fs, root = url_to_fs(output, storage_options)
+        except ImportError as e:
+            raise StorageError(f"output {output}: {e}") from None
+        return fs, root.rstrip("/")
+    import fsspec
+
+    return fsspec.filesystem("file"), str(Path(str(output).removeprefix("file://")).resolve())
+
+
+def table_files(fs: Any, root: str, where: str = "", vouched: bool = True) -> dict[str, list[str]]:
+    """The output tables under ``root`` on ``fs``, from one listing: view name → its Parquet
+    files (sorted). With ``vouched``, a samples or embeddings part only beside its shard's marker
+    (on object storage, where several machines put parts, as the mirror's pull did; a local
+    folder's readers glob its parts as they are). ``where`` names the output in errors."""
+    try:
+        found = fs.find(root)
+    except FileNotFoundError:
+        found = []
+    except Exception as e:  # noqa: BLE001 — storage backends raise many types; said in words
+        raise StorageError(f"output listing: {describe_error(where or root, e)}") from e
+    rel = {fs._strip_protocol(p)[len(root) + 1:]: p for p in found}
+    markers = {r[len("_markers/"):-len(".done.json")] for r in rel
+               if r.startswith("_markers/") and r.endswith(".done.json")}
+    out: dict[str, list[str]] = {}
+    for view, place in TABLES.items():
+        if place.endswith("/"):
+            check = vouched and view in VOUCHED
+            files = [p for r, p in rel.items() if r.startswith(place) and "/" not in r[len(place):]
+                     and r.endswith(".parquet") and (not check or r[len(place):-len(".parquet")] in markers)]
+        else:
+            files = [p for r, p in rel.items() if r == place]
+        if files:
+            out[view] = sorted(files)
+    return out
 
 
 def output_views(layout: OutputLayout) -> dict[str, Path]:

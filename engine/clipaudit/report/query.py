@@ -15,14 +15,16 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+from collections.abc import Mapping
 
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
 
 from clipaudit.core.errors import ClipauditError
-from clipaudit.io.outputs import OutputLayout
-from clipaudit.io.tables import output_views
+from clipaudit.data.urls import is_url
+from clipaudit.io.outputs import no_audit
+from clipaudit.io.tables import output_filesystem, table_files
 
 _READ_ONLY_TYPES = {"SELECT", "EXPLAIN"}
 
@@ -41,20 +43,20 @@ def _widen(t: pa.DataType) -> pa.DataType:
     return t
 
 
-def sealed_views(layout: OutputLayout) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with the same views as :func:`duckdb_views` that can touch no file,
-    URL or setting.
+def sealed_views(files: dict[str, list[str]], filesystem: Any = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with a view per output table (``files``: view → its Parquet files, on
+    ``filesystem``, an fsspec file system, or local paths) that can touch no file, URL or setting.
 
     ``read_parquet`` views are bound again at every query, so they would need the folder in
     ``allowed_directories``, and that lets ``EXPLAIN ANALYZE COPY … TO`` write into it. Here the
-    files are listed and opened by pyarrow instead, and DuckDB's own access is switched off.
+    files are listed and opened by pyarrow instead — on object storage straight from the store —
+    and DuckDB's own access is switched off.
     """
     con = duckdb.connect(":memory:")
-    for name, pattern in output_views(layout).items():
-        files = sorted(str(f) for f in pattern.parent.glob(pattern.name))
-        schema = ds.dataset(files, format="parquet").schema
+    for name, paths in files.items():
+        schema = ds.dataset(paths, format="parquet", filesystem=filesystem).schema
         schema = pa.schema([f.with_type(_widen(f.type)) for f in schema], metadata=schema.metadata)
-        con.register(name, ds.dataset(files, format="parquet", schema=schema))
+        con.register(name, ds.dataset(paths, format="parquet", schema=schema, filesystem=filesystem))
     for setting in ("enable_external_access = false", "autoinstall_known_extensions = false",
                     "autoload_known_extensions = false", "python_enable_replacements = false",
                     "lock_configuration = true"):  # last: nothing can be set back
@@ -62,17 +64,18 @@ def sealed_views(layout: OutputLayout) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def connect(output_dir: str | Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with sealed views over the output folder (see :func:`sealed_views`)."""
-    layout = OutputLayout(Path(output_dir))
-    if not layout.samples_dir.is_dir() or not any(layout.samples_dir.glob("*.parquet")):
-        from clipaudit.io.outputs import no_audit
-
-        raise QueryError(no_audit(output_dir, "samples/*.parquet"))
+def connect(output: str | Path, storage_options: Mapping[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with sealed views over an output folder, or over an output URL read
+    straight from the store (nothing is copied to local disk; see :func:`sealed_views`)."""
+    fs, root = output_filesystem(output, storage_options)
+    remote = isinstance(output, str) and is_url(output)
+    files = table_files(fs, root, str(output), vouched=remote)
+    if "samples" not in files:
+        raise QueryError(no_audit(output, "samples/*.parquet"))
     try:
-        return sealed_views(layout)
+        return sealed_views(files, fs if remote else None)
     except (OSError, pa.ArrowException) as e:
-        raise QueryError(f"cannot open the outputs in {output_dir}: {_one_line(str(e))}") from None
+        raise QueryError(f"cannot open the outputs in {output}: {_one_line(str(e))}") from None
 
 
 def _one_line(message: str) -> str:
@@ -98,10 +101,11 @@ def _check_read_only(sql: str) -> None:
         raise QueryError(f"one statement per query, got {len(statements)}: run them one at a time")
 
 
-def run_query(output_dir: str | Path, sql: str) -> tuple[list[str], list[tuple]]:
-    """Run a read-only query; return (column names, rows)."""
+def run_query(output: str | Path, sql: str, storage_options: Mapping[str, Any] | None = None
+              ) -> tuple[list[str], list[tuple]]:
+    """Run a read-only query over an output folder or URL; return (column names, rows)."""
     _check_read_only(sql)
-    con = connect(output_dir)
+    con = connect(output, storage_options)
     try:
         cur = con.execute(sql)
         return [d[0] for d in cur.description], cur.fetchall()

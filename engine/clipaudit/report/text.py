@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from clipaudit.contract.registry import registered
 from clipaudit.reduce.conformal import controls_in_words
-from clipaudit.io.outputs import no_audit
+from clipaudit.io.outputs import OutputLayout, no_audit
+from clipaudit.io.tables import output_filesystem
+from clipaudit.spec import spec_from_json
 
 
 def _cell(m: dict, k: str) -> str:
@@ -189,29 +192,37 @@ def print_report(report, out=None) -> None:
     print(f"output: {report.layout.root}", file=out)
 
 
-def report_folder(root: Path, out=None) -> None:
-    """``clipaudit report OUT``: what an output folder holds, without recomputing anything."""
-    from clipaudit.io.outputs import OutputLayout
-
+def report_folder(output: str | Path, storage_options: Mapping[str, Any] | None = None, out=None) -> None:
+    """``clipaudit report OUT``: what an output folder holds, without recomputing anything; an
+    output URL is read straight from the store (its JSON files; nothing is copied here)."""
     out = out or sys.stdout
-    layout = OutputLayout(root)
-    if not layout.summary.is_file():
-        raise FileNotFoundError(no_audit(root, layout.summary.name))
-    if layout.job_state.is_file():  # imports the job's attack plugins, so their lines are printed too
-        from clipaudit.app.runner import saved_spec
+    fs, root = output_filesystem(output, storage_options)
+    names = OutputLayout(Path())  # the files' names, relative to the output's root
 
-        saved_spec(layout)
-    if layout.manifest.is_file():
-        m = json.loads(layout.manifest.read_text())
+    def read(path: Path) -> dict | None:
+        try:
+            return json.loads(fs.cat_file(f"{root}/{path.as_posix()}"))
+        except FileNotFoundError:
+            return None
+
+    summary = read(names.summary)
+    if summary is None:
+        raise FileNotFoundError(no_audit(output, names.summary.name))
+    job = read(names.job_state)
+    if job is not None:  # imports the job's attack plugins, so their lines are printed too
+        spec_from_json(job["spec"], f"{output}/{names.job_state.as_posix()}")
+    m = read(names.manifest)
+    if m is not None:
         sha = (m["model"].get("checkpoint_sha256") or "-")[:16]
         print(f"model: {m['model']['name']} ({m['model'].get('pretrained') or 'no weights'}, sha256 {sha}…), "
               f"run {m.get('started')} → {m.get('ended')}, map hash {m.get('map_hash')}", file=out)
-    s = json.loads(layout.summary.read_text())
-    print(f"shards: {s['shards_done']}/{s['shards']} done, {s['shards_failed']} failed", file=out)
-    print("\n".join(summary_lines(s)), file=out)
-    if layout.metrics.is_file():
-        print("\n".join(metrics_table(json.loads(layout.metrics.read_text()))), file=out)
-    elif layout.identities.is_file():
+    print(f"shards: {summary['shards_done']}/{summary['shards']} done, {summary['shards_failed']} failed", file=out)
+    print("\n".join(summary_lines(summary)), file=out)
+    metrics = read(names.metrics)
+    if metrics is not None:
+        print("\n".join(metrics_table(metrics)), file=out)
+    elif fs.exists(f"{root}/{names.identities.as_posix()}"):
         print("no metrics.json (no labels): see identities.parquet", file=out)
-    if layout.calibration.is_file():
-        print("\n".join(calibration_lines(json.loads(layout.calibration.read_text()))), file=out)
+    calibration = read(names.calibration)
+    if calibration is not None:
+        print("\n".join(calibration_lines(calibration)), file=out)
