@@ -76,7 +76,7 @@ def small_audit(tiny_model, tmp_path_factory) -> Path:
     from helpers import sample_files, write_tiny_job
 
     from clipaudit.app.runner import run_job
-    from clipaudit.spec import load_spec
+    from clipaudit.app.jobs import load_job
 
     root = tmp_path_factory.mktemp("small-audit")
     out = root / "out"
@@ -90,6 +90,6 @@ def small_audit(tiny_model, tmp_path_factory) -> Path:
             tf.addfile(info, io.BytesIO(data))
     (root / "controls.csv").write_text("identity\nP5\nP6\nP7\n")
     job.write_text(job.read_text() + "calibration: {controls: controls.csv, target_fpr: 0.5}\n")
-    report = run_job(load_spec(job), progress=False)
+    report = run_job(load_job(job), progress=False)
     assert report.ok and report.summary["rows"] == 50
     return out

@@ -45,3 +45,27 @@ def test_the_cycle_check_finds_a_cycle():
     """The check above can fail: a graph with a loop through three modules is caught."""
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
     assert set(_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}})) == {"a", "b", "c"}
+
+
+def _local_imports(source: str) -> list[str]:
+    """The clipaudit modules ``source`` imports inside a function."""
+    import ast
+
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for n in ast.walk(node):
+                if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("clipaudit"):
+                    out.append(n.module)
+                elif isinstance(n, ast.Import):
+                    out += [a.name for a in n.names if a.name.startswith("clipaudit")]
+    return out
+
+
+def test_only_the_command_line_imports_clipaudit_modules_inside_functions():
+    """Imports say at the top of a module which layers it uses; only cli.py defers them, so that
+    `clipaudit --help` starts at once (third-party packages may still load lazily anywhere)."""
+    assert _local_imports("def f():\n    from clipaudit.core import threads\n    import clipaudit.spec\n") == [
+        "clipaudit.core", "clipaudit.spec"]
+    found = {str(p.relative_to(ENGINE)): _local_imports(p.read_text()) for p in (ENGINE / "clipaudit").rglob("*.py")}
+    assert {path: mods for path, mods in found.items() if mods and path != "clipaudit/cli.py"} == {}

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from clipaudit.app.jobs import load_job
 from clipaudit.spec import SpecError, load_spec
 from clipaudit.app.resolve import map_fingerprint, map_hash
 
@@ -36,9 +37,10 @@ output: out/a
 
 
 def _load(tmp: Path, text: str):
+    """The job file read and its inputs checked, as `clipaudit run` does."""
     p = tmp / "job.yaml"
     p.write_text(text)
-    return load_spec(p)
+    return load_job(p)
 
 
 def test_contract_spec_resolves_paths_against_yaml_folder(files):
@@ -144,3 +146,16 @@ def test_values_that_would_fail_late_are_refused_up_front(files, old, new, needl
     with pytest.raises(SpecError) as e:
         _load(files, GOOD.replace(old, new))
     assert needle in str(e.value)
+
+
+def test_reading_a_spec_touches_no_input_and_the_job_check_names_each(files):
+    """The spec only describes the job: a missing file is found by the job's input check (which
+    `clipaudit run` and `--dry-run` do), not when the YAML is read."""
+    from clipaudit.app.jobs import check_inputs
+
+    text = GOOD.replace("names: names.txt", "names: missing.txt").replace("pretrained: w.pt", "pretrained: gone.pt")
+    (files / "job.yaml").write_text(text)
+    spec = load_spec(files / "job.yaml")
+    assert spec.names == files / "missing.txt"
+    with pytest.raises(SpecError, match="model.pretrained: file not found"):
+        check_inputs(spec, need_backends=False)

@@ -87,11 +87,11 @@ def _unwrap(e: BaseException) -> BaseException:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from clipaudit.app.runner import run_job
-    from clipaudit.spec import load_spec
+    from clipaudit.app.jobs import load_job
 
     if args.bench and not args.dry_run:
         raise UserError("--bench is read by --dry-run only (for its time estimate)")
-    spec = load_spec(args.job, need_backends=not args.dry_run)
+    spec = load_job(args.job, need_backends=not args.dry_run)  # a dry run contacts no storage
     if args.output:
         from clipaudit.data.urls import is_url
 

@@ -16,9 +16,11 @@ from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationEr
                       field_validator, model_validator)
 
 from clipaudit.core.errors import ClipauditError
-from clipaudit.data.checkpoints import checkpoint_problem
-from clipaudit.data.shards import ShardPatternError, expand_shards
-from clipaudit.data.urls import check_backend, is_url, protocol
+from clipaudit.data.shards import expand_shards
+from clipaudit.data.urls import is_url
+from clipaudit.contract.registry import available, registry_version, get, RegistryError, load_plugin
+from clipaudit.contract.schemas import published
+from clipaudit.data.storage import check_options_shape, redact_options
 
 Precision = Literal["fp32", "fp16", "bf16"]
 
@@ -38,8 +40,9 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     """Which CLIP model to audit and how to run it.
 
-    Read from a job file, relative paths resolve against the file's folder and local files
-    must exist (``parse_spec`` passes that folder as validation context).
+    Read from a job file, relative paths resolve against the file's folder (``parse_spec``
+    passes that folder as validation context); that they exist is checked by
+    :func:`clipaudit.app.jobs.check_inputs`.
     """
 
     name: str = Field(description="OpenCLIP name, hf-hub:org/repo, or path to a model-config JSON")
@@ -52,19 +55,6 @@ class ModelSpec(_Strict):
         base = (info.context or {}).get("base_dir")
         if base is not None and isinstance(v, str) and (looks_like_path(v) or (Path(base) / v).exists()):
             return _resolve(v, Path(base))
-        return v
-
-    @field_validator("name", "pretrained")
-    @classmethod
-    def _exists(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if (info.context or {}).get("base_dir") is None or not v or not looks_like_path(v) or is_url(v):
-            return v
-        if not Path(v).exists():
-            raise ValueError(f"file not found: {v}")
-        if info.field_name == "pretrained" and Path(v).is_file() and not v.endswith(".json"):
-            problem = checkpoint_problem(v)
-            if problem is not None:
-                raise ValueError(problem)
         return v
 
 
@@ -94,7 +84,6 @@ class DataSpec(_Strict):
                 elif not (x is None or isinstance(x, (str, int, float, bool, list))):
                     raise ValueError(f"{where}.{k}: expected a string, number, boolean, list or mapping")
         check(v, "storage_options")
-        from clipaudit.data.storage import check_options_shape
 
         check_options_shape(v)
         return v
@@ -116,8 +105,6 @@ _ATTACKS_MODELS: dict[tuple, type[AttacksSpec]] = {}
 
 def attacks_model(plugins: tuple[str, ...] = ()) -> type[AttacksSpec]:
     """The ``attacks:`` model: one field per built-in attack and per attack of ``plugins``."""
-    from clipaudit.contract.registry import available, registry_version
-
     key = (registry_version(), tuple(plugins))
     if key not in _ATTACKS_MODELS:
         fields: dict[str, Any] = {a.name: (a.params | None, None) for a in available(plugins)}
@@ -127,8 +114,6 @@ def attacks_model(plugins: tuple[str, ...] = ()) -> type[AttacksSpec]:
 
 def default_attacks() -> AttacksSpec:
     """The attacks a spec without an ``attacks`` key runs."""
-    from clipaudit.contract.registry import available
-
     return attacks_model()(**{a.name: a.params() for a in available() if a.default})
 
 
@@ -174,9 +159,6 @@ MAP_FEATURES_VERSION = 4  # 3: the decode step follows the model's OpenCLIP prep
 
 def map_output_format(enabled: list[str]) -> dict[str, Any]:
     """Versions of what the map step writes: resuming across a change is refused."""
-    from clipaudit.contract.registry import get
-    from clipaudit.contract.schemas import published
-
     versions: dict[str, Any] = {"features": MAP_FEATURES_VERSION}
     for table in ("samples", "embeddings"):
         versions[f"{table}_schema"] = int(published(table)["version"])
@@ -228,8 +210,6 @@ class JobSpec(_Strict):
     @field_validator("plugins")
     @classmethod
     def _load_plugins(cls, v: list[str]) -> list[str]:
-        from clipaudit.contract.registry import RegistryError, load_plugin
-
         for ref in v:  # fields validate in order: the attacks below see the plugins' registrations
             try:
                 load_plugin(ref)
@@ -280,8 +260,6 @@ class JobSpec(_Strict):
     def public_json(self) -> dict[str, Any]:
         """The spec as written into files (``_job.json``, ``manifest.json``): secret-like
         storage options redacted (see :func:`clipaudit.data.storage.redact_options`)."""
-        from clipaudit.data.storage import redact_options
-
         out = self.to_json()
         out["data"]["storage_options"] = redact_options(self.data.storage_options)
         return out
@@ -314,12 +292,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_spec(raw: Any, base_dir: Path, source: str = "<dict>", *, need_backends: bool = True) -> JobSpec:
-    """Validate a parsed YAML mapping; resolve relative paths against ``base_dir``.
-
-    ``need_backends=False`` (a dry run on the machine that submits the job): an fsspec backend
-    for URL inputs that is missing here is not an error; the workers still need it.
-    """
+def parse_spec(raw: Any, base_dir: Path, source: str = "<dict>") -> JobSpec:
+    """Validate a parsed YAML mapping; resolve relative paths against ``base_dir``. Whether the
+    files and objects it names exist and can be read is :func:`clipaudit.app.jobs.check_inputs`'."""
     if not isinstance(raw, dict):
         raise SpecError(f"invalid job spec {source}: the top level must be a mapping of keys")
     raw = json.loads(json.dumps(raw, default=str))  # deep copy, YAML dates → str
@@ -345,63 +320,7 @@ def parse_spec(raw: Any, base_dir: Path, source: str = "<dict>", *, need_backend
         spec = JobSpec.model_validate(raw, context={"base_dir": str(base_dir)})
     except ValidationError as e:
         raise SpecError(_format_validation_error(e, source)) from None
-    _check_files(spec, need_backends)
     return spec
-
-
-def _check_backend(key: str, url: str) -> None:
-    try:
-        check_backend(url)
-    except ImportError as e:
-        raise SpecError(f"{key}: {e}") from None
-
-
-def _check_files(spec: JobSpec, need_backends: bool = True) -> None:
-    """Every local input exists; with ``need_backends`` every URL input's backend is installed,
-    its storage options resolve, and the object exists and may be read (shards are listed,
-    not read: their sizes and ETags are kept for the manifest). A dry run (``need_backends``
-    false) contacts no storage: URL inputs are checked by the run."""
-    from clipaudit.data.storage import StorageError, resolve_options, stat_urls
-
-    inputs = {"names": spec.names, "labels": spec.labels, "calibration.controls": spec.calibration.controls}
-    for key, value in inputs.items():
-        if isinstance(value, Path) and not value.is_file():
-            raise SpecError(f"{key}: file not found: {value}")
-    try:
-        shards = spec.shard_list()
-    except ShardPatternError as e:
-        raise SpecError(f"data.shards: {e}") from None
-    missing = [s for s in shards if not is_url(s) and not Path(s).is_file()]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise SpecError(f"data.shards: file not found: {missing[0]}{more}")
-    urls = {key: value for key, value in inputs.items() if isinstance(value, str)}
-    remote_shards = [s for s in shards if is_url(s)]
-    if not need_backends:
-        remote_shards, urls = [], {}
-    for key, url in urls.items():
-        _check_backend(key, url)
-    for proto in sorted({protocol(s) for s in remote_shards}):
-        _check_backend("data.shards", f"{proto}://")
-    if urls or remote_shards:
-        try:
-            resolve_options(spec.data.storage_options)
-            stat_urls(remote_shards, spec.data.storage_options)
-            for key, url in urls.items():
-                stat_urls([url], spec.data.storage_options, what=key)
-        except StorageError as e:
-            raise SpecError(str(e)) from None
-    from clipaudit.data.labels import LabelsError, ShardMatcher, read_controls, read_labels
-
-    matcher = ShardMatcher(shards)
-    opts = spec.data.storage_options
-    try:  # read now, so --dry-run finds a bad row or an ambiguous shard before any mapping
-        if spec.labels is not None and (need_backends or isinstance(spec.labels, Path)):
-            read_labels(spec.labels, opts).matched(matcher)
-        if spec.calibration.controls is not None and (need_backends or isinstance(spec.calibration.controls, Path)):
-            read_controls(spec.calibration.controls, opts).matched(matcher)
-    except LabelsError as e:
-        raise SpecError(str(e)) from None
 
 
 def spec_from_json(data: dict[str, Any], source: str) -> JobSpec:
@@ -412,8 +331,9 @@ def spec_from_json(data: dict[str, Any], source: str) -> JobSpec:
         raise SpecError(_format_validation_error(e, source)) from None
 
 
-def load_spec(path: str | Path, *, need_backends: bool = True) -> JobSpec:
-    """Read, validate and resolve a job spec YAML file (``need_backends``: see :func:`parse_spec`)."""
+def load_spec(path: str | Path) -> JobSpec:
+    """Read, validate and resolve a job spec YAML file (its inputs are not checked here: see
+    :func:`clipaudit.app.jobs.load_job`)."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"job spec not found: {path}")
@@ -421,4 +341,4 @@ def load_spec(path: str | Path, *, need_backends: bool = True) -> JobSpec:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise SpecError(f"job spec {path} is not valid YAML: {e}") from None
-    return parse_spec(raw, path.resolve().parent, source=str(path), need_backends=need_backends)
+    return parse_spec(raw, path.resolve().parent, source=str(path))

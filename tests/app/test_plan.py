@@ -13,7 +13,8 @@ import pytest
 
 from clipaudit.cli import main
 from clipaudit.app.plan import count_images, make_plan, unchecked_inputs
-from clipaudit.spec import SpecError, load_spec
+from clipaudit.spec import SpecError
+from clipaudit.app.jobs import load_job
 from clipaudit.app.resolve import map_fingerprint
 
 
@@ -93,11 +94,11 @@ def test_estimate_needs_a_bench_record_of_the_same_model(tmp_path, capsys, monke
 
 def test_actors_and_gpus_unknown_until_the_cluster_is_there(tmp_path):
     _tar(tmp_path / "a.tar", ["k"])
-    spec = load_spec(_job(tmp_path, "a.tar", compute=f"{{executor: ray, gpus_per_worker: 0.5, {CLUSTER}}}"))
+    spec = load_job(_job(tmp_path, "a.tar", compute=f"{{executor: ray, gpus_per_worker: 0.5, {CLUSTER}}}"))
     plan = make_plan(spec, done=0)
     assert plan.actors is None and "one per 0.5 GPU(s) of the cluster" in plan.actors_note
     assert plan.gpus is None
-    local = make_plan(load_spec(_job(tmp_path, "a.tar", compute="{executor: local, device: cpu}")), done=0)
+    local = make_plan(load_job(_job(tmp_path, "a.tar", compute="{executor: local, device: cpu}")), done=0)
     assert (local.actors, local.gpus) == (1, 0.0)
 
 
@@ -111,7 +112,7 @@ def test_a_name_pool_url_is_read_by_the_run_and_listed_unchecked_by_the_dry_run(
         f.write(content)
     _tar(tmp_path / "a.tar", ["k"])
     job = _job(tmp_path, "a.tar", names="memory://pools/names.txt")
-    spec = load_spec(job)
+    spec = load_job(job)
     assert spec.names == "memory://pools/names.txt"  # a URL is kept as given, not made a path
     assert load_name_pool(spec.names) == ["Ann Example", "Bo Example"]
     assert map_fingerprint(spec)["names_sha256"] == hashlib.sha256(content).hexdigest()
@@ -141,14 +142,14 @@ def test_weights_from_a_hub_repo_are_unchecked_and_the_name_is_not_judged(tmp_pa
     job = _job(tmp_path, "a.tar")
     job.write_text(job.read_text().replace("model: {name: ViT-B-32}",
                                            "model: {name: my-arch, pretrained: 'hf-hub:org/repo'}"))
-    [u] = unchecked_inputs(load_spec(job))
+    [u] = unchecked_inputs(load_job(job))
     assert (u.key, u.value) == ("model.pretrained", "hf-hub:org/repo")
     assert u.reason.startswith("Hugging Face Hub weights, not in the local Hugging Face cache (org/repo (")
     assert u.reason.endswith("HF_HUB_OFFLINE is set, so a run on this machine stops at once (download them once "
                              "with network, or use a local checkpoint)")
     job.write_text(job.read_text().replace("pretrained: 'hf-hub:org/repo'", "pretrained: null"))
     with pytest.raises(SpecError, match="model.name: unknown model 'my-arch'"):
-        unchecked_inputs(load_spec(job))
+        unchecked_inputs(load_job(job))
 
 
 def test_on_a_machine_without_a_gpu_the_dry_run_describes_the_cpu_run(tmp_path, capsys, monkeypatch):

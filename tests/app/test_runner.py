@@ -9,7 +9,7 @@ from helpers import image_bytes, sample_files, write_tar
 
 from clipaudit.contract.schemas import load_schema
 from clipaudit.app.runner import ResumeRefused, run_job
-from clipaudit.spec import load_spec
+from clipaudit.app.jobs import load_job
 from clipaudit.app.resolve import map_hash, numerics, pinned
 
 NAMES = ["Ann Lee", "Bob Stone", "Cara Diaz"]
@@ -62,7 +62,7 @@ def _rows(out: Path):
 
 def test_every_sample_one_row_with_reasons(job):
     spec_path, expected = job
-    spec = load_spec(spec_path)
+    spec = load_job(spec_path)
     report = run_job(spec, progress=False)
     rows = _rows(spec.output)
     assert len(rows) == expected == report.summary["rows"]
@@ -91,7 +91,7 @@ def test_every_sample_one_row_with_reasons(job):
 
 
 def test_outputs_match_versioned_schemas(job):
-    spec = load_spec(job[0])
+    spec = load_job(job[0])
     run_job(spec, progress=False)
     for table, files in (("samples", (spec.output / "samples").glob("*.parquet")),
                          ("embeddings", (spec.output / "embeddings").glob("*.parquet")),
@@ -115,7 +115,7 @@ def test_outputs_match_versioned_schemas(job):
 
 
 def test_rerun_skips_done_shards_and_redoes_broken_ones(job):
-    spec = load_spec(job[0])
+    spec = load_job(job[0])
     first = run_job(spec, progress=False)
     before = sorted(map(str, _rows(spec.output)))
     mtimes = {p: p.stat().st_mtime_ns for p in (spec.output / "samples").glob("*.parquet")}
@@ -132,7 +132,7 @@ def test_rerun_skips_done_shards_and_redoes_broken_ones(job):
 
 
 def test_changed_map_settings_are_refused_unless_forced(job, tmp_path):
-    spec = load_spec(job[0])
+    spec = load_job(job[0])
     run_job(spec, progress=False)
     changed = spec.model_copy(update={"attacks": spec.attacks.model_copy(
         update={"idia": spec.attacks.idia.model_copy(update={"top_k": 3})})})
@@ -150,7 +150,7 @@ def test_reduce_cli_recomputes_with_new_tau_without_the_model(job, capsys, monke
     import clipaudit.model.loading
     from clipaudit.cli import main
 
-    spec = load_spec(job[0])
+    spec = load_job(job[0])
     run_job(spec, progress=False)
     before = {r["identity"]: r for r in pq.read_table(spec.output / "identities.parquet").to_pylist()}
 
@@ -186,7 +186,7 @@ def test_caption_reference_model_gives_difficulty_calibrated_score(job, tiny_mod
         "caption: {}",
         f"caption: {{reference_model: {{name: {tiny_model['config']}, pretrained: {tiny_model['checkpoint']}}}}}")
     spec_path.write_text(text)
-    spec = load_spec(spec_path)
+    spec = load_job(spec_path)
     assert spec.attacks.caption.reference_model.pretrained == str(tiny_model["checkpoint"])
     run_job(spec, progress=False)
     ok = [r for r in _rows(spec.output) if r["status"] == "ok" and r["has_caption"]]
@@ -201,7 +201,7 @@ def test_one_writer_per_output_folder(job, capsys):
     from clipaudit.io.outputs import OutputBusy, OutputLayout
 
     spec_path, _ = job
-    spec = load_spec(spec_path)
+    spec = load_job(spec_path)
     with OutputLayout(spec.output).lock():
         with pytest.raises(OutputBusy, match="another clipaudit process"):
             run_job(spec, progress=False)
@@ -212,7 +212,7 @@ def test_one_writer_per_output_folder(job, capsys):
 
 
 def test_temp_files_of_an_interrupted_writer_are_removed_on_rerun(job):
-    spec = load_spec(job[0])
+    spec = load_job(job[0])
     run_job(spec, progress=False)
     stale = [spec.output / "_tmp" / "samples.x-0123456789.parquet.tmp-deadbeef",
              spec.output / "_tmp" / "embeddings.x-0123456789.parquet.tmp-cafebabe",
@@ -228,7 +228,7 @@ def test_temp_files_of_an_interrupted_writer_are_removed_on_rerun(job):
 def test_reduce_cli_with_controls_and_target_fpr(job, capsys):
     from clipaudit.cli import main
 
-    spec = load_spec(job[0])
+    spec = load_job(job[0])
     run_job(spec, progress=False)
     controls = job[0].parent / "controls.csv"
     controls.write_text("shard,key\n" + "".join(f"00002.tar,{200 + i:09d}\n" for i in range(6)))
@@ -249,7 +249,7 @@ def test_without_flock_support_a_run_warns_and_keeps_other_writers_temp_files(jo
     import errno
     import fcntl
 
-    spec = load_spec(job[0])
+    spec = load_job(job[0])
     run_job(spec, progress=False)
     live = spec.output / "_tmp" / "samples.x-0123456789.parquet.tmp-0badf00d"
     live.write_bytes(b"PAR1 being written by another run")
@@ -266,7 +266,7 @@ def test_without_flock_support_a_run_warns_and_keeps_other_writers_temp_files(jo
 def test_url_shards_through_fsspec_give_the_same_rows(job, tmp_path):
     import fsspec
 
-    spec = load_spec(job[0])
+    spec = load_job(job[0])
     local = run_job(spec, progress=False)
     fs = fsspec.filesystem("memory")
     urls = []
@@ -291,7 +291,7 @@ def test_url_shards_through_fsspec_give_the_same_rows(job, tmp_path):
 def test_report_cli_prints_what_a_folder_holds(job, capsys):
     from clipaudit.cli import main
 
-    spec = load_spec(job[0])
+    spec = load_job(job[0])
     run_job(spec, progress=False)
     capsys.readouterr()
     assert main(["report", str(spec.output)]) == 0
@@ -316,7 +316,7 @@ def test_swapped_checkpoint_is_refused_on_resume_unless_forced(job, tiny_model, 
     shutil.copy(tiny_model["checkpoint"], latest)
     spec_path.write_text(spec_path.read_text().replace(str(tiny_model["checkpoint"]), str(latest)))
     assert main(["run", str(spec_path), "--no-progress"]) == 0
-    out = load_spec(spec_path).output
+    out = load_job(spec_path).output
     before = _rows(out)
     sd = torch.load(latest, weights_only=True)
     torch.save({k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in sd.items()}, latest)
@@ -332,7 +332,7 @@ def test_swapped_checkpoint_is_refused_on_resume_unless_forced(job, tiny_model, 
     changed = [a["caption_score"] != b["caption_score"] for a, b in zip(after, before) if a["has_caption"]]
     assert all(changed)  # every row was recomputed with the new weights
     cache = list((out / "_cache").glob("shared-*.npz"))
-    assert len(cache) == 1 and map_hash(load_spec(spec_path)) in cache[0].name
+    assert len(cache) == 1 and map_hash(load_job(spec_path)) in cache[0].name
 
 
 def test_a_folder_whose_run_wrote_no_result_is_not_claimed(job, tiny_model, capsys):
@@ -345,7 +345,7 @@ def test_a_folder_whose_run_wrote_no_result_is_not_claimed(job, tiny_model, caps
     spec_path.write_text(good.replace("precision: fp32", "precision: fp32, name: ViT-B-32")
                          .replace(f"name: {tiny_model['config']}, ", ""))  # a checkpoint that does not fit
     assert main(["run", str(spec_path), "--no-progress"]) == 2
-    out = load_spec(spec_path).output
+    out = load_job(spec_path).output
     assert (out / "_job.json").is_file() and not any((out / "samples").glob("*.parquet"))
     spec_path.write_text(good)
     capsys.readouterr()
@@ -357,7 +357,7 @@ def test_the_hardware_that_changes_numbers_enters_the_resume_hash(job, monkeypat
     """fp16 + torch top-k on a GPU, fp32 + FAISS on a CPU: never resumed into each other."""
     import torch
 
-    spec = load_spec(job[0])
+    spec = load_job(job[0])
     cpu = numerics(spec, "cpu")
     assert cpu == {"device": "cpu", "precision": "fp32", "index": "faiss", "decode": "cpu"}
     auto = spec.model_copy(update={"model": spec.model.model_copy(update={"precision": None})})
@@ -386,7 +386,7 @@ def test_a_second_run_of_a_finished_folder_is_a_no_op_and_says_why_it_recomputes
 
     from clipaudit.report.text import print_report
 
-    spec = load_spec(job[0])
+    spec = load_job(job[0])
     first = run_job(spec, progress=False)
     assert first.reduced
     before = _files(spec.output)

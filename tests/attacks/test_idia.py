@@ -156,10 +156,10 @@ def test_sweep_rises_with_k_on_the_trained_model_and_stays_flat_untrained(canary
     import pyarrow.parquet as pq
 
     from clipaudit.app.runner import run_job
-    from clipaudit.spec import load_spec
+    from clipaudit.app.jobs import load_job
 
     def sweep(job, out):
-        spec = load_spec(job)
+        spec = load_job(job)
         spec = spec.model_copy(update={"output": tmp_path / out, "attacks": type(spec.attacks)(idia=spec.attacks.idia),
                                        "compute": spec.compute.model_copy(update={"executor": "local"})})
         run_job(spec, progress=False)
@@ -253,9 +253,9 @@ def test_template_average_ranks_each_image_once_and_separates_the_canary(canary_
     import pyarrow.parquet as pq
 
     from clipaudit.app.runner import run_job
-    from clipaudit.spec import load_spec
+    from clipaudit.app.jobs import load_job
 
-    spec = load_spec(canary_lab.job)
+    spec = load_job(canary_lab.job)
     idia = spec.attacks.idia.model_copy(update={"template_average": True})
     spec = spec.model_copy(update={"output": tmp_path / "avg", "attacks": type(spec.attacks)(idia=idia),
                                    "compute": spec.compute.model_copy(update={"executor": "local"})})
@@ -346,3 +346,27 @@ def test_the_sweep_keeps_one_population_across_k_unless_asked_per_k(tmp_path):
     assert [(e["k"], e["n_members"], e["n_nonmembers"]) for e in fixed["sweep"]] == [(1, 1, 1), (5, 1, 1)]
     assert [(e["k"], e["n_members"], e["n_nonmembers"]) for e in per_k["sweep"]] == [(1, 2, 2), (5, 1, 1)]
     assert fixed["population"].startswith("fixed") and per_k["population"].startswith("per_k")
+
+
+def test_the_mean_reciprocal_rank_does_not_depend_on_the_order_of_the_rows():
+    """A float sum depends on the order of its terms, and DuckDB aggregates in parallel, so one
+    audit could give values a few ulps apart from run to run. The reciprocal ranks are summed
+    exactly (as decimals), so every order of the same rows gives the same bits."""
+    import duckdb
+    import pyarrow as pa
+
+    from clipaudit.attacks.idia import IdiaParams, identity_scores_sql
+
+    rng = np.random.default_rng(0)
+    ranks = [[int(r) if r < 900 else None for r in rng.integers(1, 1000, 7)] for _ in range(2000)]
+    expected = np.mean([0.0 if r is None else 1.0 / r for row in ranks for r in row])
+    found = set()
+    for order in (range(len(ranks)), reversed(range(len(ranks))), rng.permutation(len(ranks))):
+        rows = [ranks[i] for i in order]
+        con = duckdb.connect()
+        con.execute("SET threads = 1")  # the rows are summed in the order given
+        con.register("s", pa.table({"identity": ["Ann"] * len(rows), "idia_true_rank": rows}))
+        value = con.sql(identity_scores_sql("s", IdiaParams())).fetchall()[0][2]
+        assert value == pytest.approx(expected, rel=1e-12)
+        found.add(value)
+    assert len(found) == 1, found

@@ -9,7 +9,8 @@ import torch
 from helpers import encode, photo_like
 
 from clipaudit.data.decode import Preprocess, decode_image
-from clipaudit.data.device_decode import decode_on_device, device_eligible
+from clipaudit.data.decode import device_eligible
+from clipaudit.data.device_decode import decode_on_device
 
 CPU = torch.device("cpu")
 PRE = Preprocess(64)

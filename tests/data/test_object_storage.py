@@ -19,7 +19,8 @@ from helpers import (OTHER_EXECUTOR_TOL, assert_close, assert_same_rows, free_po
 
 from clipaudit.cli import main
 from clipaudit.app.runner import run_job
-from clipaudit.spec import SpecError, load_spec
+from clipaudit.app.jobs import load_job
+from clipaudit.spec import SpecError
 from clipaudit.app.resolve import map_hash
 
 BUCKET, LOCKED = "audit-inputs", "locked-inputs"
@@ -76,7 +77,7 @@ def _s3_job(tmp_path: Path, s3: dict, bucket: str = BUCKET, shards: str | list[s
     """The tiny job with every input on ``s3://bucket/`` (model and output stay local); ``shards``
     is a brace pattern or a list, relative to the bucket."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    spec = load_spec(s3["root"] / "job.yaml", need_backends=False)
+    spec = load_job(s3["root"] / "job.yaml", need_backends=False)
     options = options if options is not None else {
         "endpoint_url": s3["endpoint"], "key": "${%s}" % KEY_VAR, "secret": "${%s}" % SECRET_VAR}
     body = {
@@ -113,8 +114,8 @@ def _same_file_name(a: str, b: str) -> bool:
 
 
 def test_an_audit_on_s3_gives_the_rows_of_the_same_audit_on_local_files(s3, reader_env, tmp_path):
-    local = run_job(load_spec(_local_job(tmp_path, s3)), progress=False)
-    remote = run_job(load_spec(_s3_job(tmp_path, s3)), progress=False)
+    local = run_job(load_job(_local_job(tmp_path, s3)), progress=False)
+    remote = run_job(load_job(_s3_job(tmp_path, s3)), progress=False)
     assert remote.ok and remote.summary["rows"] == local.summary["rows"] == 24
     out, ref = tmp_path / "out", tmp_path / "local"
     assert_same_rows(out, ref, 0.0, close={"shard": _same_file_name})
@@ -155,9 +156,9 @@ def test_ray_actors_get_the_credentials_from_the_driver(ray_session, s3, tmp_pat
     job = _s3_job(tmp_path, s3, labels=None, controls=None)
     job.write_text(job.read_text().replace('"executor": "local"', '"executor": "ray", "workers": 1, '
                                                                    '"cpus_per_worker": 1, "gpus_per_worker": 0'))
-    report = run_job(load_spec(job), progress=False)
+    report = run_job(load_job(job), progress=False)
     assert report.ok and report.summary["rows"] == 24, report.summary["failed"]
-    local = run_job(load_spec(_local_job(tmp_path, s3)), progress=False)
+    local = run_job(load_job(_local_job(tmp_path, s3)), progress=False)
     assert local.ok
     assert_same_rows(tmp_path / "out", tmp_path / "local", OTHER_EXECUTOR_TOL["samples"],
                      close={"shard": _same_file_name})
@@ -167,8 +168,8 @@ def test_secrets_are_never_written_and_storage_options_leave_the_map_hash_alone(
     key, secret = reader_env
     job = _s3_job(tmp_path, s3, labels=None, controls=None,
                   options={"endpoint_url": s3["endpoint"], "key": key, "secret": secret})  # literals in the file
-    spec = load_spec(job)
-    by_reference = load_spec(_s3_job(tmp_path / "ref", s3, labels=None, controls=None))
+    spec = load_job(job)
+    by_reference = load_job(_s3_job(tmp_path / "ref", s3, labels=None, controls=None))
     assert map_hash(spec) == map_hash(by_reference)
     report = run_job(spec, progress=False, spec_text=job.read_text())
     assert report.ok and report.summary["rows"] == 24
@@ -207,7 +208,7 @@ def test_a_missing_object_is_a_spec_error_naming_it(s3, reader_env, tmp_path, ca
     else:
         job = _s3_job(tmp_path, s3, **{field: tail})
     with pytest.raises(SpecError) as e:
-        load_spec(job)
+        load_job(job)
     assert str(e.value) == f"{where}: object not found: {url}"
     assert main(["run", str(job)]) == 2  # refused before anything runs or is written
     assert f"{where}: object not found: {url}" in capsys.readouterr().err
@@ -216,21 +217,21 @@ def test_a_missing_object_is_a_spec_error_naming_it(s3, reader_env, tmp_path, ca
 
 def test_credentials_without_permission_say_so(s3, reader_env, tmp_path, monkeypatch):
     with pytest.raises(SpecError, match=rf"data.shards: access denied to s3://{LOCKED}/shards \(.*Access Denied"):
-        load_spec(_s3_job(tmp_path, s3, bucket=LOCKED))  # the reader may not read this bucket
+        load_job(_s3_job(tmp_path, s3, bucket=LOCKED))  # the reader may not read this bucket
     with pytest.raises(SpecError, match=rf"data.shards: access denied to s3://{LOCKED}/shards/00000.tar \(the cred"):
-        load_spec(_s3_job(tmp_path, s3, bucket=LOCKED, shards=["shards/00000.tar"]))  # one object: read, not listed
+        load_job(_s3_job(tmp_path, s3, bucket=LOCKED, shards=["shards/00000.tar"]))  # one object: read, not listed
     nobody_key, nobody_secret = s3["creds"]["nobody"]
     monkeypatch.setenv(KEY_VAR, nobody_key)
     monkeypatch.setenv(SECRET_VAR, nobody_secret)
     with pytest.raises(SpecError, match=rf"data.shards: access denied to s3://{BUCKET}/shards \(.*Access Denied"):
-        load_spec(_s3_job(tmp_path, s3))
+        load_job(_s3_job(tmp_path, s3))
     monkeypatch.setenv(SECRET_VAR, "not-the-secret")
     with pytest.raises(SpecError, match=r"access denied to s3://.*(SignatureDoesNotMatch|signature|Forbidden)"):
-        load_spec(_s3_job(tmp_path, s3))
+        load_job(_s3_job(tmp_path, s3))
     monkeypatch.delenv(SECRET_VAR)
     unset = rf"^data.storage_options.secret: environment variable {SECRET_VAR} is not set$"
     with pytest.raises(SpecError, match=unset):
-        load_spec(_s3_job(tmp_path, s3))
+        load_job(_s3_job(tmp_path, s3))
 
 
 def test_a_dead_endpoint_fails_loudly(s3, reader_env, tmp_path, capsys):
@@ -239,9 +240,9 @@ def test_a_dead_endpoint_fails_loudly(s3, reader_env, tmp_path, capsys):
                "config_kwargs": {"retries": {"max_attempts": 1}}}
     job = _s3_job(tmp_path, s3, options=options)
     with pytest.raises(SpecError, match=rf"data.shards: cannot reach the storage endpoint for s3://{BUCKET}/shards "):
-        load_spec(job)
+        load_job(job)
     # the endpoint dies after the spec was checked: every shard fails, and the run says so
-    live = load_spec(_s3_job(tmp_path, s3, labels=None, controls=None))
+    live = load_job(_s3_job(tmp_path, s3, labels=None, controls=None))
     spec = live.model_copy(update={
         "names": s3["root"] / "names.txt",
         "data": live.data.model_copy(update={"storage_options": options})})

@@ -14,7 +14,8 @@ from helpers import assert_close, assert_same_rows, gcs_emulator, output_files, 
 
 from clipaudit.data.storage import options_for
 from clipaudit.app.runner import run_job
-from clipaudit.spec import SpecError, load_spec
+from clipaudit.spec import SpecError
+from clipaudit.app.jobs import load_job
 
 BUCKET = "audit"
 
@@ -37,7 +38,7 @@ def stores(tiny_model, tmp_path_factory):
 def _job(stores: dict, tmp_path: Path, shards: str = "{00000..00001}", names: str = "inputs/names.txt",
          output: str = "gs://audit/out") -> Path:
     root = stores["root"]
-    spec = load_spec(root / "job.yaml", need_backends=False)
+    spec = load_job(root / "job.yaml", need_backends=False)
     body = {
         "model": {"name": spec.model.name, "pretrained": spec.model.pretrained, "precision": "fp32"},
         "data": {"shards": f"{stores['http']}/shards/{shards}.tar",
@@ -60,8 +61,8 @@ def test_shards_over_https_names_and_output_on_gs_give_the_local_audit(stores, t
     monkeypatch.setenv("CLIPAUDIT_MIRROR_DIR", str(tmp_path / "mirrors"))
     root = stores["root"]
     (root / "local.yaml").write_text((root / "job.yaml").read_text() + f"labels: {root}/labels.csv\n")
-    local = run_job(load_spec(root / "local.yaml"), progress=False)
-    remote = run_job(load_spec(_job(stores, tmp_path)), progress=False)
+    local = run_job(load_job(root / "local.yaml"), progress=False)
+    remote = run_job(load_job(_job(stores, tmp_path)), progress=False)
     assert local.ok and remote.ok and remote.summary["rows"] == local.summary["rows"] == 24
     out, ref = remote.layout.root, root / "local-out"
 
@@ -93,7 +94,7 @@ def test_shards_over_https_names_and_output_on_gs_give_the_local_audit(stores, t
 ])
 def test_a_missing_object_over_https_or_on_gs_is_a_spec_error(stores, tmp_path, field, kwargs, message):
     with pytest.raises(SpecError) as e:
-        load_spec(_job(stores, tmp_path, **kwargs))
+        load_job(_job(stores, tmp_path, **kwargs))
     assert str(e.value) == f"{field}: {message.format(http=stores['http'])}"
 
 
@@ -119,7 +120,7 @@ def test_storage_options_that_mix_the_two_shapes_are_a_spec_error(stores, tmp_pa
     body["data"]["storage_options"] = options
     job.write_text(json.dumps(body))
     with pytest.raises(SpecError, match=re.escape(message)):
-        load_spec(job)
+        load_job(job)
 
 
 def test_an_unset_variable_in_one_protocols_options_names_its_place(monkeypatch):

@@ -21,7 +21,7 @@ import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from clipaudit.app.runner import run_job  # noqa: E402
-from clipaudit.spec import load_spec  # noqa: E402
+from clipaudit.app.jobs import load_job  # noqa: E402
 
 
 def _children(pid: int) -> list[int]:
@@ -55,7 +55,7 @@ def main(job: str, output: str, report_path: str) -> None:
     workers = [cluster.add_node(num_cpus=1, resources={"accelerator_slot": 1}) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, configure_logging=False, log_to_driver=False)
-    spec = load_spec(job)
+    spec = load_job(job)
     spec = spec.model_copy(update={"output": Path(output)})
     samples = Path(output) / "samples"
     markers_dir, tmp_dir = Path(output) / "_markers", Path(output) / "_tmp"

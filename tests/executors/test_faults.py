@@ -17,13 +17,13 @@ from helpers import OTHER_EXECUTOR_TOL, SAME_EXECUTOR_TOL, MapEvents, assert_sam
 
 from clipaudit.io.outputs import OutputLayout
 from clipaudit.app.runner import run_job
-from clipaudit.spec import load_spec
+from clipaudit.app.jobs import load_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.faults]
 
 def _reference_run(spec_path, out):
     """An uninterrupted run (in-process executor: it gives the same rows as Ray)."""
-    spec = load_spec(spec_path)
+    spec = load_job(spec_path)
     compute = spec.compute.model_copy(update={"executor": "local"})
     run_job(spec.model_copy(update={"output": out, "compute": compute}), progress=False)
     return out
@@ -38,7 +38,7 @@ def _is_map_worker(pid: int) -> bool:
 
 def test_worker_killed_mid_shard_is_retried_without_loss_or_duplicates(tmp_path, tiny_model, ray_session):
     out = tmp_path / "killed"
-    spec = load_spec(write_tiny_job(tmp_path, tiny_model, out))
+    spec = load_job(write_tiny_job(tmp_path, tiny_model, out))
     layout = OutputLayout(out)
     killed = []
 
@@ -98,7 +98,7 @@ def test_driver_killed_mid_job_then_rerun_completes_without_loss_or_duplicates(t
             pass
     done_before = len(list((out / "_markers").glob("*.done.json")))
     assert 1 <= done_before < 4
-    report = run_job(load_spec(job), progress=False)  # rerun (on the test session's Ray)
+    report = run_job(load_job(job), progress=False)  # rerun (on the test session's Ray)
     assert report.ok and report.skipped == done_before and len(report.map.done) == 4 - done_before
     assert_same_outputs(out, _reference_run(job, tmp_path / "clean"), OTHER_EXECUTOR_TOL)  # 240 rows, once each
     assert not list((out / "_tmp").iterdir())

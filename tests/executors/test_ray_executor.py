@@ -10,13 +10,13 @@ import pytest
 from helpers import OTHER_EXECUTOR_TOL, MapEvents, assert_same_outputs, write_tiny_job
 
 from clipaudit.app.runner import run_job
-from clipaudit.spec import load_spec
+from clipaudit.app.jobs import load_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def _spec(job, out, **compute):
-    spec = load_spec(job)
+    spec = load_job(job)
     return spec.model_copy(update={"output": out, "compute": spec.compute.model_copy(update=compute)})
 
 
@@ -151,7 +151,7 @@ def test_a_shard_that_hangs_times_out_its_actor_is_killed_and_the_run_returns(tm
     hangs = tmp_path / "shards" / "hangs.tar"
     os.mkfifo(hangs)  # a named pipe no one writes to: opening it to read blocks forever
     good = tmp_path / "shards" / "00000.tar"
-    spec = _with_shards(load_spec(job), [hangs, good])
+    spec = _with_shards(load_job(job), [hangs, good])
     t0 = time.monotonic()
     with MapEvents() as events:
         report = run_job(spec, progress=False)
@@ -174,7 +174,7 @@ def test_an_actor_whose_task_raised_a_non_io_error_is_replaced_io_errors_keep_it
     missing = tmp_path / "shards" / "missing.tar"  # FileNotFoundError: an OSError (transient I/O): actor kept
     broken = "nosuchproto://bucket/00001.tar"  # no fsspec backend: ImportError, not I/O: actor replaced
     good = tmp_path / "shards" / "00000.tar"
-    spec = _with_shards(load_spec(job), [missing, broken, good])
+    spec = _with_shards(load_job(job), [missing, broken, good])
     with MapEvents() as events:
         report = run_job(spec, progress=False)
     failed = {f.shard: f for f in report.map.failed}

@@ -21,7 +21,7 @@ from helpers import OTHER_EXECUTOR_TOL, assert_same_outputs, moto_s3_server, wri
 
 import clipaudit
 from clipaudit.app.runner import run_job
-from clipaudit.spec import load_spec
+from clipaudit.app.jobs import load_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -234,7 +234,7 @@ def test_a_job_submitted_to_a_two_node_cluster_completes(tiny_model, tmp_path, o
         assert not (tmp_path / "out").exists()  # nothing went to a local folder
     summary = json.loads((out / "_SUMMARY.json").read_text())
     assert summary["shards_done"] == 3 and summary["rows"] == 36 and not summary["shards_failed"]
-    local = load_spec(job)
+    local = load_job(job)
     local = local.model_copy(update={"output": tmp_path / "local",
                                      "compute": local.compute.model_copy(update={"executor": "local"})})
     run_job(local, progress=False)

@@ -86,11 +86,11 @@ def test_ray_places_one_actor_per_gpu(tiny_model, tmp_path, ray_session):
     import json
 
     from clipaudit.app.runner import run_job
-    from clipaudit.spec import load_spec
+    from clipaudit.app.jobs import load_job
 
     job = write_tiny_job(tmp_path, tiny_model, tmp_path / "out", shards=2, per_shard=16,
                          compute="executor: ray, max_retries: 1, gpus_per_worker: 1")
-    spec = load_spec(job)
+    spec = load_job(job)
     run_job(spec, progress=False)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     compute = manifest["spec"]["compute"]  # the job as its workers ran it (auto resolved)

@@ -16,7 +16,7 @@ from clipaudit.cli import main
 from clipaudit.data.storage import StorageError
 from clipaudit.io.remote_output import INDEX_NAME, RemoteOutput
 from clipaudit.app.runner import run_job
-from clipaudit.spec import load_spec
+from clipaudit.app.jobs import load_job
 
 BUCKET = "audit-outputs"
 KEY_VAR, SECRET_VAR = "CLIPAUDIT_TEST_OUT_KEY", "CLIPAUDIT_TEST_OUT_SECRET"
@@ -180,7 +180,7 @@ def store(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_out(store) -> Path:
     """The tiny job's audit written to a local folder, to compare with."""
-    assert run_job(load_spec(store["root"] / "job.yaml"), progress=False).ok
+    assert run_job(load_job(store["root"] / "job.yaml"), progress=False).ok
     return store["root"] / "local-out"
 
 
@@ -232,7 +232,7 @@ def test_an_audit_written_to_s3_holds_the_local_audit_and_resumes_from_another_m
     fetched: list[int] = []
     real_pull = RemoteOutput.pull
     monkeypatch.setattr(RemoteOutput, "pull", lambda self: fetched.append(real_pull(self)) or fetched[-1])
-    remote = run_job(load_spec(_job(store, tmp_path, url)), progress=False)
+    remote = run_job(load_job(_job(store, tmp_path, url)), progress=False)
     assert remote.ok and remote.summary["rows"] == 24
     # the parts the mapper put are known by their MD5 (S3's ETag): never downloaded, never sent twice
     assert fetched == [0, 0]
@@ -257,7 +257,7 @@ def test_an_audit_written_to_s3_holds_the_local_audit_and_resumes_from_another_m
     assert ident.schema == ref.schema
     assert_close(ident.to_pydict(), ref.to_pydict())  # means aggregated by DuckDB may differ in the last bit
     # and resumes it: every shard is done
-    again = run_job(load_spec(_job(store, tmp_path, url)), progress=False)
+    again = run_job(load_job(_job(store, tmp_path, url)), progress=False)
     assert again.ok and again.skipped == 2
 
     # the store is readable as it is, without clipaudit
@@ -281,7 +281,7 @@ def test_parts_go_up_before_their_marker_and_a_failed_upload_is_retried(store, w
         real_put(self, local, final)
 
     monkeypatch.setattr(RemoteOutput, "put", put)
-    report = run_job(load_spec(_job(store, tmp_path, url)), progress=False)
+    report = run_job(load_job(_job(store, tmp_path, url)), progress=False)
     assert report.ok and report.summary["rows"] == 24 and report.summary["shards_failed"] == 0
     assert failed and failed[0] in puts  # uploaded on the retry
     markers = [i for i, rel in enumerate(puts) if rel.startswith("_markers/")]
@@ -308,7 +308,7 @@ def test_a_shard_whose_marker_upload_fails_leaves_no_part_anywhere(store, writer
         real_put(self, local, final)
 
     monkeypatch.setattr(RemoteOutput, "put", put)
-    report = run_job(load_spec(_job(store, tmp_path, url)), progress=False)
+    report = run_job(load_job(_job(store, tmp_path, url)), progress=False)
     assert not report.ok and len(bad) == 2  # the first attempt and its retry
     assert report.summary["shards_failed"] == 1 and report.summary["rows"] == 12
     stem = bad[0].removeprefix("_markers/").removesuffix(".done.json")
@@ -323,10 +323,10 @@ def test_a_shard_whose_marker_upload_fails_leaves_no_part_anywhere(store, writer
 def test_force_removes_what_the_new_job_does_not_write_and_other_mirrors_follow(
         store, writer, tmp_path, monkeypatch, capsys):
     url = f"s3://{BUCKET}/forced"
-    assert run_job(load_spec(_job(store, tmp_path, url)), progress=False).ok
+    assert run_job(load_job(_job(store, tmp_path, url)), progress=False).ok
     assert len({k for k in _keys(store, "forced") if k.startswith("_markers/")}) == 2
     monkeypatch.setenv("CLIPAUDIT_MIRROR_DIR", str(tmp_path / "mirror-b"))  # the forced run is elsewhere
-    report = run_job(load_spec(_job(store, tmp_path, url, shards="00000")), force=True, progress=False)
+    report = run_job(load_job(_job(store, tmp_path, url, shards="00000")), force=True, progress=False)
     assert report.ok and report.summary["rows"] == 12
     keys = _keys(store, "forced")
     assert len([k for k in keys if k.startswith("_markers/")]) == 1
@@ -341,7 +341,7 @@ def test_force_removes_what_the_new_job_does_not_write_and_other_mirrors_follow(
 
 def test_reduce_and_report_of_an_output_on_s3_write_back_to_it(store, writer, tmp_path, capsys):
     url = f"s3://{BUCKET}/reduced"
-    assert run_job(load_spec(_job(store, tmp_path, url)), progress=False).ok
+    assert run_job(load_job(_job(store, tmp_path, url)), progress=False).ok
     fs = fsspec.filesystem("s3", **_resolved(store))
     fs.rm_file(f"{BUCKET}/reduced/identities.parquet")
     opts = json.dumps(_options(store))
@@ -396,7 +396,7 @@ def test_ray_actors_put_their_parts_from_their_own_mirror(ray_session, store, lo
     job.write_text(job.read_text().replace("executor: local", "executor: ray, workers: 1, cpus_per_worker: 1, "
                                                               "gpus_per_worker: 0"))
     monkeypatch.setenv("CLIPAUDIT_MIRROR_DIR", str(tmp_path / "actors"))
-    spec = load_spec(job)
+    spec = load_job(job)
     actor_mirror = RemoteOutput.for_url(url).mirror
     monkeypatch.setenv("CLIPAUDIT_MIRROR_DIR", str(tmp_path / "driver"))
     from clipaudit.executors import ray as ray_executor

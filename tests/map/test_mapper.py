@@ -7,7 +7,7 @@ from helpers import assert_same_rows, encode, image_bytes, photo_like, sample_fi
 from clipaudit.io.outputs import OutputLayout
 from clipaudit.model.image_hash import hamming
 from clipaudit.map.mapper import ShardMapper
-from clipaudit.spec import load_spec
+from clipaudit.app.jobs import load_job
 from clipaudit.app.resolve import map_hash
 
 
@@ -32,7 +32,7 @@ attacks: {{idia: {{top_k: 3}}, encodermi: {{views: 4}}}}
 compute: {{executor: local, batch_size: 6, decode_threads: 1, decode: cpu}}
 output: out
 """)
-    spec = load_spec(job)
+    spec = load_job(job)
     outs = {}
     for name, on_device in (("pillow", False), ("device", True)):
         layout = OutputLayout(tmp_path / name)

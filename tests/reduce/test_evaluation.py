@@ -8,7 +8,7 @@ import pytest
 
 from clipaudit.data.labels import Labels, read_labels
 from clipaudit.app.runner import run_job
-from clipaudit.spec import load_spec
+from clipaudit.app.jobs import load_job
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def _lab(tmp_path_factory, name, **kw):
 
 
 def _run(job, out, **compute):
-    spec = load_spec(job)
+    spec = load_job(job)
     spec = spec.model_copy(update={"output": out,
                                    "compute": spec.compute.model_copy(update={"executor": "local", **compute})})
     return run_job(spec, progress=False)
@@ -168,7 +168,7 @@ def test_partcrop_finds_single_training_photos_on_the_overfit_canary(tmp_path_fa
     lab = build_lab(tmp_path_factory.mktemp("overfit"), LAB_PRESETS["overfit"], log=lambda *a: None)
     aucs = {}
     for label, job in (("trained", lab.job), ("untrained", lab.job_untrained)):
-        spec = load_spec(job)
+        spec = load_job(job)
         only_partcrop = spec.attacks.model_copy(update={"idia": None, "encodermi": None, "mim": None, "caption": None})
         spec = spec.model_copy(update={"attacks": only_partcrop, "output": lab.root / f"o-{label}",
                                        "compute": spec.compute.model_copy(update={"executor": "local"})})
@@ -217,7 +217,7 @@ def test_reduce_is_reproducible(iid):
 
     lab, trained, _ = iid
     layout = OutputLayout(trained.layout.root)
-    opts = reduce_options(load_spec(lab.job))
+    opts = reduce_options(load_job(lab.job))
     first = (reduce_outputs(layout, opts), layout.metrics.read_bytes())
     second = (reduce_outputs(layout, opts), layout.metrics.read_bytes())
     assert first[1] == second[1]

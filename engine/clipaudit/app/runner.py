@@ -26,7 +26,12 @@ from clipaudit.reduce.options import ReduceOptions
 from clipaudit.reduce.pipeline import reduce_changes
 from clipaudit.core.hashing import sha256_file
 from clipaudit.app.resolve import detect_device_type, map_fingerprint, map_hash, pinned
-from clipaudit.spec import JobSpec, spec_from_json
+from clipaudit.spec import JobSpec
+from clipaudit.io.downloads import collect_downloads
+from clipaudit.io.tables import duckdb_views
+from clipaudit.data.urls import is_url
+from clipaudit.data.storage import StorageError, last_stat, stat_urls
+from clipaudit.app.audit import Audit
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +132,6 @@ def add_downloads(summary: dict[str, Any], layout: OutputLayout, shards: list[st
                   storage_options: dict[str, Any] | None = None) -> None:
     """Where the shards come with img2dataset's status files: the URLs missing from them
     (``downloads``: totals by status and reason; per shard ``downloads``: urls, missing)."""
-    from clipaudit.io.downloads import collect_downloads
-
     block, per_shard = collect_downloads(layout, shards, identity_field, storage_options)
     if block is None:
         return
@@ -141,8 +144,6 @@ def add_downloads(summary: dict[str, Any], layout: OutputLayout, shards: list[st
 def cross_shard_duplicate_keys(layout: OutputLayout) -> dict[str, int]:
     """Keys that occur in more than one shard. Both rows are kept (rows are identified by
     shard + key); the counts tell the auditor that the inputs hold repeated keys."""
-    from clipaudit.io.tables import duckdb_views
-
     if not any(layout.samples_dir.glob("*.parquet")):
         return {"keys": 0, "rows": 0}
     con = duckdb_views(layout, ("samples",))
@@ -159,9 +160,6 @@ def cross_shard_duplicate_keys(layout: OutputLayout) -> dict[str, int]:
 def _shard_info(shards: list[str], storage_options: dict[str, Any]) -> list[dict[str, Any]]:
     """Path, size and (for an object on storage) ETag of every shard; a remote shard's as the
     spec check found them (listed again where this process did not check the spec)."""
-    from clipaudit.data.urls import is_url
-    from clipaudit.data.storage import StorageError, last_stat, stat_urls
-
     unseen = [s for s in shards if is_url(s) and last_stat(s) is None]
     if unseen:
         try:
@@ -276,8 +274,4 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
 
 def saved_spec(layout: OutputLayout) -> JobSpec:
     """The spec an output folder was produced with (for ``clipaudit reduce``)."""
-    if not layout.job_state.is_file():
-        from clipaudit.io.outputs import no_audit
-
-        raise FileNotFoundError(no_audit(layout.root, layout.job_state.name))
-    return spec_from_json(json.loads(layout.job_state.read_text())["spec"], str(layout.job_state))
+    return Audit.open(layout.root).saved_spec()

@@ -14,6 +14,7 @@ import pkgutil
 from clipaudit.attacks.base import MapAttack
 from clipaudit.contract.registry import registered
 from clipaudit.spec import JobSpec
+from clipaudit.attacks.baseline import BaselineFeatures
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -22,8 +23,6 @@ for _module in pkgutil.iter_modules(__path__):
 def build_attacks(spec: JobSpec) -> list[MapAttack]:
     """The map-side implementations of the attacks a spec enables (registry order), plus the
     model-free statistics of the validity check."""
-    from clipaudit.attacks.baseline import BaselineFeatures
-
     out = [a.build(getattr(spec.attacks, a.name), spec) for a in registered()
            if getattr(spec.attacks, a.name, None) is not None]
     return out + [BaselineFeatures()]

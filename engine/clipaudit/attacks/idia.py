@@ -179,7 +179,9 @@ def identity_scores_sql(samples: str, params: IdiaParams) -> str:
     WITH ranks AS (
         SELECT identity,
                avg(CASE WHEN r = 1 THEN 1.0 ELSE 0.0 END) AS idia_top1_rate,
-               avg(CASE WHEN r IS NOT NULL THEN 1.0 / r ELSE 0.0 END) AS idia_mean_reciprocal_rank
+               -- summed as exact decimals: a float sum would depend on the order DuckDB's threads add in
+               avg(CASE WHEN r IS NOT NULL THEN CAST(1.0 / r AS DECIMAL(38, 28)) ELSE 0 END)
+                   AS idia_mean_reciprocal_rank
         FROM (SELECT identity, unnest(idia_true_rank) AS r FROM {samples} WHERE idia_true_rank IS NOT NULL)
         GROUP BY ALL
     )

@@ -27,12 +27,15 @@ from typing import Any
 
 import numpy as np
 from clipaudit.app.resolve import map_hash
+from clipaudit.contract.registry import available
+from clipaudit.map.mapper import ShardMapper
+from clipaudit.model.loading import load_model, resolve_device
+from clipaudit.io.outputs import OutputLayout
+from clipaudit.spec import parse_spec
 
 def attack_set(choice: str) -> dict[str, dict[str, Any]]:
     """``all``, ``default`` or registered attack names joined by ``+`` → the spec's ``attacks``
     (default parameters)."""
-    from clipaudit.contract.registry import available
-
     names = [a.name for a in available()]
     if choice == "all":
         return {n: {} for n in names}
@@ -114,10 +117,6 @@ def run_bench(model: str = "ViT-B-32", pretrained: str | None = None, precision:
     """
     import torch
 
-    from clipaudit.map.mapper import ShardMapper
-    from clipaudit.model.loading import load_model, resolve_device
-    from clipaudit.io.outputs import OutputLayout
-    from clipaudit.spec import parse_spec
 
     dev = str(resolve_device(device))
     tmp = tempfile.TemporaryDirectory(prefix="clipaudit-bench-") if workdir is None else None

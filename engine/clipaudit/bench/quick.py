@@ -36,6 +36,15 @@ from collections.abc import Callable
 
 import numpy as np
 from clipaudit.app.resolve import map_hash
+from clipaudit.spec import parse_spec
+from clipaudit.attacks.augment import augmented_views, sample_rng
+from clipaudit.lab.build import LabConfig, build_lab
+from clipaudit.lab.identities import make_identities, make_names, render
+from clipaudit.model.name_index import FaissNameIndex, IVFNameIndex
+from clipaudit.model.loading import load_model
+from clipaudit.io.outputs import OutputLayout
+from clipaudit.map.mapper import ShardMapper
+from clipaudit.bench.map_step import machine, write_synthetic_shards
 
 # ViT-B-32's width and patch size (the default audit model's), fewer layers and 96 px so that the
 # quick run fits in ~3 minutes on 2 cores.
@@ -57,8 +66,6 @@ def _write_model(root: Path) -> Path:
 
 
 def _spec(root: Path, model: Path, shards: list[Path], batch_size: int, out: str, threads: int = 2):
-    from clipaudit.spec import parse_spec
-
     return parse_spec({
         "model": {"name": str(model)},
         "data": {"shards": [str(p) for p in shards]},
@@ -95,7 +102,6 @@ def _augment_speedup(loaded, jpegs: list[bytes], views: int) -> float:
     from PIL import Image
     from torchvision import transforms as T
 
-    from clipaudit.attacks.augment import augmented_views, sample_rng
 
     size = loaded.image_size
     images = [Image.open(io.BytesIO(d)).convert("RGB") for d in jpegs]
@@ -120,10 +126,6 @@ def _index_figures(root: Path, index_names: int, templates: int = 3) -> tuple[fl
     """
     import torch
 
-    from clipaudit.lab.build import LabConfig, build_lab
-    from clipaudit.lab.identities import make_identities, make_names, render
-    from clipaudit.model.name_index import FaissNameIndex, IVFNameIndex
-    from clipaudit.model.loading import load_model
 
     rng = np.random.default_rng(0)
 
@@ -160,8 +162,6 @@ def _child_map(job: dict, threads: int, results) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from clipaudit.io.outputs import OutputLayout
-    from clipaudit.map.mapper import ShardMapper
 
     open_clip.add_model_config(job["model"])
     root = Path(job["root"])
@@ -219,10 +219,6 @@ def run_quick(n_images: int = 768, batch_size: int = 64, names: int = 1000, inde
     """All quick figures (see the module docstring) on this machine's CPU."""
     import torch
 
-    from clipaudit.bench.map_step import machine, write_synthetic_shards
-    from clipaudit.io.outputs import OutputLayout
-    from clipaudit.map.mapper import ShardMapper
-    from clipaudit.model.loading import load_model
 
     with tempfile.TemporaryDirectory(prefix="clipaudit-bench-quick-") as tmp:
         root = Path(tmp)

@@ -18,6 +18,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from clipaudit.app.runner import reduce_options, saved_spec
+from clipaudit.io.outputs import OutputLayout
+from clipaudit.reduce.pipeline import reduce_outputs
+from clipaudit.bench.map_step import machine
 
 
 def _busy() -> None:
@@ -31,9 +35,6 @@ def _reduce(folder: str) -> None:
     (the saved spec's settings, under the output lock), quietly."""
     import logging
 
-    from clipaudit.app.runner import reduce_options, saved_spec
-    from clipaudit.io.outputs import OutputLayout
-    from clipaudit.reduce.pipeline import reduce_outputs
 
     logging.disable(logging.INFO)
     layout = OutputLayout(Path(folder))
@@ -64,7 +65,6 @@ def run_load_bench(audit: Path, busy: int = 2, repeat: int = 3,
     import multiprocessing as mp
     import tempfile
 
-    from clipaudit.bench.map_step import machine
 
     if not (audit / "samples").is_dir():
         raise FileNotFoundError(f"{audit}: not an audit folder (no samples/); run `clipaudit demo` or a job first")

@@ -23,6 +23,13 @@ from collections.abc import Callable
 
 import numpy as np
 from clipaudit.spec import REDUCE_MEMORY
+from clipaudit.contract.registry import available
+from clipaudit.contract.schemas import load_schema
+from clipaudit.bench.quick import peak_rss_mb
+from clipaudit.io.outputs import OutputLayout
+from clipaudit.reduce import reduce_outputs
+from clipaudit.reduce.options import ReduceOptions
+from clipaudit.bench.map_step import machine
 
 TEMPLATES = 21
 FEATURES = 45  # values in the image-side attack's feature vector (e.g. 45 pairwise cosines of 10 views)
@@ -36,8 +43,6 @@ DISTRACTORS = 1000
 def image_attack():
     """The image-side attack the synthetic audit fills: the first built-in one (by name) that has
     a feature vector for learned attackers."""
-    from clipaudit.contract.registry import available
-
     return min((a for a in available() if a.features and a.learned), key=lambda a: a.name)
 
 
@@ -56,7 +61,6 @@ def synthetic_audit(folder: Path, rows: int, seed: int = 0, rows_per_part: int =
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from clipaudit.contract.schemas import load_schema
 
     rng = np.random.default_rng(seed)
     schema = load_schema("samples", attacks())
@@ -121,10 +125,6 @@ def _child_reduce(folder: str, memory_limit: str, results) -> None:
     RSS, and the peak RSS so far at each of the reduce step's log lines (its stages)."""
     import logging
 
-    from clipaudit.bench.quick import peak_rss_mb
-    from clipaudit.io.outputs import OutputLayout
-    from clipaudit.reduce import reduce_outputs
-    from clipaudit.reduce.options import ReduceOptions
 
     stages: list[tuple[str, float]] = []
 
@@ -167,7 +167,6 @@ def run_reduce_bench(sizes: list[int], workdir: Path, seed: int = 0, memory_limi
     1.0 is flat; the cap bounds it — DuckDB uses up to its limit before it spills)."""
     import shutil
 
-    from clipaudit.bench.map_step import machine
 
     out: dict[str, Any] = {"device": machine("cpu"), "reduce_memory_limit": memory_limit, "reduce_rows": [],
                            "reduce_seconds": [], "reduce_rows_per_s": [], "reduce_peak_rss_mb": [],

@@ -197,3 +197,29 @@ def decode_image(data: bytes, size: int | Preprocess, max_pixels: int, source_si
     if pixels.shape != (pre.size, pre.size, 3):
         raise DecodeFailure("decode_error", f"unexpected decoded shape {pixels.shape}")
     return DecodedImage(pixels=pixels, width=width, height=height, source=source)
+
+
+#: the EXIF tag of the orientation: a rotated JPEG goes the Pillow way
+_EXIF_ORIENTATION = 0x0112
+
+
+def device_eligible(data: bytes, max_pixels: int, pre: Preprocess) -> tuple[int, int] | None:
+    """The image's (width, height) when the header says the device path reads and resizes
+    this file as Pillow would, else None."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im = Image.open(io.BytesIO(data))  # header only
+            if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+                return None
+            if im.info.get("progressive") or im.info.get("progression"):
+                return None
+            w, h = im.size
+            if w <= 0 or h <= 0 or w * h > max_pixels:
+                return None
+            nw, nh = pre.resized_size(w, h)
+            if nw > w or nh > h:  # an upsampling: Pillow's kernel, not torch's
+                return None
+            return (w, h) if im.getexif().get(_EXIF_ORIENTATION, 1) == 1 else None
+    except Exception:  # noqa: BLE001 — anything odd goes the Pillow way, which names the error
+        return None

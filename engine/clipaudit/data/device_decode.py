@@ -3,7 +3,7 @@ through ``torchvision.io.decode_jpeg(list, device="cuda")``, then the model's ow
 preprocessing (:class:`~.decode.Preprocess`: resize with antialiasing, centre crop or pad)
 as tensor operations.
 
-Only what the device path decodes like Pillow goes there (:func:`device_eligible`): baseline
+Only what the device path decodes like Pillow goes there (:func:`~.decode.device_eligible`): baseline
 JPEGs in RGB/YCbCr or grayscale, without an EXIF rotation, within ``max_pixels``, that the
 preprocessing shrinks (or keeps) — torch's bicubic *up*sampling uses another kernel than
 Pillow's (measured: up to 9 levels apart), so images smaller than the model input go to
@@ -18,37 +18,11 @@ difference — on a CPU decoder at most 2 levels, mean below 0.25 (measured: 1 a
 
 from __future__ import annotations
 
-import io
-import warnings
 
 import torch
-from PIL import Image
 
 from clipaudit.data.decode import Preprocess
 
-_EXIF_ORIENTATION = 0x0112
-
-
-def device_eligible(data: bytes, max_pixels: int, pre: Preprocess) -> tuple[int, int] | None:
-    """The image's (width, height) when the header says the device path reads and resizes
-    this file as Pillow would, else None."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            im = Image.open(io.BytesIO(data))  # header only
-            if im.format != "JPEG" or im.mode not in ("RGB", "L"):
-                return None
-            if im.info.get("progressive") or im.info.get("progression"):
-                return None
-            w, h = im.size
-            if w <= 0 or h <= 0 or w * h > max_pixels:
-                return None
-            nw, nh = pre.resized_size(w, h)
-            if nw > w or nh > h:  # an upsampling: Pillow's kernel, not torch's
-                return None
-            return (w, h) if im.getexif().get(_EXIF_ORIENTATION, 1) == 1 else None
-    except Exception:  # noqa: BLE001 — anything odd goes the Pillow way, which names the error
-        return None
 
 
 def resize_on_device(img: torch.Tensor, pre: Preprocess) -> torch.Tensor:

@@ -25,6 +25,7 @@ import numpy as np
 from clipaudit.core.errors import ClipauditError
 from clipaudit.data.samples import normalize_name
 from clipaudit.data.urls import is_url
+from clipaudit.data.storage import describe_error, open_url
 
 _TRUE = {"true", "1", "yes", "y", "t", "member"}
 _FALSE = {"false", "0", "no", "n", "f", "nonmember", "non-member"}
@@ -150,8 +151,6 @@ def _rows(path: Path | str, what: str, member_required: bool, storage_options: M
     fsspec with the job's storage options."""
     try:
         if is_url(str(path)):
-            from clipaudit.data.storage import describe_error, open_url
-
             try:
                 with open_url(str(path), "rb", storage_options) as f:
                     text = f.read().decode("utf-8-sig")

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from clipaudit.core.errors import ClipauditError
 from clipaudit.data.samples import normalize_name
 from clipaudit.data.urls import is_url
+from clipaudit.data.storage import describe_error, open_url
 
 
 class NamePoolError(ClipauditError, ValueError):
@@ -22,7 +23,6 @@ def read_pool_bytes(path: str | Path, storage_options: Mapping[str, Any] | None 
     :class:`NamePoolError` naming it; a missing local file raises ``FileNotFoundError``."""
     if not is_url(str(path)):
         return Path(path).read_bytes()
-    from clipaudit.data.storage import describe_error, open_url
 
     try:
         with open_url(str(path), "rb", storage_options) as f:

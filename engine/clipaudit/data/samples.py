@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clipaudit.data.decode import DecodeFailure, Preprocess, decode_image
+from clipaudit.data.decode import DecodeFailure, Preprocess, decode_image, device_eligible
 from clipaudit.data.tar_reader import IMAGE_EXTS, RawSample
 
 #: Every value the ``error`` column can take, with what it means.
@@ -110,8 +110,6 @@ def prepare_sample(raw: RawSample, shard: str, identity_field: str, size: int | 
         s.error, s.detail = "missing_image", f"files present: {sorted(raw.files)}"
         return s
     if defer_jpegs:
-        from clipaudit.data.device_decode import device_eligible
-
         dims = device_eligible(raw.files[image_ext], max_pixels,
                                size if isinstance(size, Preprocess) else Preprocess(size))
         if dims is not None:

@@ -27,6 +27,7 @@ from clipaudit.data.storage import resolve_options
 from clipaudit.spec import JobSpec
 from clipaudit.executors.base import MapResult, Progress, ShardFailure
 from clipaudit.executors.shared import load_or_compute_shared
+from clipaudit.map.mapper import ShardMapper
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,6 @@ class _MapWorker:
     """Ray actor body: one model per actor, one shard per call."""
 
     def __init__(self, spec_json: dict, output_root: str, shared: dict[str, Any], map_hash: str) -> None:
-        from clipaudit.map.mapper import ShardMapper
-
         spec = JobSpec.model_validate(spec_json)
         self.mapper = ShardMapper(spec, _layout(spec, output_root), map_hash)
         self.mapper.setup(shared)
@@ -64,8 +63,6 @@ def _layout(spec: JobSpec, output_root: str) -> OutputLayout:
 
 
 def _compute_shared(spec_json: dict, output_root: str, map_hash: str) -> dict[str, Any]:
-    from clipaudit.map.mapper import ShardMapper
-
     spec = JobSpec.model_validate(spec_json)
     layout = _layout(spec, output_root)
     mapper = ShardMapper(spec, layout, map_hash)

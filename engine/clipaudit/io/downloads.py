@@ -25,6 +25,7 @@ from clipaudit.data.urls import is_url
 from clipaudit.io.outputs import OutputLayout
 from clipaudit.io.atomic import atomic_write_table
 from clipaudit.contract.schemas import load_schema
+from clipaudit.data.storage import url_to_fs, open_url
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,6 @@ def _signature(path: str, storage_options: Mapping[str, Any] | None = None) -> d
         except FileNotFoundError:
             return None
         return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-    from clipaudit.data.storage import url_to_fs
 
     try:
         fs, p = url_to_fs(path, storage_options)
@@ -68,8 +68,6 @@ def _read_status(path: str, identity_field: str, storage_options: Mapping[str, A
                  ) -> pa.Table | None:
     """img2dataset's status rows of one shard, or None when the file is not such a file."""
     if is_url(path):
-        from clipaudit.data.storage import open_url
-
         with open_url(path, "rb", storage_options) as f:
             return _status_table(pq.ParquetFile(f), identity_field)
     return _status_table(pq.ParquetFile(path.removeprefix("file://")), identity_field)

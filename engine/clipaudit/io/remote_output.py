@@ -34,6 +34,7 @@ from typing import Any
 from collections.abc import Mapping
 
 from clipaudit.io.atomic import atomic_write_json, replace_durably, temp_path
+from clipaudit.data.storage import _etag, StorageError, url_to_fs, describe_error
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,6 @@ def _local_sig(path: Path) -> list[int]:
 
 
 def _remote_sig(info: Mapping[str, Any]) -> list[Any]:
-    from clipaudit.data.storage import _etag
-
     modified = next((info[k] for k in ("LastModified", "updated", "mtime", "last_modified", "created")
                      if info.get(k) is not None), None)
     if hasattr(modified, "timestamp"):  # S3 lists milliseconds but answers a HEAD in whole seconds
@@ -78,8 +77,6 @@ def _same_content(local: Path, info: Mapping[str, Any]) -> bool:
     """Whether the object ``info`` describes holds exactly the bytes of ``local``, as far as the
     store can say: its MD5 (S3's ETag of a single-PUT object, GCS's ``md5Hash``); False when the
     store gives no MD5 (then the caller transfers the file)."""
-    from clipaudit.data.storage import _etag
-
     if not local.is_file() or local.stat().st_size != info.get("size"):
         return False
     etag = _etag(info)
@@ -135,8 +132,6 @@ class RemoteOutput:
 
     # -- the store -------------------------------------------------------------------
     def _fs(self):
-        from clipaudit.data.storage import StorageError, url_to_fs
-
         try:
             fs, root = url_to_fs(self.url, self.storage_options)
         except ImportError as e:
@@ -144,15 +139,11 @@ class RemoteOutput:
         return fs, root.rstrip("/")
 
     def _error(self, what: str, e: BaseException, access: str = "read"):
-        from clipaudit.data.storage import StorageError, describe_error
-
         return StorageError(f"output {what}: {describe_error(self.url, e, access)}")
 
     def put(self, local: Path, final: Path | None = None) -> None:
         """One PUT of the finished file ``local`` to where ``final`` (default: ``local``, a file
         in the mirror) stands on the store."""
-        from clipaudit.data.storage import StorageError
-
         fs, root = self._fs()
         rel = (final or local).relative_to(self.mirror).as_posix()
         try:

@@ -14,6 +14,9 @@ import json
 import tempfile
 from pathlib import Path
 from typing import Any
+from clipaudit.lab.build import LabConfig, build_lab
+from clipaudit.app.runner import run_job
+from clipaudit.app.jobs import load_job
 
 VARIANTS = {"per_template": "{tau: 1}", "template_average": "{tau: 1, template_average: true}"}
 
@@ -21,10 +24,6 @@ VARIANTS = {"per_template": "{tau: 1}", "template_average": "{tau: 1, template_a
 def compare(root: Path, seed: int, steps: int | None = None) -> list[dict[str, Any]]:
     """Build the lab under ``root`` (``steps``: training steps, default the lab's; fewer give
     a weaker model, where the two variants can differ) and return one record per variant."""
-    from clipaudit.lab.build import LabConfig, build_lab
-    from clipaudit.app.runner import run_job
-    from clipaudit.spec import load_spec
-
     cfg = LabConfig(seed=seed) if steps is None else LabConfig(seed=seed, steps=steps)
     lab = build_lab(root / "lab", cfg, log=lambda *a: None)
     out = []
@@ -37,7 +36,7 @@ def compare(root: Path, seed: int, steps: int | None = None) -> list[dict[str, A
             f"attacks: {{idia: {params}}}\n"
             f"compute: {{executor: local, batch_size: 32, decode_threads: 1}}\n"
             f"output: {root / variant}\n")
-        run_job(load_spec(job), progress=False)
+        run_job(load_job(job), progress=False)
         idia = json.loads((root / variant / "metrics.json").read_text())["idia"]
         out.append({"seed": seed, "steps": cfg.steps, "variant": variant, "auc": idia.get("auc"),
                     "sweep": [{k: e[k] for k in ("k", "tpr", "fpr", "auc")} for e in idia.get("sweep", [])]})

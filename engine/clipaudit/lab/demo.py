@@ -11,8 +11,10 @@ from pathlib import Path
 
 from clipaudit.report.text import metrics_table, print_report
 from clipaudit.app.runner import RunReport, run_job
-from clipaudit.spec import load_spec
+from clipaudit.app.jobs import load_job
 from clipaudit.lab.build import LabConfig, build_lab
+from clipaudit.executors.ray import ensure_ray
+from clipaudit.bench.map_step import machine
 
 _LAB_DONE = "_LAB_DONE.json"
 
@@ -55,8 +57,6 @@ def _lab(root: Path, cfg: LabConfig) -> tuple[Path, Path]:
 
 def run_demo(output: Path, progress: bool = True, cfg: LabConfig | None = None) -> int:
     """Run the whole synthetic audit; returns a process exit code."""
-    from clipaudit.executors.ray import ensure_ray
-
     t0 = time.perf_counter()
     output = output.resolve()
     job_trained, job_untrained = _lab(output / "lab", cfg or LAB_PRESETS["default"])
@@ -64,7 +64,7 @@ def run_demo(output: Path, progress: bool = True, cfg: LabConfig | None = None) 
     reports: dict[str, RunReport] = {}
     try:
         for label, job in (("trained", job_trained), ("untrained", job_untrained)):
-            spec = load_spec(job)
+            spec = load_job(job)
             spec = spec.model_copy(update={"output": output / label})
             print(f"\n== auditing the {label} model ({job.name}) ==", flush=True)
             reports[label] = run_job(spec, progress=progress, spec_text=Path(job).read_text())
@@ -83,7 +83,6 @@ def run_demo(output: Path, progress: bool = True, cfg: LabConfig | None = None) 
     print("\nidentity level: member vs non-member identities (IDIA at the same number k of photos each; "
           "image-side scores averaged over their photos); image level: the members' training photos vs every "
           "held-out photo (of members and non-members).")
-    from clipaudit.bench.map_step import machine
 
     m = machine("cpu")
     print(f"machine: {m['cpu']} ({m['cpu_cores']} cores), torch {m['torch']}; "

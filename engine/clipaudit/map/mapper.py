@@ -32,6 +32,7 @@ from clipaudit.io.outputs import OutputLayout, PartWriter
 from clipaudit.io.atomic import atomic_write_json
 from clipaudit.contract.schemas import load_schema
 from clipaudit.spec import JobSpec
+from clipaudit.data.device_decode import decode_on_device
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,6 @@ class ShardMapper:
         pending = [s for s in samples if s.jpeg is not None]
         if not pending:
             return {}
-        from clipaudit.data.device_decode import decode_on_device
 
         pre, d = self.model.preprocess, self.spec.data
         on_device = {}

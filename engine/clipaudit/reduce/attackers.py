@@ -34,6 +34,8 @@ from clipaudit.contract.registry import Attack, Learned, registered
 from clipaudit.contract.registry import scores as score_list
 from clipaudit.reduce.learned import LogisticModel, MLPModel, crossfit_folds, fit_model
 from clipaudit.reduce.neighbours import Copies
+from clipaudit.io.atomic import atomic_write_json
+from clipaudit.reduce.evaluation import feature_matrix
 
 if TYPE_CHECKING:
     from clipaudit.data.labels import Controls, Labels
@@ -175,8 +177,6 @@ def fit_and_score(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 
 
 
 def save(attackers: list[Attacker], folder: Path) -> None:
-    from clipaudit.io.atomic import atomic_write_json
-
     folder.mkdir(parents=True, exist_ok=True)
     keep = {f"{a.name}.json" for a in attackers}
     for a in attackers:
@@ -236,8 +236,6 @@ class LearnedScores:
     def scores(self, part: str, ok_rows) -> dict[str, np.ndarray]:
         """Per score name (``<attack>_<variant>``): the scores of a part's ok rows (an Arrow
         table with :attr:`columns`), in row order — out-of-fold for the images fitted on."""
-        from clipaudit.reduce.evaluation import feature_matrix
-
         out = {}
         for name, f in self.variants.items():
             X = f.variant.prepare(feature_matrix(ok_rows.column(f.attack.features)))
@@ -393,7 +391,6 @@ def score_candidates(layout, params: dict[str, Any], labels: Labels | None,
     columns = sorted({a.features for a in attacks.values()} | set(own.values()))
     sets = {name: _FitSet(max_fit) for name in attacks}
     group_ids: dict[str, int] = {}
-    from clipaudit.reduce.evaluation import feature_matrix
 
     for p, part in enumerate(parts):
         t = ok_rows(part, columns)
@@ -456,8 +453,6 @@ def _applied(parts: list[Path], pairs: list[tuple[Attack, Learned]], params: dic
              apply: list[Attacker]) -> LearnedScores:
     """Attackers fitted on another audit, checked against this audit's features (the first
     part that has them) before anything is scored."""
-    from clipaudit.reduce.evaluation import feature_matrix
-
     out = LearnedScores()
     given = {a.name: a for a in apply}
     for attack, variant in pairs:

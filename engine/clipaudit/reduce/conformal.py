@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clipaudit.core.statistics import float_vector
+from clipaudit.io.atomic import atomic_write_table
+from clipaudit.reduce.attackers import ok_rows
+from clipaudit.reduce.neighbours import Copies
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -275,9 +278,6 @@ def write_sample_pvalues(layout: OutputLayout, image_scores: list[str], controls
     ``calibration.json`` entry per score."""
     import pyarrow as pa
 
-    from clipaudit.io.atomic import atomic_write_table
-    from clipaudit.reduce.attackers import ok_rows
-    from clipaudit.reduce.neighbours import Copies
 
     out_dir = layout.sample_scores_dir
     parts = sorted(layout.samples_dir.glob("*.parquet"))

@@ -30,6 +30,8 @@ import pyarrow.parquet as pq
 from clipaudit.core.errors import ClipauditError
 from clipaudit.io.outputs import OutputLayout
 from clipaudit.model.image_hash import hamming
+from clipaudit.io.outputs import PartWriter
+from clipaudit.reduce.tables import REDUCE_MEMORY, connect
 
 NEAR_DUPLICATES_SCHEMA = pa.schema([
     pa.field("shard", pa.string()), pa.field("key", pa.string()), pa.field("position", pa.int64()),
@@ -117,8 +119,6 @@ def near_duplicates(layout: OutputLayout, out: Path, min_cosine: float = 0.95, m
     import shutil
     import uuid
 
-    from clipaudit.io.outputs import PartWriter
-    from clipaudit.reduce.tables import REDUCE_MEMORY, connect
 
     _parts(layout)  # a clear error without embeddings
     con = connect(layout, memory_limit=memory_limit or REDUCE_MEMORY)
@@ -204,7 +204,6 @@ def reference_matches(layout: OutputLayout, reference: str | Path, out: Path) ->
     ``reference``, one embeddings part at a time; returns its row count."""
     import faiss
 
-    from clipaudit.io.outputs import PartWriter
 
     if not Path(reference).is_file():
         raise NeighboursError(f"--reference: file not found: {reference}")

@@ -41,6 +41,8 @@ from clipaudit.reduce.tables import REDUCE_MEMORY, connect
 from clipaudit.data.labels import Controls, Labels, ShardMatcher, control_set, read_labels
 from clipaudit.reduce.neighbours import Copies
 from clipaudit.reduce.options import ReduceOptions
+from clipaudit.io.outputs import no_audit
+from clipaudit.reduce.neighbours import near_duplicates, reference_matches
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +128,6 @@ def reduce_changes(layout: OutputLayout, opts: ReduceOptions) -> list[str] | Non
 
 def _reduce(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
     if not any(layout.samples_dir.glob("*.parquet")):
-        from clipaudit.io.outputs import no_audit
-
         raise FileNotFoundError(no_audit(layout.root, "samples/*.parquet"))
     matcher = ShardMatcher(_audited_shards(layout, opts.memory_limit))
     labels = read_labels(opts.labels, opts.storage_options).matched(matcher) if opts.labels else None
@@ -164,8 +164,6 @@ REFERENCE_MATCHES = "reference_matches.parquet"
 
 def _neighbours(layout: OutputLayout, opts: ReduceOptions) -> list[Path]:
     """near_duplicates.parquet and reference_matches.parquet when asked for; stale ones go."""
-    from clipaudit.reduce.neighbours import near_duplicates, reference_matches
-
     written = []
     for name, wanted, make in (
             (NEAR_DUPLICATES, opts.near_duplicates,

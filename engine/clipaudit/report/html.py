@@ -28,6 +28,11 @@ from clipaudit.report.text import (
     METRICS_HEADER, calibration_lines, metrics_rows, shift_checks, shift_warnings, summary_lines
 )
 from clipaudit.io.outputs import no_audit
+from clipaudit.io.tables import duckdb_views
+from clipaudit.data.urls import is_url
+from clipaudit.data.labels import LabelsError, ShardMatcher, read_labels
+from clipaudit.data.tar_reader import IMAGE_EXTS, iter_tar_samples
+from clipaudit.app.runner import saved_spec
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +86,6 @@ def _fmt(v: Any) -> str:
 # -- data --------------------------------------------------------------------------
 
 def _connect(layout: OutputLayout):
-    from clipaudit.io.tables import duckdb_views
-
     return duckdb_views(layout)
 
 
@@ -110,9 +113,6 @@ def _storage_options(spec: dict[str, Any]) -> dict[str, Any]:
 def _image_labels(layout: OutputLayout, con) -> dict[tuple[str, str], bool]:
     """Image rows of the job's labels file, keyed by the audited shard and key; empty when the
     file is gone or has none (the output folder stores no per-image label)."""
-    from clipaudit.data.urls import is_url
-    from clipaudit.data.labels import LabelsError, ShardMatcher, read_labels
-
     spec = _saved_spec_json(layout)
     path = spec.get("labels")
     if not path or not (is_url(path) or Path(path).is_file()):
@@ -378,7 +378,6 @@ def thumbnails(layout: OutputLayout, identities: list[str]) -> dict[str, list[st
     read any more (a moved shard) are left out."""
     from PIL import Image
 
-    from clipaudit.data.tar_reader import IMAGE_EXTS, iter_tar_samples
 
     if not identities:
         return {}
@@ -517,7 +516,6 @@ def build_html(root: Path, with_thumbnails: bool = False) -> tuple[str, list[Plo
     if not layout.summary.is_file():
         raise FileNotFoundError(no_audit(root, layout.summary.name))
     if layout.job_state.is_file():  # imports the job's attack plugins, so their plots are drawn too
-        from clipaudit.app.runner import saved_spec
 
         saved_spec(layout)
     _figure()  # fails early, naming the extra, when matplotlib is missing

@@ -22,9 +22,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from clipaudit.core.errors import ClipauditError
-from clipaudit.data.urls import is_url
+from clipaudit.app.audit import Audit
 from clipaudit.io.outputs import no_audit
-from clipaudit.io.tables import output_filesystem, table_files
 
 _READ_ONLY_TYPES = {"SELECT", "EXPLAIN"}
 
@@ -67,13 +66,12 @@ def sealed_views(files: dict[str, list[str]], filesystem: Any = None) -> duckdb.
 def connect(output: str | Path, storage_options: Mapping[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with sealed views over an output folder, or over an output URL read
     straight from the store (nothing is copied to local disk; see :func:`sealed_views`)."""
-    fs, root = output_filesystem(output, storage_options)
-    remote = isinstance(output, str) and is_url(output)
-    files = table_files(fs, root, str(output), vouched=remote)
+    audit = Audit.open(output, storage_options)
+    files = audit.tables()
     if "samples" not in files:
         raise QueryError(no_audit(output, "samples/*.parquet"))
     try:
-        return sealed_views(files, fs if remote else None)
+        return sealed_views(files, audit.fs if audit.remote else None)
     except (OSError, pa.ArrowException) as e:
         raise QueryError(f"cannot open the outputs in {output}: {_one_line(str(e))}") from None
 

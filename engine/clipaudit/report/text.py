@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -10,9 +9,7 @@ from typing import Any
 
 from clipaudit.contract.registry import registered
 from clipaudit.reduce.conformal import controls_in_words
-from clipaudit.io.outputs import OutputLayout, no_audit
-from clipaudit.io.tables import output_filesystem
-from clipaudit.spec import spec_from_json
+from clipaudit.app.audit import NAMES, Audit
 
 
 def _cell(m: dict, k: str) -> str:
@@ -196,33 +193,22 @@ def report_folder(output: str | Path, storage_options: Mapping[str, Any] | None 
     """``clipaudit report OUT``: what an output folder holds, without recomputing anything; an
     output URL is read straight from the store (its JSON files; nothing is copied here)."""
     out = out or sys.stdout
-    fs, root = output_filesystem(output, storage_options)
-    names = OutputLayout(Path())  # the files' names, relative to the output's root
-
-    def read(path: Path) -> dict | None:
-        try:
-            return json.loads(fs.cat_file(f"{root}/{path.as_posix()}"))
-        except FileNotFoundError:
-            return None
-
-    summary = read(names.summary)
-    if summary is None:
-        raise FileNotFoundError(no_audit(output, names.summary.name))
-    job = read(names.job_state)
-    if job is not None:  # imports the job's attack plugins, so their lines are printed too
-        spec_from_json(job["spec"], f"{output}/{names.job_state.as_posix()}")
-    m = read(names.manifest)
+    audit = Audit.open(output, storage_options)
+    summary = audit.require_json(NAMES.summary)
+    if audit.exists(NAMES.job_state):  # imports the job's attack plugins, so their lines are printed too
+        audit.saved_spec()
+    m = audit.read_json(NAMES.manifest)
     if m is not None:
         sha = (m["model"].get("checkpoint_sha256") or "-")[:16]
         print(f"model: {m['model']['name']} ({m['model'].get('pretrained') or 'no weights'}, sha256 {sha}…), "
               f"run {m.get('started')} → {m.get('ended')}, map hash {m.get('map_hash')}", file=out)
     print(f"shards: {summary['shards_done']}/{summary['shards']} done, {summary['shards_failed']} failed", file=out)
     print("\n".join(summary_lines(summary)), file=out)
-    metrics = read(names.metrics)
+    metrics = audit.read_json(NAMES.metrics)
     if metrics is not None:
         print("\n".join(metrics_table(metrics)), file=out)
-    elif fs.exists(f"{root}/{names.identities.as_posix()}"):
+    elif audit.exists(NAMES.identities):
         print("no metrics.json (no labels): see identities.parquet", file=out)
-    calibration = read(names.calibration)
+    calibration = audit.read_json(NAMES.calibration)
     if calibration is not None:
         print("\n".join(calibration_lines(calibration)), file=out)
