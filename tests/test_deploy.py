@@ -50,6 +50,20 @@ def test_cron_check_can_fail():
         assert not is_cron(bad), bad
 
 
+def _bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (``16Gi``, ``512Mi``, ``2G``) in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    m = re.fullmatch(r"(\d+)([KMGT]i?)?", str(quantity))
+    assert m, f"not a memory quantity: {quantity}"
+    return int(m.group(1)) * units.get(m.group(2) or "", 1)
+
+
+def test_memory_quantities_read_as_kubernetes_reads_them():
+    assert _bytes("16Gi") == 16 * 2**30 and _bytes("2G") == 2 * 10**9 and _bytes("512") == 512
+    with pytest.raises(AssertionError):
+        _bytes("lots")
+
+
 def _nightly_command(rayjob: dict) -> list[str]:
     return shlex.split(rayjob["spec"]["entrypoint"])
 
@@ -69,6 +83,16 @@ def test_rayjob_submits_the_nightly_job_on_gpu_workers_and_cleans_up():
     cluster = spec["rayClusterSpec"]
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in head["resources"].get("limits", {})  # a CPU head
+    # that runs no Ray work: the driver and the reduce step keep its CPUs
+    assert str(cluster["headGroupSpec"]["rayStartParams"].get("num-cpus")) == "0"
+    # shared memory is RAM the pod is charged for: bounded, below the container's memory limit
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        limit = _bytes(pod["containers"][0]["resources"]["limits"]["memory"])
+        for v in pod["volumes"]:
+            if v.get("emptyDir", {}).get("medium") == "Memory":
+                assert "sizeLimit" in v["emptyDir"], v
+                assert _bytes(v["emptyDir"]["sizeLimit"]) < limit, (v, limit)
     groups = cluster["workerGroupSpecs"]
     assert groups, "no worker group"
     for group in groups:
