@@ -12,13 +12,10 @@ from typing import Any
 from collections.abc import Mapping
 
 from clipaudit.data.urls import is_url
-from clipaudit.io.outputs import OutputLayout, no_audit
+from clipaudit.io.outputs import RELATIVE as NAMES
+from clipaudit.io.outputs import no_audit
 from clipaudit.io.tables import output_filesystem, table_files
 from clipaudit.spec import JobSpec, spec_from_json
-
-#: the output's files by role, as paths relative to its root (the names are OutputLayout's)
-NAMES = OutputLayout(Path())
-
 
 @dataclass(frozen=True)
 class Audit:

@@ -224,6 +224,11 @@ def output_layout(output: Path | str, storage_options: Mapping[str, Any] | None 
     return OutputLayout(Path(str(output).removeprefix("file://")))
 
 
+#: the output's files by role as paths relative to its root (for reading an output elsewhere than
+#: on this machine's disk, e.g. on a store)
+RELATIVE = OutputLayout(Path())
+
+
 class OutputBusy(ClipauditError, RuntimeError):
     """Another clipaudit process is writing to the same output folder."""
 

@@ -13,11 +13,11 @@ import duckdb
 
 from clipaudit.data.storage import StorageError, describe_error, url_to_fs
 from clipaudit.data.urls import is_url
-from clipaudit.io.outputs import OutputLayout
+from clipaudit.io.outputs import RELATIVE, OutputLayout
 
-#: view name → where its rows are, relative to the output root: a file, or a folder of Parquet parts
-TABLES = {"samples": "samples/", "identities": "identities.parquet", "embeddings": "embeddings/",
-          "sample_scores": "sample_scores/", "downloads": "downloads/"}
+#: view name → where its rows are, relative to the output root: a Parquet file, or a folder of parts
+TABLES = {"samples": RELATIVE.samples_dir, "identities": RELATIVE.identities, "embeddings": RELATIVE.embeddings_dir,
+          "sample_scores": RELATIVE.sample_scores_dir, "downloads": RELATIVE.downloads_dir}
 #: tables whose parts count only with their shard's marker: a writer killed between a shard's
 #: part and its marker leaves a part that resume redoes, and readers must not count it either
 VOUCHED = ("samples", "embeddings")
@@ -48,15 +48,14 @@ def table_files(fs: Any, root: str, where: str = "", vouched: bool = True) -> di
         found = []
     except Exception as e:  # noqa: BLE001 — storage backends raise many types; said in words
         raise StorageError(f"output listing: {describe_error(where or root, e)}") from e
-    rel = {fs._strip_protocol(p)[len(root) + 1:]: p for p in found}
-    markers = {r[len("_markers/"):-len(".done.json")] for r in rel
-               if r.startswith("_markers/") and r.endswith(".done.json")}
+    rel = {Path(fs._strip_protocol(p)[len(root) + 1:]): p for p in found}
+    markers = {r.name.removesuffix(".done.json") for r in rel if r.parent == RELATIVE.markers_dir}
     out: dict[str, list[str]] = {}
     for view, place in TABLES.items():
-        if place.endswith("/"):
+        if _is_folder(place):
             check = vouched and view in VOUCHED
-            files = [p for r, p in rel.items() if r.startswith(place) and "/" not in r[len(place):]
-                     and r.endswith(".parquet") and (not check or r[len(place):-len(".parquet")] in markers)]
+            files = [p for r, p in rel.items() if r.parent == place and r.suffix == ".parquet"
+                     and (not check or r.stem in markers)]
         else:
             files = [p for r, p in rel.items() if r == place]
         if files:
@@ -64,15 +63,22 @@ def table_files(fs: Any, root: str, where: str = "", vouched: bool = True) -> di
     return out
 
 
+def _is_folder(place: Path) -> bool:
+    """Whether a table is a folder of Parquet parts (else one Parquet file)."""
+    return place.suffix != ".parquet"
+
+
 def output_views(layout: OutputLayout) -> dict[str, Path]:
-    """The output tables present in ``layout``: view name → Parquet file or glob."""
-    views: dict[str, Path] = {"samples": layout.samples_dir / "*.parquet"}
-    if layout.identities.is_file():
-        views["identities"] = layout.identities
-    for name, folder in (("embeddings", layout.embeddings_dir), ("sample_scores", layout.sample_scores_dir),
-                         ("downloads", layout.downloads_dir)):
-        if folder.is_dir() and any(folder.glob("*.parquet")):
-            views[name] = folder / "*.parquet"
+    """The output tables present in a local folder: view name → Parquet file or glob (``samples``
+    always: an audit without parts is an error its readers name)."""
+    views: dict[str, Path] = {}
+    for view, place in TABLES.items():
+        path = layout.root / place
+        if not _is_folder(place):
+            if path.is_file():
+                views[view] = path
+        elif view == "samples" or (path.is_dir() and any(path.glob("*.parquet"))):
+            views[view] = path / "*.parquet"
     return views
 
 
