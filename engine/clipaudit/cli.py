@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from collections.abc import Sequence
 from clipaudit.core.errors import ClipauditError
-from clipaudit.spec import REDUCE_MEMORY
+from clipaudit.spec import REDUCE_MEMORY, CalibrationSpec, ComputeSpec
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -127,13 +127,14 @@ def _dry_run(args: argparse.Namespace, spec) -> int:
     if is_url(str(spec.names)):  # the resume hash covers the pool's content, which a dry run does not read
         print("map hash: not computed (the name pool is on object storage); resume check: skipped")
         return EXIT_OK
-    from clipaudit.app.resolve import map_hash
+    from clipaudit.app.resolve import fingerprint_hash, map_fingerprint
 
-    print(f"map hash: {map_hash(spec)}")
+    fingerprint = map_fingerprint(spec)
+    print(f"map hash: {fingerprint_hash(fingerprint)}")
     if layout is None:
         print("resume check: not done (the output is on object storage; `clipaudit run` checks it first)")
         return EXIT_OK
-    conflict = None if args.force else resume_conflict(layout, spec)
+    conflict = None if args.force else resume_conflict(layout, fingerprint)
     if conflict is not None:
         raise UserError(f"a run would be refused: {conflict}")
     return EXIT_OK
@@ -172,27 +173,29 @@ def _tau_setting(opts, tau: int) -> str:
     return f"{owners[0]}.tau={tau}"
 
 
-#: reduce flags that override a job spec setting: flag → (spec section model, field)
-_SPEC_FLAGS = {"target_fpr": ("--target-fpr", "CalibrationSpec"), "fdr": ("--fdr", "CalibrationSpec"),
-               "reduce_memory": ("--memory-limit", "ComputeSpec")}
+#: reduce flags that override a job spec setting: argparse dest → (flag, the spec model and key that
+#: validate it, the ReduceOptions field it sets)
+_SPEC_FLAGS = {"target_fpr": ("--target-fpr", CalibrationSpec, "target_fpr", "target_fpr"),
+               "fdr": ("--fdr", CalibrationSpec, "fdr", "fdr"),
+               "memory_limit": ("--memory-limit", ComputeSpec, "reduce_memory", "memory_limit")}
 
 
-def _spec_checked(values: dict[str, object]) -> dict[str, object]:
-    """The given (non-None) reduce overrides, validated by the job spec's own models, so a flag
-    accepts exactly what the job file's key accepts; a bad value is a UserError naming the flag."""
-    import clipaudit.spec as spec_models
+def _spec_checked(args: argparse.Namespace) -> dict[str, object]:
+    """The reduce overrides given on the command line, as ReduceOptions fields, each validated by
+    the job spec's own model (a flag accepts exactly what the job file's key accepts); a bad value
+    is a UserError naming the flag."""
     from pydantic import ValidationError
 
     out = {}
-    for key, value in values.items():
+    for dest, (flag, model, key, field) in _SPEC_FLAGS.items():
+        value = getattr(args, dest)
         if value is None:
             continue
-        flag, model = _SPEC_FLAGS[key]
         try:
-            getattr(spec_models, model).model_validate({key: value})
+            model.model_validate({key: value})
         except ValidationError as e:
-            raise UserError(f"{flag} {value}: {e.errors()[0]['msg']}") from None
-        out[key] = value
+            raise UserError(f"{flag} {value}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        out[field] = value
     return out
 
 
@@ -270,8 +273,7 @@ def _reduce_locked(args: argparse.Namespace, layout) -> int:
             raise UserError(f"--attackers {args.attackers}: no attackers/ folder there (an audit with labels "
                             "fits and saves its attackers)")
         opts = replace(opts, attackers=Path(args.attackers))
-    checked = _spec_checked({"target_fpr": args.target_fpr, "fdr": args.fdr, "reduce_memory": args.memory_limit})
-    opts = replace(opts, **{{"reduce_memory": "memory_limit"}.get(k, k): v for k, v in checked.items()})
+    opts = replace(opts, **_spec_checked(args))
     if layout.remote is not None:
         layout.remote.warn_unlocked()
     result = reduce_outputs(layout, opts)

@@ -8,6 +8,7 @@ into one :class:`SpecError` whose message names the offending key or file.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,8 @@ Precision = Literal["fp32", "fp16", "bf16"]
 
 #: DuckDB's memory limit in the reduce step unless ``compute.reduce_memory`` says otherwise
 REDUCE_MEMORY = "2GB"
+#: what ``compute.reduce_memory`` accepts: a size DuckDB reads
+MEMORY_SIZE = r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$"
 
 
 class SpecError(ClipauditError, ValueError):
@@ -143,13 +146,20 @@ class ComputeSpec(_Strict):
         10.0, gt=0, description="seconds between two `map progress:` lines when stderr is not a terminal "
                                 "(e.g. `ray job logs`); a terminal gets a progress bar")
     reduce_memory: str = Field(
-        REDUCE_MEMORY, pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$",
+        REDUCE_MEMORY, pattern=MEMORY_SIZE,
         description="DuckDB's memory limit in the reduce step (e.g. 2GB); larger sorts and aggregations spill to "
                     "OUT/_tmp, so the reduce step's memory does not grow with the audit")
     index: Literal["auto", "faiss", "faiss-ivf", "torch", "faiss-gpu"] = Field(
         "auto", description="name top-k backend: torch (exact, GPU), faiss (exact, CPU), faiss-ivf (approximate, CPU), "
                             "faiss-gpu (exact, GPU; the [gpu] extra); "
                             "auto: torch on CUDA, else faiss below 50,000 names and faiss-ivf from there")
+
+    @field_validator("reduce_memory", mode="before")
+    @classmethod
+    def _memory_size(cls, v: Any) -> Any:
+        if isinstance(v, str) and not re.fullmatch(MEMORY_SIZE, v):
+            raise ValueError(f"{v!r} is not a size such as 512MB or 4GB")
+        return v
 
 
 #: Bump when the map step's core per-sample values change meaning without a schema change,

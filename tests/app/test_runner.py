@@ -243,6 +243,9 @@ def test_reduce_cli_with_controls_and_target_fpr(job, capsys):
     assert cal["identity"]["idia"]["n_controls"] == 1 and "fewer than 2" in cal["identity"]["idia"]["note"]
     assert "caption_calibrated" not in cal["image"]  # not computed without a reference model: no entry
     assert main(["reduce", str(spec.output), "--target-fpr", "2"]) == 2
+    assert "--target-fpr 2.0: Input should be less than 1" in capsys.readouterr().err
+    assert main(["reduce", str(spec.output), "--memory-limit", "lots"]) == 2
+    assert "--memory-limit lots: 'lots' is not a size such as 512MB or 4GB" in capsys.readouterr().err
 
 
 def test_without_flock_support_a_run_warns_and_keeps_other_writers_temp_files(job, monkeypatch, caplog):

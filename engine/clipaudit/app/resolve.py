@@ -117,7 +117,13 @@ def map_fingerprint(spec: JobSpec) -> dict[str, Any]:
     }
 
 
-def map_hash(spec: JobSpec) -> str:
-    """The resume hash: a digest of :func:`map_fingerprint`."""
-    blob = json.dumps(map_fingerprint(spec), sort_keys=True, default=str)
+def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
+    """The resume hash of a :func:`map_fingerprint` (a digest of it)."""
+    blob = json.dumps(fingerprint, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def map_hash(spec: JobSpec) -> str:
+    """The resume hash of ``spec``. Its fingerprint reads the name pool and hashes the model
+    files: where the fingerprint is needed too, compute it once and use :func:`fingerprint_hash`."""
+    return fingerprint_hash(map_fingerprint(spec))

@@ -25,7 +25,7 @@ from clipaudit.reduce import reduce_outputs
 from clipaudit.reduce.options import ReduceOptions
 from clipaudit.reduce.pipeline import reduce_changes
 from clipaudit.core.hashing import sha256_file
-from clipaudit.app.resolve import detect_device_type, map_fingerprint, map_hash, pinned
+from clipaudit.app.resolve import detect_device_type, fingerprint_hash, map_fingerprint, pinned
 from clipaudit.spec import JobSpec
 from clipaudit.io.downloads import collect_downloads
 from clipaudit.io.tables import duckdb_views
@@ -78,16 +78,16 @@ def reduce_options(spec: JobSpec) -> ReduceOptions:
 _CHANGED_WORDS = {"model_files": "model_files (the content of a checkpoint or model-config file)"}
 
 
-def resume_conflict(layout: OutputLayout, spec: JobSpec) -> str | None:
-    """Why ``layout`` cannot be resumed with ``spec`` (it holds map results of a different
-    job), or None. A folder whose earlier run wrote no result (e.g. it failed loading the
-    model) holds nothing to protect."""
+def resume_conflict(layout: OutputLayout, new: dict[str, Any]) -> str | None:
+    """Why ``layout`` cannot be resumed by a job of map fingerprint ``new`` (it holds map results
+    of a different job), or None. A folder whose earlier run wrote no result (e.g. it failed
+    loading the model) holds nothing to protect."""
     if not layout.job_state.is_file() or not layout.has_map_results():
         return None
     state = json.loads(layout.job_state.read_text())
-    if state.get("map_hash") == map_hash(spec):
+    if state.get("map_hash") == fingerprint_hash(new):
         return None
-    old, new = state.get("map_fingerprint", {}), map_fingerprint(spec)
+    old = state.get("map_fingerprint", {})
     changed = [_CHANGED_WORDS.get(k, k) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return (f"{layout.root} holds results of a different job (changed: {', '.join(changed) or 'unknown'}). "
             "Use --force to recompute them, or choose another output folder. "
@@ -95,9 +95,9 @@ def resume_conflict(layout: OutputLayout, spec: JobSpec) -> str | None:
             "calibration) need no recompute: use `clipaudit reduce`.")
 
 
-def check_resume(layout: OutputLayout, spec: JobSpec, force: bool) -> None:
+def check_resume(layout: OutputLayout, fingerprint: dict[str, Any], force: bool) -> None:
     """Refuse to mix outputs of different map settings unless forced (then clear them)."""
-    conflict = resume_conflict(layout, spec)
+    conflict = resume_conflict(layout, fingerprint)
     if conflict is not None and not force:
         raise ResumeRefused(conflict)
     if conflict is not None:
@@ -178,14 +178,14 @@ def _shard_info(shards: list[str], storage_options: dict[str, Any]) -> list[dict
 
 
 def write_manifest(layout: OutputLayout, spec: JobSpec, spec_text: str | None, shards: list[str],
-                   started: str, summary: dict[str, Any]) -> None:
+                   started: str, summary: dict[str, Any], map_hash: str) -> None:
     pretrained = spec.model.pretrained
     ckpt = sha256_file(pretrained) if pretrained and Path(pretrained).is_file() else None
     atomic_write_json(layout.manifest, tmp_dir=layout.tmp_dir, obj={
         "clipaudit_manifest_version": 1,
         "spec": spec.public_json(),  # secret-like storage options redacted
         "spec_yaml": None if spec_text is None else redact_text(spec_text, spec.data.storage_options),
-        "map_hash": map_hash(spec),
+        "map_hash": map_hash,
         "model": {"name": spec.model.name, "pretrained": pretrained, "precision": spec.model.precision,
                   "checkpoint_sha256": ckpt},
         "shards": _shard_info(shards, spec.data.storage_options),
@@ -232,12 +232,13 @@ def run_job(spec: JobSpec, *, force: bool = False, progress: bool = True, spec_t
 def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool, spec_text: str | None,
                 exclusive: bool) -> RunReport:
     started = _now()
-    check_resume(layout, spec, force)
+    fingerprint = map_fingerprint(spec)  # reads the name pool and hashes the model files: once per run
+    check_resume(layout, fingerprint, force)
     layout.make_dirs()
     stale = layout.remove_stale_temps() if exclusive else 0  # without the lock they may be a live run's
     if stale:
         log.info("removed %d temp file(s) left by an interrupted run", stale)
-    job_state = {"map_hash": map_hash(spec), "map_fingerprint": map_fingerprint(spec), "spec": spec.public_json()}
+    job_state = {"map_hash": fingerprint_hash(fingerprint), "map_fingerprint": fingerprint, "spec": spec.public_json()}
     if not (layout.job_state.is_file() and json.loads(layout.job_state.read_text()) == job_state):
         atomic_write_json(layout.job_state, tmp_dir=layout.tmp_dir, obj=job_state)
     if layout.remote is not None:  # before any shard is mapped: a --force's removals and the job's state
@@ -268,7 +269,7 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
     summary["duplicate_keys_across_shards"] = cross_shard_duplicate_keys(layout)
     atomic_write_json(layout.summary, summary, layout.tmp_dir)
     metrics = reduce_outputs(layout, opts).metrics if summary["shards_done"] else {}
-    write_manifest(layout, spec, spec_text, shards, started, summary)
+    write_manifest(layout, spec, spec_text, shards, started, summary, job_state["map_hash"])
     return RunReport(layout, len(shards), len(shards) - len(todo), result, summary, metrics)
 
 
