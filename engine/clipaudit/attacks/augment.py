@@ -16,7 +16,6 @@ import math
 
 import numpy as np
 import torch
-from torchvision.ops import roi_align
 
 
 def sample_rng(seed: int, key: str | None, position: int, stream: str) -> np.random.Generator:
@@ -62,6 +61,10 @@ def crop_resize(images: torch.Tensor, boxes: list[np.ndarray], out_size: int) ->
     idx = np.concatenate([np.full(len(b), i, dtype=np.float32) for i, b in enumerate(boxes)])
     rois = np.concatenate([idx[:, None], np.concatenate(boxes)], axis=1)
     rois_t = torch.from_numpy(rois).to(images.device, images.dtype)
+    # imported here: torchvision's import costs ~1.6 s on the 2-core machine, which every reduce
+    # step (it imports the attack modules for their reduce-side code) would pay for a map-side op
+    from torchvision.ops import roi_align
+
     return roi_align(images, rois_t, output_size=out_size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
 
 

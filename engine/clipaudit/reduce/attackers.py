@@ -32,7 +32,7 @@ import numpy as np
 from clipaudit.core.errors import ClipauditError
 from clipaudit.contract.registry import Attack, Learned, registered
 from clipaudit.contract.registry import scores as score_list
-from clipaudit.reduce.learned import LogisticModel, MLPModel, crossfit_folds, fit_model
+from clipaudit.reduce.learned import LogisticModel, MLPModel, crossfit_folds, crossfit_proba, fit_model
 from clipaudit.reduce.neighbours import Copies
 from clipaudit.io.atomic import atomic_write_json
 from clipaudit.reduce.evaluation import feature_matrix
@@ -160,15 +160,7 @@ def fit_and_score(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 
     scores = np.full(len(y), np.nan)
     folds = crossfit_folds(yl, groups[have], folds=FOLDS, seed=seed)
     Xl = X[have]
-    oof = np.full(len(yl), np.nan)
-    for f in np.unique(folds):
-        test = folds == f
-        train_y = yl[~test]
-        if train_y.all() or not train_y.any():
-            oof[test] = float(train_y.mean())
-        else:
-            oof[test] = fit_model(kind, Xl[~test], train_y, seed=seed).predict_proba(Xl[test])
-    scores[have] = oof
+    scores[have] = crossfit_proba(Xl, yl, fold_ids=folds, seed=seed, kind=kind)
     model = fit_model(kind, Xl, yl, seed=seed)
     rest = ~have & ~np.all(np.isnan(X), axis=1)
     if rest.any():
