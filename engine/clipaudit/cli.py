@@ -33,10 +33,9 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def _open_output(output_dir: str, storage_options: str | None, pull: bool = True):
-    """The layout of a local output folder, or of an output URL (s3://, gs://, …) with its local
-    mirror brought up to date with the store (under the mirror's lock) unless ``pull`` is False
-    (then call :func:`_pull` while holding it)."""
+def _open_output(output_dir: str, storage_options: str | None):
+    """The layout of a local output folder, or of an output URL (s3://, gs://, …) read and written
+    on its store; an output URL that holds no audit is an error."""
     from clipaudit.data.urls import is_url
     from clipaudit.io.outputs import output_layout
 
@@ -44,9 +43,8 @@ def _open_output(output_dir: str, storage_options: str | None, pull: bool = True
     if not is_url(output_dir):
         return output_layout(Path(output_dir))
     layout = output_layout(output_dir, options)
-    if pull:
-        with layout.lock():
-            _pull(layout)
+    if not (layout.store.is_file(layout.summary) or layout.store.is_file(layout.job_state)):
+        raise UserError(f"{layout.where} holds no audit (no _SUMMARY.json or _job.json there)")
     return layout
 
 
@@ -65,16 +63,6 @@ def _storage_options(output_dir: str, text: str | None) -> dict:
     if not isinstance(options, dict):
         raise UserError('--storage-options: a JSON object, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
     return options
-
-
-def _pull(layout) -> None:
-    """Bring an output URL's mirror up to date (hold ``layout.lock()``); an empty store is an error."""
-    if layout.remote is None:
-        return
-    fetched = layout.remote.pull()
-    if not (layout.summary.is_file() or layout.job_state.is_file()):
-        raise UserError(f"{layout.remote.url} holds no audit (no _SUMMARY.json or _job.json there)")
-    print(f"{layout.remote.url}: mirror {layout.root} up to date ({fetched} file(s) fetched)", file=sys.stderr)
 
 
 def _unwrap(e: BaseException) -> BaseException:
@@ -103,9 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     report = run_job(spec, force=args.force, progress=not (args.no_progress or args.quiet),
                      spec_text=Path(args.job).read_text())
     print_report(report)
-    if not args.quiet and report.layout.identities.is_file():
-        where = report.layout.root if report.layout.remote is None else report.layout.remote.url
-        print(f'query: clipaudit query {where} "{_example_query(spec.attacks.enabled())}"')
+    if not args.quiet and report.layout.store.is_file(report.layout.identities):
+        print(f'query: clipaudit query {report.layout.where} "{_example_query(spec.attacks.enabled())}"')
     return EXIT_OK if report.ok else EXIT_FAILED_SHARDS
 
 
@@ -239,9 +226,9 @@ def _reduce_overrides(opts, settings: list[str]):
 
 
 def cmd_reduce(args: argparse.Namespace) -> int:
-    layout = _open_output(args.output_dir, args.storage_options, pull=False)
-    with layout.lock():  # the pull, the reduce step and the push: nothing else rewrites the mirror meanwhile
-        _pull(layout)
+    layout = _open_output(args.output_dir, args.storage_options)
+    layout.store.warn_single_writer()
+    with layout.lock():
         return _reduce_locked(args, layout)
 
 
@@ -274,13 +261,8 @@ def _reduce_locked(args: argparse.Namespace, layout) -> int:
                             "fits and saves its attackers)")
         opts = replace(opts, attackers=Path(args.attackers))
     opts = replace(opts, **_spec_checked(args))
-    if layout.remote is not None:
-        layout.remote.warn_unlocked()
     result = reduce_outputs(layout, opts)
-    if layout.remote is not None:
-        layout.remote.push()
-    where = "" if layout.remote is None else f" (and to {layout.remote.url})"
-    print("wrote " + ", ".join(str(p) for p in result.written) + where)
+    print("wrote " + ", ".join(layout.store.location(p) for p in result.written))
     from clipaudit.report.text import calibration_lines, metrics_table
 
     if result.metrics:
@@ -301,16 +283,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     report_folder(args.output_dir, _storage_options(args.output_dir, args.storage_options))
     if not args.html:
         return EXIT_OK
-    layout = _open_output(args.output_dir, args.storage_options, pull=False)
-    # the HTML page on object storage: pull, write and push back the page in one hold of the mirror's lock
-    with layout.lock() if layout.remote is not None else contextlib.nullcontext():
-        _pull(layout)
-        from clipaudit.report.html import write_html
+    from clipaudit.report.html import write_html
 
-        page = write_html(layout.root, args.thumbnails)
-        if layout.remote is not None:
-            layout.remote.push()
-    print(f"html report: {page}" + ("" if layout.remote is None else f" (and {layout.remote.url}/{page.name})"))
+    layout = _open_output(args.output_dir, args.storage_options)
+    page = write_html(layout, args.thumbnails)  # read from and written to the output's store
+    print(f"html report: {layout.store.location(page)}")
     return EXIT_OK
 
 
@@ -420,8 +397,8 @@ def _storage_options_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-options", metavar="JSON",
                    help="for an OUTPUT_DIR on object storage: fsspec options as JSON, e.g. "
                         "'{\"endpoint_url\": \"${S3_ENDPOINT}\"}' (${VAR} is read from the environment; default: the "
-                        "backend's own environment variables and config). The store is mirrored under "
-                        "$CLIPAUDIT_MIRROR_DIR (default ~/.cache/clipaudit/mirrors)")
+                        "backend's own environment variables and config). The output is read and written on the "
+                        "store; temp files go under $CLIPAUDIT_SCRATCH_DIR (default: the system's temp folder)")
 
 
 def build_parser() -> argparse.ArgumentParser:

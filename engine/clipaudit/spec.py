@@ -210,7 +210,7 @@ class JobSpec(_Strict):
     seed: int = Field(0, ge=0, lt=2**63, description="per-sample randomness and the reduce step's draws derive from it")
     store_embeddings: bool = Field(True, description="write image embeddings (biometric data) under embeddings/")
     output: Path | str = Field(description="output folder: a local path, or a URL on object storage (s3://, gs://, "
-                                           "…; written through a local mirror, see docs/running.md); a URL stays a str")
+                                           "…; read and written on the store, see docs/running.md); a URL stays a str")
 
     @field_validator("names", "labels", "output", mode="before")
     @classmethod

@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from clipaudit.io.outputs import OutputLayout
 from clipaudit.reduce.attackers import (MIN_WEAK, PSEUDO_QUANTILE, Attacker, AttackerError, fit_and_score, load,
                                         pseudo_labels, save)
 from clipaudit.reduce.learned import fit_logistic
@@ -33,7 +34,7 @@ def test_an_mlp_attacker_round_trips_through_json(tmp_path):
     X = rng.normal(size=(80, 5))
     y = (X[:, 0] * X[:, 1] > 0)  # not linearly separable
     a = Attacker("partcrop", "learned_mlp", 2, fit_mlp(X, y, seed=0))
-    save([a], tmp_path / "attackers")
+    save([a], OutputLayout(tmp_path))
     (back,) = load(tmp_path / "attackers")
     assert np.allclose(back.model.predict_proba(X), a.model.predict_proba(X))
     from sklearn.neural_network import MLPClassifier  # the numpy forward pass equals scikit-learn's own
@@ -49,7 +50,7 @@ def test_saved_attackers_are_plain_json_and_predict_the_same(tmp_path):
     X, y = rng.normal(size=(50, 4)), rng.random(50) < 0.5
     X[3, 1] = np.nan
     a = Attacker("encodermi", "learned", 1, fit_logistic(X, y), {"images": 50})
-    save([a], tmp_path / "attackers")
+    save([a], OutputLayout(tmp_path))
     doc = json.loads((tmp_path / "attackers" / "encodermi_learned.json").read_text())  # readable without clipaudit
     z = (np.where(np.isnan(X), doc["model"]["impute"], X) - doc["model"]["mean"]) / doc["model"]["std"]
     by_hand = 1 / (1 + np.exp(-(z @ doc["model"]["coef"] + doc["model"]["intercept"])))

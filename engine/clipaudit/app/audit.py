@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from clipaudit.data.urls import is_url
 from clipaudit.io.outputs import RELATIVE as NAMES
 from clipaudit.io.outputs import no_audit
+from clipaudit.io.store import Store
 from clipaudit.io.tables import output_filesystem, table_files
 from clipaudit.spec import JobSpec, spec_from_json
 
@@ -32,6 +33,13 @@ class Audit:
         ``${VAR}`` references). Nothing is read yet."""
         fs, root = output_filesystem(output, storage_options)
         return cls(str(output), fs, root, isinstance(output, str) and is_url(output))
+
+    @classmethod
+    def of(cls, store: Store) -> Audit:
+        """The output a writer's store holds (a local folder or an output URL)."""
+        if store.remote:
+            return cls(store.where, store.fs, store.root, True)
+        return cls.open(store.base)
 
     def path(self, name: Path | str) -> str:
         """Where the output file ``name`` (relative, e.g. ``NAMES.metrics``) is on the file system."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import platform
 import sys
@@ -18,7 +17,6 @@ from clipaudit.data.storage import redact_text
 from clipaudit.executors.base import MapResult
 from clipaudit.executors.factory import make_executor
 from clipaudit.io.outputs import OutputLayout, output_layout
-from clipaudit.io.atomic import atomic_write_json
 from clipaudit.model.loading import check_hub_weights
 from clipaudit.app.plan import check_name_coverage, device_here
 from clipaudit.reduce import reduce_outputs
@@ -82,14 +80,14 @@ def resume_conflict(layout: OutputLayout, new: dict[str, Any]) -> str | None:
     """Why ``layout`` cannot be resumed by a job of map fingerprint ``new`` (it holds map results
     of a different job), or None. A folder whose earlier run wrote no result (e.g. it failed
     loading the model) holds nothing to protect."""
-    if not layout.job_state.is_file() or not layout.has_map_results():
+    state = layout.read_json(layout.job_state)
+    if not isinstance(state, dict) or not layout.has_map_results():
         return None
-    state = json.loads(layout.job_state.read_text())
     if state.get("map_hash") == fingerprint_hash(new):
         return None
     old = state.get("map_fingerprint", {})
     changed = [_CHANGED_WORDS.get(k, k) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    return (f"{layout.root} holds results of a different job (changed: {', '.join(changed) or 'unknown'}). "
+    return (f"{layout.where} holds results of a different job (changed: {', '.join(changed) or 'unknown'}). "
             "Use --force to recompute them, or choose another output folder. "
             "Settings that only affect the reduce step (reduce-only attack parameters such as tau, labels, "
             "calibration) need no recompute: use `clipaudit reduce`.")
@@ -101,7 +99,7 @@ def check_resume(layout: OutputLayout, fingerprint: dict[str, Any], force: bool)
     if conflict is not None and not force:
         raise ResumeRefused(conflict)
     if conflict is not None:
-        log.warning("--force: removing map outputs of a different job in %s", layout.root)
+        log.warning("--force: removing map outputs of a different job in %s", layout.where)
     if force:
         layout.clear_map_outputs()
 
@@ -144,7 +142,7 @@ def add_downloads(summary: dict[str, Any], layout: OutputLayout, shards: list[st
 def cross_shard_duplicate_keys(layout: OutputLayout) -> dict[str, int]:
     """Keys that occur in more than one shard. Both rows are kept (rows are identified by
     shard + key); the counts tell the auditor that the inputs hold repeated keys."""
-    if not any(layout.samples_dir.glob("*.parquet")):
+    if not layout.store.glob(layout.samples_dir):
         return {"keys": 0, "rows": 0}
     con = duckdb_views(layout, ("samples",))
     try:
@@ -181,7 +179,7 @@ def write_manifest(layout: OutputLayout, spec: JobSpec, spec_text: str | None, s
                    started: str, summary: dict[str, Any], map_hash: str) -> None:
     pretrained = spec.model.pretrained
     ckpt = sha256_file(pretrained) if pretrained and Path(pretrained).is_file() else None
-    atomic_write_json(layout.manifest, tmp_dir=layout.tmp_dir, obj={
+    layout.write_json(layout.manifest, {
         "clipaudit_manifest_version": 1,
         "spec": spec.public_json(),  # secret-like storage options redacted
         "spec_yaml": None if spec_text is None else redact_text(spec_text, spec.data.storage_options),
@@ -210,23 +208,9 @@ def run_job(spec: JobSpec, *, force: bool = False, progress: bool = True, spec_t
     check_name_coverage(spec)  # a labelled or control name the pool lacks: exit 2 before any work
     spec = pinned(spec, detect_device_type(spec))  # every worker computes what the resume hash says
     layout = output_layout(spec.output, spec.data.storage_options)
+    layout.store.warn_single_writer()
     with layout.lock() as lock:
-        if layout.remote is None:
-            return _run_locked(layout, spec, force, progress, spec_text, exclusive=lock.held)
-        layout.remote.warn_unlocked()
-        fetched = layout.remote.pull()
-        if fetched:
-            log.info("output %s: %d file(s) fetched into the mirror %s", layout.remote.url, fetched, layout.root)
-        try:
-            report = _run_locked(layout, spec, force, progress, spec_text, exclusive=lock.held)
-        except BaseException:  # what this run wrote still goes to the store
-            try:
-                layout.remote.push()
-            except Exception as e:  # noqa: BLE001 — the run's own error is the one to report
-                log.warning("could not send this run's files to %s: %s", layout.remote.url, e)
-            raise
-        layout.remote.push()
-        return report
+        return _run_locked(layout, spec, force, progress, spec_text, exclusive=lock.held)
 
 
 def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool, spec_text: str | None,
@@ -239,10 +223,8 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
     if stale:
         log.info("removed %d temp file(s) left by an interrupted run", stale)
     job_state = {"map_hash": fingerprint_hash(fingerprint), "map_fingerprint": fingerprint, "spec": spec.public_json()}
-    if not (layout.job_state.is_file() and json.loads(layout.job_state.read_text()) == job_state):
-        atomic_write_json(layout.job_state, tmp_dir=layout.tmp_dir, obj=job_state)
-    if layout.remote is not None:  # before any shard is mapped: a --force's removals and the job's state
-        layout.remote.push()
+    if layout.read_json(layout.job_state) != job_state:
+        layout.write_json(layout.job_state, job_state)
     shards = spec.shard_list()
     todo = [s for s in shards if not layout.is_done(s)]
     if len(todo) < len(shards):
@@ -250,24 +232,22 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
     opts = reduce_options(spec)
     if not todo:
         changed = reduce_changes(layout, opts)
-        if changed == [] and not stale and layout.summary.is_file() and layout.manifest.is_file():
+        summary = layout.read_json(layout.summary)
+        if changed == [] and not stale and summary is not None and layout.store.is_file(layout.manifest):
             log.debug("nothing to do: every shard is done and the reduce step's outputs are up to date")
-            summary = json.loads(layout.summary.read_text())
-            metrics = json.loads(layout.metrics.read_text()) if layout.metrics.is_file() else {}
+            metrics = layout.read_json(layout.metrics) or {}
             return RunReport(layout, len(shards), len(shards), MapResult(), summary, metrics, reduced=False)
         log.info("every shard is done; recomputing the reduce step: %s",
                  "no record of an earlier one" if changed is None
                  else "changed since the last one: " + ", ".join(changed))
     # hashed here once (name pool, weights), not by every actor
     result = make_executor(spec).run(spec, layout, todo, job_state["map_hash"], progress=progress)
-    if layout.remote is not None:
-        layout.remote.pull()  # parts and markers that map actors on other machines put on the store
     summary = summarize(layout, shards, result.failed)
     add_downloads(summary, layout, shards, spec.data.identity_field, spec.data.storage_options)
     summary["map_seconds_this_run"] = round(result.seconds, 3)
     summary["stale_temp_files_removed"] = stale
     summary["duplicate_keys_across_shards"] = cross_shard_duplicate_keys(layout)
-    atomic_write_json(layout.summary, summary, layout.tmp_dir)
+    layout.write_json(layout.summary, summary)
     metrics = reduce_outputs(layout, opts).metrics if summary["shards_done"] else {}
     write_manifest(layout, spec, spec_text, shards, started, summary, job_state["map_hash"])
     return RunReport(layout, len(shards), len(shards) - len(todo), result, summary, metrics)
@@ -275,4 +255,4 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
 
 def saved_spec(layout: OutputLayout) -> JobSpec:
     """The spec an output folder was produced with (for ``clipaudit reduce``)."""
-    return Audit.open(layout.root).saved_spec()
+    return Audit.of(layout.store).saved_spec()

@@ -23,6 +23,7 @@ from collections import deque
 from typing import Any
 
 from clipaudit.io.outputs import OutputLayout, output_layout
+from clipaudit.io.store import SCRATCH_ENV
 from clipaudit.data.storage import resolve_options
 from clipaudit.spec import JobSpec
 from clipaudit.executors.base import MapResult, Progress, ShardFailure
@@ -54,7 +55,8 @@ class _MapWorker:
 
 
 def _layout(spec: JobSpec, output_root: str) -> OutputLayout:
-    """The driver's output folder, or on object storage this node's mirror of it."""
+    """The driver's output folder, or the output URL (written on its store; temp files in this
+    node's scratch folder)."""
     from pathlib import Path
 
     if spec.output_is_remote():
@@ -211,9 +213,9 @@ class RayExecutor:
         spec_json["data"]["storage_options"] = resolve_options(spec.data.storage_options)
         root = str(layout.root.resolve())
         placement = dict(resources)
-        if layout.remote is not None and os.environ.get("CLIPAUDIT_MIRROR_DIR"):
-            # the actors stage the parts they put on the store where the driver was told to
-            placement["runtime_env"] = {"env_vars": {"CLIPAUDIT_MIRROR_DIR": os.environ["CLIPAUDIT_MIRROR_DIR"]}}
+        if layout.store.remote and os.environ.get(SCRATCH_ENV):
+            # the actors write their temp files where the driver was told to
+            placement["runtime_env"] = {"env_vars": {SCRATCH_ENV: os.environ[SCRATCH_ENV]}}
         # wait (bounded) until a worker of this shape can be placed at all, then (unbounded)
         # for the shared state, whose cost grows with the name pool
         probe = ray.remote(_placement_probe).options(**placement).remote()

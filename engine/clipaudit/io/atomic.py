@@ -1,5 +1,5 @@
-"""Atomic, durable file writes: a temp name on the same file system, fsync, rename, fsync of
-the folder; with a ``publish`` hook the finished file reaches object storage before the rename."""
+"""Atomic, durable file writes on local disk: a temp name on the same file system, fsync,
+rename, fsync of the folder (an output's files go through :mod:`clipaudit.io.store`)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,9 @@ import os
 import uuid
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-#: ``publish(finished_temp_file, final_path)``: sends a finished file to where ``final_path``
-#: stands on object storage before it is renamed into place (see :meth:`OutputLayout.publisher`)
-Publish = Callable[[Path, Path], None]
-
 
 
 def temp_path(path: Path, tmp_dir: Path | None = None) -> Path:
@@ -57,30 +51,17 @@ def replace_durably(tmp: Path, path: Path) -> None:
         os.close(fd)
 
 
-def publish_then_replace(tmp: Path, path: Path, publish: Publish | None) -> None:
-    """Send the finished ``tmp`` to the store first (when there is one), then rename it into
-    place: a file in the folder is always on the store too. A failed upload removes ``tmp``."""
-    if publish is not None:
-        try:
-            publish(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    replace_durably(tmp, path)
-
-
-def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None, publish: Publish | None = None) -> None:
+def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
     tmp = temp_path(path, tmp_dir)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    publish_then_replace(tmp, path, publish)
+    replace_durably(tmp, path)
 
 
-def atomic_write_json(path: Path, obj: Any, tmp_dir: Path | None = None, publish: Publish | None = None) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), tmp_dir,
-                       publish)
+def atomic_write_json(path: Path, obj: Any, tmp_dir: Path | None = None) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), tmp_dir)
 
 
 def atomic_write_table(path: Path, table: pa.Table, tmp_dir: Path | None = None) -> None:

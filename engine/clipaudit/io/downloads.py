@@ -23,7 +23,6 @@ import pyarrow.parquet as pq
 from clipaudit.data.samples import normalize_name
 from clipaudit.data.urls import is_url
 from clipaudit.io.outputs import OutputLayout
-from clipaudit.io.atomic import atomic_write_table
 from clipaudit.contract.schemas import load_schema
 from clipaudit.data.storage import url_to_fs, open_url
 
@@ -105,9 +104,10 @@ def _counts(table: pa.Table) -> dict[str, Any]:
             "missing": sum(by_status.values()), "by_status": dict(by_status), "by_reason": dict(reasons)}
 
 
-def _stored(part: Path) -> dict[str, Any] | None:
+def _stored(layout: OutputLayout, part: Path) -> dict[str, Any] | None:
     try:
-        meta = pq.read_schema(part).metadata or {}
+        with layout.store.open(part) as f:
+            meta = pq.read_schema(f).metadata or {}
         return json.loads(meta[_META])
     except (OSError, KeyError, ValueError, pa.ArrowException):
         return None
@@ -121,23 +121,22 @@ def shard_downloads(layout: OutputLayout, shard: str, identity_field: str,
     signature = _signature(source, storage_options) if source else None
     part = layout.download_part(shard)
     if signature is None:
-        part.unlink(missing_ok=True)  # a copy of a status file that is gone is no longer evidence
+        layout.store.remove(part)  # a copy of a status file that is gone is no longer evidence
         return None
     wanted = {"shard": shard, "source": source, "signature": signature, "identity_field": identity_field}
-    stored = _stored(part) if part.is_file() else None
+    stored = _stored(layout, part)
     if stored is not None and {k: stored.get(k) for k in wanted} == wanted:
         return stored["counts"]
     status = _read_status(source, identity_field, storage_options)
     if status is None:
         log.info("downloads: %s is not an img2dataset status file (no %s columns)", source, ", ".join(STATUS_COLUMNS))
-        part.unlink(missing_ok=True)
+        layout.store.remove(part)
         return None
     table = _downloads_table(shard, status, identity_field)
     counts = _counts(table)
     meta = dict(table.schema.metadata or {})
     meta[_META] = json.dumps({**wanted, "counts": counts}).encode()
-    layout.downloads_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_table(part, table.replace_schema_metadata(meta))
+    layout.write_table(part, table.replace_schema_metadata(meta))
     return counts
 
 

@@ -1,10 +1,11 @@
-"""The output folder: layout, versioned schemas, atomic writes and per-shard markers.
+"""The output folder: layout, atomic writes and per-shard markers, on a local folder or an
+output URL (:mod:`clipaudit.io.store`).
 
 A shard is done when its Parquet part(s) exist *and* its marker ``_markers/<part>.done.json``
-(written last) agrees with the part's row count. Anything else means "redo". Every file
-is written to a temp name (under ``_tmp/`` for the output folder's files), fsynced, renamed
-into place, and the destination folder fsynced, so a marker never reaches the disk before the
-bytes of the part it vouches for. The data folders (``samples/``, ``embeddings/``,
+(written last) agrees with the part's row count. Anything else means "redo". Every file is
+written to a temp file under ``_tmp/`` (local, even for an output URL) and published whole
+(:meth:`.store.Store.publish`: renamed into place, or one upload), so a marker never reaches the
+output before the part it vouches for. The data folders (``samples/``, ``embeddings/``,
 ``sample_scores/``) hold finished parts only, so any Parquet reader may glob them as they are.
 """
 
@@ -27,8 +28,8 @@ import pyarrow.parquet as pq
 
 from clipaudit.core.errors import ClipauditError
 from clipaudit.data.urls import is_url
-from clipaudit.io.atomic import Publish, fsync_file, publish_then_replace, temp_path, temp_prefix
-from clipaudit.io.remote_output import RemoteOutput
+from clipaudit.io.atomic import fsync_file, replace_durably, temp_path, temp_prefix
+from clipaudit.io.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,15 @@ class PartWriter:
         self._writer.write_batch(batch)
         self.rows += batch.num_rows
 
-    def commit(self, publish: Publish | None = None) -> None:
-        """Close, fsync, publish (see :data:`Publish`) and rename the part: once this returns, its
-        bytes are on the disk (and on the store)."""
+    def commit(self, store: Store | None = None) -> None:
+        """Close, fsync and publish the part (renamed into place, or through ``store``): once this
+        returns, its bytes are on the disk or the store."""
         self._writer.close()
         fsync_file(self._tmp)
-        publish_then_replace(self._tmp, self.path, publish)
+        if store is None:
+            replace_durably(self._tmp, self.path)
+        else:
+            store.publish(self._tmp, self.path)
 
     def abort(self) -> None:
         try:
@@ -70,24 +74,46 @@ class PartWriter:
 
 @dataclass(frozen=True)
 class OutputLayout:
-    """Where everything lives under the job's output folder. For an output on object storage,
-    ``root`` is its local mirror and ``remote`` the store (see :mod:`.remote_output`)."""
+    """Where everything lives under the job's output folder. ``store`` does the reads and writes
+    (:mod:`.store`); for an output URL, ``root`` is a local scratch folder that stands for it."""
 
     root: Path
-    remote: RemoteOutput | None = field(default=None, compare=False)
+    store: Store = field(default=None, compare=False)  # type: ignore[assignment]  # default: the folder
 
-    def publisher(self) -> Publish | None:
-        """On object storage: the function that PUTs a finished temp file where its final path
-        stands on the store (before the file is renamed into the mirror); None for a local folder."""
-        return None if self.remote is None else self.remote.put
+    def __post_init__(self) -> None:
+        if self.store is None:
+            object.__setattr__(self, "store", Store.local(self.root))
+
+    @property
+    def where(self) -> str:
+        """The output as users name it: its folder or URL."""
+        return self.store.where
+
+    def write_bytes(self, path: Path, data: bytes) -> None:
+        """Write a whole file: a temp file under ``_tmp/``, fsynced, then published."""
+        tmp = temp_path(path, self.tmp_dir)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self.store.publish(tmp, path)
+
+    def write_json(self, path: Path, obj: Any) -> None:
+        self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+    def write_table(self, path: Path, table: pa.Table) -> None:
+        tmp = temp_path(path, self.tmp_dir)
+        pq.write_table(table, tmp, compression="zstd")
+        fsync_file(tmp)
+        self.store.publish(tmp, path)
+
+    def read_json(self, path: Path) -> Any | None:
+        return self.store.read_json(path)
 
     def unpublish(self, *paths: Path) -> None:
-        """Remove these files, here and (best effort) on the store: parts a shard wrote before a
-        later step of it failed, so that no part is left without its marker."""
-        for p in paths:
-            p.unlink(missing_ok=True)
-        if self.remote is not None:
-            self.remote.remove_quietly(*paths)
+        """Remove these files (best effort, in this order): parts a shard wrote before a later step
+        of it failed, so that no part is left without its marker."""
+        self.store.remove(*paths, quiet=True)
 
     @property
     def samples_dir(self) -> Path:
@@ -131,7 +157,9 @@ class OutputLayout:
     attackers_dir = property(lambda self: self.root / "attackers")
 
     def make_dirs(self) -> None:
-        for d in (self.samples_dir, self.embeddings_dir, self.cache_dir, self.markers_dir, self.tmp_dir):
+        """The local folders writers need (for an output URL only the scratch ones)."""
+        local = (self.tmp_dir, self.cache_dir)
+        for d in local if self.store.remote else (self.samples_dir, self.embeddings_dir, self.markers_dir) + local:
             d.mkdir(parents=True, exist_ok=True)
 
     def sample_part(self, shard: str) -> Path:
@@ -148,34 +176,31 @@ class OutputLayout:
 
     def read_marker(self, shard: str) -> dict[str, Any] | None:
         try:
-            return json.loads(self.marker(shard).read_text())
-        except (OSError, json.JSONDecodeError):
+            return self.store.read_json(self.marker(shard))
+        except OSError:
+            return None
+
+    def _rows(self, part: Path) -> int | None:
+        try:
+            with self.store.open(part) as f:
+                return pq.ParquetFile(f).metadata.num_rows
+        except (OSError, pa.ArrowException):
             return None
 
     def is_done(self, shard: str) -> bool:
         """The marker exists and the part it vouches for has exactly its row count."""
         marker = self.read_marker(shard)
-        if marker is None or marker.get("shard") != shard:
+        if not isinstance(marker, dict) or marker.get("shard") != shard:
             return False
-        try:
-            rows = pq.ParquetFile(self.sample_part(shard)).metadata.num_rows
-        except (OSError, pa.ArrowException):
-            return False
-        if rows != marker.get("rows"):
+        if self._rows(self.sample_part(shard)) != marker.get("rows"):
             return False
         if marker.get("embedding_rows") is not None:
-            try:
-                emb_rows = pq.ParquetFile(self.embedding_part(shard)).metadata.num_rows
-            except (OSError, pa.ArrowException):
-                return False
-            return emb_rows == marker["embedding_rows"]
+            return self._rows(self.embedding_part(shard)) == marker["embedding_rows"]
         return True
 
     def has_map_results(self) -> bool:
         """Any sample part or marker: results an earlier run committed (temp files do not count)."""
-        d, m = self.samples_dir, self.markers_dir
-        return ((d.is_dir() and (any(d.glob("*.parquet")) or any(d.glob("_*.done.json"))))
-                or (m.is_dir() and any(m.glob("*.done.json"))))
+        return bool(self.store.glob(self.samples_dir) or self.store.glob(self.markers_dir, ".done.json"))
 
     def temp_files(self, path: Path) -> list[Path]:
         """The temp files now being written for ``path`` (in ``_tmp/``)."""
@@ -201,26 +226,27 @@ class OutputLayout:
         return n
 
     def lock(self) -> OutputLock:
-        """For an output on object storage: the lock of this machine's mirror (see
-        :meth:`.remote_output.RemoteOutput.warn_unlocked`)."""
+        """The output's lock on this machine (for an output URL it covers this machine only: see
+        :meth:`.store.Store.warn_single_writer`)."""
         return OutputLock(self.root / ".clipaudit.lock")
 
     def clear_map_outputs(self) -> None:
-        """Remove everything the map step wrote (for ``--force``)."""
-        for d in (self.samples_dir, self.embeddings_dir, self.cache_dir, self.sample_scores_dir, self.markers_dir,
-                  self.tmp_dir, self.downloads_dir):
+        """Remove everything the map step wrote (for ``--force``): markers first, so no marker is
+        ever left vouching for a removed part."""
+        for d in (self.cache_dir, self.tmp_dir):  # local, even for an output URL
             shutil.rmtree(d, ignore_errors=True)
-        for f in (self.identities, self.metrics, self.roc, self.calibration, self.summary, self.job_state,
-                  self.reduce_state):
-            f.unlink(missing_ok=True)
+        for d in (self.markers_dir, self.samples_dir, self.embeddings_dir, self.sample_scores_dir, self.downloads_dir):
+            self.store.remove_tree(d)
+        self.store.remove(self.identities, self.metrics, self.roc, self.calibration, self.summary, self.job_state,
+                          self.reduce_state)
 
 
 def output_layout(output: Path | str, storage_options: Mapping[str, Any] | None = None) -> OutputLayout:
-    """The layout of a local output folder, or of an output URL (s3://, gs://, …) through its
-    local mirror (not synced here: call ``layout.remote.pull()``)."""
+    """The layout of a local output folder, or of an output URL (s3://, gs://, …) read and written
+    on its store (nothing is contacted here)."""
     if isinstance(output, str) and is_url(output):
-        remote = RemoteOutput.for_url(output, storage_options)
-        return OutputLayout(remote.mirror, remote)
+        store = Store.for_url(output, storage_options)
+        return OutputLayout(store.base, store)
     return OutputLayout(Path(str(output).removeprefix("file://")))
 
 

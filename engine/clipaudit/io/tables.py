@@ -10,6 +10,8 @@ from typing import Any
 from collections.abc import Mapping
 
 import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
 
 from clipaudit.data.storage import StorageError, describe_error, url_to_fs
 from clipaudit.data.urls import is_url
@@ -40,8 +42,8 @@ def output_filesystem(output: str | Path, storage_options: Mapping[str, Any] | N
 def table_files(fs: Any, root: str, where: str = "", vouched: bool = True) -> dict[str, list[str]]:
     """The output tables under ``root`` on ``fs``, from one listing: view name → its Parquet
     files (sorted). With ``vouched``, a samples or embeddings part only beside its shard's marker
-    (on object storage, where several machines put parts, as the mirror's pull did; a local
-    folder's readers glob its parts as they are). ``where`` names the output in errors."""
+    (on object storage, where several machines put parts and a killed one may leave a part
+    without its marker; a local folder's readers glob its parts as they are). ``where`` names the output in errors."""
     try:
         found = fs.find(root)
     except FileNotFoundError:
@@ -68,6 +70,25 @@ def _is_folder(place: Path) -> bool:
     return place.suffix != ".parquet"
 
 
+def widened(t: pa.DataType) -> pa.DataType:
+    """float16 (and lists of it) as float32: DuckDB scans no Arrow float16, its Parquet reader
+    gives FLOAT, so views over Arrow datasets keep the types ``read_parquet`` would give."""
+    if pa.types.is_float16(t):
+        return pa.float32()
+    if pa.types.is_list(t):
+        return pa.list_(widened(t.value_type))
+    return t
+
+
+def register_datasets(con: duckdb.DuckDBPyConnection, files: dict[str, list[str]], filesystem: Any = None) -> None:
+    """A view per table over its Parquet files opened by pyarrow (on ``filesystem``, an fsspec
+    file system, or local paths): DuckDB itself opens no file."""
+    for name, paths in files.items():
+        schema = ds.dataset(paths, format="parquet", filesystem=filesystem).schema
+        schema = pa.schema([f.with_type(widened(f.type)) for f in schema], metadata=schema.metadata)
+        con.register(name, ds.dataset(paths, format="parquet", schema=schema, filesystem=filesystem))
+
+
 def output_views(layout: OutputLayout) -> dict[str, Path]:
     """The output tables present in a local folder: view name → Parquet file or glob (``samples``
     always: an audit without parts is an error its readers name)."""
@@ -83,8 +104,14 @@ def output_views(layout: OutputLayout) -> dict[str, Path]:
 
 
 def duckdb_views(layout: OutputLayout, names: tuple[str, ...] | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with a view per output table (all present ones, or ``names``)."""
+    """An in-memory DuckDB with a view per output table (all present ones, or ``names``); an
+    output URL's tables are read straight from its store (vouched parts only)."""
     con = duckdb.connect(":memory:")
+    store = layout.store
+    if store.remote:
+        files = table_files(store.fs, store.root, store.where, vouched=True)
+        register_datasets(con, {k: v for k, v in files.items() if names is None or k in names}, store.fs)
+        return con
     for name, pattern in output_views(layout).items():
         if names is None or name in names:
             quoted = str(pattern).replace("'", "''")

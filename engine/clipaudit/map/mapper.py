@@ -29,7 +29,6 @@ from clipaudit.data.tar_reader import RawSample, iter_tar_samples
 from clipaudit.model.image_hash import difference_hashes
 from clipaudit.model.loading import LoadedModel, load_model
 from clipaudit.io.outputs import OutputLayout, PartWriter
-from clipaudit.io.atomic import atomic_write_json
 from clipaudit.contract.schemas import load_schema
 from clipaudit.spec import JobSpec
 from clipaudit.data.device_decode import decode_on_device
@@ -247,15 +246,15 @@ class ShardMapper:
         stats.ok = counts.pop("ok", 0)
         stats.errors = dict(sorted(counts.items()))
         stats.warnings = dict(sorted(warnings.items()))
-        publish = self.layout.publisher()  # on object storage each file goes up before it is renamed here
+        store = self.layout.store  # renamed into place, or one upload each on object storage
         try:
-            part.commit(publish)
+            part.commit(store)
             if emb_part is not None:
-                emb_part.commit(publish)
+                emb_part.commit(store)
                 stats.embedding_rows = emb_part.rows
             stats.seconds = time.perf_counter() - t0
             # last: vouches for the parts
-            atomic_write_json(self.layout.marker(shard), stats.to_dict(), tmp, publish)
+            self.layout.write_json(self.layout.marker(shard), stats.to_dict())
         except BaseException:  # no part may stay without its marker (the shard is retried or failed)
             part.abort()  # temp files (a second close is a no-op)
             if emb_part is not None:

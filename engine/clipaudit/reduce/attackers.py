@@ -34,7 +34,8 @@ from clipaudit.contract.registry import Attack, Learned, registered
 from clipaudit.contract.registry import scores as score_list
 from clipaudit.reduce.learned import LogisticModel, MLPModel, crossfit_folds, crossfit_proba, fit_model
 from clipaudit.reduce.neighbours import Copies
-from clipaudit.io.atomic import atomic_write_json
+from clipaudit.io.outputs import OutputLayout
+from clipaudit.io.store import Store
 from clipaudit.reduce.evaluation import feature_matrix
 
 if TYPE_CHECKING:
@@ -168,14 +169,13 @@ def fit_and_score(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 
     return scores, model
 
 
-def save(attackers: list[Attacker], folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+def save(attackers: list[Attacker], layout: OutputLayout) -> None:
+    """Write the attackers under the output's ``attackers/`` (and remove the stale ones there)."""
+    folder = layout.attackers_dir
     keep = {f"{a.name}.json" for a in attackers}
     for a in attackers:
-        atomic_write_json(folder / f"{a.name}.json", a.to_json())
-    for stale in folder.glob("*.json"):
-        if stale.name not in keep:
-            stale.unlink()
+        layout.write_json(folder / f"{a.name}.json", a.to_json())
+    layout.store.remove(*(p for p in layout.store.glob(folder, ".json") if p.name not in keep))
 
 
 def load(folder: Path) -> list[Attacker]:
@@ -282,13 +282,14 @@ class _FitSet:
         return part[order], row[order], group[order], y[order], X[order]
 
 
-def ok_rows(part: Path, columns: list[str]):
+def ok_rows(part: Path, columns: list[str], store: Store | None = None):
     """A ``samples/`` part's ok rows: ``shard``, ``key``, ``position``, ``identity``, ``status`` and
-    ``columns``."""
+    ``columns``; read through ``store`` (default: a local file)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    t = pq.read_table(part, columns=list(dict.fromkeys(["shard", "key", "position", "identity", "status", *columns])))
+    with (store or Store.local(part.parent)).open(part) as f:
+        t = pq.read_table(f, columns=list(dict.fromkeys(["shard", "key", "position", "identity", "status", *columns])))
     return t.filter(pc.equal(t["status"], "ok"))
 
 
@@ -304,7 +305,7 @@ def pseudo_source(attack: str, signals: list[str]) -> str | None:
 
 
 def _weak_cuts(parts: list[Path], own: dict[str, str], controls: Controls,
-               quantile: float = PSEUDO_QUANTILE, copies: Copies | None = None
+               quantile: float = PSEUDO_QUANTILE, copies: Copies | None = None, store: Store | None = None
                ) -> tuple[dict[str, float | None], dict[str, int]]:
     """Per signal (name → score column): its ``quantile`` among the control images (None with
     fewer than :data:`MIN_WEAK` controls), and how many candidate images have it — the first
@@ -312,7 +313,7 @@ def _weak_cuts(parts: list[Path], own: dict[str, str], controls: Controls,
     found: dict[str, list[np.ndarray]] = {a: [] for a in own}
     n_candidates = {a: 0 for a in own}
     for part in parts:
-        t = ok_rows(part, sorted(set(own.values())))
+        t = ok_rows(part, sorted(set(own.values())), store)
         copy = Copies.of(copies, t)
         is_control = controls.mask(t) & ~copy
         for a, col in own.items():
@@ -362,16 +363,17 @@ def score_candidates(layout, params: dict[str, Any], labels: Labels | None,
     weak = labels is None and apply is None and bool(controls)
     if not pairs or (labels is None and not apply and not weak):
         return out
-    parts = sorted(layout.samples_dir.glob("*.parquet"))
+    store = layout.store
+    parts = store.glob(layout.samples_dir)
     if apply is not None:
-        return _applied(parts, pairs, params, apply)
+        return _applied(parts, pairs, params, apply, store)
     attacks = {a.name: a for a, _ in pairs}
     own: dict[str, str] = {}  # attack → the score column that picks its pseudo-members (weak supervision)
     cuts: dict[str, float | None] = {}
     candidates: dict[str, int] = {}
     if weak:
         signals = {s.name: f"{s.name}_score" for s in score_list(tuple(params), "image")}
-        signal_cuts, signal_candidates = _weak_cuts(parts, signals, controls, copies=copies)  # type: ignore[arg-type]
+        signal_cuts, signal_candidates = _weak_cuts(parts, signals, controls, copies=copies, store=store)  # type: ignore[arg-type]
         for name in attacks:
             source = pseudo_source(name, [s for s, c in signal_cuts.items() if c is not None])
             if source is None:
@@ -385,7 +387,7 @@ def score_candidates(layout, params: dict[str, Any], labels: Labels | None,
     group_ids: dict[str, int] = {}
 
     for p, part in enumerate(parts):
-        t = ok_rows(part, columns)
+        t = ok_rows(part, columns, store)
         if not t.num_rows:
             continue
         identities = t.column("identity").to_pylist()
@@ -442,7 +444,7 @@ def score_candidates(layout, params: dict[str, Any], labels: Labels | None,
 
 
 def _applied(parts: list[Path], pairs: list[tuple[Attack, Learned]], params: dict[str, Any],
-             apply: list[Attacker]) -> LearnedScores:
+             apply: list[Attacker], store: Store) -> LearnedScores:
     """Attackers fitted on another audit, checked against this audit's features (the first
     part that has them) before anything is scored."""
     out = LearnedScores()
@@ -454,7 +456,7 @@ def _applied(parts: list[Path], pairs: list[tuple[Attack, Learned]], params: dic
         att = given[name]
         width = None
         for part in parts:
-            t = ok_rows(part, [attack.features])
+            t = ok_rows(part, [attack.features], store)
             X = variant.prepare(feature_matrix(t.column(attack.features)))
             if t.num_rows and not np.all(np.isnan(X)):
                 width = X.shape[1]

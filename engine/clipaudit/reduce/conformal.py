@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clipaudit.core.statistics import float_vector
-from clipaudit.io.atomic import atomic_write_table
 from clipaudit.reduce.attackers import ok_rows
 from clipaudit.reduce.neighbours import Copies
 
@@ -279,14 +278,14 @@ def write_sample_pvalues(layout: OutputLayout, image_scores: list[str], controls
     import pyarrow as pa
 
 
-    out_dir = layout.sample_scores_dir
-    parts = sorted(layout.samples_dir.glob("*.parquet"))
+    out_dir, store = layout.sample_scores_dir, layout.store
+    parts = store.glob(layout.samples_dir)
     extra_names = sorted(learned.names) if learned is not None else []
     cols = ["position"] + [f"{a}_score" for a in image_scores] + (learned.columns if learned is not None else [])
     cache: dict[str, dict[str, np.ndarray]] = {}  # the learned scores of the part being read
 
     def read(part):
-        t = ok_rows(part, cols)
+        t = ok_rows(part, cols, store)
         copy = Copies.of(copies, t)
         cache.clear()
         if learned is not None and extra_names:
@@ -317,7 +316,6 @@ def write_sample_pvalues(layout: OutputLayout, image_scores: list[str], controls
         for a in image_scores:
             counters[a].add(pvalues_against(score(t, part, a), is_control, sorted_controls[a]), candidate)
     discoveries = {a: 0 for a in image_scores}
-    out_dir.mkdir(parents=True, exist_ok=True)
     written, control_identities = set(), set()
     flagged, control_flagged, scored = ({a: 0 for a in image_scores} for _ in range(3))
     for part in parts:
@@ -341,11 +339,9 @@ def write_sample_pvalues(layout: OutputLayout, image_scores: list[str], controls
             scored[a] += int((~np.isnan(p) & candidate).sum())
         control_identities.update(np.array(t.column("identity").to_pylist(), dtype=object)[is_control])
         arrays = [columns.get(f.name, pa.nulls(t.num_rows, f.type)) for f in schema]
-        atomic_write_table(out_dir / part.name, pa.Table.from_arrays(arrays, schema=schema), layout.tmp_dir)
+        layout.write_table(out_dir / part.name, pa.Table.from_arrays(arrays, schema=schema))
         written.add(part.name)
-    for stale in out_dir.glob("*.parquet"):
-        if stale.name not in written:
-            stale.unlink()
+    store.remove(*(p for p in store.glob(out_dir) if p.name not in written))
     return {a: {**threshold_entry(sorted_controls[a], scored[a], flagged[a], control_flagged[a], target_fpr,
                                   control_groups=len(control_identities)),
                 **discovery_entry(discoveries[a], fdr)} for a in image_scores}

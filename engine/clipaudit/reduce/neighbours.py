@@ -31,6 +31,7 @@ from clipaudit.core.errors import ClipauditError
 from clipaudit.io.outputs import OutputLayout
 from clipaudit.model.image_hash import hamming
 from clipaudit.io.outputs import PartWriter
+from clipaudit.io.store import Store
 from clipaudit.reduce.tables import REDUCE_MEMORY, connect
 
 NEAR_DUPLICATES_SCHEMA = pa.schema([
@@ -57,11 +58,12 @@ class Copies:
         self.by_shard = by_shard
 
     @classmethod
-    def load(cls, path: Path | None) -> Copies | None:
-        """None without a path (``--near-duplicates`` off)."""
+    def load(cls, path: Path | None, store: Store | None = None) -> Copies | None:
+        """None without a path (``--near-duplicates`` off); read through ``store`` where given."""
         if path is None:
             return None
-        t = pq.read_table(path, columns=["shard", "position"])
+        with (store or Store.local(path.parent)).open(path) as f:
+            t = pq.read_table(f, columns=["shard", "position"])
         shards = np.array(t.column("shard").to_pylist(), dtype=object)
         positions = t.column("position").to_numpy(zero_copy_only=False).astype(np.int64)
         return cls({str(s): np.sort(positions[shards == s]) for s in np.unique(shards)} if len(shards) else {})
@@ -90,16 +92,18 @@ class Copies:
 
 
 def _parts(layout: OutputLayout) -> list[Path]:
-    parts = sorted(layout.embeddings_dir.glob("*.parquet")) if layout.embeddings_dir.is_dir() else []
+    parts = layout.store.glob(layout.embeddings_dir)
     if not parts:
-        raise NeighboursError(f"{layout.embeddings_dir} holds no embeddings: run the audit with store_embeddings: true")
+        raise NeighboursError(f"{layout.where}: embeddings/ holds no embeddings: run the audit with "
+                              "store_embeddings: true")
     return parts
 
 
 def _batches(layout: OutputLayout) -> Iterator[tuple[list[str], list[str], list[int], np.ndarray]]:
     """(shards, keys, positions, float32 unit vectors) per embeddings part."""
     for part in _parts(layout):
-        t = pq.read_table(part, columns=["shard", "key", "position", "embedding"])
+        with layout.store.open(part) as f:
+            t = pq.read_table(f, columns=["shard", "key", "position", "embedding"])
         if not t.num_rows:
             continue
         emb = np.asarray(t.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False),
@@ -121,8 +125,7 @@ def near_duplicates(layout: OutputLayout, out: Path, min_cosine: float = 0.95, m
 
 
     _parts(layout)  # a clear error without embeddings
-    con = connect(layout, memory_limit=memory_limit or REDUCE_MEMORY)
-    emb_glob = str(layout.embeddings_dir / "*.parquet").replace("'", "''")
+    con = connect(layout, memory_limit=memory_limit or REDUCE_MEMORY, tables=("samples", "embeddings"))
     spill = layout.tmp_dir / f"near-duplicates-{uuid.uuid4().hex[:8]}"
     try:
         try:  # DuckDB writes the partitions and is closed before they are searched (its memory freed)
@@ -133,7 +136,7 @@ def near_duplicates(layout: OutputLayout, out: Path, min_cosine: float = 0.95, m
             con.execute(f"""
                 COPY (SELECT e.shard, e.key, e.position, coalesce(s.identity, '') AS identity, s.dhash, e.embedding,
                              hash(coalesce(s.identity, '')) % {buckets} AS bucket
-                      FROM read_parquet('{emb_glob}') e JOIN samples s ON s.shard = e.shard AND s.position = e.position
+                      FROM embeddings e JOIN samples s ON s.shard = e.shard AND s.position = e.position
                       WHERE s.status = 'ok' AND s.dhash IS NOT NULL)
                 TO '{str(spill).replace("'", "''")}' (FORMAT parquet, PARTITION_BY (bucket))""")
         finally:
@@ -146,7 +149,7 @@ def near_duplicates(layout: OutputLayout, out: Path, min_cosine: float = 0.95, m
     found.sort(key=lambda r: (r[0], r[2]))
     writer = PartWriter(out, NEAR_DUPLICATES_SCHEMA, layout.tmp_dir)
     writer.write({name: [r[i] for r in found] for i, name in enumerate(NEAR_DUPLICATES_SCHEMA.names)})
-    writer.commit()
+    writer.commit(layout.store)
     return len(found)
 
 
@@ -225,5 +228,5 @@ def reference_matches(layout: OutputLayout, reference: str | Path, out: Path) ->
     except BaseException:
         writer.abort()
         raise
-    writer.commit()
+    writer.commit(layout.store)
     return writer.rows

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,6 @@ from clipaudit.core.threads import bounded_threads
 from clipaudit.data.urls import is_url
 from clipaudit.data.storage import open_url
 from clipaudit.io.outputs import OutputLayout
-from clipaudit.io.atomic import atomic_write_json, atomic_write_table
 from clipaudit.contract.schemas import load_schema
 from clipaudit.core.hashing import sha256_file
 from clipaudit.reduce.attackers import LearnedScores, score_candidates
@@ -61,12 +58,12 @@ def reduce_outputs(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
     """Write identities.parquet; with controls (a controls file or labelled non-members) also
     calibration.json and sample_scores/; with labels also metrics.json + roc.parquet. Numerical
     libraries run with bounded threads (:mod:`clipaudit.core.threads`)."""
-    layout.reduce_state.unlink(missing_ok=True)  # an interrupted reduce leaves no claim to be current
+    layout.store.remove(layout.reduce_state)  # an interrupted reduce leaves no claim to be current
     with bounded_threads():
         result = _reduce(layout, opts)
     inputs = reduce_inputs(layout, opts)
     if inputs is not None:
-        atomic_write_json(layout.reduce_state, {"inputs": inputs}, layout.tmp_dir)
+        layout.write_json(layout.reduce_state, {"inputs": inputs})
     return result
 
 
@@ -93,8 +90,12 @@ def reduce_inputs(layout: OutputLayout, opts: ReduceOptions) -> dict[str, Any] |
                  for key in ("labels", "controls", "names", "attackers", "reference")}
     except (OSError, ValueError):
         return None
-    markers = sorted((e.name, st.st_size, st.st_mtime_ns) for e in os.scandir(layout.markers_dir)
-                     if e.name.endswith(".done.json") and (st := e.stat())) if layout.markers_dir.is_dir() else []
+    try:  # the markers' names and sizes from one listing: a shard is mapped again only after its marker
+        # went (a failed or removed part) or with --force, which removes this record too
+        markers = sorted((p.name, size) for p, size in layout.store.files(layout.markers_dir).items()
+                         if p.name.endswith(".done.json"))
+    except OSError:
+        return None
     return {
         "attacks": {name: params.model_dump(mode="json") for name, params in opts.attacks.items()},  # type: ignore[union-attr]
         "files": files,
@@ -108,12 +109,11 @@ def reduce_inputs(layout: OutputLayout, opts: ReduceOptions) -> dict[str, Any] |
 def reduce_changes(layout: OutputLayout, opts: ReduceOptions) -> list[str] | None:
     """What changed since the last reduce step wrote its outputs: [] when nothing did (its
     outputs are current), None when there is no record of it (never reduced, or interrupted)."""
-    if not layout.reduce_state.is_file() or not layout.identities.is_file():
+    state = layout.read_json(layout.reduce_state)
+    if not isinstance(state, dict) or not isinstance(state.get("inputs"), dict) \
+            or not layout.store.is_file(layout.identities):
         return None
-    try:
-        before = json.loads(layout.reduce_state.read_text())["inputs"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    before = state["inputs"]
     now = reduce_inputs(layout, opts)
     if now is None:
         return ["an input file could not be read to compare"]
@@ -127,8 +127,8 @@ def reduce_changes(layout: OutputLayout, opts: ReduceOptions) -> list[str] | Non
 
 
 def _reduce(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
-    if not any(layout.samples_dir.glob("*.parquet")):
-        raise FileNotFoundError(no_audit(layout.root, "samples/*.parquet"))
+    if not layout.store.glob(layout.samples_dir):
+        raise FileNotFoundError(no_audit(layout.where, "samples/*.parquet"))
     matcher = ShardMatcher(_audited_shards(layout, opts.memory_limit))
     labels = read_labels(opts.labels, opts.storage_options).matched(matcher) if opts.labels else None
     if labels is not None and labels.unmatched_images:
@@ -141,17 +141,16 @@ def _reduce(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
         opts = replace(opts, copies=layout.root / NEAR_DUPLICATES)
     t0 = time.perf_counter()
     ident = identity_level(layout, opts, labels, controls)
-    atomic_write_table(layout.identities, ident.table, layout.tmp_dir)
+    layout.write_table(layout.identities, ident.table)
     result = ReduceResult(ident.table, written=[layout.identities, *neighbour_files])
     log.info("%d identities in %.1f s", ident.table.num_rows, time.perf_counter() - t0)
-    copies = Copies.load(opts.copies)  # read once: the attackers, the p-values and the metrics skip them
+    copies = Copies.load(opts.copies, layout.store)  # read once: the attackers, the p-values and the metrics skip them
     learned = _learned_scores(layout, opts, labels, controls, copies)
     result.calibration = _calibrate(layout, opts, controls, ident.calibration, ident.table, learned, copies)
     if result.calibration is not None:
         result.written.append(layout.calibration)
     if labels is None:
-        layout.metrics.unlink(missing_ok=True)
-        layout.roc.unlink(missing_ok=True)
+        layout.store.remove(layout.metrics, layout.roc)
         return result
     result.metrics = _evaluate(layout, opts, labels, ident, copies)
     result.written.append(layout.metrics)
@@ -171,7 +170,7 @@ def _neighbours(layout: OutputLayout, opts: ReduceOptions) -> list[Path]:
             (REFERENCE_MATCHES, opts.reference is not None, lambda p: reference_matches(layout, opts.reference, p))):
         path = layout.root / name
         if not wanted:
-            path.unlink(missing_ok=True)
+            layout.store.remove(path)
             continue
         t0 = time.perf_counter()
         rows = make(path)
@@ -203,12 +202,12 @@ def _learned_scores(layout: OutputLayout, opts: ReduceOptions, labels: Labels | 
     learned = score_candidates(layout, dict(opts.attacks), labels, seed=opts.seed, controls=controls,
                                copies=copies)
     if learned.fitted:
-        save_attackers(learned.fitted, layout.attackers_dir)
+        save_attackers(learned.fitted, layout)
         log.info("fitted %d attacker(s) on %s in %.1f s", len(learned.fitted),
                  "the labels" if labels is not None else "the controls and pseudo-members (weak supervision)",
                  time.perf_counter() - t0)
     else:
-        shutil.rmtree(layout.attackers_dir, ignore_errors=True)
+        layout.store.remove_tree(layout.attackers_dir)
     return learned
 
 
@@ -224,10 +223,10 @@ def _calibrate(layout: OutputLayout, opts: ReduceOptions, controls: Controls, id
                                      load_schema("sample_scores", opts.enabled), learned, fdr=opts.fdr,
                                      copies=copies)
     else:  # nothing to write per image (no controls and no learned scores, or an identity-level job)
-        shutil.rmtree(layout.sample_scores_dir, ignore_errors=True)
+        layout.store.remove_tree(layout.sample_scores_dir)
         image = {}
     if not controls:
-        layout.calibration.unlink(missing_ok=True)
+        layout.store.remove(layout.calibration)
         return None
     seen = set(identities.column("identity").to_pylist())
     # image controls: the listed images plus every image of a control identity (Controls.mask)
@@ -244,7 +243,7 @@ def _calibrate(layout: OutputLayout, opts: ReduceOptions, controls: Controls, id
         calibration["identity"] = identity
     if image:
         calibration["image"] = image
-    atomic_write_json(layout.calibration, calibration, layout.tmp_dir)
+    layout.write_json(layout.calibration, calibration)
     log.info("calibration in %.1f s: %s", time.perf_counter() - t0, controls_in_words(calibration["controls"]))
     return calibration
 
@@ -274,6 +273,6 @@ def _evaluate(layout: OutputLayout, opts: ReduceOptions, labels: Labels, ident: 
     metrics["n_unlabeled_identities"] = sum(v is None for v in identities.column("label_member").to_pylist())
     metrics["n_labels_not_in_candidates"] = len(set(labels.identities) - seen)
     metrics["n_image_labels_not_in_candidates"] = labels.unmatched_images
-    atomic_write_json(layout.metrics, metrics, layout.tmp_dir)
-    atomic_write_table(layout.roc, pa.Table.from_pylist(roc_rows, schema=load_schema("roc")), layout.tmp_dir)
+    layout.write_json(layout.metrics, metrics)
+    layout.write_table(layout.roc, pa.Table.from_pylist(roc_rows, schema=load_schema("roc")))
     return metrics

@@ -100,8 +100,8 @@ def _columns(con, view: str) -> list[str]:
 def _saved_spec_json(layout: OutputLayout) -> dict[str, Any]:
     """The job's spec as ``_job.json`` holds it, or {} where there is none to read."""
     try:
-        return json.loads(layout.job_state.read_text())["spec"]
-    except (OSError, ValueError, KeyError):
+        return (layout.read_json(layout.job_state) or {})["spec"]
+    except (OSError, KeyError, TypeError):
         return {}
 
 
@@ -141,11 +141,13 @@ def _curve_label(attack: Attack, score: str, variant: str, metrics: dict) -> str
 def roc_plots(layout: OutputLayout, metrics: dict) -> list[Plot]:
     """One log-log ROC per attack: each score's threshold and learned variants, the blind
     baseline at the same level (dashed) and the chance line."""
-    if not layout.roc.is_file():
-        return []
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(layout.roc).to_pylist()
+    try:
+        with layout.store.open(layout.roc) as f:
+            rows = pq.read_table(f).to_pylist()
+    except FileNotFoundError:
+        return []
     curves: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
     for r in rows:
         curves.setdefault((r["attack"], r["level"], r["variant"]), []).append((r["fpr"], r["tpr"]))
@@ -420,7 +422,7 @@ def thumbnails(layout: OutputLayout, identities: list[str]) -> dict[str, list[st
 
 
 def _top_identities(layout: OutputLayout, with_thumbnails: bool = False) -> str:
-    if not layout.identities.is_file():
+    if not layout.store.is_file(layout.identities):
         return "<p>no identities.parquet</p>"
     con = _connect(layout)
     try:
@@ -458,7 +460,7 @@ def _top_identities(layout: OutputLayout, with_thumbnails: bool = False) -> str:
     header = ["identity", "images", "errors", "labelled member", "membership q-value", "discovery",
               "flagged (p ≤ target FPR)", *[f"{s.name} ({s.metric}, p-value)" for s in scores]]
     if ranked:
-        fdr = json.loads(layout.calibration.read_text()).get("fdr") if layout.calibration.is_file() else None
+        fdr = (layout.read_json(layout.calibration) or {}).get("fdr")
         intro = (f"<p>{len(rows)} of {total} identities, ranked by their membership q-value (the attacks' p-values "
                  f"combined, Benjamini–Hochberg over the candidates): {found} discoveries at a false-discovery rate "
                  f"of {_fmt(fdr)}, of which about {_fmt(round((fdr or 0) * found, 2))} are expected to be false.</p>")
@@ -475,16 +477,16 @@ def _top_identities(layout: OutputLayout, with_thumbnails: bool = False) -> str:
 
 def _provenance(layout: OutputLayout) -> str:
     parts = []
-    if layout.manifest.is_file():
-        m = json.loads(layout.manifest.read_text())
+    m = layout.read_json(layout.manifest)
+    if m is not None:
         model = m.get("model", {})
         rows = [("model", model.get("name")), ("pretrained", model.get("pretrained")),
                 ("precision", model.get("precision")), ("checkpoint sha256", model.get("checkpoint_sha256")),
                 ("map hash", m.get("map_hash")), ("started", m.get("started")), ("ended", m.get("ended")),
                 ("seeds", json.dumps(m.get("seeds"))), ("host", json.dumps(m.get("host"))),
                 ("shards", len(m.get("shards", [])))]
-        if layout.job_state.is_file():
-            job = json.loads(layout.job_state.read_text())
+        job = layout.read_json(layout.job_state)
+        if job is not None:
             rows.append(("map hash (_job.json)", job.get("map_hash")))
             labels = job.get("spec", {}).get("labels")
             rows.append(("labels", labels))
@@ -509,22 +511,21 @@ def _errors(summary: dict) -> str:
     return "".join(parts)
 
 
-def build_html(root: Path, with_thumbnails: bool = False) -> tuple[str, list[Plot]]:
-    """The page for an output folder and the plots in it; ``with_thumbnails``: small photos of
-    the top identities (personal data: only when asked for)."""
-    layout = OutputLayout(root)
-    if not layout.summary.is_file():
-        raise FileNotFoundError(no_audit(root, layout.summary.name))
-    if layout.job_state.is_file():  # imports the job's attack plugins, so their plots are drawn too
-
+def build_html(layout: OutputLayout | Path, with_thumbnails: bool = False) -> tuple[str, list[Plot]]:
+    """The page for an output (a folder, or a layout on a store) and the plots in it;
+    ``with_thumbnails``: small photos of the top identities (personal data: only when asked for)."""
+    layout = layout if isinstance(layout, OutputLayout) else OutputLayout(Path(layout))
+    summary = layout.read_json(layout.summary)
+    if summary is None:
+        raise FileNotFoundError(no_audit(layout.where, layout.summary.name))
+    if layout.store.is_file(layout.job_state):  # imports the job's attack plugins, so their plots are drawn too
         saved_spec(layout)
     _figure()  # fails early, naming the extra, when matplotlib is missing
-    summary = json.loads(layout.summary.read_text())
-    metrics = json.loads(layout.metrics.read_text()) if layout.metrics.is_file() else {}
+    metrics = layout.read_json(layout.metrics) or {}
     rocs = roc_plots(layout, metrics)
     hists = histogram_plots(layout, metrics)
     sweeps = sweep_plots(metrics)
-    sec: list[str] = [f"<h1>clipaudit audit report</h1><p class=\"mono\">{escape(str(layout.root.resolve()))}</p>"]
+    sec: list[str] = [f"<h1>clipaudit audit report</h1><p class=\"mono\">{escape(_where(layout))}</p>"]
     warnings = shift_warnings(metrics)
     if metrics.get("distribution_shift_warning") or warnings:
         rule = metrics.get("shift_rule", "")
@@ -550,8 +551,9 @@ def build_html(root: Path, with_thumbnails: bool = False) -> tuple[str, list[Plo
                                                                   for e in entries])
                              for key, _, entries in _sweeps(metrics)))
     sec.append("<h2>Top identities</h2>" + _top_identities(layout, with_thumbnails))
-    if layout.calibration.is_file():
-        cal = calibration_lines(json.loads(layout.calibration.read_text()))
+    calibration = layout.read_json(layout.calibration)
+    if calibration is not None:
+        cal = calibration_lines(calibration)
         sec.append(f"<h2>Calibration</h2><pre>{escape(chr(10).join(cal))}</pre>")
     sec.append("<h2>Provenance</h2>" + _provenance(layout))
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -560,17 +562,20 @@ def build_html(root: Path, with_thumbnails: bool = False) -> tuple[str, list[Plo
     return page, rocs + hists + sweeps
 
 
-def write_html(root: Path, with_thumbnails: bool = False) -> Path:
-    """Write ``OUT/report.html`` and the PNGs under ``OUT/report/``; returns the page's path."""
-    page, plots = build_html(Path(root), with_thumbnails)
-    folder = Path(root) / "report"
-    folder.mkdir(exist_ok=True)
-    for old in folder.glob("*.png"):
-        old.unlink()
+def _where(layout: OutputLayout) -> str:
+    return layout.where if layout.store.remote else str(layout.root.resolve())
+
+
+def write_html(layout: OutputLayout | Path, with_thumbnails: bool = False) -> Path:
+    """Write ``OUT/report.html`` and the PNGs under ``OUT/report/`` (on the output's store);
+    returns the page's path in the layout."""
+    layout = layout if isinstance(layout, OutputLayout) else OutputLayout(Path(layout))
+    page, plots = build_html(layout, with_thumbnails)
+    folder = layout.root / "report"
+    layout.make_dirs()
+    layout.store.remove(*layout.store.glob(folder, ".png"))
     for p in plots:
-        (folder / f"{p.stem}.png").write_bytes(p.png)
-    out = Path(root) / "report.html"
-    tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+        layout.write_bytes(folder / f"{p.stem}.png", p.png)
+    out = layout.root / "report.html"
+    layout.write_bytes(out, page.encode("utf-8"))  # the page last: it names the PNGs
     return out

@@ -19,27 +19,17 @@ from collections.abc import Mapping
 
 import duckdb
 import pyarrow as pa
-import pyarrow.dataset as ds
 
 from clipaudit.core.errors import ClipauditError
 from clipaudit.app.audit import Audit
 from clipaudit.io.outputs import no_audit
+from clipaudit.io.tables import register_datasets
 
 _READ_ONLY_TYPES = {"SELECT", "EXPLAIN"}
 
 
 class QueryError(ClipauditError, ValueError):
     """A query that cannot run against these outputs."""
-
-
-def _widen(t: pa.DataType) -> pa.DataType:
-    """float16 (and lists of it) as float32: DuckDB scans no Arrow float16, its Parquet reader
-    gives FLOAT, so the query views keep the types ``read_parquet`` would give."""
-    if pa.types.is_float16(t):
-        return pa.float32()
-    if pa.types.is_list(t):
-        return pa.list_(_widen(t.value_type))
-    return t
 
 
 def sealed_views(files: dict[str, list[str]], filesystem: Any = None) -> duckdb.DuckDBPyConnection:
@@ -52,10 +42,7 @@ def sealed_views(files: dict[str, list[str]], filesystem: Any = None) -> duckdb.
     and DuckDB's own access is switched off.
     """
     con = duckdb.connect(":memory:")
-    for name, paths in files.items():
-        schema = ds.dataset(paths, format="parquet", filesystem=filesystem).schema
-        schema = pa.schema([f.with_type(_widen(f.type)) for f in schema], metadata=schema.metadata)
-        con.register(name, ds.dataset(paths, format="parquet", schema=schema, filesystem=filesystem))
+    register_datasets(con, files, filesystem)
     for setting in ("enable_external_access = false", "autoinstall_known_extensions = false",
                     "autoload_known_extensions = false", "python_enable_replacements = false",
                     "lock_configuration = true"):  # last: nothing can be set back

@@ -1,5 +1,6 @@
-"""Outputs on object storage: the sync of a local mirror (on fsspec's in-memory store) and whole
-audits written to a moto S3 server on 127.0.0.1 with IAM checks on."""
+"""Outputs on a store: the store's operations on fsspec's in-memory file system, and whole
+audits written straight to a moto S3 server on 127.0.0.1 with IAM checks on (no mirror: nothing
+but temp files touches local disk)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from pathlib import Path
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import (assert_close, assert_same_rows, moto_s3_server, output_files, require_signed_requests,
@@ -14,7 +16,8 @@ from helpers import (assert_close, assert_same_rows, moto_s3_server, output_file
 
 from clipaudit.cli import main
 from clipaudit.data.storage import StorageError
-from clipaudit.io.remote_output import INDEX_NAME, RemoteOutput
+from clipaudit.io.outputs import OutputLayout, PartWriter, output_layout
+from clipaudit.io.store import SCRATCH_ENV, Store
 from clipaudit.app.runner import run_job
 from clipaudit.app.jobs import load_job
 
@@ -22,129 +25,89 @@ BUCKET = "audit-outputs"
 KEY_VAR, SECRET_VAR = "CLIPAUDIT_TEST_OUT_KEY", "CLIPAUDIT_TEST_OUT_SECRET"
 
 
-# -- the mirror's sync, on fsspec's in-memory store ---------------------------------------
+# -- the store, on fsspec's in-memory file system ------------------------------------------
 
 @pytest.fixture
-def memory_output(tmp_path):
+def memory_layout(tmp_path, monkeypatch):
+    monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "scratch"))
     url = f"memory://clipaudit-test/{tmp_path.name}"
-    yield RemoteOutput.for_url(url, mirror_root=tmp_path / "mirrors"), fsspec.filesystem("memory")
-    fsspec.filesystem("memory").rm(f"/clipaudit-test/{tmp_path.name}", recursive=True)
+    fs = fsspec.filesystem("memory")
+    yield output_layout(url), fs, url.removeprefix("memory:/")
+    if fs.exists(f"/clipaudit-test/{tmp_path.name}"):
+        fs.rm(f"/clipaudit-test/{tmp_path.name}", recursive=True)
 
 
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
-
-
-def _store_files(fs, remote: RemoteOutput) -> dict[str, bytes]:
-    root = remote.url.removeprefix("memory:/")
+def _on_store(fs, root: str) -> dict[str, bytes]:
     return {p[len(root) + 1:]: fs.cat_file(p) for p in fs.find(root)}
 
 
-def test_push_sends_changes_once_and_keeps_temp_files_local(memory_output, monkeypatch):
-    remote, fs = memory_output
-    m = remote.mirror
-    _write(m / "samples/a.parquet", "part a")
-    _write(m / "_markers/a.done.json", "{}")
-    _write(m / "manifest.json", "{}")
-    _write(m / "_tmp/samples.b.parquet.tmp-1234", "half a part")
-    _write(m / "_cache/shared.npz", "cache")
-    _write(m / "samples/.b.parquet.tmp-99", "an old-style temp file")
-    _write(m / ".clipaudit.lock", "pid 1")
-    order: list[str] = []
-    real_put = RemoteOutput.put
-    monkeypatch.setattr(RemoteOutput, "put", lambda self, p: (order.append(p.relative_to(m).as_posix()),
-                                                              real_put(self, p)))
-    assert remote.push() == 3
-    assert order == ["samples/a.parquet", "_markers/a.done.json", "manifest.json"]  # parts, markers, manifest
-    assert _store_files(fs, remote) == {"samples/a.parquet": b"part a", "_markers/a.done.json": b"{}",
-                                        "manifest.json": b"{}"}
-    order.clear()
-    assert remote.push() == 0 and order == []  # nothing changed
-    _write(m / "manifest.json", '{"ended": 1}')
-    (m / "samples/a.parquet").unlink()
-    assert remote.push() == 1 and order == ["manifest.json"]
-    assert _store_files(fs, remote) == {"_markers/a.done.json": b"{}", "manifest.json": b'{"ended": 1}'}
+def test_a_layout_on_a_store_writes_whole_files_there_and_leaves_nothing_local(memory_layout, tmp_path):
+    layout, fs, root = memory_layout
+    assert layout.root.parent == tmp_path / "scratch" and layout.where.startswith("memory://")
+    layout.make_dirs()
+    part = PartWriter(layout.sample_part("s.tar"), pa.schema([("x", pa.int64())]), layout.tmp_dir)
+    part.write({"x": [1, 2, 3]})
+    assert _on_store(fs, root) == {}  # a part being written is nowhere on the store
+    part.commit(layout.store)
+    layout.write_json(layout.marker("s.tar"), {"shard": "s.tar", "rows": 3})
+    files = _on_store(fs, root)
+    assert set(files) == {layout.sample_part("s.tar").relative_to(layout.root).as_posix(),
+                          layout.marker("s.tar").relative_to(layout.root).as_posix()}
+    assert layout.is_done("s.tar") and layout.has_map_results()
+    assert not [p for p in layout.root.rglob("*") if p.is_file()]  # temp files went with their upload
+    assert layout.store.glob(layout.samples_dir) == [layout.sample_part("s.tar")]
+    assert layout.read_json(layout.marker("s.tar")) == {"shard": "s.tar", "rows": 3}
+    assert layout.read_json(layout.metrics) is None
+    layout.write_json(layout.marker("s.tar"), {"shard": "s.tar", "rows": 4})  # disagrees with the part
+    assert not layout.is_done("s.tar")
+    layout.clear_map_outputs()
+    assert _on_store(fs, root) == {} and not layout.has_map_results()
 
 
-def test_pull_makes_the_mirror_hold_what_the_store_holds(memory_output, tmp_path):
-    remote, fs = memory_output
-    root = remote.url.removeprefix("memory:/")
-    m = remote.mirror
-    fs.pipe_file(f"{root}/samples/a.parquet", b"part a")
-    fs.pipe_file(f"{root}/_markers/a.done.json", b'{"rows": 1}')
-    fs.pipe_file(f"{root}/samples/c.parquet", b"part c")  # put by an actor killed before its marker
-    _write(m / "samples/old.parquet", "another run's part")  # leftovers no sync knows of
-    _write(m / "_markers/old.done.json", "{}")
-    _write(m / "samples/c.parquet", "a stale copy of c")
-    assert remote.pull() == 2
-    assert (m / "samples/a.parquet").read_bytes() == b"part a"
-    assert not (m / "samples/c.parquet").exists()  # no marker: not part of the audit
-    assert not (m / "samples/old.parquet").exists() and not (m / "_markers/old.done.json").exists()
-    assert remote.pull() == 0  # nothing changed
-    fs.pipe_file(f"{root}/_markers/a.done.json", b'{"rows": 2}')  # changed on the store, same size
-    fs.rm_file(f"{root}/samples/a.parquet")  # removed on the store (another machine's --force)
-    assert remote.pull() == 1
-    assert (m / "_markers/a.done.json").read_bytes() == b'{"rows": 2}'
-    assert not (m / "samples/a.parquet").exists()
-    assert set(json.loads((m / INDEX_NAME).read_text())) == {"_markers/a.done.json"}
-    # a file an actor wrote here and put: this store gives no MD5 to prove it is the same, so it is
-    # downloaded again (S3 and GCS give one: see the S3 test below, where nothing is fetched twice)
-    _write(m / "samples/b.parquet", "part b")
-    remote.put(m / "samples/b.parquet")
-    fs.pipe_file(f"{root}/_markers/b.done.json", b"{}")
-    assert remote.pull() == 2 and (m / "samples/b.parquet").read_bytes() == b"part b"
-    assert remote.push() == 0
+def test_a_failed_upload_removes_its_temp_file_and_says_what_failed(memory_layout, monkeypatch):
+    layout, fs, root = memory_layout
+    layout.make_dirs()
+
+    def refuse(self, lpath, rpath, **kw):
+        raise ConnectionError("connection reset")
+
+    monkeypatch.setattr(type(fs), "put_file", refuse)
+    with pytest.raises(StorageError, match="output upload of metrics.json: .*connection reset"):
+        layout.write_json(layout.metrics, {"a": 1})
+    assert not list(layout.tmp_dir.iterdir())
 
 
-def test_pull_replaces_unpushed_local_changes_and_never_leaves_a_marker_without_its_part(memory_output,
-                                                                                        monkeypatch):
-    remote, fs = memory_output
-    root = remote.url.removeprefix("memory:/")
-    m = remote.mirror
-    fs.pipe_file(f"{root}/identities.parquet", b"from the store")
-    assert remote.pull() == 1
-    _write(m / "identities.parquet", "a reduce that crashed before its push")
-    assert remote.pull() == 1 and (m / "identities.parquet").read_bytes() == b"from the store"
-    fs.pipe_file(f"{root}/samples/a.parquet", b"part a")
-    fs.pipe_file(f"{root}/_markers/a.done.json", b"{}")
-    real_get = type(fs).get_file
-    calls = []
+def test_removals_keep_their_order_and_a_quiet_one_stops_at_the_first_failure(memory_layout, monkeypatch, caplog):
+    layout, fs, root = memory_layout
+    for name in ("_markers/a.done.json", "samples/a.parquet", "embeddings/a.parquet"):
+        fs.pipe_file(f"{root}/{name}", b"x")
+    gone: list[str] = []
+    real_rm = type(fs).rm_file
 
-    def get_file(self, rpath, lpath, **kw):  # the connection drops at the second download
-        calls.append(rpath)
-        if len(calls) == 2:
+    def rm_file(self, path, **kw):
+        if path.endswith("samples/a.parquet"):
             raise ConnectionError("connection reset")
-        return real_get(self, rpath, lpath, **kw)
+        gone.append(path[len(root) + 1:])
+        return real_rm(self, path, **kw)
 
-    monkeypatch.setattr(type(fs), "get_file", get_file)
-    with pytest.raises(StorageError, match="download of"):
-        remote.pull()
-    assert (m / "samples/a.parquet").exists() and not (m / "_markers/a.done.json").exists()  # the part came first
-    monkeypatch.setattr(type(fs), "get_file", real_get)
-    assert remote.pull() == 1 and (m / "_markers/a.done.json").exists()
-
-
-def test_push_sends_no_part_without_its_marker(memory_output, caplog):
-    remote, fs = memory_output
-    _write(remote.mirror / "samples/a.parquet", "part a")
-    _write(remote.mirror / "embeddings/a.parquet", "embeddings a")
-    _write(remote.mirror / "downloads/a.parquet", "img2dataset's status rows")  # not a shard's data part
-    assert remote.push() == 1
-    assert set(_store_files(fs, remote)) == {"downloads/a.parquet"}
-    assert "not sending samples/a.parquet" in caplog.text
-    _write(remote.mirror / "_markers/a.done.json", "{}")
-    assert remote.push() == 3
-    assert set(_store_files(fs, remote)) == {"downloads/a.parquet", "samples/a.parquet", "embeddings/a.parquet",
-                                             "_markers/a.done.json"}
+    monkeypatch.setattr(type(fs), "rm_file", rm_file)
+    layout.unpublish(*(layout.root / n for n in ("_markers/a.done.json", "samples/a.parquet", "embeddings/a.parquet")))
+    assert gone == ["_markers/a.done.json"]  # the marker first; the failure stops the clean-up
+    assert "could not remove samples/a.parquet" in caplog.text
+    with pytest.raises(StorageError, match="output removal of samples/a.parquet"):
+        layout.store.remove(layout.root / "samples/a.parquet")
+    monkeypatch.undo()
 
 
-def test_two_urls_get_two_mirrors_and_a_url_one_mirror(tmp_path):
-    a = RemoteOutput.for_url("s3://bucket/audit", mirror_root=tmp_path)
-    assert a.mirror == RemoteOutput.for_url("s3://bucket/audit/", mirror_root=tmp_path).mirror
-    assert a.mirror != RemoteOutput.for_url("s3://other/audit", mirror_root=tmp_path).mirror
-    assert a.mirror.parent == tmp_path and a.mirror.name.startswith("audit-")
+def test_each_output_url_gets_its_own_scratch_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv(SCRATCH_ENV, str(tmp_path))
+    a = Store.for_url("memory://bucket/audit")
+    assert a.base == Store.for_url("memory://bucket/audit/").base
+    assert a.base != Store.for_url("memory://other/audit").base
+    assert a.base.parent == tmp_path and a.base.name.startswith("audit-")
+    assert a.location(a.base / "samples/x.parquet") == "memory://bucket/audit/samples/x.parquet"
+    local = OutputLayout(tmp_path / "out")
+    assert not local.store.remote and local.store.location(local.metrics) == str(tmp_path / "out/metrics.json")
 
 
 # -- whole audits on a moto S3 server -----------------------------------------------------
@@ -186,12 +149,16 @@ def local_out(store) -> Path:
 
 @pytest.fixture
 def writer(store, monkeypatch, tmp_path):
-    """The writer's credentials in the environment, a fresh mirror folder for this test."""
+    """The writer's credentials in the environment, a fresh scratch folder for this test."""
     key, secret = store["creds"]["writer"]
     monkeypatch.setenv(KEY_VAR, key)
     monkeypatch.setenv(SECRET_VAR, secret)
-    monkeypatch.setenv("CLIPAUDIT_MIRROR_DIR", str(tmp_path / "mirror-a"))
+    monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "scratch-a"))
     return key, secret
+
+
+def _parquet_files(folder: Path) -> list[Path]:
+    return list(folder.rglob("*.parquet")) if folder.exists() else []
 
 
 def _options(store: dict) -> dict:
@@ -229,26 +196,20 @@ def test_an_audit_written_to_s3_holds_the_local_audit_and_resumes_from_another_m
     import pandas as pd
 
     url = f"s3://{BUCKET}/first"
-    fetched: list[int] = []
-    real_pull = RemoteOutput.pull
-    monkeypatch.setattr(RemoteOutput, "pull", lambda self: fetched.append(real_pull(self)) or fetched[-1])
     remote = run_job(load_job(_job(store, tmp_path, url)), progress=False)
     assert remote.ok and remote.summary["rows"] == 24
-    # the parts the mapper put are known by their MD5 (S3's ETag): never downloaded, never sent twice
-    assert fetched == [0, 0]
-    assert RemoteOutput.for_url(url).push() == 0
-    monkeypatch.setattr(RemoteOutput, "pull", real_pull)
     assert _keys(store, "first") == output_files(local_out)  # every output file, nothing else
     assert not any(k.startswith(("_tmp/", "_cache/")) or ".tmp-" in k for k in _keys(store, "first"))
+    assert _parquet_files(tmp_path / "scratch-a") == []  # the run (map and reduce) left no Parquet file here
 
     # another machine: `clipaudit query` reads the store itself and copies nothing to local disk
-    monkeypatch.setenv("CLIPAUDIT_MIRROR_DIR", str(tmp_path / "mirror-b"))
+    monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "scratch-b"))
     opts = json.dumps(_options(store))
     assert main(["query", url, "SELECT count(*) AS n FROM samples", "--format", "csv", "--storage-options", opts]) == 0
     assert capsys.readouterr().out.split() == ["n", "24"]
     assert main(["report", url, "--storage-options", opts]) == 0  # so does `clipaudit report` (without --html)
     assert "shards: 2/2 done, 0 failed" in capsys.readouterr().out
-    assert not (tmp_path / "mirror-b").exists()
+    assert _parquet_files(tmp_path / "scratch-b") == []
     copy = tmp_path / "store-copy"  # the store as it is, fetched by the test, to compare every column
     fsspec.filesystem("s3", **_resolved(store)).get(f"{BUCKET}/first/", str(copy), recursive=True)
     assert_same_rows(copy, local_out, 0.0)
@@ -258,7 +219,8 @@ def test_an_audit_written_to_s3_holds_the_local_audit_and_resumes_from_another_m
     assert_close(ident.to_pydict(), ref.to_pydict())  # means aggregated by DuckDB may differ in the last bit
     # and resumes it: every shard is done
     again = run_job(load_job(_job(store, tmp_path, url)), progress=False)
-    assert again.ok and again.skipped == 2
+    assert again.ok and again.skipped == 2 and not again.reduced  # nothing changed: nothing recomputed
+    assert _parquet_files(tmp_path / "scratch-b") == []
 
     # the store is readable as it is, without clipaudit
     o = _resolved(store)
@@ -269,18 +231,19 @@ def test_an_audit_written_to_s3_holds_the_local_audit_and_resumes_from_another_m
 def test_parts_go_up_before_their_marker_and_a_failed_upload_is_retried(store, writer, tmp_path, monkeypatch):
     url = f"s3://{BUCKET}/retried"
     puts: list[str] = []
-    real_put = RemoteOutput.put
+    real_publish = Store.publish
     failed = []
 
-    def put(self, local: Path, final: Path | None = None) -> None:
-        rel = (final or local).relative_to(self.mirror).as_posix()
+    def publish(self, tmp: Path, path: Path) -> None:
+        rel = path.relative_to(self.base).as_posix()
         if rel.startswith("samples/") and not failed:  # the first part upload: a dropped connection
             failed.append(rel)
+            tmp.unlink()
             raise StorageError(f"output upload of {rel}: connection reset")
         puts.append(rel)
-        real_put(self, local, final)
+        real_publish(self, tmp, path)
 
-    monkeypatch.setattr(RemoteOutput, "put", put)
+    monkeypatch.setattr(Store, "publish", publish)
     report = run_job(load_job(_job(store, tmp_path, url)), progress=False)
     assert report.ok and report.summary["rows"] == 24 and report.summary["shards_failed"] == 0
     assert failed and failed[0] in puts  # uploaded on the retry
@@ -295,37 +258,39 @@ def test_parts_go_up_before_their_marker_and_a_failed_upload_is_retried(store, w
 @pytest.mark.parametrize("arrives", [False, True], ids=["marker-lost", "marker-stored-but-error"])
 def test_a_shard_whose_marker_upload_fails_leaves_no_part_anywhere(store, writer, tmp_path, monkeypatch, arrives):
     url = f"s3://{BUCKET}/marker-fails-{arrives}"
-    real_put = RemoteOutput.put
+    real_publish = Store.publish
     bad = []
 
-    def put(self, local: Path, final: Path | None = None) -> None:
-        rel = (final or local).relative_to(self.mirror).as_posix()
+    def publish(self, tmp: Path, path: Path) -> None:
+        rel = path.relative_to(self.base).as_posix()
         if rel.startswith("_markers/00001-"):  # every attempt: the parts go up, the marker fails
             bad.append(rel)
             if arrives:  # the store took it, the answer was lost (a read timeout)
-                real_put(self, local, final)
+                real_publish(self, tmp, path)
+            tmp.unlink(missing_ok=True)
             raise StorageError(f"output upload of {rel}: connection reset")
-        real_put(self, local, final)
+        real_publish(self, tmp, path)
 
-    monkeypatch.setattr(RemoteOutput, "put", put)
+    monkeypatch.setattr(Store, "publish", publish)
     report = run_job(load_job(_job(store, tmp_path, url)), progress=False)
     assert not report.ok and len(bad) == 2  # the first attempt and its retry
     assert report.summary["shards_failed"] == 1 and report.summary["rows"] == 12
     stem = bad[0].removeprefix("_markers/").removesuffix(".done.json")
     on_store = _keys(store, f"marker-fails-{arrives}")
-    mirror = report.layout.root
     for rel in (f"samples/{stem}.parquet", f"embeddings/{stem}.parquet", bad[0]):
-        assert rel not in on_store and not (mirror / rel).exists(), rel
-    ident = pq.read_table(mirror / "identities.parquet").to_pydict()
+        assert rel not in on_store, rel
+    assert _parquet_files(tmp_path / "scratch-a") == []
+    fs = fsspec.filesystem("s3", **_resolved(store))
+    ident = pq.read_table(fs.open(f"{BUCKET}/marker-fails-{arrives}/identities.parquet")).to_pydict()
     assert sum(ident["n_images"]) + sum(ident["n_errors"]) == 12  # only the finished shard's rows
 
 
-def test_force_removes_what_the_new_job_does_not_write_and_other_mirrors_follow(
+def test_force_removes_what_the_new_job_does_not_write_and_readers_elsewhere_see_it(
         store, writer, tmp_path, monkeypatch, capsys):
     url = f"s3://{BUCKET}/forced"
     assert run_job(load_job(_job(store, tmp_path, url)), progress=False).ok
     assert len({k for k in _keys(store, "forced") if k.startswith("_markers/")}) == 2
-    monkeypatch.setenv("CLIPAUDIT_MIRROR_DIR", str(tmp_path / "mirror-b"))  # the forced run is elsewhere
+    monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "scratch-b"))  # the forced run is elsewhere
     report = run_job(load_job(_job(store, tmp_path, url, shards="00000")), force=True, progress=False)
     assert report.ok and report.summary["rows"] == 12
     keys = _keys(store, "forced")
@@ -333,27 +298,30 @@ def test_force_removes_what_the_new_job_does_not_write_and_other_mirrors_follow(
     assert len([k for k in keys if k.startswith("samples/")]) == 1
     assert len([k for k in keys if k.startswith("embeddings/")]) == 1
     # a query from the first machine reads the store: the removed shard is gone there too
-    monkeypatch.setenv("CLIPAUDIT_MIRROR_DIR", str(tmp_path / "mirror-a"))
+    monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "scratch-a"))
     assert main(["query", url, "SELECT count(*) FROM samples", "--format", "csv",
                  "--storage-options", json.dumps(_options(store))]) == 0
     assert capsys.readouterr().out.split()[-1] == "12"
 
 
-def test_reduce_and_report_of_an_output_on_s3_write_back_to_it(store, writer, tmp_path, capsys):
+def test_reduce_and_report_of_an_output_on_s3_write_back_to_it(store, writer, tmp_path, capsys, monkeypatch):
     url = f"s3://{BUCKET}/reduced"
     assert run_job(load_job(_job(store, tmp_path, url)), progress=False).ok
     fs = fsspec.filesystem("s3", **_resolved(store))
     fs.rm_file(f"{BUCKET}/reduced/identities.parquet")
     opts = json.dumps(_options(store))
+    monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "scratch-b"))  # another machine, which holds no copy
     assert main(["reduce", url, "--storage-options", opts]) == 0
-    assert f"(and to {url})" in capsys.readouterr().out
-    mirror = RemoteOutput.for_url(url).mirror
+    assert f"{url}/identities.parquet" in capsys.readouterr().out
     fs.invalidate_cache()
-    assert fs.cat_file(f"{BUCKET}/reduced/identities.parquet") == (mirror / "identities.parquet").read_bytes()
+    ident = pq.read_table(fs.open(f"{BUCKET}/reduced/identities.parquet"))
+    assert sum(ident.column("n_images").to_pylist()) + sum(ident.column("n_errors").to_pylist()) == 24
     assert main(["report", url, "--html", "--storage-options", opts]) == 0
+    assert f"html report: {url}/report.html" in capsys.readouterr().out
     fs.invalidate_cache()
     page = fs.cat_file(f"{BUCKET}/reduced/report.html")
-    assert page == (mirror / "report.html").read_bytes() and b"<html" in page
+    assert b"<html" in page and b"Top identities" in page and url.encode() in page
+    assert _parquet_files(tmp_path / "scratch-b") == []
 
 
 def test_storage_options_go_with_an_output_url_only(tmp_path, capsys):
@@ -382,42 +350,42 @@ def test_a_dead_output_endpoint_is_an_error_before_any_work(store, writer, tmp_p
     url = f"s3://{BUCKET}/dead"
     assert main(["run", str(_job(store, tmp_path, url, options=options)), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert f"error: output listing: cannot reach the storage endpoint for {url}" in err
-    assert not (RemoteOutput.for_url(url).mirror / "samples").exists()
+    assert "cannot reach the storage endpoint" in err and url in err
+    assert _parquet_files(tmp_path / "scratch-a") == []
 
 
 @pytest.mark.ray
-def test_ray_actors_put_their_parts_from_their_own_mirror(ray_session, store, local_out, writer, tmp_path,
-                                                          monkeypatch):
-    """The actors stage parts in another mirror than the driver's (as on another node): the
-    driver finds them on the store."""
+def test_ray_actors_put_their_parts_on_the_store_from_their_own_scratch(ray_session, store, local_out, writer,
+                                                                       tmp_path, monkeypatch):
+    """The actors write their temp files in another scratch folder than the driver's (as on
+    another node): the driver finds the parts on the store."""
     url = f"s3://{BUCKET}/on-ray"
     job = _job(store, tmp_path, url)
     job.write_text(job.read_text().replace("executor: local", "executor: ray, workers: 1, cpus_per_worker: 1, "
                                                               "gpus_per_worker: 0"))
-    monkeypatch.setenv("CLIPAUDIT_MIRROR_DIR", str(tmp_path / "actors"))
     spec = load_job(job)
-    actor_mirror = RemoteOutput.for_url(url).mirror
-    monkeypatch.setenv("CLIPAUDIT_MIRROR_DIR", str(tmp_path / "driver"))
+    monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "driver"))
     from clipaudit.executors import ray as ray_executor
 
     real_run = ray_executor.RayExecutor._run
 
-    def run_with_actor_mirror(self, ray, spec, layout, shards, map_hash, progress, result):
-        monkeypatch.setenv("CLIPAUDIT_MIRROR_DIR", str(tmp_path / "actors"))  # what the actors are told
+    def run_with_actor_scratch(self, ray, spec, layout, shards, map_hash, progress, result):
+        monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "actors"))  # what the actors are told
         try:
             real_run(self, ray, spec, layout, shards, map_hash, progress, result)
         finally:
-            monkeypatch.setenv("CLIPAUDIT_MIRROR_DIR", str(tmp_path / "driver"))
+            monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "driver"))
 
-    monkeypatch.setattr(ray_executor.RayExecutor, "_run", run_with_actor_mirror)
+    monkeypatch.setattr(ray_executor.RayExecutor, "_run", run_with_actor_scratch)
     report = run_job(spec, progress=False)
     assert report.ok and report.summary["rows"] == 24, report.summary["failed"]
-    assert len(list((actor_mirror / "_markers").glob("*.done.json"))) == 2  # written there by the actors
-    driver = report.layout.root
-    assert driver != actor_mirror and driver.parent == tmp_path / "driver"
-    assert_same_rows(driver, local_out, 1e-4)  # fetched from the store by the driver
-    assert _keys(store, "on-ray") == output_files(driver)
+    assert (tmp_path / "actors").is_dir()  # the actors' temp files were written there
+    assert report.layout.root.parent == tmp_path / "driver"
+    assert _parquet_files(tmp_path / "actors") == [] and _parquet_files(tmp_path / "driver") == []
+    assert _keys(store, "on-ray") == output_files(local_out)
+    copy = tmp_path / "store-copy"
+    fsspec.filesystem("s3", **_resolved(store)).get(f"{BUCKET}/on-ray/", str(copy), recursive=True)
+    assert_same_rows(copy, local_out, 1e-4)
 
 
 def test_a_dry_run_with_an_output_on_s3_contacts_no_storage(store, writer, tmp_path, capsys):
@@ -428,16 +396,12 @@ def test_a_dry_run_with_an_output_on_s3_contacts_no_storage(store, writer, tmp_p
     assert main(["run", str(_job(store, tmp_path, url, options=options)), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"output: {url}" in out and "resume check: not done (the output is on object storage" in out
-    assert not RemoteOutput.for_url(url).mirror.exists()
+    assert not (tmp_path / "scratch-a").exists()
 
 
 def test_a_query_of_an_output_url_reads_the_store_waits_for_no_one_and_says_what_is_wrong(
         tmp_path, monkeypatch, capsys):
-    import pyarrow as pa
-
-    from clipaudit.io.outputs import output_layout
-
-    monkeypatch.setenv("CLIPAUDIT_MIRROR_DIR", str(tmp_path / "mirrors"))
+    monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "scratch"))
     url = f"memory://clipaudit-test/{tmp_path.name}-empty"
     fs, root = fsspec.filesystem("memory"), url.removeprefix("memory:/")
     assert main(["query", url, "SELECT 1"]) == 2
@@ -447,8 +411,8 @@ def test_a_query_of_an_output_url_reads_the_store_waits_for_no_one_and_says_what
     assert main(["query", url, "SELECT count(*) AS n FROM samples"]) == 2  # a part without its shard's marker
     assert "no samples/*.parquet" in capsys.readouterr().err
     fs.pipe_file(f"{root}/_markers/s-1.done.json", b"{}")
-    with output_layout(url).lock():  # a run on this machine holds the mirror: a query reads the store anyway
+    with output_layout(url).lock():  # a run on this machine holds the output: a query reads the store anyway
         assert main(["query", url, "SELECT count(*) AS n FROM samples", "--format", "csv"]) == 0
     assert capsys.readouterr().out.split() == ["n", "3"]
-    assert not list((tmp_path / "mirrors").rglob("*.parquet"))  # nothing copied to this machine
+    assert _parquet_files(tmp_path / "scratch") == []  # nothing copied to this machine
     fs.rm(root, recursive=True)
