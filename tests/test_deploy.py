@@ -120,7 +120,11 @@ def test_cronjob_creates_the_rayjob_nightly_with_the_rights_it_needs():
     pod = spec["jobTemplate"]["spec"]["template"]["spec"]
     container = pod["containers"][0]
     command = container["command"]
-    assert command[:3] == ["kubectl", "create", "-f"], command  # create: the RayJob's generateName needs it
+    # clipaudit's own image (the RayJob's), which creates the object as `kubectl create -f` does
+    rayjob = yaml.safe_load((ROOT / "deploy" / "rayjob.yaml").read_text())
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == head["image"]
+    assert command[:3] == ["python", "-m", "clipaudit.app.kube_submit"], command
     manifest = Path(command[3])
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(manifest.parent))
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
@@ -135,6 +139,62 @@ def test_cronjob_creates_the_rayjob_nightly_with_the_rights_it_needs():
     assert {"kind": "ServiceAccount", "name": account} in binding["subjects"]
     assert any("ray.io" in r["apiGroups"] and "rayjobs" in r["resources"] and "create" in r["verbs"]
                for r in role["rules"])
+
+
+def test_the_cron_pod_creates_the_rayjob_as_kubectl_create_would(tmp_path, monkeypatch):
+    """kube_submit POSTs the manifest (generateName kept) to the RayJob collection of the pod's
+    namespace with the service account's token, on a local HTTP server standing for the API server."""
+    import http.server
+    import json
+    import threading
+
+    from clipaudit.app.kube_submit import create
+
+    seen = {}
+
+    class Api(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 — the stdlib's name
+            seen["path"], seen["auth"] = self.path, self.headers["Authorization"]
+            seen["body"] = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            answer = {**seen["body"], "metadata": {**seen["body"]["metadata"], "name": "clipaudit-nightly-x7k2p"}}
+            code = 201 if self.path.endswith("/rayjobs") else 404
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(json.dumps(answer).encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Api)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        manifest = yaml.safe_load((ROOT / "deploy" / "rayjob.yaml").read_text())
+        api = f"http://127.0.0.1:{server.server_port}"
+        created = create(manifest, api, "the-token", "audits")
+        assert seen["path"] == "/apis/ray.io/v1/namespaces/audits/rayjobs"
+        assert seen["auth"] == "Bearer the-token" and seen["body"] == manifest
+        assert created["metadata"]["name"] == "clipaudit-nightly-x7k2p"
+        with pytest.raises(RuntimeError, match="creating the ConfigMap failed: HTTP 404"):
+            create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}}, api, "t", "audits")
+    finally:
+        server.shutdown()
+
+
+def test_kubernetes_manifests_pass_the_kubernetes_schemas():
+    """The built-in kinds of deploy/ against the Kubernetes API's own schemas (kubernetes-validate,
+    offline); the RayJob is a custom resource, checked field by field above."""
+    import kubernetes_validate
+
+    version = "1.30"
+    for path in (ROOT / "deploy").glob("*.yaml"):
+        for doc in _docs(path):
+            if doc["apiVersion"].startswith("ray.io/"):
+                continue
+            kubernetes_validate.validate(doc, version, strict=True)
+    bad = _one(_docs(ROOT / "deploy" / "cronjob.yaml"), "CronJob")
+    bad["spec"]["concurrencyPolicie"] = bad["spec"].pop("concurrencyPolicy")  # a misspelt field
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, version, strict=True)
 
 
 def _cluster() -> dict:
@@ -192,10 +252,15 @@ def test_the_image_matches_the_rayjob_and_installs_the_wheel_with_gpu_faiss():
 
     text = (ROOT / "deploy" / "Dockerfile").read_text()
     lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
-    base = re.fullmatch(r"FROM rayproject/ray:([\d.]+)-py\d+-gpu", lines[0])
+    base = re.fullmatch(r"FROM rayproject/ray:([\d.]+)-py\d+-(cu\d+)", lines[0])
     rayjob = yaml.safe_load((ROOT / "deploy" / "rayjob.yaml").read_text())
     assert base and base.group(1) == rayjob["spec"]["rayClusterSpec"]["rayVersion"]
-    run = text[text.index("RUN "):]
+    # torch pinned, from PyTorch's index for the base image's CUDA, before the wheel could pull another
+    torch = re.search(r"--index-url https://download\.pytorch\.org/whl/(cu\d+)[\s\\]+\"torch==[\d.]+\"", text)
+    assert torch and torch.group(1) == base.group(2), "torch is not pinned to the base image's CUDA"
+    assert re.search(r"\"torchvision==[\d.]+\"", text)
+    assert text.index("torch==") < text.index("COPY dist/")
+    run = text[text.index("COPY dist/"):]
     assert ".whl" in run and "[remote,gpu]" in run
     assert run.index("[remote,gpu]") < run.index("--force-reinstall --no-deps \"faiss-gpu")
     assert "COPY jobs/ /app/jobs/" in lines

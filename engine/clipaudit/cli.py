@@ -105,7 +105,7 @@ def _dry_run(args: argparse.Namespace, spec) -> int:
 
     shards = spec.shard_list()
     layout = OutputLayout(Path(spec.output)) if not spec.output_is_remote() else None
-    done = 0 if layout is None else sum(layout.is_done(s) for s in shards)
+    done = 0 if layout is None else len(layout.finished(shards))
     plan = make_plan(spec, done, read_bench(args.bench) if args.bench else None)
     print(f"job {args.job}: valid. model={spec.model.name} pretrained={spec.model.pretrained}")
     print(f"shards: {len(shards)} ({done} already done), output: {spec.output}, executor: {spec.compute.executor}")

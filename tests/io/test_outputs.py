@@ -57,6 +57,53 @@ def test_done_needs_marker_and_matching_part(tmp_path):
     assert json.loads(layout.marker("s.tar").read_text())["rows"] == 3
 
 
+def _layouts(tmp_path, monkeypatch):
+    """A local output folder and an output URL on fsspec's in-memory file system."""
+    from clipaudit.io.outputs import output_layout
+
+    monkeypatch.setenv("CLIPAUDIT_SCRATCH_DIR", str(tmp_path / "scratch"))
+    return [OutputLayout(tmp_path / "local"), output_layout(f"memory://clipaudit-test/{tmp_path.name}")]
+
+
+def test_finished_shards_agree_with_is_done_in_every_case(tmp_path, monkeypatch):
+    for layout in _layouts(tmp_path, monkeypatch):
+        layout.make_dirs()
+        shards = [f"s{i}.tar" for i in range(6)]
+        for s in shards:
+            part = _write_part(layout, s, 3)
+            part.commit(layout.store)
+            layout.write_json(layout.marker(s), {"shard": s, "rows": 3, "embedding_rows": None, "bytes": part.bytes})
+        m = layout.read_marker
+        layout.write_json(layout.marker("s1.tar"), {**m("s1.tar"), "bytes": m("s1.tar")["bytes"] + 1})  # another part
+        layout.store.remove(layout.sample_part("s2.tar"))  # part gone
+        layout.write_json(layout.marker("s3.tar"), {**m("s3.tar"), "embedding_rows": 3})  # embeddings missing
+        layout.write_json(layout.marker("s4.tar"), {"shard": "s4.tar", "rows": 3, "embedding_rows": None})  # no sizes
+        layout.write_json(layout.marker("s5.tar"), {"shard": "other.tar", "rows": 3})  # another shard's
+        done = layout.finished(shards + ["never-mapped.tar"])
+        assert sorted(done) == ["s0.tar", "s4.tar"], layout.where
+        assert [s for s in shards if layout.is_done(s)] == ["s0.tar", "s4.tar"]
+        assert done["s0.tar"] == layout.read_marker("s0.tar")
+        layout.write_json(layout.marker("s4.tar"), {"shard": "s4.tar", "rows": 2, "embedding_rows": None})
+        assert "s4.tar" not in layout.finished(shards) and not layout.is_done("s4.tar")  # rows read back
+
+
+def test_finished_shards_on_a_store_take_three_listings_and_one_batched_read(tmp_path, monkeypatch):
+    _, layout = _layouts(tmp_path, monkeypatch)
+    layout.make_dirs()
+    shards = [f"s{i}.tar" for i in range(20)]
+    for s in shards:
+        part = _write_part(layout, s, 2)
+        part.commit(layout.store)
+        layout.write_json(layout.marker(s), {"shard": s, "rows": 2, "embedding_rows": None, "bytes": part.bytes})
+    fs = layout.store.fs
+    calls: list[str] = []
+    for name in ("find", "cat", "open", "info", "exists", "isfile"):  # (the memory store's cat reads file by file)
+        real = getattr(fs, name)
+        monkeypatch.setattr(fs, name, lambda *a, _n=name, _r=real, **k: (calls.append(_n), _r(*a, **k))[1])
+    assert sorted(layout.finished(shards)) == sorted(shards)
+    assert sorted(calls) == ["cat", "find", "find", "find"]
+
+
 def _record_disk_events(monkeypatch) -> list[tuple]:
     """(``fsync``, path) and (``replace``, source, target) in the order they happen."""
     events: list[tuple] = []

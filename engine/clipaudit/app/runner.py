@@ -108,8 +108,9 @@ def summarize(layout: OutputLayout, shards: list[str], failed: list) -> dict[str
     """Per-shard and total counts, read back from the markers (covers earlier runs too)."""
     per_shard, errors, warnings = [], Counter(), Counter()
     rows = ok = 0
+    done = layout.finished(shards)
     for s in shards:
-        m = layout.read_marker(s) if layout.is_done(s) else None
+        m = done.get(s)
         if m is None:
             continue
         per_shard.append({k: m.get(k, {}) for k in ("shard", "rows", "ok", "errors", "warnings")})
@@ -226,7 +227,8 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
     if layout.read_json(layout.job_state) != job_state:
         layout.write_json(layout.job_state, job_state)
     shards = spec.shard_list()
-    todo = [s for s in shards if not layout.is_done(s)]
+    done = layout.finished(shards)  # one listing of the markers and parts, not a read per shard
+    todo = [s for s in shards if s not in done]
     if len(todo) < len(shards):
         log.info("resume: %d of %d shards already done", len(shards) - len(todo), len(shards))
     opts = reduce_options(spec)

@@ -47,6 +47,7 @@ class PartWriter:
         self.path = path
         self.schema = schema
         self.rows = 0
+        self.bytes: int | None = None  # known once committed
         self._tmp = temp_path(path, tmp_dir)
         self._writer = pq.ParquetWriter(self._tmp, schema, compression="zstd")
 
@@ -60,6 +61,7 @@ class PartWriter:
         returns, its bytes are on the disk or the store."""
         self._writer.close()
         fsync_file(self._tmp)
+        self.bytes = self._tmp.stat().st_size
         if store is None:
             replace_durably(self._tmp, self.path)
         else:
@@ -188,15 +190,35 @@ class OutputLayout:
             return None
 
     def is_done(self, shard: str) -> bool:
-        """The marker exists and the part it vouches for has exactly its row count."""
-        marker = self.read_marker(shard)
-        if not isinstance(marker, dict) or marker.get("shard") != shard:
-            return False
-        if self._rows(self.sample_part(shard)) != marker.get("rows"):
-            return False
-        if marker.get("embedding_rows") is not None:
-            return self._rows(self.embedding_part(shard)) == marker["embedding_rows"]
-        return True
+        """The marker exists and vouches for the parts there (see :meth:`finished`)."""
+        return shard in self.finished([shard])
+
+    def finished(self, shards: list[str]) -> dict[str, dict[str, Any]]:
+        """The markers of the shards of ``shards`` that are done, from one listing of the markers
+        and parts and one read of the markers found. A shard is done when its marker names it and
+        its parts are there with the sizes the marker records (every part is published whole, so a
+        part of that size is the one it vouches for); an older marker without sizes has its parts'
+        row counts read instead. Anything else means "redo"."""
+        store = self.store
+        listed = {**store.files(self.markers_dir), **store.files(self.samples_dir), **store.files(self.embeddings_dir)}
+        wanted = {self.marker(s): s for s in shards}
+        found = store.read_many([p for p in wanted if p in listed])
+        out: dict[str, dict[str, Any]] = {}
+        for path, raw in found.items():
+            shard = wanted[path]
+            try:
+                marker = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(marker, dict) or marker.get("shard") != shard:
+                continue
+            parts = [(self.sample_part(shard), "rows", "bytes")]
+            if marker.get("embedding_rows") is not None:
+                parts.append((self.embedding_part(shard), "embedding_rows", "embedding_bytes"))
+            if all(p in listed and (listed[p] == marker[size] if marker.get(size) is not None
+                                    else self._rows(p) == marker.get(rows)) for p, rows, size in parts):
+                out[shard] = marker
+        return out
 
     def has_map_results(self) -> bool:
         """Any sample part or marker: results an earlier run committed (temp files do not count)."""

@@ -177,6 +177,25 @@ class Store:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
+    def read_many(self, paths: list[Path]) -> dict[Path, bytes]:
+        """The bytes of these files, those that exist (on object storage in concurrent requests)."""
+        if not self.remote:
+            out = {}
+            for p in paths:
+                try:
+                    out[p] = p.read_bytes()
+                except FileNotFoundError:
+                    continue
+            return out
+        if not paths:
+            return {}
+        keys = {self.key(p): p for p in paths}
+        try:
+            got = self.fs.cat(list(keys), on_error="omit")
+        except Exception as e:  # noqa: BLE001 — see publish
+            raise self._error("read", paths[0], e) from e
+        return {self._path(k): v for k, v in got.items() if not isinstance(v, BaseException)}
+
     def open(self, path: Path):
         """A binary file object for reading (pyarrow reads Parquet footers and parts through it)."""
         if not self.remote:

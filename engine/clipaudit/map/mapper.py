@@ -47,6 +47,9 @@ class ShardStats:
     errors: dict[str, int] = field(default_factory=dict)
     warnings: dict[str, int] = field(default_factory=dict)
     embedding_rows: int | None = None
+    #: the parts' sizes in bytes: with the markers' names they tell from one listing which shards are done
+    bytes: int | None = None
+    embedding_bytes: int | None = None
     seconds: float = 0.0
     map_hash: str = ""
 
@@ -249,9 +252,10 @@ class ShardMapper:
         store = self.layout.store  # renamed into place, or one upload each on object storage
         try:
             part.commit(store)
+            stats.bytes = part.bytes
             if emb_part is not None:
                 emb_part.commit(store)
-                stats.embedding_rows = emb_part.rows
+                stats.embedding_rows, stats.embedding_bytes = emb_part.rows, emb_part.bytes
             stats.seconds = time.perf_counter() - t0
             # last: vouches for the parts
             self.layout.write_json(self.layout.marker(shard), stats.to_dict())
