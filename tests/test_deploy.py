@@ -217,8 +217,20 @@ def test_cluster_yaml_passes_rays_own_schema():
     gpu_types = {name: t for name, t in types.items() if t["resources"].get("GPU", 0) > 0}
     assert gpu_types, "no worker type declares GPUs"
     for name, t in gpu_types.items():
+        # min_workers 0: the job asks the autoscaler for its GPUs (tests/app/test_plan.py checks the request)
         assert t["min_workers"] == 0 and t["max_workers"] >= 1, name
+        gpu_memory = GPU_MEMORY_GB[t["node_config"]["InstanceType"]]
+        assert gpu_memory >= 80, f"{name}: {gpu_memory} GB GPUs cannot hold ViT-L-14 beside a 10^6-name state"
+        assert t["resources"]["GPU"] == GPU_COUNT[t["node_config"]["InstanceType"]], name
     assert 1 <= prepared["idle_timeout_minutes"] <= 60
+    job = yaml.safe_load((ROOT / "jobs" / "laion-identities.yaml").read_text())["compute"]
+    assert job["gpus_per_worker"] > 0 and job.get("device") != "cpu"  # the job uses the GPU type
+
+
+#: GPU memory (GB) and GPUs per instance of the AWS types cluster.yaml may name (AWS's instance pages)
+GPU_MEMORY_GB = {"g5.2xlarge": 24, "g6e.2xlarge": 48, "p4d.24xlarge": 40, "p4de.24xlarge": 80,
+                 "p5.48xlarge": 80}
+GPU_COUNT = {"g5.2xlarge": 1, "g6e.2xlarge": 1, "p4d.24xlarge": 8, "p4de.24xlarge": 8, "p5.48xlarge": 8}
 
 
 def test_cluster_yaml_installs_the_shipped_wheel_with_its_backends():
@@ -227,7 +239,8 @@ def test_cluster_yaml_installs_the_shipped_wheel_with_its_backends():
     remote, local = next((r, lo) for r, lo in mounts.items() if lo.rstrip("/") in ("./dist", "dist"))
     install = [c for c in config["setup_commands"] if "clipaudit" in c]
     assert install and remote.replace("/home/ubuntu", "~") in install[0] and ".whl" in install[0]
-    assert "[remote]" in install[0]  # s3fs & co.: the jobs read shards and names from object storage
+    # s3fs & co.: the jobs read shards and names from object storage; ray[default]: `ray job submit`
+    assert "[remote,cluster]" in install[0]
     assert "/dist/" in (ROOT / ".gitignore").read_text().split()  # built wheels stay out of git
 
 

@@ -116,7 +116,7 @@ def _dry_run(args: argparse.Namespace, spec) -> int:
         return EXIT_OK
     from clipaudit.app.resolve import fingerprint_hash, map_fingerprint
 
-    fingerprint = map_fingerprint(spec)
+    fingerprint = map_fingerprint(spec, wait=False)  # a dry run starts no GPU node
     print(f"map hash: {fingerprint_hash(fingerprint)}")
     if layout is None:
         print("resume check: not done (the output is on object storage; `clipaudit run` checks it first)")

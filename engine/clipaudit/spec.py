@@ -142,6 +142,9 @@ class ComputeSpec(_Strict):
         3600.0, gt=0, description="Ray executor: a shard still running this long is abandoned, its actor killed and "
                                   "replaced, and the shard retried (an attempt); the local executor cannot cancel")
     ray_address: str | None = Field(None, description="None: RAY_ADDRESS or a local Ray")
+    gpu_wait_s: float = Field(
+        900.0, ge=0, description="on a Ray cluster: how long to wait for the map step's GPUs, which are asked "
+                                 "of the autoscaler (workers × gpus_per_worker) when the job starts")
     progress_interval_s: float = Field(
         10.0, gt=0, description="seconds between two `map progress:` lines when stderr is not a terminal "
                                 "(e.g. `ray job logs`); a terminal gets a progress bar")

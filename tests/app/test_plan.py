@@ -214,3 +214,50 @@ def test_hub_weights_that_cannot_be_downloaded_fail_at_once_in_one_line(tmp_path
     assert p.returncode == 0, p.stderr
     assert ("model.pretrained: ViT-B-32 laion2b_s34b_b79k — OpenCLIP zoo weights, not in the local Hugging Face "
             "cache") in p.stdout
+
+
+class _FakeCluster:
+    """A Ray cluster's resources, and the autoscaler requests it got (GPU nodes join on request
+    when ``joins``)."""
+
+    def __init__(self, joins: bool) -> None:
+        self.resources, self.requests, self.joins = {"CPU": 4.0}, [], joins
+
+    def cluster_resources(self):
+        return dict(self.resources)
+
+    def request(self, bundles):
+        self.requests.append(bundles)
+        if bundles and self.joins:
+            self.resources["GPU"] = sum(b["GPU"] for b in bundles)
+
+
+@pytest.mark.parametrize("joins", [True, False], ids=["gpu-nodes-join", "no-gpu-node-starts"])
+def test_a_cluster_is_asked_for_the_gpus_and_cuda_without_them_never_falls_back(tmp_path, monkeypatch, caplog,
+                                                                                  joins):
+    from clipaudit.app.resolve import detect_device_type
+    from clipaudit.executors import ray as ray_executor
+
+    cluster = _FakeCluster(joins)
+    monkeypatch.setattr(ray_executor, "_ray", lambda: cluster)
+    monkeypatch.setattr(ray_executor, "ensure_ray", lambda address: False)
+    monkeypatch.setattr(ray_executor, "_request_resources", cluster.request)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster, not this machine's own Ray
+    _tar(tmp_path / "a.tar", ["k"])
+    job = _job(tmp_path, "a.tar", compute="{executor: ray, workers: 3, cpus_per_worker: 4, gpus_per_worker: 1, "
+                                          "device: cuda, gpu_wait_s: 0.3}")
+    spec = load_job(job)
+    assert detect_device_type(spec, wait=False) == "cuda" and cluster.requests == []  # a dry run asks nothing
+    if joins:
+        assert detect_device_type(spec) == "cuda"
+    else:
+        with pytest.raises(SpecError, match=r"compute.device: cuda, but the Ray cluster has no GPU: none joined within "
+                                            r"compute.gpu_wait_s = 0.3 s of asking the autoscaler for 3 × "):
+            detect_device_type(spec)
+        auto = spec.model_copy(update={"compute": spec.compute.model_copy(update={"device": "auto"})})
+        assert detect_device_type(auto) == "cpu" and "runs on CPU" in caplog.text  # auto says so, loudly
+    assert cluster.requests[0] == [{"GPU": 1.0, "CPU": 4.0}] * 3  # one bundle per map actor
+    ray_executor.release_gpu_request()  # after the map step: the nodes may go when idle
+    assert cluster.requests[-1] == []
+    ray_executor.release_gpu_request()
+    assert cluster.requests.count([]) == 1  # withdrawn once

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +17,41 @@ from clipaudit.contract.registry import available
 from clipaudit.core.hashing import sha256_file
 from clipaudit.data.names import load_name_pool, read_pool_bytes
 from clipaudit.data.urls import is_url
-from clipaudit.executors.ray import cluster_gpus
+from clipaudit.executors.ray import cluster_gpus, cluster_resources, gpu_bundles
 from clipaudit.model.name_index import ivf_params, resolve_backend
-from clipaudit.spec import JobSpec, ModelSpec, looks_like_path, map_output_format
+from clipaudit.spec import JobSpec, ModelSpec, SpecError, looks_like_path, map_output_format
+
+log = logging.getLogger(__name__)
 
 _NAME_COUNT: dict[str, int] = {}  # names file sha256 → distinct names
 
 
-def detect_device_type(spec: JobSpec) -> str:
+def detect_device_type(spec: JobSpec, wait: bool = True) -> str:
     """``cuda`` or ``cpu``: where the map step of ``spec`` runs. An explicit ``compute.device``
     decides; with ``auto``, the GPUs of the Ray cluster (Ray executor) or of this machine."""
     import torch
 
     c = spec.compute
+    if c.executor == "ray" and c.device != "cpu" and c.gpus_per_worker > 0:
+        if not wait and c.device != "auto":  # a dry run: the GPUs are asked for when the job runs
+            return torch.device(c.device).type
+        gpus = cluster_gpus(c.ray_address, c if wait else None)  # on a cluster: asked of the autoscaler, waited for
+        if gpus > 0:
+            return "cuda"
+        if c.device != "auto":  # cuda never falls back to the CPU
+            bundles = gpu_bundles(c)
+            raise SpecError(f"compute.device: {c.device}, but the Ray cluster has no GPU: none joined within "
+                            f"compute.gpu_wait_s = {c.gpu_wait_s:g} s of asking the autoscaler for {len(bundles)} "
+                            f"× {bundles[0]} (cluster resources: {cluster_resources()}); check that a node type "
+                            "with GPUs can start, or use device: auto or cpu")
+        if c.ray_address or os.environ.get("RAY_ADDRESS"):  # a cluster, not this machine's own Ray
+            log.warning("compute.device: auto and the Ray cluster has no GPU after %g s: the map step runs on CPU",
+                        c.gpu_wait_s)
+        return "cpu"
     if c.device != "auto":
         return torch.device(c.device).type
     if c.executor == "ray":
-        return "cuda" if c.gpus_per_worker > 0 and cluster_gpus(c.ray_address) > 0 else "cpu"
+        return "cpu"  # no GPU asked for (gpus_per_worker: 0)
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -50,14 +70,15 @@ def name_count(spec: JobSpec) -> int:
     return _NAME_COUNT[key]
 
 
-def numerics(spec: JobSpec, device_type: str | None = None, read_pool: bool = True) -> dict[str, str]:
+def numerics(spec: JobSpec, device_type: str | None = None, read_pool: bool = True, wait: bool = True
+             ) -> dict[str, str]:
     """What the hardware decides about the numbers: the device type, the model's precision
     and the name-index kind, with ``auto``/unset resolved as the map step resolves them (on
     ``device_type``, default: this machine). They change scores slightly, so they enter the
     resume hash: a GPU run is never resumed on a CPU, or the reverse, without ``--force``.
     ``read_pool=False``: the pool is not read, and an index that depends on its size is reported as such."""
     if device_type is None:
-        device_type = detect_device_type(spec)
+        device_type = detect_device_type(spec, wait)
     precision = spec.model.precision or ("fp16" if device_type == "cuda" else "fp32")
     if device_type == "cpu" and precision == "fp16":
         precision = "fp32"  # the model runs fp32 on a CPU (load_model warns)
@@ -97,16 +118,17 @@ def model_files(spec: JobSpec) -> dict[str, dict[str, str | None]]:
     return {key: content_fingerprint(m) for key, m in spec.model_specs().items()}
 
 
-def map_fingerprint(spec: JobSpec) -> dict[str, Any]:
+def map_fingerprint(spec: JobSpec, wait: bool = True) -> dict[str, Any]:
     """Everything that changes per-sample outputs (not reduce-only attack parameters such
-    as a vote's threshold, not labels, calibration or compute)."""
+    as a vote's threshold, not labels, calibration or compute). ``wait=False`` (a dry run): a
+    cluster's GPUs are counted as they are, never asked of the autoscaler."""
     enabled = spec.attacks.enabled()
     attacks = {a.name: None if a.name not in enabled else a.map_fingerprint(getattr(spec.attacks, a.name))
                for a in available(spec.plugins)}
     return {
         "model": spec.model.model_dump(exclude={"precision"}),
         "model_files": model_files(spec),
-        "numerics": numerics(spec),
+        "numerics": numerics(spec, wait=wait),
         "data": spec.data.model_dump(exclude={"storage_options"}),  # how to reach the data, not what it is
         "names_sha256": names_sha256(spec.names, spec.data.storage_options),
         **attacks,

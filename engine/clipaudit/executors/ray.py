@@ -25,7 +25,7 @@ from typing import Any
 from clipaudit.io.outputs import OutputLayout, output_layout
 from clipaudit.io.store import SCRATCH_ENV
 from clipaudit.data.storage import resolve_options
-from clipaudit.spec import JobSpec
+from clipaudit.spec import ComputeSpec, JobSpec
 from clipaudit.executors.base import MapResult, Progress, ShardFailure
 from clipaudit.executors.shared import load_or_compute_shared
 from clipaudit.map.mapper import ShardMapper
@@ -90,9 +90,10 @@ def ensure_ray(address: str | None) -> bool:
     return True
 
 
-def cluster_gpus(address: str | None) -> float:
+def cluster_gpus(address: str | None, compute: ComputeSpec | None = None) -> float:
     """GPUs of the Ray cluster the job runs on: connected to when it is a remote one; a local
-    Ray is not started for this (its GPUs are this machine's)."""
+    Ray is not started for this (its GPUs are this machine's). With ``compute`` (a job that maps
+    on GPUs), a remote cluster is first asked for them and waited for (:func:`wait_for_gpus`)."""
     import sys
 
     running = sys.modules.get("ray")
@@ -101,7 +102,65 @@ def cluster_gpus(address: str | None) -> float:
 
         return float(torch.cuda.device_count())
     ensure_ray(address)
+    if compute is not None and compute.gpus_per_worker > 0 and compute.device != "cpu":
+        return wait_for_gpus(compute)
     return float(_ray().cluster_resources().get("GPU", 0.0))
+
+
+def cluster_resources() -> dict[str, float]:
+    """The resources of the Ray cluster this process is connected to."""
+    return dict(_ray().cluster_resources())
+
+
+def gpu_bundles(c: ComputeSpec) -> list[dict[str, float]]:
+    """What the map step asks of an autoscaling cluster: one bundle per map actor (``workers``,
+    default 1), each one actor's CPUs and GPUs, so the autoscaler starts nodes that can hold them."""
+    return [{"GPU": c.gpus_per_worker, "CPU": c.cpus_per_worker}] * (c.workers or 1)
+
+
+def _request_resources(bundles: list[dict[str, float]]) -> None:
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=bundles)
+
+
+def wait_for_gpus(c: ComputeSpec, poll_s: float = 2.0) -> float:
+    """Ask the autoscaler for :func:`gpu_bundles` (a standing request: GPU nodes start although no
+    actor is placed yet) and wait up to ``compute.gpu_wait_s`` until the cluster has all those
+    GPUs; returns the GPUs it has then (maybe fewer, maybe none: the caller decides). The request
+    stays until :func:`release_gpu_request`, so the nodes are not scaled down under the job."""
+    ray = _ray()
+    bundles = gpu_bundles(c)
+    want = sum(b["GPU"] for b in bundles)
+    have = float(ray.cluster_resources().get("GPU", 0.0))
+    if have >= want:
+        return have
+    _request_resources(bundles)
+    _GPU_REQUEST["standing"] = True
+    log.info("asked the autoscaler for %g GPU(s) (%d × %s); the cluster has %g; waiting up to %.0f s "
+             "(compute.gpu_wait_s)", want, len(bundles), bundles[0], have, c.gpu_wait_s)
+    deadline = time.monotonic() + c.gpu_wait_s
+    while have < want and time.monotonic() < deadline:
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+        have = float(ray.cluster_resources().get("GPU", 0.0))
+    if have < want:
+        log.warning("after %.0f s the cluster has %g of the %g GPU(s) asked for", c.gpu_wait_s, have, want)
+    return have
+
+
+#: whether this process has asked the autoscaler for GPUs (and must withdraw the request)
+_GPU_REQUEST = {"standing": False}
+
+
+def release_gpu_request() -> None:
+    """Withdraw the standing request of :func:`wait_for_gpus`, if any (idle GPU nodes may then go)."""
+    if not _GPU_REQUEST["standing"]:
+        return
+    _GPU_REQUEST["standing"] = False
+    try:
+        _request_resources([])
+    except Exception as e:  # noqa: BLE001 — a clean-up: the job's own result stands
+        log.warning("could not withdraw the GPU request from the autoscaler: %s", e)
 
 
 class _ActorPool:
@@ -198,6 +257,7 @@ class RayExecutor:
         try:
             self._run(ray, spec, layout, shards, map_hash, progress, result)
         finally:
+            release_gpu_request()  # the map step is over: the GPU nodes may go when idle
             if started:
                 ray.shutdown()
         result.seconds = time.perf_counter() - t0
