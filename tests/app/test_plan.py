@@ -261,3 +261,22 @@ def test_a_cluster_is_asked_for_the_gpus_and_cuda_without_them_never_falls_back(
     assert cluster.requests[-1] == []
     ray_executor.release_gpu_request()
     assert cluster.requests.count([]) == 1  # withdrawn once
+
+
+def test_a_ray_this_process_started_is_this_machine_and_asks_no_autoscaler(tmp_path, monkeypatch):
+    """A local Ray (the demo's, the tests'): its GPUs are the machine's; nothing is requested or waited for."""
+    import sys
+
+    from clipaudit.app.resolve import detect_device_type
+    from clipaudit.executors import ray as ray_executor
+
+    cluster = _FakeCluster(joins=True)
+    cluster.is_initialized = lambda: True
+    monkeypatch.setitem(sys.modules, "ray", cluster)  # a Ray already running in this process
+    monkeypatch.setattr(ray_executor, "_ray", lambda: cluster)
+    monkeypatch.setattr(ray_executor, "ensure_ray", lambda address: False)
+    monkeypatch.setattr(ray_executor, "_request_resources", cluster.request)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _tar(tmp_path / "a.tar", ["k"])
+    spec = load_job(_job(tmp_path, "a.tar", compute="{executor: ray, workers: 2, gpu_wait_s: 600}"))
+    assert detect_device_type(spec) == "cpu" and cluster.requests == []

@@ -102,7 +102,8 @@ def cluster_gpus(address: str | None, compute: ComputeSpec | None = None) -> flo
 
         return float(torch.cuda.device_count())
     ensure_ray(address)
-    if compute is not None and compute.gpus_per_worker > 0 and compute.device != "cpu":
+    remote = bool(address or os.environ.get("RAY_ADDRESS"))  # not a Ray this process started on its machine
+    if remote and compute is not None and compute.gpus_per_worker > 0 and compute.device != "cpu":
         return wait_for_gpus(compute)
     return float(_ray().cluster_resources().get("GPU", 0.0))
 
