@@ -65,14 +65,20 @@ def _layouts(tmp_path, monkeypatch):
     return [OutputLayout(tmp_path / "local"), output_layout(f"memory://clipaudit-test/{tmp_path.name}")]
 
 
+def _map_shards(layout, n: int, rows: int) -> list[str]:
+    """``n`` shards mapped as the mapper maps them: a part of ``rows`` rows, then its marker."""
+    layout.make_dirs()
+    shards = [f"s{i}.tar" for i in range(n)]
+    for s in shards:
+        part = _write_part(layout, s, rows)
+        part.commit(layout.store)
+        layout.write_json(layout.marker(s), {"shard": s, "rows": rows, "embedding_rows": None, "bytes": part.bytes})
+    return shards
+
+
 def test_finished_shards_agree_with_is_done_in_every_case(tmp_path, monkeypatch):
     for layout in _layouts(tmp_path, monkeypatch):
-        layout.make_dirs()
-        shards = [f"s{i}.tar" for i in range(6)]
-        for s in shards:
-            part = _write_part(layout, s, 3)
-            part.commit(layout.store)
-            layout.write_json(layout.marker(s), {"shard": s, "rows": 3, "embedding_rows": None, "bytes": part.bytes})
+        shards = _map_shards(layout, 6, 3)
         m = layout.read_marker
         layout.write_json(layout.marker("s1.tar"), {**m("s1.tar"), "bytes": m("s1.tar")["bytes"] + 1})  # another part
         layout.store.remove(layout.sample_part("s2.tar"))  # part gone
@@ -89,12 +95,7 @@ def test_finished_shards_agree_with_is_done_in_every_case(tmp_path, monkeypatch)
 
 def test_finished_shards_on_a_store_take_three_listings_and_one_batched_read(tmp_path, monkeypatch):
     _, layout = _layouts(tmp_path, monkeypatch)
-    layout.make_dirs()
-    shards = [f"s{i}.tar" for i in range(20)]
-    for s in shards:
-        part = _write_part(layout, s, 2)
-        part.commit(layout.store)
-        layout.write_json(layout.marker(s), {"shard": s, "rows": 2, "embedding_rows": None, "bytes": part.bytes})
+    shards = _map_shards(layout, 20, 2)
     fs = layout.store.fs
     calls: list[str] = []
     for name in ("find", "cat", "open", "info", "exists", "isfile"):  # (the memory store's cat reads file by file)
