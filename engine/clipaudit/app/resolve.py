@@ -125,7 +125,12 @@ def map_fingerprint(spec: JobSpec, wait: bool = True) -> dict[str, Any]:
     enabled = spec.attacks.enabled()
     attacks = {a.name: None if a.name not in enabled else a.map_fingerprint(getattr(spec.attacks, a.name))
                for a in available(spec.plugins)}
+    samples = any(getattr(getattr(spec.attacks, name), "sample", None) for name in enabled)
+    # a sampling attack always scores the labelled and control units: those files then change map outputs
+    keeps = {key: None if path is None else names_sha256(path, spec.data.storage_options)
+             for key, path in (("labels", spec.labels), ("controls", spec.calibration.controls))} if samples else None
     return {
+        **({"sample_keeps": keeps} if samples else {}),
         "model": spec.model.model_dump(exclude={"precision"}),
         "model_files": model_files(spec),
         "numerics": numerics(spec, wait=wait),

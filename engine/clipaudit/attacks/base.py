@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from clipaudit.data.samples import Sample
 from clipaudit.model.loading import LoadedModel
@@ -31,6 +32,22 @@ class MapBatch:
     #: uint8 h×w×3 originals (longest side bounded by ``data.source_max_side``), present when
     #: an enabled attack declares ``source_views``; None = use ``images``
     sources: list[np.ndarray] | None = None
+
+
+class SampleSpec(BaseModel):
+    """``attacks.<name>.sample`` of an image-side attack: score only part of the images. In each
+    shard the first ``per_identity`` ok images of each identity (in shard order, so a recomputed
+    shard selects the same rows) are scored; the images of labelled and control identities, and
+    labelled or control images, are always all scored. Rows outside the sample keep every other
+    column and a null score. An identity spread over k shards gets up to k × ``per_identity``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    per_identity: int = Field(ge=1, description="images scored per identity and shard")
+
+
+#: the field image-side attacks add to their parameters (default: every image scored)
+SAMPLE_FIELD = Field(None, description="score only a sample of the images (see attacks.base.SampleSpec)")
 
 
 class MapAttack(Protocol):

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from clipaudit.model.loading import LoadedModel, load_model
 from clipaudit.spec import ModelSpec
-from clipaudit.attacks.base import MapBatch
+from clipaudit.attacks.base import MapBatch, SAMPLE_FIELD, SampleSpec
 from clipaudit.contract.registry import Attack, Column, Score, register
 
 
@@ -31,6 +31,7 @@ class CaptionParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     reference_model: ModelSpec | None = None
+    sample: SampleSpec | None = SAMPLE_FIELD
 
 
 class CaptionAttack:

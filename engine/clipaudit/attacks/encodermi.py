@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from clipaudit.attacks.augment import augmented_views
-from clipaudit.attacks.base import MapBatch, StatelessAttack
+from clipaudit.attacks.base import MapBatch, SAMPLE_FIELD, SampleSpec, StatelessAttack
 from clipaudit.contract.registry import LOGISTIC, Attack, Column, Learned, Score, register
 from clipaudit.attacks.views import embed_views, rows, scale_range
 
@@ -28,6 +28,7 @@ class EncoderMIParams(BaseModel):
 
     views: int = Field(10, ge=2, le=256)
     scale: tuple[float, float] = (0.2, 1.0)
+    sample: SampleSpec | None = SAMPLE_FIELD
     _check = field_validator("scale")(classmethod(lambda cls, v: scale_range(v)))
 
 

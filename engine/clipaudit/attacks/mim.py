@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from clipaudit.model.loading import LoadedModel
 from clipaudit.attacks.augment import patch_masks
-from clipaudit.attacks.base import MapBatch, StatelessAttack
+from clipaudit.attacks.base import MapBatch, SAMPLE_FIELD, SampleSpec, StatelessAttack
 from clipaudit.contract.registry import LOGISTIC, Attack, Column, Score, register
 from clipaudit.attacks.views import embed_views, rows
 
@@ -25,6 +25,7 @@ class MimParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     mask_ratios: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75], min_length=1)
+    sample: SampleSpec | None = SAMPLE_FIELD
 
     @field_validator("mask_ratios")
     @classmethod

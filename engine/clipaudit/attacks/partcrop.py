@@ -41,7 +41,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from clipaudit.attacks.augment import part_crops
-from clipaudit.attacks.base import MapBatch, StatelessAttack
+from clipaudit.attacks.base import MapBatch, SAMPLE_FIELD, SampleSpec, StatelessAttack
 from clipaudit.contract.registry import Attack, Column, Learned, Score, register
 from clipaudit.attacks.views import embed_views, quantile_summary, rows, scale_range
 
@@ -55,6 +55,7 @@ class PartCropParams(BaseModel):
 
     crops: int = Field(128, ge=2, le=4096)
     scale: tuple[float, float] = (0.08, 0.2)
+    sample: SampleSpec | None = SAMPLE_FIELD
     _check = field_validator("scale")(classmethod(lambda cls, v: scale_range(v)))
 
 

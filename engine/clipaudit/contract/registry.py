@@ -144,8 +144,12 @@ class Attack:
     position: float = float("inf")
 
     def map_fingerprint(self, params: BaseModel) -> dict[str, Any]:
-        """The parameters that change what the map step writes."""
-        return params.model_dump(mode="json", exclude=set(self.reduce_only))
+        """The parameters that change what the map step writes (an unset ``sample``, scoring every
+        image, is left out: the hash of a job that samples nothing stays what it was before)."""
+        out = params.model_dump(mode="json", exclude=set(self.reduce_only))
+        if out.get("sample", True) is None:
+            del out["sample"]
+        return out
 
     def image_scores(self) -> list[Score]:
         return [s for s in self.scores if s.level == "image"]

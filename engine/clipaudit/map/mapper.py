@@ -24,6 +24,7 @@ import torch
 from clipaudit.attacks import MapAttack, build_attacks
 from clipaudit.contract.registry import available
 from clipaudit.attacks.base import MapBatch
+from clipaudit.data.labels import Controls, ShardMatcher, control_set, read_labels
 from clipaudit.data.samples import Sample, decode_with_pillow, prepare_sample
 from clipaudit.data.tar_reader import RawSample, iter_tar_samples
 from clipaudit.model.image_hash import difference_hashes
@@ -57,6 +58,21 @@ class ShardStats:
         return asdict(self)
 
 
+def always_scored(spec: JobSpec) -> Controls:
+    """The units every attack's sample keeps (see ``SampleSpec``): the labelled identities and
+    images, members and non-members alike, and the controls; image rows matched to the job's
+    shards. Their content enters the map hash of a job that samples (see ``map_fingerprint``)."""
+    matcher = ShardMatcher(spec.shard_list())
+    opts = spec.data.storage_options
+    controls = spec.calibration.controls
+    out = control_set(controls, None, matcher, opts) if controls is not None else Controls()
+    if spec.labels is not None:
+        labels = read_labels(spec.labels, opts).matched(matcher)
+        out.identities |= set(labels.identities)
+        out.images |= set(labels.images)
+    return out
+
+
 def _batched(it: Iterator[RawSample], n: int) -> Iterator[list[RawSample]]:
     batch: list[RawSample] = []
     for x in it:
@@ -85,6 +101,9 @@ class ShardMapper:
         # auto (a spec the runner has not pinned, e.g. the bench's): gpu when the model is on CUDA, set in load()
         self.device_decode = spec.compute.decode == "gpu"
         self.embeddings_schema = load_schema("embeddings")
+        #: attack → its sample (attacks.<name>.sample), and the units every sample keeps
+        self.samples_of = {a.name: getattr(getattr(spec.attacks, a.name, None), "sample", None) for a in self.attacks}
+        self.always_scored = always_scored(spec) if any(self.samples_of.values()) else None
         self._pool = ThreadPoolExecutor(max_workers=spec.compute.decode_threads, thread_name_prefix="decode")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
 
@@ -154,7 +173,39 @@ class ShardMapper:
         if pending is not None:
             yield _interleave([f.result() for f in pending[0]], pending[1])
 
-    def _rows(self, samples: list[Sample]) -> tuple[dict[str, list], np.ndarray | None]:
+    def _in_sample(self, attack: str, s: Sample, taken: Counter[str]) -> bool:
+        """Whether sample ``s`` is scored by an attack with a sample (see ``SampleSpec``);
+        ``taken``: the images of each identity this attack scored so far in this shard."""
+        always = self.always_scored
+        if always is not None and always.is_control(s.identity, s.shard, s.key):
+            return True
+        if taken[s.identity or ""] >= self.samples_of[attack].per_identity:  # type: ignore[union-attr]
+            return False
+        taken[s.identity or ""] += 1
+        return True
+
+    def _compute(self, a: MapAttack, batch: MapBatch, sampled: dict[str, Counter[str]]) -> dict[str, list]:
+        """An attack's columns for the batch: every row, or (with a sample) the sampled rows and
+        None for the others."""
+        if a.name not in sampled:
+            return a.compute(batch)
+        keep = [i for i, s in enumerate(batch.samples) if self._in_sample(a.name, s, sampled[a.name])]
+        if not keep:
+            return {}
+        rows = torch.tensor(keep, device=batch.images.device)
+        sub = MapBatch([batch.samples[i] for i in keep], batch.images.index_select(0, rows),
+                       batch.emb.index_select(0, rows.to(batch.emb.device)), batch.model, batch.seed, batch.chunk,
+                       None if batch.sources is None else [batch.sources[i] for i in keep])
+        out: dict[str, list] = {}
+        for name, values in a.compute(sub).items():
+            full: list = [None] * len(batch.samples)
+            for i, v in zip(keep, values):
+                full[i] = v
+            out[name] = full
+        return out
+
+    def _rows(self, samples: list[Sample], sampled: dict[str, Counter[str]] | None = None
+              ) -> tuple[dict[str, list], np.ndarray | None]:
         on_device = self._finish_device_decode(samples)
         ok = [s for s in samples if s.ok]
         attack_cols: dict[str, list] = {}
@@ -176,7 +227,7 @@ class ShardMapper:
             sources = [s.source for s in ok] if self.source_side is not None else None
             batch = MapBatch(ok, images, emb, self.model, self.spec.seed, chunk, sources)
             for a in self.attacks:
-                attack_cols.update(a.compute(batch))
+                attack_cols.update(self._compute(a, batch, sampled or {}))
             emb_np = emb.to(torch.float16).cpu().numpy()
             attack_cols["dhash"] = hashes
         cols: dict[str, list] = {f.name: [] for f in self.samples_schema}
@@ -209,6 +260,7 @@ class ShardMapper:
         stats = ShardStats(shard=shard, map_hash=self.map_hash)
         counts: Counter[str] = Counter()
         warnings: Counter[str] = Counter()
+        sampled: dict[str, Counter[str]] = {name: Counter() for name, sample in self.samples_of.items() if sample}
         self.layout.make_dirs()
         tmp = self.layout.tmp_dir
         part = PartWriter(self.layout.sample_part(shard), self.samples_schema, tmp)
@@ -228,7 +280,7 @@ class ShardMapper:
         pending: Future | None = None
         try:
             for samples in self.decoded_batches(shard):
-                cols, emb = self._rows(samples)
+                cols, emb = self._rows(samples, sampled)
                 if pending is not None:
                     pending.result()
                 pending = self._writer.submit(write, samples, cols, emb)

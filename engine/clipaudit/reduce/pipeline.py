@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import pyarrow as pa
 
 from clipaudit import __version__
-from clipaudit.contract.registry import scores
+from clipaudit.contract.registry import registered, scores
 from clipaudit.core.threads import bounded_threads
 from clipaudit.data.urls import is_url
 from clipaudit.data.storage import open_url
@@ -157,6 +157,22 @@ def _reduce(layout: OutputLayout, opts: ReduceOptions) -> ReduceResult:
     return result
 
 
+def _say_sampled(con, opts: ReduceOptions, metrics: dict[str, Any]) -> None:
+    """An image score whose attack scored a sample (``attacks.<name>.sample``) says so in its entry."""
+    for attack in registered():
+        sample = getattr(opts.attacks.get(attack.name), "sample", None)
+        if attack.name not in opts.enabled or sample is None:
+            continue
+        for score in attack.image_scores():
+            n, scored = con.execute(f"SELECT count(*), count({score.name}_score) FROM ok").fetchone()
+            if isinstance(metrics.get(score.name), dict):
+                metrics[score.name]["sample"] = {
+                    "per_identity": sample.per_identity, "scored_images": int(scored), "ok_images": int(n),
+                    "note": f"{attack.name} scored a sample: up to {sample.per_identity} image(s) per identity and "
+                            "shard, every image of labelled and control identities; its metrics, p-values and "
+                            "learned attackers use the scored images only"}
+
+
 NEAR_DUPLICATES = "near_duplicates.parquet"
 REFERENCE_MATCHES = "reference_matches.parquet"
 
@@ -258,6 +274,7 @@ def _evaluate(layout: OutputLayout, opts: ReduceOptions, labels: Labels, ident: 
     log.info("metrics with bootstrap intervals for %s level(s), %d labelled units",
              "+".join(t.level for t in tables), sum(len(t.labels) for t in tables))
     metrics, roc_rows = evaluate(tables)
+    _say_sampled(con, opts, metrics)
     con.close()
     for name, extra in ident.analyses.items():
         if isinstance(metrics.get(name), dict):
