@@ -5,6 +5,7 @@ import pytest
 from clipaudit.app.jobs import load_job
 from clipaudit.spec import SpecError, load_spec
 from clipaudit.app.resolve import map_fingerprint, map_hash
+from clipaudit.data.shards import expand_shards
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def test_contract_spec_resolves_paths_against_yaml_folder(files):
     spec = _load(files, GOOD)
     assert spec.model.name == str(files / "cfg.json")
     assert spec.model.pretrained == str(files / "w.pt")
-    assert spec.shard_list() == [str(files / "data" / f"{i:05d}.tar") for i in range(3)]
+    assert expand_shards(spec.data.shards) == [str(files / "data" / f"{i:05d}.tar") for i in range(3)]
     assert spec.output == files / "out" / "a"
     assert spec.attacks.idia.tau == 2 and spec.attacks.caption is not None
 

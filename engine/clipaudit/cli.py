@@ -102,8 +102,9 @@ def _dry_run(args: argparse.Namespace, spec) -> int:
     from clipaudit.io.outputs import OutputLayout
     from clipaudit.app.plan import format_plan, make_plan, read_bench
     from clipaudit.app.runner import resume_conflict
+    from clipaudit.data.shards import expand_shards
 
-    shards = spec.shard_list()
+    shards = expand_shards(spec.data.shards)
     layout = OutputLayout(Path(spec.output)) if not spec.output_is_remote() else None
     done = 0 if layout is None else len(layout.finished(shards))
     plan = make_plan(spec, done, read_bench(args.bench) if args.bench else None)

@@ -17,7 +17,6 @@ from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationEr
                       field_validator, model_validator)
 
 from clipaudit.core.errors import ClipauditError
-from clipaudit.data.shards import expand_shards
 from clipaudit.data.urls import is_url
 from clipaudit.contract.registry import available, registry_version, get, RegistryError, load_plugin
 from clipaudit.contract.schemas import published
@@ -252,9 +251,6 @@ class JobSpec(_Strict):
     # -- derived --------------------------------------------------------------
     def output_is_remote(self) -> bool:
         return isinstance(self.output, str)
-
-    def shard_list(self) -> list[str]:
-        return expand_shards(self.data.shards)
 
     def model_specs(self) -> dict[str, ModelSpec]:
         """Every model the map step loads, by spec key: the audited model and those inside

@@ -11,6 +11,7 @@ from clipaudit.contract.schemas import load_schema
 from clipaudit.app.runner import ResumeRefused, run_job
 from clipaudit.app.jobs import load_job
 from clipaudit.app.resolve import map_hash, numerics, pinned
+from clipaudit.data.shards import expand_shards
 
 NAMES = ["Ann Lee", "Bob Stone", "Cara Diaz"]
 
@@ -108,7 +109,7 @@ def test_outputs_match_versioned_schemas(job):
     assert emb.num_rows == len(ok) and emb.schema.field("embedding").type.value_type == "halffloat"
     manifest = json.loads((spec.output / "manifest.json").read_text())
     assert manifest["map_hash"] == map_hash(spec) and len(manifest["model"]["checkpoint_sha256"]) == 64
-    assert [s["path"] for s in manifest["shards"]] == spec.shard_list()
+    assert [s["path"] for s in manifest["shards"]] == expand_shards(spec.data.shards)
     assert manifest["versions"]["torch"] and manifest["summary"]["rows"] == len(_rows(spec.output))
     metrics = json.loads((spec.output / "metrics.json").read_text())
     assert metrics["idia"]["level"] == "identity" and metrics["idia"]["n_members"] == 2
@@ -273,7 +274,7 @@ def test_url_shards_through_fsspec_give_the_same_rows(job, tmp_path):
     local = run_job(spec, progress=False)
     fs = fsspec.filesystem("memory")
     urls = []
-    for shard in spec.shard_list():
+    for shard in expand_shards(spec.data.shards):
         url = f"memory://clipaudit-runner/{Path(shard).name}"
         fs.pipe(url.removeprefix("memory:/"), Path(shard).read_bytes())
         urls.append(url)

@@ -37,6 +37,9 @@ def test_a_sampled_attack_scores_two_rows_per_identity_and_shard_and_idia_every_
     assert all(r["idia_true_rank"] is not None for r in rows if r["status"] == "ok")  # IDIA: every row
     entry = report.metrics["partcrop"]["sample"]
     assert entry["scored_images"] == sum(scored.values()) == 20 and entry["ok_images"] == 24
+    from clipaudit.report.text import metrics_table
+
+    assert any(line.startswith("partcrop: scored 20 of 24 ok images") for line in metrics_table(report.metrics))
 
     # the labels decide which rows a sample keeps: other labels are another map step
     (tmp_path / "labels.csv").write_text("identity,member\nP2,true\nP1,false\n")

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Mapping
 
-from clipaudit.data.urls import is_url
 from clipaudit.io.outputs import RELATIVE as NAMES
 from clipaudit.io.outputs import no_audit
 from clipaudit.io.store import Store
-from clipaudit.io.tables import output_filesystem, table_files
+from clipaudit.io.outputs import output_layout
+from clipaudit.io.tables import table_files
 from clipaudit.spec import JobSpec, spec_from_json
 
 @dataclass(frozen=True)
@@ -31,15 +31,12 @@ class Audit:
     def open(cls, output: str | Path, storage_options: Mapping[str, Any] | None = None) -> Audit:
         """The output at ``output`` (a folder or a URL; a URL's ``storage_options`` may hold
         ``${VAR}`` references). Nothing is read yet."""
-        fs, root = output_filesystem(output, storage_options)
-        return cls(str(output), fs, root, isinstance(output, str) and is_url(output))
+        return cls.of(output_layout(output, storage_options).store, str(output))
 
     @classmethod
-    def of(cls, store: Store) -> Audit:
-        """The output a writer's store holds (a local folder or an output URL)."""
-        if store.remote:
-            return cls(store.where, store.fs, store.root, True)
-        return cls.open(store.base)
+    def of(cls, store: Store, where: str | None = None) -> Audit:
+        """The output a store holds (a local folder or an output URL)."""
+        return cls(where or store.where, store.fs, store.root, store.remote)
 
     def path(self, name: Path | str) -> str:
         """Where the output file ``name`` (relative, e.g. ``NAMES.metrics``) is on the file system."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from clipaudit.data.checkpoints import checkpoint_problem
 from clipaudit.data.labels import LabelsError, ShardMatcher, read_controls, read_labels
-from clipaudit.data.shards import ShardPatternError
+from clipaudit.data.shards import ShardPatternError, expand_shards
 from clipaudit.data.storage import StorageError, resolve_options, stat_urls
 from clipaudit.data.urls import check_backend, is_url, protocol
 from clipaudit.spec import JobSpec, SpecError, load_spec, looks_like_path
@@ -57,7 +57,7 @@ def check_inputs(spec: JobSpec, need_backends: bool = True) -> None:
         if isinstance(value, Path) and not value.is_file():
             raise SpecError(f"{key}: file not found: {value}")
     try:
-        shards = spec.shard_list()
+        shards = expand_shards(spec.data.shards)
     except ShardPatternError as e:
         raise SpecError(f"data.shards: {e}") from None
     missing = [s for s in shards if not is_url(s) and not Path(s).is_file()]

@@ -22,6 +22,7 @@ from clipaudit.model.loading import hf_offline, hub_weights
 from clipaudit.data.labels import LabelsError, missing_from_pool, missing_names_message, read_controls, read_labels
 from clipaudit.spec import JobSpec, ModelSpec, SpecError
 from clipaudit.app.resolve import numerics
+from clipaudit.data.shards import expand_shards
 
 #: local shards whose tar headers a dry run reads; beyond this an evenly spaced sample is extrapolated
 COUNT_AT_MOST = 200
@@ -99,7 +100,7 @@ def unchecked_inputs(spec: JobSpec) -> list[Unchecked]:
     out = []
     for key, m in spec.model_specs().items():
         out += _model_inputs(key, m)
-    remote = [s for s in spec.shard_list() if is_url(s)]
+    remote = [s for s in expand_shards(spec.data.shards) if is_url(s)]
     for proto in sorted({protocol(s) for s in remote}):
         of = [s for s in remote if protocol(s) == proto]
         value = of[0] if len(of) == 1 else f"{len(of)} shards, {of[0]} … {of[-1]}"
@@ -248,7 +249,7 @@ def make_plan(spec: JobSpec, done: int, bench: dict[str, Any] | None = None) -> 
     """The plan of ``spec``, ``done`` of whose shards are already finished."""
     unchecked = unchecked_inputs(spec)
     check_name_coverage(spec, read_urls=False)
-    shards = spec.shard_list()
+    shards = expand_shards(spec.data.shards)
     images, note = count_images(shards)
     actors, actors_note, gpus, gpus_note = _actors(spec, len(shards) - done)
     here = device_here(spec)

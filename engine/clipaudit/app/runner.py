@@ -30,6 +30,7 @@ from clipaudit.io.tables import duckdb_views
 from clipaudit.data.urls import is_url
 from clipaudit.data.storage import StorageError, last_stat, stat_urls
 from clipaudit.app.audit import Audit
+from clipaudit.data.shards import expand_shards
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
     job_state = {"map_hash": fingerprint_hash(fingerprint), "map_fingerprint": fingerprint, "spec": spec.public_json()}
     if layout.read_json(layout.job_state) != job_state:
         layout.write_json(layout.job_state, job_state)
-    shards = spec.shard_list()
+    shards = expand_shards(spec.data.shards)
     done = layout.finished(shards)  # one listing of the markers and parts, not a read per shard
     todo = [s for s in shards if s not in done]
     if len(todo) < len(shards):

@@ -8,8 +8,9 @@ then published in one step: on local disk fsynced and renamed into place (the fo
 too), on object storage one upload of the whole file — an object appears only when its upload
 completes, so a reader never sees half a file, and a file published after another (a shard's
 marker after its parts) is never seen before it. Nothing is copied from the store to local disk;
-for an output URL the base folder is a local scratch folder that holds only temp files and
-DuckDB's spill (``$CLIPAUDIT_SCRATCH_DIR``, default under the system's temp folder).
+for an output URL the base folder is a local scratch folder that holds only temp files, DuckDB's
+spill, the lock file and the cached name state (``$CLIPAUDIT_SCRATCH_DIR``, default under the
+system's temp folder).
 
 One writer at a time: an output URL has no lock that spans machines, so only one run or reduce
 may write to it at once (the local lock covers one machine; see :meth:`Store.warn_single_writer`).
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Mapping
 
+import fsspec
+
 from clipaudit.data.storage import StorageError, describe_error, url_to_fs
 from clipaudit.io.atomic import replace_durably
 
@@ -45,7 +48,8 @@ def scratch_root() -> Path:
 @dataclass(frozen=True)
 class Store:
     """The files of one output: ``base`` (a local path) stands for ``root`` on ``fs``; ``url`` is
-    the output URL, None for a local folder (then ``base`` is the folder itself)."""
+    the output URL, None for a local folder (then ``base`` is the folder itself, ``fs`` the local
+    file system, and writes are renames on disk)."""
 
     base: Path
     url: str | None = None
@@ -54,7 +58,8 @@ class Store:
 
     @classmethod
     def local(cls, folder: Path) -> Store:
-        return cls(folder)
+        """The store of a local folder (its fsspec file system serves readers such as ``query``)."""
+        return cls(folder, None, fsspec.filesystem("file"), str(Path(folder).resolve()))
 
     @classmethod
     def for_url(cls, url: str, storage_options: Mapping[str, Any] | None = None) -> Store:

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-from collections.abc import Mapping
 
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from clipaudit.data.storage import StorageError, describe_error, url_to_fs
-from clipaudit.data.urls import is_url
+from clipaudit.data.storage import StorageError, describe_error
 from clipaudit.io.outputs import RELATIVE, OutputLayout
 
 #: view name → where its rows are, relative to the output root: a Parquet file, or a folder of parts
@@ -23,20 +21,6 @@ TABLES = {"samples": RELATIVE.samples_dir, "identities": RELATIVE.identities, "e
 #: tables whose parts count only with their shard's marker: a writer killed between a shard's
 #: part and its marker leaves a part that resume redoes, and readers must not count it either
 VOUCHED = ("samples", "embeddings")
-
-
-def output_filesystem(output: str | Path, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
-    """(fsspec file system, root path on it) of an output folder or output URL; a URL's storage
-    options may hold ``${VAR}`` references (resolved here)."""
-    if isinstance(output, str) and is_url(output):
-        try:
-            fs, root = url_to_fs(output, storage_options)
-        except ImportError as e:
-            raise StorageError(f"output {output}: {e}") from None
-        return fs, root.rstrip("/")
-    import fsspec
-
-    return fsspec.filesystem("file"), str(Path(str(output).removeprefix("file://")).resolve())
 
 
 def table_files(fs: Any, root: str, where: str = "", vouched: bool = True) -> dict[str, list[str]]:

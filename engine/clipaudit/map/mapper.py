@@ -33,6 +33,7 @@ from clipaudit.io.outputs import OutputLayout, PartWriter
 from clipaudit.contract.schemas import load_schema
 from clipaudit.spec import JobSpec
 from clipaudit.data.device_decode import decode_on_device
+from clipaudit.data.shards import expand_shards
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def always_scored(spec: JobSpec) -> Controls:
     """The units every attack's sample keeps (see ``SampleSpec``): the labelled identities and
     images, members and non-members alike, and the controls; image rows matched to the job's
     shards. Their content enters the map hash of a job that samples (see ``map_fingerprint``)."""
-    matcher = ShardMatcher(spec.shard_list())
+    matcher = ShardMatcher(expand_shards(spec.data.shards))
     opts = spec.data.storage_options
     controls = spec.calibration.controls
     out = control_set(controls, None, matcher, opts) if controls is not None else Controls()

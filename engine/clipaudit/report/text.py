@@ -117,7 +117,18 @@ def metrics_table(metrics: dict) -> list[str]:
     widths = (22, 9, 20, 9, 38)
     lines = [" ".join(c.ljust(w) for c, w in zip(r, widths)) + " " + r[-1]
              for r in [METRICS_HEADER, *metrics_rows(metrics)]]
-    return [line.rstrip() for line in lines] + shift_warnings(metrics) + shift_checks(metrics)
+    return [line.rstrip() for line in lines] + sample_lines(metrics) + shift_warnings(metrics) + shift_checks(metrics)
+
+
+def sample_lines(metrics: dict) -> list[str]:
+    """One line per score whose attack scored a sample (``attacks.<name>.sample``)."""
+    out = []
+    for name, entry in metrics.items():
+        sample = entry.get("sample") if isinstance(entry, dict) else None
+        if isinstance(sample, dict):
+            out.append(f"{name}: scored {sample['scored_images']} of {sample['ok_images']} ok images — "
+                       f"{sample['note']}")
+    return out
 
 
 def summary_lines(s: dict) -> list[str]:
