@@ -280,3 +280,15 @@ def test_a_ray_this_process_started_is_this_machine_and_asks_no_autoscaler(tmp_p
     _tar(tmp_path / "a.tar", ["k"])
     spec = load_job(_job(tmp_path, "a.tar", compute="{executor: ray, workers: 2, gpu_wait_s: 600}"))
     assert detect_device_type(spec) == "cpu" and cluster.requests == []
+
+
+def test_the_dry_run_counts_forward_passes_per_image_by_attack(tmp_path, capsys):
+    """Each attack's views, crops and masks, from its own registry entry; a sampled one says so."""
+    _tar(tmp_path / "a.tar", ["k"])
+    job = _job(tmp_path, "a.tar", compute="{executor: local}")
+    job.write_text(job.read_text() + "attacks: {idia: {}, encodermi: {views: 10}, mim: {}, "
+                                      "partcrop: {crops: 32, sample: {per_identity: 2}}}\n")
+    assert main(["run", str(job), "--dry-run"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("forward passes per image:"))
+    assert line == ("forward passes per image: 1 (the embedding) + encodermi 10 + partcrop 33 on a sample (up to 2 "
+                    "image(s) per identity and shard) + mim 3; 14 per image scored by every attack")

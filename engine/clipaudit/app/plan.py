@@ -22,6 +22,7 @@ from clipaudit.model.loading import hf_offline, hub_weights
 from clipaudit.data.labels import LabelsError, missing_from_pool, missing_names_message, read_controls, read_labels
 from clipaudit.spec import JobSpec, ModelSpec, SpecError
 from clipaudit.app.resolve import numerics
+from clipaudit.contract.registry import available
 from clipaudit.data.shards import expand_shards
 
 #: local shards whose tar headers a dry run reads; beyond this an evenly spaced sample is extrapolated
@@ -52,6 +53,27 @@ class Plan:
     estimate: str
     unchecked: list[Unchecked] = field(default_factory=list)
     numerics: str = ""  # device, precision, index, decode as the run resolves them here ("" on a cluster)
+    passes: str = ""  # vision-tower forward passes per image, by attack
+
+
+def forward_passes(spec: JobSpec) -> str:
+    """The vision tower's forward passes per image: the embedding, then each enabled attack's own
+    (on its sampled images only, where it samples)."""
+    parts, total = ["1 (the embedding)"], 1
+    for attack in available(spec.plugins):
+        if attack.name not in spec.attacks.enabled() or attack.image_passes is None:
+            continue
+        params = getattr(spec.attacks, attack.name)
+        n = attack.image_passes(params)
+        if not n:
+            continue
+        sample = getattr(params, "sample", None)
+        if sample is not None:
+            parts.append(f"{attack.name} {n} on a sample (up to {sample.per_identity} image(s) per identity and shard)")
+        else:
+            parts.append(f"{attack.name} {n}")
+            total += n
+    return " + ".join(parts) + f"; {total} per image scored by every attack"
 
 
 def _remote_reason(url: str) -> str:
@@ -258,7 +280,7 @@ def make_plan(spec: JobSpec, done: int, bench: dict[str, Any] | None = None) -> 
         remote_pool = isinstance(spec.names, str) and is_url(spec.names)
         resolved = ", ".join(f"{k} {v}" for k, v in numerics(spec, here, read_pool=not remote_pool).items())
     return Plan(len(shards), done, images, note, actors, actors_note, gpus, gpus_note,
-                _estimate(spec, bench, images, actors), unchecked, resolved)
+                _estimate(spec, bench, images, actors), unchecked, resolved, forward_passes(spec))
 
 
 def format_plan(plan: Plan) -> list[str]:
@@ -268,6 +290,7 @@ def format_plan(plan: Plan) -> list[str]:
         f"actors: {plan.actors_note}" if plan.actors is None else f"actors: {plan.actors} ({plan.actors_note})",
         f"GPUs: {plan.gpus_note}" if plan.gpus is None else f"GPUs: {plan.gpus:g} ({plan.gpus_note})",
         f"numerics: {plan.numerics}" if plan.numerics else "numerics: decided by the cluster's GPUs when it runs",
+        f"forward passes per image: {plan.passes}",
         f"estimated time: {plan.estimate}",
     ]
     if plan.unchecked:

@@ -86,6 +86,7 @@ class CaptionAttack:
 
 CAPTION = register(Attack(
     name="caption",
+    image_passes=lambda p: 0 if p.reference_model is None else 1,  # the reference model's embedding
     position=4,
     title="image-caption cosine (after M^4I)",
     params=CaptionParams,

@@ -66,6 +66,7 @@ def set_pooling(X: np.ndarray, quantiles: int = 11) -> np.ndarray:
 
 ENCODERMI = register(Attack(
     name="encodermi",
+    image_passes=lambda p: p.views,
     position=1,
     title="EncoderMI (augmented-view similarity)",
     params=EncoderMIParams,

@@ -62,6 +62,7 @@ class MimAttack(StatelessAttack):
 
 MIM = register(Attack(
     name="mim",
+    image_passes=lambda p: len(p.mask_ratios),
     position=3,
     title="masked-view consistency (after MIM)",
     params=MimParams,

@@ -127,6 +127,7 @@ def paper_responses(X: np.ndarray) -> np.ndarray:
 
 PARTCROP = register(Attack(
     name="partcrop",
+    image_passes=lambda p: p.crops + 1,  # the crops, and a second pass of the input for its patch tokens
     position=2,
     title="PartCrop (part-crop responses)",
     params=PartCropParams,

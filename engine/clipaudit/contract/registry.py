@@ -142,6 +142,9 @@ class Attack:
     #: its columns' place in the published schemas among the built-ins (lower first); plugins
     #: without one follow in registration order
     position: float = float("inf")
+    #: params → the forward passes of the vision tower its map side adds per scored image (views,
+    #: crops, masked copies, a reference model's pass); None: none (it uses the image's embedding)
+    image_passes: Callable[[Any], int] | None = None
 
     def map_fingerprint(self, params: BaseModel) -> dict[str, Any]:
         """The parameters that change what the map step writes (an unset ``sample``, scoring every
