@@ -159,7 +159,7 @@ def _all_scores(layout, learned):
 
     out = {}
     for part in sorted(layout.samples_dir.glob("*.parquet")):
-        t = ok_rows(part, learned.columns)
+        t = ok_rows(part, learned.columns, layout.store)
         for name, s in learned.scores(part.name, t).items():
             out.setdefault(name, []).append(s)
     return {n: np.concatenate(v) for n, v in out.items()}

@@ -23,6 +23,7 @@ from clipaudit.data.labels import LabelsError, missing_from_pool, missing_names_
 from clipaudit.spec import JobSpec, ModelSpec, SpecError
 from clipaudit.app.resolve import numerics
 from clipaudit.contract.registry import available
+from clipaudit.executors.ray import named_cluster
 from clipaudit.data.shards import expand_shards
 
 #: local shards whose tar headers a dry run reads; beyond this an evenly spaced sample is extrapolated
@@ -173,7 +174,7 @@ def device_here(spec: JobSpec) -> str | None:
     import torch
 
     c = spec.compute
-    if c.executor == "ray" and (c.ray_address or os.environ.get("RAY_ADDRESS")):
+    if c.executor == "ray" and named_cluster(c.ray_address):
         return None
     has_gpu = torch.cuda.is_available()
     if c.device.startswith("cuda") and not has_gpu:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from clipaudit.contract.registry import available
 from clipaudit.core.hashing import sha256_file
 from clipaudit.data.names import load_name_pool, read_pool_bytes
 from clipaudit.data.urls import is_url
-from clipaudit.executors.ray import cluster_gpus, cluster_resources, gpu_bundles
+from clipaudit.executors.ray import cluster_gpus, cluster_resources, gpu_bundles, named_cluster
 from clipaudit.model.name_index import ivf_params, resolve_backend
 from clipaudit.spec import JobSpec, ModelSpec, SpecError, looks_like_path, map_output_format
 
@@ -44,7 +43,7 @@ def detect_device_type(spec: JobSpec, wait: bool = True) -> str:
                             f"compute.gpu_wait_s = {c.gpu_wait_s:g} s of asking the autoscaler for {len(bundles)} "
                             f"× {bundles[0]} (cluster resources: {cluster_resources()}); check that a node type "
                             "with GPUs can start, or use device: auto or cpu")
-        if c.ray_address or os.environ.get("RAY_ADDRESS"):  # a cluster, not this machine's own Ray
+        if named_cluster(c.ray_address):  # a cluster, not this machine's own Ray
             log.warning("compute.device: auto and the Ray cluster has no GPU after %g s: the map step runs on CPU",
                         c.gpu_wait_s)
         return "cpu"

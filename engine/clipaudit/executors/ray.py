@@ -90,6 +90,12 @@ def ensure_ray(address: str | None) -> bool:
     return True
 
 
+def named_cluster(address: str | None) -> bool:
+    """Whether the job runs on a Ray cluster named by ``address`` or ``RAY_ADDRESS`` (not a Ray
+    that this process starts on this machine)."""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
 def cluster_gpus(address: str | None, compute: ComputeSpec | None = None) -> float:
     """GPUs of the Ray cluster the job runs on: connected to when it is a remote one; a local
     Ray is not started for this (its GPUs are this machine's). With ``compute`` (a job that maps
@@ -97,12 +103,12 @@ def cluster_gpus(address: str | None, compute: ComputeSpec | None = None) -> flo
     import sys
 
     running = sys.modules.get("ray")
-    if not (address or os.environ.get("RAY_ADDRESS")) and not (running is not None and running.is_initialized()):
+    remote = named_cluster(address)
+    if not remote and not (running is not None and running.is_initialized()):
         import torch
 
         return float(torch.cuda.device_count())
     ensure_ray(address)
-    remote = bool(address or os.environ.get("RAY_ADDRESS"))  # not a Ray this process started on its machine
     if remote and compute is not None and compute.gpus_per_worker > 0 and compute.device != "cpu":
         return wait_for_gpus(compute)
     return float(_ray().cluster_resources().get("GPU", 0.0))

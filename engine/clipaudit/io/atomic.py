@@ -1,5 +1,6 @@
-"""Atomic, durable file writes on local disk: a temp name on the same file system, fsync,
-rename, fsync of the folder (an output's files go through :mod:`clipaudit.io.store`)."""
+"""Atomic, durable file writes: a temp name on the same file system, fsync, then a ``finish``
+step — by default a rename into place and an fsync of the folder; an output's files are finished
+by their store instead (:meth:`clipaudit.io.store.Store.publish`: the same rename, or one upload)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import uuid
 from pathlib import Path
 from typing import Any
+from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -51,21 +53,27 @@ def replace_durably(tmp: Path, path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+#: ``finish(finished_temp_file, final_path)``: puts a written, fsynced temp file in its place
+Finish = Callable[[Path, Path], None]
+
+
+def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None, finish: Finish = replace_durably) -> None:
     tmp = temp_path(path, tmp_dir)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    replace_durably(tmp, path)
+    finish(tmp, path)
 
 
-def atomic_write_json(path: Path, obj: Any, tmp_dir: Path | None = None) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), tmp_dir)
+def atomic_write_json(path: Path, obj: Any, tmp_dir: Path | None = None, finish: Finish = replace_durably) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), tmp_dir,
+                       finish)
 
 
-def atomic_write_table(path: Path, table: pa.Table, tmp_dir: Path | None = None) -> None:
+def atomic_write_table(path: Path, table: pa.Table, tmp_dir: Path | None = None,
+                       finish: Finish = replace_durably) -> None:
     tmp = temp_path(path, tmp_dir)
     pq.write_table(table, tmp, compression="zstd")
     fsync_file(tmp)
-    replace_durably(tmp, path)
+    finish(tmp, path)

@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 
 from clipaudit.core.errors import ClipauditError
 from clipaudit.data.urls import is_url
-from clipaudit.io.atomic import fsync_file, replace_durably, temp_path, temp_prefix
+from clipaudit.io.atomic import (atomic_write_bytes, atomic_write_json, atomic_write_table, fsync_file,
+                                 replace_durably, temp_path, temp_prefix)
 from clipaudit.io.store import Store
 
 log = logging.getLogger(__name__)
@@ -92,22 +93,14 @@ class OutputLayout:
         return self.store.where
 
     def write_bytes(self, path: Path, data: bytes) -> None:
-        """Write a whole file: a temp file under ``_tmp/``, fsynced, then published."""
-        tmp = temp_path(path, self.tmp_dir)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        self.store.publish(tmp, path)
+        """Write a whole file: a temp file under ``_tmp/``, fsynced, then published by the store."""
+        atomic_write_bytes(path, data, self.tmp_dir, self.store.publish)
 
     def write_json(self, path: Path, obj: Any) -> None:
-        self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+        atomic_write_json(path, obj, self.tmp_dir, self.store.publish)
 
     def write_table(self, path: Path, table: pa.Table) -> None:
-        tmp = temp_path(path, self.tmp_dir)
-        pq.write_table(table, tmp, compression="zstd")
-        fsync_file(tmp)
-        self.store.publish(tmp, path)
+        atomic_write_table(path, table, self.tmp_dir, self.store.publish)
 
     def read_json(self, path: Path) -> Any | None:
         return self.store.read_json(path)

@@ -282,13 +282,13 @@ class _FitSet:
         return part[order], row[order], group[order], y[order], X[order]
 
 
-def ok_rows(part: Path, columns: list[str], store: Store | None = None):
+def ok_rows(part: Path, columns: list[str], store: Store):
     """A ``samples/`` part's ok rows: ``shard``, ``key``, ``position``, ``identity``, ``status`` and
-    ``columns``; read through ``store`` (default: a local file)."""
+    ``columns``; read through the output's ``store``."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    with (store or Store.local(part.parent)).open(part) as f:
+    with store.open(part) as f:
         t = pq.read_table(f, columns=list(dict.fromkeys(["shard", "key", "position", "identity", "status", *columns])))
     return t.filter(pc.equal(t["status"], "ok"))
 
@@ -305,7 +305,7 @@ def pseudo_source(attack: str, signals: list[str]) -> str | None:
 
 
 def _weak_cuts(parts: list[Path], own: dict[str, str], controls: Controls,
-               quantile: float = PSEUDO_QUANTILE, copies: Copies | None = None, store: Store | None = None
+               store: Store, quantile: float = PSEUDO_QUANTILE, copies: Copies | None = None
                ) -> tuple[dict[str, float | None], dict[str, int]]:
     """Per signal (name → score column): its ``quantile`` among the control images (None with
     fewer than :data:`MIN_WEAK` controls), and how many candidate images have it — the first
@@ -373,7 +373,7 @@ def score_candidates(layout, params: dict[str, Any], labels: Labels | None,
     candidates: dict[str, int] = {}
     if weak:
         signals = {s.name: f"{s.name}_score" for s in score_list(tuple(params), "image")}
-        signal_cuts, signal_candidates = _weak_cuts(parts, signals, controls, copies=copies, store=store)  # type: ignore[arg-type]
+        signal_cuts, signal_candidates = _weak_cuts(parts, signals, controls, store, copies=copies)  # type: ignore[arg-type]
         for name in attacks:
             source = pseudo_source(name, [s for s, c in signal_cuts.items() if c is not None])
             if source is None:

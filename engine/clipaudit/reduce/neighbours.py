@@ -58,11 +58,11 @@ class Copies:
         self.by_shard = by_shard
 
     @classmethod
-    def load(cls, path: Path | None, store: Store | None = None) -> Copies | None:
-        """None without a path (``--near-duplicates`` off); read through ``store`` where given."""
+    def load(cls, path: Path | None, store: Store) -> Copies | None:
+        """None without a path (``--near-duplicates`` off); read through the output's ``store``."""
         if path is None:
             return None
-        with (store or Store.local(path.parent)).open(path) as f:
+        with store.open(path) as f:
             t = pq.read_table(f, columns=["shard", "position"])
         shards = np.array(t.column("shard").to_pylist(), dtype=object)
         positions = t.column("position").to_numpy(zero_copy_only=False).astype(np.int64)
