@@ -405,6 +405,6 @@ class gcs_emulator(_local_server):
 
 def output_files(folder: Path) -> set[str]:
     """The files of an output folder that belong on a store, as relative POSIX paths: not the
-    temp and cache folders or the lock file."""
+    temp folder or the lock file."""
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()
-            and p.relative_to(folder).parts[0] not in ("_tmp", "_cache") and p.name != ".clipaudit.lock"}
+            and p.relative_to(folder).parts[0] not in ("_tmp",) and p.name != ".clipaudit.lock"}

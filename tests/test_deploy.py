@@ -64,8 +64,15 @@ def test_memory_quantities_read_as_kubernetes_reads_them():
         _bytes("lots")
 
 
+def _nightly_commands(rayjob: dict) -> list[list[str]]:
+    """The entrypoint's commands (joined by &&), with $OUT replaced by the value it is given."""
+    texts = [t.strip() for t in rayjob["spec"]["entrypoint"].split("&&")]
+    out = next((t[len("OUT="):] for t in texts if t.startswith("OUT=")), None)
+    return [[out if a == "$OUT" and out else a for a in shlex.split(t)] for t in texts if not t.startswith("OUT=")]
+
+
 def _nightly_command(rayjob: dict) -> list[str]:
-    return shlex.split(rayjob["spec"]["entrypoint"])
+    return _nightly_commands(rayjob)[0]
 
 
 def test_rayjob_submits_the_nightly_job_on_gpu_workers_and_cleans_up():
@@ -75,6 +82,10 @@ def test_rayjob_submits_the_nightly_job_on_gpu_workers_and_cleans_up():
     spec = rayjob["spec"]
     argv = _nightly_command(rayjob)
     assert argv[:3] == ["clipaudit", "run", "jobs/nightly.yaml"], argv
+    # the map step on the GPU workers, then the reduce step of the same output once they are released
+    assert "--map-only" in argv
+    [reduce] = _nightly_commands(rayjob)[1:]
+    assert reduce == ["clipaudit", "reduce", argv[argv.index("--output") + 1]], reduce
     assert (ROOT / argv[2]).is_file()
     assert yaml.safe_load(spec["runtimeEnvYAML"])["working_dir"] == "/app"  # where the image keeps jobs/
     assert spec["shutdownAfterJobFinishes"] is True
@@ -95,6 +106,10 @@ def test_rayjob_submits_the_nightly_job_on_gpu_workers_and_cleans_up():
                 assert _bytes(v["emptyDir"]["sizeLimit"]) < limit, (v, limit)
     groups = cluster["workerGroupSpecs"]
     assert groups, "no worker group"
+    # GPU workers come and go with the job's request: autoscaling, none kept while idle, room for the job's actors
+    assert cluster["enableInTreeAutoscaling"] is True
+    workers = yaml.safe_load((ROOT / "jobs" / "nightly.yaml").read_text())["compute"]["workers"]
+    assert all(g["minReplicas"] == 0 for g in groups) and sum(g["maxReplicas"] for g in groups) >= workers
     for group in groups:
         worker = group["template"]["spec"]["containers"][0]
         for kind in ("requests", "limits"):

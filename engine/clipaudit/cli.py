@@ -89,8 +89,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from clipaudit.report.text import print_report
 
     report = run_job(spec, force=args.force, progress=not (args.no_progress or args.quiet),
-                     spec_text=Path(args.job).read_text())
+                     spec_text=Path(args.job).read_text(), map_only=args.map_only)
     print_report(report)
+    if args.map_only and not args.quiet:
+        print(f"map step done; the reduce step: clipaudit reduce {report.layout.where}")
     if not args.quiet and report.layout.store.is_file(report.layout.identities):
         print(f'query: clipaudit query {report.layout.where} "{_example_query(spec.attacks.enabled())}"')
     return EXIT_OK if report.ok else EXIT_FAILED_SHARDS
@@ -237,7 +239,7 @@ def _reduce_locked(args: argparse.Namespace, layout) -> int:
     from dataclasses import replace
 
     from clipaudit.reduce import reduce_outputs
-    from clipaudit.app.runner import reduce_options, saved_spec
+    from clipaudit.app.runner import complete_summary, reduce_options, saved_spec
 
     opts = reduce_options(saved_spec(layout))
     settings = list(args.set or [])
@@ -262,6 +264,7 @@ def _reduce_locked(args: argparse.Namespace, layout) -> int:
                             "fits and saves its attackers)")
         opts = replace(opts, attackers=Path(args.attackers))
     opts = replace(opts, **_spec_checked(args))
+    complete_summary(layout)  # what a --map-only run left to this step
     result = reduce_outputs(layout, opts)
     print("wrote " + ", ".join(layout.store.location(p) for p in result.written))
     from clipaudit.report.text import calibration_lines, metrics_table
@@ -335,6 +338,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = run_load_bench(Path(args.under_load), busy=args.busy, repeat=args.repeat, log=log)
         _bench_output(args, result, "\n".join(f"{k:26s} {v}" for k, v in result.items()))
         return EXIT_OK
+    if args.scale:
+        from clipaudit.bench.scale import run_scale_bench
+
+        if args.shards < 1 or (args.names is not None and args.names < 1):
+            raise UserError("--scale: --shards and --names must be at least 1")
+        result = run_scale_bench(names=args.names or 1_000_000, shards=args.shards, workers=args.workers, log=log)
+        _bench_output(args, result, "\n".join(f"{k:26s} {v}" for k, v in result.items()))
+        return EXIT_OK if all(result["meets"].values()) else EXIT_FAILED_SHARDS
     if args.quick:
         from clipaudit.bench.quick import run_quick
 
@@ -348,7 +359,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     result = run_bench(model=args.model, pretrained=args.pretrained, precision=args.precision, device=args.device,
                        n_images=args.images, batch_size=args.batch_size, decode_threads=args.decode_threads,
-                       attacks=args.attacks, image_px=args.image_px, n_names=args.names, repeat=args.repeat,
+                       attacks=args.attacks, image_px=args.image_px, n_names=args.names or 100, repeat=args.repeat,
                        log=log)
     _bench_output(args, result, format_bench(result))
     return EXIT_OK
@@ -417,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "cannot be checked from here (object storage, hub weights); run nothing")
     r.add_argument("--bench", metavar="BENCH_JSON",
                    help="with --dry-run: a `clipaudit bench --json-out` record of the same model, for a time estimate")
+    r.add_argument("--map-only", action="store_true",
+                   help="stop after the map step and its summary; run the reduce step later with `clipaudit reduce "
+                        "OUTPUT` (e.g. on a CPU node once the GPU workers are released)")
     r.add_argument("--no-progress", action="store_true",
                    help="no progress (a bar on a terminal, else a `map progress:` line every "
                         "compute.progress_interval_s)")
@@ -511,8 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
     b.add_argument("--decode-threads", type=int, default=2, help="JPEG decode threads of the map step (default 2)")
     b.add_argument("--image-px", type=int, default=256, help="side of the synthetic JPEGs (default 256)")
-    b.add_argument("--names", type=int, default=100,
-                   help="name-pool size (its encoding is start-up, timed apart; default 100)")
+    b.add_argument("--names", type=int, default=None,
+                   help="name-pool size (its encoding is start-up, timed apart; default 100; with --scale 1,000,000)")
     b.add_argument("--attacks", default="default",
                    help="all, default, or registered attack names joined by + (default: default = the attacks a job "
                         "runs by default)")
@@ -520,6 +534,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true",
                    help="every speed figure (model-only, end to end, naive loop, augmentation, name index and its "
                         "recall, memory, 1 vs 2 processes) on a small 96-px model, ~3 min on a 2-core CPU")
+    b.add_argument("--scale", action="store_true",
+                   help="instead: a CPU rehearsal at LAION sizes except the model — a local S3 server, a local Ray, "
+                        "--names names × 21 templates, --shards shards through a tiny model; memory, driver time per "
+                        "shard and bytes against their targets (exit 1 when one is missed; ~10 min on 2 cores)")
+    b.add_argument("--shards", type=int, default=2000, help="with --scale: shards of 2 images (default 2000)")
+    b.add_argument("--workers", type=int, default=2, help="with --scale: map actors (default 2)")
     b.add_argument("--reduce", metavar="ROWS,ROWS",
                    help="instead: the reduce step's peak memory and time on synthetic output folders of these sizes "
                         "(rows, e.g. 1000000,10000000; written to a temp folder, ~280 MB per million rows)")

@@ -141,6 +141,11 @@ class ComputeSpec(_Strict):
         3600.0, gt=0, description="Ray executor: a shard still running this long is abandoned, its actor killed and "
                                   "replaced, and the shard retried (an attempt); the local executor cannot cancel")
     ray_address: str | None = Field(None, description="None: RAY_ADDRESS or a local Ray")
+    state_dir: str | None = Field(
+        None, description="folder or URL (s3://, gs://, …) where per-job attack state (the name pool's text "
+                          "embeddings) is kept by a key of model, weights, precision, device type and pool: a later "
+                          "job with the same key, on any machine, reuses it; default: _state/ in the output (share "
+                          "one between jobs, e.g. a nightly audit, to build it once)")
     gpu_wait_s: float = Field(
         900.0, ge=0, description="on a Ray cluster: how long to wait for the map step's GPUs, which are asked "
                                  "of the autoscaler (workers × gpus_per_worker) when the job starts")

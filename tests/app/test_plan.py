@@ -290,5 +290,5 @@ def test_the_dry_run_counts_forward_passes_per_image_by_attack(tmp_path, capsys)
                                       "partcrop: {crops: 32, sample: {per_identity: 2}}}\n")
     assert main(["run", str(job), "--dry-run"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("forward passes per image:"))
-    assert line == ("forward passes per image: 1 (the embedding) + encodermi 10 + partcrop 33 on a sample (up to 2 "
+    assert line == ("forward passes per image: 1 (the embedding) + encodermi 10 + partcrop 32 on a sample (up to 2 "
                     "image(s) per identity and shard) + mim 3; 14 per image scored by every attack")

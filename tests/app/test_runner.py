@@ -335,8 +335,10 @@ def test_swapped_checkpoint_is_refused_on_resume_unless_forced(job, tiny_model, 
     assert [r["key"] for r in after] == [r["key"] for r in before]
     changed = [a["caption_score"] != b["caption_score"] for a, b in zip(after, before) if a["has_caption"]]
     assert all(changed)  # every row was recomputed with the new weights
-    cache = list((out / "_cache").glob("shared-*.npz"))
-    assert len(cache) == 1 and map_hash(load_job(spec_path)) in cache[0].name
+    # the name state is kept by a key that includes the weights' hash: one state per content of the file
+    states = [json.loads(p.read_text()) for p in (out / "_state").glob("idia-*/manifest.json")]
+    assert len(states) == 2
+    assert len({s["identity"]["model_files"]["pretrained_sha256"] for s in states}) == 2
 
 
 def test_a_folder_whose_run_wrote_no_result_is_not_claimed(job, tiny_model, capsys):
@@ -439,3 +441,30 @@ def test_a_labelled_identity_missing_from_the_pool_stops_the_job_unless_excluded
     assert (metrics["idia"]["n_members"], metrics["idia"]["n_nonmembers"]) == (2, 1)  # Zed left out of IDIA
     zed = next(r for r in pq.read_table(out / "identities.parquet").to_pylist() if r["identity"] == "Zed Unknown")
     assert zed["in_name_pool"] is False and zed["idia_score_at_k"] is None and zed["label_member"] is False
+
+
+def test_a_map_only_run_then_the_reduce_step_writes_what_one_run_writes(job, tmp_path, capsys):
+    """`clipaudit run --map-only` leaves identities and metrics to `clipaudit reduce` (e.g. on a CPU
+    node once the GPUs are gone): the two steps write what one run writes, every column, and the
+    summary, built from the markers the workers returned, equals the one read back from the store."""
+    import pandas as pd
+
+    from clipaudit.cli import main
+
+    spec_path, _ = job
+    whole = run_job(load_job(spec_path), progress=False)
+    assert main(["run", str(spec_path), "--output", str(tmp_path / "split"), "--map-only", "--no-progress"]) == 0
+    assert "clipaudit reduce" in capsys.readouterr().out
+    split = tmp_path / "split"
+    assert not (split / "identities.parquet").exists() and not (split / "metrics.json").exists()
+    summary = json.loads((split / "_SUMMARY.json").read_text())
+    assert summary["duplicate_keys_across_shards"] is None  # left to the reduce step
+    assert main(["reduce", str(split)]) == 0
+    after = json.loads((split / "_SUMMARY.json").read_text())
+    mine = json.loads((whole.layout.summary).read_text())
+    for s in (after, mine):
+        s.pop("map_seconds_this_run")
+    assert after == mine
+    for name in ("identities.parquet", "roc.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(split / name), pd.read_parquet(whole.layout.root / name))
+    assert json.loads((split / "metrics.json").read_text()) == json.loads(whole.layout.metrics.read_text())

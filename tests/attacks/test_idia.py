@@ -93,7 +93,7 @@ def test_map_side_ranks_and_top1():
     t0 = np.eye(4, dtype=np.float32)
     t1 = t0[[1, 0, 2, 3]]
     attack = IdiaAttack(names, ["a {}", "b {}"], top_k=2)
-    attack.bind(np.stack([t0, t1]).astype(np.float16), SimpleNamespace(device=torch.device("cpu")), "faiss")
+    attack.bind([np.stack([t0, t1]).astype(np.float16)], SimpleNamespace(device=torch.device("cpu")), "faiss")
     emb = torch.tensor([[1.0, 0.5, 0, 0], [0, 0, 0.2, 1.0]])
     samples = [Sample("s", "k0", 0, identity="Ann"), Sample("s", "k1", 1, identity="Cy")]
     batch = lambda: MapBatch(samples, None, emb, None, 0, 8)  # noqa: E731
@@ -237,12 +237,12 @@ def test_template_average_is_the_normalised_mean_and_needs_tau_1():
         def encode_texts(self, texts):
             return torch.from_numpy(per_template[texts[0].split()[0] + " {}"])
 
-    state = IdiaAttack(["x", "y", "z"], ["a {}", "b {}"], 2, average=True).shared_state(Model())
+    state = IdiaAttack(["x", "y", "z"], ["a {}", "b {}"], 2, average=True).state_slice(Model(), 0, 3)
     mean = (per_template["a {}"].astype(np.float16).astype(np.float32)
             + per_template["b {}"].astype(np.float16).astype(np.float32)) / 2
     assert state.shape == (1, 3, 8)
     np.testing.assert_allclose(state[0], mean / np.linalg.norm(mean, axis=1, keepdims=True), atol=2e-3)
-    assert IdiaAttack(["x", "y", "z"], ["a {}", "b {}"], 2).shared_state(Model()).shape == (2, 3, 8)
+    assert IdiaAttack(["x", "y", "z"], ["a {}", "b {}"], 2).state_slice(Model(), 0, 3).shape == (2, 3, 8)
     with pytest.raises(ValidationError, match="tau must be 1"):
         IdiaParams(template_average=True, tau=2)
 

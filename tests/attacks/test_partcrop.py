@@ -104,3 +104,26 @@ def test_crops_are_cut_from_the_original_and_never_from_padding(tiny_model):
     without = MapBatch(samples, centre, batch.emb, model, 0, 8)  # no sources: the model input itself
     c2, s2 = source_canvas(without, 0, 2)
     assert s2 == [(32, 32)] * 2 and torch.equal(c2, centre)
+
+
+def test_partcrop_takes_the_patch_tokens_of_the_main_pass_and_gets_what_a_pass_of_its_own_gives(
+        tiny_model, monkeypatch):
+    """The map step's main pass keeps the patch tokens (MapBatch.tokens): PartCrop reads them instead
+    of running the tower again, with the same features; a batch without them gets its own pass."""
+    from dataclasses import replace
+
+    from clipaudit.model.loading import LoadedModel
+
+    vit = load_model(str(tiny_model["config"]), str(tiny_model["checkpoint"]), "fp32", "cpu")
+    batch = _batch(vit)
+    pooled, tokens = vit.encode_unit_tokens(batch.images)
+    assert torch.equal(pooled, batch.emb)  # the main pass's embedding, bit for bit
+    calls = []
+    real = LoadedModel.encode_unit_tokens
+    monkeypatch.setattr(LoadedModel, "encode_unit_tokens", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    attack = PartCropAttack(crops=6, scale=(0.1, 0.3))
+    from_main = attack.compute(replace(batch, tokens=tokens))
+    assert calls == []
+    own = attack.compute(batch)
+    assert calls == [1]
+    assert from_main == own

@@ -190,3 +190,30 @@ def test_an_actor_whose_task_raised_a_non_io_error_is_replaced_io_errors_keep_it
             assert pid not in later and (broken, pid) in events.of("broken"), events.events
         elif shard == str(missing) and i == 0:  # handed the next shard
             assert later[0] == pid, events.events
+
+
+def test_a_pool_sized_by_the_cluster_grows_when_room_appears(tmp_path, tiny_model, ray_session, monkeypatch, caplog):
+    """A pool sized by the cluster's GPUs (or custom resources) looks at the cluster while it maps:
+    a node that joins gets actors, which take shards. Here the cluster 'grows' from room for one
+    actor to room for two (what ``_slots`` reads from ``ray.cluster_resources()``)."""
+    import logging
+
+    from clipaudit.executors.ray import RayExecutor
+
+    # enough shards that the first actor is still at work when the second has started
+    job = write_tiny_job(tmp_path, tiny_model, tmp_path / "out", shards=40, per_shard=8, attacks="{idia: {top_k: 3}}",
+                         compute="executor: ray, max_retries: 0, cpus_per_worker: 0.5")
+    looks = []
+
+    def slots(self, spec):
+        looks.append(time.monotonic())
+        return 1 if len(looks) <= 2 else 2  # the pool's size and the first check: one; then a node joins
+
+    monkeypatch.setattr(RayExecutor, "_slots", slots)
+    monkeypatch.setattr(RayExecutor, "POOL_CHECK_S", 0.5)
+    # caplog first: MapEvents then sets the executor's logger to DEBUG (its dispatch records)
+    with caplog.at_level(logging.INFO, logger="clipaudit.executors.ray"), MapEvents() as events:
+        report = run_job(load_job(job), progress=False)
+    assert report.ok and report.summary["rows"] == 320
+    assert any("room for 2 map actor(s): started 1" in r.getMessage() for r in caplog.records), caplog.text
+    assert len({pid for _, pid in events.of("dispatch")}) == 2, events.events  # the new actor took shards

@@ -45,7 +45,7 @@ def test_gpu_name_index_ranks_as_exact_cpu_search():
     text = rng.normal(size=(3, 20_000, 64)).astype(np.float32)
     text /= np.linalg.norm(text, axis=-1, keepdims=True)
     q = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(100, 64)).astype(np.float32)), dim=-1)
-    _, exact = FaissNameIndex(text).search(q, 10)
+    _, exact = FaissNameIndex([text]).search(q, 10)
     _, gpu = build_name_index(text, "torch", CUDA).search(q.to(CUDA), 10)  # fp16 on the GPU
     overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(gpu.reshape(-1, 10), exact.reshape(-1, 10))])
     assert overlap >= 0.99, overlap
@@ -63,7 +63,7 @@ def test_faiss_gpu_index_ranks_as_exact_cpu_search():
     text = rng.normal(size=(2, 20_000, 64)).astype(np.float32)
     text /= np.linalg.norm(text, axis=-1, keepdims=True)
     q = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(100, 64)).astype(np.float32)), dim=-1)
-    s_exact, exact = FaissNameIndex(text).search(q, 10)
+    s_exact, exact = FaissNameIndex([text]).search(q, 10)
     s_gpu, gpu = build_name_index(text, "faiss-gpu", CUDA).search(q.to(CUDA), 10)
     np.testing.assert_allclose(s_gpu, s_exact, atol=1e-4)
     overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(gpu.reshape(-1, 10), exact.reshape(-1, 10))])

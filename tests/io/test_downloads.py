@@ -79,3 +79,39 @@ def test_many_reasons_are_capped_with_the_rest_summed(tmp_path):
     block, _ = collect_downloads(OutputLayout(tmp_path / "out"), [str(shard)], "identity")
     assert len(block["missing_by_reason"]) == 51 and block["missing_by_reason"][OTHER] == 20
     assert sum(block["missing_by_reason"].values()) == block["missing"] == 120
+
+
+def test_status_files_on_object_storage_are_found_from_one_listing_per_folder(tmp_path, monkeypatch):
+    """Shards on object storage: their status files are found from one listing of their folder,
+    not a request per shard; a copy is kept while its source is unchanged and removed once it is gone."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    folder = "memory://inputs-downloads-test"
+    for i in range(3):
+        fs.pipe(f"{folder}/{i:05d}.tar", b"")
+    with fs.open(f"{folder}/00001.parquet", "wb") as f:
+        pq.write_table(pa.table({c: [r.get(c) for r in ROWS] for c in ["url", "key", "status", "error_message",
+                                                                          "identity"]}), f)
+    calls = {"find": 0, "info": 0}
+    for name in calls:
+        real = getattr(type(fs), name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(type(fs), name, counted)
+    shards = [f"{folder}/{i:05d}.tar" for i in range(3)]
+    layout = OutputLayout(tmp_path / "out")
+    block, per_shard = collect_downloads(layout, shards, "identity")
+    assert per_shard == {shards[1]: {"urls": 3, "missing": 2}} and block["missing"] == 2
+    assert calls == {"find": 1, "info": 0}  # one listing, no request per shard
+    part = layout.download_part(shards[1])
+    assert pq.read_table(part).num_rows == 3
+    os.utime(part, ns=(1, 1))
+    collect_downloads(layout, shards, "identity")
+    assert part.stat().st_mtime_ns == 1  # unchanged source: the copy is kept
+    fs.rm(f"{folder}/00001.parquet")
+    assert collect_downloads(layout, shards, "identity") == (None, {}) and not part.exists()
+    fs.rm(folder, recursive=True)

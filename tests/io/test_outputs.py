@@ -149,7 +149,7 @@ def test_tables_are_fsynced_before_rename(tmp_path, monkeypatch):
 
 def test_readers_see_exactly_the_committed_rows(small_audit, tmp_path):
     """pandas, polars, pyarrow.dataset and DuckDB read samples/, embeddings/ and sample_scores/ as
-    they are, with markers, the name-pool cache and a killed writer's temp files present."""
+    they are, with markers, the name state (.npy parts) and a killed writer's temp files present."""
     import shutil
 
     import duckdb
@@ -161,7 +161,7 @@ def test_readers_see_exactly_the_committed_rows(small_audit, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(small_audit, out)
     layout = OutputLayout(out)
-    assert list(layout.markers_dir.glob("*.done.json")) and list(layout.cache_dir.iterdir())
+    assert list(layout.markers_dir.glob("*.done.json")) and list(layout.state_dir.rglob("part-*.npy"))
     # a writer killed mid-part: batches written, never committed (the next run removes these)
     for folder in ("samples", "embeddings", "sample_scores"):
         table = pq.read_table(next((out / folder).glob("*.parquet")))

@@ -38,7 +38,7 @@ output: out
         layout = OutputLayout(tmp_path / name)
         mapper = ShardMapper(spec, layout, map_hash(spec))
         mapper.device_decode = on_device  # the device path, on this machine's CPU decoder
-        mapper.setup(mapper.compute_shared())
+        mapper.setup_here()
         stats = mapper.map_shard(str(tmp_path / "a.tar"))
         mapper.close()
         outs[name] = (layout.root, stats)

@@ -17,8 +17,9 @@ from clipaudit.core.hashing import sha256_file
 from clipaudit.data.names import load_name_pool, read_pool_bytes
 from clipaudit.data.urls import is_url
 from clipaudit.executors.ray import cluster_gpus, cluster_resources, gpu_bundles, named_cluster
+from clipaudit.model.files import model_files
 from clipaudit.model.name_index import ivf_params, resolve_backend
-from clipaudit.spec import JobSpec, ModelSpec, SpecError, looks_like_path, map_output_format
+from clipaudit.spec import JobSpec, SpecError, map_output_format
 
 log = logging.getLogger(__name__)
 
@@ -102,19 +103,6 @@ def pinned(spec: JobSpec, device_type: str) -> JobSpec:
         "compute": spec.compute.model_copy(update={"device": device, "index": n["index"].split("(")[0],
                                                    "decode": n["decode"]}),
     })
-
-
-def content_fingerprint(model: ModelSpec) -> dict[str, str | None]:
-    """sha256 of the model-config JSON and of the checkpoint where they are local files, so a
-    file overwritten between two runs changes the resume hash (a zoo tag or an hf-hub: id
-    stands for published weights and is hashed by name)."""
-    return {f"{key}_sha256": sha256_file(v) if v and looks_like_path(v) and not is_url(v) and Path(v).is_file()
-            else None for key, v in (("name", model.name), ("pretrained", model.pretrained))}
-
-
-def model_files(spec: JobSpec) -> dict[str, dict[str, str | None]]:
-    """Content hashes of every local model file the map step reads (see :meth:`JobSpec.model_specs`)."""
-    return {key: content_fingerprint(m) for key, m in spec.model_specs().items()}
 
 
 def map_fingerprint(spec: JobSpec, wait: bool = True) -> dict[str, Any]:

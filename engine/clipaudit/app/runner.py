@@ -26,6 +26,7 @@ from clipaudit.core.hashing import sha256_file
 from clipaudit.app.resolve import detect_device_type, fingerprint_hash, map_fingerprint, pinned
 from clipaudit.spec import JobSpec
 from clipaudit.io.downloads import collect_downloads
+from clipaudit.model.files import content_fingerprint
 from clipaudit.io.tables import duckdb_views
 from clipaudit.data.urls import is_url
 from clipaudit.data.storage import StorageError, last_stat, stat_urls
@@ -51,6 +52,7 @@ class RunReport:
     summary: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
     reduced: bool = True  # False: nothing had changed, the earlier reduce's outputs were kept
+    map_only: bool = False  # --map-only: the reduce step is left to `clipaudit reduce`
 
     @property
     def ok(self) -> bool:
@@ -105,11 +107,13 @@ def check_resume(layout: OutputLayout, fingerprint: dict[str, Any], force: bool)
         layout.clear_map_outputs()
 
 
-def summarize(layout: OutputLayout, shards: list[str], failed: list) -> dict[str, Any]:
-    """Per-shard and total counts, read back from the markers (covers earlier runs too)."""
+def summarize(layout: OutputLayout, shards: list[str], failed: list,
+              known: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Per-shard and total counts from the markers (covers earlier runs too): ``known``, the
+    markers the caller already holds (those it read, those its workers wrote), else read back."""
     per_shard, errors, warnings = [], Counter(), Counter()
     rows = ok = 0
-    done = layout.finished(shards)
+    done = known if known is not None else layout.finished(shards)
     for s in shards:
         m = done.get(s)
         if m is None:
@@ -202,21 +206,28 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def run_job(spec: JobSpec, *, force: bool = False, progress: bool = True, spec_text: str | None = None) -> RunReport:
-    """Run (or resume) an audit; the map step only touches shards without a valid marker."""
+def run_job(spec: JobSpec, *, force: bool = False, progress: bool = True, spec_text: str | None = None,
+            map_only: bool = False) -> RunReport:
+    """Run (or resume) an audit; the map step only touches shards without a valid marker.
+    ``map_only``: stop after the map step and its summary (the reduce step is then its own
+    step, ``clipaudit reduce``, e.g. on a CPU node once the GPUs are released)."""
     if device_here(spec) is not None:  # compute.device: cuda without a GPU stops here, before any work
         for m in spec.model_specs().values():  # weights that cannot be downloaded: one line, at once
             check_hub_weights(m.name, m.pretrained)
     check_name_coverage(spec)  # a labelled or control name the pool lacks: exit 2 before any work
     spec = pinned(spec, detect_device_type(spec))  # every worker computes what the resume hash says
+    if spec.compute.state_dir and not any(content_fingerprint(spec.model).values()):
+        log.warning("compute.state_dir %s is shared by key, and the weights %s are keyed by their name, not their "
+                    "content: if they change under that name (a hub repo in training), give each version its own "
+                    "state_dir", spec.compute.state_dir, spec.model.pretrained or spec.model.name)
     layout = output_layout(spec.output, spec.data.storage_options)
     layout.store.warn_single_writer()
     with layout.lock() as lock:
-        return _run_locked(layout, spec, force, progress, spec_text, exclusive=lock.held)
+        return _run_locked(layout, spec, force, progress, spec_text, exclusive=lock.held, map_only=map_only)
 
 
 def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool, spec_text: str | None,
-                exclusive: bool) -> RunReport:
+                exclusive: bool, map_only: bool = False) -> RunReport:
     started = _now()
     fingerprint = map_fingerprint(spec)  # reads the name pool and hashes the model files: once per run
     check_resume(layout, fingerprint, force)
@@ -233,7 +244,7 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
     if len(todo) < len(shards):
         log.info("resume: %d of %d shards already done", len(shards) - len(todo), len(shards))
     opts = reduce_options(spec)
-    if not todo:
+    if not todo and not map_only:
         changed = reduce_changes(layout, opts)
         summary = layout.read_json(layout.summary)
         if changed == [] and not stale and summary is not None and layout.store.is_file(layout.manifest):
@@ -245,15 +256,26 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
                  else "changed since the last one: " + ", ".join(changed))
     # hashed here once (name pool, weights), not by every actor
     result = make_executor(spec).run(spec, layout, todo, job_state["map_hash"], progress=progress)
-    summary = summarize(layout, shards, result.failed)
+    # the markers read before the map and those this run's workers wrote: nothing is read back
+    summary = summarize(layout, shards, result.failed, {**done, **{d["shard"]: d for d in result.done}})
     add_downloads(summary, layout, shards, spec.data.identity_field, spec.data.storage_options)
     summary["map_seconds_this_run"] = round(result.seconds, 3)
     summary["stale_temp_files_removed"] = stale
-    summary["duplicate_keys_across_shards"] = cross_shard_duplicate_keys(layout)
+    # a scan of every part's keys: the reduce step's work (with --map-only, `clipaudit reduce` counts them)
+    summary["duplicate_keys_across_shards"] = None if map_only else cross_shard_duplicate_keys(layout)
     layout.write_json(layout.summary, summary)
-    metrics = reduce_outputs(layout, opts).metrics if summary["shards_done"] else {}
+    metrics = reduce_outputs(layout, opts).metrics if summary["shards_done"] and not map_only else {}
     write_manifest(layout, spec, spec_text, shards, started, summary, job_state["map_hash"])
-    return RunReport(layout, len(shards), len(shards) - len(todo), result, summary, metrics)
+    return RunReport(layout, len(shards), len(shards) - len(todo), result, summary, metrics, map_only=map_only)
+
+
+def complete_summary(layout: OutputLayout) -> None:
+    """What a ``--map-only`` run left to the reduce step in ``_SUMMARY.json`` (the duplicate keys
+    across shards), counted now."""
+    summary = layout.read_json(layout.summary)
+    if isinstance(summary, dict) and summary.get("duplicate_keys_across_shards", {}) is None:
+        summary["duplicate_keys_across_shards"] = cross_shard_duplicate_keys(layout)
+        layout.write_json(layout.summary, summary)
 
 
 def saved_spec(layout: OutputLayout) -> JobSpec:

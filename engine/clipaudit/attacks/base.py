@@ -2,8 +2,9 @@
 
 An attack's map-side implementation contributes per-sample columns (those its registry
 entry declares, see :mod:`.registry`) computed from a batch of image embeddings
-(``compute``). Expensive per-job state (e.g. the name pool's text embeddings) is made
-once by ``shared_state`` on one worker and handed to every worker's ``bind``.
+(``compute``). Expensive per-job state (e.g. the name pool's text embeddings) is computed in
+slices (``state_slice``), kept by :mod:`clipaudit.map.state`, and handed to every worker's
+``bind`` as memory-mapped parts.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class MapBatch:
     #: uint8 h×w×3 originals (longest side bounded by ``data.source_max_side``), present when
     #: an enabled attack declares ``source_views``; None = use ``images``
     sources: list[np.ndarray] | None = None
+    #: the main pass's patch tokens projected into the joint space, L2-normalised float32 B×P×D:
+    #: present when an enabled attack sets ``needs_patch_tokens`` and the tower exposes them
+    tokens: torch.Tensor | None = None
 
 
 class SampleSpec(BaseModel):
@@ -52,13 +56,19 @@ SAMPLE_FIELD = Field(None, description="score only a sample of the images (see a
 
 class MapAttack(Protocol):
     name: str
+    #: items the per-job state is sliced over (e.g. the names of the pool); 0: no state
+    state_items: int
 
-    def shared_state(self, model: LoadedModel) -> Any:
-        """Per-job state computed once (may return None)."""
+    def state_params(self) -> dict[str, Any]:
+        """What the state depends on besides the model (its key; e.g. the pool's hash, the templates)."""
         ...
 
-    def bind(self, state: Any, model: LoadedModel, index_backend: str) -> None:
-        """Prepare a worker with the model and the shared state."""
+    def state_slice(self, model: LoadedModel, start: int, stop: int) -> np.ndarray:
+        """The state of items ``[start, stop)``: float16, R × (stop − start) × D."""
+        ...
+
+    def bind(self, state: list[np.ndarray] | None, model: LoadedModel, index_backend: str) -> None:
+        """Prepare a worker with the model and the state's parts (in item order; None: no state)."""
         ...
 
     def compute(self, batch: MapBatch) -> dict[str, list]:
@@ -67,10 +77,15 @@ class MapAttack(Protocol):
 
 
 class StatelessAttack:
-    """Base for attacks without per-job state: ``shared_state``/``bind`` do nothing."""
+    """Base for attacks without per-job state: ``bind`` does nothing."""
 
-    def shared_state(self, model: LoadedModel) -> Any:
-        return None
+    state_items = 0
 
-    def bind(self, state: Any, model: LoadedModel, index_backend: str) -> None:
+    def state_params(self) -> dict[str, Any]:
+        return {}
+
+    def state_slice(self, model: LoadedModel, start: int, stop: int) -> np.ndarray:
+        raise NotImplementedError(f"{type(self).__name__} has no per-job state")
+
+    def bind(self, state: list[np.ndarray] | None, model: LoadedModel, index_backend: str) -> None:
         pass

@@ -9,15 +9,15 @@ With a reference model (M^4I's feature-based idea as difficulty calibration),
 
 from __future__ import annotations
 
-from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from clipaudit.model.loading import LoadedModel, load_model
 from clipaudit.spec import ModelSpec
-from clipaudit.attacks.base import MapBatch, SAMPLE_FIELD, SampleSpec
+from clipaudit.attacks.base import MapBatch, SAMPLE_FIELD, SampleSpec, StatelessAttack
 from clipaudit.contract.registry import Attack, Column, Score, register
 
 
@@ -34,7 +34,9 @@ class CaptionParams(BaseModel):
     sample: SampleSpec | None = SAMPLE_FIELD
 
 
-class CaptionAttack:
+class CaptionAttack(StatelessAttack):
+    """Binds the model (and loads the reference model); no per-job state."""
+
     name = "caption"
 
     def __init__(self, reference: ModelSpec | None = None, device: str = "auto", seed: int = 0) -> None:
@@ -43,10 +45,7 @@ class CaptionAttack:
         self._reference: LoadedModel | None = None
         self._device, self._seed = device, seed
 
-    def shared_state(self, model: LoadedModel) -> Any:
-        return None
-
-    def bind(self, state: Any, model: LoadedModel, index_backend: str) -> None:
+    def bind(self, state: list[np.ndarray] | None, model: LoadedModel, index_backend: str) -> None:
         self._model = model
         r = self._reference_spec
         if r is not None and self._reference is None:

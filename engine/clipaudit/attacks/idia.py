@@ -131,24 +131,35 @@ class IdiaAttack:
         self._name_id = {n: i for i, n in enumerate(names)}
         self._index: NameIndex | None = None
 
-    def shared_state(self, model: LoadedModel) -> np.ndarray:
-        """Text embeddings of every (template, name): T×N×D float16; with ``average`` 1×N×D,
-        the mean of each name's unit template embeddings, normalised again."""
-        per_template = []
-        for template in self.templates:
-            texts = [template.format(n) for n in self.names]
-            per_template.append(model.encode_texts(texts).to(torch.float16).cpu().numpy())
+    @property
+    def state_items(self) -> int:
+        return len(self.names)
+
+    def state_params(self) -> dict[str, Any]:
+        pool = hashlib.sha256("\n".join(self.names).encode()).hexdigest()
+        return {"names_sha256": pool, "names": len(self.names), "templates": self.templates, "average": self.average}
+
+    def state_slice(self, model: LoadedModel, start: int, stop: int) -> np.ndarray:
+        """Text embeddings of every (template, name) for names ``[start, stop)``: T×n×D float16;
+        with ``average`` 1×n×D, the mean of each name's unit template embeddings, normalised again."""
+        names = self.names[start:stop]
+        per_template = [model.encode_texts([t.format(n) for n in names]).to(torch.float16).cpu().numpy()
+                        for t in self.templates]
         state = np.stack(per_template)
         if self.average:
             mean = state.astype(np.float32).mean(0, keepdims=True)
             state = (mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)).astype(np.float16)
         return state
 
-    def bind(self, state: np.ndarray, model: LoadedModel, index_backend: str) -> None:
+    def bind(self, state: list[np.ndarray] | None, model: LoadedModel, index_backend: str) -> None:
+        """Build the name index from the state's parts (read as they are, fp16, never copied whole)."""
+        if state is None:
+            raise ValueError("idia: bind() needs the name state")
         rankings = 1 if self.average else len(self.templates)
-        if state.shape[:2] != (rankings, len(self.names)):
-            raise ValueError(f"name embeddings have shape {state.shape}, expected T={rankings} N={len(self.names)}")
-        self._index = build_name_index(state.astype(np.float32), index_backend, model.device)
+        shape = (state[0].shape[0] if len(state) else 0, sum(p.shape[1] for p in state))
+        if shape != (rankings, len(self.names)):
+            raise ValueError(f"name embeddings have shape {shape}, expected T={rankings} N={len(self.names)}")
+        self._index = build_name_index(state, index_backend, model.device)
 
     def compute(self, batch: MapBatch) -> dict[str, list]:
         assert self._index is not None, "bind() first"

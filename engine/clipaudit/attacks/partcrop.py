@@ -90,6 +90,7 @@ def logit_scale(model: torch.nn.Module) -> float:
 
 class PartCropAttack(StatelessAttack):
     name = "partcrop"
+    needs_patch_tokens = True  # taken from the main forward pass (MapBatch.tokens), not a second one
 
     def __init__(self, crops: int = 128, scale: tuple[float, float] = (0.08, 0.2)) -> None:
         self.crops = crops
@@ -106,7 +107,9 @@ class PartCropAttack(StatelessAttack):
         cos = (emb * batch.emb[:, None, :]).sum(-1)  # B×k
         features = quantile_summary(cos)
         if batch.model.has_patch_tokens:
-            _, tokens = batch.model.encode_unit_tokens(batch.images, batch.chunk)  # B×P×D
+            tokens = batch.tokens  # B×P×D, from the main pass; a batch made without them gets its own
+            if tokens is None:
+                _, tokens = batch.model.encode_unit_tokens(batch.images, batch.chunk)
             best_patch = torch.einsum("bkd,bpd->bkp", emb, tokens).amax(-1)  # B×k
             paper = kl_responses(emb, tokens, logit_scale(batch.model.model))
             features = torch.cat([features, quantile_summary(best_patch), paper], 1)
@@ -127,7 +130,7 @@ def paper_responses(X: np.ndarray) -> np.ndarray:
 
 PARTCROP = register(Attack(
     name="partcrop",
-    image_passes=lambda p: p.crops + 1,  # the crops, and a second pass of the input for its patch tokens
+    image_passes=lambda p: p.crops,  # the crops (the patch tokens come from the main pass)
     position=2,
     title="PartCrop (part-crop responses)",
     params=PartCropParams,

@@ -160,7 +160,7 @@ def run_bench(model: str = "ViT-B-32", pretrained: str | None = None, precision:
         layout = OutputLayout(root / "out")
         mapper = ShardMapper(spec, layout, map_hash(spec))
         t0 = time.perf_counter()
-        mapper.setup(mapper.compute_shared())
+        mapper.setup_here()
         setup_s = time.perf_counter() - t0
         mapper.map_shard(str(warm_shard))  # warm-up (imports, page cache), like the model-only pass
 

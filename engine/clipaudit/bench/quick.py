@@ -44,6 +44,7 @@ from clipaudit.model.name_index import FaissNameIndex, IVFNameIndex
 from clipaudit.model.loading import load_model
 from clipaudit.io.outputs import OutputLayout
 from clipaudit.map.mapper import ShardMapper
+from clipaudit.map.state import ensure_here
 from clipaudit.bench.map_step import machine, write_synthetic_shards
 
 # ViT-B-32's width and patch size (the default audit model's), fewer layers and 96 px so that the
@@ -168,7 +169,7 @@ def _child_map(job: dict, threads: int, results) -> None:
     spec = _spec(root, Path(job["model"]), [Path(s) for s in job["shards"]], job["batch_size"], job["out"],
                  threads=job["decode_threads"])
     mapper = ShardMapper(spec, OutputLayout(root / job["out"]), map_hash(spec))
-    mapper.setup(mapper.compute_shared())
+    mapper.setup_here()
     while time.time() < job["start_at"]:  # side-by-side processes start mapping together
         time.sleep(0.01)
     t0 = time.perf_counter()
@@ -239,12 +240,12 @@ def run_quick(n_images: int = 768, batch_size: int = 64, names: int = 1000, inde
         log(f"map step: {len(shards)} shards, IDIA on, {names} names")
         spec = _spec(root, model_path, shards, batch_size, "out")
         mapper = ShardMapper(spec, OutputLayout(root / "out"), map_hash(spec))
-        shared = mapper.compute_shared()
-        mapper.setup(shared)
+        states = ensure_here(spec, mapper.layout, mapper.attacks, mapper.load())
+        mapper.setup(states)
         mapper.map_shard(str(shards[0]))  # warm-up
         e2e_rate = _rate(n_images, lambda: [mapper.map_shard(str(s)) for s in shards])
         # the name pool's T×N×D text embeddings, for the naive loop's top-k over the same names
-        text = next(torch.from_numpy(v).float() for v in shared.values() if isinstance(v, np.ndarray) and v.ndim == 3)
+        text = torch.from_numpy(np.concatenate(states["idia"], axis=1)).float()
         mapper.close()
 
         import tarfile

@@ -10,7 +10,6 @@ from clipaudit.map.mapper import ShardMapper
 from clipaudit.io.outputs import OutputLayout
 from clipaudit.spec import JobSpec
 from clipaudit.executors.base import MapResult, Progress, ShardFailure
-from clipaudit.executors.shared import load_or_compute_shared
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +30,7 @@ class LocalExecutor:
         if not shards:
             return result
         mapper = ShardMapper(spec, layout, map_hash)
-        shared = load_or_compute_shared(layout, spec, mapper.compute_shared, map_hash)
-        mapper.setup(shared)
+        mapper.setup_here()
         bar = Progress(len(shards), progress, spec.compute.progress_interval_s)
         try:
             for shard in shards:

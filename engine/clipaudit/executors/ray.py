@@ -8,9 +8,10 @@ transient read failure says nothing about the actor). A shard still running afte
 trusted again) and replaced, and the shard is retried like any failure. Any other
 exception (a CUDA error can leave the device context broken) also replaces the actor.
 
-The per-job shared state (name-pool text embeddings) is computed once by a Ray task with
-a worker's resources, put in the object store, and passed to every actor's constructor —
-so an actor that Ray restarts after a crash gets it again without recomputation.
+The per-job attack state (the name pool's text embeddings, :mod:`clipaudit.map.state`) is
+built, where its store lacks it, by Ray tasks with a worker's resources — its parts spread over
+as many tasks as there are map actors — and each actor reads it from the store, memory-mapped;
+it never passes through the driver or Ray's object store.
 Actors write their shard's parts and marker themselves; the driver only keeps score.
 """
 
@@ -21,14 +22,16 @@ import os
 import time
 from collections import deque
 from typing import Any
+from collections.abc import Callable
 
 from clipaudit.io.outputs import OutputLayout, output_layout
 from clipaudit.io.store import SCRATCH_ENV
 from clipaudit.data.storage import resolve_options
 from clipaudit.spec import ComputeSpec, JobSpec
 from clipaudit.executors.base import MapResult, Progress, ShardFailure
-from clipaudit.executors.shared import load_or_compute_shared
+from clipaudit.attacks import build_attacks
 from clipaudit.map.mapper import ShardMapper
+from clipaudit.map.state import job_states
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +45,11 @@ def _ray():
 class _MapWorker:
     """Ray actor body: one model per actor, one shard per call."""
 
-    def __init__(self, spec_json: dict, output_root: str, shared: dict[str, Any], map_hash: str) -> None:
+    def __init__(self, spec_json: dict, output_root: str, map_hash: str) -> None:
         spec = JobSpec.model_validate(spec_json)
-        self.mapper = ShardMapper(spec, _layout(spec, output_root), map_hash)
-        self.mapper.setup(shared)
+        layout = _layout(spec, output_root)
+        self.mapper = ShardMapper(spec, layout, map_hash)
+        self.mapper.setup({a.name: f.open() for a, f in job_states(spec, layout, self.mapper.attacks)})
 
     def map_shard(self, shard: str) -> dict:
         return self.mapper.map_shard(shard).to_dict()
@@ -64,14 +68,38 @@ def _layout(spec: JobSpec, output_root: str) -> OutputLayout:
     return OutputLayout(Path(output_root))
 
 
-def _compute_shared(spec_json: dict, output_root: str, map_hash: str) -> dict[str, Any]:
+def _build_state_parts(spec_json: dict, output_root: str, attack: str, part_ids: list[int], part_items: int) -> int:
+    """Build these parts of ``attack``'s state (those not on its store yet); returns how many were asked."""
     spec = JobSpec.model_validate(spec_json)
     layout = _layout(spec, output_root)
-    mapper = ShardMapper(spec, layout, map_hash)
+    mapper = ShardMapper(spec, layout, "")
     try:
-        return load_or_compute_shared(layout, spec, mapper.compute_shared, map_hash)
+        for a, folder in job_states(spec, layout, mapper.attacks, part_items):
+            if a.name == attack:
+                folder.build(a, mapper.load(), part_ids)
+        return len(part_ids)
     finally:
         mapper.close()
+
+
+def build_states(ray, spec: JobSpec, spec_json: dict, layout: OutputLayout, root: str, placement: dict[str, Any],
+                 n_tasks: int) -> None:
+    """Every attack state the job lacks, its missing parts spread over ``n_tasks`` Ray tasks with a
+    map worker's resources (retried like shards); the driver then checks the parts and publishes
+    the manifest. Nothing of the state itself comes back to the driver."""
+    for attack, folder in job_states(spec, layout, build_attacks(spec)):
+        if folder.manifest() is not None:
+            log.info("%s state: found in %s", attack.name, folder.where)
+            continue
+        missing = folder.missing()
+        if missing:
+            log.info("%s state: building %d of %d part(s) on %d task(s) into %s", attack.name, len(missing),
+                     len(folder.plan.parts), min(n_tasks, len(missing)), folder.where)
+            task = ray.remote(_build_state_parts).options(**placement, max_retries=spec.compute.max_retries,
+                                                          retry_exceptions=[OSError])
+            groups = [missing[i::n_tasks] for i in range(min(n_tasks, len(missing)))]
+            ray.get([task.remote(spec_json, root, attack.name, g, folder.plan.part_items) for g in groups])
+        folder.finish()
 
 
 def _placement_probe() -> None:
@@ -177,8 +205,13 @@ class _ActorPool:
     lost node took with it never holds a shard; a dead actor is replaced by a new starting one.
     """
 
-    def __init__(self, ray, make_actor, size: int, max_start_failures: int) -> None:
+    def __init__(self, ray, make_actor, size: int, max_start_failures: int,
+                 room: Callable[[], int | None] | None = None) -> None:
         self.ray, self.make_actor = ray, make_actor
+        #: how many actors the cluster has room for now (None: as many as asked), so that a dead
+        #: actor whose node left is not replaced by one that cannot be placed
+        self.room = room or (lambda: None)
+        self.live: set = set()  # every actor started and not killed: starting, idle or busy
         self.starting: dict[Any, Any] = {}  # ready ref → actor
         self.idle: deque = deque()
         self.start_failures, self.max_start_failures = 0, max_start_failures
@@ -189,7 +222,23 @@ class _ActorPool:
 
     def start_one(self) -> None:
         actor = self.make_actor()
+        self.live.add(actor)
         self.starting[actor.pid.remote()] = actor
+
+    def resize(self, want: int) -> int:
+        """Start actors up to ``want`` live ones, or stop starting ones (never a busy one) down to
+        it; returns the change."""
+        if want > len(self.live):
+            n = want - len(self.live)
+            for _ in range(n):
+                self.start_one()
+            return n
+        surplus = [(ref, a) for ref, a in self.starting.items()][: len(self.live) - want]
+        for ref, actor in surplus:
+            del self.starting[ref]
+            self.live.discard(actor)
+            self.ray.kill(actor)
+        return -len(surplus)
 
     def on_started(self, ref) -> None:
         """An actor's ready ref resolved: idle if it started, else a replacement (bounded)."""
@@ -200,6 +249,7 @@ class _ActorPool:
             self.start_failures += 1
             self.last_error = _short_error(e)
             log.warning("a map actor failed to start (%d so far): %s", self.start_failures, self.last_error)
+            self.live.discard(actor)
             self.ray.kill(actor)
             if self.start_failures <= self.max_start_failures:
                 self.start_one()
@@ -208,9 +258,14 @@ class _ActorPool:
         self.idle.append(actor)
 
     def replace(self, dead) -> None:
+        """Kill ``dead`` and start another, unless the cluster no longer has room for it (a node
+        left: the pool shrinks, and grows again when :meth:`resize` finds room)."""
         self.pids.pop(dead, None)
+        self.live.discard(dead)
         self.ray.kill(dead)
-        self.start_one()
+        room = self.room()
+        if room is None or len(self.live) < max(room, 1):
+            self.start_one()
 
     def drop_dead_idle(self, timeout_s: float = 30.0) -> None:
         """Ping the idle actors; replace those that are dead (no answer in time: kept)."""
@@ -233,25 +288,36 @@ class _ActorPool:
     def kill_all(self, busy: list) -> None:
         for a in [*self.idle, *self.starting.values(), *busy]:
             self.ray.kill(a)
+        self.live.clear()
 
 
 class RayExecutor:
     """Maps shards on a pool of Ray actors."""
 
+    #: seconds between two looks at the cluster's resources while mapping (a pool sized by the cluster)
+    POOL_CHECK_S = 15.0
+
     def _pool_shape(self, spec: JobSpec) -> tuple[int, dict[str, Any]]:
-        ray = _ray()
-        cluster = ray.cluster_resources()
         c = spec.compute
         extra = {"resources": dict(c.resources_per_worker)} if c.resources_per_worker else {}
-        slots = [int(cluster.get(k, 0.0) // v) for k, v in c.resources_per_worker.items() if v > 0]
-        if cluster.get("GPU", 0.0) > 0 and c.gpus_per_worker > 0 and c.device != "cpu":
-            slots.append(int(cluster["GPU"] // c.gpus_per_worker))
+        if _ray().cluster_resources().get("GPU", 0.0) > 0 and c.gpus_per_worker > 0 and c.device != "cpu":
             shape = {"num_gpus": c.gpus_per_worker, "num_cpus": c.cpus_per_worker, **extra}
         else:
             shape = {"num_cpus": c.cpus_per_worker, "num_gpus": 0, **extra}
         if c.workers:
             return c.workers, shape
-        return (max(1, min(slots)) if slots else 2), shape
+        slots = self._slots(spec)
+        return (max(1, slots) if slots is not None else 2), shape
+
+    def _slots(self, spec: JobSpec) -> int | None:
+        """Map actors the cluster has room for now, by its GPUs (a GPU pool) and the custom
+        resources each actor asks for; None where neither sizes the pool (a CPU pool: 2 actors)."""
+        cluster = _ray().cluster_resources()
+        c = spec.compute
+        slots = [int(cluster.get(k, 0.0) // v) for k, v in c.resources_per_worker.items() if v > 0]
+        if cluster.get("GPU", 0.0) > 0 and c.gpus_per_worker > 0 and c.device != "cpu":
+            slots.append(int(cluster["GPU"] // c.gpus_per_worker))
+        return min(slots) if slots else None
 
     def run(self, spec: JobSpec, layout: OutputLayout, shards: list[str], map_hash: str,
             progress: bool = True) -> MapResult:
@@ -274,6 +340,8 @@ class RayExecutor:
              result: MapResult) -> None:
         n_workers, resources = self._pool_shape(spec)
         n_workers = min(n_workers, len(shards))
+        # a pool sized by the cluster follows it: more actors as nodes join, fewer as they leave
+        follow = spec.compute.workers is None and self._slots(spec) is not None
         spec_json = spec.to_json()
         # ${VAR} references in data.storage_options are resolved here, on the driver, and reach the
         # actors in memory: the worker nodes need not hold the variables
@@ -284,7 +352,7 @@ class RayExecutor:
             # the actors write their temp files where the driver was told to
             placement["runtime_env"] = {"env_vars": {SCRATCH_ENV: os.environ[SCRATCH_ENV]}}
         # wait (bounded) until a worker of this shape can be placed at all, then (unbounded)
-        # for the shared state, whose cost grows with the name pool
+        # for the attack state, whose cost grows with the name pool
         probe = ray.remote(_placement_probe).options(**placement).remote()
         try:
             ray.get(probe, timeout=spec.compute.actor_start_timeout_s)
@@ -294,12 +362,13 @@ class RayExecutor:
                           f"no worker with {resources} started within {spec.compute.actor_start_timeout_s:.0f} s "
                           f"(cluster resources: {ray.cluster_resources()})")
             return
-        shared = ray.remote(_compute_shared).options(**placement, max_retries=spec.compute.max_retries)
-        shared_ref = shared.remote(spec_json, root, map_hash)
-        ray.get(shared_ref)  # fail early (e.g. a model that cannot load) before starting the pool
+        build_states(ray, spec, spec_json, layout, root, placement, n_workers)  # fails early: a model that cannot load
         actor_cls = ray.remote(_MapWorker).options(**placement, max_restarts=0, max_task_retries=0)
-        pool = _ActorPool(ray, lambda: actor_cls.remote(spec_json, root, shared_ref, map_hash), n_workers,
-                          max_start_failures=n_workers * (spec.compute.max_retries + 1))
+        pool = _ActorPool(ray, lambda: actor_cls.remote(spec_json, root, map_hash), n_workers,
+                          max_start_failures=n_workers * (spec.compute.max_retries + 1),
+                          room=(lambda: self._slots(spec)) if follow else None)
+        next_look = time.monotonic() + self.POOL_CHECK_S
+        start_by: float | None = None  # while no shard is in flight: when an actor must have started
         log.info("map: %d shards on %d actors (%s)", len(shards), n_workers, resources)
 
         todo = deque(shards)
@@ -319,6 +388,13 @@ class RayExecutor:
 
         try:
             while todo or inflight:
+                if follow and time.monotonic() >= next_look:
+                    next_look = time.monotonic() + self.POOL_CHECK_S
+                    room = self._slots(spec) or 0
+                    change = pool.resize(max(1, min(room, len(todo) + len(inflight))))
+                    if change:
+                        log.info("the cluster has room for %d map actor(s): %s %d (now %d)", room,
+                                 "started" if change > 0 else "stopped", abs(change), len(pool.live))
                 while todo and pool.idle:
                     shard, actor = todo.popleft(), pool.idle.popleft()
                     attempts[shard] += 1
@@ -330,9 +406,16 @@ class RayExecutor:
                     break
                 if inflight:  # wake up for the earliest shard deadline
                     timeout = max(0.0, min(d for _, _, d in inflight.values()) - time.monotonic())
-                else:
-                    timeout = spec.compute.actor_start_timeout_s
-                ready, _ = ray.wait([*inflight, *pool.starting], num_returns=1, timeout=timeout)
+                    start_by = None
+                else:  # only starting actors: one of them must start in time (counted across looks)
+                    start_by = start_by or time.monotonic() + spec.compute.actor_start_timeout_s
+                    timeout = max(0.0, start_by - time.monotonic())
+                look_in = max(0.0, next_look - time.monotonic())
+                to_look = follow and look_in < timeout  # wake up for the next look at the cluster first
+                ready, _ = ray.wait([*inflight, *pool.starting], num_returns=1,
+                                    timeout=look_in if to_look else timeout)
+                if not ready and to_look:
+                    continue
                 if not ready and inflight:
                     now = time.monotonic()
                     for ref in [r for r, (_, _, d) in inflight.items() if d <= now]:
@@ -345,7 +428,8 @@ class RayExecutor:
                     continue
                 if not ready:
                     self._give_up(todo, attempts, result, bar,
-                                  f"no map actor started within {timeout:.0f} s (cluster resources "
+                                  f"no map actor started within {spec.compute.actor_start_timeout_s:.0f} s "
+                                  f"(cluster resources "
                                   f"{ray.available_resources()}, per actor {resources})")
                     break
                 ref = ready[0]

@@ -41,26 +41,38 @@ def status_file(shard: str) -> str | None:
     return shard[: -len(".tar")] + ".parquet" if shard.endswith(".tar") else None
 
 
-def _signature(path: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-    """Size and modification time of ``path``, or None when there is no such file (a URL is
-    read with the job's ``data.storage_options``)."""
-    if not is_url(path):
+def _signatures(paths: list[str], storage_options: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Size and modification time of each file of ``paths`` that exists (a URL is read with the
+    job's ``data.storage_options``): local files by ``stat``, files on object storage from one
+    listing of each folder (not a request per shard)."""
+    out: dict[str, dict[str, Any]] = {}
+    folders: dict[str, list[str]] = {}
+    for path in paths:
+        if not is_url(path):
+            try:
+                st = Path(path.removeprefix("file://")).stat()
+            except FileNotFoundError:
+                continue
+            out[path] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+        else:
+            folders.setdefault(path.rsplit("/", 1)[0], []).append(path)
+    for folder, wanted in folders.items():
         try:
-            st = Path(path.removeprefix("file://")).stat()
+            fs, root = url_to_fs(folder, storage_options)
+            found = fs.find(root, maxdepth=1, detail=True)
+            listed = {p.rstrip("/").rsplit("/", 1)[-1]: info for p, info in found.items()}
         except FileNotFoundError:
-            return None
-        return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-    try:
-        fs, p = url_to_fs(path, storage_options)
-        info = fs.info(p)
-    except FileNotFoundError:
-        return None
-    except Exception as e:  # noqa: BLE001 — backends raise many types; the audit goes on without these rows
-        log.warning("downloads: cannot read %s (%s: %s); its shard's failed URLs are not counted", path,
-                    type(e).__name__, e)
-        return None
-    return {"bytes": info.get("size"), "mtime": str(info.get("mtime") or info.get("LastModified") or "")}
+            continue
+        except Exception as e:  # noqa: BLE001 — backends raise many types; the audit goes on without these rows
+            log.warning("downloads: cannot list %s (%s: %s); its shards' failed URLs are not counted", folder,
+                        type(e).__name__, e)
+            continue
+        for path in wanted:
+            info = listed.get(path.rsplit("/", 1)[-1])
+            if info is not None and info.get("type") != "directory":
+                out[path] = {"bytes": info.get("size"),
+                             "mtime": str(info.get("mtime") or info.get("LastModified") or "")}
+    return out
 
 
 def _read_status(path: str, identity_field: str, storage_options: Mapping[str, Any] | None = None
@@ -113,24 +125,26 @@ def _stored(layout: OutputLayout, part: Path) -> dict[str, Any] | None:
         return None
 
 
-def shard_downloads(layout: OutputLayout, shard: str, identity_field: str,
-                    storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+def shard_downloads(layout: OutputLayout, shard: str, identity_field: str, signature: dict[str, Any] | None,
+                    copied: bool, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """Copy ``shard``'s status rows to ``downloads/`` (unless the copy is current) and return
-    their counts; None when the shard has no img2dataset status file."""
+    their counts; None when the shard has no img2dataset status file. ``signature``: its status
+    file's (None: there is none); ``copied``: whether ``downloads/`` holds a copy of it."""
     source = status_file(shard)
-    signature = _signature(source, storage_options) if source else None
     part = layout.download_part(shard)
-    if signature is None:
-        layout.store.remove(part)  # a copy of a status file that is gone is no longer evidence
+    if signature is None or source is None:
+        if copied:
+            layout.store.remove(part)  # a copy of a status file that is gone is no longer evidence
         return None
     wanted = {"shard": shard, "source": source, "signature": signature, "identity_field": identity_field}
-    stored = _stored(layout, part)
+    stored = _stored(layout, part) if copied else None
     if stored is not None and {k: stored.get(k) for k in wanted} == wanted:
         return stored["counts"]
     status = _read_status(source, identity_field, storage_options)
     if status is None:
         log.info("downloads: %s is not an img2dataset status file (no %s columns)", source, ", ".join(STATUS_COLUMNS))
-        layout.store.remove(part)
+        if copied:
+            layout.store.remove(part)
         return None
     table = _downloads_table(shard, status, identity_field)
     counts = _counts(table)
@@ -155,8 +169,13 @@ def collect_downloads(layout: OutputLayout, shards: list[str], identity_field: s
     by_status: Counter = Counter()
     by_reason: Counter = Counter()
     per_shard: dict[str, dict[str, int]] = {}
+    sources = {shard: status_file(shard) for shard in shards}
+    signatures = _signatures([s for s in sources.values() if s], storage_options)
+    copies = layout.store.files(layout.downloads_dir)  # one listing
     for shard in shards:
-        c = shard_downloads(layout, shard, identity_field, storage_options)
+        source = sources[shard]
+        c = shard_downloads(layout, shard, identity_field, signatures.get(source) if source else None,
+                            layout.download_part(shard) in copies, storage_options)
         if c is None:
             continue
         per_shard[shard] = {"urls": c["urls"], "missing": c["missing"]}

@@ -127,8 +127,10 @@ class OutputLayout:
         return self.root / "downloads"
 
     @property
-    def cache_dir(self) -> Path:
-        return self.root / "_cache"
+    def state_dir(self) -> Path:
+        """Per-job attack state (the name pool's text embeddings) by key, unless
+        ``compute.state_dir`` puts it elsewhere (see :mod:`clipaudit.map.state`)."""
+        return self.root / "_state"
 
     @property
     def markers_dir(self) -> Path:
@@ -153,7 +155,7 @@ class OutputLayout:
 
     def make_dirs(self) -> None:
         """The local folders writers need (for an output URL only the scratch ones)."""
-        local = (self.tmp_dir, self.cache_dir)
+        local = (self.tmp_dir,)
         for d in local if self.store.remote else (self.samples_dir, self.embeddings_dir, self.markers_dir) + local:
             d.mkdir(parents=True, exist_ok=True)
 
@@ -233,8 +235,9 @@ class OutputLayout:
                 else:
                     p.unlink(missing_ok=True)
                 n += 1
-        for d in (self.root, self.samples_dir, self.embeddings_dir, self.cache_dir, self.sample_scores_dir,
-                  self.markers_dir, self.attackers_dir, self.downloads_dir):
+        states = [d for d in self.state_dir.iterdir() if d.is_dir()] if self.state_dir.is_dir() else []
+        for d in (self.root, self.samples_dir, self.embeddings_dir, self.sample_scores_dir,
+                  self.markers_dir, self.attackers_dir, self.downloads_dir, *states):
             for p in d.glob(".*.tmp-*") if d.is_dir() else ():
                 p.unlink(missing_ok=True)
                 n += 1
@@ -247,9 +250,9 @@ class OutputLayout:
 
     def clear_map_outputs(self) -> None:
         """Remove everything the map step wrote (for ``--force``): markers first, so no marker is
-        ever left vouching for a removed part."""
-        for d in (self.cache_dir, self.tmp_dir):  # local, even for an output URL
-            shutil.rmtree(d, ignore_errors=True)
+        ever left vouching for a removed part. The attack state stays: it is kept by a key of
+        everything it depends on, so it is never stale."""
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)  # local, even for an output URL
         for d in (self.markers_dir, self.samples_dir, self.embeddings_dir, self.sample_scores_dir, self.downloads_dir):
             self.store.remove_tree(d)
         self.store.remove(self.identities, self.metrics, self.roc, self.calibration, self.summary, self.job_state,

@@ -9,8 +9,8 @@ too), on object storage one upload of the whole file — an object appears only 
 completes, so a reader never sees half a file, and a file published after another (a shard's
 marker after its parts) is never seen before it. Nothing is copied from the store to local disk;
 for an output URL the base folder is a local scratch folder that holds only temp files, DuckDB's
-spill, the lock file and the cached name state (``$CLIPAUDIT_SCRATCH_DIR``, default under the
-system's temp folder).
+spill and the lock file (``$CLIPAUDIT_SCRATCH_DIR``, default under the system's temp folder; the
+node's copy of the name state goes under it too, see :mod:`clipaudit.map.state`).
 
 One writer at a time: an output URL has no lock that spans machines, so only one run or reduce
 may write to it at once (the local lock covers one machine; see :meth:`Store.warn_single_writer`).
@@ -32,7 +32,7 @@ from collections.abc import Mapping
 import fsspec
 
 from clipaudit.data.storage import StorageError, describe_error, url_to_fs
-from clipaudit.io.atomic import replace_durably
+from clipaudit.io.atomic import fsync_file, replace_durably, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,25 @@ class Store:
         except Exception as e:  # noqa: BLE001 — see publish
             raise self._error("read", paths[0], e) from e
         return {self._path(k): v for k, v in got.items() if not isinstance(v, BaseException)}
+
+    def download(self, path: Path, dest: Path) -> None:
+        """Copy the file ``path`` to the local file ``dest``, which appears only once complete (a
+        temp name beside it, then a rename); FileNotFoundError where there is none."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_path(dest)
+        try:
+            if self.remote:
+                self.fs.get_file(self.key(path), str(tmp))
+            else:
+                shutil.copyfile(path, tmp)
+            fsync_file(tmp)
+            replace_durably(tmp, dest)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001 — see publish
+            raise self._error("download", path, e) from e
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def open(self, path: Path):
         """A binary file object for reading (pyarrow reads Parquet footers and parts through it)."""

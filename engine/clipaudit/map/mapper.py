@@ -30,6 +30,7 @@ from clipaudit.data.tar_reader import RawSample, iter_tar_samples
 from clipaudit.model.image_hash import difference_hashes
 from clipaudit.model.loading import LoadedModel, load_model
 from clipaudit.io.outputs import OutputLayout, PartWriter
+from clipaudit.map.state import ensure_here
 from clipaudit.contract.schemas import load_schema
 from clipaudit.spec import JobSpec
 from clipaudit.data.device_decode import decode_on_device
@@ -105,6 +106,8 @@ class ShardMapper:
         #: attack → its sample (attacks.<name>.sample), and the units every sample keeps
         self.samples_of = {a.name: getattr(getattr(spec.attacks, a.name, None), "sample", None) for a in self.attacks}
         self.always_scored = always_scored(spec) if any(self.samples_of.values()) else None
+        #: whether the main pass also keeps the patch tokens (an attack reads them from it)
+        self.wants_tokens = any(getattr(a, "needs_patch_tokens", False) for a in self.attacks)
         self._pool = ThreadPoolExecutor(max_workers=spec.compute.decode_threads, thread_name_prefix="decode")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
 
@@ -119,15 +122,15 @@ class ShardMapper:
                 self.device_decode = self.model.device.type == "cuda"
         return self.model
 
-    def compute_shared(self) -> dict[str, Any]:
-        """Per-job attack state (e.g. name-pool text embeddings), computed once."""
-        model = self.load()
-        return {a.name: a.shared_state(model) for a in self.attacks}
-
-    def setup(self, shared: dict[str, Any]) -> None:
+    def setup(self, states: dict[str, list[np.ndarray]]) -> None:
+        """Bind every attack to the model and its per-job state's parts (see :mod:`.state`)."""
         model = self.load()
         for a in self.attacks:
-            a.bind(shared.get(a.name), model, self.spec.compute.index)
+            a.bind(states.get(a.name), model, self.spec.compute.index)
+
+    def setup_here(self) -> None:
+        """:meth:`setup` with the state built in this process where its store lacks it."""
+        self.setup(ensure_here(self.spec, self.layout, self.attacks, self.load()))
 
     # -- map ------------------------------------------------------------------
     def _decode(self, raws: list[RawSample], shard: str) -> list[Sample]:
@@ -196,7 +199,8 @@ class ShardMapper:
         rows = torch.tensor(keep, device=batch.images.device)
         sub = MapBatch([batch.samples[i] for i in keep], batch.images.index_select(0, rows),
                        batch.emb.index_select(0, rows.to(batch.emb.device)), batch.model, batch.seed, batch.chunk,
-                       None if batch.sources is None else [batch.sources[i] for i in keep])
+                       None if batch.sources is None else [batch.sources[i] for i in keep],
+                       None if batch.tokens is None else batch.tokens.index_select(0, rows.to(batch.tokens.device)))
         out: dict[str, list] = {}
         for name, values in a.compute(sub).items():
             full: list = [None] * len(batch.samples)
@@ -224,9 +228,13 @@ class ShardMapper:
             hashes = difference_hashes(pixels)
             images = self.model.to_unit(pixels)
             chunk = self.spec.compute.batch_size
-            emb = self.model.encode_unit(images, chunk)
+            tokens = None
+            if self.wants_tokens and self.model.has_patch_tokens:  # one pass gives the embedding and the tokens
+                emb, tokens = self.model.encode_unit_tokens(images, chunk)
+            else:
+                emb = self.model.encode_unit(images, chunk)
             sources = [s.source for s in ok] if self.source_side is not None else None
-            batch = MapBatch(ok, images, emb, self.model, self.spec.seed, chunk, sources)
+            batch = MapBatch(ok, images, emb, self.model, self.spec.seed, chunk, sources, tokens)
             for a in self.attacks:
                 attack_cols.update(self._compute(a, batch, sampled or {}))
             emb_np = emb.to(torch.float16).cpu().numpy()

@@ -192,7 +192,7 @@ def print_report(report, out=None) -> None:
         rows = sum(d["rows"] for d in report.map.done)
         print(f"map: {rows} samples in {report.map.seconds:.1f} s ({rows / max(report.map.seconds, 1e-9):.1f} img/s)",
               file=out)
-    if not report.reduced:
+    if not report.reduced and not report.map_only:
         print("nothing to do: every shard was done and nothing the reduce step reads had changed, so no file was "
               "rewritten (`clipaudit reduce` recomputes identities and metrics)", file=out)
     if report.metrics:
