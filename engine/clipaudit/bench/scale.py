@@ -150,8 +150,11 @@ def _free_port() -> int:
 
 def _serve_s3(port: int) -> None:
     """The local S3 server's process: moto's server on 127.0.0.1, until terminated."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request on the rehearsal's stderr
     ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
     threading.Event().wait()
 
