@@ -26,7 +26,6 @@ import json
 import multiprocessing
 import os
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -39,13 +38,14 @@ import numpy as np
 
 from clipaudit.app.jobs import load_job
 from clipaudit.app.resolve import pinned
-from clipaudit.app.runner import run_job
+from clipaudit.app.runner import complete_summary, reduce_options, run_job, saved_spec
 from clipaudit.attacks import build_attacks
 from clipaudit.bench.map_step import machine, write_synthetic_shards
 from clipaudit.bench.quick import peak_rss_mb
 from clipaudit.io.outputs import output_layout
 from clipaudit.map.state import job_states
 from clipaudit.model.loading import load_model
+from clipaudit.reduce import reduce_outputs
 
 BUCKET = "clipaudit-rehearsal"  # the output (and its name state)
 INPUT_BUCKET = "clipaudit-rehearsal-inputs"  # the shards
@@ -214,12 +214,11 @@ def _run_child(target: Callable[..., Any], *args: Any) -> int:
 
 
 def _reduce_step(output: str, options: dict[str, Any]) -> None:
-    """The post-map tail's process: ``clipaudit reduce OUTPUT`` (its tables go to /dev/null)."""
-    from clipaudit.cli import main
-
-    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-        code = main(["reduce", output, "--storage-options", json.dumps(options)])
-    sys.exit(code)
+    """The post-map tail's process: what ``clipaudit reduce OUTPUT`` does with the job's settings."""
+    layout = output_layout(output, options)
+    with layout.lock():
+        complete_summary(layout)  # what the --map-only run left to this step
+        reduce_outputs(layout, reduce_options(saved_spec(layout)))
 
 
 class PeakRss:
