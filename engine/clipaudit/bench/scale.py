@@ -190,20 +190,19 @@ _SPAWN = multiprocessing.get_context("spawn")
 @contextlib.contextmanager
 def _environment(values: dict[str, str | None]):
     """``os.environ`` with these values (None: unset) while a child process is started in it."""
+    def apply(env: dict[str, str | None]) -> None:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
     old = {k: os.environ.get(k) for k in values}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply(values)
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply(old)
 
 
 def _run_child(target: Callable[..., Any], *args: Any) -> int:
