@@ -107,13 +107,11 @@ def check_resume(layout: OutputLayout, fingerprint: dict[str, Any], force: bool)
         layout.clear_map_outputs()
 
 
-def summarize(layout: OutputLayout, shards: list[str], failed: list,
-              known: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Per-shard and total counts from the markers (covers earlier runs too): ``known``, the
-    markers the caller already holds (those it read, those its workers wrote), else read back."""
+def summarize(shards: list[str], failed: list, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per-shard and total counts from the markers of the shards ``done`` (covers earlier runs
+    too: those read before the map and those this run's workers wrote)."""
     per_shard, errors, warnings = [], Counter(), Counter()
     rows = ok = 0
-    done = known if known is not None else layout.finished(shards)
     for s in shards:
         m = done.get(s)
         if m is None:
@@ -257,7 +255,7 @@ def _run_locked(layout: OutputLayout, spec: JobSpec, force: bool, progress: bool
     # hashed here once (name pool, weights), not by every actor
     result = make_executor(spec).run(spec, layout, todo, job_state["map_hash"], progress=progress)
     # the markers read before the map and those this run's workers wrote: nothing is read back
-    summary = summarize(layout, shards, result.failed, {**done, **{d["shard"]: d for d in result.done}})
+    summary = summarize(shards, result.failed, {**done, **{d["shard"]: d for d in result.done}})
     add_downloads(summary, layout, shards, spec.data.identity_field, spec.data.storage_options)
     summary["map_seconds_this_run"] = round(result.seconds, 3)
     summary["stale_temp_files_removed"] = stale

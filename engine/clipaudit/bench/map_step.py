@@ -66,6 +66,18 @@ def machine(device: str) -> dict[str, Any]:
     return out
 
 
+def synthetic_name(i: int) -> str:
+    """Synthetic identity ``i``'s name: the shards' identities and the pools' names agree."""
+    return f"Person {i:05d}"
+
+
+def write_synthetic_names(path: Path, n: int) -> None:
+    """A name pool of the first ``n`` synthetic names, one per line, written as it goes."""
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(synthetic_name(i) + "\n")
+
+
 def write_synthetic_shards(folder: Path, n_images: int, per_shard: int, size: int, n_names: int) -> list[Path]:
     """img2dataset-style tars of smooth random JPEGs (``size`` px) with identities and captions."""
     import tarfile
@@ -83,7 +95,7 @@ def write_synthetic_shards(folder: Path, n_images: int, per_shard: int, size: in
                 img = Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
                 buf = io.BytesIO()
                 img.save(buf, "JPEG", quality=90)
-                name = f"Person {i % n_names:05d}"
+                name = synthetic_name(i % n_names)
                 for ext, data in (("jpg", buf.getvalue()),
                                   ("json", json.dumps({"key": f"{i:09d}", "identity": name}).encode()),
                                   ("txt", f"{name} at an event".encode())):
@@ -125,7 +137,7 @@ def run_bench(model: str = "ViT-B-32", pretrained: str | None = None, precision:
         batch_size = min(batch_size, n_images)
         shards = write_synthetic_shards(root / "shards", n_images, max(batch_size * 2, 64), image_px, n_names)
         warm_shard = write_synthetic_shards(root / "warm-up", batch_size, batch_size, image_px, n_names)[0]
-        (root / "names.txt").write_text("".join(f"Person {i:05d}\n" for i in range(n_names)))
+        write_synthetic_names(root / "names.txt", n_names)
         spec = parse_spec({
             "model": {"name": model, "pretrained": pretrained, "precision": precision},
             "data": {"shards": [str(p) for p in shards]},

@@ -45,7 +45,7 @@ from clipaudit.model.loading import load_model
 from clipaudit.io.outputs import OutputLayout
 from clipaudit.map.mapper import ShardMapper
 from clipaudit.map.state import ensure_here
-from clipaudit.bench.map_step import machine, write_synthetic_shards
+from clipaudit.bench.map_step import machine, write_synthetic_names, write_synthetic_shards
 
 # ViT-B-32's width and patch size (the default audit model's), fewer layers and 96 px so that the
 # quick run fits in ~3 minutes on 2 cores.
@@ -226,7 +226,7 @@ def run_quick(n_images: int = 768, batch_size: int = 64, names: int = 1000, inde
         model_path = _write_model(root)
         per_shard = max(16, n_images // 6)  # 6 shards: the 1-vs-2-process figure splits them in halves
         shards = write_synthetic_shards(root / "shards", n_images, per_shard, 128, names)
-        (root / "names.txt").write_text("".join(f"Person {i:05d}\n" for i in range(names)))
+        write_synthetic_names(root / "names.txt", names)
         loaded = load_model(str(model_path), None, "fp32", "cpu", seed=0)
         px = torch.from_numpy(np.random.default_rng(1).integers(
             0, 255, (batch_size, loaded.image_size, loaded.image_size, 3), dtype=np.uint8))

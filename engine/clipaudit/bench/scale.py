@@ -40,7 +40,7 @@ from clipaudit.app.jobs import load_job
 from clipaudit.app.resolve import pinned
 from clipaudit.app.runner import complete_summary, reduce_options, run_job, saved_spec
 from clipaudit.attacks import build_attacks
-from clipaudit.bench.map_step import machine, write_synthetic_shards
+from clipaudit.bench.map_step import machine, synthetic_name, write_synthetic_names, write_synthetic_shards
 from clipaudit.bench.quick import peak_rss_mb
 from clipaudit.io.outputs import output_layout
 from clipaudit.map.state import job_states
@@ -259,12 +259,6 @@ class PeakRss:
         self._thread.join()
 
 
-def _write_names(path: Path, n: int) -> None:
-    with open(path, "w") as f:  # the names write_synthetic_shards gives its identities
-        for i in range(n):
-            f.write(f"Person {i:05d}\n")
-
-
 def _put_state(spec_path: Path, log: Callable[[str], None], seed: int) -> tuple[int, float]:
     """Synthetic unit vectors as the job's name state, under the key the job computes; returns
     (bytes, seconds)."""
@@ -291,7 +285,7 @@ def _text_rate(model_json: Path, names: int = 4096) -> float:
     """Names × templates the tiny text tower encodes per second on this machine (one template)."""
 
     model = load_model(str(model_json), None, "fp32", "cpu")
-    texts = [f"a photo of Person {i:05d}." for i in range(names)]
+    texts = [f"a photo of {synthetic_name(i)}." for i in range(names)]
     model.encode_texts(texts[:256])  # warm-up
     t0 = time.perf_counter()
     model.encode_texts(texts)
@@ -320,7 +314,7 @@ def run_scale_bench(names: int = 1_000_000, shards: int = 2000, images_per_shard
             fs.mkdir(INPUT_BUCKET)
             model_json = work / "clipaudit-rehearsal-tiny.json"
             model_json.write_text(json.dumps(SCALE_CONFIG))
-            _write_names(work / "names.txt", names)
+            write_synthetic_names(work / "names.txt", names)
             t0 = time.perf_counter()
             local = write_synthetic_shards(work / "shards", shards * images_per_shard, images_per_shard,
                                            SCALE_CONFIG["vision_cfg"]["image_size"], names)

@@ -31,7 +31,7 @@ import numpy as np
 from clipaudit.attacks.base import MapAttack
 from clipaudit.data.storage import resolve_options
 from clipaudit.data.urls import is_url
-from clipaudit.io.atomic import temp_path
+from clipaudit.io.atomic import atomic_write_json, temp_path
 from clipaudit.io.outputs import OutputLayout
 from clipaudit.io.store import Store, scratch_root
 from clipaudit.model.files import content_fingerprint
@@ -140,7 +140,7 @@ class StateFolder:
             raise ValueError(f"{self.plan.attack}: state slice [{start}, {stop}) has shape {block.shape}, "
                              f"expected (R, {stop - start}, D)")
         path = self.part_path(i)
-        tmp = self._temp(path)
+        tmp = temp_path(path, self._tmp_dir())
         try:
             with open(tmp, "wb") as f:
                 np.save(f, block, allow_pickle=False)
@@ -150,13 +150,13 @@ class StateFolder:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _temp(self, path: Path) -> Path:
-        """A temp name for ``path``: hidden beside it in a local folder, in the store's scratch
+    def _tmp_dir(self) -> Path | None:
+        """Where temp files go: beside their file in a local folder (None), the store's scratch
         ``_tmp/`` for object storage (the output's own scratch folder: its stale temps are cleared)."""
         if not self.store.remote:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return temp_path(path)
-        return temp_path(path, self.store.base / "_tmp")
+            self.folder.mkdir(parents=True, exist_ok=True)
+            return None
+        return self.store.base / "_tmp"
 
     def finish(self) -> dict[str, Any]:
         """Check every part (their headers) and publish the manifest, which marks the state complete."""
@@ -175,10 +175,7 @@ class StateFolder:
         assert shape is not None
         manifest = {"key": self.plan.key, "identity": self.plan.identity, "items": self.plan.items,
                     "shape": [shape[0], self.plan.items, shape[2]], "dtype": "float16", "parts": parts}
-        data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-        tmp = self._temp(self.manifest_path)
-        tmp.write_bytes(data)
-        self.store.publish(tmp, self.manifest_path)
+        atomic_write_json(self.manifest_path, manifest, self._tmp_dir(), self.store.publish)
         return manifest
 
     def open(self) -> list[np.ndarray]:
