@@ -238,8 +238,7 @@ def cmd_reduce(args: argparse.Namespace) -> int:
 def _reduce_locked(args: argparse.Namespace, layout) -> int:
     from dataclasses import replace
 
-    from clipaudit.reduce import reduce_outputs
-    from clipaudit.app.runner import complete_summary, reduce_options, saved_spec
+    from clipaudit.app.runner import reduce_mapped, reduce_options, saved_spec
 
     opts = reduce_options(saved_spec(layout))
     settings = list(args.set or [])
@@ -264,8 +263,7 @@ def _reduce_locked(args: argparse.Namespace, layout) -> int:
                             "fits and saves its attackers)")
         opts = replace(opts, attackers=Path(args.attackers))
     opts = replace(opts, **_spec_checked(args))
-    complete_summary(layout)  # what a --map-only run left to this step
-    result = reduce_outputs(layout, opts)
+    result = reduce_mapped(layout, opts)
     print("wrote " + ", ".join(layout.store.location(p) for p in result.written))
     from clipaudit.report.text import calibration_lines, metrics_table
 

@@ -276,6 +276,13 @@ def complete_summary(layout: OutputLayout) -> None:
         layout.write_json(layout.summary, summary)
 
 
+def reduce_mapped(layout: OutputLayout, opts: ReduceOptions):
+    """The reduce step as its own step after ``run --map-only`` (``clipaudit reduce``; the caller
+    holds the output's lock): the summary's counts the map-only run left, then the reduce."""
+    complete_summary(layout)
+    return reduce_outputs(layout, opts)
+
+
 def saved_spec(layout: OutputLayout) -> JobSpec:
     """The spec an output folder was produced with (for ``clipaudit reduce``)."""
     return Audit.of(layout.store).saved_spec()

@@ -38,14 +38,13 @@ import numpy as np
 
 from clipaudit.app.jobs import load_job
 from clipaudit.app.resolve import pinned
-from clipaudit.app.runner import complete_summary, reduce_options, run_job, saved_spec
+from clipaudit.app.runner import reduce_mapped, reduce_options, run_job, saved_spec
 from clipaudit.attacks import build_attacks
 from clipaudit.bench.map_step import machine, synthetic_name, write_synthetic_names, write_synthetic_shards
 from clipaudit.bench.quick import peak_rss_mb
 from clipaudit.io.outputs import output_layout
 from clipaudit.map.state import job_states
 from clipaudit.model.loading import load_model
-from clipaudit.reduce import reduce_outputs
 
 BUCKET = "clipaudit-rehearsal"  # the output (and its name state)
 INPUT_BUCKET = "clipaudit-rehearsal-inputs"  # the shards
@@ -216,8 +215,7 @@ def _reduce_step(output: str, options: dict[str, Any]) -> None:
     """The post-map tail's process: what ``clipaudit reduce OUTPUT`` does with the job's settings."""
     layout = output_layout(output, options)
     with layout.lock():
-        complete_summary(layout)  # what the --map-only run left to this step
-        reduce_outputs(layout, reduce_options(saved_spec(layout)))
+        reduce_mapped(layout, reduce_options(saved_spec(layout)))
 
 
 class PeakRss:

@@ -279,20 +279,22 @@ def _job_yaml(pretrained: str, output: str, shards: int, partcrop_scale: tuple[f
     )
 
 
-def _train_models(
-    cast: _Cast, cfg: LabConfig, config_path: Path, log: Callable[[str], None]
-) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The seeded random init (control) and a copy of it trained on the members."""
-    name = write_model_config(config_path, tiny_model_config(image_size=cfg.image_size))
-    untrained = create_tiny_model(name, cfg.seed)
+def _control_model(cfg: LabConfig, config_path: Path) -> torch.nn.Module:
+    """The seeded random init: the untrained control, and the start of the trained model."""
+    return create_tiny_model(write_model_config(config_path, tiny_model_config(image_size=cfg.image_size)), cfg.seed)
+
+
+def _trained_model(untrained: torch.nn.Module, cast: _Cast, cfg: LabConfig, log: Callable[[str], None]
+                   ) -> torch.nn.Module:
+    """A copy of the control trained on the members."""
     trained = copy.deepcopy(untrained)
     images = {p.name: [_decode(j) for j in _photos(p, cfg, 1, cfg.train_images)] for p in cast.members}
     train_tiny_clip(
         trained, images, TRAIN_TEMPLATES, steps=cfg.steps, seed=cfg.seed,
-        negative_names=cast.negatives, tokenizer=open_clip.get_tokenizer(name), log=log,
+        negative_names=cast.negatives, tokenizer=open_clip.get_tokenizer(MODEL_NAME), log=log,
         augment=cfg.train_augment,
     )
-    return untrained, trained
+    return trained
 
 
 def _sanity_check(model: torch.nn.Module, cast: _Cast, cfg: LabConfig, names_path: Path) -> tuple[float, float]:
@@ -308,8 +310,11 @@ def _sanity_check(model: torch.nn.Module, cast: _Cast, cfg: LabConfig, names_pat
     return accs[0], accs[1]
 
 
-def build_lab(out_dir: Path, cfg: LabConfig = LabConfig(), log: Callable[[str], None] = print) -> LabPaths:
-    """Build the whole lab under ``out_dir`` and return where everything is."""
+def build_lab(out_dir: Path, cfg: LabConfig = LabConfig(), log: Callable[[str], None] = print,
+              on_control: Callable[[LabPaths], None] | None = None) -> LabPaths:
+    """Build the whole lab under ``out_dir`` and return where everything is. ``on_control`` is
+    called once the untrained control's weights, data and job spec are written, before the
+    training (which runs on one thread: ``clipaudit demo`` audits the control meanwhile)."""
     root = Path(out_dir)
     paths = LabPaths(
         root=root, model_config=root / "model" / f"{MODEL_NAME}.json",
@@ -333,13 +338,17 @@ def build_lab(out_dir: Path, cfg: LabConfig = LabConfig(), log: Callable[[str], 
           f"{sum(t for _, _, t in image_rows)} of them training photos)")
     _write_names_and_labels(cast, cfg, paths.names, paths.labels, image_rows)
     stamp(f"wrote {paths.names.name} and {paths.labels.name}")
-    stamp(f"training {MODEL_NAME} for {cfg.steps} steps on {len(cast.members)} members")
-    untrained, trained = _train_models(cast, cfg, paths.model_config, log)
+    untrained = _control_model(cfg, paths.model_config)
     torch.save(untrained.state_dict(), paths.untrained)
-    torch.save(trained.state_dict(), paths.trained)
-    stamp(f"saved {paths.trained.name} and {paths.untrained.name}")
-    paths.job.write_text(_job_yaml("model/trained.pt", "out/trained", cfg.shards, cfg.partcrop_scale))
     paths.job_untrained.write_text(_job_yaml("model/untrained.pt", "out/untrained", cfg.shards, cfg.partcrop_scale))
+    stamp(f"saved {paths.untrained.name}")
+    if on_control is not None:
+        on_control(paths)
+    stamp(f"training {MODEL_NAME} for {cfg.steps} steps on {len(cast.members)} members")
+    trained = _trained_model(untrained, cast, cfg, log)
+    torch.save(trained.state_dict(), paths.trained)
+    paths.job.write_text(_job_yaml("model/trained.pt", "out/trained", cfg.shards, cfg.partcrop_scale))
+    stamp(f"saved {paths.trained.name}")
     for label, model in (("trained", trained), ("untrained", untrained)):
         with torch_threads(1):
             member_acc, nonmember_acc = _sanity_check(model, cast, cfg, paths.names)
