@@ -129,6 +129,10 @@ class ComputeSpec(_Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda | cuda:N")
     batch_size: int = Field(128, ge=1)
     decode_threads: int = Field(2, ge=1)
+    shards_in_flight: int = Field(
+        2, ge=1, le=8, description="shards a map worker holds at once: while one computes, the next is fetched (a URL "
+                                   "copied whole to the scratch folder) and the last one's parts are uploaded; 1: one "
+                                   "at a time")
     decode: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="where JPEGs are decoded and resized: cpu (Pillow on decode threads), gpu (nvJPEG on "
                             "the model's device, Pillow for what it cannot read as Pillow would); auto: gpu on CUDA")

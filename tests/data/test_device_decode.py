@@ -54,3 +54,17 @@ def test_a_file_the_device_cannot_decode_is_reported_for_the_pillow_fallback():
     torch.testing.assert_close(out[0][0], out[2][0])
     if out[1] is not None:  # libjpeg may pad a truncated file with grey: Pillow's path rejects it instead
         pytest.skip("this decoder accepts truncated JPEGs")
+
+
+@pytest.mark.parametrize("mode", ["shortest", "longest"])
+def test_a_batch_of_mixed_sizes_is_resized_per_size_as_each_image_alone(mode):
+    """Same-sized images are resized in one call: every image's pixels and bounded original are
+    those it gets decoded alone."""
+    pre = Preprocess(64, mode)
+    sizes = [(200, 150), (300, 500), (200, 150), (640, 480), (300, 500), (200, 150)]
+    datas = [encode(photo_like(size, seed=i)) for i, size in enumerate(sizes)]
+    batch = decode_on_device(datas, pre, CPU, source_side=96)
+    for data, (pixels, source) in zip(datas, batch):
+        (alone, alone_source), = decode_on_device([data], pre, CPU, source_side=96)
+        assert torch.equal(pixels, alone) and torch.equal(source, alone_source)
+        assert pixels.shape == (64, 64, 3) and max(source.shape[:2]) == 96

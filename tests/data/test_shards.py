@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from clipaudit.data.shards import ShardPatternError, expand_shards
@@ -59,3 +61,21 @@ def test_memory_url_shard_reads_like_a_local_file(tmp_path):
     assert as_url == [(s.key, s.files, s.error) for s in iter_tar_samples(str(local))]
     assert [s.error for s in iter_tar_samples("memory://clipaudit-test/cut.tar")][-1] == "truncated_tar"
     assert [s.key for s in iter_tar_samples(f"file://{local}")] == ["k1", "k2"]
+
+
+def test_a_url_shard_is_fetched_whole_to_scratch_and_removed_after(tmp_path):
+    import fsspec
+
+    from clipaudit.data.shards import fetched_shard
+
+    data = bytes(range(256)) * 40_000  # 10 MB: more than one read
+    fsspec.filesystem("memory").pipe("/clipaudit-fetch/a.tar", data)
+    scratch = tmp_path / "scratch"
+    with fetched_shard("memory://clipaudit-fetch/a.tar", None, scratch) as local:
+        assert Path(local).parent == scratch and Path(local).read_bytes() == data
+    assert list(scratch.iterdir()) == []
+    with fetched_shard(f"file://{tmp_path}/x.tar", None, scratch) as local:  # a local shard: read where it is
+        assert local == f"{tmp_path}/x.tar"
+    with pytest.raises(FileNotFoundError), fetched_shard("memory://clipaudit-fetch/missing.tar", None, scratch):
+        pass
+    assert list(scratch.iterdir()) == []  # nothing half-copied stays

@@ -169,8 +169,9 @@ def test_a_shard_that_hangs_times_out_its_actor_is_killed_and_the_run_returns(tm
 
 
 def test_an_actor_whose_task_raised_a_non_io_error_is_replaced_io_errors_keep_it(tmp_path, tiny_model, ray_session):
+    # one shard at a time, so that each failure is the actor's only shard
     job = write_tiny_job(tmp_path, tiny_model, tmp_path / "out", shards=1, per_shard=8, attacks="{idia: {top_k: 3}}",
-                         compute="executor: ray, workers: 1, max_retries: 1")
+                         compute="executor: ray, workers: 1, max_retries: 1, shards_in_flight: 1")
     missing = tmp_path / "shards" / "missing.tar"  # FileNotFoundError: an OSError (transient I/O): actor kept
     broken = "nosuchproto://bucket/00001.tar"  # no fsspec backend: ImportError, not I/O: actor replaced
     good = tmp_path / "shards" / "00000.tar"
@@ -190,6 +191,25 @@ def test_an_actor_whose_task_raised_a_non_io_error_is_replaced_io_errors_keep_it
             assert pid not in later and (broken, pid) in events.of("broken"), events.events
         elif shard == str(missing) and i == 0:  # handed the next shard
             assert later[0] == pid, events.events
+
+
+def test_a_shard_waiting_on_an_actor_that_is_replaced_goes_back_to_the_queue_without_an_attempt(
+        tmp_path, tiny_model, ray_session):
+    """Two shards in flight on one actor: the first raises a non-I/O error (the actor is replaced);
+    the second, which only waited behind it, is mapped by the replacement although no retry is
+    allowed."""
+    job = write_tiny_job(tmp_path, tiny_model, tmp_path / "out", shards=1, per_shard=40, attacks="{idia: {top_k: 3}}",
+                         compute="executor: ray, workers: 1, max_retries: 0, shards_in_flight: 2")
+    broken = "nosuchproto://bucket/00001.tar"  # ImportError when fetched: the actor is replaced at once
+    good = tmp_path / "shards" / "00000.tar"
+    spec = _with_shards(load_job(job), [broken, good])
+    with MapEvents() as events:
+        report = run_job(spec, progress=False)
+    assert [f.shard for f in report.map.failed] == [broken] and report.map.failed[0].attempts == 1
+    assert [d["shard"] for d in report.map.done] == [str(good)] and report.summary["rows"] == 40
+    [(_, first), (_, second)] = [e for e in events.of("dispatch") if e[0] == str(good)]
+    assert events.of("dispatch")[0] == (broken, first) and (broken, first) in events.of("broken"), events.events
+    assert events.of("requeued") == [(str(good), first)] and second not in (first, None), events.events
 
 
 def test_a_pool_sized_by_the_cluster_grows_when_room_appears(tmp_path, tiny_model, ray_session, monkeypatch, caplog):

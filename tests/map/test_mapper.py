@@ -50,3 +50,66 @@ output: out
     # pixel roundings move them a little; copies of a photo differ by up to 4 bits, see map/image_hash.py)
     assert_same_rows(outs["device"][0], outs["pillow"][0], float_tol=0.05,
                      close={"dhash": lambda a, b: hamming(a, b) <= 3})
+
+
+def test_shards_in_flight_fetch_and_publish_beside_the_compute_and_give_the_same_rows(tiny_model, tmp_path,
+                                                                                     monkeypatch):
+    """Two shards in flight (the default): the second shard's tar is fetched while the first
+    computes, and the first one's parts are published while the second computes; every column
+    equals one-at-a-time mapping."""
+    import threading
+
+    import fsspec
+    from helpers import SAME_EXECUTOR_TOL, assert_same_outputs, write_tiny_job
+
+    from clipaudit.app.runner import run_job
+    from clipaudit.map import mapper as mapper_module
+
+    job = write_tiny_job(tmp_path, tiny_model, tmp_path / "out", shards=3, per_shard=24,
+                         compute="executor: local, max_retries: 0")
+    fs = fsspec.filesystem("memory")
+    urls = []
+    for s in range(3):
+        fs.pipe(f"/clipaudit-in-flight/{s:05d}.tar", (tmp_path / "shards" / f"{s:05d}.tar").read_bytes())
+        urls.append(f"memory://clipaudit-in-flight/{s:05d}.tar")
+    events, lock = [], threading.Lock()
+
+    def note(what: str, shard: str) -> None:
+        with lock:
+            events.append((what, shard.rsplit("/", 1)[-1]))
+
+    fetch, compute, publish = mapper_module.fetched_shard, mapper_module.ShardMapper._map, \
+        mapper_module.ShardMapper._publish
+
+    def fetched(shard, *args):
+        note("fetch", shard)
+        return fetch(shard, *args)
+
+    def mapped(self, shard, *args):
+        out = compute(self, shard, *args)
+        note("computed", shard)
+        return out
+
+    def published(self, shard, *args):
+        note("publish", shard)
+        return publish(self, shard, *args)
+
+    monkeypatch.setattr(mapper_module, "fetched_shard", fetched)
+    monkeypatch.setattr(mapper_module.ShardMapper, "_map", mapped)
+    monkeypatch.setattr(mapper_module.ShardMapper, "_publish", published)
+    spec = load_job(job)
+    runs = {}
+    for n in (2, 1):
+        compute_spec = spec.compute.model_copy(update={"shards_in_flight": n})
+        events.clear()
+        runs[n] = run_job(spec.model_copy(update={"data": spec.data.model_copy(update={"shards": urls}),
+                                                  "compute": compute_spec, "output": tmp_path / f"in-flight-{n}"}),
+                          progress=False)
+        assert runs[n].ok and runs[n].summary["rows"] == 72
+        if n == 2:
+            at = {e: i for i, e in enumerate(events)}
+            assert at[("fetch", "00001.tar")] < at[("computed", "00000.tar")], events
+            assert at[("publish", "00000.tar")] < at[("computed", "00001.tar")], events
+        else:  # one at a time: each shard fetched after the last one was published
+            assert [w for w, _ in events] == ["fetch", "computed", "publish"] * 3, events
+    assert_same_outputs(tmp_path / "in-flight-2", tmp_path / "in-flight-1", SAME_EXECUTOR_TOL)

@@ -149,3 +149,41 @@ def test_copies_are_left_out_of_image_metrics_attackers_and_q_values(planted, tm
     assert len(by_key) == len(rows)  # every image keeps its row
     assert all(by_key[k]["mim_qvalue"] is None and by_key[k]["mim_pvalue"] is not None for k in copies)
     assert all(by_key[k]["mim_qvalue"] is not None for k in by_key if k not in copies and not by_key[k]["is_control"])
+
+
+@pytest.mark.parametrize("max_bits", [0, 3, 6, 9])
+def test_hash_pairs_are_every_pair_within_the_radius(max_bits):
+    """The multi-hash index finds exactly the pairs a comparison of every pair finds."""
+    from clipaudit.reduce.neighbours import hash_pairs
+
+    rng = np.random.default_rng(max_bits)
+    hashes = rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, size=3000, dtype=np.int64)
+    for _ in range(400):  # planted near pairs at 0..12 bits
+        i, j = rng.integers(len(hashes), size=2)
+        flips = sum(1 << int(b) for b in rng.choice(64, size=rng.integers(0, 13), replace=False))
+        hashes[j] = (hashes[i].view(np.uint64) ^ np.uint64(flips)).view(np.int64)
+    first, second, bits = hash_pairs(hashes, max_bits)
+    u = hashes.view(np.uint64)
+    xor = u[:, None] ^ u[None, :]
+    dist = np.unpackbits(xor.view(np.uint8).reshape(len(u), len(u), 8), axis=2).sum(axis=2)
+    expected = {(int(i), int(j)) for i, j in zip(*np.nonzero(np.triu(dist <= max_bits, k=1)))}
+    assert set(zip(first.tolist(), second.tolist())) == expected and len(first) == len(expected)
+    assert all(dist[i, j] == b for i, j, b in zip(first, second, bits))
+
+
+def test_one_photo_under_two_names_is_not_merged_but_copies_within_a_name_are():
+    import pyarrow as pa
+
+    from clipaudit.reduce.neighbours import _copies_in_bucket
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(5, 16)).astype(np.float32)
+    emb[1] = emb[0]  # Ann's copy of her photo 0
+    emb[3] = emb[0]  # the same photo under Bob's name
+    emb[2] = emb[0] + rng.normal(size=16)  # hash-identical, but another picture by its embedding
+    t = pa.table({"shard": ["s"] * 5, "key": list("abcde"), "position": [0, 1, 2, 3, 4],
+                  "identity": ["Ann", "Ann", "Ann", "Bob", "Bob"], "dhash": [7, 7, 7, 7, 12345],
+                  "embedding": [list(map(float, e)) for e in emb]})
+    rows = _copies_in_bucket(t, 0.95, 6)
+    assert [(r[1], r[4]) for r in rows] == [("b", "a")]  # b is a copy of a; c, d and e are not copies
+    assert rows[0][6] == pytest.approx(1.0) and rows[0][7] == 0

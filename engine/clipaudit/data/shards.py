@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import glob
 import itertools
+import os
 import re
+import shutil
+import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, BinaryIO
 from collections.abc import Iterator, Mapping
 
@@ -82,3 +86,26 @@ def open_shard(shard: str, storage_options: Mapping[str, Any] | None = None) -> 
         size = f.tell()
         f.seek(0)
         yield f, size
+
+
+#: bytes per read when a shard is copied to local disk
+_COPY_CHUNK = 8 << 20
+
+
+@contextmanager
+def fetched_shard(shard: str, storage_options: Mapping[str, Any] | None, scratch: Path) -> Iterator[str]:
+    """The shard as a local path for the block: a local shard itself; a URL copied whole into a
+    file under ``scratch`` (one sequential read, so the map step can fetch the next shard while
+    it computes the current one), removed afterwards. A failed read raises (the executor
+    retries the shard); a partial copy is never read."""
+    if not is_url(shard):
+        yield shard.removeprefix("file://")
+        return
+    scratch.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="shard-", suffix=".tar", dir=scratch)
+    try:
+        with os.fdopen(fd, "wb") as dst, open_url(shard, "rb", storage_options) as src:
+            shutil.copyfileobj(src, dst, _COPY_CHUNK)
+        yield name
+    finally:
+        Path(name).unlink(missing_ok=True)

@@ -62,6 +62,7 @@ class Progress:
         self._bar = tqdm(total=total_shards, unit="shard", disable=not enabled or self._lines, dynamic_ncols=True,
                          desc="map", file=self.stream)
         self._stop = threading.Event()
+        self._count = threading.Lock()
         self._ticker = None
         if self._lines:
             self._ticker = threading.Thread(target=self._tick, args=(interval_s,), name="map-progress", daemon=True)
@@ -85,17 +86,19 @@ class Progress:
         print(self.line(), file=self.stream, flush=True)
 
     def add_images(self, n: int) -> None:
-        self.images += n
+        with self._count:  # called from the threads of shards in flight
+            self.images += n
         if not self._bar.disable:
             rate = self.images / max(self.clock() - self._t0, 1e-9)
             self._bar.set_postfix_str(f"{self.images} images, {rate:,.1f} img/s", refresh=True)
 
     def shard_done(self, error_rows: int = 0, failed: bool = False) -> None:
         """One shard finished (``error_rows``: its sample rows with status error) or failed for good."""
-        self.shards += 1
-        self.error_rows += error_rows
-        self.failed_shards += failed
-        self._bar.update(1)
+        with self._count:
+            self.shards += 1
+            self.error_rows += error_rows
+            self.failed_shards += failed
+            self._bar.update(1)
 
     def close(self) -> None:
         self._bar.close()

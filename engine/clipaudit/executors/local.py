@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 
 from clipaudit.map.mapper import ShardMapper
 from clipaudit.io.outputs import OutputLayout
@@ -15,7 +16,8 @@ log = logging.getLogger(__name__)
 
 
 class LocalExecutor:
-    """Maps shards one after another in this process, with bounded retries per shard.
+    """Maps shards in this process, ``compute.shards_in_flight`` at once (one computes while the
+    next is fetched and the last one's parts are published), with bounded retries per shard.
 
     ``compute.shard_timeout_s`` does not apply here (it is the Ray executor's): a shard
     mapped by a call in this process cannot be stopped safely half-way — a thread cannot be
@@ -32,22 +34,31 @@ class LocalExecutor:
         mapper = ShardMapper(spec, layout, map_hash)
         mapper.setup_here()
         bar = Progress(len(shards), progress, spec.compute.progress_interval_s)
+        attempts = spec.compute.max_retries + 1
+
+        def map_with_retries(shard: str) -> dict | ShardFailure:
+            for attempt in range(1, attempts + 1):
+                try:
+                    stats = mapper.map_shard(shard, on_batch=bar.add_images)
+                except Exception as e:  # noqa: BLE001 — per-shard failure, recorded below
+                    log.warning("shard %s failed (attempt %d): %s", shard, attempt, e)
+                    err = f"{type(e).__name__}: {e}"
+                    log.debug(traceback.format_exc())
+                    continue
+                bar.shard_done(error_rows=sum(stats.errors.values()))
+                return stats.to_dict()
+            bar.shard_done(failed=True)
+            return ShardFailure(shard, attempts, err)
+
         try:
-            for shard in shards:
-                for attempt in range(1, spec.compute.max_retries + 2):
-                    try:
-                        stats = mapper.map_shard(shard, on_batch=bar.add_images)
-                    except Exception as e:  # noqa: BLE001 — per-shard failure, recorded below
-                        log.warning("shard %s failed (attempt %d): %s", shard, attempt, e)
-                        err = f"{type(e).__name__}: {e}"
-                        log.debug(traceback.format_exc())
-                        continue
-                    result.done.append(stats.to_dict())
-                    bar.shard_done(error_rows=sum(stats.errors.values()))
-                    break
-                else:
-                    result.failed.append(ShardFailure(shard, spec.compute.max_retries + 1, err))
-                    bar.shard_done(failed=True)
+            # the pool's queue holds every shard, but only shards_in_flight threads take them: as
+            # many tars (at most) are on the scratch disk at once
+            with ThreadPoolExecutor(max_workers=spec.compute.shards_in_flight, thread_name_prefix="shard") as pool:
+                for outcome in pool.map(map_with_retries, shards):  # in shard order
+                    if isinstance(outcome, ShardFailure):
+                        result.failed.append(outcome)
+                    else:
+                        result.done.append(outcome)
         finally:
             bar.close()
             mapper.close()

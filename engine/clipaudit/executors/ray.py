@@ -2,11 +2,15 @@
 out dynamically to actors that have started, bounded retries, dead actors (a killed
 worker, a lost node) replaced by new ones placed wherever resources remain.
 
-An actor is trusted with another shard only after a clean finish or an ``OSError`` (a
-transient read failure says nothing about the actor). A shard still running after
+Each actor holds up to ``compute.shards_in_flight`` shards: while one computes, the next one's
+tar is fetched and the last one's parts are uploaded (:mod:`clipaudit.map.mapper`). An actor is
+trusted with another shard only after a clean finish or an ``OSError`` (a transient read
+failure says nothing about the actor). A shard still running after
 ``compute.shard_timeout_s`` is abandoned: its actor is killed (a hung actor cannot be
 trusted again) and replaced, and the shard is retried like any failure. Any other
-exception (a CUDA error can leave the device context broken) also replaces the actor.
+exception (a CUDA error can leave the device context broken) also replaces the actor. The other
+shards a replaced actor held go back to the queue without counting an attempt; those of an
+actor that died (its process or node lost) count one, like the shard it was computing.
 
 The per-job attack state (the name pool's text embeddings, :mod:`clipaudit.map.state`) is
 built, where its store lacks it, by Ray tasks with a worker's resources — its parts spread over
@@ -43,7 +47,9 @@ def _ray():
 
 
 class _MapWorker:
-    """Ray actor body: one model per actor, one shard per call."""
+    """Ray actor body: one model per actor, one shard per call; up to ``compute.shards_in_flight``
+    calls at once (a threaded actor: the mapper computes one shard at a time and fetches or
+    uploads the others meanwhile)."""
 
     def __init__(self, spec_json: dict, output_root: str, map_hash: str) -> None:
         spec = JobSpec.model_validate(spec_json)
@@ -199,21 +205,23 @@ def release_gpu_request() -> None:
 
 
 class _ActorPool:
-    """Map actors in three states: starting (placement or model load pending), idle, busy.
+    """Map actors in two states: starting (placement or model load pending) or started, a
+    started one holding up to ``slots`` shards at once (``compute.shards_in_flight``).
 
     Work goes only to actors that have started, so an actor waiting for resources that a
     lost node took with it never holds a shard; a dead actor is replaced by a new starting one.
     """
 
     def __init__(self, ray, make_actor, size: int, max_start_failures: int,
-                 room: Callable[[], int | None] | None = None) -> None:
+                 room: Callable[[], int | None] | None = None, slots: int = 1) -> None:
         self.ray, self.make_actor = ray, make_actor
         #: how many actors the cluster has room for now (None: as many as asked), so that a dead
         #: actor whose node left is not replaced by one that cannot be placed
         self.room = room or (lambda: None)
-        self.live: set = set()  # every actor started and not killed: starting, idle or busy
+        self.slots = slots
+        self.live: set = set()  # every actor started and not killed: starting or started
         self.starting: dict[Any, Any] = {}  # ready ref → actor
-        self.idle: deque = deque()
+        self.free: dict[Any, int] = {}  # started actor → how many more shards it can take now (in start order)
         self.start_failures, self.max_start_failures = 0, max_start_failures
         self.last_error = ""
         self.pids: dict[Any, int] = {}  # actor → its worker process id, learnt when it started
@@ -224,6 +232,22 @@ class _ActorPool:
         actor = self.make_actor()
         self.live.add(actor)
         self.starting[actor.pid.remote()] = actor
+
+    def take(self):
+        """A started actor for one more shard: the one with the most room (the earliest started
+        among equals), so shards spread over the actors before any holds two; None if all are full."""
+        if not self.free:
+            return None
+        actor = max(self.free, key=self.free.__getitem__)
+        if not self.free[actor]:
+            return None
+        self.free[actor] -= 1
+        return actor
+
+    def give_back(self, actor) -> None:
+        """One of ``actor``'s shards is over and the actor is fine: it can take another."""
+        if actor in self.free:
+            self.free[actor] += 1
 
     def resize(self, want: int) -> int:
         """Start actors up to ``want`` live ones, or stop starting ones (never a busy one) down to
@@ -241,7 +265,7 @@ class _ActorPool:
         return -len(surplus)
 
     def on_started(self, ref) -> None:
-        """An actor's ready ref resolved: idle if it started, else a replacement (bounded)."""
+        """An actor's ready ref resolved: started if it did, else a replacement (bounded)."""
         actor = self.starting.pop(ref)
         try:
             pid = self.ray.get(ref)
@@ -255,38 +279,41 @@ class _ActorPool:
                 self.start_one()
             return
         self.pids[actor] = pid
-        self.idle.append(actor)
+        self.free[actor] = self.slots
 
-    def replace(self, dead) -> None:
+    def replace(self, dead) -> bool:
         """Kill ``dead`` and start another, unless the cluster no longer has room for it (a node
-        left: the pool shrinks, and grows again when :meth:`resize` finds room)."""
-        self.pids.pop(dead, None)
+        left: the pool shrinks, and grows again when :meth:`resize` finds room). False where
+        ``dead`` was replaced already (another of its shards reported it first)."""
+        if dead not in self.live:
+            return False
+        self.free.pop(dead, None)  # its pid stays known: the log names it for each shard it held
         self.live.discard(dead)
         self.ray.kill(dead)
         room = self.room()
         if room is None or len(self.live) < max(room, 1):
             self.start_one()
+        return True
 
     def drop_dead_idle(self, timeout_s: float = 30.0) -> None:
-        """Ping the idle actors; replace those that are dead (no answer in time: kept)."""
-        if not self.idle:
+        """Ping the actors that hold no shard; replace those that are dead (no answer in time: kept)."""
+        idle = [a for a, n in self.free.items() if n == self.slots]
+        if not idle:
             return
-        pings = {a.pid.remote(): a for a in self.idle}
+        pings = {a.pid.remote(): a for a in idle}
         answered, _ = self.ray.wait(list(pings), num_returns=len(pings), timeout=timeout_s)
         for ref in answered:
             try:
                 self.ray.get(ref)
             except self.ray.exceptions.RayError:
-                dead = pings[ref]
-                self.idle.remove(dead)
                 log.warning("an idle map actor is gone too; starting a replacement")
-                self.replace(dead)
+                self.replace(pings[ref])
 
     def alive_or_starting(self) -> bool:
-        return bool(self.idle or self.starting)
+        return bool(self.free or self.starting)
 
     def kill_all(self, busy: list) -> None:
-        for a in [*self.idle, *self.starting.values(), *busy]:
+        for a in {*self.free, *self.starting.values(), *busy}:
             self.ray.kill(a)
         self.live.clear()
 
@@ -363,13 +390,17 @@ class RayExecutor:
                           f"(cluster resources: {ray.cluster_resources()})")
             return
         build_states(ray, spec, spec_json, layout, root, placement, n_workers)  # fails early: a model that cannot load
-        actor_cls = ray.remote(_MapWorker).options(**placement, max_restarts=0, max_task_retries=0)
+        in_flight = spec.compute.shards_in_flight
+        # threads for the shards in flight and one more, so that a ping is answered while both work
+        actor_cls = ray.remote(_MapWorker).options(**placement, max_restarts=0, max_task_retries=0,
+                                                   max_concurrency=in_flight + 1)
         pool = _ActorPool(ray, lambda: actor_cls.remote(spec_json, root, map_hash), n_workers,
                           max_start_failures=n_workers * (spec.compute.max_retries + 1),
-                          room=(lambda: self._slots(spec)) if follow else None)
+                          room=(lambda: self._slots(spec)) if follow else None, slots=in_flight)
         next_look = time.monotonic() + self.POOL_CHECK_S
         start_by: float | None = None  # while no shard is in flight: when an actor must have started
-        log.info("map: %d shards on %d actors (%s)", len(shards), n_workers, resources)
+        log.info("map: %d shards on %d actors (%s), up to %d in flight per actor", len(shards), n_workers, resources,
+                 in_flight)
 
         todo = deque(shards)
         attempts: dict[str, int] = {s: 0 for s in shards}
@@ -386,6 +417,25 @@ class RayExecutor:
                 result.failed.append(ShardFailure(shard, attempts[shard], msg))
                 bar.shard_done(failed=True)
 
+        def restart_clock(actor) -> None:
+            """A shard of ``actor`` is over: the next one it holds (waiting for the compute until now)
+            gets a whole ``shard_timeout_s`` from here."""
+            deadline = time.monotonic() + shard_timeout
+            for ref, (shard, a, d) in list(inflight.items()):
+                if a == actor:
+                    inflight[ref] = (shard, a, max(d, deadline))
+
+        def requeue_others(actor) -> None:
+            """The driver killed ``actor``: the other shards it held go back to the queue, their
+            attempt not counted (they only waited behind the shard that failed)."""
+            for ref, (shard, a, _) in list(inflight.items()):
+                if a == actor:
+                    del inflight[ref]
+                    attempts[shard] -= 1
+                    todo.appendleft(shard)
+                    log.info("shard %s: back in the queue, its map actor was replaced while it waited", shard,
+                             extra=_event("requeued", shard, pool.pids.get(actor)))
+
         try:
             while todo or inflight:
                 if follow and time.monotonic() >= next_look:
@@ -395,8 +445,8 @@ class RayExecutor:
                     if change:
                         log.info("the cluster has room for %d map actor(s): %s %d (now %d)", room,
                                  "started" if change > 0 else "stopped", abs(change), len(pool.live))
-                while todo and pool.idle:
-                    shard, actor = todo.popleft(), pool.idle.popleft()
+                while todo and (actor := pool.take()) is not None:
+                    shard = todo.popleft()
                     attempts[shard] += 1
                     log.debug("shard %s: attempt %d on map actor pid %s", shard, attempts[shard], pool.pids.get(actor),
                               extra=_event("dispatch", shard, pool.pids.get(actor)))
@@ -423,6 +473,7 @@ class RayExecutor:
                         log.warning("shard %s still running after %g s on map actor pid %s: killing the actor, "
                                     "starting a replacement", shard, shard_timeout, pool.pids.get(actor),
                                     extra=_event("timeout", shard, pool.pids.get(actor)))
+                        requeue_others(actor)
                         pool.replace(actor)  # kills it: an actor task cannot be force-cancelled
                         failed(shard, f"timed out: not finished within compute.shard_timeout_s = {shard_timeout:g} s")
                     continue
@@ -441,19 +492,22 @@ class RayExecutor:
                     stats = ray.get(ref)
                 except ray.exceptions.RayError as e:
                     if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, OSError):
-                        pool.idle.append(actor)  # a read failure (transient I/O): the actor is fine
+                        pool.give_back(actor)  # a read failure (transient I/O): the actor is fine
+                        restart_clock(actor)
                     elif isinstance(e, ray.exceptions.RayTaskError):  # e.g. a CUDA error: the actor may be broken
                         log.warning("map actor pid %s raised %s on %s; replacing it", pool.pids.get(actor),
                                     type(e.cause).__name__, shard, extra=_event("broken", shard, pool.pids.get(actor)))
+                        requeue_others(actor)
                         pool.replace(actor)
-                    else:  # the actor, its process or its node is gone
+                    else:  # the actor, its process or its node is gone (with every shard it held)
                         log.warning("map actor died while on %s (worker or node lost); starting a replacement", shard,
                                     extra=_event("died", shard, pool.pids.get(actor)))
-                        pool.replace(actor)
-                        pool.drop_dead_idle()  # a lost node takes its idle actors too: don't feed them shards
+                        if pool.replace(actor):
+                            pool.drop_dead_idle()  # a lost node takes its idle actors too: don't feed them shards
                     failed(shard, _short_error(e))
                     continue
-                pool.idle.append(actor)
+                pool.give_back(actor)
+                restart_clock(actor)
                 result.done.append(stats)
                 bar.add_images(stats["rows"])
                 bar.shard_done(error_rows=sum(stats.get("errors", {}).values()))

@@ -1,16 +1,22 @@
 """The map step: one shard in → one Parquet part (+ embeddings part) + marker out.
 
-A plain function of (model, shard) → rows, used unchanged by every executor. Three stages
-overlap: decoding runs in a thread pool (Pillow releases the GIL) one batch ahead of the
-model; the model and attacks run on the current batch (its pixels copied to a GPU from
-pinned memory, or decoded there, see :mod:`clipaudit.data.device_decode`); the previous
-batch's Parquet rows are written on a writer thread. So the model never waits on JPEG
-decode or Parquet encoding when there are enough CPU threads.
+A plain function of (model, shard) → rows, used unchanged by every executor. Within a shard
+three stages overlap: decoding runs in a thread pool (Pillow releases the GIL) one batch
+ahead of the model; the model and attacks run on the current batch (its pixels copied to a
+GPU from pinned memory, or decoded there, see :mod:`clipaudit.data.device_decode`); the
+previous batch's Parquet rows are written on a writer thread. So the model never waits on
+JPEG decode or Parquet encoding when there are enough CPU threads.
+
+Across shards, :meth:`ShardMapper.map_shard` may be called from several threads at once
+(``compute.shards_in_flight``): only the compute holds the mapper's lock, so one shard's tar
+is fetched (a URL copied whole to the scratch folder) and another's parts are uploaded while a
+third computes.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -34,7 +40,8 @@ from clipaudit.map.state import ensure_here
 from clipaudit.contract.schemas import load_schema
 from clipaudit.spec import JobSpec
 from clipaudit.data.device_decode import decode_on_device
-from clipaudit.data.shards import expand_shards
+from clipaudit.data.shards import expand_shards, fetched_shard
+from clipaudit.io.store import scratch_root
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +117,8 @@ class ShardMapper:
         self.wants_tokens = any(getattr(a, "needs_patch_tokens", False) for a in self.attacks)
         self._pool = ThreadPoolExecutor(max_workers=spec.compute.decode_threads, thread_name_prefix="decode")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
+        #: held while a shard computes (decode, model, attacks, Parquet encoding); fetches and uploads run outside it
+        self._computing = threading.Lock()
 
     # -- setup ----------------------------------------------------------------
     def load(self) -> LoadedModel:
@@ -151,21 +160,25 @@ class ShardMapper:
             return {}
 
         pre, d = self.model.preprocess, self.spec.data
-        on_device = {}
+        on_device, rejected = {}, []
         for s, out in zip(pending, decode_on_device([s.jpeg for s in pending], pre, self.model.device,  # type: ignore[misc]
                                                     self.source_side)):
-            if out is None:
-                decode_with_pillow(s, pre, d.max_image_pixels, self.source_side)
+            if out is None:  # decoded by Pillow on the decode threads, not on this one
+                rejected.append(self._pool.submit(decode_with_pillow, s, pre, d.max_image_pixels, self.source_side))
                 continue
             s.jpeg = None
             on_device[id(s)] = out[0]
             if out[1] is not None:
                 s.source = out[1].numpy()
+        for f in rejected:
+            f.result()
         return on_device
 
-    def decoded_batches(self, shard: str) -> Iterator[list[Sample]]:
-        """Decode batch i+1 on the thread pool while the caller runs the model on batch i."""
-        raw_batches = _batched(iter_tar_samples(shard, self.spec.data.storage_options), self.spec.compute.batch_size)
+    def decoded_batches(self, shard: str, source: str | None = None) -> Iterator[list[Sample]]:
+        """Decode batch i+1 on the thread pool while the caller runs the model on batch i.
+        ``source``: where the shard's bytes are read (a local copy of it), if not ``shard`` itself."""
+        raw_batches = _batched(iter_tar_samples(source or shard, self.spec.data.storage_options),
+                               self.spec.compute.batch_size)
         threads = self.spec.compute.decode_threads
         pending: tuple[list[Future], int] | None = None
         for raws in raw_batches:
@@ -264,8 +277,18 @@ class ShardMapper:
         return cols, emb_np
 
     def map_shard(self, shard: str, on_batch: Callable[[int], None] | None = None) -> ShardStats:
-        """Map one shard to its part(s) and marker; returns its stats."""
+        """Map one shard to its part(s) and marker; returns its stats. Safe to call from several
+        threads: the shard is fetched before, and its parts published after, the compute lock."""
         t0 = time.perf_counter()
+        with fetched_shard(shard, self.spec.data.storage_options, scratch_root() / "shards") as source:
+            with self._computing:
+                stats, parts = self._map(shard, source, on_batch)
+        self._publish(shard, stats, parts, t0)
+        return stats
+
+    def _map(self, shard: str, source: str, on_batch: Callable[[int], None] | None
+             ) -> tuple[ShardStats, list[PartWriter]]:
+        """The shard's rows, written to its parts (complete, not yet published), and its stats."""
         stats = ShardStats(shard=shard, map_hash=self.map_hash)
         counts: Counter[str] = Counter()
         warnings: Counter[str] = Counter()
@@ -275,6 +298,8 @@ class ShardMapper:
         part = PartWriter(self.layout.sample_part(shard), self.samples_schema, tmp)
         emb_part = (PartWriter(self.layout.embedding_part(shard), self.embeddings_schema, tmp)
                     if self.spec.store_embeddings else None)
+        parts = [part] if emb_part is None else [part, emb_part]
+
         def write(samples: list[Sample], cols: dict[str, list], emb: np.ndarray | None) -> None:
             part.write(cols)
             ok = [s for s in samples if s.ok]
@@ -288,7 +313,7 @@ class ShardMapper:
         # i+1 (decode of i+2 is on the decode threads); at most one batch waits to be written
         pending: Future | None = None
         try:
-            for samples in self.decoded_batches(shard):
+            for samples in self.decoded_batches(shard, source):
                 cols, emb = self._rows(samples, sampled)
                 if pending is not None:
                     pending.result()
@@ -302,15 +327,19 @@ class ShardMapper:
         except BaseException:
             if pending is not None:
                 wait([pending])  # the writer is done with the files before they are removed
-            part.abort()
-            if emb_part is not None:
-                emb_part.abort()
+            for p in parts:
+                p.abort()
             raise
         stats.rows = part.rows
         stats.ok = counts.pop("ok", 0)
         stats.errors = dict(sorted(counts.items()))
         stats.warnings = dict(sorted(warnings.items()))
-        store = self.layout.store  # renamed into place, or one upload each on object storage
+        return stats, parts
+
+    def _publish(self, shard: str, stats: ShardStats, parts: list[PartWriter], t0: float) -> None:
+        """The parts renamed into place (or uploaded, one upload each), then the marker that vouches for them."""
+        store = self.layout.store
+        part, emb_part = parts[0], (parts[1] if len(parts) > 1 else None)
         try:
             part.commit(store)
             stats.bytes = part.bytes
@@ -321,14 +350,11 @@ class ShardMapper:
             # last: vouches for the parts
             self.layout.write_json(self.layout.marker(shard), stats.to_dict())
         except BaseException:  # no part may stay without its marker (the shard is retried or failed)
-            part.abort()  # temp files (a second close is a no-op)
-            if emb_part is not None:
-                emb_part.abort()
+            for p in parts:
+                p.abort()  # temp files (a second close is a no-op)
             # the marker first: it may have reached the store before its upload reported an error
-            self.layout.unpublish(self.layout.marker(shard), part.path,
-                                  *([emb_part.path] if emb_part is not None else []))
+            self.layout.unpublish(self.layout.marker(shard), *(p.path for p in parts))
             raise
-        return stats
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

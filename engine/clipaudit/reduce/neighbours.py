@@ -10,9 +10,12 @@ a reference index. Both run in memory that does not grow with the audit.
   while their hashes differ in 11+ bits (copies: ≤ 4). Copies form groups (transitively);
   each group's first image by (shard, position) is kept, the others name it in
   ``near_duplicates.parquet``. DuckDB first writes the ok images' embeddings, partitioned by a
-  hash of their identity, under ``OUT/_tmp`` (spilling beyond its memory limit); each
-  partition (~:data:`ROWS_PER_BUCKET` images) is then searched identity by identity. The same
-  photo under two names is not merged: its copies vote for different names.
+  hash of their identity, under ``OUT/_tmp`` (spilling beyond its memory limit); in each
+  partition (~:data:`ROWS_PER_BUCKET` images) the candidate pairs come from the hashes of all
+  its images at once (FAISS's binary multi-hash index, exact within ``max_hash_bits``), are
+  confirmed by the cosine of the pair alone, and are grouped by connected components: no step
+  compares every pair of an identity's images. The same photo under two names is not merged:
+  its copies vote for different names.
 * :func:`reference_matches` — each ok image's nearest neighbour in a user-provided FAISS index
   (e.g. of a public training set's embeddings; inner product on L2-normalised vectors),
   streamed part by part into the output file.
@@ -29,7 +32,6 @@ import pyarrow.parquet as pq
 
 from clipaudit.core.errors import ClipauditError
 from clipaudit.io.outputs import OutputLayout
-from clipaudit.model.image_hash import hamming
 from clipaudit.io.outputs import PartWriter
 from clipaudit.io.store import Store
 from clipaudit.reduce.tables import REDUCE_MEMORY, connect
@@ -153,53 +155,71 @@ def near_duplicates(layout: OutputLayout, out: Path, min_cosine: float = 0.95, m
     return len(found)
 
 
-def _copies_in_bucket(t: pa.Table, min_cosine: float, max_hash_bits: int) -> list[tuple]:
-    """Near-duplicate rows (in :data:`NEAR_DUPLICATES_SCHEMA`'s column order) among the images
-    of each identity in one partition."""
+def hash_pairs(hashes: np.ndarray, max_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair (i < j) of 64-bit hashes at most ``max_bits`` apart, with their distance:
+    FAISS's binary multi-hash index (4 tables of 16 bits, ``max_bits // 4`` flips each). Exact,
+    by pigeonhole: two hashes within ``max_bits`` agree, up to that many flips, on some table."""
     import faiss
 
+    n = len(hashes)
+    if n < 2:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    codes = np.ascontiguousarray(np.asarray(hashes, dtype=np.int64).view(np.uint8).reshape(n, 8))
+    index = faiss.IndexBinaryMultiHash(64, 4, 16)
+    index.nflip = max_bits // 4
+    index.add(codes)
+    lims, dist, found = index.range_search(codes, max_bits + 1)  # distances below the radius
+    first = np.repeat(np.arange(n, dtype=np.int64), np.diff(lims).astype(np.int64))
+    second = found.astype(np.int64)
+    keep = second > first
+    return first[keep], second[keep], dist[keep].astype(np.int64)
+
+
+def _copies_in_bucket(t: pa.Table, min_cosine: float, max_hash_bits: int) -> list[tuple]:
+    """Near-duplicate rows (in :data:`NEAR_DUPLICATES_SCHEMA`'s column order) in one partition:
+    candidate pairs from the hashes of all its images at once (:func:`hash_pairs`), kept where
+    both are of one identity and their embeddings' cosine is at least ``min_cosine``, grouped
+    by connected components (SciPy); each group keeps its first image by (shard, position)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = t.num_rows
+    if n < 2:
+        return []
     t = t.sort_by([("identity", "ascending"), ("shard", "ascending"), ("position", "ascending")])
     ident = np.asarray(t.column("identity").to_pylist(), dtype=object)
+    first, second, bits = hash_pairs(t.column("dhash").to_numpy(zero_copy_only=False), max_hash_bits)
+    same = ident[first] == ident[second]
+    first, second, bits = first[same], second[same], bits[same]
+    if not len(first):
+        return []
+    # the embeddings of the images in a candidate pair only (stored as fp16: normalised again)
+    rows = np.unique(np.r_[first, second])
+    emb = np.array(t.column("embedding").take(pa.array(rows)).combine_chunks().flatten()
+                   .to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(rows), -1)
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    a, b = np.searchsorted(rows, first), np.searchsorted(rows, second)
+    cosine = np.einsum("ij,ij->i", emb[a], emb[b])
+    close = cosine >= min_cosine
+    first, second, bits, cosine = first[close], second[close], bits[close], cosine[close]
+    if not len(first):
+        return []
+    _, group = connected_components(coo_matrix((np.ones(len(first)), (first, second)), shape=(n, n)), directed=False)
+    keeper = np.full(group.max() + 1, n)
+    np.minimum.at(keeper, group, np.arange(n))  # rows are in (identity, shard, position) order
+    # each copy's best link: the highest cosine among its confirmed pairs, with that pair's hash bits
+    node, sim, link_bits = np.r_[first, second], np.r_[cosine, cosine], np.r_[bits, bits]
+    order = np.lexsort((-sim, node))
+    head = order[np.r_[True, node[order][1:] != node[order][:-1]]]
+    best = {int(node[k]): (float(sim[k]), int(link_bits[k])) for k in head}
     shards, keys = t.column("shard").to_pylist(), t.column("key").to_pylist()
-    positions, hashes = t.column("position").to_pylist(), t.column("dhash").to_pylist()
-    bounds = np.r_[0, np.flatnonzero(ident[1:] != ident[:-1]) + 1, len(ident)] if len(ident) else np.r_[0]
-    rows: list[tuple] = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        if hi - lo < 2:
-            continue
-        emb = np.array(t.column("embedding").slice(lo, hi - lo).combine_chunks().flatten()
-                       .to_numpy(zero_copy_only=False), dtype=np.float32).reshape(hi - lo, -1)  # a writable copy
-        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)  # stored as fp16
-        index = faiss.IndexFlatIP(emb.shape[1])
-        index.add(emb)
-        lims, sims, found = index.range_search(emb, min_cosine)
-        parent = list(range(hi - lo))
-
-        def root(i: int, parent: list[int] = parent) -> int:
-            while parent[i] != i:
-                parent[i] = parent[parent[i]]
-                i = parent[i]
-            return i
-
-        best: dict[int, tuple[float, int]] = {}  # copy → (cosine, hash bits) of the link that made it one
-        for i in range(hi - lo):
-            for j, sim in zip(found[lims[i]:lims[i + 1]], sims[lims[i]:lims[i + 1]]):
-                j = int(j)
-                if j <= i or (bits := hamming(hashes[lo + i], hashes[lo + j])) > max_hash_bits:
-                    continue
-                a, b = root(i), root(j)
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
-                for k in (i, j):
-                    if k not in best or sim > best[k][0]:
-                        best[k] = (float(sim), bits)
-        first: dict[int, int] = {}
-        for k in range(hi - lo):  # rows are in (shard, position) order: each group keeps its first image
-            keep = first.setdefault(root(k), k)
-            if keep != k:
-                a, b = lo + k, lo + keep
-                rows.append((shards[a], keys[a], positions[a], shards[b], keys[b], positions[b], *best[k]))
-    return rows
+    positions = t.column("position").to_pylist()
+    out = []
+    for k in np.flatnonzero(keeper[group] != np.arange(n)):
+        keep = int(keeper[group[k]])
+        out.append((shards[k], keys[k], positions[k], shards[keep], keys[keep], positions[keep], *best[int(k)]))
+    return out
 
 
 def reference_matches(layout: OutputLayout, reference: str | Path, out: Path) -> int:
