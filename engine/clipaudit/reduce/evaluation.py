@@ -13,6 +13,7 @@ all images of one identity stay in the same fold.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,46 @@ class Scored:
     #: for a table cut from the image level (within identities): its rows there. Learned attackers
     #: and the baseline are not refitted for it: their image-level out-of-fold scores are evaluated
     rows: np.ndarray | None = None
+    #: the evaluation sample this table holds (:func:`capped_sql`): units kept and of how many
+    sample: dict[str, Any] = field(default_factory=dict)
+
+
+#: the evaluation's sample (metrics, learned attackers' cross-fits, the blind baseline): at most
+#: this many images per identity, chosen by a seeded hash of (shard, key) — also the images an
+#: identity's mean image features come from —
+EVAL_PER_IDENTITY = 100
+#: and at most this many units per level: whole identities, in a seeded hash order, while their
+#: (capped) images fit. A fixed cap keeps the reduce step's time and memory bounded however many
+#: labelled units an audit has (the MLP attackers' fits grow with it); the demo's labs are far below both
+EVAL_MAX_UNITS = 50_000
+
+
+def capped_sql(select: str, seed: int, per_identity: int, max_units: int | None) -> str:
+    """SQL of the rows of ``select`` (with identity, shard, key and position columns) cut to the
+    seeded evaluation sample: per identity the first ``per_identity`` by md5 of (shard, key,
+    seed), then whole identities by md5 of (identity, seed) while the rows fit ``max_units``.
+    md5, not DuckDB's hash(): the same rows on any DuckDB version."""
+    total = "" if max_units is None else f"WHERE upto <= {int(max_units)}"
+    seed = f"'{int(seed)}'"
+    return f"""
+        WITH picked AS ({select}),
+        ranked AS (SELECT *, coalesce(identity, '') AS _who,
+                          row_number() OVER (PARTITION BY coalesce(identity, '')
+                                             ORDER BY md5(concat_ws(chr(0), shard, key, {seed})), shard, key) AS _nth
+                   FROM picked),
+        capped AS (SELECT * FROM ranked WHERE _nth <= {int(per_identity)}),
+        sizes AS (SELECT _who, count(*) AS n, md5(concat_ws(chr(0), _who, {seed})) AS h FROM capped GROUP BY _who),
+        kept AS (SELECT _who FROM (SELECT _who, sum(n) OVER (ORDER BY h, _who ROWS UNBOUNDED PRECEDING) AS upto
+                                   FROM sizes) {total})
+        SELECT * EXCLUDE (_who, _nth) FROM capped WHERE _who IN (SELECT _who FROM kept)"""
+
+
+def _md5(text: str) -> str:
+    return hashlib.md5(text.encode()).hexdigest()
+
+
+def _sample_note(units: int, of: int, identities: int, of_identities: int) -> dict[str, Any]:
+    return {"units": units, "of": of, "identities": identities, "of_identities": of_identities}
 
 
 #: cross-fits per learned attacker with different fold assignments: each metric is the mean over
@@ -229,6 +270,13 @@ def evaluate(tables: list[Scored]) -> tuple[dict[str, Any], list[dict]]:
                              "warning": any(b["warning"] for b in baselines.values()), "by_level": baselines}
     metrics["distribution_shift_warning"] = any(b["warning"] for b in baselines.values())
     metrics["shift_rule"] = validity.rule()
+    metrics["evaluation_sample"] = {
+        "per_identity": EVAL_PER_IDENTITY, "max_units": EVAL_MAX_UNITS,
+        "levels": {t.level: t.sample for t in tables},
+        "note": "metrics, learned attackers' cross-fits and the blind baseline use a seeded sample of the labelled "
+                "units: at most per_identity images per identity (by a hash of shard, key and the job's seed; an "
+                "identity's mean image features come from them), then whole identities in a seeded order up to "
+                "max_units per level. IDIA's sweep over k (idia.sweep) is computed on every labelled identity"}
     return metrics, roc_rows
 
 
@@ -298,6 +346,11 @@ def identity_table(con: duckdb.DuckDBPyConnection, identities: pa.Table, opts: R
     rows = [r for r in identities.to_pylist() if r["label_member"] is not None and r["n_images"]]
     if not rows:
         return None
+    n_labelled = len(rows)
+    if len(rows) > EVAL_MAX_UNITS:  # the seeded sample of identities (the same order as capped_sql's)
+        order = sorted(rows, key=lambda r: (_md5(f"{r['identity']}\0{opts.seed}"), r["identity"]))
+        keep = {r["identity"] for r in order[:EVAL_MAX_UNITS]}
+        rows = [r for r in rows if r["identity"] in keep]
     names = [r["identity"] for r in rows]
     attack_of = {s.name: a.name for a in registered() for s in a.scores}
     table_scores, score_draws = {}, {}
@@ -315,8 +368,9 @@ def identity_table(con: duckdb.DuckDBPyConnection, identities: pa.Table, opts: R
                                             else np.full(width, np.nan) for n in names]).astype(float)
     con.register("labelled_names", pa.table({"identity": names}))
     feats = _feature_columns(opts)
-    per_image = con.sql(f"SELECT identity, {', '.join(feats.values())}, caption FROM ok WHERE identity IN "
-                        "(SELECT identity FROM labelled_names) ORDER BY identity, shard, position").to_arrow_table()
+    images = capped_sql(f"SELECT identity, shard, key, position, {', '.join(feats.values())}, caption FROM ok "
+                        "WHERE identity IN (SELECT identity FROM labelled_names)", opts.seed, EVAL_PER_IDENTITY, None)
+    per_image = con.sql(f"SELECT * FROM ({images}) ORDER BY identity, shard, position").to_arrow_table()
     features = {}
     index = {n: i for i, n in enumerate(names)}
     rows_of = np.array([index[x] for x in per_image.column("identity").to_pylist()], dtype=np.int64)
@@ -333,7 +387,8 @@ def identity_table(con: duckdb.DuckDBPyConnection, identities: pa.Table, opts: R
             features[key] = sums / counts
     features[BASELINE_NAMES] = validity.name_features(names, sorted(pool) if pool else None)
     y = np.array([r["label_member"] for r in rows], dtype=bool)
-    return Scored("identity", y, np.arange(len(rows)), table_scores, features, score_draws)
+    return Scored("identity", y, np.arange(len(rows)), table_scores, features, score_draws,
+                  sample=_sample_note(len(rows), n_labelled, len(rows), n_labelled))
 
 
 def image_table(con: duckdb.DuckDBPyConnection, labels: Labels, opts: ReduceOptions) -> Scored | None:
@@ -346,14 +401,16 @@ def image_table(con: duckdb.DuckDBPyConnection, labels: Labels, opts: ReduceOpti
     con.register("image_labels", lab)
     feats = _feature_columns(opts)
     cols = ", ".join([f"ok.{a}_score" for a in image] + [f"ok.{c}" for c in feats.values()] + ["ok.caption"])
-    data = con.sql(f"""
-        SELECT ok.identity, l.member, {cols} FROM ok JOIN image_labels l
-        ON l.key = ok.key AND l.shard = ok.shard
-        ORDER BY ok.shard, ok.position  -- a fixed order: folds and resamples depend on it
-    """).to_arrow_table()
-    if not data.num_rows:
+    matched = f"""SELECT ok.identity, ok.shard, ok.key, ok.position, l.member, {cols} FROM ok JOIN image_labels l
+                  ON l.key = ok.key AND l.shard = ok.shard"""
+    [(n_rows, n_identities)] = con.sql(
+        f"SELECT count(*), count(DISTINCT coalesce(identity, '')) FROM ({matched})").fetchall()
+    if not n_rows:
         log.warning("labels: no image row matched a sample (rows match by shard and key)")
         return None
+    # a fixed order: folds and resamples depend on it
+    sample = capped_sql(matched, opts.seed, EVAL_PER_IDENTITY, EVAL_MAX_UNITS)
+    data = con.sql(f"SELECT * FROM ({sample}) ORDER BY shard, position").to_arrow_table()
     groups = np.unique(np.array(data.column("identity").to_pylist(), dtype=object), return_inverse=True)[1]
     table_scores = {a: float_vector(data.column(f"{a}_score")) for a in image}
     features = {key: feature_matrix(data.column(col)) for key, col in feats.items()}
@@ -361,7 +418,8 @@ def image_table(con: duckdb.DuckDBPyConnection, labels: Labels, opts: ReduceOpti
     text = validity.text_features(data.column("caption").to_pylist(), data.column("identity").to_pylist())
     if text is not None:
         features[BASELINE_TEXT] = text
-    return Scored("image", member, groups, table_scores, features)
+    return Scored("image", member, groups, table_scores, features,
+                  sample=_sample_note(data.num_rows, int(n_rows), int(groups.max()) + 1, int(n_identities)))
 
 
 def evaluation_tables(con: duckdb.DuckDBPyConnection, identities: pa.Table, labels: Labels,
@@ -391,9 +449,11 @@ def within_identity(image: Scored | None) -> Scored | None:
     both = (has_member & has_other)[image.groups]
     if len(np.unique(image.groups[both])) < 2:
         return None
-    return Scored(WITHIN, image.labels[both], np.unique(image.groups[both], return_inverse=True)[1],
+    groups = np.unique(image.groups[both], return_inverse=True)[1]
+    return Scored(WITHIN, image.labels[both], groups,
                   {k: v[both] for k, v in image.scores.items()}, {k: v[both] for k, v in image.features.items()},
-                  rows=np.flatnonzero(both))
+                  rows=np.flatnonzero(both), sample={"units": int(both.sum()), "identities": int(groups.max()) + 1,
+                                                     "cut_from": "the image level's sample"})
 
 
 def feature_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:

@@ -6,7 +6,7 @@ only the inputs tells them apart (Das et al., 2024, beat most attacks this way w
 non-linear models on caption text). So the baseline averages a gradient-boosted tree model
 (scikit-learn's ``HistGradientBoostingClassifier``, small leaves for small labelled sets) and
 an L2 logistic regression, both on model-free image statistics and, where captions exist,
-caption text features per image — TF-IDF of words and word pairs (reduced to a few dozen
+caption text features per image — TF-IDF of hashed words and word pairs (reduced to a few dozen
 components), length, digits, and years; an identity's features are the mean over its images,
 so the number of photos a person has is not itself a feature. Cross-fitted like the attacks
 (folds by identity). When its AUC interval lies above :data:`SHIFT_FLOOR` at a level, the labelled
@@ -22,6 +22,8 @@ import numpy as np
 
 #: the warning fires when the lower end of the baseline's AUC interval is above this
 SHIFT_FLOOR = 0.55
+#: columns of the hashed word 1-2-grams (collisions between the terms of a capped sample are rare)
+HASHED_FEATURES = 1 << 20
 _YEAR = re.compile(r"\b(1[89]\d\d|20\d\d)\b")
 
 
@@ -43,10 +45,11 @@ def without_name(caption: str | None, identity: str | None) -> str:
 def text_features(captions: list[str | None], identities: list[str | None] | None = None, components: int = 32,
                   seed: int = 0) -> np.ndarray | None:
     """Per unit: length in characters and words, digits, years mentioned, and a truncated SVD of
-    TF-IDF word 1–2-grams (fitted on these captions, without labels), each caption with its
-    person's name masked (:func:`without_name`). None when no unit has text."""
+    TF-IDF word 1–2-grams (hashed; terms in at least two captions; fitted on these captions,
+    without labels), each caption with its person's name masked (:func:`without_name`). None
+    when no unit has text."""
     from sklearn.decomposition import TruncatedSVD
-    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
 
     if identities is None:
         identities = [None] * len(captions)
@@ -55,10 +58,14 @@ def text_features(captions: list[str | None], identities: list[str | None] | Non
         return None
     simple = np.array([[len(c), len(c.split()), sum(ch.isdigit() for ch in c), len(_YEAR.findall(c))]
                        for c in texts], dtype=float)
-    try:
-        tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True).fit_transform(texts)
-    except ValueError:  # no term occurs twice
+    # hashed word 1-2-grams (no vocabulary held: bounded memory however many captions), the
+    # columns of terms in at least two captions, then TF-IDF weights fitted on these captions
+    counts = HashingVectorizer(ngram_range=(1, 2), n_features=HASHED_FEATURES, alternate_sign=False,
+                               norm=None).transform(texts).tocsc()
+    counts = counts[:, np.flatnonzero(np.diff(counts.indptr) >= 2)]
+    if not counts.shape[1]:  # no term occurs twice
         return simple
+    tfidf = TfidfTransformer(sublinear_tf=True).fit_transform(counts)
     k = min(components, tfidf.shape[1] - 1, tfidf.shape[0] - 1)
     # every unit with the same TF-IDF row (e.g. one caption template with the name masked): the
     # components would carry nothing (and their explained-variance ratio divides by zero)

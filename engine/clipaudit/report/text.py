@@ -121,13 +121,20 @@ def metrics_table(metrics: dict) -> list[str]:
 
 
 def sample_lines(metrics: dict) -> list[str]:
-    """One line per score whose attack scored a sample (``attacks.<name>.sample``)."""
+    """One line per score whose attack scored a sample (``attacks.<name>.sample``), and one per
+    level whose evaluation the caps cut (``evaluation_sample``)."""
     out = []
     for name, entry in metrics.items():
         sample = entry.get("sample") if isinstance(entry, dict) else None
         if isinstance(sample, dict):
             out.append(f"{name}: scored {sample['scored_images']} of {sample['ok_images']} ok images — "
                        f"{sample['note']}")
+    ev = metrics.get("evaluation_sample") or {}
+    for level, got in ev.get("levels", {}).items():  # only where the caps left units out
+        if got.get("of") is not None and got["units"] < got["of"]:
+            out.append(f"evaluation sample ({level} level): {got['units']:,} of {got['of']:,} labelled units from "
+                       f"{got['identities']:,} of {got['of_identities']:,} identities (at most {ev['per_identity']} "
+                       f"images per identity, {ev['max_units']:,} units per level, seeded)")
     return out
 
 
