@@ -79,6 +79,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.bench and not args.dry_run:
         raise UserError("--bench is read by --dry-run only (for its time estimate)")
+    if args.deadline_h is not None and not args.bench:
+        raise UserError("--deadline-h sizes the map step from a benched rate: give --dry-run --bench BENCH_JSON too")
+    if args.deadline_h is not None and args.deadline_h <= 0:
+        raise UserError(f"--deadline-h must be a positive number of hours, got {args.deadline_h:g}")
     spec = load_job(args.job, need_backends=not args.dry_run)  # a dry run contacts no storage
     if args.output:
         from clipaudit.data.urls import is_url
@@ -109,7 +113,7 @@ def _dry_run(args: argparse.Namespace, spec) -> int:
     shards = expand_shards(spec.data.shards)
     layout = OutputLayout(Path(spec.output)) if not spec.output_is_remote() else None
     done = 0 if layout is None else len(layout.finished(shards))
-    plan = make_plan(spec, done, read_bench(args.bench) if args.bench else None)
+    plan = make_plan(spec, done, read_bench(args.bench) if args.bench else None, args.deadline_h)
     print(f"job {args.job}: valid. model={spec.model.name} pretrained={spec.model.pretrained}")
     print(f"shards: {len(shards)} ({done} already done), output: {spec.output}, executor: {spec.compute.executor}")
     for line in format_plan(plan):
@@ -426,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "cannot be checked from here (object storage, hub weights); run nothing")
     r.add_argument("--bench", metavar="BENCH_JSON",
                    help="with --dry-run: a `clipaudit bench --json-out` record of the same model, for a time estimate")
+    r.add_argument("--deadline-h", type=float, metavar="HOURS",
+                   help="with --dry-run --bench: the actors and GPUs that map every image within HOURS at the benched "
+                        "rate (what compute.workers, a RayJob's GPU group and its deadline follow from)")
     r.add_argument("--map-only", action="store_true",
                    help="stop after the map step and its summary; run the reduce step later with `clipaudit reduce "
                         "OUTPUT` (e.g. on a CPU node once the GPU workers are released)")

@@ -80,6 +80,13 @@ def test_estimate_needs_a_bench_record_of_the_same_model(tmp_path, capsys, monke
     # 24 images / 0.01 images/s on one actor = 2400 s
     assert "estimated time: 40 min on 1 actor(s) at 0.01 images/s each (cuda, float16, attacks default)" in out
 
+    # sized for a deadline: 2400 s of work per actor within 0.25 h (900 s) needs 3 actors of 1 GPU
+    assert main(["run", str(job), "--dry-run", "--bench", str(bench), "--deadline-h", "0.25"]) == 0
+    assert ("sized for the deadline: 3 actor(s), 3 GPU(s) map 24 images within 0.25 h at 0.01 images/s each: "
+            "compute.workers: 3;") in capsys.readouterr().out
+    assert main(["run", str(job), "--dry-run", "--deadline-h", "2"]) == 2
+    assert "--deadline-h sizes the map step from a benched rate" in capsys.readouterr().err
+
     assert main(["run", str(job), "--dry-run"]) == 0
     assert "estimated time: none (no bench figure" in capsys.readouterr().out
     bench.write_text(json.dumps({"model": "ViT-L-14", "e2e_images_per_s": 10}))

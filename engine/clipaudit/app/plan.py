@@ -9,6 +9,7 @@ while a definite problem (a missing local file, an unknown model) stays a :class
 from __future__ import annotations
 
 import json
+import math
 import os
 import tarfile
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class Plan:
     unchecked: list[Unchecked] = field(default_factory=list)
     numerics: str = ""  # device, precision, index, decode as the run resolves them here ("" on a cluster)
     passes: str = ""  # vision-tower forward passes per image, by attack
+    sizing: str = ""  # with a deadline: the actors and GPUs that map the images within it at the benched rate
 
 
 def forward_passes(spec: JobSpec) -> str:
@@ -268,8 +270,22 @@ def _estimate(spec: JobSpec, bench: dict[str, Any] | None, images: int | None, a
            "start-up excluded"
 
 
-def make_plan(spec: JobSpec, done: int, bench: dict[str, Any] | None = None) -> Plan:
-    """The plan of ``spec``, ``done`` of whose shards are already finished."""
+def sized_for(spec: JobSpec, bench: dict[str, Any] | None, images: int | None, hours: float) -> str:
+    """The actors (and GPUs) that map ``images`` within ``hours`` at the benched per-actor rate:
+    the cost model behind ``compute.workers`` and a RayJob's GPU group and deadline."""
+    if bench is None or images is None or bench.get("model") != spec.model.name:
+        return "none (needs --bench with a record of this model, and the number of images)"
+    rate = float(bench["e2e_images_per_s"])
+    actors = max(1, math.ceil(images / rate / (hours * 3600)))
+    gpus = actors * spec.compute.gpus_per_worker
+    return (f"{actors} actor(s), {gpus:g} GPU(s) map {images:,} images within {hours:g} h at {rate:g} images/s "
+            f"each: compute.workers: {actors}; a RayJob's GPU group maxReplicas × GPUs per pod ≥ {gpus:g}; its "
+            f"activeDeadlineSeconds above {hours * 3600:.0f} plus start-up and the reduce step")
+
+
+def make_plan(spec: JobSpec, done: int, bench: dict[str, Any] | None = None, deadline_h: float | None = None) -> Plan:
+    """The plan of ``spec``, ``done`` of whose shards are already finished; ``deadline_h``: size
+    the map step to end within that many hours (see :func:`sized_for`)."""
     unchecked = unchecked_inputs(spec)
     check_name_coverage(spec, read_urls=False)
     shards = expand_shards(spec.data.shards)
@@ -281,7 +297,8 @@ def make_plan(spec: JobSpec, done: int, bench: dict[str, Any] | None = None) -> 
         remote_pool = isinstance(spec.names, str) and is_url(spec.names)
         resolved = ", ".join(f"{k} {v}" for k, v in numerics(spec, here, read_pool=not remote_pool).items())
     return Plan(len(shards), done, images, note, actors, actors_note, gpus, gpus_note,
-                _estimate(spec, bench, images, actors), unchecked, resolved, forward_passes(spec))
+                _estimate(spec, bench, images, actors), unchecked, resolved, forward_passes(spec),
+                "" if deadline_h is None else sized_for(spec, bench, images, deadline_h))
 
 
 def format_plan(plan: Plan) -> list[str]:
@@ -294,6 +311,8 @@ def format_plan(plan: Plan) -> list[str]:
         f"forward passes per image: {plan.passes}",
         f"estimated time: {plan.estimate}",
     ]
+    if plan.sizing:
+        lines.append(f"sized for the deadline: {plan.sizing}")
     if plan.unchecked:
         lines.append(f"unchecked ({len(plan.unchecked)}): inputs a dry run cannot check from here")
         lines += [f"  {u.key}: {u.value} — {u.reason}" for u in plan.unchecked]
