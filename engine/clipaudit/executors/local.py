@@ -50,16 +50,18 @@ class LocalExecutor:
             bar.shard_done(failed=True)
             return ShardFailure(shard, attempts, err)
 
+        # the pool's queue holds every shard, but only shards_in_flight threads take them: as many
+        # tars (at most) are on the scratch disk at once
+        pool = ThreadPoolExecutor(max_workers=spec.compute.shards_in_flight, thread_name_prefix="shard")
         try:
-            # the pool's queue holds every shard, but only shards_in_flight threads take them: as
-            # many tars (at most) are on the scratch disk at once
-            with ThreadPoolExecutor(max_workers=spec.compute.shards_in_flight, thread_name_prefix="shard") as pool:
-                for outcome in pool.map(map_with_retries, shards):  # in shard order
-                    if isinstance(outcome, ShardFailure):
-                        result.failed.append(outcome)
-                    else:
-                        result.done.append(outcome)
+            for outcome in pool.map(map_with_retries, shards):  # in shard order
+                if isinstance(outcome, ShardFailure):
+                    result.failed.append(outcome)
+                else:
+                    result.done.append(outcome)
         finally:
+            # interrupted (Ctrl-C): the shards not started are dropped, those in flight finish first
+            pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
             mapper.close()
         result.seconds = time.perf_counter() - t0
