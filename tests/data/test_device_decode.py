@@ -57,9 +57,14 @@ def test_a_file_the_device_cannot_decode_is_reported_for_the_pillow_fallback():
 
 
 @pytest.mark.parametrize("mode", ["shortest", "longest"])
-def test_a_batch_of_mixed_sizes_is_resized_per_size_as_each_image_alone(mode):
-    """Same-sized images are resized in one call: every image's pixels and bounded original are
-    those it gets decoded alone."""
+@pytest.mark.parametrize("budget", [None, 200 * 150 * 2])  # default, or chunks of two 200×150 images
+def test_a_batch_of_mixed_sizes_is_resized_per_size_as_each_image_alone(mode, budget, monkeypatch):
+    """Same-sized images are resized in one call (in chunks under a pixel budget): every image's
+    pixels and bounded original are those it gets decoded alone."""
+    from clipaudit.data import device_decode
+
+    if budget is not None:
+        monkeypatch.setattr(device_decode, "RESIZE_PIXELS", budget)
     pre = Preprocess(64, mode)
     sizes = [(200, 150), (300, 500), (200, 150), (640, 480), (300, 500), (200, 150)]
     datas = [encode(photo_like(size, seed=i)) for i, size in enumerate(sizes)]

@@ -113,3 +113,23 @@ def test_shards_in_flight_fetch_and_publish_beside_the_compute_and_give_the_same
         else:  # one at a time: each shard fetched after the last one was published
             assert [w for w, _ in events] == ["fetch", "computed", "publish"] * 3, events
     assert_same_outputs(tmp_path / "in-flight-2", tmp_path / "in-flight-1", SAME_EXECUTOR_TOL)
+
+
+def test_shard_copies_of_processes_that_are_gone_are_removed(tmp_path, monkeypatch):
+    """An actor killed mid-fetch cannot remove its copy: the next mapper on the node does."""
+    import os
+    import subprocess
+    import sys
+
+    from clipaudit.io.store import SCRATCH_ENV
+    from clipaudit.map.mapper import fetch_folder
+
+    monkeypatch.setenv(SCRATCH_ENV, str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    for pid in (gone, str(os.getppid())):  # a finished process, and a running one (this test's parent)
+        (tmp_path / "shards" / pid).mkdir(parents=True)
+        (tmp_path / "shards" / pid / "shard-x.tar").write_bytes(b"half a tar")
+    mine = fetch_folder()
+    assert mine == tmp_path / "shards" / str(os.getpid())
+    assert not (tmp_path / "shards" / gone).exists() and (tmp_path / "shards" / str(os.getppid())).is_dir()

@@ -85,6 +85,11 @@ def test_identity_partitions_give_the_same_copies_as_one(planted, tmp_path, monk
     cut = nb.near_duplicates(layout, tmp_path / "cut.parquet")
     assert len(parts_seen) > 3 and whole == cut == 12
     assert pq.read_table(tmp_path / "cut.parquet").equals(pq.read_table(tmp_path / "whole.parquet"))
+    # hash searches over blocks of whole identities (here one or two people each): the same copies
+    monkeypatch.setattr(nb, "ROWS_PER_BUCKET", 100_000)
+    monkeypatch.setattr(nb, "ROWS_PER_SEARCH", 7)
+    assert nb.near_duplicates(layout, tmp_path / "blocks.parquet") == 12
+    assert pq.read_table(tmp_path / "blocks.parquet").equals(pq.read_table(tmp_path / "whole.parquet"))
     assert not list(layout.tmp_dir.glob("near-duplicates-*"))  # the partitions are removed
 
 

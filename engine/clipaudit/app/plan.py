@@ -276,11 +276,18 @@ def sized_for(spec: JobSpec, bench: dict[str, Any] | None, images: int | None, h
     if bench is None or images is None or bench.get("model") != spec.model.name:
         return "none (needs --bench with a record of this model, and the number of images)"
     rate = float(bench["e2e_images_per_s"])
+    if rate <= 0:
+        raise SpecError(f"--bench: e2e_images_per_s must be positive, got {rate:g}")
     actors = max(1, math.ceil(images / rate / (hours * 3600)))
     gpus = actors * spec.compute.gpus_per_worker
     return (f"{actors} actor(s), {gpus:g} GPU(s) map {images:,} images within {hours:g} h at {rate:g} images/s "
             f"each: compute.workers: {actors}; a RayJob's GPU group maxReplicas × GPUs per pod ≥ {gpus:g}; its "
             f"activeDeadlineSeconds above {hours * 3600:.0f} plus start-up and the reduce step")
+
+
+def _left(images: int | None, shards: int, done: int) -> int | None:
+    """The images of the shards not done yet (shards taken as equal in size)."""
+    return None if images is None or not shards else round(images * (shards - done) / shards)
 
 
 def make_plan(spec: JobSpec, done: int, bench: dict[str, Any] | None = None, deadline_h: float | None = None) -> Plan:
@@ -298,7 +305,7 @@ def make_plan(spec: JobSpec, done: int, bench: dict[str, Any] | None = None, dea
         resolved = ", ".join(f"{k} {v}" for k, v in numerics(spec, here, read_pool=not remote_pool).items())
     return Plan(len(shards), done, images, note, actors, actors_note, gpus, gpus_note,
                 _estimate(spec, bench, images, actors), unchecked, resolved, forward_passes(spec),
-                "" if deadline_h is None else sized_for(spec, bench, images, deadline_h))
+                "" if deadline_h is None else sized_for(spec, bench, _left(images, len(shards), done), deadline_h))
 
 
 def format_plan(plan: Plan) -> list[str]:

@@ -71,13 +71,22 @@ def _by_size(images: list[torch.Tensor]) -> dict[tuple[int, int], list[int]]:
     return groups
 
 
+#: pixels resized in one call at most: a group of large same-sized photos (128 phone pictures of
+#: 12 Mpx) goes in chunks, its float copy bounded to ≈ 3 × 4 bytes × this (0.8 GB)
+RESIZE_PIXELS = 64 << 20
+
+
 def _batched(images: list[torch.Tensor], op) -> list[torch.Tensor]:
-    """``op`` (N×3×H×W → N×3×h×w) applied to each group of same-sized images at once, in order."""
+    """``op`` (N×3×H×W → N×3×h×w) applied to each group of same-sized images at once (in chunks
+    of at most :data:`RESIZE_PIXELS` pixels), in order."""
     out: list[torch.Tensor] = [None] * len(images)  # type: ignore[list-item]
-    for idx in _by_size(images).values():
-        done = op(torch.stack([images[i] for i in idx]))
-        for j, i in enumerate(idx):
-            out[i] = done[j]
+    for (h, w), idx in _by_size(images).items():
+        step = max(1, RESIZE_PIXELS // (h * w))
+        for lo in range(0, len(idx), step):
+            chunk = idx[lo : lo + step]
+            done = op(torch.stack([images[i] for i in chunk]))
+            for j, i in enumerate(chunk):
+                out[i] = done[j]
     return out
 
 

@@ -9,8 +9,9 @@ failure says nothing about the actor). A shard still running after
 ``compute.shard_timeout_s`` is abandoned: its actor is killed (a hung actor cannot be
 trusted again) and replaced, and the shard is retried like any failure. Any other
 exception (a CUDA error can leave the device context broken) also replaces the actor. The other
-shards a replaced actor held go back to the queue without counting an attempt; those of an
-actor that died (its process or node lost) count one, like the shard it was computing.
+shards an actor replaced by the driver held go back to the queue without counting an attempt;
+when an actor dies (its process or node lost), each shard it held counts one, as the driver
+cannot tell which of them was computing.
 
 The per-job attack state (the name pool's text embeddings, :mod:`clipaudit.map.state`) is
 built, where its store lacks it, by Ray tasks with a worker's resources — its parts spread over
@@ -375,8 +376,8 @@ class RayExecutor:
         spec_json["data"]["storage_options"] = resolve_options(spec.data.storage_options)
         root = str(layout.root.resolve())
         placement = dict(resources)
-        if layout.store.remote and os.environ.get(SCRATCH_ENV):
-            # the actors write their temp files where the driver was told to
+        if os.environ.get(SCRATCH_ENV):
+            # the actors write their temp files and shard copies where the driver was told to
             placement["runtime_env"] = {"env_vars": {SCRATCH_ENV: os.environ[SCRATCH_ENV]}}
         # wait (bounded) until a worker of this shape can be placed at all, then (unbounded)
         # for the attack state, whose cost grows with the name pool
@@ -426,8 +427,8 @@ class RayExecutor:
                     inflight[ref] = (shard, a, max(d, deadline))
 
         def requeue_others(actor) -> None:
-            """The driver killed ``actor``: the other shards it held go back to the queue, their
-            attempt not counted (they only waited behind the shard that failed)."""
+            """The driver is replacing ``actor``: the other shards it held go back to the queue,
+            their attempt not counted (they only waited behind the shard that failed)."""
             for ref, (shard, a, _) in list(inflight.items()):
                 if a == actor:
                     del inflight[ref]
@@ -469,6 +470,8 @@ class RayExecutor:
                 if not ready and inflight:
                     now = time.monotonic()
                     for ref in [r for r, (_, _, d) in inflight.items() if d <= now]:
+                        if ref not in inflight:  # requeued with an earlier shard of its actor that timed out
+                            continue
                         shard, actor, _ = inflight.pop(ref)
                         log.warning("shard %s still running after %g s on map actor pid %s: killing the actor, "
                                     "starting a replacement", shard, shard_timeout, pool.pids.get(actor),
@@ -493,7 +496,6 @@ class RayExecutor:
                 except ray.exceptions.RayError as e:
                     if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, OSError):
                         pool.give_back(actor)  # a read failure (transient I/O): the actor is fine
-                        restart_clock(actor)
                     elif isinstance(e, ray.exceptions.RayTaskError):  # e.g. a CUDA error: the actor may be broken
                         log.warning("map actor pid %s raised %s on %s; replacing it", pool.pids.get(actor),
                                     type(e.cause).__name__, shard, extra=_event("broken", shard, pool.pids.get(actor)))

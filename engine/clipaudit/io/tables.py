@@ -74,7 +74,9 @@ def arrow_filesystem(fs: Any) -> Any:
         return fs
     client = dict(getattr(fs, "client_kwargs", None) or {})
     if (getattr(fs, "anon", False) or getattr(fs, "config_kwargs", None) or getattr(fs, "s3_additional_kwargs", None)
-            or getattr(fs, "requester_pays", False) or set(client) - {"region_name", "endpoint_url"}):
+            or getattr(fs, "requester_pays", False) or set(client) - {"region_name", "endpoint_url"}
+            or getattr(fs, "kwargs", None) or getattr(fs, "session", None) is not None  # e.g. profile=, a session
+            or not getattr(fs, "use_ssl", True)):
         return fs  # settings the native client is not given here: keep s3fs
     from urllib.parse import urlsplit
 

@@ -16,6 +16,8 @@ third computes.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import threading
 import time
 from collections import Counter
@@ -23,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -119,6 +122,8 @@ class ShardMapper:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
         #: held while a shard computes (decode, model, attacks, Parquet encoding); fetches and uploads run outside it
         self._computing = threading.Lock()
+        #: where this process copies URL shards; copies left by processes that are gone (a killed actor) are removed
+        self._scratch = fetch_folder()
 
     # -- setup ----------------------------------------------------------------
     def load(self) -> LoadedModel:
@@ -280,7 +285,7 @@ class ShardMapper:
         """Map one shard to its part(s) and marker; returns its stats. Safe to call from several
         threads: the shard is fetched before, and its parts published after, the compute lock."""
         t0 = time.perf_counter()
-        with fetched_shard(shard, self.spec.data.storage_options, scratch_root() / "shards") as source:
+        with fetched_shard(shard, self.spec.data.storage_options, self._scratch) as source:
             with self._computing:
                 stats, parts = self._map(shard, source, on_batch)
         self._publish(shard, stats, parts, t0)
@@ -359,6 +364,28 @@ class ShardMapper:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._writer.shutdown(wait=True)
+
+
+def fetch_folder() -> Path:
+    """This process's folder for whole copies of URL shards, under the scratch root; the folders
+    of processes no longer running on this node (an actor the driver killed mid-fetch cannot
+    remove its copies) are removed first."""
+    root = scratch_root() / "shards"
+    if root.is_dir():
+        for folder in root.iterdir():
+            if folder.name.isdigit() and int(folder.name) != os.getpid() and not _running(int(folder.name)):
+                shutil.rmtree(folder, ignore_errors=True)
+    return root / str(os.getpid())
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _interleave(chunks: list[list[Sample]], n: int) -> list[Sample]:

@@ -276,7 +276,8 @@ def evaluate(tables: list[Scored]) -> tuple[dict[str, Any], list[dict]]:
         "note": "metrics, learned attackers' cross-fits and the blind baseline use a seeded sample of the labelled "
                 "units: at most per_identity images per identity (by a hash of shard, key and the job's seed; an "
                 "identity's mean image features come from them), then whole identities in a seeded order up to "
-                "max_units per level. IDIA's sweep over k (idia.sweep) is computed on every labelled identity"}
+                "max_units per level. An attack's own analyses beside its entry (e.g. a sweep over k) cover every "
+                "labelled identity"}
     return metrics, roc_rows
 
 

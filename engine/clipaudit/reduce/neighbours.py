@@ -176,6 +176,28 @@ def hash_pairs(hashes: np.ndarray, max_bits: int) -> tuple[np.ndarray, np.ndarra
     return first[keep], second[keep], dist[keep].astype(np.int64)
 
 
+#: rows per hash search: whole identities up to this many (an identity with more is searched alone),
+#: so a hash many identities share (a placeholder image) makes pairs within a block, not the partition
+ROWS_PER_SEARCH = 8192
+
+
+def _identity_blocks(ident: np.ndarray) -> list[tuple[int, int]]:
+    """[lo, hi) row ranges of identity-sorted rows, each of whole identities and at most
+    :data:`ROWS_PER_SEARCH` rows unless one identity alone has more."""
+    n = len(ident)
+    if not n:
+        return []
+    starts = np.r_[0, np.flatnonzero(ident[1:] != ident[:-1]) + 1]
+    ends = np.r_[starts[1:], n]
+    blocks, lo = [], 0
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        if end - lo > ROWS_PER_SEARCH and start > lo:  # this identity would overfill the block: close it before
+            blocks.append((lo, start))
+            lo = start
+    blocks.append((lo, n))
+    return blocks
+
+
 def _copies_in_bucket(t: pa.Table, min_cosine: float, max_hash_bits: int) -> list[tuple]:
     """Near-duplicate rows (in :data:`NEAR_DUPLICATES_SCHEMA`'s column order) in one partition:
     candidate pairs from the hashes of all its images at once (:func:`hash_pairs`), kept where
@@ -189,9 +211,13 @@ def _copies_in_bucket(t: pa.Table, min_cosine: float, max_hash_bits: int) -> lis
         return []
     t = t.sort_by([("identity", "ascending"), ("shard", "ascending"), ("position", "ascending")])
     ident = np.asarray(t.column("identity").to_pylist(), dtype=object)
-    first, second, bits = hash_pairs(t.column("dhash").to_numpy(zero_copy_only=False), max_hash_bits)
-    same = ident[first] == ident[second]
-    first, second, bits = first[same], second[same], bits[same]
+    hashes = t.column("dhash").to_numpy(zero_copy_only=False)
+    found = []
+    for lo, hi in _identity_blocks(ident):  # pairs across identities never count: search blocks of whole identities
+        a, b, d = hash_pairs(hashes[lo:hi], max_hash_bits)
+        same = ident[lo + a] == ident[lo + b]
+        found.append((lo + a[same], lo + b[same], d[same]))
+    first, second, bits = (np.concatenate(x) for x in zip(*found))
     if not len(first):
         return []
     # the embeddings of the images in a candidate pair only (stored as fp16: normalised again)
