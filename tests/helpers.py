@@ -335,21 +335,27 @@ def assert_close(a: Any, b: Any, where: str = "") -> None:
 class range_http_server:
     """``with range_http_server(folder) as base_url``: a static HTTP server for ``folder`` on
     127.0.0.1 that answers ``Range: bytes=a-b`` requests (206), as object stores and CDNs do —
-    fsspec reads an http(s):// file with random access through them."""
+    fsspec reads an http(s):// file with random access through them. ``delay_s``: each answer
+    waits that long first (a slow store)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, delay_s: float = 0.0) -> None:
         self.folder = folder
+        self.delay_s = delay_s
 
     def __enter__(self) -> str:
         import functools
         import threading
+        import time
         from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+        delay_s = self.delay_s
 
         class Handler(SimpleHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:  # quiet
                 pass
 
             def send_head(self):  # type: ignore[override]
+                time.sleep(delay_s)
                 rng = self.headers.get("Range")
                 path = Path(self.translate_path(self.path))
                 if not rng or not path.is_file():

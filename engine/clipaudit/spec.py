@@ -130,10 +130,9 @@ class ComputeSpec(_Strict):
     batch_size: int = Field(128, ge=1)
     decode_threads: int = Field(2, ge=1)
     shards_in_flight: int = Field(
-        1, ge=1, le=8, description="shards a map worker holds at once: with 2, while one computes the next is fetched "
+        2, ge=1, le=8, description="shards a map worker holds at once: with 2, while one computes the next is fetched "
                                    "(a URL copied whole to the scratch folder) and the last one's parts are uploaded; "
-                                   "but a shard waiting behind a hung one can time out in its stead (the driver cannot "
-                                   "yet tell which one an actor computes), so the default is 1")
+                                   "the compute itself runs one shard at a time")
     decode: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="where JPEGs are decoded and resized: cpu (Pillow on decode threads), gpu (nvJPEG on "
                             "the model's device, Pillow for what it cannot read as Pillow would); auto: gpu on CUDA")

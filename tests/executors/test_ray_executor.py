@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import OTHER_EXECUTOR_TOL, MapEvents, assert_same_outputs, write_tiny_job
+from helpers import OTHER_EXECUTOR_TOL, MapEvents, assert_same_outputs, range_http_server, write_tiny_job
 
 from clipaudit.app.runner import run_job
 from clipaudit.app.jobs import load_job
@@ -187,6 +187,24 @@ def test_two_hung_shards_on_one_actor_time_out_together_and_the_run_returns(tmp_
     assert requeued and set(requeued) <= {*map(str, hung), str(good)}, events.events
 
 
+def test_a_shard_waiting_behind_a_hung_one_is_not_blamed_for_its_timeout(tmp_path, tiny_model, ray_session):
+    """One actor holds a slow-to-fetch shard (given out first, so its deadline is looked at
+    first) and a hung one that took the compute lock meanwhile: the actor says which one
+    computes, so the hung shard times out and the waiting one is requeued and mapped."""
+    job = write_tiny_job(tmp_path, tiny_model, tmp_path / "out", shards=1, per_shard=8, attacks="{idia: {top_k: 3}}",
+                         compute="executor: ray, workers: 1, max_retries: 0, shard_timeout_s: 6, shards_in_flight: 2")
+    hangs = tmp_path / "shards" / "hangs.tar"
+    os.mkfifo(hangs)  # opening it to read blocks forever (under the compute lock: a local shard is not fetched)
+    with range_http_server(tmp_path / "shards", delay_s=0.5) as base, MapEvents() as events:
+        slow = f"{base}/00000.tar"  # copied to scratch before the lock, in well under shard_timeout_s
+        report = run_job(_with_shards(load_job(job), [slow, hangs]), progress=False)
+    [failure] = report.map.failed
+    assert (failure.shard, failure.attempts) == (str(hangs), 1) and failure.error.startswith("timed out"), failure
+    assert [d["shard"] for d in report.map.done] == [slow] and report.summary["rows"] == 8
+    assert [s for s, _ in events.of("timeout")] == [str(hangs)], events.events
+    assert [s for s, _ in events.of("requeued")] == [slow], events.events
+
+
 def test_an_actor_whose_task_raised_a_non_io_error_is_replaced_io_errors_keep_it(tmp_path, tiny_model, ray_session):
     # one shard at a time, so that each failure is the actor's only shard
     job = write_tiny_job(tmp_path, tiny_model, tmp_path / "out", shards=1, per_shard=8, attacks="{idia: {top_k: 3}}",
@@ -240,19 +258,21 @@ def test_a_pool_sized_by_the_cluster_grows_when_room_appears(tmp_path, tiny_mode
     from clipaudit.executors.ray import RayExecutor
 
     # enough shards that the first actor is still at work when the second has started
-    job = write_tiny_job(tmp_path, tiny_model, tmp_path / "out", shards=40, per_shard=8, attacks="{idia: {top_k: 3}}",
+    job = write_tiny_job(tmp_path, tiny_model, tmp_path / "out", shards=60, per_shard=8, attacks="{idia: {top_k: 3}}",
                          compute="executor: ray, max_retries: 0, cpus_per_worker: 0.5")
     looks = []
 
     def slots(self, spec):
         looks.append(time.monotonic())
-        return 1 if len(looks) <= 2 else 2  # the pool's size and the first check: one; then a node joins
+        # the pool's size: one; then a node joins, at the first check (0.5 s into the map step), so that the
+        # second actor starts while the first one still has shards to take (two in flight per actor)
+        return 1 if len(looks) <= 1 else 2
 
     monkeypatch.setattr(RayExecutor, "_slots", slots)
     monkeypatch.setattr(RayExecutor, "POOL_CHECK_S", 0.5)
     # caplog first: MapEvents then sets the executor's logger to DEBUG (its dispatch records)
     with caplog.at_level(logging.INFO, logger="clipaudit.executors.ray"), MapEvents() as events:
         report = run_job(load_job(job), progress=False)
-    assert report.ok and report.summary["rows"] == 320
+    assert report.ok and report.summary["rows"] == 60 * 8
     assert any("room for 2 map actor(s): started 1" in r.getMessage() for r in caplog.records), caplog.text
     assert len({pid for _, pid in events.of("dispatch")}) == 2, events.events  # the new actor took shards

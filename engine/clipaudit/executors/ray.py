@@ -7,7 +7,9 @@ tar is fetched and the last one's parts are uploaded (:mod:`clipaudit.map.mapper
 trusted with another shard only after a clean finish or an ``OSError`` (a transient read
 failure says nothing about the actor). A shard still running after
 ``compute.shard_timeout_s`` is abandoned: its actor is killed (a hung actor cannot be
-trusted again) and replaced, and the shard is retried like any failure. Any other
+trusted again) and replaced, and the shard is retried like any failure. A shard that waited
+behind another on its actor is not late: the driver asks the actor which shard computes, and
+since when, and times that one (an actor that cannot answer loses the late shard). Any other
 exception (a CUDA error can leave the device context broken) also replaces the actor. The other
 shards an actor replaced by the driver held go back to the queue without counting an attempt;
 when an actor dies (its process or node lost), each shard it held counts one, as the driver
@@ -60,6 +62,9 @@ class _MapWorker:
 
     def map_shard(self, shard: str) -> dict:
         return self.mapper.map_shard(shard).to_dict()
+
+    def compute_status(self) -> dict[str, Any]:
+        return self.mapper.compute_status()
 
     def pid(self) -> int:
         return os.getpid()
@@ -324,6 +329,8 @@ class RayExecutor:
 
     #: seconds between two looks at the cluster's resources while mapping (a pool sized by the cluster)
     POOL_CHECK_S = 15.0
+    #: how long the driver waits for an actor to say which of its shards computes
+    STATUS_TIMEOUT_S = 10.0
 
     def _pool_shape(self, spec: JobSpec) -> tuple[int, dict[str, Any]]:
         c = spec.compute
@@ -426,6 +433,31 @@ class RayExecutor:
                 if a == actor:
                     inflight[ref] = (shard, a, max(d, deadline))
 
+        def late(ref) -> Any | None:
+            """``ref``'s deadline has passed: the shard to abandon (``ref``'s, or the one its actor has
+            been computing for ``shard_timeout_s`` while ``ref`` waited behind it), or None when ``ref``
+            only waits behind a shard still within its time (both deadlines moved to when they are due).
+            An actor that does not answer within ``STATUS_TIMEOUT_S`` loses ``ref``'s shard."""
+            shard, actor, _ = inflight[ref]
+            mine = {s: r for r, (s, a, _) in inflight.items() if a == actor}
+            if len(mine) < 2:
+                return ref
+            try:
+                status = ray.get(actor.compute_status.remote(), timeout=self.STATUS_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 — stuck holding the GIL, or gone: nothing to tell the shards apart
+                return ref
+            other = mine.get(status["computing"])
+            if shard not in status["waiting"] or other is None:
+                return ref  # stuck in its own fetch or upload (or computing itself)
+            if status["computing_s"] >= shard_timeout:
+                return other
+            due = time.monotonic() + shard_timeout - status["computing_s"]
+            inflight[other] = (status["computing"], actor, due)
+            inflight[ref] = (shard, actor, due + shard_timeout)
+            log.debug("shard %s waits behind %s (computing %.0f s) on map actor pid %s: not late yet", shard,
+                      status["computing"], status["computing_s"], pool.pids.get(actor))
+            return None
+
         def requeue_others(actor) -> None:
             """The driver is replacing ``actor``: the other shards it held go back to the queue,
             their attempt not counted (they only waited behind the shard that failed)."""
@@ -470,7 +502,10 @@ class RayExecutor:
                 if not ready and inflight:
                     now = time.monotonic()
                     for ref in [r for r, (_, _, d) in inflight.items() if d <= now]:
-                        if ref not in inflight:  # requeued with an earlier shard of its actor that timed out
+                        if ref not in inflight or inflight[ref][2] > now:  # requeued, or found waiting
+                            continue
+                        ref = late(ref)
+                        if ref is None:
                             continue
                         shard, actor, _ = inflight.pop(ref)
                         log.warning("shard %s still running after %g s on map actor pid %s: killing the actor, "

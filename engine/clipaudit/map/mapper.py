@@ -122,6 +122,9 @@ class ShardMapper:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
         #: held while a shard computes (decode, model, attacks, Parquet encoding); fetches and uploads run outside it
         self._computing = threading.Lock()
+        #: (shard, time.monotonic() when it took the lock) while a shard holds it; shards waiting for it
+        self._computing_now: tuple[str, float] | None = None
+        self._waiting: list[str] = []
         #: where this process copies URL shards; copies left by processes that are gone (a killed actor) are removed
         self._scratch = fetch_folder()
 
@@ -286,10 +289,27 @@ class ShardMapper:
         threads: the shard is fetched before, and its parts published after, the compute lock."""
         t0 = time.perf_counter()
         with fetched_shard(shard, self.spec.data.storage_options, self._scratch) as source:
-            with self._computing:
+            self._waiting.append(shard)
+            try:
+                self._computing.acquire()
+            finally:
+                self._waiting.remove(shard)
+            try:
+                self._computing_now = (shard, time.monotonic())
                 stats, parts = self._map(shard, source, on_batch)
+            finally:
+                self._computing_now = None
+                self._computing.release()
         self._publish(shard, stats, parts, t0)
         return stats
+
+    def compute_status(self) -> dict[str, Any]:
+        """Which shard computes and for how many seconds (``computing``: None when none does), and
+        which shards wait for the compute lock (``waiting``); shards being fetched or published are
+        in neither. Lets a driver tell a shard stuck in its own work from one queued behind another."""
+        now, waiting = self._computing_now, list(self._waiting)
+        return {"computing": None if now is None else now[0],
+                "computing_s": 0.0 if now is None else time.monotonic() - now[1], "waiting": waiting}
 
     def _map(self, shard: str, source: str, on_batch: Callable[[int], None] | None
              ) -> tuple[ShardStats, list[PartWriter]]:
