@@ -345,7 +345,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         if args.shards < 1 or (args.names is not None and args.names < 1):
             raise UserError("--scale: --shards and --names must be at least 1")
-        result = run_scale_bench(names=args.names or 1_000_000, shards=args.shards, workers=args.workers, log=log)
+        result = run_scale_bench(names=args.names or 1_000_000, shards=args.shards, workers=args.workers, log=log,
+                                 shards_in_flight=args.in_flight)
         _bench_output(args, result, "\n".join(f"{k:26s} {v}" for k, v in result.items()))
         return EXIT_OK if all(result["meets"].values()) else EXIT_FAILED_SHARDS
     if args.quick:
@@ -545,6 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "shard and bytes against their targets (exit 1 when one is missed; ~10 min on 2 cores)")
     b.add_argument("--shards", type=int, default=2000, help="with --scale: shards of 2 images (default 2000)")
     b.add_argument("--workers", type=int, default=2, help="with --scale: map actors (default 2)")
+    b.add_argument("--in-flight", type=int, default=None, metavar="N",
+                   help="with --scale: compute.shards_in_flight per actor (default: the job spec's, 2)")
     b.add_argument("--reduce", metavar="ROWS,ROWS",
                    help="instead: the reduce step's peak memory and time on synthetic output folders of these sizes "
                         "(rows, e.g. 1000000,10000000; written to a temp folder, ~280 MB per million rows)")

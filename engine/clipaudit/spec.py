@@ -129,10 +129,12 @@ class ComputeSpec(_Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda | cuda:N")
     batch_size: int = Field(128, ge=1)
     decode_threads: int = Field(2, ge=1)
-    shards_in_flight: int = Field(
-        2, ge=1, le=8, description="shards a map worker holds at once: with 2, while one computes the next is fetched "
-                                   "(a URL copied whole to the scratch folder) and the last one's parts are uploaded; "
-                                   "the compute itself runs one shard at a time")
+    shards_in_flight: int | None = Field(
+        None, ge=1, le=8,
+        description="shards a map worker holds at once: with 2, while one computes the next is fetched (a URL copied "
+                    "whole to the scratch folder) and the last one's parts are uploaded; the compute itself runs one "
+                    "shard at a time. Default: 2 on a GPU, 1 on a CPU (whose cores the fetches and uploads would take "
+                    "from the compute)")
     decode: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="where JPEGs are decoded and resized: cpu (Pillow on decode threads), gpu (nvJPEG on "
                             "the model's device, Pillow for what it cannot read as Pillow would); auto: gpu on CUDA")
@@ -171,6 +173,11 @@ class ComputeSpec(_Strict):
         if isinstance(v, str) and not re.fullmatch(MEMORY_SIZE, v):
             raise ValueError(f"{v!r} is not a size such as 512MB or 4GB")
         return v
+
+    @property
+    def in_flight(self) -> int:
+        """``shards_in_flight``, or its default for this device: 2 on a GPU, 1 on a CPU."""
+        return self.shards_in_flight or (2 if self.device.startswith("cuda") else 1)
 
 
 #: Bump when the map step's core per-sample values change meaning without a schema change,

@@ -63,6 +63,14 @@ def test_iid_canary_raises_no_shift_warning_but_shifted_one_does(iid, shifted):
     # (measured 0.883-0.933 over four draws, vocabulary or hashed terms alike)
     assert max(b["auc"] for b in levels.values()) >= 0.85 and any(b["warning"] for b in levels.values())
     assert all(m[a]["baseline_auc"] == levels[m[a]["level"]]["auc"] for a in IMAGE_ATTACKS)
+    # refitted on inputs unrelated to the labels, the baseline loses what it warned about
+    from clipaudit.reduce.validity import NULL_REPS
+
+    for lab_levels in (levels, iid[1].metrics["baseline"]["by_level"]):
+        assert all(b["null"]["refits"] == NULL_REPS and b["null"]["auc_sd"] > 0 for b in lab_levels.values())
+    for b in levels.values():  # (at 16 people one null refit strays by ~0.2: its mean over 10 by ~0.07)
+        if b["warning"]:
+            assert b["auc"] - b["null"]["auc_mean"] > 0.25 and abs(b["null"]["auc_mean"] - 0.5) < 0.15, b
 
 
 def test_metrics_shape_roc_table_and_intervals(iid):

@@ -69,3 +69,46 @@ def test_the_blind_baseline_tells_two_name_populations_apart_from_the_names_alon
     named, nfolds = blind_scores(stats, None, y, groups, refits=1, names=name_features(names))
     assert membership_metrics(alone[0], y, folds=folds)["auc_ci"][0] < 0.55
     assert membership_metrics(named[0], y, folds=nfolds)["auc_ci"][0] > 0.55
+
+
+def test_unrelated_inputs_give_each_person_another_persons_photos_whole():
+    """The null copies of the baseline's inputs: people permuted, each one's rows drawn from one
+    other person's (without replacement where that person has enough), so photos of one person
+    still resemble each other and nothing links them to a label."""
+    from clipaudit.reduce.validity import unrelated_inputs
+
+    groups = np.repeat(np.arange(6), [4, 4, 2, 2, 6, 3])
+    X = np.column_stack([groups * 100 + np.arange(len(groups)), np.zeros(len(groups))]).astype(float)
+    moved = set()
+    for seed in range(5):
+        out = unrelated_inputs(X, groups, np.random.default_rng(seed))
+        donors = []
+        for g in range(6):
+            rows = out[groups == g, 0]
+            donor = {int(v // 100) for v in rows}
+            assert len(donor) == 1, rows  # one other person's photos, whole
+            d = donor.pop()
+            donors.append(d)
+            if (groups == d).sum() >= (groups == g).sum():
+                assert len(set(rows)) == len(rows)  # drawn without replacement where there are enough
+            assert set(rows) <= set(X[groups == d, 0])
+        assert sorted(donors) == list(range(6))  # a permutation of the people
+        moved |= {g for g, d in enumerate(donors) if d != g}
+    assert moved == set(range(6))
+
+
+def test_the_baseline_with_unrelated_inputs_loses_a_real_difference():
+    """Name populations the baseline tells apart (AUC interval above 0.55): refitted on copies of
+    its inputs unrelated to the labels, it lies near 0.5, well below what it found."""
+    from clipaudit.core.statistics import membership_metrics
+    from clipaudit.reduce.validity import blind_null_scores, blind_scores, name_features
+
+    rng = np.random.default_rng(1)
+    names = [f"Anna {chr(65 + i)}berg" for i in range(20)] + [f"Ξένια Παπαδοπουλου{i}" for i in range(20)]
+    y = np.array([True] * 20 + [False] * 20)
+    stats, groups, feats = rng.normal(size=(40, 4)), np.arange(40), name_features(names)
+    fit, folds = blind_scores(stats, None, y, groups, refits=1, names=feats)
+    assert membership_metrics(fit[0], y, folds=folds)["auc_ci"][0] > 0.55
+    null, null_folds = blind_null_scores(stats, None, y, groups, reps=8, names=feats)
+    aucs = [membership_metrics(s, y, n_boot=0, folds=[f])["auc"] for s, f in zip(null, null_folds)]
+    assert len(aucs) == 8 and abs(np.mean(aucs) - 0.5) < 0.1, aucs

@@ -41,6 +41,7 @@ from clipaudit.app.resolve import pinned
 from clipaudit.app.runner import reduce_mapped, reduce_options, run_job, saved_spec
 from clipaudit.attacks import build_attacks
 from clipaudit.bench.map_step import machine, synthetic_name, write_synthetic_names, write_synthetic_shards
+from clipaudit.spec import ComputeSpec
 from clipaudit.bench.quick import peak_rss_mb
 from clipaudit.io.outputs import output_layout
 from clipaudit.map.state import job_states
@@ -298,8 +299,10 @@ def _output_bytes(fs: Any, prefix: str) -> tuple[int, int]:
 
 
 def run_scale_bench(names: int = 1_000_000, shards: int = 2000, images_per_shard: int = 2, workers: int = 2,
-                    seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The rehearsal (see the module's docstring); one record of figures, targets and verdicts."""
+                    seed: int = 0, log: Callable[[str], None] = print,
+                    shards_in_flight: int | None = None) -> dict[str, Any]:
+    """The rehearsal (see the module's docstring); one record of figures, targets and verdicts.
+    ``shards_in_flight``: the map actors' ``compute.shards_in_flight`` (None: the spec's default)."""
     import s3fs
 
     with tempfile.TemporaryDirectory(prefix="clipaudit-bench-scale-") as tmp:
@@ -326,7 +329,8 @@ def run_scale_bench(names: int = 1_000_000, shards: int = 2000, images_per_shard
                 "names": str(work / "names.txt"),
                 "attacks": {"idia": {}},
                 "compute": {"executor": "ray", "workers": workers, "cpus_per_worker": 1, "device": "cpu",
-                            "batch_size": 64, "decode_threads": 1, "progress_interval_s": 30},
+                            "batch_size": 64, "decode_threads": 1, "progress_interval_s": 30,
+                            **({"shards_in_flight": shards_in_flight} if shards_in_flight else {})},
                 "output": f"s3://{BUCKET}/audit",
             }))
             state_bytes, state_s = _put_state(spec_path, log, seed)
@@ -365,6 +369,7 @@ def run_scale_bench(names: int = 1_000_000, shards: int = 2000, images_per_shard
         "shards": shards,
         "images": shards * images_per_shard,
         "workers": workers,
+        "shards_in_flight": shards_in_flight or ComputeSpec(device="cpu").in_flight,
         "shards_done": driver["shards_done"],
         "shards_failed": driver["shards_failed"],
         "actors_seen": len(actors.peaks),

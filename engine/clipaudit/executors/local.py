@@ -52,7 +52,7 @@ class LocalExecutor:
 
         # the pool's queue holds every shard, but only shards_in_flight threads take them: as many
         # tars (at most) are on the scratch disk at once
-        pool = ThreadPoolExecutor(max_workers=spec.compute.shards_in_flight, thread_name_prefix="shard")
+        pool = ThreadPoolExecutor(max_workers=spec.compute.in_flight, thread_name_prefix="shard")
         try:
             for outcome in pool.map(map_with_retries, shards):  # in shard order
                 if isinstance(outcome, ShardFailure):

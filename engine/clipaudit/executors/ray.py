@@ -398,7 +398,7 @@ class RayExecutor:
                           f"(cluster resources: {ray.cluster_resources()})")
             return
         build_states(ray, spec, spec_json, layout, root, placement, n_workers)  # fails early: a model that cannot load
-        in_flight = spec.compute.shards_in_flight
+        in_flight = spec.compute.in_flight
         # threads for the shards in flight and one more, so that a ping is answered while both work
         actor_cls = ray.remote(_MapWorker).options(**placement, max_restarts=0, max_task_retries=0,
                                                    max_concurrency=in_flight + 1)

@@ -248,11 +248,14 @@ def evaluate(tables: list[Scored]) -> tuple[dict[str, Any], list[dict]]:
         level_metrics = [m for m in entries.values() if isinstance(m, dict) and m.get("level") == t.level]
         if BASELINE in t.features and level_metrics:
             if t.rows is None:
-                fitted[BASELINE, "learned"] = validity.blind_scores(
-                    t.features[BASELINE], t.features.get(BASELINE_TEXT), t.labels, t.groups, COSTLY_REFITS,
-                    names=t.features.get(BASELINE_NAMES))
+                inputs = (t.features[BASELINE], t.features.get(BASELINE_TEXT), t.labels, t.groups)
+                fitted[BASELINE, "learned"] = validity.blind_scores(*inputs, COSTLY_REFITS,
+                                                                    names=t.features.get(BASELINE_NAMES))
+                fitted[BASELINE, "null"] = validity.blind_null_scores(
+                    *inputs, validity.NULL_REPS, names=t.features.get(BASELINE_NAMES)) \
+                    if len(np.unique(t.groups)) <= validity.NULL_MAX_GROUPS else None
             found = _subset(fitted.get((BASELINE, "learned")), t.rows)
-            b = _blind_baseline(t, roc_rows, found)
+            b = _blind_baseline(t, roc_rows, found, _subset(fitted.get((BASELINE, "null")), t.rows))
             if b is not None:
                 b["best_attack_auc"] = max(_best_auc(m) for m in level_metrics)
                 baselines[t.level] = b
@@ -300,10 +303,11 @@ def _versus(est: AucEstimate, base: AucEstimate, t: Scored) -> dict[str, Any]:
     return out
 
 
-def _blind_baseline(t: Scored, roc_rows: list, found: tuple[list[np.ndarray], list[np.ndarray]] | None
-                    ) -> dict[str, Any] | None:
+def _blind_baseline(t: Scored, roc_rows: list, found: tuple[list[np.ndarray], list[np.ndarray]] | None,
+                    null: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> dict[str, Any] | None:
     """The validity check at one level: the blind baseline's metrics (from its cross-fitted
-    scores ``found``, :func:`validity.blind_scores`) and warning."""
+    scores ``found``, :func:`validity.blind_scores`), its warning, and what it scores with inputs
+    unrelated to the labels (``null``, :func:`validity.blind_null_scores`: mean and spread)."""
     text = t.features.get(BASELINE_TEXT)
     if found is None:
         return None
@@ -316,9 +320,21 @@ def _blind_baseline(t: Scored, roc_rows: list, found: tuple[list[np.ndarray], li
     m = membership_metrics(fits[0], y, groups=_clusters(t.groups[keep], t.level), score_sets=fits, folds=folds)
     _refit_roc(m, roc_rows, BASELINE, t.level, "learned", fits, y, folds)
     warn = m["auc_ci"] is not None and m["auc_ci"][0] > validity.SHIFT_FLOOR
-    return {"level": t.level, "variant": "learned",
-            "what": validity.describe(text is not None, BASELINE_NAMES in t.features), **m,
-            "warning": bool(warn)}
+    out = {"level": t.level, "variant": "learned",
+           "what": validity.describe(text is not None, BASELINE_NAMES in t.features), **m, "warning": bool(warn)}
+    null_aucs = []
+    for s, f in zip(*(null or ([], []))):
+        ok = ~np.isnan(s)
+        if t.labels[ok].any() and not t.labels[ok].all():
+            null_aucs.append(membership_metrics(s[ok], t.labels[ok], n_boot=0, folds=[f[ok]])["auc"])
+    null_aucs = [a for a in null_aucs if a is not None and a == a]
+    if null_aucs:
+        out["null"] = {"auc_mean": float(np.mean(null_aucs)), "auc_sd": float(np.std(null_aucs, ddof=1))
+                       if len(null_aucs) > 1 else None, "refits": len(null_aucs),
+                       "what": "the baseline cross-fitted again on copies of its inputs unrelated to the labels "
+                               "(each person's photos replaced by another's, people permuted at random): where "
+                               "its AUC lies when there is no shift, and how far it strays by chance"}
+    return out
 
 
 def _best_auc(m: dict) -> float:

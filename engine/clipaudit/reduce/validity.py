@@ -22,6 +22,12 @@ import numpy as np
 
 #: the warning fires when the lower end of the baseline's AUC interval is above this
 SHIFT_FLOOR = 0.55
+#: copies of the inputs unrelated to the labels on which the baseline is cross-fitted again: where its
+#: AUC lies when there is no shift, and its spread (reported beside it; the warning does not use them)
+NULL_REPS = 5
+#: at most this many identities (people) for those refits: their cost grows with the units, and a
+#: cross-fitted AUC's chance spread shrinks as people grow
+NULL_MAX_GROUPS = 1000
 #: columns of the hashed word 1-2-grams (collisions between the terms of a capped sample are rare)
 HASHED_FEATURES = 1 << 20
 _YEAR = re.compile(r"\b(1[89]\d\d|20\d\d)\b")
@@ -117,9 +123,54 @@ def blind_scores(stats: np.ndarray, text: np.ndarray | None, y: np.ndarray, grou
     it has no features); None when the data cannot be cross-fitted. ``text``: per-unit
     caption features (:func:`text_features`) or None; ``names``: per-unit name features
     (:func:`name_features`, identity level) or None."""
+    return _cross_fitted(_inputs(stats, text, names), y, groups, range(refits), folds)
+
+
+def blind_null_scores(stats: np.ndarray, text: np.ndarray | None, y: np.ndarray, groups: np.ndarray,
+                      reps: int, folds: int = 5, names: np.ndarray | None = None, seed: int = 0
+                      ) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+    """:func:`blind_scores` (one fit each) on ``reps`` copies of the inputs that say nothing
+    about the labels (:func:`unrelated_inputs`): where the baseline's cross-fitted AUC lies when
+    there is no shift, and how far it strays by chance with this many people — the reading
+    beside an AUC below 0.5 (a learner fitted on some people and scored on others can fall
+    below chance when what the training people's members and non-members differ in by chance
+    goes the other way among the held-out ones)."""
+    X = _inputs(stats, text, names)
+    rng = np.random.default_rng(seed)
+    nulls = [unrelated_inputs(X, groups, rng) for _ in range(reps)]
+    out: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    for r, Xr in enumerate(nulls):
+        fitted = _cross_fitted(Xr, y, groups, [seed + r], folds)
+        if fitted is None:
+            return None
+        out[0].append(fitted[0][0])
+        out[1].append(fitted[1][0])
+    return out
+
+
+def unrelated_inputs(X: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``X`` with every group's rows replaced by rows of another group (the groups permuted at
+    random; a donor's rows drawn without replacement where it has enough, else with), in random
+    order: photos of one person still resemble each other, and nothing says who is a member."""
+    codes = np.unique(groups, return_inverse=True)[1]
+    rows_of = np.split(np.argsort(codes, kind="stable"), np.cumsum(np.bincount(codes))[:-1])
+    donor = rng.permutation(len(rows_of))
+    out = np.empty_like(X)
+    for g, rows in enumerate(rows_of):
+        have = rows_of[donor[g]]
+        out[rows] = X[rng.choice(have, len(rows), replace=len(have) < len(rows))]
+    return out
+
+
+def _inputs(stats: np.ndarray, text: np.ndarray | None, names: np.ndarray | None) -> np.ndarray:
+    return np.hstack([stats] + [x for x in (text, names) if x is not None])
+
+
+def _cross_fitted(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seeds, folds: int
+                  ) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+    """The baseline's out-of-fold probabilities and fold ids, one pair per seed (folds and trees)."""
     from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 
-    X = np.hstack([stats] + [x for x in (text, names) if x is not None])
     keep = ~np.all(np.isnan(X), axis=1)
     codes = np.unique(groups, return_inverse=True)[1]
     # a fold needs groups of both classes: as many folds as the rarer class has groups
@@ -128,7 +179,7 @@ def blind_scores(stats: np.ndarray, text: np.ndarray | None, y: np.ndarray, grou
     if keep.sum() < 4 or n_splits < 2:
         return None
     out, fold_ids = [], []
-    for r in range(refits):
+    for r in seeds:
         cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=r)
         splits = list(cv.split(X[keep], y[keep], codes[keep]))
         f = np.full(int(keep.sum()), -1)

@@ -73,12 +73,23 @@ def shift_warnings(metrics: dict) -> list[str]:
     out = []
     for level, bm in (b.get("by_level", {}) if isinstance(b, dict) else {}).items():
         if bm.get("warning"):
-            lo, hi = bm["auc_ci"]
             out.append(f"WARNING ({level} level): the blind baseline, which never sees the model, tells the labelled "
-                       f"members from the non-members (AUC {bm['auc']:.3f} [{lo:.2f}, {hi:.2f}]): the two sets "
+                       f"members from the non-members (AUC {_baseline_auc(bm)}): the two sets "
                        "differ in their images or captions, so attack scores at this level may measure that "
                        "difference (distribution shift), not membership.")
     return out
+
+
+def _baseline_auc(bm: dict) -> str:
+    """The baseline's AUC with its interval and, where measured, where it lies with inputs
+    unrelated to the labels (mean and spread over refits)."""
+    lo, hi = bm["auc_ci"]
+    text = f"{bm['auc']:.3f} [{lo:.2f}, {hi:.2f}]"
+    null = bm.get("null")
+    if null and null.get("auc_sd") is not None:
+        text += (f"; {null['auc_mean']:.3f} ± {null['auc_sd']:.3f} with inputs unrelated to the labels "
+                 f"({null['refits']} refits)")
+    return text
 
 
 def shift_checks(metrics: dict) -> list[str]:
@@ -90,9 +101,8 @@ def shift_checks(metrics: dict) -> list[str]:
     for level, bm in (b.get("by_level", {}) if isinstance(b, dict) else {}).items():
         where = LEVEL_LABELS.get(level, level)
         if not bm.get("warning") and bm.get("auc_ci"):
-            lo, hi = bm["auc_ci"]
-            out.append(f"shift not detected ({where} level): blind baseline AUC {bm['auc']:.3f} [{lo:.2f}, {hi:.2f}] "
-                       f"— the warning needs its lower end above 0.55; a shift up to the upper end is not ruled out")
+            out.append(f"shift not detected ({where} level): blind baseline AUC {_baseline_auc(bm)} — the warning "
+                       "needs the lower end above 0.55; a shift up to the upper end is not ruled out")
         beyond, total = [], 0
         for score, label, entry in score_entries(metrics):
             v = entry.get("vs_baseline") or {}
