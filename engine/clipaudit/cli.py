@@ -547,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--shards", type=int, default=2000, help="with --scale: shards of 2 images (default 2000)")
     b.add_argument("--workers", type=int, default=2, help="with --scale: map actors (default 2)")
     b.add_argument("--in-flight", type=int, default=None, metavar="N",
-                   help="with --scale: compute.shards_in_flight per actor (default: the job spec's, 2)")
+                   help="with --scale: compute.shards_in_flight per actor (default: the spec's for a CPU, 1)")
     b.add_argument("--reduce", metavar="ROWS,ROWS",
                    help="instead: the reduce step's peak memory and time on synthetic output folders of these sizes "
                         "(rows, e.g. 1000000,10000000; written to a temp folder, ~280 MB per million rows)")

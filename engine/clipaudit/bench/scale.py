@@ -41,11 +41,11 @@ from clipaudit.app.resolve import pinned
 from clipaudit.app.runner import reduce_mapped, reduce_options, run_job, saved_spec
 from clipaudit.attacks import build_attacks
 from clipaudit.bench.map_step import machine, synthetic_name, write_synthetic_names, write_synthetic_shards
-from clipaudit.spec import ComputeSpec
 from clipaudit.bench.quick import peak_rss_mb
 from clipaudit.io.outputs import output_layout
 from clipaudit.map.state import job_states
 from clipaudit.model.loading import load_model
+from clipaudit.spec import ComputeSpec
 
 BUCKET = "clipaudit-rehearsal"  # the output (and its name state)
 INPUT_BUCKET = "clipaudit-rehearsal-inputs"  # the shards

@@ -436,8 +436,9 @@ class RayExecutor:
         def late(ref) -> Any | None:
             """``ref``'s deadline has passed: the shard to abandon (``ref``'s, or the one its actor has
             been computing for ``shard_timeout_s`` while ``ref`` waited behind it), or None when ``ref``
-            only waits behind a shard still within its time (both deadlines moved to when they are due).
-            An actor that does not answer within ``STATUS_TIMEOUT_S`` loses ``ref``'s shard."""
+            only waits for the compute lock (its deadline, and the computing shard's, moved to when
+            they are due; a shard that waits is never late by itself). An actor that does not answer
+            within ``STATUS_TIMEOUT_S`` loses ``ref``'s shard."""
             shard, actor, _ = inflight[ref]
             mine = {s: r for r, (s, a, _) in inflight.items() if a == actor}
             if len(mine) < 2:
@@ -446,13 +447,15 @@ class RayExecutor:
                 status = ray.get(actor.compute_status.remote(), timeout=self.STATUS_TIMEOUT_S)
             except Exception:  # noqa: BLE001 — stuck holding the GIL, or gone: nothing to tell the shards apart
                 return ref
+            if shard not in status["waiting"]:
+                return ref  # stuck in its own fetch, compute or upload
             other = mine.get(status["computing"])
-            if shard not in status["waiting"] or other is None:
-                return ref  # stuck in its own fetch or upload (or computing itself)
-            if status["computing_s"] >= shard_timeout:
+            if other is not None and status["computing_s"] >= shard_timeout:
                 return other
-            due = time.monotonic() + shard_timeout - status["computing_s"]
-            inflight[other] = (status["computing"], actor, due)
+            # the lock is held by a shard within its time, or was just released (none computes)
+            due = time.monotonic() + (shard_timeout - status["computing_s"] if other is not None else 0.0)
+            if other is not None:
+                inflight[other] = (status["computing"], actor, due)
             inflight[ref] = (shard, actor, due + shard_timeout)
             log.debug("shard %s waits behind %s (computing %.0f s) on map actor pid %s: not late yet", shard,
                       status["computing"], status["computing_s"], pool.pids.get(actor))

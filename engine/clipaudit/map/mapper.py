@@ -292,10 +292,11 @@ class ShardMapper:
             self._waiting.append(shard)
             try:
                 self._computing.acquire()
+                # computing before it stops waiting: a status read in between never finds it in neither
+                self._computing_now = (shard, time.monotonic())
             finally:
                 self._waiting.remove(shard)
             try:
-                self._computing_now = (shard, time.monotonic())
                 stats, parts = self._map(shard, source, on_batch)
             finally:
                 self._computing_now = None

@@ -137,10 +137,9 @@ def blind_null_scores(stats: np.ndarray, text: np.ndarray | None, y: np.ndarray,
     goes the other way among the held-out ones)."""
     X = _inputs(stats, text, names)
     rng = np.random.default_rng(seed)
-    nulls = [unrelated_inputs(X, groups, rng) for _ in range(reps)]
     out: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
-    for r, Xr in enumerate(nulls):
-        fitted = _cross_fitted(Xr, y, groups, [seed + r], folds)
+    for r in range(reps):  # one copy at a time: never reps copies of the inputs at once
+        fitted = _cross_fitted(unrelated_inputs(X, groups, rng), y, groups, [seed + r], folds)
         if fitted is None:
             return None
         out[0].append(fitted[0][0])
